@@ -1,0 +1,1 @@
+//! podnet: an eBPF node networking agent for Kubernetes.

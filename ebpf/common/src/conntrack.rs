@@ -1,0 +1,233 @@
+//! Conntrack insert-race tracer: kernel offsets, map keys, events and counters.
+
+use crate::impl_pod;
+
+/// Offsets into kernel structures, resolved by user space from the running
+/// kernel's BTF and handed to the program as the global `KERNEL_OFFSETS`.
+///
+/// All offsets are in bytes from the start of the named structure. A value of
+/// [`KernelOffsets::ABSENT`] means the member does not exist on this kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `sk_buff._nfct` (conntrack pointer with ctinfo in the low 3 bits).
+    pub skb_nfct: u32,
+    /// `sk_buff.head`.
+    pub skb_head: u32,
+    /// `sk_buff.network_header` (u16 offset from `head`).
+    pub skb_network_header: u32,
+    /// `sk_buff.dev`.
+    pub skb_dev: u32,
+    /// `net_device.nd_net` (a `possible_net_t` holding `struct net *`).
+    pub dev_nd_net: u32,
+    /// `net.ns.inum`: the network namespace's inode number.
+    pub net_ns_inum: u32,
+    /// `nf_conn.status`.
+    pub ct_status: u32,
+    /// `nf_conn.ct_net` (a `possible_net_t`).
+    pub ct_net: u32,
+    /// `nf_conn.tuplehash[0]`.
+    pub ct_tuplehash: u32,
+    /// `sizeof(struct nf_conntrack_tuple_hash)`: stride to `tuplehash[1]`.
+    pub tuplehash_size: u32,
+    /// `nf_conntrack_tuple_hash.tuple`.
+    pub tuplehash_tuple: u32,
+    /// `nf_conntrack_tuple.src.u3` (address).
+    pub tuple_src_addr: u32,
+    /// `nf_conntrack_tuple.src.u` (port or ICMP id, network order).
+    pub tuple_src_port: u32,
+    /// `nf_conntrack_tuple.src.l3num` (address family).
+    pub tuple_src_l3num: u32,
+    /// `nf_conntrack_tuple.dst.u3` (address).
+    pub tuple_dst_addr: u32,
+    /// `nf_conntrack_tuple.dst.u` (port or ICMP type/code, network order).
+    pub tuple_dst_port: u32,
+    /// `nf_conntrack_tuple.dst.protonum`.
+    pub tuple_dst_protonum: u32,
+    /// Value of `SKB_DROP_REASON_NETFILTER_DROP` in `enum skb_drop_reason`.
+    pub drop_reason_netfilter: u32,
+    /// Inode number of the network namespace to observe; 0 observes all.
+    pub netns_filter: u32,
+    /// Most race events sent to user space per CPU per second; beyond it
+    /// events are sampled out (and counted), while counts stay exact.
+    pub event_budget_per_cpu: u32,
+}
+
+impl KernelOffsets {
+    /// Marker for a member that this kernel does not have.
+    pub const ABSENT: u32 = u32::MAX;
+}
+
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
+
+/// `IPS_CONFIRMED` from `enum ip_conntrack_status` (uapi, stable ABI).
+pub const IPS_CONFIRMED: u64 = 1 << 3;
+/// `IPS_SRC_NAT_DONE` from `enum ip_conntrack_status` (uapi, stable ABI).
+pub const IPS_SRC_NAT_DONE: u64 = 1 << 7;
+
+/// Why a netfilter drop was counted.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropKind {
+    /// The conntrack entry was not confirmed while source NAT was already
+    /// done: only `__nf_conntrack_confirm` can drop it then (`insert_failed`).
+    InsertRace = 1,
+    /// Any other netfilter drop (an iptables DROP, an invalid packet, ...).
+    Other = 2,
+}
+
+impl DropKind {
+    /// Decodes the kind byte stored in map keys and events.
+    pub const fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            1 => Some(Self::InsertRace),
+            2 => Some(Self::Other),
+            _ => None,
+        }
+    }
+}
+
+/// A connection tuple as conntrack stores it. Ports are in network byte
+/// order, addresses are 16 bytes (IPv4 uses the first 4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    /// Source address.
+    pub src_addr: [u8; 16],
+    /// Destination address.
+    pub dst_addr: [u8; 16],
+    /// Source port (network order); ICMP id for ICMP.
+    pub src_port: u16,
+    /// Destination port (network order); ICMP type/code for ICMP.
+    pub dst_port: u16,
+    /// Address family (`AF_INET` or `AF_INET6`).
+    pub family: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<Tuple>() == 40);
+
+/// Key of the per-CPU drop counter map: who sent the dropped packet, and why.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DropKey {
+    /// Source address of the flow's original direction (the pod).
+    pub addr: [u8; 16],
+    /// Address family.
+    pub family: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`DropKind`] as a byte.
+    pub kind: u8,
+    /// Explicit padding.
+    pub _pad: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<DropKey>() == 20);
+
+/// Key of the per-CPU race destination map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DestKey {
+    /// Destination address of the original direction.
+    pub addr: [u8; 16],
+    /// Destination port, network order.
+    pub port: u16,
+    /// Address family.
+    pub family: u8,
+    /// IP protocol number.
+    pub proto: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<DestKey>() == 20);
+
+/// One insert race, sent to user space over the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RaceEvent {
+    /// `bpf_ktime_get_ns()` at the drop (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    /// The losing entry's `status` bits.
+    pub ct_status: u64,
+    /// Original direction: pod → destination, before NAT.
+    pub original: Tuple,
+    /// Reply direction: destination → the node's SNAT address and port.
+    pub reply: Tuple,
+    /// Network namespace inode of the conntrack entry.
+    pub netns: u32,
+    /// CPU that saw the drop.
+    pub cpu: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<RaceEvent>() == 104);
+
+/// Indexes of the tracer's per-CPU counter array (`CT_COUNTERS`).
+pub mod counter {
+    /// Netfilter drops seen in the observed namespace.
+    pub const NETFILTER_DROPS: u32 = 0;
+    /// Insert races seen in the observed namespace.
+    pub const INSERT_RACES: u32 = 1;
+    /// Race events that could not be sent: the ring buffer was full.
+    pub const EVENTS_LOST: u32 = 2;
+    /// Race events not sent because the per-CPU event budget was spent.
+    pub const EVENTS_SAMPLED_OUT: u32 = 3;
+    /// Drops not counted per source because `CT_DROPS` was full.
+    pub const DROP_KEYS_FULL: u32 = 4;
+    /// Races not counted per destination because `CT_RACE_DESTS` was full.
+    pub const DEST_KEYS_FULL: u32 = 5;
+    /// Kernel reads that failed (the packet was skipped and counted here).
+    pub const READ_ERRORS: u32 = 6;
+    /// Netfilter drops whose packet was neither IPv4 nor IPv6.
+    pub const NOT_IP: u32 = 7;
+    /// Number of counters.
+    pub const COUNT: u32 = 8;
+}
+
+/// Names of the tracer's maps, as user space opens and pins them.
+pub mod maps {
+    /// Per-CPU hash: [`super::DropKey`] → packets.
+    pub const DROPS: &str = "CT_DROPS";
+    /// Per-CPU hash: [`super::DestKey`] → insert races.
+    pub const RACE_DESTS: &str = "CT_RACE_DESTS";
+    /// Ring buffer of [`super::RaceEvent`].
+    pub const EVENTS: &str = "CT_EVENTS";
+    /// Per-CPU array of counters, indexed by [`super::counter`].
+    pub const COUNTERS: &str = "CT_COUNTERS";
+    /// Per-CPU array: event budget window per CPU.
+    pub const BUDGET: &str = "CT_BUDGET";
+    /// Capacity of `CT_DROPS`.
+    pub const DROPS_CAPACITY: u32 = 16_384;
+    /// Capacity of `CT_RACE_DESTS`.
+    pub const RACE_DESTS_CAPACITY: u32 = 4_096;
+    /// Size of `CT_EVENTS` in bytes.
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+}
+
+/// The per-CPU event budget window (`CT_BUDGET`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BudgetWindow {
+    /// Start of the current one-second window (ns).
+    pub window_start_ns: u64,
+    /// Events sent in the current window.
+    pub sent: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<BudgetWindow>() == 16);
+
+/// Name of the global holding [`KernelOffsets`].
+pub const OFFSETS_GLOBAL: &str = "KERNEL_OFFSETS";
+/// Name of the program attached to `tp_btf/kfree_skb`.
+pub const PROGRAM_NAME: &str = "podnet_kfree_skb";
+
+impl_pod!(
+    KernelOffsets,
+    Tuple,
+    DropKey,
+    DestKey,
+    RaceEvent,
+    BudgetWindow
+);

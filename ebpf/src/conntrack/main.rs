@@ -1,0 +1,315 @@
+//! `tp_btf/kfree_skb`: catches every packet netfilter drops, classifies
+//! conntrack insert races, counts them per source and destination in kernel
+//! maps, and sends race events (both tuples) to user space.
+//!
+//! Classification (see `__nf_conntrack_confirm` in net/netfilter/nf_conntrack_core.c,
+//! Linux 6.18): a packet dropped with `SKB_DROP_REASON_NETFILTER_DROP` whose
+//! conntrack entry is not `IPS_CONFIRMED` while `IPS_SRC_NAT_DONE` is already set
+//! can only have been dropped by the confirm step, the drop the kernel counts as
+//! `insert_failed`. Every other netfilter drop is `Other`.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
+    macros::{btf_tracepoint, map},
+    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::BtfTracePointContext,
+};
+use podnet_common::{
+    conntrack::{
+        counter, maps as m, BudgetWindow, DestKey, DropKey, DropKind, KernelOffsets, RaceEvent,
+        Tuple, IPS_CONFIRMED, IPS_SRC_NAT_DONE,
+    },
+    family,
+};
+use podnet_ebpf::read;
+
+/// Offsets into kernel structures, written by the loader from BTF.
+#[no_mangle]
+static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
+    skb_nfct: u32::MAX,
+    skb_head: u32::MAX,
+    skb_network_header: u32::MAX,
+    skb_dev: u32::MAX,
+    dev_nd_net: u32::MAX,
+    net_ns_inum: u32::MAX,
+    ct_status: u32::MAX,
+    ct_net: u32::MAX,
+    ct_tuplehash: u32::MAX,
+    tuplehash_size: u32::MAX,
+    tuplehash_tuple: u32::MAX,
+    tuple_src_addr: u32::MAX,
+    tuple_src_port: u32::MAX,
+    tuple_src_l3num: u32::MAX,
+    tuple_dst_addr: u32::MAX,
+    tuple_dst_port: u32::MAX,
+    tuple_dst_protonum: u32::MAX,
+    drop_reason_netfilter: u32::MAX,
+    netns_filter: 0,
+    event_budget_per_cpu: 0,
+};
+
+#[map(name = "CT_DROPS")]
+static CT_DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::pinned(m::DROPS_CAPACITY, 0);
+
+#[map(name = "CT_RACE_DESTS")]
+static CT_RACE_DESTS: PerCpuHashMap<DestKey, u64> =
+    PerCpuHashMap::pinned(m::RACE_DESTS_CAPACITY, 0);
+
+#[map(name = "CT_EVENTS")]
+static CT_EVENTS: RingBuf = RingBuf::pinned(m::EVENTS_BYTES, 0);
+
+#[map(name = "CT_COUNTERS")]
+static CT_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+
+#[map(name = "CT_BUDGET")]
+static CT_BUDGET: PerCpuArray<BudgetWindow> = PerCpuArray::pinned(1, 0);
+
+/// Mask of the conntrack pointer in `skb->_nfct` (`NFCT_PTRMASK`).
+const NFCT_PTRMASK: usize = !7;
+const NSEC_PER_SEC: u64 = 1_000_000_000;
+/// `BPF_NOEXIST`: insert only if the key is new.
+const BPF_NOEXIST: u64 = 1;
+
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn podnet_kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    // SAFETY: KERNEL_OFFSETS is a read-only global set by the loader; a volatile
+    // read keeps the compiler from folding in its placeholder value.
+    let off = unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) };
+    // TP_PROTO(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
+    let reason: u64 = ctx.arg(2);
+    if reason as u32 != off.drop_reason_netfilter {
+        return 0;
+    }
+    let skb: usize = ctx.arg(0);
+    on_netfilter_drop(&off, skb);
+    0
+}
+
+#[inline(always)]
+fn on_netfilter_drop(off: &KernelOffsets, skb: usize) {
+    let nfct: usize = read::at(skb, off.skb_nfct).unwrap_or(0);
+    let ct = nfct & NFCT_PTRMASK;
+    if ct == 0 {
+        on_untracked_drop(off, skb);
+        return;
+    }
+    let Some(netns) = ct_netns(off, ct) else {
+        bump(counter::READ_ERRORS);
+        return;
+    };
+    if off.netns_filter != 0 && netns != off.netns_filter {
+        return;
+    }
+    let (Some(status), Some(original)) = (read::at::<u64>(ct, off.ct_status), tuple(off, ct, 0))
+    else {
+        bump(counter::READ_ERRORS);
+        return;
+    };
+    bump(counter::NETFILTER_DROPS);
+    let is_race = status & IPS_CONFIRMED == 0 && status & IPS_SRC_NAT_DONE != 0;
+    let kind = if is_race {
+        DropKind::InsertRace
+    } else {
+        DropKind::Other
+    };
+    count_drop(&original.src_addr, original.family, original.proto, kind);
+    if !is_race {
+        return;
+    }
+    bump(counter::INSERT_RACES);
+    count_destination(&original);
+    let Some(reply) = tuple(off, ct, 1) else {
+        bump(counter::READ_ERRORS);
+        return;
+    };
+    send_event(off, netns, status, original, reply);
+}
+
+/// A netfilter drop of a packet without a conntrack entry: counted as `Other`
+/// under the source address read from the IP header.
+#[inline(always)]
+fn on_untracked_drop(off: &KernelOffsets, skb: usize) {
+    let dev: usize = read::at(skb, off.skb_dev).unwrap_or(0);
+    let net: usize = read::at(dev, off.dev_nd_net).unwrap_or(0);
+    let netns: u32 = read::at(net, off.net_ns_inum).unwrap_or(0);
+    if off.netns_filter != 0 && netns != off.netns_filter {
+        return;
+    }
+    let (Some(head), Some(nh)) = (
+        read::at::<usize>(skb, off.skb_head),
+        read::at::<u16>(skb, off.skb_network_header),
+    ) else {
+        bump(counter::READ_ERRORS);
+        return;
+    };
+    let ip = head + nh as usize;
+    let Some(first) = read::at::<u8>(ip, 0) else {
+        bump(counter::READ_ERRORS);
+        return;
+    };
+    let mut addr = [0u8; 16];
+    let (fam, proto) = match first >> 4 {
+        4 => {
+            let Some(src) = read::at::<[u8; 4]>(ip, 12) else {
+                bump(counter::READ_ERRORS);
+                return;
+            };
+            addr[..4].copy_from_slice(&src);
+            (family::INET, read::at::<u8>(ip, 9).unwrap_or(0))
+        }
+        6 => {
+            let Some(src) = read::at::<[u8; 16]>(ip, 8) else {
+                bump(counter::READ_ERRORS);
+                return;
+            };
+            addr = src;
+            (family::INET6, read::at::<u8>(ip, 6).unwrap_or(0))
+        }
+        _ => {
+            bump(counter::NOT_IP);
+            return;
+        }
+    };
+    bump(counter::NETFILTER_DROPS);
+    count_drop(&addr, fam, proto, DropKind::Other);
+}
+
+#[inline(always)]
+fn ct_netns(off: &KernelOffsets, ct: usize) -> Option<u32> {
+    let net: usize = read::at(ct, off.ct_net)?;
+    read::at(net, off.net_ns_inum)
+}
+
+/// Reads `ct->tuplehash[dir].tuple`.
+#[inline(always)]
+fn tuple(off: &KernelOffsets, ct: usize, dir: u32) -> Option<Tuple> {
+    let base = ct + (off.ct_tuplehash + dir * off.tuplehash_size + off.tuplehash_tuple) as usize;
+    let l3num: u16 = read::at(base, off.tuple_src_l3num)?;
+    let mut t = Tuple {
+        src_addr: read::at(base, off.tuple_src_addr)?,
+        dst_addr: read::at(base, off.tuple_dst_addr)?,
+        src_port: read::at(base, off.tuple_src_port)?,
+        dst_port: read::at(base, off.tuple_dst_port)?,
+        family: l3num as u8,
+        proto: read::at(base, off.tuple_dst_protonum)?,
+        _pad: [0; 2],
+    };
+    if t.family == family::INET {
+        // union nf_inet_addr: only the first 4 bytes belong to an IPv4 address.
+        t.src_addr[4..].fill(0);
+        t.dst_addr[4..].fill(0);
+    }
+    Some(t)
+}
+
+#[inline(always)]
+fn count_drop(addr: &[u8; 16], fam: u8, proto: u8, kind: DropKind) {
+    let key = DropKey {
+        addr: *addr,
+        family: fam,
+        proto,
+        kind: kind as u8,
+        _pad: 0,
+    };
+    if !increment(&CT_DROPS, &key) {
+        bump(counter::DROP_KEYS_FULL);
+    }
+}
+
+#[inline(always)]
+fn count_destination(original: &Tuple) {
+    let key = DestKey {
+        addr: original.dst_addr,
+        port: original.dst_port,
+        family: original.family,
+        proto: original.proto,
+    };
+    if !increment(&CT_RACE_DESTS, &key) {
+        bump(counter::DEST_KEYS_FULL);
+    }
+}
+
+/// Adds one to `map[key]` on this CPU; false when the map is full.
+#[inline(always)]
+fn increment<K>(map: &PerCpuHashMap<K, u64>, key: &K) -> bool {
+    if let Some(v) = map.get_ptr_mut(key) {
+        // SAFETY: per-CPU value of this CPU; no other CPU writes it.
+        unsafe { *v += 1 };
+        return true;
+    }
+    if map.insert(key, &1, BPF_NOEXIST).is_ok() {
+        return true;
+    }
+    // Another CPU created the key between our lookup and insert.
+    match map.get_ptr_mut(key) {
+        Some(v) => {
+            // SAFETY: as above.
+            unsafe { *v += 1 };
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(v) = CT_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU array slot of this CPU; no other CPU writes it.
+        unsafe { *v += 1 };
+    }
+}
+
+/// True when this CPU may send one more event in the current second.
+#[inline(always)]
+fn within_budget(budget_per_cpu: u32, now: u64) -> bool {
+    if budget_per_cpu == 0 {
+        return true;
+    }
+    let Some(w) = CT_BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: per-CPU array slot of this CPU; programs on one CPU do not nest
+    // for the same tracepoint.
+    let w = unsafe { &mut *w };
+    if now.wrapping_sub(w.window_start_ns) >= NSEC_PER_SEC {
+        w.window_start_ns = now;
+        w.sent = 0;
+    }
+    if w.sent >= u64::from(budget_per_cpu) {
+        return false;
+    }
+    w.sent += 1;
+    true
+}
+
+#[inline(always)]
+fn send_event(off: &KernelOffsets, netns: u32, status: u64, original: Tuple, reply: Tuple) {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if !within_budget(off.event_budget_per_cpu, now) {
+        bump(counter::EVENTS_SAMPLED_OUT);
+        return;
+    }
+    let Some(mut entry) = CT_EVENTS.reserve::<RaceEvent>(0) else {
+        bump(counter::EVENTS_LOST);
+        return;
+    };
+    entry.write(RaceEvent {
+        timestamp_ns: now,
+        ct_status: status,
+        original,
+        reply,
+        netns,
+        // SAFETY: bpf_get_smp_processor_id has no preconditions.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+    });
+    entry.submit(0);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
