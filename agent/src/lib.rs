@@ -1,1 +1,13 @@
 //! podnet: an eBPF node networking agent for Kubernetes.
+//!
+//! One folder per subsystem: [`bpf`] loads and pins kernel programs,
+//! [`conntrack`] turns insert races into named pods and flows, [`endpoint`]
+//! knows which pod owns which address, [`metrics`] and [`api`] expose it all.
+
+pub mod api;
+pub mod bpf;
+pub mod config;
+pub mod conntrack;
+pub mod daemon;
+pub mod endpoint;
+pub mod metrics;

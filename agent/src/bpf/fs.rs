@@ -1,0 +1,82 @@
+//! The bpffs mount and podnet's pin directories.
+
+use std::path::{Path, PathBuf};
+
+use super::BpfError;
+
+/// Where the kernel's BPF filesystem is conventionally mounted.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+/// `BPF_FS_MAGIC` from include/uapi/linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn fs_error(path: &Path, message: impl Into<String>) -> BpfError {
+    BpfError::Fs {
+        path: path.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// True when `path` is on a bpf filesystem.
+pub fn is_bpffs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs only writes into `buf`, a properly sized local.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string; buf is writable.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut buf) };
+    #[allow(clippy::useless_conversion)] // f_type's width differs per libc target.
+    let magic = i64::from(buf.f_type);
+    rc == 0 && magic == BPF_FS_MAGIC
+}
+
+/// Makes sure `dir` exists on a bpf filesystem: mounts bpffs at
+/// [`BPFFS_ROOT`] when nothing is mounted there and `dir` lies below it.
+pub fn prepare_pin_dir(dir: &Path) -> Result<PathBuf, BpfError> {
+    let root = Path::new(BPFFS_ROOT);
+    if dir.starts_with(root) && !is_bpffs(root) {
+        mount_bpffs(root)?;
+        tracing::info!(path = BPFFS_ROOT, "mounted bpffs");
+    }
+    std::fs::create_dir_all(dir).map_err(|e| fs_error(dir, format!("create: {e}")))?;
+    if !is_bpffs(dir) {
+        return Err(fs_error(
+            dir,
+            "is not on a bpf filesystem (mount -t bpf bpf <dir>)",
+        ));
+    }
+    Ok(dir.to_owned())
+}
+
+fn mount_bpffs(root: &Path) -> Result<(), BpfError> {
+    std::fs::create_dir_all(root).map_err(|e| fs_error(root, format!("create: {e}")))?;
+    let target = std::ffi::CString::new(root.as_os_str().as_encoded_bytes())
+        .map_err(|_| fs_error(root, "path contains NUL"))?;
+    // SAFETY: all pointers are valid NUL-terminated strings for the duration
+    // of the call; data is null, which bpffs accepts.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(fs_error(
+            root,
+            format!("mount bpffs: {}", std::io::Error::last_os_error()),
+        ));
+    }
+    Ok(())
+}
+
+/// Removes a pin directory and everything pinned in it (uninstall).
+pub fn remove_pins(dir: &Path) -> Result<(), BpfError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(fs_error(dir, format!("remove: {e}"))),
+    }
+}

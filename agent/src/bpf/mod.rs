@@ -1,0 +1,63 @@
+//! Loading, attaching and pinning podnet's kernel programs.
+//!
+//! Everything podnet installs in the kernel lives under one bpffs directory
+//! (`--bpffs`, one sub-directory per program group). Maps are pinned so their
+//! counts survive agent restarts; links are pinned so programs keep running
+//! while the agent is down. On start the agent adopts what is pinned when the
+//! program is unchanged, and replaces it when the program changed.
+
+pub mod btf;
+pub mod fs;
+pub mod link;
+
+/// The conntrack race tracer object, built by agent/build.rs.
+pub static CONNTRACK_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podnet-conntrack"));
+
+/// Errors loading or attaching kernel programs.
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    /// Kernel BTF could not be read or lacks a needed type.
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
+    /// The bpffs directory could not be prepared.
+    #[error("bpffs {path}: {message}")]
+    Fs {
+        /// Path concerned.
+        path: std::path::PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// The object could not be loaded.
+    #[error("loading {object}: {source}")]
+    Load {
+        /// Object name.
+        object: &'static str,
+        /// aya's error.
+        source: Box<aya::EbpfError>,
+    },
+    /// A program could not be loaded, attached or inspected.
+    #[error("program {program}: {message}")]
+    Program {
+        /// Program name.
+        program: String,
+        /// What failed.
+        message: String,
+    },
+    /// A map is missing or has an unexpected type.
+    #[error("map {map}: {message}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// What failed.
+        message: String,
+    },
+}
+
+/// Inode number of the calling thread's network namespace: the namespace the
+/// agent observes (kernel programs filter on it).
+pub fn current_netns_inode() -> std::io::Result<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = std::fs::metadata("/proc/thread-self/ns/net")?.ino();
+    u32::try_from(ino).map_err(|_| std::io::Error::other("netns inode exceeds u32"))
+}

@@ -1,0 +1,269 @@
+//! The conntrack race tracer in the kernel: load, attach or adopt, read its
+//! maps, and deliver its race events.
+
+use std::{
+    os::fd::{AsRawFd as _, RawFd},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use aya::{
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::BtfTracePoint,
+    Btf, Ebpf, EbpfLoader,
+};
+use podnet_common::conntrack::{
+    counter, maps as m, DestKey, DropKey, KernelOffsets, OFFSETS_GLOBAL, PROGRAM_NAME,
+};
+
+use super::{
+    ctnetlink::ConntrackTable,
+    events::{decode, Enricher},
+    kernel_addr,
+    log::RaceLog,
+    DestinationCount, DropCount, DropKind, TracerCounters, TracerSnapshot,
+};
+use crate::bpf::{self, btf::KernelBtf, link::Attachment, BpfError};
+
+/// Sub-directory of `--bpffs` holding the tracer's maps and link.
+pub const PIN_SUBDIR: &str = "conntrack";
+/// File name of the pinned `tp_btf/kfree_skb` link.
+pub const LINK_PIN: &str = "link_kfree_skb";
+/// The tracepoint the tracer attaches to.
+pub const TRACEPOINT: &str = "kfree_skb";
+
+/// How the tracer is set up.
+#[derive(Clone, Debug)]
+pub struct TracerConfig {
+    /// The agent's `--bpffs` directory.
+    pub bpffs: PathBuf,
+    /// Network namespace inode to observe (0: all).
+    pub netns_inode: u32,
+    /// Race events per CPU per second sent to user space (0: unlimited).
+    pub event_budget_per_cpu: u32,
+}
+
+/// The loaded tracer and its maps.
+pub struct Tracer {
+    _ebpf: Ebpf,
+    drops: PerCpuHashMap<MapData, DropKey, u64>,
+    destinations: PerCpuHashMap<MapData, DestKey, u64>,
+    counters: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+    attachment: Attachment,
+    program_id: u32,
+    pin_dir: PathBuf,
+}
+
+fn map_error(map: &'static str, message: impl std::fmt::Display) -> BpfError {
+    BpfError::Map {
+        map,
+        message: message.to_string(),
+    }
+}
+
+impl Tracer {
+    /// Resolves kernel offsets, loads the program with its pinned maps, and
+    /// attaches it (or adopts the pinned link of the same program).
+    pub fn start(config: &TracerConfig) -> Result<Self, BpfError> {
+        let pin_dir = bpf::fs::prepare_pin_dir(&config.bpffs.join(PIN_SUBDIR))?;
+        let offsets = KernelOffsets {
+            netns_filter: config.netns_inode,
+            event_budget_per_cpu: config.event_budget_per_cpu,
+            ..KernelBtf::load()?.conntrack_offsets()?
+        };
+        tracing::debug!(?offsets, "kernel offsets from BTF");
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .override_global(OFFSETS_GLOBAL, &offsets, true)
+            .load(bpf::CONNTRACK_OBJECT)
+            .map_err(|e| BpfError::Load {
+                object: "podnet-conntrack",
+                source: Box::new(e),
+            })?;
+        let btf = Btf::from_sys_fs().map_err(|e| BpfError::Program {
+            program: PROGRAM_NAME.into(),
+            message: format!("kernel BTF: {e}"),
+        })?;
+        let program: &mut BtfTracePoint = ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| BpfError::Program {
+                program: PROGRAM_NAME.into(),
+                message: "missing from object".into(),
+            })?
+            .try_into()
+            .map_err(|e| BpfError::Program {
+                program: PROGRAM_NAME.into(),
+                message: format!("{e}"),
+            })?;
+        program
+            .load(TRACEPOINT, &btf)
+            .map_err(|e| BpfError::Program {
+                program: PROGRAM_NAME.into(),
+                message: format!("load (verifier): {e}"),
+            })?;
+        let attachment =
+            bpf::link::attach_tp_btf_pinned(program, PROGRAM_NAME, &pin_dir.join(LINK_PIN))?;
+        let program_id = program.info().map_or(0, |i| i.id());
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| map_error(name, "missing from object"))
+        };
+        let drops = take(&mut ebpf, m::DROPS)?
+            .try_into()
+            .map_err(|e| map_error(m::DROPS, e))?;
+        let destinations = take(&mut ebpf, m::RACE_DESTS)?
+            .try_into()
+            .map_err(|e| map_error(m::RACE_DESTS, e))?;
+        let counters = take(&mut ebpf, m::COUNTERS)?
+            .try_into()
+            .map_err(|e| map_error(m::COUNTERS, e))?;
+        let events = take(&mut ebpf, m::EVENTS)?
+            .try_into()
+            .map_err(|e| map_error(m::EVENTS, e))?;
+        tracing::info!(%attachment, pins = %pin_dir.display(), netns = config.netns_inode, "conntrack tracer in place");
+        Ok(Self {
+            _ebpf: ebpf,
+            drops,
+            destinations,
+            counters,
+            events: Some(events),
+            attachment,
+            program_id,
+            pin_dir,
+        })
+    }
+
+    /// Whether the program was attached fresh, adopted, or replaced.
+    pub fn attachment(&self) -> Attachment {
+        self.attachment
+    }
+
+    /// Kernel id of the program loaded by this agent.
+    pub fn program_id(&self) -> u32 {
+        self.program_id
+    }
+
+    /// The tracer's pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Takes the ring buffer, to hand it to the event thread (once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// Reads every count from the kernel maps, summed over CPUs.
+    pub fn snapshot(&self) -> Result<TracerSnapshot, BpfError> {
+        let mut drops = Vec::new();
+        for item in &self.drops {
+            let (key, values) = item.map_err(|e| map_error(m::DROPS, e))?;
+            let (Some(source), Some(kind)) = (
+                kernel_addr(&key.addr, key.family),
+                DropKind::from_u8(key.kind),
+            ) else {
+                continue;
+            };
+            drops.push(DropCount {
+                source,
+                proto: key.proto,
+                kind,
+                packets: values.iter().sum(),
+            });
+        }
+        let mut destinations = Vec::new();
+        for item in &self.destinations {
+            let (key, values) = item.map_err(|e| map_error(m::RACE_DESTS, e))?;
+            let Some(addr) = kernel_addr(&key.addr, key.family) else {
+                continue;
+            };
+            destinations.push(DestinationCount {
+                destination: std::net::SocketAddr::new(addr, u16::from_be(key.port)),
+                proto: key.proto,
+                races: values.iter().sum(),
+            });
+        }
+        let count = |index: u32| -> Result<u64, BpfError> {
+            let values = self
+                .counters
+                .get(&index, 0)
+                .map_err(|e| map_error(m::COUNTERS, e))?;
+            Ok(values.iter().sum())
+        };
+        let counters = TracerCounters {
+            netfilter_drops: count(counter::NETFILTER_DROPS)?,
+            insert_races: count(counter::INSERT_RACES)?,
+            events_lost: count(counter::EVENTS_LOST)?,
+            events_sampled_out: count(counter::EVENTS_SAMPLED_OUT)?,
+            drop_keys_full: count(counter::DROP_KEYS_FULL)?,
+            dest_keys_full: count(counter::DEST_KEYS_FULL)?,
+            read_errors: count(counter::READ_ERRORS)?,
+            not_ip: count(counter::NOT_IP)?,
+        };
+        Ok(TracerSnapshot {
+            drops,
+            destinations,
+            counters,
+        })
+    }
+}
+
+/// User-space counters of the event thread.
+#[derive(Debug, Default)]
+pub struct EventStats {
+    /// Events received from the ring buffer.
+    pub received: AtomicU64,
+    /// Records that could not be decoded (skipped).
+    pub decode_errors: AtomicU64,
+}
+
+/// Reads race events until `stop` is set, enriching each into the race log.
+/// Runs on its own OS thread: winner lookups are blocking netlink calls.
+pub fn run_event_loop<T: ConntrackTable>(
+    mut ring: RingBuf<MapData>,
+    mut enricher: Enricher<T>,
+    log: &RaceLog,
+    stats: &EventStats,
+    stop: &AtomicBool,
+) {
+    let fd: RawFd = ring.as_raw_fd();
+    while !stop.load(Ordering::Relaxed) {
+        wait_readable(fd, Duration::from_millis(200));
+        while let Some(item) = ring.next() {
+            stats.received.fetch_add(1, Ordering::Relaxed);
+            let record = decode(&item).and_then(|event| enricher.enrich(&event));
+            match record {
+                Ok(record) => log.push(record),
+                Err(e) => {
+                    stats.decode_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "skipping race event");
+                }
+            }
+        }
+    }
+}
+
+fn wait_readable(fd: RawFd, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: pfd is a valid pollfd array of length 1 for the call's duration.
+    unsafe { libc::poll(&raw mut pfd, 1, ms) };
+}
+
+/// Shares the stop flag and stats between the agent and the event thread.
+#[derive(Clone, Debug, Default)]
+pub struct EventThreadHandle {
+    /// Set to stop the thread.
+    pub stop: Arc<AtomicBool>,
+    /// The thread's counters.
+    pub stats: Arc<EventStats>,
+}

@@ -1,0 +1,229 @@
+//! The running agent: owns the subsystems and answers for them.
+//!
+//! [`Daemon::start`] brings the datapath up (endpoint registry, conntrack
+//! tracer, event thread); the binary then serves [`Daemon`] through the
+//! metrics endpoint and the local API. Stopping the daemon stops user space
+//! only: pinned programs and maps stay in the kernel and keep counting.
+
+use std::{
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc, Mutex, PoisonError},
+    thread::JoinHandle,
+    time::Instant,
+};
+
+use serde::Serialize;
+
+use crate::{
+    bpf::{self, link::Attachment, BpfError},
+    config::{defaults, AgentConfig},
+    conntrack::{
+        ctnetlink::NetlinkConntrack,
+        events::Enricher,
+        log::RaceLog,
+        stats,
+        tracer::{self, EventThreadHandle, Tracer, TracerConfig},
+        TracerCounters,
+    },
+    endpoint::{self, Registry, Source},
+};
+
+/// Errors starting the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The endpoints file is unusable.
+    #[error(transparent)]
+    Endpoints(#[from] endpoint::file::EndpointsFileError),
+    /// The kernel side could not be set up.
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    /// The agent's own network namespace could not be identified.
+    #[error("reading the agent's network namespace: {0}")]
+    Netns(std::io::Error),
+    /// The event thread could not be started.
+    #[error("starting the race event thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The running agent.
+pub struct Daemon {
+    config: AgentConfig,
+    registry: Registry,
+    tracer: Mutex<Tracer>,
+    races: RaceLog,
+    events: EventThreadHandle,
+    event_thread: Mutex<Option<JoinHandle<()>>>,
+    netns_inode: u32,
+    started: Instant,
+}
+
+/// What `podnetctl status` shows.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// podnet version.
+    pub version: &'static str,
+    /// Kernel release.
+    pub kernel: String,
+    /// Which hook catches insert races.
+    pub race_hook: &'static str,
+    /// How the tracer was put in place on this start.
+    pub tracer_attachment: Attachment,
+    /// Kernel program id of the tracer loaded by this agent.
+    pub tracer_program_id: u32,
+    /// Pin directory of the tracer.
+    pub tracer_pins: PathBuf,
+    /// Inode of the observed network namespace.
+    pub netns_inode: u32,
+    /// Endpoints known.
+    pub endpoints: usize,
+    /// The tracer's kernel counters.
+    pub counters: TracerCounters,
+    /// Race events received by user space since start.
+    pub events_received: u64,
+    /// Race events that could not be decoded.
+    pub events_decode_errors: u64,
+    /// Seconds since the agent started.
+    pub uptime_seconds: u64,
+}
+
+impl Daemon {
+    /// Loads endpoints, puts the tracer in place and starts the event thread.
+    pub fn start(config: AgentConfig) -> Result<Arc<Self>, DaemonError> {
+        let registry = Registry::new();
+        if let Some(path) = &config.endpoints {
+            let endpoints = endpoint::file::load(path)?;
+            tracing::info!(path = %path.display(), count = endpoints.len(), "endpoints loaded");
+            registry.replace_source(Source::File, endpoints);
+        }
+        let netns_inode = bpf::current_netns_inode().map_err(DaemonError::Netns)?;
+        let mut tracer = Tracer::start(&TracerConfig {
+            bpffs: config.bpffs.clone(),
+            netns_inode,
+            event_budget_per_cpu: config.race_event_budget,
+        })?;
+        let races = RaceLog::with_capacity(defaults::RACE_LOG_CAPACITY);
+        let events = EventThreadHandle::default();
+        let event_thread = match tracer.take_events() {
+            Some(ring) => Some(spawn_event_thread(ring, &registry, &races, &events)?),
+            None => None,
+        };
+        Ok(Arc::new(Self {
+            config,
+            registry,
+            tracer: Mutex::new(tracer),
+            races,
+            events,
+            event_thread: Mutex::new(event_thread),
+            netns_inode,
+            started: Instant::now(),
+        }))
+    }
+
+    /// The effective configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    /// The endpoint registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Recent races.
+    pub fn races(&self) -> &RaceLog {
+        &self.races
+    }
+
+    /// Reads the tracer's kernel maps.
+    pub fn snapshot(&self) -> Result<crate::conntrack::TracerSnapshot, BpfError> {
+        self.tracer().snapshot()
+    }
+
+    fn tracer(&self) -> std::sync::MutexGuard<'_, Tracer> {
+        self.tracer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The agent's status.
+    pub fn status(&self) -> Status {
+        let tracer = self.tracer();
+        let counters = tracer.snapshot().map(|s| s.counters).unwrap_or_default();
+        Status {
+            version: env!("CARGO_PKG_VERSION"),
+            kernel: kernel_release(),
+            race_hook: "tp_btf/kfree_skb",
+            tracer_attachment: tracer.attachment(),
+            tracer_program_id: tracer.program_id(),
+            tracer_pins: tracer.pin_dir().to_owned(),
+            netns_inode: self.netns_inode,
+            endpoints: self.registry.endpoints().len(),
+            counters,
+            events_received: self.events.stats.received.load(Ordering::Relaxed),
+            events_decode_errors: self.events.stats.decode_errors.load(Ordering::Relaxed),
+            uptime_seconds: self.started.elapsed().as_secs(),
+        }
+    }
+
+    /// The kernel's conntrack statistics and table fill for this namespace.
+    pub fn kernel_stats(&self) -> (Option<stats::ConntrackStats>, Option<stats::TableFill>) {
+        let s = stats::read()
+            .map_err(|e| tracing::warn!(error = %e, "conntrack statistics unavailable"))
+            .ok();
+        let f = stats::read_table_fill()
+            .map_err(|e| tracing::debug!(error = %e, "conntrack table fill unavailable"))
+            .ok();
+        (s, f)
+    }
+
+    /// Stops user-space work. Pinned programs and maps stay in place.
+    pub fn stop(&self) {
+        self.events.stop.store(true, Ordering::Relaxed);
+        let handle = self
+            .event_thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("race event thread panicked");
+            }
+        }
+    }
+}
+
+fn spawn_event_thread(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    registry: &Registry,
+    races: &RaceLog,
+    events: &EventThreadHandle,
+) -> Result<JoinHandle<()>, DaemonError> {
+    let (registry, races, events) = (registry.clone(), races.clone(), events.clone());
+    std::thread::Builder::new()
+        .name("podnet-races".into())
+        .spawn(move || {
+            // The thread inherits the agent's network namespace, so ctnetlink
+            // sees the same conntrack table the tracer filters on.
+            let table = match NetlinkConntrack::open() {
+                Ok(table) => table,
+                Err(e) => {
+                    tracing::error!(error = %e, "ctnetlink unavailable; races are counted but winners are not looked up");
+                    return;
+                }
+            };
+            let enricher = Enricher::new(registry, table);
+            tracer::run_event_loop(ring, enricher, &races, &events.stats, &events.stop);
+        })
+        .map_err(DaemonError::Thread)
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uts is a valid, writable utsname.
+    if unsafe { libc::uname(&raw mut uts) } != 0 {
+        return "unknown".into();
+    }
+    // SAFETY: uname NUL-terminates release within the array.
+    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
+    release.to_string_lossy().into_owned()
+}

@@ -1,0 +1,212 @@
+//! The endpoint registry: which pod owns which address, and on which host
+//! interface it sits.
+//!
+//! podnet-cni fills it on every pod ADD/DEL; `--endpoints FILE` preloads it for
+//! nodes without the plugin (and for tests) and is re-read when the file changes.
+//! Addresses that no endpoint owns are host traffic: they are labelled with
+//! empty namespace and pod, never dropped from counts.
+
+pub mod file;
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{Arc, RwLock},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// A pod's identity as metric labels show it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PodRef {
+    /// Kubernetes namespace; empty for host traffic.
+    pub namespace: String,
+    /// Pod name; empty for host traffic.
+    pub pod: String,
+}
+
+impl PodRef {
+    /// The identity used for addresses no endpoint owns.
+    pub fn host() -> Self {
+        Self::default()
+    }
+
+    /// True for host traffic (no pod owns the address).
+    pub fn is_host(&self) -> bool {
+        self.pod.is_empty() && self.namespace.is_empty()
+    }
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.is_host() {
+            f.write_str("(host)")
+        } else {
+            write!(f, "{}/{}", self.namespace, self.pod)
+        }
+    }
+}
+
+/// One pod network attachment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// The pod's addresses on this attachment.
+    pub ips: Vec<IpAddr>,
+    /// Host-side interface of the pod, where per-pod programs attach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// Container id (set by podnet-cni).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "containerId"
+    )]
+    pub container_id: Option<String>,
+    /// Interface name inside the pod (set by podnet-cni).
+    #[serde(default, skip_serializing_if = "Option::is_none", rename = "ifName")]
+    pub if_name: Option<String>,
+}
+
+impl Endpoint {
+    /// The pod identity of this endpoint.
+    pub fn pod_ref(&self) -> PodRef {
+        PodRef {
+            namespace: self.namespace.clone(),
+            pod: self.pod.clone(),
+        }
+    }
+}
+
+/// Where an endpoint came from; sources replace their own endpoints only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The `--endpoints` file.
+    File,
+    /// podnet-cni.
+    Cni,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    endpoints: Vec<(Source, Endpoint)>,
+    by_ip: HashMap<IpAddr, PodRef>,
+    generation: u64,
+}
+
+impl Inner {
+    fn reindex(&mut self) {
+        self.by_ip.clear();
+        for (_, ep) in &self.endpoints {
+            for ip in &ep.ips {
+                self.by_ip.insert(*ip, ep.pod_ref());
+            }
+        }
+        self.generation += 1;
+    }
+}
+
+/// Shared, thread-safe registry of endpoints. Cloning shares the same registry.
+#[derive(Clone, Debug, Default)]
+pub struct Registry {
+    inner: Arc<RwLock<Inner>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The pod owning `ip`, or the host identity.
+    pub fn pod_for(&self, ip: IpAddr) -> PodRef {
+        self.read(|inner| inner.by_ip.get(&ip).cloned().unwrap_or_default())
+    }
+
+    /// Replaces every endpoint that came from `source` with `endpoints`.
+    pub fn replace_source(&self, source: Source, endpoints: Vec<Endpoint>) {
+        self.write(|inner| {
+            inner.endpoints.retain(|(s, _)| *s != source);
+            inner
+                .endpoints
+                .extend(endpoints.into_iter().map(|e| (source, e)));
+            inner.reindex();
+        });
+    }
+
+    /// A copy of all endpoints, in insertion order.
+    pub fn endpoints(&self) -> Vec<(Source, Endpoint)> {
+        self.read(|inner| inner.endpoints.clone())
+    }
+
+    /// Increases on every change; lets caches know when to refresh.
+    pub fn generation(&self) -> u64 {
+        self.read(|inner| inner.generation)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Inner) -> T) -> T {
+        // A poisoned lock only means another thread panicked mid-update of a
+        // plain map; the data is still a valid map, so keep serving it.
+        let guard = self
+            .inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&guard)
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        let mut guard = self
+            .inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut guard)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(ns: &str, pod: &str, ips: &[&str]) -> Endpoint {
+        Endpoint {
+            namespace: ns.into(),
+            pod: pod.into(),
+            ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            interface: None,
+            container_id: None,
+            if_name: None,
+        }
+    }
+
+    #[test]
+    fn unknown_addresses_are_host_traffic() {
+        let r = Registry::new();
+        r.replace_source(
+            Source::File,
+            vec![ep("shop", "cart-1", &["10.0.0.2", "fd00::2"])],
+        );
+        assert_eq!(
+            r.pod_for("10.0.0.2".parse().unwrap()).to_string(),
+            "shop/cart-1"
+        );
+        assert_eq!(r.pod_for("fd00::2".parse().unwrap()).pod, "cart-1");
+        assert!(r.pod_for("10.0.0.3".parse().unwrap()).is_host());
+    }
+
+    #[test]
+    fn sources_replace_only_their_own_endpoints() {
+        let r = Registry::new();
+        r.replace_source(Source::Cni, vec![ep("a", "cni-pod", &["10.0.0.5"])]);
+        r.replace_source(Source::File, vec![ep("b", "file-pod", &["10.0.0.6"])]);
+        r.replace_source(Source::File, vec![]);
+        assert_eq!(r.endpoints().len(), 1);
+        assert_eq!(r.pod_for("10.0.0.5".parse().unwrap()).pod, "cni-pod");
+        assert!(r.pod_for("10.0.0.6".parse().unwrap()).is_host());
+        assert_eq!(r.generation(), 3);
+    }
+}
