@@ -69,7 +69,7 @@ pub fn attach_tp_btf_pinned(
                 outcome = Attachment::Replaced;
             }
             Err(e) => {
-                tracing::warn!(pin = %pin.display(), error = %e, "unreadable pinned link, replacing it")
+                tracing::warn!(pin = %pin.display(), error = %e, "unreadable pinned link, replacing it");
             }
         }
         // Dropping the FdLink above closed our handle; removing the pin drops
