@@ -1,1 +1,34 @@
-//! Test harness for podnet integration tests.
+//! Test harness for podnet's privileged integration tests.
+//!
+//! Tests build simulated nodes out of network namespaces: a [`Topology`] is a node namespace
+//! with forwarding on, pods connected to it by veth pairs, and a server behind it. Every
+//! namespace is an RAII guard ([`Netns`]) with a unique name, so tests run in parallel and
+//! clean up after themselves, also when they fail.
+//!
+//! Namespaces are entered with `nsenter --net=` (commands) or `setns` on a dedicated thread
+//! ([`in_netns`]), never with `ip netns exec`, which remounts `/sys` and hides `/sys/fs/bpf`.
+//! Assertions compare against the kernel's own counters ([`conntrack_stats`]).
+//!
+//! Every privileged test starts with `if !podnet_tests::require_root() { return; }`.
+
+pub mod agent;
+mod netfilter;
+mod netns;
+mod process;
+mod topology;
+mod traffic;
+mod util;
+
+pub use agent::{Agent, EndpointSpec, Metrics};
+pub use netfilter::{conntrack_stats, ip6tables, iptables, read_conntrack_stat, ConntrackStats};
+pub use netns::{in_netns, unique_ifname, veth, wait_link_up, Netns, MAX_IFNAME_LEN};
+pub use process::{spawn_in, spawn_in_with_env, NsChild};
+pub use topology::{Pod, Topology, TopologyBuilder};
+pub use traffic::{
+    tcp_connect, tcp_echo_server, udp_echo_server, udp_send, udp_send_paced, TcpEchoServer,
+    UdpEchoServer,
+};
+pub use util::{free_tcp_port, require_root, unavailable, wait_for};
+
+#[cfg(test)]
+mod selftest;

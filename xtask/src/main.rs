@@ -1,1 +1,55 @@
-fn main() {}
+//! `cargo xtask`: podnet's project tasks.
+//!
+//! Every task is one variant of [`Task`] with its own module and `Args` struct, so adding a
+//! task (`bench`, `soak`, `vm-test`, ...) is one variant, one match arm and one module.
+
+mod build;
+mod cmd;
+mod demo;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// podnet's project tasks. Run from anywhere in the repository as `cargo xtask <task>`.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what podnet needs on a Debian 12 machine: Debian packages, the eBPF
+    /// toolchain and bpf-linker. Idempotent; needs root (except with --check).
+    Setup(setup::SetupArgs),
+    /// Build the agent, CLI, CNI plugin and the kernel programs (runs setup if anything is
+    /// missing).
+    Build(build::BuildArgs),
+    /// Show podnet's main job on simulated nodes (runs setup if anything is missing).
+    Demo(demo::DemoArgs),
+    /// Build everything and run all tests, the privileged ones included (runs setup if
+    /// anything is missing).
+    Test(test::TestArgs),
+}
+
+fn main() -> ExitCode {
+    cmd::ensure_sbin_on_path();
+    let result = match Cli::parse().task {
+        Task::Setup(args) => setup::run(&args),
+        Task::Build(args) => build::run(&args),
+        Task::Demo(args) => demo::run(&args),
+        Task::Test(args) => test::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // The whole cause chain on one line; no backtrace, these are user-facing errors.
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -4,18 +4,23 @@
 //! metrics endpoint, the local API, and the endpoints file watcher. SIGTERM and
 //! SIGINT stop user space and leave the datapath in place.
 
-use std::{
-    io::IsTerminal as _,
-    sync::{atomic::AtomicBool, Arc},
-};
+use std::{io::IsTerminal as _, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser as _;
 use podnet::{
-    config::{AgentArgs, AgentConfig, LogFormat},
-    daemon::Daemon,
+    api::server::ApiServer,
+    config::{defaults, AgentArgs, AgentConfig, LogFormat},
+    daemon::{
+        handler::{ApiHandler, MetricsRenderer},
+        Daemon,
+    },
+    metrics::server::{MetricsServer, Readiness},
 };
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
 
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PODNET_LOG")
@@ -30,26 +35,74 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Resolves when `rx` turns true (or its sender is gone).
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let config = AgentConfig::resolve(AgentArgs::parse())?;
     init_tracing(config.log_format);
-    let daemon = Daemon::start(config.clone()).context("starting podnet-agent")?;
-    let ready = Arc::new(AtomicBool::new(true));
-    let _ = ready;
+    let readiness = Readiness::new();
+    // Bind the endpoints first: a busy port or socket fails fast, and
+    // /healthz answers while the datapath loads.
+    let source = Arc::new(LateSource::default());
+    let http = MetricsServer::bind(config.metrics_addr, source.clone(), readiness.clone()).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let http = tokio::spawn(http.run(stopped(stop_rx.clone())));
+
+    let daemon = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || Daemon::start(config)
+    })
+    .await
+    .context("datapath start panicked")?
+    .context("starting podnet-agent")?;
+    source.set(Arc::new(MetricsRenderer::new(daemon.clone())));
+    let api = ApiServer::bind(&config.socket, Arc::new(ApiHandler(daemon.clone())))?;
+    let api = tokio::spawn(api.run(stopped(stop_rx.clone())));
     if let Some(path) = config.endpoints.clone() {
         tokio::spawn(podnet::endpoint::file::watch(
             path,
             daemon.registry().clone(),
         ));
     }
+    readiness.set_ready();
     tracing::info!(metrics = %config.metrics_addr, socket = %config.socket.display(), "podnet-agent ready");
+
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping, datapath stays in place"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping, datapath stays in place"),
+        _ = term.recv() => tracing::info!("SIGTERM: stopping; the datapath stays in place"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping; the datapath stays in place"),
     }
-    daemon.stop();
+    readiness.set_not_ready("shutting down");
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(defaults::SHUTDOWN_GRACE, async {
+        let _ = http.await;
+        let _ = api.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("servers did not drain in time");
+    }
+    tokio::task::spawn_blocking(move || daemon.stop()).await?;
     Ok(())
+}
+
+/// A metrics source set once the datapath is up; empty before.
+#[derive(Default)]
+struct LateSource(std::sync::OnceLock<Arc<dyn podnet::metrics::MetricsSource>>);
+
+impl LateSource {
+    fn set(&self, source: Arc<dyn podnet::metrics::MetricsSource>) {
+        let _ = self.0.set(source);
+    }
+}
+
+impl podnet::metrics::MetricsSource for LateSource {
+    fn render(&self) -> String {
+        self.0.get().map(|s| s.render()).unwrap_or_default()
+    }
 }

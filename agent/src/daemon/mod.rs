@@ -12,6 +12,8 @@ use std::{
     time::Instant,
 };
 
+pub mod handler;
+
 use serde::Serialize;
 
 use crate::{

@@ -1,0 +1,12 @@
+//! The agent's local API on a Unix socket (`--socket`, mode 0600, root only),
+//! used by podnet-cni and podnetctl; the only place debugging data is served.
+//!
+//! [`protocol`] defines the wire format (one JSON request and one JSON answer
+//! per connection, each a line), [`server`] serves it in the agent through a
+//! [`server::Handler`], [`client`] is the blocking client of both tools, and
+//! [`view`] renders results for people.
+
+pub mod client;
+pub mod protocol;
+pub mod server;
+pub mod view;

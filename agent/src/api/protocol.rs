@@ -1,0 +1,296 @@
+//! The wire protocol of the agent's Unix socket API, shared by the agent,
+//! podnetctl and podnet-cni.
+//!
+//! One request per connection: the client writes one JSON object and a
+//! newline, the agent answers with one JSON object and a newline, then closes.
+//!
+//! ```text
+//! → {"version":1,"method":"conntrack.races","params":{"limit":100}}
+//! ← {"version":1,"ok":true,"result":[...]}
+//! ← {"version":1,"ok":false,"error":{"code":"unknown_method","message":"..."}}
+//! ```
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The protocol version this build speaks.
+pub const VERSION: u32 = 1;
+
+/// Largest request the agent reads, newline included.
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// Largest response a client reads, newline included.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Method names.
+pub mod method {
+    /// Recent insert races, oldest first. Params: [`super::RacesParams`];
+    /// result: an array of `conntrack::events::RaceRecord`.
+    pub const CONNTRACK_RACES: &str = "conntrack.races";
+    /// The agent's status, as one JSON object.
+    pub const STATUS: &str = "status";
+}
+
+/// Every method the agent serves; anything else is `unknown_method`.
+pub const METHODS: &[&str] = &[method::CONNTRACK_RACES, method::STATUS];
+
+/// One request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Protocol version; must be [`VERSION`].
+    pub version: u32,
+    /// One of [`METHODS`].
+    pub method: String,
+    /// Method parameters; `null` when absent.
+    #[serde(default)]
+    pub params: Value,
+}
+
+impl Request {
+    /// A request of this protocol version.
+    pub fn new(method: impl Into<String>, params: Value) -> Self {
+        Self {
+            version: VERSION,
+            method: method.into(),
+            params,
+        }
+    }
+}
+
+/// One response: `result` when `ok`, else `error`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Protocol version of the answer.
+    pub version: u32,
+    /// Whether the call succeeded.
+    pub ok: bool,
+    /// The result, when `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The error, when not `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiError>,
+}
+
+impl Response {
+    /// A successful response.
+    pub fn success(result: Value) -> Self {
+        Self {
+            version: VERSION,
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    /// A failed response.
+    pub fn failure(error: ApiError) -> Self {
+        Self {
+            version: VERSION,
+            ok: false,
+            result: None,
+            error: Some(error),
+        }
+    }
+
+    /// The result or the error. A response that says `ok` without a result
+    /// yields `null`; one that says not `ok` without an error yields an
+    /// [`ErrorCode::Internal`] error.
+    pub fn into_result(self) -> Result<Value, ApiError> {
+        if self.ok {
+            Ok(self.result.unwrap_or(Value::Null))
+        } else {
+            Err(self.error.unwrap_or_else(|| {
+                ApiError::new(
+                    ErrorCode::Internal,
+                    "the agent reported a failure without an error",
+                )
+            }))
+        }
+    }
+}
+
+/// What went wrong, in a form programs can match on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is not valid JSON or lacks a field.
+    BadRequest,
+    /// The request's protocol version is not [`VERSION`].
+    UnsupportedVersion,
+    /// The method is not one of [`METHODS`].
+    UnknownMethod,
+    /// The parameters do not fit the method.
+    InvalidParams,
+    /// The request exceeds [`MAX_REQUEST_BYTES`].
+    RequestTooLarge,
+    /// The request did not arrive in time.
+    Timeout,
+    /// The peer is not allowed to use the API.
+    PermissionDenied,
+    /// The agent cannot serve the method right now (e.g. still starting).
+    Unavailable,
+    /// The agent failed while serving the request.
+    Internal,
+    /// A code this build does not know (sent by a newer agent).
+    #[serde(other)]
+    Unknown,
+}
+
+impl ErrorCode {
+    /// The code as it appears on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadRequest => "bad_request",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::UnknownMethod => "unknown_method",
+            Self::InvalidParams => "invalid_params",
+            Self::RequestTooLarge => "request_too_large",
+            Self::Timeout => "timeout",
+            Self::PermissionDenied => "permission_denied",
+            Self::Unavailable => "unavailable",
+            Self::Internal => "internal",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error answered by the agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message} ({code})")]
+pub struct ApiError {
+    /// What kind of error.
+    pub code: ErrorCode,
+    /// What happened, for people.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Parameters that do not fit the method.
+    pub fn invalid_params(method: &str, error: impl std::fmt::Display) -> Self {
+        Self::new(
+            ErrorCode::InvalidParams,
+            format!("invalid params for {method}: {error}"),
+        )
+    }
+
+    /// A method that is not served.
+    pub fn unknown_method(method: &str) -> Self {
+        Self::new(
+            ErrorCode::UnknownMethod,
+            format!(
+                "unknown method {method:?}; known methods: {}",
+                METHODS.join(", ")
+            ),
+        )
+    }
+
+    /// The agent failed while serving the request.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+}
+
+/// How many races `conntrack.races` returns when `limit` is not given.
+pub const DEFAULT_RACES_LIMIT: usize = 100;
+
+/// Parameters of [`method::CONNTRACK_RACES`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RacesParams {
+    /// Return at most this many of the newest races.
+    #[serde(default = "default_races_limit")]
+    pub limit: usize,
+}
+
+impl Default for RacesParams {
+    fn default() -> Self {
+        Self {
+            limit: DEFAULT_RACES_LIMIT,
+        }
+    }
+}
+
+fn default_races_limit() -> usize {
+    DEFAULT_RACES_LIMIT
+}
+
+/// Decodes a method's parameters; `null` (no params) decodes as `T::default()`.
+pub fn parse_params<T>(method: &str, params: Value) -> Result<T, ApiError>
+where
+    T: serde::de::DeserializeOwned + Default,
+{
+    if params.is_null() {
+        return Ok(T::default());
+    }
+    serde_json::from_value(params).map_err(|e| ApiError::invalid_params(method, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn wire_shapes() {
+        let req = Request::new(method::CONNTRACK_RACES, json!({"limit": 100}));
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"version":1,"method":"conntrack.races","params":{"limit":100}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::success(json!([1]))).unwrap(),
+            r#"{"version":1,"ok":true,"result":[1]}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&Response::failure(ApiError::new(
+                ErrorCode::UnknownMethod,
+                "no"
+            )))
+            .unwrap(),
+            r#"{"version":1,"ok":false,"error":{"code":"unknown_method","message":"no"}}"#
+        );
+    }
+
+    #[test]
+    fn params_default_when_absent() {
+        let req: Request = serde_json::from_str(r#"{"version":1,"method":"status"}"#).unwrap();
+        assert!(req.params.is_null());
+        let p: RacesParams = parse_params(method::CONNTRACK_RACES, Value::Null).unwrap();
+        assert_eq!(p.limit, DEFAULT_RACES_LIMIT);
+        let p: RacesParams = parse_params(method::CONNTRACK_RACES, json!({})).unwrap();
+        assert_eq!(p.limit, DEFAULT_RACES_LIMIT);
+        let e =
+            parse_params::<RacesParams>(method::CONNTRACK_RACES, json!({"limit": -1})).unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidParams);
+        assert!(
+            e.message
+                .starts_with("invalid params for conntrack.races: "),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn unknown_error_codes_from_newer_agents_decode() {
+        let r: Response = serde_json::from_str(
+            r#"{"version":1,"ok":false,"error":{"code":"quota","message":"m"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.into_result().unwrap_err().code, ErrorCode::Unknown);
+    }
+}

@@ -1,0 +1,88 @@
+//! The daemon behind the local API and the metrics endpoint.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde_json::Value;
+
+use super::Daemon;
+use crate::{
+    api::{
+        protocol::{self as p, method},
+        server::Handler,
+    },
+    metrics::{self, conntrack as mc, text::Encoder, text::MetricType},
+};
+
+/// Answers API calls from the daemon's state.
+pub struct ApiHandler(pub Arc<Daemon>);
+
+impl Handler for ApiHandler {
+    fn handle(&self, m: &str, params: Value) -> Result<Value, p::ApiError> {
+        let json =
+            |v: serde_json::Result<Value>| v.map_err(|e| p::ApiError::internal(e.to_string()));
+        match m {
+            method::CONNTRACK_RACES => {
+                let params: p::RacesParams = p::parse_params(m, params)?;
+                json(serde_json::to_value(self.0.races().recent(params.limit)))
+            }
+            method::STATUS => json(serde_json::to_value(self.0.status())),
+            _ => Err(p::ApiError::unknown_method(m)),
+        }
+    }
+}
+
+/// Renders the whole exposition from kernel maps and `/proc` at each scrape.
+pub struct MetricsRenderer {
+    daemon: Arc<Daemon>,
+    kernel: String,
+    top: Mutex<mc::TopDestinations>,
+}
+
+impl MetricsRenderer {
+    /// A renderer for `daemon`.
+    pub fn new(daemon: Arc<Daemon>) -> Self {
+        Self {
+            daemon,
+            kernel: super::kernel_release(),
+            top: Mutex::new(mc::TopDestinations::new()),
+        }
+    }
+}
+
+impl metrics::MetricsSource for MetricsRenderer {
+    fn render(&self) -> String {
+        let mut enc = Encoder::new();
+        metrics::render_build_info(&mut enc, &self.kernel);
+        match self.daemon.snapshot() {
+            Ok(snapshot) => {
+                let (stats, fill) = self.daemon.kernel_stats();
+                let mut top = self.top.lock().unwrap_or_else(PoisonError::into_inner);
+                let sources = mc::Sources {
+                    snapshot: &snapshot,
+                    stats: stats.as_ref(),
+                    fill,
+                };
+                mc::render(&mut enc, &sources, self.daemon.registry(), &mut top);
+                let c = snapshot.counters;
+                enc.family(
+                    "podnet_bpf_map_full_total",
+                    MetricType::Counter,
+                    "Updates a kernel map could not take because it was full; non-zero means per-key counts are no longer complete.",
+                )
+                .sample(&[("map", "conntrack_drops")], c.drop_keys_full)
+                .sample(&[("map", "conntrack_race_destinations")], c.dest_keys_full);
+                enc.family(
+                    "podnet_bpf_skipped_packets_total",
+                    MetricType::Counter,
+                    "Packets a kernel program counted and skipped: a kernel read failed or the packet was not IP.",
+                )
+                .sample(&[("program", mc::PROGRAM), ("reason", "read_error")], c.read_errors)
+                .sample(&[("program", mc::PROGRAM), ("reason", "not_ip")], c.not_ip);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the tracer's maps failed; conntrack metrics omitted");
+            }
+        }
+        enc.finish()
+    }
+}

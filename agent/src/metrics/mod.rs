@@ -1,0 +1,72 @@
+//! Prometheus metrics: the text-format [`text::Encoder`], the families of
+//! each subsystem (e.g. [`conntrack`]), and the HTTP [`server`] for
+//! `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Values live in kernel maps and `/proc`; a scrape reads them and renders a
+//! fresh exposition through a [`MetricsSource`], so there is no second copy
+//! of any counter in user space.
+
+pub mod conntrack;
+pub mod server;
+pub mod text;
+
+use text::{Encoder, MetricType};
+
+/// Renders the whole exposition for one scrape.
+///
+/// Implemented for any `Fn() -> String + Send + Sync`, so a closure that
+/// gathers every subsystem's families can be handed to the [`server`].
+/// Called on a blocking thread: it may read `/proc` and kernel maps.
+pub trait MetricsSource: Send + Sync {
+    /// The exposition text (Prometheus text format 0.0.4).
+    fn render(&self) -> String;
+}
+
+impl<F> MetricsSource for F
+where
+    F: Fn() -> String + Send + Sync,
+{
+    fn render(&self) -> String {
+        self()
+    }
+}
+
+/// Writes `podnet_build_info{version,kernel} 1`; `kernel` is the running
+/// kernel's release (`uname -r`, e.g. from `daemon::kernel_release`).
+pub fn render_build_info(enc: &mut Encoder, kernel: &str) {
+    enc.family(
+        "podnet_build_info",
+        MetricType::Gauge,
+        "Always 1; labels carry the podnet version and the running kernel release.",
+    )
+    .sample(
+        &[("version", env!("CARGO_PKG_VERSION")), ("kernel", kernel)],
+        1_u64,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_info_names_version_and_kernel() {
+        let mut enc = Encoder::new();
+        render_build_info(&mut enc, "6.18.0-podnet");
+        assert_eq!(
+            enc.finish(),
+            format!(
+                "# HELP podnet_build_info Always 1; labels carry the podnet version and the running kernel release.\n\
+                 # TYPE podnet_build_info gauge\n\
+                 podnet_build_info{{version=\"{}\",kernel=\"6.18.0-podnet\"}} 1\n",
+                env!("CARGO_PKG_VERSION")
+            )
+        );
+    }
+
+    #[test]
+    fn closures_are_sources() {
+        let source: std::sync::Arc<dyn MetricsSource> = std::sync::Arc::new(|| "x 1\n".to_owned());
+        assert_eq!(source.render(), "x 1\n");
+    }
+}

@@ -1,0 +1,418 @@
+//! The real `podnet-agent`, started inside a simulated node's namespace.
+//!
+//! Each agent gets its own bpffs pin directory, API socket and endpoints file,
+//! so tests run in parallel without sharing kernel state. Dropping the guard
+//! stops the agent by PID and removes its pins (which detaches its programs).
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::{
+    netns::{in_netns, Netns},
+    process::{spawn_in_with_env, NsChild},
+    util::wait_for,
+};
+
+/// The metrics address inside the node namespace (each namespace has its own
+/// loopback, so every simulated node can use the default port).
+pub const METRICS_ADDR: &str = "127.0.0.1:9965";
+/// How long an agent may take to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// One endpoint line of the agent's `--endpoints` file.
+#[derive(Clone, Debug)]
+pub struct EndpointSpec {
+    /// Kubernetes namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Addresses.
+    pub ips: Vec<std::net::IpAddr>,
+    /// Host-side interface.
+    pub interface: Option<String>,
+}
+
+impl EndpointSpec {
+    /// An endpoint with the given identity and addresses.
+    pub fn new(namespace: &str, pod: &str, ips: &[std::net::IpAddr]) -> Self {
+        Self {
+            namespace: namespace.into(),
+            pod: pod.into(),
+            ips: ips.to_vec(),
+            interface: None,
+        }
+    }
+
+    /// Sets the host-side interface.
+    #[must_use]
+    pub fn interface(mut self, name: &str) -> Self {
+        self.interface = Some(name.into());
+        self
+    }
+}
+
+/// Renders an endpoints file in the documented YAML format.
+pub fn endpoints_yaml(endpoints: &[EndpointSpec]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for ep in endpoints {
+        let ips: Vec<String> = ep.ips.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "- namespace: {}\n  pod: {}\n  ips: [{}]",
+            ep.namespace,
+            ep.pod,
+            ips.join(", ")
+        );
+        if let Some(i) = &ep.interface {
+            let _ = writeln!(out, "  interface: {i}");
+        }
+    }
+    out
+}
+
+/// Where cargo put the workspace's binaries (`target/<profile>`), found from
+/// the running test executable (`target/<profile>/deps/<test>`).
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!(
+            "{} not built: run `cargo build` (cargo xtask test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A running agent and the files it owns.
+#[derive(Debug)]
+pub struct Agent {
+    node: PathBuf,
+    node_name: String,
+    child: Option<NsChild>,
+    workdir: PathBuf,
+    bpffs: PathBuf,
+    extra_args: Vec<String>,
+}
+
+impl Agent {
+    /// Starts an agent in `node` with these endpoints and waits until ready.
+    pub fn start(node: &Netns, endpoints: &[EndpointSpec]) -> Result<Self> {
+        Self::start_with(node, endpoints, &[])
+    }
+
+    /// Like [`Agent::start`], with extra command-line arguments.
+    pub fn start_with(
+        node: &Netns,
+        endpoints: &[EndpointSpec],
+        extra_args: &[&str],
+    ) -> Result<Self> {
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let workdir = std::env::temp_dir().join(format!("podnet-agent-{id}"));
+        std::fs::create_dir_all(&workdir)?;
+        std::fs::write(workdir.join("endpoints.yaml"), endpoints_yaml(endpoints))?;
+        let mut agent = Self {
+            node: node.path(),
+            node_name: node.name().to_owned(),
+            child: None,
+            workdir,
+            bpffs: PathBuf::from(format!("/sys/fs/bpf/podnet-test-{id}")),
+            extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        agent.launch(node)?;
+        Ok(agent)
+    }
+
+    fn launch(&mut self, node: &Netns) -> Result<()> {
+        let bin = binary("podnet-agent")?;
+        let bin = bin.to_string_lossy().into_owned();
+        let socket = self.socket().to_string_lossy().into_owned();
+        let endpoints = self.endpoints_file().to_string_lossy().into_owned();
+        let bpffs = self.bpffs.to_string_lossy().into_owned();
+        let state = self.workdir.join("state").to_string_lossy().into_owned();
+        let mut cmd = vec![
+            bin.as_str(),
+            "--metrics-addr",
+            METRICS_ADDR,
+            "--socket",
+            &socket,
+            "--endpoints",
+            &endpoints,
+            "--bpffs",
+            &bpffs,
+            "--state-dir",
+            &state,
+        ];
+        cmd.extend(self.extra_args.iter().map(String::as_str));
+        self.child = Some(spawn_in_with_env(node, &cmd, &[("PODNET_LOG", "info")])?);
+        let ready = wait_for(
+            || http_get(node, "/readyz").is_ok_and(|(code, _)| code == 200),
+            READY_TIMEOUT,
+        );
+        if !ready {
+            let log = self.child.as_ref().map(NsChild::log).unwrap_or_default();
+            bail!(
+                "agent in {} not ready after {READY_TIMEOUT:?}; log:\n{log}",
+                self.node_name
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the agent with SIGTERM (pins stay) and starts it again with the
+    /// same files, waiting until ready.
+    pub fn restart(&mut self, node: &Netns) -> Result<()> {
+        self.stop()?;
+        self.launch(node)
+    }
+
+    /// Stops the agent with SIGTERM; its pinned programs keep running.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(child) = self.child.take() {
+            let status = child.stop()?;
+            if !status.success() {
+                bail!("agent exited with {status}");
+            }
+        }
+        Ok(())
+    }
+
+    /// The agent's API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.workdir.join("agent.sock")
+    }
+
+    /// The agent's endpoints file (rewrite it to change endpoints).
+    pub fn endpoints_file(&self) -> PathBuf {
+        self.workdir.join("endpoints.yaml")
+    }
+
+    /// The agent's bpffs pin directory.
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        self.child.as_ref().map(NsChild::log).unwrap_or_default()
+    }
+
+    /// Scrapes `/metrics` from inside the node namespace.
+    pub fn metrics(&self, node: &Netns) -> Result<Metrics> {
+        let (code, body) = http_get(node, "/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}: {body}");
+        }
+        Ok(Metrics(body))
+    }
+
+    /// Calls the agent's local API.
+    pub fn api(&self, method: &str, params: serde_json::Value) -> Result<serde_json::Value> {
+        podnet::api::client::call(&self.socket(), method, params, Duration::from_secs(5))
+            .map_err(|e| anyhow!("{method}: {e}"))
+    }
+
+    /// Runs `podnetctl` against this agent and returns its stdout.
+    pub fn podnetctl(&self, args: &[&str]) -> Result<String> {
+        let out = std::process::Command::new(binary("podnetctl")?)
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "podnetctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            let _ = child.stop();
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.bpffs) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("podnet-tests: removing {}: {e}", self.bpffs.display());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.workdir);
+        let _ = &self.node;
+    }
+}
+
+/// One HTTP/1.0 GET to the agent's metrics address inside `node`.
+pub fn http_get(node: &Netns, path: &str) -> Result<(u16, String)> {
+    let path = path.to_owned();
+    in_netns(node, move || -> Result<(u16, String)> {
+        let addr: SocketAddr = METRICS_ADDR.parse()?;
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("malformed HTTP response"))?;
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow!("no status code in {head:?}"))?;
+        Ok((code, body.to_owned()))
+    })?
+    .context("GET from the agent")
+}
+
+/// A scraped metrics page.
+#[derive(Clone, Debug)]
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The value of the sample `name` whose labels are exactly `labels`
+    /// (order-insensitive); `None` when there is no such sample.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let mut want: Vec<(String, String)> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        want.sort();
+        self.0.lines().find_map(|line| {
+            let (sample_name, sample_labels, value) = parse_sample(line)?;
+            (sample_name == name && sample_labels == want).then_some(value)
+        })
+    }
+
+    /// Like [`Metrics::value`], with a missing sample read as 0.
+    pub fn value_or_zero(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels).unwrap_or(0.0)
+    }
+
+    /// The sum of every sample of `name`.
+    pub fn sum(&self, name: &str) -> f64 {
+        self.0
+            .lines()
+            .filter_map(parse_sample)
+            .filter(|(n, _, _)| n == name)
+            .map(|(_, _, v)| v)
+            .sum()
+    }
+
+    /// A counter or integer gauge as an exact integer (missing = 0).
+    ///
+    /// # Panics
+    /// If the sample is not a non-negative integer.
+    pub fn count(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        exact(name, self.value_or_zero(name, labels))
+    }
+
+    /// The sum of every sample of `name`, as an exact integer.
+    ///
+    /// # Panics
+    /// If the sum is not a non-negative integer.
+    pub fn count_sum(&self, name: &str) -> u64 {
+        exact(name, self.sum(name))
+    }
+
+    /// True when some sample (or HELP/TYPE line) names this metric family.
+    pub fn has_family(&self, name: &str) -> bool {
+        self.0.lines().any(|l| {
+            l.strip_prefix("# TYPE ")
+                .is_some_and(|rest| rest.split_whitespace().next() == Some(name))
+        })
+    }
+}
+
+/// Converts a counter value to an integer, refusing anything inexact.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // checked just before
+fn exact(name: &str, value: f64) -> u64 {
+    assert!(
+        value >= 0.0 && value.fract() == 0.0 && value < 2f64.powi(53),
+        "{name} = {value} is not an exact count"
+    );
+    value as u64
+}
+
+/// A sample: metric name, sorted labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    if line.starts_with('#') || line.trim().is_empty() {
+        return None;
+    }
+    let (series, value) = line.rsplit_once(' ')?;
+    let value: f64 = value.parse().ok()?;
+    let (name, labels) = match series.split_once('{') {
+        Some((name, rest)) => (name, rest.strip_suffix('}')?),
+        None => (series, ""),
+    };
+    let mut parsed = Vec::new();
+    let mut rest = labels;
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let mut end = None;
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '\\' => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                '"' => {
+                    end = Some(i);
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        let end = end?;
+        parsed.push((key.trim_start_matches(',').to_owned(), value));
+        rest = after[end + 1..].trim_start_matches(',');
+    }
+    parsed.sort();
+    Some((name.to_owned(), parsed, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_samples_with_escaped_labels() {
+        let m = Metrics(
+            "# TYPE podnet_x_total counter\npodnet_x_total{pod=\"a\\\"b\",namespace=\"\"} 5\npodnet_y 1.5\n"
+                .into(),
+        );
+        assert_eq!(
+            m.value("podnet_x_total", &[("namespace", ""), ("pod", "a\"b")]),
+            Some(5.0)
+        );
+        assert_eq!(m.value("podnet_x_total", &[("pod", "a\"b")]), None);
+        assert_eq!(m.value("podnet_y", &[]), Some(1.5));
+        assert!(m.has_family("podnet_x_total"));
+        assert_eq!(m.count_sum("podnet_x_total"), 5);
+        assert_eq!(m.count("podnet_z_total", &[]), 0);
+    }
+}

@@ -1,0 +1,288 @@
+//! A simulated node: pods and a server around a node namespace that forwards between them.
+//!
+//! ```text
+//!  pod k netns                      node netns                      server netns
+//!  eth0 10.99.k.2/24   ──veth──  pn<id>p<k> 10.99.k.1/24
+//!       fd00:99:k::2/64                     fd00:99:k::1/64
+//!  default via 10.99.k.1                    pn<id>s 10.98.0.1/24  ──veth──  eth0 10.98.0.2/24
+//!                                                   fd00:98::1/64                fd00:98::2/64
+//!                                                                  default via 10.98.0.1
+//! ```
+//!
+//! Addresses are the same in every topology (namespaces do not share addresses), interface
+//! names in the node namespace are unique per topology (`pn` + 6 hex digits).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use anyhow::{bail, Result};
+
+use crate::netns::{unique_ifname, veth, Netns};
+
+/// Most pods a topology can have (one /24 each under 10.99.0.0/16).
+const MAX_PODS: usize = 250;
+/// Pods' IPv4 addresses are `10.99.<k>.2`, their gateway `10.99.<k>.1`.
+const POD_NET_V4: [u8; 2] = [10, 99];
+/// Pods' IPv6 addresses are `fd00:99:<k>::2`, their gateway `fd00:99:<k>::1`.
+const POD_NET_V6: [u16; 2] = [0xfd00, 0x99];
+/// The node–server link.
+const SERVER_V4: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 2);
+const NODE_TO_SERVER_V4: Ipv4Addr = Ipv4Addr::new(10, 98, 0, 1);
+const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x98, 0, 0, 0, 0, 0, 2);
+const NODE_TO_SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x98, 0, 0, 0, 0, 0, 1);
+/// Interface name of the pods' and the server's end of their veth.
+const INNER_IF: &str = "eth0";
+
+/// Builds a [`Topology`]: `Topology::builder().name("race").pods(2).build()?`.
+#[derive(Debug, Clone)]
+pub struct TopologyBuilder {
+    name: String,
+    pods: usize,
+}
+
+impl TopologyBuilder {
+    /// Prefix of the namespace names (`<name>-node-<pid>-<n>`, `<name>-pod0-...`); default
+    /// `pn`. Use the test's name to tell leftovers apart.
+    #[must_use]
+    pub fn name(mut self, name: &str) -> Self {
+        name.clone_into(&mut self.name);
+        self
+    }
+
+    /// Number of pods (default 2, at most 250).
+    #[must_use]
+    pub fn pods(mut self, pods: usize) -> Self {
+        self.pods = pods;
+        self
+    }
+
+    /// Creates the namespaces and links. On error, whatever was created is removed again.
+    pub fn build(self) -> Result<Topology> {
+        if self.pods > MAX_PODS {
+            bail!("a topology has at most {MAX_PODS} pods, not {}", self.pods);
+        }
+        let id = unique_ifname("");
+        let node = Netns::new(&format!("{}-node", self.name))?;
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+
+        let server = Netns::new(&format!("{}-server", self.name))?;
+        let node_server_if = format!("{id}s");
+        veth(
+            &server,
+            INNER_IF,
+            &[&format!("{SERVER_V4}/24"), &format!("{SERVER_V6}/64")],
+            &node,
+            &node_server_if,
+            &[
+                &format!("{NODE_TO_SERVER_V4}/24"),
+                &format!("{NODE_TO_SERVER_V6}/64"),
+            ],
+        )?;
+        default_routes(&server, NODE_TO_SERVER_V4, NODE_TO_SERVER_V6)?;
+
+        let mut pods = Vec::with_capacity(self.pods);
+        for index in 0..self.pods {
+            // At most MAX_PODS (250), checked above, so the index fits an address octet.
+            let octet = u8::try_from(index)?;
+            let pod = Pod::new(octet, &format!("{}-pod{index}", self.name), &id)?;
+            veth(
+                &pod.netns,
+                INNER_IF,
+                &[&format!("{}/24", pod.ipv4()), &format!("{}/64", pod.ipv6())],
+                &node,
+                &pod.host_if,
+                &[
+                    &format!("{}/24", pod.gateway_ipv4()),
+                    &format!("{}/64", pod.gateway_ipv6()),
+                ],
+            )?;
+            default_routes(&pod.netns, pod.gateway_ipv4(), pod.gateway_ipv6())?;
+            pods.push(pod);
+        }
+        Ok(Topology {
+            pods,
+            server,
+            node,
+            node_server_if,
+        })
+    }
+}
+
+fn default_routes(netns: &Netns, via_v4: Ipv4Addr, via_v6: Ipv6Addr) -> Result<()> {
+    netns.run_ok(&["ip", "route", "add", "default", "via", &via_v4.to_string()])?;
+    netns.run_ok(&[
+        "ip",
+        "-6",
+        "route",
+        "add",
+        "default",
+        "via",
+        &via_v6.to_string(),
+    ])?;
+    Ok(())
+}
+
+/// Pods, a node and a server, each in its own namespace (see the module docs for the
+/// addresses). Dropping it removes every namespace and so every link.
+#[derive(Debug)]
+pub struct Topology {
+    pods: Vec<Pod>,
+    server: Netns,
+    node: Netns,
+    node_server_if: String,
+}
+
+impl Topology {
+    /// A builder with the defaults: name `pn`, 2 pods.
+    pub fn builder() -> TopologyBuilder {
+        TopologyBuilder {
+            name: "pn".to_owned(),
+            pods: 2,
+        }
+    }
+
+    /// The node namespace (forwarding on for IPv4 and IPv6); run the agent and the SNAT rules
+    /// here.
+    pub fn node(&self) -> &Netns {
+        &self.node
+    }
+
+    /// The server namespace.
+    pub fn server(&self) -> &Netns {
+        &self.server
+    }
+
+    /// All pods, in index order.
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// Pod `index`.
+    ///
+    /// # Panics
+    /// If there is no such pod.
+    pub fn pod(&self, index: usize) -> &Pod {
+        &self.pods[index]
+    }
+
+    /// The server's IPv4 address, 10.98.0.2.
+    pub fn server_ipv4(&self) -> Ipv4Addr {
+        SERVER_V4
+    }
+
+    /// The server's IPv6 address, `fd00:98::2`.
+    pub fn server_ipv6(&self) -> Ipv6Addr {
+        SERVER_V6
+    }
+
+    /// The node's IPv4 address towards the server, 10.98.0.1 (the SNAT source).
+    pub fn node_ipv4_to_server(&self) -> Ipv4Addr {
+        NODE_TO_SERVER_V4
+    }
+
+    /// The node's IPv6 address towards the server, `fd00:98::1`.
+    pub fn node_ipv6_to_server(&self) -> Ipv6Addr {
+        NODE_TO_SERVER_V6
+    }
+
+    /// The node's interface towards the server (in the node namespace).
+    pub fn node_server_if(&self) -> &str {
+        &self.node_server_if
+    }
+
+    /// The pods' IPv4 network, 10.99.0.0/16 (for `-s` in SNAT rules).
+    pub fn pods_cidr_v4(&self) -> &'static str {
+        "10.99.0.0/16"
+    }
+
+    /// The pods' IPv6 network, `fd00:99::/32`.
+    pub fn pods_cidr_v6(&self) -> &'static str {
+        "fd00:99::/32"
+    }
+}
+
+/// A pod: a namespace whose `eth0` is a veth into the node namespace.
+#[derive(Debug)]
+pub struct Pod {
+    octet: u8,
+    netns: Netns,
+    host_if: String,
+}
+
+impl Pod {
+    fn new(octet: u8, prefix: &str, id: &str) -> Result<Self> {
+        Ok(Pod {
+            octet,
+            netns: Netns::new(prefix)?,
+            host_if: format!("{id}p{octet}"),
+        })
+    }
+
+    /// The pod's index in its topology.
+    pub fn index(&self) -> usize {
+        usize::from(self.octet)
+    }
+
+    /// The pod's namespace.
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// The pod's interface name inside its namespace, `eth0`.
+    pub fn if_name(&self) -> &'static str {
+        INNER_IF
+    }
+
+    /// The host side of the pod's veth, in the node namespace (`pn<id>p<k>`, unique per
+    /// topology); what an endpoints file names as the pod's `interface`.
+    pub fn host_if(&self) -> &str {
+        &self.host_if
+    }
+
+    /// The pod's IPv4 address, `10.99.<k>.2`.
+    pub fn ipv4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(POD_NET_V4[0], POD_NET_V4[1], self.octet, 2)
+    }
+
+    /// The pod's IPv6 address, `fd00:99:<k>::2`.
+    pub fn ipv6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(
+            POD_NET_V6[0],
+            POD_NET_V6[1],
+            self.octet.into(),
+            0,
+            0,
+            0,
+            0,
+            2,
+        )
+    }
+
+    /// The pod's address of the given family.
+    pub fn ip(&self, ipv6: bool) -> IpAddr {
+        if ipv6 {
+            self.ipv6().into()
+        } else {
+            self.ipv4().into()
+        }
+    }
+
+    /// The pod's IPv4 gateway, the node's end of the veth, `10.99.<k>.1`.
+    pub fn gateway_ipv4(&self) -> Ipv4Addr {
+        Ipv4Addr::new(POD_NET_V4[0], POD_NET_V4[1], self.octet, 1)
+    }
+
+    /// The pod's IPv6 gateway, `fd00:99:<k>::1`.
+    pub fn gateway_ipv6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(
+            POD_NET_V6[0],
+            POD_NET_V6[1],
+            self.octet.into(),
+            0,
+            0,
+            0,
+            0,
+            1,
+        )
+    }
+}

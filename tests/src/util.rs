@@ -1,0 +1,65 @@
+//! Small helpers: privilege checks, polling, free ports.
+
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, TcpListener},
+    time::{Duration, Instant},
+};
+
+/// How often [`wait_for`] polls its condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Whether this test can run as root; call first in every privileged test:
+/// `if !require_root() { return; }`.
+///
+/// When not root it says so loudly on stderr and returns `false`, so the test returns early;
+/// with `CI=true` it panics instead, because a test that cannot run must fail in CI.
+pub fn require_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    euid == 0 || unavailable("this test needs root (network namespaces, iptables, BPF)")
+}
+
+/// Reports that a test cannot run here (missing privilege or kernel feature) and returns
+/// `false`; with `CI=true` it panics instead, so the skip is never silent in CI.
+pub fn unavailable(reason: &str) -> bool {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed>")
+        .to_owned();
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test} cannot run: {reason} (with CI=true that is a failure)"
+    );
+    let banner = "!".repeat(72);
+    // Straight to the stderr handle, not eprintln!: the test harness captures the macros'
+    // output of passing tests, and a skip must be seen.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n{banner}\nSKIPPED {test}: {reason}\n{banner}"
+    );
+    false
+}
+
+/// Polls `condition` every 10 ms until it is true or `timeout` has passed; returns whether
+/// it became true. The condition is checked once more at the deadline.
+pub fn wait_for(mut condition: impl FnMut() -> bool, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (the kernel picked it; another process
+/// may still take it before the caller binds).
+pub fn free_tcp_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
+}

@@ -1,0 +1,544 @@
+//! Conntrack insert races, end to end: real namespaces, real SNAT, the real
+//! agent. Every count is compared with the kernel's own counter
+//! (`insert_failed` in `/proc/net/stat/nf_conntrack` of the node namespace).
+
+use std::{
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use podnet_tests::{
+    conntrack_stats, in_netns, ip6tables, iptables, require_root, tcp_connect, tcp_echo_server,
+    udp_send, udp_send_paced, wait_for, Agent, EndpointSpec, Metrics, Topology,
+};
+use serde_json::json;
+
+const RACES: &str = "podnet_conntrack_insert_races_total";
+const DESTS: &str = "podnet_conntrack_race_destinations_total";
+const DROPS: &str = "podnet_netfilter_drops_total";
+const STAT: &str = "podnet_conntrack_stat_total";
+/// The single SNAT port every pod flow is mapped to.
+const SNAT_PORT: u16 = 40_000;
+
+/// Pods 0 and 1 of `topo` as endpoints `shop/a` and `shop/b`.
+fn endpoints(topo: &Topology) -> Vec<EndpointSpec> {
+    ["a", "b"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let pod = topo.pod(i);
+            EndpointSpec::new(
+                "shop",
+                name,
+                &[IpAddr::V4(pod.ipv4()), IpAddr::V6(pod.ipv6())],
+            )
+            .interface(pod.host_if())
+        })
+        .collect()
+}
+
+/// SNAT of every pod flow of `proto` to the node's address, one port.
+fn snat_to_single_port(topo: &Topology, proto: &str, v6: bool) {
+    let (cidr, to) = if v6 {
+        (
+            topo.pods_cidr_v6(),
+            format!("[{}]:{SNAT_PORT}-{SNAT_PORT}", topo.node_ipv6_to_server()),
+        )
+    } else {
+        (
+            topo.pods_cidr_v4(),
+            format!("{}:{SNAT_PORT}-{SNAT_PORT}", topo.node_ipv4_to_server()),
+        )
+    };
+    let args = [
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-s",
+        cidr,
+        "-p",
+        proto,
+        "-j",
+        "SNAT",
+        "--to-source",
+        &to,
+    ];
+    if v6 {
+        ip6tables(topo.node(), &args).unwrap();
+    } else {
+        iptables(topo.node(), &args).unwrap();
+    }
+}
+
+fn kernel_insert_failed(topo: &Topology) -> u64 {
+    conntrack_stats(topo.node())
+        .unwrap()
+        .get("insert_failed")
+        .unwrap()
+}
+
+/// A `TcpExt` counter of the namespace, from /proc/thread-self/net/netstat.
+fn tcp_ext(netns: &podnet_tests::Netns, name: &str) -> u64 {
+    let text = in_netns(netns, || {
+        std::fs::read_to_string("/proc/thread-self/net/netstat")
+    })
+    .unwrap()
+    .unwrap();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap(), lines.next().unwrap());
+    let index = names.split_whitespace().position(|n| n == name).unwrap();
+    values
+        .split_whitespace()
+        .nth(index)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn races_of(m: &Metrics, pod: &str, proto: &str) -> u64 {
+    m.count(
+        RACES,
+        &[("namespace", "shop"), ("pod", pod), ("proto", proto)],
+    )
+}
+
+/// Waits until the agent's race log holds `count` records, and returns them.
+fn race_log(agent: &Agent, count: usize) -> Vec<serde_json::Value> {
+    let mut records = Vec::new();
+    let complete = wait_for(
+        || {
+            let result = agent
+                .api("conntrack.races", json!({ "limit": 10_000 }))
+                .unwrap();
+            records = result.as_array().cloned().unwrap_or_default();
+            records.len() >= count
+        },
+        Duration::from_secs(5),
+    );
+    assert!(
+        complete,
+        "race log has {} records, expected {count}",
+        records.len()
+    );
+    records
+}
+
+fn pod_of(value: &serde_json::Value) -> String {
+    format!(
+        "{}/{}",
+        value["namespace"].as_str().unwrap(),
+        value["pod"].as_str().unwrap()
+    )
+}
+
+/// (a) Pod A holds the only SNAT port; every datagram pod B sends loses the
+/// insert race. For several N: exactly N races attributed to pod B, its
+/// destination and winner pod A, equal to the kernel's `insert_failed` delta.
+#[test]
+fn deterministic_udp_races_are_attributed_exactly() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::builder().name("cta").pods(2).build().unwrap();
+    snat_to_single_port(&topo, "udp", false);
+    let agent = Agent::start(topo.node(), &endpoints(&topo)).unwrap();
+    let (a, b) = (topo.pod(0), topo.pod(1));
+    let mut expected_total = 0u64;
+    for (round, n) in [1usize, 7, 50, 200].into_iter().enumerate() {
+        let port = 7000 + u16::try_from(round).unwrap();
+        let server = SocketAddr::new(topo.server_ipv4().into(), port);
+        let kernel_before = kernel_insert_failed(&topo);
+        let before = agent.metrics(topo.node()).unwrap();
+        udp_send(a.netns(), SocketAddr::new(a.ipv4().into(), 5000), server, 1).unwrap();
+        udp_send(b.netns(), SocketAddr::new(b.ipv4().into(), 5001), server, n).unwrap();
+        let kernel_delta = kernel_insert_failed(&topo) - kernel_before;
+        assert_eq!(
+            kernel_delta, n as u64,
+            "the kernel counts one insert_failed per datagram"
+        );
+        let after = agent.metrics(topo.node()).unwrap();
+        let n = n as u64;
+        assert_eq!(
+            races_of(&after, "b", "udp") - races_of(&before, "b", "udp"),
+            n
+        );
+        assert_eq!(races_of(&after, "a", "udp"), 0, "the winner never loses");
+        let dest = [
+            ("destination", format!("{server}")),
+            ("proto", "udp".to_owned()),
+        ];
+        let dest: Vec<(&str, &str)> = dest.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(after.count(DESTS, &dest), n);
+        let drops = [("namespace", "shop"), ("pod", "b"), ("kind", "insert_race")];
+        assert_eq!(after.count(DROPS, &drops) - before.count(DROPS, &drops), n);
+        // The mirrored kernel statistic is the kernel's value itself.
+        assert_eq!(
+            after.count(STAT, &[("stat", "insert_failed")]),
+            kernel_insert_failed(&topo)
+        );
+        expected_total += kernel_delta;
+    }
+    // Every race has a record naming loser, destination, SNAT port and winner.
+    let records = race_log(&agent, usize::try_from(expected_total).unwrap());
+    assert_eq!(records.len() as u64, expected_total);
+    let last = records.last().unwrap();
+    assert_eq!(pod_of(&last["loser"]), "shop/b");
+    assert_eq!(
+        last["destination"],
+        json!(format!("{}:7003", topo.server_ipv4()))
+    );
+    assert_eq!(
+        last["snat"],
+        json!(format!("{}:{SNAT_PORT}", topo.node_ipv4_to_server()))
+    );
+    assert_eq!(last["winner"]["state"], json!("found"));
+    assert_eq!(pod_of(&last["winner"]["pod"]), "shop/a");
+    assert_eq!(
+        last["winner"]["flow"]["src"],
+        json!(format!("{}:5000", a.ipv4()))
+    );
+    // podnetctl shows the same races as a table: a header plus one row each.
+    let table = agent
+        .podnetctl(&["conntrack", "races", "--limit", "5"])
+        .unwrap();
+    let rows: Vec<&str> = table.lines().filter(|l| l.contains("shop/b")).collect();
+    assert_eq!(rows.len(), 5, "{table}");
+    assert!(rows.iter().all(|r| r.contains("shop/a")), "{table}");
+}
+
+/// (b) iptables DROPs are netfilter drops of kind `other`, never races.
+#[test]
+fn iptables_drops_count_as_other_never_as_races() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::builder().name("ctb").pods(2).build().unwrap();
+    let b = topo.pod(1);
+    iptables(
+        topo.node(),
+        &[
+            "-A",
+            "FORWARD",
+            "-s",
+            &b.ipv4().to_string(),
+            "-p",
+            "udp",
+            "--dport",
+            "7100",
+            "-j",
+            "DROP",
+        ],
+    )
+    .unwrap();
+    let agent = Agent::start(topo.node(), &endpoints(&topo)).unwrap();
+    let kernel_before = kernel_insert_failed(&topo);
+    let server = SocketAddr::new(topo.server_ipv4().into(), 7100);
+    udp_send(
+        b.netns(),
+        SocketAddr::new(b.ipv4().into(), 5001),
+        server,
+        25,
+    )
+    .unwrap();
+    // The kernel's own count of the rule's matches.
+    let listing = iptables(topo.node(), &["-L", "FORWARD", "-v", "-x", "-n"]).unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let rule_packets: u64 = listing
+        .lines()
+        .find(|l| l.contains("DROP"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    assert_eq!(rule_packets, 25, "{listing}");
+    let m = agent.metrics(topo.node()).unwrap();
+    assert_eq!(
+        m.count(
+            DROPS,
+            &[("namespace", "shop"), ("pod", "b"), ("kind", "other")]
+        ),
+        25
+    );
+    assert_eq!(
+        m.count(
+            DROPS,
+            &[("namespace", "shop"), ("pod", "b"), ("kind", "insert_race")]
+        ),
+        0
+    );
+    assert_eq!(m.count_sum(RACES), 0);
+    assert_eq!(kernel_insert_failed(&topo) - kernel_before, 0);
+}
+
+/// (c) TCP: pod A holds a connection through the only SNAT port; each SYN pod
+/// B sends (the first and its retransmits) loses the insert race once.
+#[test]
+fn tcp_syn_retransmits_each_lose_once() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::builder().name("ctc").pods(2).build().unwrap();
+    snat_to_single_port(&topo, "tcp", false);
+    let agent = Agent::start(topo.node(), &endpoints(&topo)).unwrap();
+    let server = SocketAddr::new(topo.server_ipv4().into(), 7200);
+    let _echo = tcp_echo_server(topo.server(), server).unwrap();
+    let held = in_netns(topo.pod(0).netns(), || {
+        TcpStream::connect_timeout(&server, Duration::from_secs(2))
+    })
+    .unwrap()
+    .expect("pod A connects");
+    let kernel_before = kernel_insert_failed(&topo);
+    let retrans_before = tcp_ext(topo.pod(1).netns(), "TCPSynRetrans");
+    let result = tcp_connect(topo.pod(1).netns(), server, Duration::from_millis(2500));
+    assert!(result.is_err(), "pod B's connect must time out");
+    // The SYNs pod B sent, from its own TCP statistics: the first one plus
+    // its retransmits (how many fit in 2.5 s depends on the kernel's
+    // backoff, e.g. net.ipv4.tcp_syn_linear_timeouts).
+    let syns = 1 + tcp_ext(topo.pod(1).netns(), "TCPSynRetrans") - retrans_before;
+    assert!(
+        syns >= 2,
+        "expected at least one SYN retransmit, saw {syns} SYNs"
+    );
+    let kernel_delta = kernel_insert_failed(&topo) - kernel_before;
+    assert_eq!(kernel_delta, syns, "one insert_failed per SYN");
+    let m = agent.metrics(topo.node()).unwrap();
+    assert_eq!(races_of(&m, "b", "tcp"), syns);
+    let records = race_log(&agent, usize::try_from(syns).unwrap());
+    assert_eq!(records[0]["proto"], json!("tcp"));
+    assert_eq!(pod_of(&records[1]["winner"]["pod"]), "shop/a");
+    drop(held);
+}
+
+/// (d) IPv6: the same deterministic race through ip6tables SNAT.
+#[test]
+fn ipv6_races_are_attributed_exactly() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::builder().name("ctd").pods(2).build().unwrap();
+    snat_to_single_port(&topo, "udp", true);
+    let agent = Agent::start(topo.node(), &endpoints(&topo)).unwrap();
+    let (a, b) = (topo.pod(0), topo.pod(1));
+    let server = SocketAddr::new(topo.server_ipv6().into(), 7300);
+    let kernel_before = kernel_insert_failed(&topo);
+    udp_send(a.netns(), SocketAddr::new(a.ipv6().into(), 5000), server, 1).unwrap();
+    udp_send(
+        b.netns(),
+        SocketAddr::new(b.ipv6().into(), 5001),
+        server,
+        12,
+    )
+    .unwrap();
+    assert_eq!(kernel_insert_failed(&topo) - kernel_before, 12);
+    let m = agent.metrics(topo.node()).unwrap();
+    assert_eq!(races_of(&m, "b", "udp"), 12);
+    let dest = format!("[{}]:7300", topo.server_ipv6());
+    assert_eq!(
+        m.count(DESTS, &[("destination", &dest), ("proto", "udp")]),
+        12
+    );
+    let records = race_log(&agent, 12);
+    let last = records.last().unwrap();
+    assert_eq!(
+        last["snat"],
+        json!(format!("[{}]:{SNAT_PORT}", topo.node_ipv6_to_server()))
+    );
+    assert_eq!(
+        last["winner"]["flow"]["src"],
+        json!(format!("[{}]:5000", a.ipv6()))
+    );
+}
+
+/// Pins the calling thread to one CPU.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes within it, and
+    // sched_setaffinity(0, ..) only changes the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set);
+    }
+}
+
+/// Sends `pairs` rounds of one datagram from each of pods 0 and 1, at the
+/// same moment (threads pinned to different CPUs, released by a spin
+/// barrier), from the same source port (a fresh one per round), to the same
+/// server address: the pattern that races through plain MASQUERADE.
+fn simultaneous_pairs(topo: &Topology, port: u16, first_sport: u16, pairs: u16) {
+    let arrived = AtomicU32::new(0);
+    let server = SocketAddr::new(topo.server_ipv4().into(), port);
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    std::thread::scope(|scope| {
+        for i in 0..2 {
+            let (arrived, pod) = (&arrived, topo.pod(i));
+            scope.spawn(move || {
+                in_netns(pod.netns(), || {
+                    pin_to_cpu(i % cpus);
+                    for round in 0..u32::from(pairs) {
+                        let sport = first_sport + u16::try_from(round).unwrap();
+                        let socket =
+                            UdpSocket::bind(SocketAddr::new(pod.ipv4().into(), sport)).unwrap();
+                        // Spin barrier: both threads leave it within nanoseconds.
+                        arrived.fetch_add(1, Ordering::AcqRel);
+                        let target = 2 * (round + 1);
+                        let deadline = Instant::now() + Duration::from_secs(2);
+                        while arrived.load(Ordering::Acquire) < target && Instant::now() < deadline
+                        {
+                            std::hint::spin_loop();
+                        }
+                        socket.send_to(b"race", server).unwrap();
+                    }
+                })
+                .unwrap();
+            });
+        }
+    });
+}
+
+/// Batches of simultaneous pairs, at most this many.
+const MAX_BATCHES: u16 = 5;
+/// Pairs per batch.
+const BATCH_PAIRS: u16 = 1000;
+
+/// (e) Random races through plain MASQUERADE: whatever number happens, the
+/// attributed races equal the kernel's delta exactly; with --random-fully
+/// there are none.
+#[test]
+fn random_masquerade_races_match_the_kernel_exactly() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::builder().name("cte").pods(2).build().unwrap();
+    let cidr = topo.pods_cidr_v4();
+    iptables(
+        topo.node(),
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            cidr,
+            "-j",
+            "MASQUERADE",
+        ],
+    )
+    .unwrap();
+    let agent = Agent::start(topo.node(), &endpoints(&topo)).unwrap();
+    let kernel_before = kernel_insert_failed(&topo);
+    // Races are random: send batches until some happened (bounded).
+    let mut batches = 0;
+    while batches < MAX_BATCHES && kernel_insert_failed(&topo) == kernel_before {
+        simultaneous_pairs(&topo, 7400, 20_000 + batches * BATCH_PAIRS, BATCH_PAIRS);
+        batches += 1;
+    }
+    let kernel_delta = kernel_insert_failed(&topo) - kernel_before;
+    let m = agent.metrics(topo.node()).unwrap();
+    let attributed = races_of(&m, "a", "udp") + races_of(&m, "b", "udp");
+    let pairs = batches * BATCH_PAIRS;
+    eprintln!("plain MASQUERADE: {kernel_delta} races in {pairs} simultaneous pairs");
+    assert!(
+        kernel_delta > 0,
+        "no race in {pairs} simultaneous pairs: the test did not exercise the race"
+    );
+    assert_eq!(attributed, kernel_delta);
+
+    iptables(topo.node(), &["-t", "nat", "-F", "POSTROUTING"]).unwrap();
+    iptables(
+        topo.node(),
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            cidr,
+            "-j",
+            "MASQUERADE",
+            "--random-fully",
+        ],
+    )
+    .unwrap();
+    let kernel_before = kernel_insert_failed(&topo);
+    simultaneous_pairs(&topo, 7401, 20_000, BATCH_PAIRS);
+    assert_eq!(kernel_insert_failed(&topo) - kernel_before, 0);
+    let m2 = agent.metrics(topo.node()).unwrap();
+    assert_eq!(
+        races_of(&m2, "a", "udp") + races_of(&m2, "b", "udp"),
+        attributed
+    );
+}
+
+/// (f) An agent restart keeps the datapath: races while the agent is down are
+/// still counted (pinned link and maps), nothing is counted twice.
+#[test]
+fn agent_restart_keeps_counting_without_double_counts() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::builder().name("ctf").pods(2).build().unwrap();
+    snat_to_single_port(&topo, "udp", false);
+    let mut agent = Agent::start(topo.node(), &endpoints(&topo)).unwrap();
+    let (a, b) = (topo.pod(0), topo.pod(1));
+    let server = SocketAddr::new(topo.server_ipv4().into(), 7500);
+    let kernel_before = kernel_insert_failed(&topo);
+    udp_send(a.netns(), SocketAddr::new(a.ipv4().into(), 5000), server, 1).unwrap();
+    let b_src = SocketAddr::new(b.ipv4().into(), 5001);
+    udp_send(b.netns(), b_src, server, 5).unwrap();
+    assert_eq!(
+        races_of(&agent.metrics(topo.node()).unwrap(), "b", "udp"),
+        5
+    );
+    agent.stop().unwrap();
+    udp_send(b.netns(), b_src, server, 7).unwrap();
+    agent.restart(topo.node()).unwrap();
+    let status = agent.api("status", json!({})).unwrap();
+    assert_eq!(status["tracer_attachment"], json!("adopted"), "{status}");
+    assert_eq!(
+        races_of(&agent.metrics(topo.node()).unwrap(), "b", "udp"),
+        12
+    );
+    udp_send(b.netns(), b_src, server, 3).unwrap();
+    assert_eq!(
+        races_of(&agent.metrics(topo.node()).unwrap(), "b", "udp"),
+        15
+    );
+    assert_eq!(kernel_insert_failed(&topo) - kernel_before, 15);
+}
+
+/// (g) Two simulated nodes at once: each agent sees only its own namespace.
+#[test]
+fn two_nodes_do_not_see_each_others_races() {
+    if !require_root() {
+        return;
+    }
+    let one = Topology::builder().name("ctg1").pods(2).build().unwrap();
+    let two = Topology::builder().name("ctg2").pods(2).build().unwrap();
+    snat_to_single_port(&one, "udp", false);
+    snat_to_single_port(&two, "udp", false);
+    let agent_one = Agent::start(one.node(), &endpoints(&one)).unwrap();
+    let agent_two = Agent::start(two.node(), &endpoints(&two)).unwrap();
+    let server = SocketAddr::new(one.server_ipv4().into(), 7600);
+    let (a, b) = (one.pod(0), one.pod(1));
+    udp_send(a.netns(), SocketAddr::new(a.ipv4().into(), 5000), server, 1).unwrap();
+    udp_send_paced(
+        b.netns(),
+        SocketAddr::new(b.ipv4().into(), 5001),
+        server,
+        6,
+        Duration::from_millis(1),
+    )
+    .unwrap();
+    let m1 = agent_one.metrics(one.node()).unwrap();
+    let m2 = agent_two.metrics(two.node()).unwrap();
+    assert_eq!(races_of(&m1, "b", "udp"), 6);
+    assert_eq!(m2.count_sum(RACES), 0);
+    assert_eq!(m2.count_sum(DROPS), 0);
+    assert_eq!(kernel_insert_failed(&two), 0);
+    assert_eq!(
+        m2.value(STAT, &[("stat", "insert_failed")]),
+        Some(0.0),
+        "the mirrored statistic exists and is zero"
+    );
+}

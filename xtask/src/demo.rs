@@ -1,0 +1,37 @@
+//! `cargo xtask demo`: podnet's main job on a simulated node.
+//!
+//! Builds everything, then runs `podnet-demo` (tests/src/bin): a node made of
+//! network namespaces with pods, a server and SNAT to a few ports, the real
+//! agent attached, traffic that races for a bounded time, and a summary.
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use crate::{cmd, setup};
+
+/// Options of `cargo xtask demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How long to drive traffic, in seconds (1 to 600).
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+}
+
+/// Runs the demo.
+pub fn run(args: &DemoArgs) -> Result<()> {
+    setup::ensure()?;
+    cmd::run(cmd::cargo().args(["build", "--workspace", "--exclude", "podnet-ebpf", "--bins"]))?;
+    let demo = cmd::workspace_root().join("target/debug/podnet-demo");
+    let mut child = std::process::Command::new(&demo)
+        .args(["--seconds", &args.seconds.to_string()])
+        .spawn()?;
+    // Ctrl-C reaches the whole foreground group: the demo catches it, stops
+    // its traffic and tears down; this process only waits for it.
+    // SAFETY: setting SIGINT to SIG_IGN has no preconditions.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("podnet-demo failed ({status})");
+    }
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! `cargo xtask setup`: installs what podnet needs on a fresh Debian 12 machine, as root.
+//!
+//! Idempotent: every step checks first and only acts on what is missing, so a second run
+//! changes nothing and takes seconds. The kernel programs are built with Debian's Rust
+//! (`rustc-web`, which ships `rust-src`), linked into rustup as the toolchain
+//! [`EBPF_TOOLCHAIN`], and linked by bpf-linker built against the LLVM of that same rustc.
+
+use std::{
+    collections::BTreeSet,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::Args;
+
+use crate::cmd;
+
+/// The rustup toolchain name that the agent's build script builds the kernel programs with.
+const EBPF_TOOLCHAIN: &str = "deb-rust";
+/// Where Debian's `rustc-web` lives; linked into rustup as [`EBPF_TOOLCHAIN`].
+const DEBIAN_RUST_PREFIX: &str = "/usr";
+/// The bpf-linker release podnet is built with.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Without kernel BTF the agent cannot resolve kernel struct offsets (no CO-RE in Rust eBPF).
+const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Debian packages that do not depend on the LLVM version.
+const PACKAGES: &[&str] = &[
+    // Debian's Rust for the kernel programs (rust-web-src gives -Z build-std its sources).
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    // Libraries bpf-linker links against besides LLVM.
+    "zlib1g-dev",
+    "libzstd-dev",
+    // Tools the tests, demo and benchmarks drive.
+    "iproute2",
+    "iptables",
+    "conntrack",
+    "dnsutils",
+    "dnsmasq",
+    "bpftool",
+    "iperf3",
+    "sockperf",
+    "iputils-ping",
+    "golang-go",
+    "golang-github-appc-cni-dev",
+    "containernetworking-plugins",
+    "jq",
+    "kmod",
+    "python3-venv",
+    "procps",
+    "util-linux",
+];
+
+/// Options of `cargo xtask setup`.
+#[derive(Debug, Args)]
+pub struct SetupArgs {
+    /// Only report what is missing, change nothing; exit 1 if anything is missing.
+    #[arg(long)]
+    check: bool,
+}
+
+/// Runs `cargo xtask setup [--check]`.
+pub fn run(args: &SetupArgs) -> Result<()> {
+    if args.check {
+        let missing = check(true)?;
+        if missing.is_empty() {
+            println!("ok: nothing missing");
+            return Ok(());
+        }
+        bail!(
+            "missing: {}; run `cargo xtask setup` as root",
+            missing.join(", ")
+        );
+    }
+    install()
+}
+
+/// Runs setup only if the check finds something missing; for the tasks that need the tools.
+pub fn ensure() -> Result<()> {
+    let missing = check(false)?;
+    if missing.is_empty() {
+        println!("ok: setup complete (`cargo xtask setup --check` finds nothing missing)");
+        return Ok(());
+    }
+    println!(
+        "setup: missing {}; running `cargo xtask setup`",
+        missing.join(", ")
+    );
+    install()
+}
+
+/// What is missing, as short descriptions; with `verbose`, prints one line per item checked.
+fn check(verbose: bool) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    let mut report = |ok: bool, what: String| {
+        if verbose {
+            println!("{}: {what}", if ok { "ok" } else { "missing" });
+        }
+        if !ok {
+            missing.push(what);
+        }
+    };
+
+    report(
+        Path::new(KERNEL_BTF).exists(),
+        format!("kernel BTF ({KERNEL_BTF})"),
+    );
+    let not_installed = missing_packages(PACKAGES)?;
+    for package in PACKAGES {
+        report(
+            !not_installed.contains(*package),
+            format!("Debian package {package}"),
+        );
+    }
+
+    let rustup = cmd::exists("rustup");
+    report(rustup, "rustup".to_owned());
+    let linked = rustup && rustup_has_toolchain()?;
+    report(
+        linked,
+        format!("rustup toolchain {EBPF_TOOLCHAIN} -> {DEBIAN_RUST_PREFIX}"),
+    );
+    let llvm = if linked { llvm_major().ok() } else { None };
+    if let Some(llvm) = llvm {
+        let llvm_packages = llvm_packages(llvm);
+        let not_installed = missing_packages(&llvm_packages)?;
+        for package in &llvm_packages {
+            report(
+                !not_installed.contains(package),
+                format!("Debian package {package}"),
+            );
+        }
+        let linker_problem = bpf_linker_problem(llvm);
+        report(
+            linker_problem.is_none(),
+            format!("bpf-linker {BPF_LINKER_VERSION} (llvm-{llvm})"),
+        );
+        if verbose {
+            if let Some(problem) = linker_problem {
+                println!("       ({problem})");
+            }
+        }
+    } else {
+        report(
+            false,
+            "llvm-NN-dev and libpolly-NN-dev (NN: LLVM major of Debian's rustc)".to_owned(),
+        );
+        report(false, format!("bpf-linker {BPF_LINKER_VERSION}"));
+    }
+    Ok(missing)
+}
+
+/// Installs whatever is missing, one line per step.
+fn install() -> Result<()> {
+    if !is_root() {
+        bail!("`cargo xtask setup` installs Debian packages and must run as root");
+    }
+    if !Path::new(KERNEL_BTF).exists() {
+        bail!(
+            "{KERNEL_BTF} is missing: this kernel was built without BTF \
+             (CONFIG_DEBUG_INFO_BTF=y), which podnet needs to read kernel structures"
+        );
+    }
+    if !cmd::exists("rustup") {
+        bail!(
+            "rustup not found: podnet builds user space with rustup's stable toolchain and \
+             links Debian's Rust into rustup for the kernel programs; install rustup first"
+        );
+    }
+
+    let mut apt = Apt::default();
+    apt.ensure(PACKAGES)?;
+
+    if rustup_has_toolchain()? {
+        println!("ok: rustup toolchain {EBPF_TOOLCHAIN} already linked");
+    } else {
+        println!("installing: rustup toolchain link {EBPF_TOOLCHAIN} {DEBIAN_RUST_PREFIX}");
+        cmd::run(Command::new("rustup").args([
+            "toolchain",
+            "link",
+            EBPF_TOOLCHAIN,
+            DEBIAN_RUST_PREFIX,
+        ]))?;
+    }
+
+    let llvm = llvm_major()?;
+    println!("ok: {EBPF_TOOLCHAIN} uses LLVM {llvm}");
+    apt.ensure(&llvm_packages(llvm))?;
+
+    match bpf_linker_problem(llvm) {
+        None => println!("ok: bpf-linker {BPF_LINKER_VERSION} (llvm-{llvm}) already installed"),
+        Some(problem) => {
+            println!("installing: bpf-linker {BPF_LINKER_VERSION} with llvm-{llvm} ({problem})");
+            install_bpf_linker(llvm)?;
+            if let Some(problem) = bpf_linker_problem(llvm) {
+                bail!(
+                    "bpf-linker was installed but is still not usable ({problem}); is \
+                     {} on PATH?",
+                    cargo_home().join("bin").display()
+                );
+            }
+        }
+    }
+    println!("ok: setup complete");
+    Ok(())
+}
+
+/// Installs missing Debian packages, running `apt-get update` at most once and only when
+/// something is missing.
+#[derive(Debug, Default)]
+struct Apt {
+    updated: bool,
+}
+
+impl Apt {
+    fn ensure<S: AsRef<str>>(&mut self, packages: &[S]) -> Result<()> {
+        let missing = missing_packages(packages)?;
+        for package in packages {
+            if !missing.contains(package.as_ref()) {
+                println!("ok: {} already installed", package.as_ref());
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let missing: Vec<&str> = missing.iter().map(String::as_str).collect();
+        println!("installing: {}", missing.join(" "));
+        if !self.updated {
+            cmd::run(Command::new("apt-get").arg("update"))?;
+            self.updated = true;
+        }
+        cmd::run(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y"])
+                .args(&missing),
+        )?;
+        let still = missing_packages(&missing)?;
+        if !still.is_empty() {
+            bail!(
+                "apt-get reported success but these are not installed: {}",
+                still.into_iter().collect::<Vec<_>>().join(" ")
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The subset of `packages` that dpkg does not report as installed.
+fn missing_packages<S: AsRef<str>>(packages: &[S]) -> Result<BTreeSet<String>> {
+    let names: Vec<&str> = packages.iter().map(AsRef::as_ref).collect();
+    // dpkg-query exits 1 and complains on stderr about packages it has never heard of;
+    // those are simply not installed, so only stdout matters.
+    let output = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${Status}\\n"])
+        .args(&names)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .context("could not run dpkg-query (is this Debian?)")?;
+    let installed = parse_dpkg_status(&String::from_utf8_lossy(&output.stdout));
+    Ok(names
+        .into_iter()
+        .filter(|name| !installed.contains(*name))
+        .map(ToOwned::to_owned)
+        .collect())
+}
+
+/// Installed packages from `dpkg-query -W -f='${Package} ${Status}\n'` output; the status is
+/// `want flag state`, and only state `installed` counts (not `config-files`, `half-installed`).
+fn parse_dpkg_status(output: &str) -> BTreeSet<String> {
+    output
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let package = words.next()?;
+            let status: Vec<&str> = words.collect();
+            (status.len() == 3 && status[2] == "installed").then(|| package.to_owned())
+        })
+        .collect()
+}
+
+fn rustup_has_toolchain() -> Result<bool> {
+    let list = cmd::stdout(Command::new("rustup").args(["toolchain", "list"]))?;
+    Ok(list
+        .lines()
+        .any(|line| line.split_whitespace().next() == Some(EBPF_TOOLCHAIN)))
+}
+
+/// The LLVM major version of the eBPF toolchain's rustc; bpf-linker and llvm-NN-dev must match.
+fn llvm_major() -> Result<u32> {
+    let version =
+        cmd::stdout(Command::new("rustup").args(["run", EBPF_TOOLCHAIN, "rustc", "-vV"]))?;
+    parse_llvm_major(&version).ok_or_else(|| {
+        anyhow!("no `LLVM version: N.N.N` line in `rustup run {EBPF_TOOLCHAIN} rustc -vV`")
+    })
+}
+
+fn parse_llvm_major(rustc_version: &str) -> Option<u32> {
+    rustc_version
+        .lines()
+        .find_map(|line| line.strip_prefix("LLVM version:"))
+        .and_then(|version| version.trim().split('.').next())
+        .and_then(|major| major.parse().ok())
+}
+
+fn llvm_packages(llvm: u32) -> Vec<String> {
+    vec![format!("llvm-{llvm}-dev"), format!("libpolly-{llvm}-dev")]
+}
+
+fn llvm_prefix(llvm: u32) -> PathBuf {
+    PathBuf::from(format!("/usr/lib/llvm-{llvm}"))
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+/// Why the bpf-linker on PATH is not the one podnet needs, or `None` if it is.
+fn bpf_linker_problem(llvm: u32) -> Option<String> {
+    let version = match cmd::stdout(Command::new("bpf-linker").arg("--version")) {
+        Ok(version) => version,
+        Err(error) => return Some(format!("{error:#}")),
+    };
+    if version.split_whitespace().nth(1) != Some(BPF_LINKER_VERSION) {
+        return Some(format!("found `{}`", version.trim()));
+    }
+    // `bpf-linker --version` does not tell its LLVM; cargo's install record does. A Debian
+    // update that moves rustc-web to a new LLVM must trigger a rebuild.
+    match installed_llvm_feature() {
+        Some(feature) if feature != format!("llvm-{llvm}") => Some(format!(
+            "built with {feature}, Debian's rustc uses llvm-{llvm}"
+        )),
+        _ => None,
+    }
+}
+
+/// The `llvm-NN` feature bpf-linker was installed with, from cargo's install record.
+fn installed_llvm_feature() -> Option<String> {
+    let record = std::fs::read_to_string(cargo_home().join(".crates2.json")).ok()?;
+    let record: serde_json::Value = serde_json::from_str(&record).ok()?;
+    let (_, install) = record
+        .get("installs")?
+        .as_object()?
+        .iter()
+        .find(|(package, _)| package.starts_with("bpf-linker "))?;
+    install
+        .get("features")?
+        .as_array()?
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .find(|feature| feature.starts_with("llvm-"))
+        .map(ToOwned::to_owned)
+}
+
+fn install_bpf_linker(llvm: u32) -> Result<()> {
+    let prefix = llvm_prefix(llvm);
+    // bpf-linker's build links libLLVM: without LLVM_PREFIX it fails with
+    // "unable to find library -lLLVM"; llvm-config must be the matching one on PATH.
+    let mut path = OsString::from(prefix.join("bin"));
+    if let Some(old) = std::env::var_os("PATH") {
+        path.push(":");
+        path.push(old);
+    }
+    cmd::run(
+        cmd::cargo()
+            .env("LLVM_PREFIX", &prefix)
+            .env("PATH", path)
+            .args([
+                "install",
+                "--locked",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{llvm}"),
+            ]),
+    )
+    .context("building bpf-linker failed")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn llvm_major_from_rustc_version() {
+        let out = "rustc 1.96.0 (ac68faa20 2026-05-25)\nbinary: rustc\nhost: x86_64-unknown-linux-gnu\nrelease: 1.96.0\nLLVM version: 22.1.8\n";
+        assert_eq!(parse_llvm_major(out), Some(22));
+        assert_eq!(parse_llvm_major("rustc 1.96.0\n"), None);
+    }
+
+    #[test]
+    fn dpkg_status_counts_only_installed() {
+        let out = "jq install ok installed\ndnsmasq deinstall ok config-files\n\
+                   iperf3 hold ok installed\nsockperf install ok half-installed\n";
+        let installed = parse_dpkg_status(out);
+        assert_eq!(installed.into_iter().collect::<Vec<_>>(), ["iperf3", "jq"]);
+    }
+}

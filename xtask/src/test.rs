@@ -1,0 +1,107 @@
+//! `cargo xtask test`: the one command that runs all of podnet's tests.
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::{cmd, setup};
+
+/// Test threads per test binary. The privileged tests create namespaces with unique names and
+/// can run in parallel; two matches the two cores of the reference machines.
+const DEFAULT_TEST_THREADS: usize = 2;
+
+/// Options of `cargo xtask test`.
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// Test threads per test binary (ignored if the extra arguments set --test-threads).
+    #[arg(long, default_value_t = DEFAULT_TEST_THREADS)]
+    test_threads: usize,
+    /// Extra arguments for `cargo test`, after `--`; a second `--` starts the arguments for
+    /// the test binaries, e.g. `cargo xtask test -- race -- --nocapture` (a test name filter,
+    /// then a flag for the test binaries).
+    #[arg(last = true)]
+    cargo_args: Vec<String>,
+}
+
+/// Runs setup if anything is missing, builds everything, then runs `cargo test` over the
+/// workspace (all but the kernel-side crate, which only builds for the BPF target).
+///
+/// The test runner's output goes through unchanged; a failing test makes this fail.
+pub fn run(args: &TestArgs) -> Result<()> {
+    setup::ensure()?;
+    cmd::run(cmd::cargo().arg("build"))?;
+    cmd::run(&mut test_command(args))
+}
+
+fn test_command(args: &TestArgs) -> std::process::Command {
+    let (cargo_args, binary_args) = match args.cargo_args.iter().position(|arg| arg == "--") {
+        Some(split) => (&args.cargo_args[..split], &args.cargo_args[split + 1..]),
+        None => (&args.cargo_args[..], &[][..]),
+    };
+    let mut test = cmd::cargo();
+    test.args(["test", "--workspace", "--exclude", "podnet-ebpf"])
+        .args(cargo_args)
+        .arg("--");
+    let threads_given = binary_args
+        .iter()
+        .any(|arg| arg == "--test-threads" || arg.starts_with("--test-threads="));
+    if !threads_given {
+        test.arg(format!("--test-threads={}", args.test_threads));
+    }
+    test.args(binary_args);
+    test
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Vec<String> {
+        let args = TestArgs {
+            test_threads: 2,
+            cargo_args: extra.iter().map(ToString::to_string).collect(),
+        };
+        test_command(&args)
+            .get_args()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn default_command() {
+        assert_eq!(
+            args(&[]),
+            [
+                "test",
+                "--workspace",
+                "--exclude",
+                "podnet-ebpf",
+                "--",
+                "--test-threads=2"
+            ]
+        );
+    }
+
+    #[test]
+    fn extra_arguments_split_at_double_dash() {
+        assert_eq!(
+            args(&["-p", "podnet-tests", "--", "--nocapture"]),
+            [
+                "test",
+                "--workspace",
+                "--exclude",
+                "podnet-ebpf",
+                "-p",
+                "podnet-tests",
+                "--",
+                "--test-threads=2",
+                "--nocapture"
+            ]
+        );
+    }
+
+    #[test]
+    fn explicit_test_threads_win() {
+        let got = args(&["--", "--test-threads", "1"]);
+        assert!(!got.iter().any(|arg| arg == "--test-threads=2"), "{got:?}");
+    }
+}
