@@ -81,21 +81,21 @@ pub fn endpoints_yaml(endpoints: &[EndpointSpec]) -> String {
 }
 
 /// Where cargo put the workspace's binaries (`target/<profile>`), found from
-/// the running test executable (`target/<profile>/deps/<test>`).
+/// the running executable: a test (`target/<profile>/deps/<test>`) or a
+/// binary of this crate (`target/<profile>/<bin>`).
 pub fn binary(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or_else(|| anyhow!("unexpected test executable path {}", exe.display()))?;
-    let path = dir.join(name);
-    if !path.exists() {
-        bail!(
-            "{} not built: run `cargo build` (cargo xtask test does)",
-            path.display()
-        );
-    }
-    Ok(path)
+    let candidates: Vec<PathBuf> = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .collect();
+    candidates.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
+        anyhow!(
+            "{name} not built (looked for {candidates:?}): run `cargo build` (cargo xtask test does)"
+        )
+    })
 }
 
 /// A running agent and the files it owns.

@@ -69,7 +69,17 @@ fn options() -> Result<Options> {
     Ok(Options { seconds })
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("podnet-demo: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let options = options()?;
     if !require_root() {
         bail!("the demo needs root (network namespaces, iptables, eBPF)");
