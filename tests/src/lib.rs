@@ -12,6 +12,7 @@
 //! Every privileged test starts with `if !podnet_tests::require_root() { return; }`.
 
 pub mod agent;
+pub mod bench;
 mod netfilter;
 mod netns;
 mod process;

@@ -3,6 +3,7 @@
 //! Every task is one variant of [`Task`] with its own module and `Args` struct, so adding a
 //! task (`bench`, `soak`, `vm-test`, ...) is one variant, one match arm and one module.
 
+mod bench;
 mod build;
 mod cmd;
 mod demo;
@@ -26,6 +27,8 @@ enum Task {
     /// Install what podnet needs on a Debian 12 machine: Debian packages, the eBPF
     /// toolchain and bpf-linker. Idempotent; needs root (except with --check).
     Setup(setup::SetupArgs),
+    /// Run the benchmarks on this machine and write docs/PERFORMANCE.md (needs root).
+    Bench(bench::BenchArgs),
     /// Build the agent, CLI, CNI plugin and the kernel programs (runs setup if anything is
     /// missing).
     Build(build::BuildArgs),
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     cmd::ensure_sbin_on_path();
     let result = match Cli::parse().task {
         Task::Setup(args) => setup::run(&args),
+        Task::Bench(args) => bench::run(&args),
         Task::Build(args) => build::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::Test(args) => test::run(&args),

@@ -213,6 +213,11 @@ impl Tracer {
     }
 }
 
+/// How often the event thread looks at the ring buffer when the kernel did
+/// not wake it: the kernel wakes it only once 64 KiB of events are pending,
+/// so this bounds how late a race shows up in the race log.
+pub const EVENT_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
 /// User-space counters of the event thread.
 #[derive(Debug, Default)]
 pub struct EventStats {
@@ -233,7 +238,7 @@ pub fn run_event_loop<T: ConntrackTable>(
 ) {
     let fd: RawFd = ring.as_raw_fd();
     while !stop.load(Ordering::Relaxed) {
-        wait_readable(fd, Duration::from_millis(200));
+        wait_readable(fd, EVENT_POLL_INTERVAL);
         while let Some(item) = ring.next() {
             stats.received.fetch_add(1, Ordering::Relaxed);
             let record = decode(&item).and_then(|event| enricher.enrich(&event));

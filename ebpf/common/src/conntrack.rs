@@ -76,6 +76,23 @@ pub enum DropKind {
     Other = 2,
 }
 
+/// Classifies a netfilter drop from the conntrack entry's `status` bits.
+///
+/// `__nf_conntrack_confirm` (net/netfilter/nf_conntrack_core.c, Linux 6.18) is
+/// the only place that drops a packet whose entry is still unconfirmed after
+/// source NAT ran (`nf_nat_inet_fn` sets `IPS_SRC_NAT_DONE` for every flow that
+/// passes nat POSTROUTING, even with no matching rule): that drop is the one
+/// the kernel counts as `insert_failed`. Any other combination is another
+/// netfilter drop (a filter rule, an invalid packet, ...).
+#[inline(always)]
+pub const fn classify(status: u64) -> DropKind {
+    if status & IPS_CONFIRMED == 0 && status & IPS_SRC_NAT_DONE != 0 {
+        DropKind::InsertRace
+    } else {
+        DropKind::Other
+    }
+}
+
 impl DropKind {
     /// Decodes the kind byte stored in map keys and events.
     pub const fn from_u8(value: u8) -> Option<Self> {
@@ -231,3 +248,41 @@ impl_pod!(
     RaceEvent,
     BudgetWindow
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `IPS_SEEN_REPLY`, `IPS_ASSURED`, `IPS_DST_NAT_DONE` (uapi), for realistic status words.
+    const SEEN_REPLY: u64 = 1 << 1;
+    const ASSURED: u64 = 1 << 2;
+    const DST_NAT_DONE: u64 = 1 << 8;
+
+    #[test]
+    fn unconfirmed_after_snat_is_an_insert_race() {
+        assert_eq!(classify(IPS_SRC_NAT_DONE), DropKind::InsertRace);
+        assert_eq!(classify(IPS_SRC_NAT_DONE | DST_NAT_DONE), DropKind::InsertRace);
+    }
+
+    #[test]
+    fn everything_else_is_other() {
+        // Dropped by a filter rule before nat POSTROUTING ran.
+        assert_eq!(classify(0), DropKind::Other);
+        assert_eq!(classify(DST_NAT_DONE), DropKind::Other);
+        // An established, confirmed flow dropped later (e.g. by a rule).
+        assert_eq!(
+            classify(IPS_CONFIRMED | IPS_SRC_NAT_DONE | SEEN_REPLY | ASSURED),
+            DropKind::Other
+        );
+        assert_eq!(classify(IPS_CONFIRMED), DropKind::Other);
+    }
+
+    #[test]
+    fn kind_bytes_round_trip() {
+        for kind in [DropKind::InsertRace, DropKind::Other] {
+            assert_eq!(DropKind::from_u8(kind as u8), Some(kind));
+        }
+        assert_eq!(DropKind::from_u8(0), None);
+        assert_eq!(DropKind::from_u8(3), None);
+    }
+}

@@ -4,7 +4,7 @@
 //! byte arrays, with explicit `_pad` fields so that the layout has no implicit
 //! padding. Each type carries a `const` size assertion: a change of layout on one
 //! side without the other fails to compile instead of misreading memory.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 pub mod conntrack;
 

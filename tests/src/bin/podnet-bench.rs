@@ -1,0 +1,136 @@
+//! podnet-bench: measures podnet on this machine and prints the figures as
+//! JSON (run through `cargo xtask bench`, which writes docs/PERFORMANCE.md).
+//!
+//! Every figure compares configurations measured in the same run.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Result};
+use podnet_tests::{
+    bench::{udp_flood, BpfStats, ProgStats},
+    conntrack_stats, iptables, require_root, udp_send, Agent, EndpointSpec, Topology,
+};
+use serde_json::{json, Value};
+
+/// Race rates tried for the lossless-events figure (races/s; 0 = flat out).
+const RACE_RATES: [u64; 5] = [10_000, 20_000, 50_000, 100_000, 0];
+/// How long each rate runs.
+const PHASE: Duration = Duration::from_secs(3);
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(report) => {
+            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("podnet-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<Value> {
+    let which: Vec<String> = std::env::args().skip(1).collect();
+    if !require_root() {
+        bail!("benchmarks need root");
+    }
+    let mut report = serde_json::Map::new();
+    report.insert("machine".into(), machine());
+    for name in if which.is_empty() { vec!["conntrack".to_owned()] } else { which } {
+        let value = match name.as_str() {
+            "conntrack" => conntrack()?,
+            other => bail!("unknown benchmark {other:?} (known: conntrack)"),
+        };
+        report.insert(name, value);
+    }
+    Ok(Value::Object(report))
+}
+
+fn machine() -> Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(str::trim)
+        .unwrap_or("unknown")
+        .to_owned();
+    json!({
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "cpus": std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        "cpu": cpu,
+        "memory_kib": read("/proc/meminfo").lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("0"),
+    })
+}
+
+/// Race events per second the tracer delivers without loss, and the
+/// program's cost per call on race drops and on other drops.
+fn conntrack() -> Result<Value> {
+    let _stats = BpfStats::enable()?;
+    let topo = Topology::builder().name("bench").pods(2).build()?;
+    let to = format!("{}:40000-40000", topo.node_ipv4_to_server());
+    iptables(topo.node(), &["-t", "nat", "-A", "POSTROUTING", "-s", topo.pods_cidr_v4(), "-p", "udp", "-j", "SNAT", "--to-source", &to])?;
+    let endpoints: Vec<EndpointSpec> = [("bench", "a", 0), ("bench", "b", 1)]
+        .iter()
+        .map(|(ns, pod, i)| EndpointSpec::new(ns, pod, &[IpAddr::V4(topo.pod(*i).ipv4())]))
+        .collect();
+    // No event budget: every race is an event, to find the ring buffer's limit.
+    let agent = Agent::start_with(topo.node(), &endpoints, &["--race-event-budget", "0"])?;
+    let status = |agent: &Agent| agent.api("status", json!({}));
+    let prog_id = u32::try_from(status(&agent)?["tracer_program_id"].as_u64().ok_or_else(|| anyhow!("no program id"))?)?;
+    let (a, b) = (topo.pod(0), topo.pod(1));
+    let server = SocketAddr::new(topo.server_ipv4().into(), 7000);
+    udp_send(a.netns(), SocketAddr::new(a.ipv4().into(), 5000), server, 1)?;
+    let mut phases = Vec::new();
+    let mut best_lossless = 0.0f64;
+    for rate in RACE_RATES {
+        let kernel_before = conntrack_stats(topo.node())?.get("insert_failed")?;
+        let st_before = status(&agent)?;
+        let prog_before = ProgStats::read(prog_id)?;
+        let (sent, took) = udp_flood(b.netns(), SocketAddr::new(b.ipv4().into(), 5001), server, rate, PHASE)?;
+        // Let the event thread drain what is in the ring.
+        std::thread::sleep(Duration::from_millis(500));
+        let prog_after = ProgStats::read(prog_id)?;
+        let st_after = status(&agent)?;
+        let races = conntrack_stats(topo.node())?.get("insert_failed")? - kernel_before;
+        let counter = |v: &Value, k: &str| v["counters"][k].as_u64().unwrap_or(0);
+        let lost = counter(&st_after, "events_lost") - counter(&st_before, "events_lost");
+        let attributed = counter(&st_after, "insert_races") - counter(&st_before, "insert_races");
+        let received = st_after["events_received"].as_u64().unwrap_or(0) - st_before["events_received"].as_u64().unwrap_or(0);
+        #[allow(clippy::cast_precision_loss)]
+        let achieved = races as f64 / took.as_secs_f64();
+        if lost == 0 && received == races {
+            best_lossless = best_lossless.max(achieved);
+        }
+        eprintln!("rate {rate:>6}/s: sent {sent}, races {races} ({achieved:.0}/s), attributed {attributed}, events received {received}, lost {lost}, {:.0} ns/call", prog_after.ns_per_run_since(&prog_before).unwrap_or(0.0));
+        phases.push(json!({
+            "target_rate": rate, "sent": sent, "seconds": took.as_secs_f64(), "races_kernel": races,
+            "races_attributed": attributed, "races_per_second": achieved,
+            "events_received": received, "events_lost": lost,
+            "program_runs": prog_after.runs_since(&prog_before),
+            "ns_per_call": prog_after.ns_per_run_since(&prog_before),
+        }));
+    }
+    // Drops that are not netfilter's (no socket on the server port): the
+    // program runs on every kfree_skb and leaves at the reason check.
+    let closed = SocketAddr::new(topo.server_ipv4().into(), 9);
+    iptables(topo.node(), &["-t", "nat", "-F", "POSTROUTING"])?;
+    let prog_before = ProgStats::read(prog_id)?;
+    let (sent, _) = udp_flood(a.netns(), SocketAddr::new(a.ipv4().into(), 5002), closed, 50_000, PHASE)?;
+    let prog_after = ProgStats::read(prog_id)?;
+    let other = json!({
+        "sent": sent, "program_runs": prog_after.runs_since(&prog_before),
+        "ns_per_call": prog_after.ns_per_run_since(&prog_before),
+    });
+    eprintln!("non-netfilter drops: {other}");
+    drop(agent);
+    Ok(json!({
+        "lossless_race_events_per_second": best_lossless,
+        "phases": phases,
+        "non_netfilter_drops": other,
+    }))
+}
