@@ -6,8 +6,14 @@
 
 pub mod api;
 pub mod bpf;
+pub mod cloud;
+pub mod cni;
 pub mod config;
 pub mod conntrack;
 pub mod daemon;
+pub mod dns;
 pub mod endpoint;
+pub mod ipam;
 pub mod metrics;
+pub mod routing;
+pub mod steer;

@@ -23,8 +23,17 @@ use crate::{
 /// The metrics address inside the node namespace (each namespace has its own
 /// loopback, so every simulated node can use the default port).
 pub const METRICS_ADDR: &str = "127.0.0.1:9965";
-/// How long an agent may take to become ready.
+/// How long an agent may take to become ready by default.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long an agent may take to become ready: [`READY_TIMEOUT`], or
+/// `PODNET_TEST_READY_TIMEOUT` seconds on slow machines such as emulated VMs.
+pub fn ready_timeout() -> Duration {
+    std::env::var("PODNET_TEST_READY_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(READY_TIMEOUT, Duration::from_secs)
+}
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -162,15 +171,26 @@ impl Agent {
             &state,
         ];
         cmd.extend(self.extra_args.iter().map(String::as_str));
+        // Extra flags for every agent of a run (e.g. `--race-hook tracepoint`
+        // to run the suite once per race hook).
+        // Flags given explicitly win over the same flags from the environment.
+        let env_args = std::env::var("PODNET_TEST_AGENT_ARGS").unwrap_or_default();
+        let env_args: Vec<&str> = env_args.split_whitespace().collect();
+        for pair in env_args.chunks(2) {
+            if !self.extra_args.iter().any(|a| a == pair[0]) {
+                cmd.extend(pair.iter().copied());
+            }
+        }
         self.child = Some(spawn_in_with_env(node, &cmd, &[("PODNET_LOG", "info")])?);
+        let timeout = ready_timeout();
         let ready = wait_for(
             || http_get(node, "/readyz").is_ok_and(|(code, _)| code == 200),
-            READY_TIMEOUT,
+            timeout,
         );
         if !ready {
             let log = self.child.as_ref().map(NsChild::log).unwrap_or_default();
             bail!(
-                "agent in {} not ready after {READY_TIMEOUT:?}; log:\n{log}",
+                "agent in {} not ready after {timeout:?}; log:\n{log}",
                 self.node_name
             );
         }
@@ -193,6 +213,25 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would; its files stay.
+    pub fn kill(&mut self) -> Result<()> {
+        if let Some(child) = self.child.take() {
+            child.kill()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the agent again (after [`Agent::kill`] or [`Agent::stop`]) with
+    /// the same files, waiting until ready.
+    pub fn start_again(&mut self, node: &Netns) -> Result<()> {
+        self.launch(node)
+    }
+
+    /// The agent's state directory (`--state-dir`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.workdir.join("state")
     }
 
     /// The agent's API socket.

@@ -53,7 +53,10 @@ impl ProgStats {
             .output()
             .context("running bpftool")?;
         if !out.status.success() {
-            bail!("bpftool prog show id {id}: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "bpftool prog show id {id}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         Ok(Self {
@@ -93,8 +96,7 @@ pub fn udp_flood(
         while start.elapsed() < duration {
             if rate > 0 {
                 // Pace in 1 ms slices: send what the elapsed time allows.
-                let allowed = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
-                    * rate
+                let allowed = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX) * rate
                     / 1_000_000;
                 if sent >= allowed {
                     std::thread::sleep(Duration::from_micros(200));

@@ -13,12 +13,14 @@
 
 pub mod agent;
 pub mod bench;
+pub mod cni;
 mod netfilter;
 mod netns;
 mod process;
 mod topology;
 mod traffic;
 mod util;
+pub mod vpc;
 
 pub use agent::{Agent, EndpointSpec, Metrics};
 pub use netfilter::{conntrack_stats, ip6tables, iptables, read_conntrack_stat, ConntrackStats};

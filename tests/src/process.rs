@@ -93,6 +93,17 @@ impl NsChild {
         Ok(self.status)
     }
 
+    /// Kills the process with SIGKILL at once (no chance to clean up) and reaps it.
+    pub fn kill(mut self) -> Result<ExitStatus> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(status);
+        }
+        self.child.kill()?;
+        let status = self.child.wait()?;
+        self.status = Some(status);
+        Ok(status)
+    }
+
     /// Stops the process (SIGTERM, then SIGKILL after 5 s) and returns its exit status.
     pub fn stop(mut self) -> Result<ExitStatus> {
         self.terminate()

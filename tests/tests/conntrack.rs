@@ -442,7 +442,12 @@ fn random_masquerade_races_match_the_kernel_exactly() {
         kernel_delta > 0,
         "no race in {pairs} simultaneous pairs: the test did not exercise the race"
     );
-    assert_eq!(attributed, kernel_delta);
+    assert_eq!(
+        attributed,
+        kernel_delta,
+        "status: {}",
+        agent.api("status", json!({})).unwrap()["counters"]
+    );
 
     iptables(topo.node(), &["-t", "nat", "-F", "POSTROUTING"]).unwrap();
     iptables(
@@ -541,4 +546,53 @@ fn two_nodes_do_not_see_each_others_races() {
         Some(0.0),
         "the mirrored statistic exists and is zero"
     );
+}
+
+/// The race hook this run expects the agent to use: what
+/// `PODNET_TEST_AGENT_ARGS` forces, else the confirm probe where the kernel
+/// has kprobes and the drop tracepoint elsewhere.
+fn expected_hook() -> &'static str {
+    let args = std::env::var("PODNET_TEST_AGENT_ARGS").unwrap_or_default();
+    let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
+    if args.contains("--race-hook tracepoint") || (!kprobes && !args.contains("--race-hook probe"))
+    {
+        "tp_btf/kfree_skb"
+    } else {
+        "kprobe/__nf_conntrack_confirm"
+    }
+}
+
+/// The hook in use is named by status and build info; `--race-hook probe`
+/// works where kprobes exist and fails with a clear error elsewhere.
+#[test]
+fn race_hook_is_reported_and_probe_needs_kprobes() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::builder().name("cth").pods(2).build().unwrap();
+    let agent = Agent::start(topo.node(), &endpoints(&topo)).unwrap();
+    let status = agent.api("status", json!({})).unwrap();
+    assert_eq!(status["race_hook"], json!(expected_hook()), "{status}");
+    let m = agent.metrics(topo.node()).unwrap();
+    let build_line =
+        m.0.lines()
+            .find(|l| l.starts_with("podnet_build_info{"))
+            .unwrap()
+            .to_owned();
+    assert!(
+        build_line.contains(&format!("race_hook=\"{}\"", expected_hook())),
+        "{build_line}"
+    );
+    drop(agent);
+
+    let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
+    let forced = Agent::start_with(topo.node(), &endpoints(&topo), &["--race-hook", "probe"]);
+    if kprobes {
+        let agent = forced.unwrap();
+        let status = agent.api("status", json!({})).unwrap();
+        assert_eq!(status["race_hook"], json!("kprobe/__nf_conntrack_confirm"));
+    } else {
+        let err = forced.unwrap_err().to_string();
+        assert!(err.contains("__nf_conntrack_confirm"), "{err}");
+    }
 }

@@ -9,6 +9,7 @@ mod cmd;
 mod demo;
 mod setup;
 mod test;
+mod vmtest;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,8 @@ enum Task {
     Setup(setup::SetupArgs),
     /// Run the benchmarks on this machine and write docs/PERFORMANCE.md (needs root).
     Bench(bench::BenchArgs),
+    /// Run the privileged suite on Debian's 6.1 and 6.12 kernels in qemu (virtme-ng).
+    VmTest(vmtest::VmTestArgs),
     /// Build the agent, CLI, CNI plugin and the kernel programs (runs setup if anything is
     /// missing).
     Build(build::BuildArgs),
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().task {
         Task::Setup(args) => setup::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::VmTest(args) => vmtest::run(&args),
         Task::Build(args) => build::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::Test(args) => test::run(&args),

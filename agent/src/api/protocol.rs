@@ -29,10 +29,53 @@ pub mod method {
     pub const CONNTRACK_RACES: &str = "conntrack.races";
     /// The agent's status, as one JSON object.
     pub const STATUS: &str = "status";
+    /// Per pod and DNS server: rate, p50, p99, timeouts, error rate over
+    /// about a minute; result: an array of `dns::top::TopRow`.
+    pub const DNS_TOP: &str = "dns.top";
+    /// Recent slow, failed and unanswered DNS queries with their names,
+    /// oldest first. Params: [`super::DnsSlowParams`]; result: an array of
+    /// `dns::decode::QueryRecord`.
+    pub const DNS_SLOW: &str = "dns.slow";
+    /// Registers a pod attachment (podnet-cni, chained role).
+    pub const ENDPOINT_ADD: &str = "endpoint.add";
+    /// Removes a pod attachment (idempotent).
+    pub const ENDPOINT_DEL: &str = "endpoint.del";
+    /// Verifies a pod attachment against what the runtime believes.
+    pub const ENDPOINT_CHECK: &str = "endpoint.check";
+    /// The registered pod attachments.
+    pub const ENDPOINT_LIST: &str = "endpoint.list";
+    /// Removes attachments not listed as valid.
+    pub const ENDPOINT_GC: &str = "endpoint.gc";
+    /// Allocates addresses for an attachment (idempotent).
+    pub const IPAM_ALLOCATE: &str = "ipam.allocate";
+    /// Releases an attachment's addresses (idempotent).
+    pub const IPAM_RELEASE: &str = "ipam.release";
+    /// Releases allocations not listed as valid.
+    pub const IPAM_GC: &str = "ipam.gc";
+    /// Pools, use and cooldowns.
+    pub const IPAM_STATUS: &str = "ipam.status";
+    /// Routing state, desired versus actual, as of the last reconcile;
+    /// result: `routing::show::RoutesView`.
+    pub const ROUTES_SHOW: &str = "routes.show";
 }
 
 /// Every method the agent serves; anything else is `unknown_method`.
-pub const METHODS: &[&str] = &[method::CONNTRACK_RACES, method::STATUS];
+pub const METHODS: &[&str] = &[
+    method::CONNTRACK_RACES,
+    method::STATUS,
+    method::DNS_TOP,
+    method::DNS_SLOW,
+    method::ENDPOINT_ADD,
+    method::ENDPOINT_DEL,
+    method::ENDPOINT_CHECK,
+    method::ENDPOINT_LIST,
+    method::ENDPOINT_GC,
+    method::IPAM_ALLOCATE,
+    method::IPAM_RELEASE,
+    method::IPAM_GC,
+    method::IPAM_STATUS,
+    method::ROUTES_SHOW,
+];
 
 /// One request.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -132,6 +175,12 @@ pub enum ErrorCode {
     Unavailable,
     /// The agent failed while serving the request.
     Internal,
+    /// A resource ran out (e.g. no free pod address).
+    ResourceExhausted,
+    /// The named object does not exist.
+    NotFound,
+    /// The object exists but differs from what the caller expected.
+    Mismatch,
     /// A code this build does not know (sent by a newer agent).
     #[serde(other)]
     Unknown,
@@ -150,6 +199,9 @@ impl ErrorCode {
             Self::PermissionDenied => "permission_denied",
             Self::Unavailable => "unavailable",
             Self::Internal => "internal",
+            Self::ResourceExhausted => "resource_exhausted",
+            Self::NotFound => "not_found",
+            Self::Mismatch => "mismatch",
             Self::Unknown => "unknown",
         }
     }
@@ -227,6 +279,30 @@ impl Default for RacesParams {
 
 fn default_races_limit() -> usize {
     DEFAULT_RACES_LIMIT
+}
+
+/// How many queries `dns.slow` returns when `limit` is not given.
+pub const DEFAULT_DNS_SLOW_LIMIT: usize = 100;
+
+/// Parameters of [`method::DNS_SLOW`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSlowParams {
+    /// Return at most this many of the newest queries.
+    #[serde(default = "default_dns_slow_limit")]
+    pub limit: usize,
+}
+
+impl Default for DnsSlowParams {
+    fn default() -> Self {
+        Self {
+            limit: DEFAULT_DNS_SLOW_LIMIT,
+        }
+    }
+}
+
+fn default_dns_slow_limit() -> usize {
+    DEFAULT_DNS_SLOW_LIMIT
 }
 
 /// Decodes a method's parameters; `null` (no params) decodes as `T::default()`.

@@ -509,8 +509,11 @@ mod tests {
         let error = call(&server.path, "conntrack.flush", Value::Null, T).unwrap_err();
         assert_eq!(
             error.to_string(),
-            "the podnet agent failed conntrack.flush: unknown method \"conntrack.flush\"; \
-             known methods: conntrack.races, status (unknown_method)"
+            format!(
+                "the podnet agent failed conntrack.flush: unknown method \"conntrack.flush\"; \
+                 known methods: {} (unknown_method)",
+                crate::api::protocol::METHODS.join(", ")
+            )
         );
         assert_eq!(
             server.raw(b"{\"version\":2,\"method\":\"status\"}\n"),

@@ -64,7 +64,9 @@ pub fn time_of_day_utc(unix_ms: u64) -> String {
 }
 
 /// Left-aligned columns, two spaces apart; the last column is not padded.
-fn table<'a, const N: usize>(rows: impl Iterator<Item = &'a [String; N]> + Clone) -> String {
+pub(crate) fn table<'a, const N: usize>(
+    rows: impl Iterator<Item = &'a [String; N]> + Clone,
+) -> String {
     let mut widths = [0usize; N];
     for row in rows.clone() {
         for (width, cell) in widths.iter_mut().zip(row) {

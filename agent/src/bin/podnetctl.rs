@@ -40,8 +40,50 @@ enum Command {
         #[command(subcommand)]
         command: ConntrackCommand,
     },
+    /// DNS latency per pod, measured in the kernel.
+    Dns {
+        #[command(subcommand)]
+        command: DnsCommand,
+    },
     /// The agent's status.
     Status,
+    /// Pod routing: desired versus actual rules, routes and proxy entries.
+    Routes,
+    /// Pod attachments registered by podnet-cni.
+    Endpoints,
+    /// IPAM pools, their use and cooldowns.
+    Ipam,
+    /// Prints an addressing plan (no agent needed): clusters, nodes per
+    /// cluster, pods per node, and a node's pod CIDR.
+    Plan {
+        /// The range all clusters share, e.g. 10.0.0.0/8.
+        #[arg(long)]
+        cluster_cidr: podnet::ipam::cidr::Cidr,
+        /// Bits that number clusters.
+        #[arg(long)]
+        cluster_bits: u8,
+        /// Bits that number nodes inside a cluster.
+        #[arg(long)]
+        node_bits: u8,
+        /// The cluster whose CIDRs to print.
+        #[arg(long, default_value_t = 0)]
+        cluster_index: u128,
+        /// The node whose pod CIDR to print.
+        #[arg(long)]
+        node_index: Option<u128>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DnsCommand {
+    /// Per pod and server over the last minute: query rate, p50, p99, timeouts, error rate.
+    Top,
+    /// Recent slow, failed (SERVFAIL, NXDOMAIN, REFUSED) and unanswered queries, with their names.
+    Slow {
+        /// Show at most this many of the newest queries.
+        #[arg(long, default_value_t = podnet::api::protocol::DEFAULT_DNS_SLOW_LIMIT)]
+        limit: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +130,76 @@ fn run(args: &Args) -> anyhow::Result<String> {
             let races: Vec<RaceRecord> = serde_json::from_value(result)
                 .with_context(|| format!("unexpected answer to {}", method::CONNTRACK_RACES))?;
             Ok(view::races_table(&races))
+        }
+        Command::Endpoints => {
+            let result = call(method::ENDPOINT_LIST, Value::Null)?;
+            if args.json {
+                return json(&result);
+            }
+            let eps: Vec<podnet::cni::record::EndpointRecord> = serde_json::from_value(result)
+                .with_context(|| format!("unexpected answer to {}", method::ENDPOINT_LIST))?;
+            Ok(podnet::cni::view::endpoints_table(&eps))
+        }
+        Command::Ipam => {
+            let result = call(method::IPAM_STATUS, Value::Null)?;
+            if args.json {
+                return json(&result);
+            }
+            let status: podnet::cni::wire::IpamStatus = serde_json::from_value(result)
+                .with_context(|| format!("unexpected answer to {}", method::IPAM_STATUS))?;
+            Ok(podnet::cni::view::ipam_text(&status))
+        }
+        Command::Plan {
+            cluster_cidr,
+            cluster_bits,
+            node_bits,
+            cluster_index,
+            node_index,
+        } => {
+            let plan = podnet::ipam::plan::plan(
+                *cluster_cidr,
+                *cluster_bits,
+                *node_bits,
+                *cluster_index,
+                *node_index,
+            )?;
+            if args.json {
+                return json(&serde_json::to_value(&plan)?);
+            }
+            Ok(plan.render())
+        }
+        Command::Dns {
+            command: DnsCommand::Top,
+        } => {
+            let result = call(method::DNS_TOP, Value::Null)?;
+            if args.json {
+                return json(&result);
+            }
+            let rows: Vec<podnet::dns::top::TopRow> = serde_json::from_value(result)
+                .with_context(|| format!("unexpected answer to {}", method::DNS_TOP))?;
+            Ok(podnet::dns::view::top_table(&rows))
+        }
+        Command::Dns {
+            command: DnsCommand::Slow { limit },
+        } => {
+            let params =
+                serde_json::to_value(podnet::api::protocol::DnsSlowParams { limit: *limit })?;
+            let result = call(method::DNS_SLOW, params)?;
+            if args.json {
+                return json(&result);
+            }
+            let records: Vec<podnet::dns::decode::QueryRecord> = serde_json::from_value(result)
+                .with_context(|| format!("unexpected answer to {}", method::DNS_SLOW))?;
+            Ok(podnet::dns::view::slow_table(&records))
+        }
+        Command::Routes => {
+            let result = call(method::ROUTES_SHOW, Value::Null)?;
+            if args.json {
+                return json(&result);
+            }
+            let routes: podnet::routing::show::RoutesView = serde_json::from_value(result)
+                .with_context(|| format!("unexpected answer to {}", method::ROUTES_SHOW))?;
+            Ok(podnet::routing::show::table(&routes))
         }
         Command::Status => {
             let result = call(method::STATUS, Value::Null)?;

@@ -168,8 +168,8 @@ impl KernelBtf {
         })
     }
 
-    /// Resolves every offset the conntrack tracer needs. `netns_filter` and
-    /// `event_budget_per_cpu` are left for the caller.
+    /// Resolves every offset the conntrack tracer needs. `netns_filter`,
+    /// `event_budget_per_cpu` and `race_hook` are left for the caller.
     pub fn conntrack_offsets(&self) -> Result<KernelOffsets, BtfError> {
         let hash_tuple = self.offset_of("nf_conntrack_tuple_hash", "tuple")?;
         let reason = self.enum_value("skb_drop_reason", "SKB_DROP_REASON_NETFILTER_DROP")?;
@@ -199,6 +199,8 @@ impl KernelBtf {
             })?,
             netns_filter: 0,
             event_budget_per_cpu: 0,
+            race_hook: 0,
+            _pad: 0,
         })
     }
 }

@@ -1,11 +1,15 @@
 //! Attach a program through a pinned link, or adopt the one already pinned.
+//!
+//! A pinned link is named `<base>-<fingerprint>`, where the fingerprint
+//! covers the program's object and every global it was loaded with (kernel
+//! offsets, namespace filter, budgets, hook mode). A link with our exact
+//! fingerprint runs exactly what we would load: it is adopted, with no gap and
+//! no overlap. Any other link of the same base is an older version or another
+//! configuration: it is detached before ours attaches.
 
 use std::path::Path;
 
-use aya::programs::{
-    links::{FdLink, PinnedLink},
-    loaded_programs, BtfTracePoint,
-};
+use aya::programs::links::FdLink;
 
 use super::BpfError;
 
@@ -15,9 +19,9 @@ use super::BpfError;
 pub enum Attachment {
     /// Nothing was pinned: the program was attached and its link pinned.
     Attached,
-    /// The pinned link runs the same program: kept as is (no gap, no overlap).
+    /// The pinned link runs the same program and globals: kept as is.
     Adopted,
-    /// The pinned link ran another program version: replaced.
+    /// The pinned link ran another version or configuration: replaced.
     Replaced,
 }
 
@@ -31,56 +35,118 @@ impl std::fmt::Display for Attachment {
     }
 }
 
-fn program_error(program: &str, message: impl std::fmt::Display) -> BpfError {
-    BpfError::Program {
-        program: program.to_owned(),
+/// FNV-1a over `parts`: a stable fingerprint of an object and its globals.
+pub fn fingerprint(parts: &[&[u8]]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in *part {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+/// The pin file name of a link.
+pub fn pin_name(base: &str, fingerprint: u64) -> String {
+    format!("{base}-{fingerprint:016x}")
+}
+
+fn fs_error(path: &Path, message: impl std::fmt::Display) -> BpfError {
+    BpfError::Fs {
+        path: path.to_owned(),
         message: message.to_string(),
     }
 }
 
-/// Tag (hash of the instructions) of the program behind a pinned link.
-fn pinned_program_tag(link: &FdLink) -> Option<u64> {
-    let program_id = link.info().ok()?.program_id();
-    loaded_programs()
-        .filter_map(Result::ok)
-        .find(|p| p.id() == program_id)
-        .map(|p| p.tag())
+/// Pins of `base` in `dir` (any fingerprint, and the unsuffixed legacy name).
+fn existing(dir: &Path, base: &str) -> Result<Vec<String>, BpfError> {
+    let mut found = Vec::new();
+    let entries = std::fs::read_dir(dir).map_err(|e| fs_error(dir, e))?;
+    for entry in entries {
+        let name = entry.map_err(|e| fs_error(dir, e))?.file_name();
+        let name = name.to_string_lossy();
+        if name == base
+            || name
+                .strip_prefix(base)
+                .is_some_and(|rest| rest.starts_with('-'))
+        {
+            found.push(name.into_owned());
+        }
+    }
+    Ok(found)
 }
 
-/// Attaches the loaded `program` and pins its link at `pin`, or adopts the
-/// link already pinned there if it runs the same instructions.
+/// Removes every pinned link of `base` in `dir`, which detaches their
+/// programs. Returns how many were removed.
+pub fn remove_pinned(dir: &Path, base: &str) -> Result<usize, BpfError> {
+    let names = existing(dir, base)?;
+    for name in &names {
+        let path = dir.join(name);
+        std::fs::remove_file(&path).map_err(|e| fs_error(&path, format!("unpin: {e}")))?;
+    }
+    Ok(names.len())
+}
+
+/// Adopts the link pinned as `<base>-<fingerprint>` in `dir`, or detaches
+/// other versions and attaches through `attach`, pinning the new link.
 ///
 /// On a version change the old link is detached before the new one attaches:
-/// a drop in that instant is missed rather than counted twice.
-pub fn attach_tp_btf_pinned(
-    program: &mut BtfTracePoint,
-    name: &str,
-    pin: &Path,
+/// an event in that instant is missed rather than counted twice.
+pub fn attach_pinned(
+    dir: &Path,
+    base: &str,
+    fingerprint: u64,
+    attach: impl FnOnce() -> Result<FdLink, BpfError>,
 ) -> Result<Attachment, BpfError> {
-    let our_tag = program.info().map_err(|e| program_error(name, e))?.tag();
-    let mut outcome = Attachment::Attached;
-    if pin.exists() {
-        match PinnedLink::from_pin(pin) {
-            Ok(pinned) => {
-                let link: FdLink = pinned.into();
-                if pinned_program_tag(&link) == Some(our_tag) {
-                    return Ok(Attachment::Adopted);
-                }
-                outcome = Attachment::Replaced;
-            }
-            Err(e) => {
-                tracing::warn!(pin = %pin.display(), error = %e, "unreadable pinned link, replacing it");
-            }
-        }
-        // Dropping the FdLink above closed our handle; removing the pin drops
-        // the last reference, which detaches the old program.
-        std::fs::remove_file(pin)
-            .map_err(|e| program_error(name, format!("unpin old link: {e}")))?;
+    let ours = pin_name(base, fingerprint);
+    let names = existing(dir, base)?;
+    if names.contains(&ours) && names.len() == 1 {
+        return Ok(Attachment::Adopted);
     }
-    let id = program.attach().map_err(|e| program_error(name, e))?;
-    let link = program.take_link(id).map_err(|e| program_error(name, e))?;
-    FdLink::from(link)
-        .pin(pin)
-        .map_err(|e| program_error(name, format!("pin link at {}: {e}", pin.display())))?;
+    let outcome = if remove_pinned(dir, base)? > 0 {
+        Attachment::Replaced
+    } else {
+        Attachment::Attached
+    };
+    let path = dir.join(&ours);
+    attach()?
+        .pin(&path)
+        .map_err(|e| fs_error(&path, format!("pin link: {e}")))?;
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_change_with_any_byte() {
+        let a = fingerprint(&[b"object", &[1, 0, 0, 0]]);
+        assert_eq!(a, fingerprint(&[b"object", &[1, 0, 0, 0]]));
+        assert_ne!(a, fingerprint(&[b"object", &[2, 0, 0, 0]]));
+        assert_ne!(a, fingerprint(&[b"objecT", &[1, 0, 0, 0]]));
+        assert_eq!(pin_name("link_x", 0xab), "link_x-00000000000000ab");
+    }
+
+    #[test]
+    fn finds_only_its_own_base() {
+        let dir = std::env::temp_dir().join(format!("podnet-link-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for name in [
+            "link_a-0000000000000001",
+            "link_a",
+            "link_ab-0000000000000002",
+            "other",
+        ] {
+            std::fs::write(dir.join(name), b"").unwrap();
+        }
+        let mut found = existing(&dir, "link_a").unwrap();
+        found.sort();
+        assert_eq!(found, vec!["link_a", "link_a-0000000000000001"]);
+        assert_eq!(remove_pinned(&dir, "link_a").unwrap(), 2);
+        assert_eq!(existing(&dir, "link_a").unwrap().len(), 0);
+        assert_eq!(existing(&dir, "link_ab").unwrap().len(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -14,6 +14,13 @@ pub mod link;
 pub static CONNTRACK_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podnet-conntrack"));
 
+/// The DNS latency programs (TC), built by agent/build.rs.
+pub static DNS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podnet-dns"));
+
+/// The ENI fast path programs (TC), built by agent/build.rs.
+pub static STEER_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/podnet-steer"));
+
 /// Errors loading or attaching kernel programs.
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {

@@ -16,3 +16,13 @@ pub const RACE_EVENT_BUDGET_PER_CPU: u32 = 20_000;
 pub const RACE_LOG_CAPACITY: usize = 1024;
 /// How long the agent waits for its tasks to drain on SIGTERM.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// `--dns-timeout`.
+pub const DNS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// `--dns-ports`.
+pub const DNS_PORTS: &[u16] = &[53];
+/// `--dns-slow-threshold`.
+pub const DNS_SLOW_THRESHOLD: std::time::Duration = std::time::Duration::from_millis(200);
+/// `--warm-eni-target` (as the AWS VPC CNI).
+pub const WARM_ENI_TARGET: u32 = 1;
+/// `--imds-endpoint`.
+pub const IMDS_ENDPOINT: &str = "http://169.254.169.254";

@@ -49,6 +49,73 @@ pub struct AgentArgs {
     /// counts stay exact above it [default: 20000; 0 = unlimited].
     #[arg(long, env = "PODNET_RACE_EVENT_BUDGET")]
     pub race_event_budget: Option<u32>,
+    /// Hook that counts insert races: `auto` (the drop tracepoint),
+    /// `tracepoint`, or `probe` (kprobes on `__nf_conntrack_confirm`, where the
+    /// kernel has kprobes) [default: auto].
+    #[arg(long, env = "PODNET_RACE_HOOK", value_enum)]
+    pub race_hook: Option<crate::conntrack::tracer::RaceHookChoice>,
+    /// A DNS query with no answer by then is a timeout (e.g. `5s`, `500ms`)
+    /// [default: 5s].
+    #[arg(long, env = "PODNET_DNS_TIMEOUT", value_parser = duration_arg)]
+    pub dns_timeout: Option<std::time::Duration>,
+    /// Host interfaces whose DNS traffic is traced too (host-network pods),
+    /// comma-separated.
+    #[arg(long, env = "PODNET_UPLINKS", value_delimiter = ',')]
+    pub uplinks: Option<Vec<String>>,
+    /// DNS server ports, comma-separated, at most 8 [default: 53].
+    #[arg(long, env = "PODNET_DNS_PORTS", value_delimiter = ',')]
+    pub dns_ports: Option<Vec<u16>>,
+    /// DNS answers slower than this are logged with their query name
+    /// (`podnetctl dns slow`) [default: 200ms].
+    #[arg(long, env = "PODNET_DNS_SLOW_THRESHOLD", value_parser = duration_arg)]
+    pub dns_slow_threshold: Option<std::time::Duration>,
+    /// IPAM mode: `node-cidr` (the node's pod CIDR) or `eni` (secondary
+    /// addresses of ENIs, from a warm pool) [default: node-cidr].
+    #[arg(long, env = "PODNET_IPAM_MODE", value_enum)]
+    pub ipam_mode: Option<crate::ipam::IpamMode>,
+    /// Pod CIDR(s) of this node in node-cidr mode, comma-separated (at most
+    /// one address per family per pod, e.g. `10.244.1.0/24,fd00:10:244:1::/64`).
+    #[arg(long, env = "PODNET_NODE_CIDR")]
+    pub node_cidr: Option<crate::ipam::cidr::CidrList>,
+    /// YAML list of this node's ENIs (`name`, `mac`, `table`, `subnet`,
+    /// `gateway`, `ips`: the secondary addresses given to pods); re-read when
+    /// it changes.
+    #[arg(long, env = "PODNET_ENIS")]
+    pub enis: Option<PathBuf>,
+    /// Destinations that are not masqueraded and that the fast path may steer
+    /// to, comma-separated [default: the ENIs' subnets].
+    #[arg(long, env = "PODNET_VPC_CIDRS", value_delimiter = ',')]
+    pub vpc_cidrs: Option<Vec<crate::routing::cidr::Ipv4Cidr>>,
+    /// Service CIDRs, comma-separated: the fast path leaves them to the
+    /// kernel (kube-proxy translates them).
+    #[arg(long, env = "PODNET_SERVICE_CIDRS", value_delimiter = ',')]
+    pub service_cidrs: Option<Vec<crate::routing::cidr::Ipv4Cidr>>,
+    /// Masquerade pod traffic leaving the VPC (`--snat=true|false`)
+    /// [default: true when ENIs are configured].
+    #[arg(long, env = "PODNET_SNAT", num_args = 0..=1, default_missing_value = "true")]
+    pub snat: Option<bool>,
+    /// Steer pod traffic to its ENI in eBPF, past netfilter and conntrack
+    /// [default: false].
+    #[arg(long, env = "PODNET_FAST_PATH", num_args = 0..=1, default_missing_value = "true")]
+    pub fast_path: Option<bool>,
+    /// ENI mode: free addresses to keep ready; with --minimum-ip-target it
+    /// takes precedence over --warm-eni-target [default: unset].
+    #[arg(long, env = "PODNET_WARM_IP_TARGET")]
+    pub warm_ip_target: Option<u32>,
+    /// ENI mode: addresses to hold at least, free or not [default: unset].
+    #[arg(long, env = "PODNET_MINIMUM_IP_TARGET")]
+    pub minimum_ip_target: Option<u32>,
+    /// ENI mode: whole ENIs' worth of free addresses to keep when no IP
+    /// target is set [default: 1].
+    #[arg(long, env = "PODNET_WARM_ENI_TARGET")]
+    pub warm_eni_target: Option<u32>,
+    /// ENI mode: EC2 API endpoint, e.g. a local emulator
+    /// [default: `https://ec2.<region>.amazonaws.com`].
+    #[arg(long, env = "PODNET_CLOUD_ENDPOINT")]
+    pub cloud_endpoint: Option<String>,
+    /// ENI mode: instance metadata endpoint [default: `http://169.254.169.254`].
+    #[arg(long, env = "PODNET_IMDS_ENDPOINT")]
+    pub imds_endpoint: Option<String>,
     /// Log format.
     #[arg(long, env = "PODNET_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -73,8 +140,59 @@ pub struct ConfigFile {
     pub endpoints: Option<PathBuf>,
     /// See [`AgentArgs::race_event_budget`].
     pub race_event_budget: Option<u32>,
+    /// See [`AgentArgs::race_hook`].
+    pub race_hook: Option<crate::conntrack::tracer::RaceHookChoice>,
     /// See [`AgentArgs::log_format`].
     pub log_format: Option<LogFormat>,
+    /// See [`AgentArgs::ipam_mode`].
+    pub ipam_mode: Option<crate::ipam::IpamMode>,
+    /// See [`AgentArgs::node_cidr`].
+    pub node_cidr: Option<crate::ipam::cidr::CidrList>,
+    /// See [`AgentArgs::enis`].
+    pub enis: Option<PathBuf>,
+    /// See [`AgentArgs::vpc_cidrs`].
+    pub vpc_cidrs: Option<Vec<crate::routing::cidr::Ipv4Cidr>>,
+    /// See [`AgentArgs::service_cidrs`].
+    pub service_cidrs: Option<Vec<crate::routing::cidr::Ipv4Cidr>>,
+    /// See [`AgentArgs::warm_ip_target`].
+    pub warm_ip_target: Option<u32>,
+    /// See [`AgentArgs::minimum_ip_target`].
+    pub minimum_ip_target: Option<u32>,
+    /// See [`AgentArgs::warm_eni_target`].
+    pub warm_eni_target: Option<u32>,
+    /// See [`AgentArgs::cloud_endpoint`].
+    pub cloud_endpoint: Option<String>,
+    /// See [`AgentArgs::imds_endpoint`].
+    pub imds_endpoint: Option<String>,
+    /// See [`AgentArgs::snat`].
+    pub snat: Option<bool>,
+    /// See [`AgentArgs::fast_path`].
+    pub fast_path: Option<bool>,
+    /// See [`AgentArgs::dns_timeout`].
+    #[serde(default, deserialize_with = "duration_key")]
+    pub dns_timeout: Option<std::time::Duration>,
+    /// See [`AgentArgs::uplinks`].
+    pub uplinks: Option<Vec<String>>,
+    /// See [`AgentArgs::dns_ports`].
+    pub dns_ports: Option<Vec<u16>>,
+    /// See [`AgentArgs::dns_slow_threshold`].
+    #[serde(default, deserialize_with = "duration_key")]
+    pub dns_slow_threshold: Option<std::time::Duration>,
+}
+
+/// Parses a duration flag such as `5s`, `500ms` or `1.5s` (1 ms to 60 s).
+fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    crate::cni::spec::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration like \"5s\" or \"500ms\" (1ms to 60s)"))
+}
+
+/// Reads a duration key of the config file (same syntax as the flag).
+fn duration_key<'de, D>(d: D) -> Result<Option<std::time::Duration>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let s = String::deserialize(d)?;
+    duration_arg(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
 /// The effective configuration.
@@ -92,8 +210,34 @@ pub struct AgentConfig {
     pub endpoints: Option<PathBuf>,
     /// Race event budget per CPU per second.
     pub race_event_budget: u32,
+    /// Race hook choice.
+    pub race_hook: crate::conntrack::tracer::RaceHookChoice,
     /// Log format.
     pub log_format: LogFormat,
+    /// IPAM mode.
+    pub ipam_mode: crate::ipam::IpamMode,
+    /// Pod CIDRs of this node.
+    pub node_cidrs: Vec<crate::ipam::cidr::Cidr>,
+    /// Static ENI description, if any.
+    pub enis: Option<PathBuf>,
+    /// ENI mode: warm pool targets and endpoints.
+    pub eni: crate::ipam::eni::EniSettings,
+    /// VPC destinations (empty: the ENIs' subnets).
+    pub vpc_cidrs: Vec<crate::routing::cidr::Ipv4Cidr>,
+    /// Service CIDRs the fast path leaves to the kernel.
+    pub service_cidrs: Vec<crate::routing::cidr::Ipv4Cidr>,
+    /// SNAT on or off; `None`: on when ENIs are configured.
+    pub snat: Option<bool>,
+    /// The eBPF fast path.
+    pub fast_path: bool,
+    /// DNS timeout.
+    pub dns_timeout: std::time::Duration,
+    /// Uplink interfaces traced for DNS.
+    pub uplinks: Vec<String>,
+    /// DNS server ports.
+    pub dns_ports: Vec<u16>,
+    /// DNS slow-answer threshold.
+    pub dns_slow_threshold: std::time::Duration,
 }
 
 /// Errors building the configuration.
@@ -115,6 +259,9 @@ pub enum ConfigError {
         /// serde's message, which names the offending key and its location.
         message: String,
     },
+    /// A setting has an unusable value.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Parses a config file's text.
@@ -141,7 +288,21 @@ impl AgentConfig {
             }
             None => ConfigFile::default(),
         };
-        Ok(Self::merge(args, file))
+        let config = Self::merge(args, file);
+        config.check_dns()?;
+        Ok(config)
+    }
+
+    /// Checks the DNS settings the kernel programs can hold.
+    fn check_dns(&self) -> Result<(), ConfigError> {
+        let max = podnet_common::dns::MAX_PORTS;
+        if self.dns_ports.is_empty() || self.dns_ports.len() > max || self.dns_ports.contains(&0) {
+            return Err(ConfigError::Invalid(format!(
+                "--dns-ports must list 1 to {max} ports other than 0, not {:?}",
+                self.dns_ports
+            )));
+        }
+        Ok(())
     }
 
     fn merge(args: AgentArgs, file: ConfigFile) -> Self {
@@ -163,11 +324,50 @@ impl AgentConfig {
                 .or(file.bpffs)
                 .unwrap_or_else(|| PathBuf::from(defaults::BPFFS)),
             endpoints: args.endpoints.or(file.endpoints),
+            race_hook: args.race_hook.or(file.race_hook).unwrap_or_default(),
             race_event_budget: args
                 .race_event_budget
                 .or(file.race_event_budget)
                 .unwrap_or(defaults::RACE_EVENT_BUDGET_PER_CPU),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
+            ipam_mode: args.ipam_mode.or(file.ipam_mode).unwrap_or_default(),
+            node_cidrs: args.node_cidr.or(file.node_cidr).unwrap_or_default().0,
+            enis: args.enis.or(file.enis),
+            eni: crate::ipam::eni::EniSettings {
+                targets: crate::ipam::eni::warm::Targets {
+                    warm_ip: args.warm_ip_target.or(file.warm_ip_target),
+                    minimum_ip: args.minimum_ip_target.or(file.minimum_ip_target),
+                    warm_eni: args
+                        .warm_eni_target
+                        .or(file.warm_eni_target)
+                        .unwrap_or(defaults::WARM_ENI_TARGET),
+                },
+                cloud_endpoint: args.cloud_endpoint.or(file.cloud_endpoint),
+                imds_endpoint: args
+                    .imds_endpoint
+                    .or(file.imds_endpoint)
+                    .unwrap_or_else(|| defaults::IMDS_ENDPOINT.to_owned()),
+            },
+            vpc_cidrs: args.vpc_cidrs.or(file.vpc_cidrs).unwrap_or_default(),
+            service_cidrs: args
+                .service_cidrs
+                .or(file.service_cidrs)
+                .unwrap_or_default(),
+            snat: args.snat.or(file.snat),
+            fast_path: args.fast_path.or(file.fast_path).unwrap_or(false),
+            dns_timeout: args
+                .dns_timeout
+                .or(file.dns_timeout)
+                .unwrap_or(defaults::DNS_TIMEOUT),
+            uplinks: args.uplinks.or(file.uplinks).unwrap_or_default(),
+            dns_ports: args
+                .dns_ports
+                .or(file.dns_ports)
+                .unwrap_or_else(|| defaults::DNS_PORTS.to_vec()),
+            dns_slow_threshold: args
+                .dns_slow_threshold
+                .or(file.dns_slow_threshold)
+                .unwrap_or(defaults::DNS_SLOW_THRESHOLD),
         }
     }
 }
@@ -192,6 +392,36 @@ mod tests {
     }
 
     #[test]
+    fn routing_flags() {
+        let c = AgentConfig::merge(args(&[]), ConfigFile::default());
+        assert_eq!((c.fast_path, c.snat, c.enis.clone()), (false, None, None));
+        let c = AgentConfig::merge(
+            args(&[
+                "--fast-path",
+                "--snat=false",
+                "--vpc-cidrs",
+                "10.0.0.0/16,172.16.0.0/12",
+                "--enis",
+                "/etc/podnet/enis.yaml",
+            ]),
+            ConfigFile::default(),
+        );
+        assert!(c.fast_path);
+        assert_eq!(c.snat, Some(false));
+        assert_eq!(c.vpc_cidrs.len(), 2);
+        assert_eq!(c.vpc_cidrs[1].to_string(), "172.16.0.0/12");
+        let file = parse_config_file(
+            Path::new("c.yaml"),
+            "fast-path: true\nsnat: true\nservice-cidrs: [10.96.0.0/12]\n",
+        )
+        .unwrap();
+        let c = AgentConfig::merge(args(&[]), file);
+        assert_eq!((c.fast_path, c.snat), (true, Some(true)));
+        assert_eq!(c.service_cidrs[0].to_string(), "10.96.0.0/12");
+        assert!(AgentArgs::try_parse_from(["podnet-agent", "--vpc-cidrs", "10.0.0.0"]).is_err());
+    }
+
+    #[test]
     fn flags_win_over_the_file() {
         let file = parse_config_file(
             Path::new("c.yaml"),
@@ -201,6 +431,38 @@ mod tests {
         let c = AgentConfig::merge(args(&["--metrics-addr", "127.0.0.1:2"]), file);
         assert_eq!(c.metrics_addr.to_string(), "127.0.0.1:2");
         assert_eq!(c.bpffs, PathBuf::from("/sys/fs/bpf/x"));
+    }
+
+    #[test]
+    fn dns_settings() {
+        let c = AgentConfig::merge(args(&[]), ConfigFile::default());
+        assert_eq!(c.dns_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(c.dns_ports, vec![53]);
+        assert_eq!(c.dns_slow_threshold, std::time::Duration::from_millis(200));
+        assert!(c.uplinks.is_empty());
+        let file = parse_config_file(
+            Path::new("c.yaml"),
+            "dns-timeout: 2s\ndns-ports: [53, 5353]\nuplinks: [eth0]\ndns-slow-threshold: 50ms\n",
+        )
+        .unwrap();
+        let c = AgentConfig::merge(
+            args(&["--dns-timeout", "1s", "--uplinks", "eth1,eth2"]),
+            file,
+        );
+        assert_eq!(c.dns_timeout, std::time::Duration::from_secs(1));
+        assert_eq!(c.uplinks, vec!["eth1".to_owned(), "eth2".to_owned()]);
+        assert_eq!(c.dns_ports, vec![53, 5353]);
+        assert_eq!(c.dns_slow_threshold, std::time::Duration::from_millis(50));
+        assert!(c.check_dns().is_ok());
+        let c = AgentConfig::merge(args(&["--dns-ports", "0"]), ConfigFile::default());
+        assert!(c
+            .check_dns()
+            .unwrap_err()
+            .to_string()
+            .contains("--dns-ports"));
+        let e = parse_config_file(Path::new("c.yaml"), "dns-timeout: soon\n").unwrap_err();
+        assert!(e.to_string().contains("soon"), "{e}");
+        assert!(AgentArgs::try_parse_from(["podnet-agent", "--dns-timeout", "5 min"]).is_err());
     }
 
     #[test]

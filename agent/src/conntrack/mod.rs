@@ -61,6 +61,8 @@ pub struct TracerCounters {
     pub read_errors: u64,
     /// Netfilter drops of non-IP packets.
     pub not_ip: u64,
+    /// Confirm returns of `NF_DROP` the probe could not match to a call.
+    pub probe_unmatched: u64,
 }
 
 /// Everything the tracer's kernel maps hold, at one moment.

@@ -26,6 +26,16 @@ impl Handler for ApiHandler {
                 json(serde_json::to_value(self.0.races().recent(params.limit)))
             }
             method::STATUS => json(serde_json::to_value(self.0.status())),
+            method::DNS_TOP => match self.0.dns().top() {
+                Ok(rows) => json(serde_json::to_value(rows)),
+                Err(e) => Err(p::ApiError::internal(e.to_string())),
+            },
+            method::DNS_SLOW => {
+                let params: p::DnsSlowParams = p::parse_params(m, params)?;
+                json(serde_json::to_value(self.0.dns().slow(params.limit)))
+            }
+            method::ROUTES_SHOW => json(serde_json::to_value(self.0.routing().show())),
+            m if crate::cni::service::CniService::serves(m) => self.0.cni().handle(m, params),
             _ => Err(p::ApiError::unknown_method(m)),
         }
     }
@@ -52,7 +62,26 @@ impl MetricsRenderer {
 impl metrics::MetricsSource for MetricsRenderer {
     fn render(&self) -> String {
         let mut enc = Encoder::new();
-        metrics::render_build_info(&mut enc, &self.kernel);
+        let race_hook = self.daemon.status_race_hook();
+        metrics::render_build_info(&mut enc, &self.kernel, race_hook);
+        metrics::process::render(&mut enc);
+        self.daemon.cni().render_metrics(&mut enc);
+        self.daemon.routing().render_metrics(&mut enc);
+        let dns = self
+            .daemon
+            .dns()
+            .snapshot()
+            .map_err(
+                |e| tracing::warn!(error = %e, "reading the DNS maps failed; DNS metrics omitted"),
+            )
+            .ok();
+        let dns_lost: Vec<(&str, u64)> = dns
+            .iter()
+            .map(|s| (metrics::dns::PROGRAM, s.counters.events_lost))
+            .collect();
+        if let Some(snapshot) = &dns {
+            metrics::dns::render(&mut enc, snapshot, self.daemon.registry());
+        }
         match self.daemon.snapshot() {
             Ok(snapshot) => {
                 let (stats, fill) = self.daemon.kernel_stats();
@@ -62,22 +91,39 @@ impl metrics::MetricsSource for MetricsRenderer {
                     stats: stats.as_ref(),
                     fill,
                 };
-                mc::render(&mut enc, &sources, self.daemon.registry(), &mut top);
+                mc::render_with_events_lost(
+                    &mut enc,
+                    &sources,
+                    self.daemon.registry(),
+                    &mut top,
+                    &dns_lost,
+                );
                 let c = snapshot.counters;
-                enc.family(
+                let mut map_full = enc.family(
                     "podnet_bpf_map_full_total",
                     MetricType::Counter,
                     "Updates a kernel map could not take because it was full; non-zero means per-key counts are no longer complete.",
-                )
-                .sample(&[("map", "conntrack_drops")], c.drop_keys_full)
-                .sample(&[("map", "conntrack_race_destinations")], c.dest_keys_full);
-                enc.family(
+                );
+                map_full
+                    .sample(&[("map", "conntrack_drops")], c.drop_keys_full)
+                    .sample(&[("map", "conntrack_race_destinations")], c.dest_keys_full);
+                if let Some(d) = &dns {
+                    metrics::dns::map_full_samples(&mut map_full, &d.counters);
+                }
+                let mut skipped = enc.family(
                     "podnet_bpf_skipped_packets_total",
                     MetricType::Counter,
-                    "Packets a kernel program counted and skipped: a kernel read failed or the packet was not IP.",
-                )
-                .sample(&[("program", mc::PROGRAM), ("reason", "read_error")], c.read_errors)
-                .sample(&[("program", mc::PROGRAM), ("reason", "not_ip")], c.not_ip);
+                    "Packets a kernel program counted and skipped: a kernel read failed or the packet was not IP; for dns, see the reason label.",
+                );
+                skipped
+                    .sample(
+                        &[("program", mc::PROGRAM), ("reason", "read_error")],
+                        c.read_errors,
+                    )
+                    .sample(&[("program", mc::PROGRAM), ("reason", "not_ip")], c.not_ip);
+                if let Some(d) = &dns {
+                    metrics::dns::skipped_samples(&mut skipped, &d.counters);
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "reading the tracer's maps failed; conntrack metrics omitted");

@@ -45,6 +45,15 @@ pub enum DaemonError {
     /// The event thread could not be started.
     #[error("starting the race event thread: {0}")]
     Thread(std::io::Error),
+    /// IPAM or the CNI endpoint state could not be opened.
+    #[error(transparent)]
+    Ipam(#[from] crate::ipam::IpamError),
+    /// The DNS subsystem could not be started.
+    #[error(transparent)]
+    Dns(#[from] crate::dns::DnsError),
+    /// The routing subsystem could not be started.
+    #[error(transparent)]
+    Routing(#[from] crate::routing::RoutingError),
 }
 
 /// The running agent.
@@ -57,6 +66,9 @@ pub struct Daemon {
     event_thread: Mutex<Option<JoinHandle<()>>>,
     netns_inode: u32,
     started: Instant,
+    cni: crate::cni::service::CniService,
+    dns: crate::dns::Dns,
+    routing: crate::routing::Routing,
 }
 
 /// What `podnetctl status` shows.
@@ -86,6 +98,8 @@ pub struct Status {
     pub events_decode_errors: u64,
     /// Seconds since the agent started.
     pub uptime_seconds: u64,
+    /// DNS programs: links, program ids, counters.
+    pub dns: crate::dns::DnsStatus,
 }
 
 impl Daemon {
@@ -97,11 +111,23 @@ impl Daemon {
             tracing::info!(path = %path.display(), count = endpoints.len(), "endpoints loaded");
             registry.replace_source(Source::File, endpoints);
         }
+        // Before anything is loaded: a bad checkpoint or a second agent stops the start.
+        let cni = crate::cni::service::CniService::open(
+            &config.state_dir,
+            &crate::cni::service::IpamConfig {
+                mode: config.ipam_mode,
+                node_cidrs: config.node_cidrs.clone(),
+                eni: config.eni.clone(),
+                ..Default::default()
+            },
+            registry.clone(),
+        )?;
         let netns_inode = bpf::current_netns_inode().map_err(DaemonError::Netns)?;
         let mut tracer = Tracer::start(&TracerConfig {
             bpffs: config.bpffs.clone(),
             netns_inode,
             event_budget_per_cpu: config.race_event_budget,
+            race_hook: config.race_hook,
         })?;
         let races = RaceLog::with_capacity(defaults::RACE_LOG_CAPACITY);
         let events = EventThreadHandle::default();
@@ -109,7 +135,33 @@ impl Daemon {
             Some(ring) => Some(spawn_event_thread(ring, &registry, &races, &events)?),
             None => None,
         };
+        let routing = crate::routing::Routing::start(
+            crate::routing::RoutingConfig {
+                enis_file: config.enis.clone(),
+                vpc_cidrs: config.vpc_cidrs.clone(),
+                service_cidrs: config.service_cidrs.clone(),
+                snat: config.snat,
+                fast_path: config.fast_path,
+                bpffs: config.bpffs.clone(),
+                dns_ports: config.dns_ports.clone(),
+            },
+            registry.clone(),
+        )?;
+        cni.publish_enis_to(routing.enis().clone());
+        let dns = crate::dns::Dns::start(
+            crate::dns::DnsSettings {
+                bpffs: config.bpffs.clone(),
+                timeout: config.dns_timeout,
+                ports: config.dns_ports.clone(),
+                slow_threshold: config.dns_slow_threshold,
+                uplinks: config.uplinks.clone(),
+            },
+            registry.clone(),
+        )?;
         Ok(Arc::new(Self {
+            cni,
+            dns,
+            routing,
             config,
             registry,
             tracer: Mutex::new(tracer),
@@ -145,6 +197,11 @@ impl Daemon {
         self.tracer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The hook that counts insert races, by name.
+    pub fn status_race_hook(&self) -> &'static str {
+        tracer::hook_name(self.tracer().hook())
+    }
+
     /// The agent's status.
     pub fn status(&self) -> Status {
         let tracer = self.tracer();
@@ -152,7 +209,7 @@ impl Daemon {
         Status {
             version: env!("CARGO_PKG_VERSION"),
             kernel: kernel_release(),
-            race_hook: "tp_btf/kfree_skb",
+            race_hook: tracer::hook_name(tracer.hook()),
             tracer_attachment: tracer.attachment(),
             tracer_program_id: tracer.program_id(),
             tracer_pins: tracer.pin_dir().to_owned(),
@@ -162,6 +219,7 @@ impl Daemon {
             events_received: self.events.stats.received.load(Ordering::Relaxed),
             events_decode_errors: self.events.stats.decode_errors.load(Ordering::Relaxed),
             uptime_seconds: self.started.elapsed().as_secs(),
+            dns: self.dns.status(),
         }
     }
 
@@ -176,8 +234,26 @@ impl Daemon {
         (s, f)
     }
 
+    /// The DNS subsystem.
+    pub fn dns(&self) -> &crate::dns::Dns {
+        &self.dns
+    }
+
+    /// Native pod routing (policy routing, SNAT, fast path).
+    pub fn routing(&self) -> &crate::routing::Routing {
+        &self.routing
+    }
+
+    /// The CNI endpoint and IPAM service.
+    pub fn cni(&self) -> &crate::cni::service::CniService {
+        &self.cni
+    }
+
     /// Stops user-space work. Pinned programs and maps stay in place.
     pub fn stop(&self) {
+        self.cni.stop();
+        self.dns.stop();
+        self.routing.stop();
         self.events.stop.store(true, Ordering::Relaxed);
         let handle = self
             .event_thread

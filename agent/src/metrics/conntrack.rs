@@ -111,6 +111,18 @@ pub fn render(
     registry: &Registry,
     top: &mut TopDestinations,
 ) {
+    render_with_events_lost(enc, sources, registry, top, &[]);
+}
+
+/// Like [`render`], adding other programs' `(program, lost)` samples to
+/// `podnet_bpf_events_lost_total`, so the family is written once.
+pub fn render_with_events_lost(
+    enc: &mut Encoder,
+    sources: &Sources<'_>,
+    registry: &Registry,
+    top: &mut TopDestinations,
+    other_events_lost: &[(&str, u64)],
+) {
     let snapshot = sources.snapshot;
     render_drops(enc, snapshot, registry);
     render_destinations(enc, snapshot, top);
@@ -142,12 +154,15 @@ pub fn render(
     }
 
     let counters = &snapshot.counters;
-    enc.family(
+    let mut lost = enc.family(
         "podnet_bpf_events_lost_total",
         MetricType::Counter,
         "Events a kernel program could not deliver because its ring buffer was full; counts stay exact.",
-    )
-    .sample(&[("program", PROGRAM)], counters.events_lost);
+    );
+    lost.sample(&[("program", PROGRAM)], counters.events_lost);
+    for (program, n) in other_events_lost {
+        lost.sample(&[("program", program)], *n);
+    }
     enc.family(
         "podnet_bpf_events_sampled_total",
         MetricType::Counter,

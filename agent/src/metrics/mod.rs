@@ -7,6 +7,8 @@
 //! of any counter in user space.
 
 pub mod conntrack;
+pub mod dns;
+pub mod process;
 pub mod server;
 pub mod text;
 
@@ -31,16 +33,21 @@ where
     }
 }
 
-/// Writes `podnet_build_info{version,kernel} 1`; `kernel` is the running
-/// kernel's release (`uname -r`, e.g. from `daemon::kernel_release`).
-pub fn render_build_info(enc: &mut Encoder, kernel: &str) {
+/// Writes `podnet_build_info{version,kernel,race_hook} 1`; `kernel` is the
+/// running kernel's release (`uname -r`, e.g. from `daemon::kernel_release`),
+/// `race_hook` the hook that counts insert races.
+pub fn render_build_info(enc: &mut Encoder, kernel: &str, race_hook: &str) {
     enc.family(
         "podnet_build_info",
         MetricType::Gauge,
-        "Always 1; labels carry the podnet version and the running kernel release.",
+        "Always 1; labels carry the podnet version, the running kernel release and the insert-race hook.",
     )
     .sample(
-        &[("version", env!("CARGO_PKG_VERSION")), ("kernel", kernel)],
+        &[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("kernel", kernel),
+            ("race_hook", race_hook),
+        ],
         1_u64,
     );
 }
@@ -52,13 +59,13 @@ mod tests {
     #[test]
     fn build_info_names_version_and_kernel() {
         let mut enc = Encoder::new();
-        render_build_info(&mut enc, "6.18.0-podnet");
+        render_build_info(&mut enc, "6.18.0-podnet", "tp_btf/kfree_skb");
         assert_eq!(
             enc.finish(),
             format!(
-                "# HELP podnet_build_info Always 1; labels carry the podnet version and the running kernel release.\n\
+                "# HELP podnet_build_info Always 1; labels carry the podnet version, the running kernel release and the insert-race hook.\n\
                  # TYPE podnet_build_info gauge\n\
-                 podnet_build_info{{version=\"{}\",kernel=\"6.18.0-podnet\"}} 1\n",
+                 podnet_build_info{{version=\"{}\",kernel=\"6.18.0-podnet\",race_hook=\"tp_btf/kfree_skb\"}} 1\n",
                 env!("CARGO_PKG_VERSION")
             )
         );

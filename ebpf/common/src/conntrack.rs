@@ -51,6 +51,12 @@ pub struct KernelOffsets {
     /// Most race events sent to user space per CPU per second; beyond it
     /// events are sampled out (and counted), while counts stay exact.
     pub event_budget_per_cpu: u32,
+    /// Which program counts insert races, a [`RaceHook`] as a number. With
+    /// [`RaceHook::ConfirmProbe`] the `kfree_skb` program counts only the
+    /// other netfilter drops.
+    pub race_hook: u32,
+    /// Explicit padding.
+    pub _pad: u32,
 }
 
 impl KernelOffsets {
@@ -58,8 +64,23 @@ impl KernelOffsets {
     pub const ABSENT: u32 = u32::MAX;
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 80);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
 
+/// The kernel hook that counts insert races.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RaceHook {
+    /// `tp_btf/kfree_skb`: netfilter drops classified by the entry's status.
+    /// Works wherever BTF tracepoints do (no kprobes, no fentry needed).
+    DropTracepoint = 0,
+    /// kretprobe on `__nf_conntrack_confirm`: a race is exactly a confirm that
+    /// returned `NF_DROP`, the kernel's own `insert_failed` path; the drop
+    /// tracepoint then counts it like any other drop.
+    ConfirmProbe = 1,
+}
+
+/// Return value of a netfilter hook that drops the packet (`NF_DROP`).
+pub const NF_DROP: i32 = 0;
 /// `IPS_CONFIRMED` from `enum ip_conntrack_status` (uapi, stable ABI).
 pub const IPS_CONFIRMED: u64 = 1 << 3;
 /// `IPS_SRC_NAT_DONE` from `enum ip_conntrack_status` (uapi, stable ABI).
@@ -199,8 +220,11 @@ pub mod counter {
     pub const READ_ERRORS: u32 = 6;
     /// Netfilter drops whose packet was neither IPv4 nor IPv6.
     pub const NOT_IP: u32 = 7;
+    /// Confirm returns of `NF_DROP` not followed by their netfilter drop
+    /// before the next one (should stay 0).
+    pub const PROBE_UNMATCHED: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Names of the tracer's maps, as user space opens and pins them.
@@ -239,6 +263,10 @@ const _: () = assert!(core::mem::size_of::<BudgetWindow>() == 16);
 pub const OFFSETS_GLOBAL: &str = "KERNEL_OFFSETS";
 /// Name of the program attached to `tp_btf/kfree_skb`.
 pub const PROGRAM_NAME: &str = "podnet_kfree_skb";
+/// Name of the kretprobe on `__nf_conntrack_confirm`.
+pub const CONFIRM_EXIT_PROGRAM: &str = "podnet_confirm_exit";
+/// The kernel function the precise hook probes.
+pub const CONFIRM_FUNCTION: &str = "__nf_conntrack_confirm";
 
 impl_pod!(
     KernelOffsets,
@@ -261,7 +289,10 @@ mod tests {
     #[test]
     fn unconfirmed_after_snat_is_an_insert_race() {
         assert_eq!(classify(IPS_SRC_NAT_DONE), DropKind::InsertRace);
-        assert_eq!(classify(IPS_SRC_NAT_DONE | DST_NAT_DONE), DropKind::InsertRace);
+        assert_eq!(
+            classify(IPS_SRC_NAT_DONE | DST_NAT_DONE),
+            DropKind::InsertRace
+        );
     }
 
     #[test]

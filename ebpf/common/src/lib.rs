@@ -7,6 +7,8 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod conntrack;
+pub mod dns;
+pub mod steer;
 
 /// Address family numbers as the kernel uses them (`AF_INET`, `AF_INET6`).
 pub mod family {

@@ -12,14 +12,14 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
-    macros::{btf_tracepoint, map},
+    macros::{btf_tracepoint, kretprobe, map},
     maps::{PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::BtfTracePointContext,
+    programs::{BtfTracePointContext, RetProbeContext},
 };
 use podnet_common::{
     conntrack::{
         classify, counter, maps as m, BudgetWindow, DestKey, DropKey, DropKind, KernelOffsets,
-        RaceEvent, Tuple,
+        RaceEvent, RaceHook, Tuple, NF_DROP,
     },
     family,
 };
@@ -48,6 +48,8 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     drop_reason_netfilter: u32::MAX,
     netns_filter: 0,
     event_budget_per_cpu: 0,
+    race_hook: RaceHook::DropTracepoint as u32,
+    _pad: 0,
 };
 
 #[map(name = "CT_DROPS")]
@@ -65,6 +67,11 @@ static CT_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 
 #[map(name = "CT_BUDGET")]
 static CT_BUDGET: PerCpuArray<BudgetWindow> = PerCpuArray::pinned(1, 0);
+
+/// Per CPU: 1 when `__nf_conntrack_confirm` just returned `NF_DROP` and the
+/// matching `kfree_skb` has not been seen yet.
+#[map(name = "CT_CONFIRM_DROPPED")]
+static CT_CONFIRM_DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Mask of the conntrack pointer in `skb->_nfct` (`NFCT_PTRMASK`).
 const NFCT_PTRMASK: usize = !7;
@@ -92,12 +99,16 @@ pub fn podnet_kfree_skb(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let skb: usize = ctx.arg(0);
-    on_netfilter_drop(&off, skb);
+    // Taken before any filtering, so a flag is never left for another drop.
+    let confirm_dropped = off.race_hook == RaceHook::ConfirmProbe as u32 && take_confirm_drop();
+    on_netfilter_drop(&off, skb, confirm_dropped);
     0
 }
 
+/// `confirm_dropped`: with the confirm probe, whether `__nf_conntrack_confirm`
+/// just returned `NF_DROP` for this skb.
 #[inline(always)]
-fn on_netfilter_drop(off: &KernelOffsets, skb: usize) {
+fn on_netfilter_drop(off: &KernelOffsets, skb: usize, confirm_dropped: bool) {
     let nfct: usize = read::at(skb, off.skb_nfct).unwrap_or(0);
     let ct = nfct & NFCT_PTRMASK;
     if ct == 0 {
@@ -117,7 +128,14 @@ fn on_netfilter_drop(off: &KernelOffsets, skb: usize) {
         return;
     };
     bump(counter::NETFILTER_DROPS);
-    let kind = classify(status);
+    let kind = if off.race_hook != RaceHook::ConfirmProbe as u32 {
+        classify(status)
+    } else if confirm_dropped {
+        // The kernel's own verdict: confirm returned NF_DROP for this skb.
+        DropKind::InsertRace
+    } else {
+        DropKind::Other
+    };
     count_drop(&original.src_addr, original.family, original.proto, kind);
     if kind != DropKind::InsertRace {
         return;
@@ -315,6 +333,44 @@ fn send_event(off: &KernelOffsets, netns: u32, status: u64, original: Tuple, rep
         BPF_RB_NO_WAKEUP
     };
     entry.submit(flags);
+}
+
+/// kretprobe on `__nf_conntrack_confirm`: a return of `NF_DROP` is the
+/// kernel's `insert_failed` path (`nf_ct_resolve_clash` could not resolve the
+/// clash). `nf_hook_slow` frees that skb right after the hook returns, on
+/// this CPU, with `SKB_DROP_REASON_NETFILTER_DROP`: the flag tells the
+/// `kfree_skb` program that the drop it sees next is that race.
+#[kretprobe]
+pub fn podnet_confirm_exit(ctx: RetProbeContext) -> u32 {
+    let ret: i32 = ctx.ret();
+    if ret != NF_DROP {
+        return 0;
+    }
+    if let Some(flag) = CT_CONFIRM_DROPPED.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot of this CPU; no other CPU writes it.
+        unsafe {
+            if *flag != 0 {
+                // The previous flag was never consumed by its drop.
+                bump(counter::PROBE_UNMATCHED);
+            }
+            *flag = 1;
+        }
+    }
+    0
+}
+
+/// Takes this CPU's "confirm returned `NF_DROP`" flag.
+#[inline(always)]
+fn take_confirm_drop() -> bool {
+    let Some(flag) = CT_CONFIRM_DROPPED.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: per-CPU slot of this CPU; no other CPU writes it.
+    unsafe {
+        let set = *flag != 0;
+        *flag = 0;
+        set
+    }
 }
 
 #[cfg(not(test))]

@@ -23,7 +23,10 @@ const PHASE: Duration = Duration::from_secs(3);
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(report) => {
-            println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            );
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
@@ -40,7 +43,11 @@ fn run() -> Result<Value> {
     }
     let mut report = serde_json::Map::new();
     report.insert("machine".into(), machine());
-    for name in if which.is_empty() { vec!["conntrack".to_owned()] } else { which } {
+    for name in if which.is_empty() {
+        vec!["conntrack".to_owned()]
+    } else {
+        which
+    } {
         let value = match name.as_str() {
             "conntrack" => conntrack()?,
             other => bail!("unknown benchmark {other:?} (known: conntrack)"),
@@ -56,8 +63,7 @@ fn machine() -> Value {
         .lines()
         .find(|l| l.starts_with("model name"))
         .and_then(|l| l.split(':').nth(1))
-        .map(str::trim)
-        .unwrap_or("unknown")
+        .map_or("unknown", str::trim)
         .to_owned();
     json!({
         "kernel": read("/proc/sys/kernel/osrelease").trim(),
@@ -73,7 +79,23 @@ fn conntrack() -> Result<Value> {
     let _stats = BpfStats::enable()?;
     let topo = Topology::builder().name("bench").pods(2).build()?;
     let to = format!("{}:40000-40000", topo.node_ipv4_to_server());
-    iptables(topo.node(), &["-t", "nat", "-A", "POSTROUTING", "-s", topo.pods_cidr_v4(), "-p", "udp", "-j", "SNAT", "--to-source", &to])?;
+    iptables(
+        topo.node(),
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            topo.pods_cidr_v4(),
+            "-p",
+            "udp",
+            "-j",
+            "SNAT",
+            "--to-source",
+            &to,
+        ],
+    )?;
     let endpoints: Vec<EndpointSpec> = [("bench", "a", 0), ("bench", "b", 1)]
         .iter()
         .map(|(ns, pod, i)| EndpointSpec::new(ns, pod, &[IpAddr::V4(topo.pod(*i).ipv4())]))
@@ -81,7 +103,11 @@ fn conntrack() -> Result<Value> {
     // No event budget: every race is an event, to find the ring buffer's limit.
     let agent = Agent::start_with(topo.node(), &endpoints, &["--race-event-budget", "0"])?;
     let status = |agent: &Agent| agent.api("status", json!({}));
-    let prog_id = u32::try_from(status(&agent)?["tracer_program_id"].as_u64().ok_or_else(|| anyhow!("no program id"))?)?;
+    let prog_id = u32::try_from(
+        status(&agent)?["tracer_program_id"]
+            .as_u64()
+            .ok_or_else(|| anyhow!("no program id"))?,
+    )?;
     let (a, b) = (topo.pod(0), topo.pod(1));
     let server = SocketAddr::new(topo.server_ipv4().into(), 7000);
     udp_send(a.netns(), SocketAddr::new(a.ipv4().into(), 5000), server, 1)?;
@@ -91,7 +117,13 @@ fn conntrack() -> Result<Value> {
         let kernel_before = conntrack_stats(topo.node())?.get("insert_failed")?;
         let st_before = status(&agent)?;
         let prog_before = ProgStats::read(prog_id)?;
-        let (sent, took) = udp_flood(b.netns(), SocketAddr::new(b.ipv4().into(), 5001), server, rate, PHASE)?;
+        let (sent, took) = udp_flood(
+            b.netns(),
+            SocketAddr::new(b.ipv4().into(), 5001),
+            server,
+            rate,
+            PHASE,
+        )?;
         // Let the event thread drain what is in the ring.
         std::thread::sleep(Duration::from_millis(500));
         let prog_after = ProgStats::read(prog_id)?;
@@ -100,7 +132,8 @@ fn conntrack() -> Result<Value> {
         let counter = |v: &Value, k: &str| v["counters"][k].as_u64().unwrap_or(0);
         let lost = counter(&st_after, "events_lost") - counter(&st_before, "events_lost");
         let attributed = counter(&st_after, "insert_races") - counter(&st_before, "insert_races");
-        let received = st_after["events_received"].as_u64().unwrap_or(0) - st_before["events_received"].as_u64().unwrap_or(0);
+        let received = st_after["events_received"].as_u64().unwrap_or(0)
+            - st_before["events_received"].as_u64().unwrap_or(0);
         #[allow(clippy::cast_precision_loss)]
         let achieved = races as f64 / took.as_secs_f64();
         if lost == 0 && received == races {
@@ -120,7 +153,13 @@ fn conntrack() -> Result<Value> {
     let closed = SocketAddr::new(topo.server_ipv4().into(), 9);
     iptables(topo.node(), &["-t", "nat", "-F", "POSTROUTING"])?;
     let prog_before = ProgStats::read(prog_id)?;
-    let (sent, _) = udp_flood(a.netns(), SocketAddr::new(a.ipv4().into(), 5002), closed, 50_000, PHASE)?;
+    let (sent, _) = udp_flood(
+        a.netns(),
+        SocketAddr::new(a.ipv4().into(), 5002),
+        closed,
+        50_000,
+        PHASE,
+    )?;
     let prog_after = ProgStats::read(prog_id)?;
     let other = json!({
         "sent": sent, "program_runs": prog_after.runs_since(&prog_before),

@@ -1,0 +1,403 @@
+//! [`CloudProvider`] over the EC2 Query API: `POST /` with a form-encoded
+//! `Action=...&Version=2016-11-15`, signed with `SigV4`, XML answers.
+
+use std::{
+    net::Ipv4Addr,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, SystemTime},
+};
+
+use super::{
+    credentials::CredentialChain,
+    http::Client,
+    imds::Imds,
+    sigv4::{self, uri_encode},
+    xml::{self, Element},
+    ApiCalls, CloudError, CloudProvider, EniInfo, InstanceIdentity, InstanceLimits, MANAGED_TAG,
+};
+
+/// The API version this client speaks.
+pub const API_VERSION: &str = "2016-11-15";
+/// Time limit of one HTTP request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Tag naming the instance an interface was created for.
+pub const INSTANCE_TAG: &str = "podnet.io/instance-id";
+/// Description of the interfaces podnet creates.
+const DESCRIPTION: &str = "podnet pod addresses";
+/// Attempts to delete a detached interface while AWS still reports it in use.
+const DELETE_ATTEMPTS: u32 = 10;
+
+/// EC2 through the Query API, identity and credentials through IMDS.
+#[derive(Debug)]
+pub struct Ec2 {
+    endpoint: Option<String>,
+    http: Client,
+    imds: Arc<Imds>,
+    credentials: CredentialChain,
+    region: Mutex<Option<String>>,
+    calls: ApiCalls,
+}
+
+impl Ec2 {
+    /// A client of `endpoint` (`None`: `https://ec2.<region>.amazonaws.com`)
+    /// with metadata from `imds_endpoint`, counting calls in `calls`.
+    pub fn new(
+        endpoint: Option<&str>,
+        imds_endpoint: &str,
+        calls: ApiCalls,
+    ) -> Result<Self, CloudError> {
+        let http = Client::new(REQUEST_TIMEOUT).map_err(|message| CloudError::Transport {
+            action: "setup".into(),
+            message,
+        })?;
+        let imds = Arc::new(Imds::new(imds_endpoint, http.clone()));
+        Ok(Self {
+            endpoint: endpoint.map(|e| e.trim_end_matches('/').to_owned()),
+            http,
+            credentials: CredentialChain::new(imds.clone()),
+            imds,
+            region: Mutex::new(None),
+            calls,
+        })
+    }
+
+    fn region(&self) -> Result<String, CloudError> {
+        let mut region = self.region.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(r) = region.as_ref() {
+            return Ok(r.clone());
+        }
+        let r = self.imds.get("placement/region")?;
+        *region = Some(r.clone());
+        Ok(r)
+    }
+
+    /// One API call; counted whatever its outcome.
+    pub fn call(&self, action: &str, params: &[(String, String)]) -> Result<Element, CloudError> {
+        let result = self.call_uncounted(action, params);
+        let label = match &result {
+            Ok(_) => "success",
+            Err(e) => e.result_label(),
+        };
+        self.calls.record(action, label);
+        result
+    }
+
+    fn call_uncounted(
+        &self,
+        action: &str,
+        params: &[(String, String)],
+    ) -> Result<Element, CloudError> {
+        let region = self.region()?;
+        let url = self
+            .endpoint
+            .clone()
+            .unwrap_or_else(|| format!("https://ec2.{region}.amazonaws.com"));
+        let host = url
+            .split_once("://")
+            .map_or(url.as_str(), |(_, rest)| rest)
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let mut body = format!("Action={}&Version={API_VERSION}", uri_encode(action));
+        for (k, v) in params {
+            body.push('&');
+            body.push_str(&uri_encode(k));
+            body.push('=');
+            body.push_str(&uri_encode(v));
+        }
+        let creds = self.credentials.get()?;
+        let content_type = "application/x-www-form-urlencoded; charset=utf-8";
+        let (amz_date, _) = sigv4::amz_dates(SystemTime::now());
+        let mut headers = sigv4::sign(
+            &sigv4::Request {
+                method: "POST",
+                host: &host,
+                path: "/",
+                query: "",
+                headers: &[("content-type", content_type)],
+                payload: body.as_bytes(),
+            },
+            &creds,
+            &region,
+            "ec2",
+            &amz_date,
+        );
+        headers.push(("content-type".into(), content_type.into()));
+        let answer = self
+            .http
+            .send("POST", &format!("{url}/"), &headers, Some(&body))
+            .map_err(|message| CloudError::Transport {
+                action: action.into(),
+                message,
+            })?;
+        let doc = xml::parse(&answer.body);
+        if answer.status == 200 {
+            return doc.map_err(|message| CloudError::Decode {
+                action: action.into(),
+                message,
+            });
+        }
+        let (code, message) = doc
+            .ok()
+            .and_then(|root| {
+                let mut errors = Vec::new();
+                root.find_all("Error", &mut errors);
+                errors.first().map(|e| {
+                    (
+                        e.text_at("Code").unwrap_or_default().to_owned(),
+                        e.text_at("Message").unwrap_or_default().to_owned(),
+                    )
+                })
+            })
+            .unwrap_or_else(|| (format!("HTTP{}", answer.status), first_line(&answer.body)));
+        Err(CloudError::Api {
+            action: action.into(),
+            code,
+            message,
+        })
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(200)
+        .collect()
+}
+
+fn decode(action: &str, message: impl Into<String>) -> CloudError {
+    CloudError::Decode {
+        action: action.into(),
+        message: message.into(),
+    }
+}
+
+fn p(k: impl Into<String>, v: impl Into<String>) -> (String, String) {
+    (k.into(), v.into())
+}
+
+/// Reads one `networkInterfaceSet` item.
+pub fn parse_eni(item: &Element) -> Result<EniInfo, String> {
+    let id = item
+        .text_at("networkInterfaceId")
+        .ok_or("no networkInterfaceId")?
+        .to_owned();
+    let mac = item
+        .text_at("macAddress")
+        .ok_or_else(|| format!("{id}: no macAddress"))?
+        .parse()
+        .map_err(|e| format!("{id}: {e}"))?;
+    let primary_ip: Ipv4Addr = item
+        .text_at("privateIpAddress")
+        .ok_or_else(|| format!("{id}: no privateIpAddress"))?
+        .parse()
+        .map_err(|e| format!("{id}: privateIpAddress: {e}"))?;
+    let mut secondary_ips = Vec::new();
+    for a in item.items("privateIpAddressesSet") {
+        let Some(ip) = a.text_at("privateIpAddress") else {
+            continue;
+        };
+        let ip: Ipv4Addr = ip.parse().map_err(|e| format!("{id}: {ip}: {e}"))?;
+        if a.text_at("primary") != Some("true") && ip != primary_ip {
+            secondary_ips.push(ip);
+        }
+    }
+    secondary_ips.sort_unstable();
+    secondary_ips.dedup();
+    let device_index = item
+        .text_at("attachment/deviceIndex")
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(u32::MAX);
+    let managed = item
+        .items("tagSet")
+        .any(|t| t.text_at("key") == Some(MANAGED_TAG) && t.text_at("value") == Some("true"));
+    Ok(EniInfo {
+        mac,
+        device_index,
+        attachment_id: item.text_at("attachment/attachmentId").map(str::to_owned),
+        subnet_id: item.text_at("subnetId").unwrap_or_default().to_owned(),
+        security_groups: item
+            .items("groupSet")
+            .filter_map(|g| g.text_at("groupId"))
+            .map(str::to_owned)
+            .collect(),
+        primary_ip,
+        secondary_ips,
+        managed,
+        id,
+    })
+}
+
+impl CloudProvider for Ec2 {
+    fn identity(&self) -> Result<InstanceIdentity, CloudError> {
+        let id = self.imds.identity()?;
+        *self.region.lock().unwrap_or_else(PoisonError::into_inner) = Some(id.region.clone());
+        Ok(id)
+    }
+
+    fn limits(&self, instance_type: &str) -> Result<InstanceLimits, CloudError> {
+        let action = "DescribeInstanceTypes";
+        let root = self.call(action, &[p("InstanceType.1", instance_type)])?;
+        let item = root
+            .items("instanceTypeSet")
+            .next()
+            .ok_or_else(|| decode(action, format!("unknown instance type {instance_type}")))?;
+        let num = |path: &str| {
+            item.text_at(path)
+                .and_then(|v| v.parse::<u32>().ok())
+                .filter(|n| *n > 0)
+                .ok_or_else(|| decode(action, format!("{instance_type}: no {path}")))
+        };
+        Ok(InstanceLimits {
+            max_enis: num("networkInfo/maximumNetworkInterfaces")?,
+            ips_per_eni: num("networkInfo/ipv4AddressesPerInterface")?,
+        })
+    }
+
+    fn list_enis(&self, instance_id: &str) -> Result<Vec<EniInfo>, CloudError> {
+        let action = "DescribeNetworkInterfaces";
+        let root = self.call(
+            action,
+            &[
+                p("Filter.1.Name", "attachment.instance-id"),
+                p("Filter.1.Value.1", instance_id),
+            ],
+        )?;
+        let mut enis = root
+            .items("networkInterfaceSet")
+            .map(parse_eni)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|m| decode(action, m))?;
+        enis.sort_by_key(|e| e.device_index);
+        Ok(enis)
+    }
+
+    fn create_and_attach_eni(
+        &self,
+        instance_id: &str,
+        subnet_id: &str,
+        security_groups: &[String],
+        device_index: u32,
+        secondary: u32,
+    ) -> Result<String, CloudError> {
+        let action = "CreateNetworkInterface";
+        let mut params = vec![
+            p("SubnetId", subnet_id),
+            p("Description", DESCRIPTION),
+            p("TagSpecification.1.ResourceType", "network-interface"),
+            p("TagSpecification.1.Tag.1.Key", MANAGED_TAG),
+            p("TagSpecification.1.Tag.1.Value", "true"),
+            p("TagSpecification.1.Tag.2.Key", INSTANCE_TAG),
+            p("TagSpecification.1.Tag.2.Value", instance_id),
+        ];
+        for (i, sg) in security_groups.iter().enumerate() {
+            params.push(p(format!("SecurityGroupId.{}", i + 1), sg.clone()));
+        }
+        if secondary > 0 {
+            params.push(p("SecondaryPrivateIpAddressCount", secondary.to_string()));
+        }
+        let root = self.call(action, &params)?;
+        let eni_id = root
+            .text_at("networkInterface/networkInterfaceId")
+            .ok_or_else(|| decode(action, "no networkInterfaceId"))?
+            .to_owned();
+        let attached = self.call(
+            "AttachNetworkInterface",
+            &[
+                p("NetworkInterfaceId", eni_id.clone()),
+                p("InstanceId", instance_id),
+                p("DeviceIndex", device_index.to_string()),
+            ],
+        );
+        if let Err(e) = attached {
+            // Do not leave an unattached interface behind.
+            if let Err(d) = self.call(
+                "DeleteNetworkInterface",
+                &[p("NetworkInterfaceId", eni_id.clone())],
+            ) {
+                tracing::warn!(eni = %eni_id, error = %d, "deleting an interface that failed to attach failed");
+            }
+            return Err(e);
+        }
+        Ok(eni_id)
+    }
+
+    fn assign_ips(&self, eni_id: &str, count: u32) -> Result<(), CloudError> {
+        self.call(
+            "AssignPrivateIpAddresses",
+            &[
+                p("NetworkInterfaceId", eni_id),
+                p("SecondaryPrivateIpAddressCount", count.to_string()),
+            ],
+        )
+        .map(drop)
+    }
+
+    fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
+        let mut params = vec![p("NetworkInterfaceId", eni_id)];
+        for (i, ip) in ips.iter().enumerate() {
+            params.push(p(format!("PrivateIpAddress.{}", i + 1), ip.to_string()));
+        }
+        self.call("UnassignPrivateIpAddresses", &params).map(drop)
+    }
+
+    fn detach_and_delete_eni(&self, eni_id: &str, attachment_id: &str) -> Result<(), CloudError> {
+        self.call(
+            "DetachNetworkInterface",
+            &[p("AttachmentId", attachment_id)],
+        )?;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.call("DeleteNetworkInterface", &[p("NetworkInterfaceId", eni_id)]) {
+                Err(CloudError::Api { code, .. })
+                    if code == "InvalidNetworkInterface.InUse" && attempt < DELETE_ATTEMPTS =>
+                {
+                    // Detaching takes a few seconds on EC2.
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                other => return other.map(drop),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_network_interface() {
+        let doc = r#"<DescribeNetworkInterfacesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+ <networkInterfaceSet><item>
+  <networkInterfaceId>eni-1</networkInterfaceId><subnetId>subnet-1</subnetId>
+  <macAddress>02:00:00:00:01:01</macAddress><privateIpAddress>10.0.1.5</privateIpAddress>
+  <groupSet><item><groupId>sg-1</groupId><groupName>x</groupName></item></groupSet>
+  <attachment><attachmentId>eni-attach-1</attachmentId><deviceIndex>1</deviceIndex></attachment>
+  <tagSet><item><key>podnet.io/managed</key><value>true</value></item></tagSet>
+  <privateIpAddressesSet>
+   <item><privateIpAddress>10.0.1.5</privateIpAddress><primary>true</primary></item>
+   <item><privateIpAddress>10.0.1.9</privateIpAddress><primary>false</primary></item>
+   <item><privateIpAddress>10.0.1.7</privateIpAddress><primary>false</primary></item>
+  </privateIpAddressesSet>
+ </item></networkInterfaceSet></DescribeNetworkInterfacesResponse>"#;
+        let root = xml::parse(doc).unwrap();
+        let eni = parse_eni(root.items("networkInterfaceSet").next().unwrap()).unwrap();
+        assert_eq!(eni.id, "eni-1");
+        assert_eq!(eni.device_index, 1);
+        assert_eq!(eni.attachment_id.as_deref(), Some("eni-attach-1"));
+        assert_eq!(eni.security_groups, ["sg-1"]);
+        assert_eq!(eni.primary_ip.to_string(), "10.0.1.5");
+        assert_eq!(
+            eni.secondary_ips,
+            [
+                "10.0.1.7".parse::<Ipv4Addr>().unwrap(),
+                "10.0.1.9".parse().unwrap()
+            ]
+        );
+        assert!(eni.managed);
+    }
+}

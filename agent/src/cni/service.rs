@@ -1,0 +1,480 @@
+//! The agent's side of podnet-cni: the `endpoint.*` and `ipam.*` API methods
+//! over the persisted [`NodeState`], the endpoint registry's CNI source, and
+//! the CNI and IPAM metrics.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+
+use super::wire::{AddParams, CheckParams, GcParams, IpamStatus, KeyParams, Removed, StatusParams};
+use crate::{
+    api::protocol::{self as p, method, ApiError, ErrorCode},
+    endpoint::{Registry, Source},
+    ipam::{
+        allocator::PoolUsage,
+        cidr::Cidr,
+        source::{AddressSource, NodeCidr},
+        state::NodeState,
+        store::{RealFs, StateLock, Store},
+        Clock, IpamError, IpamMode, SystemClock, DEFAULT_COOLDOWN,
+    },
+    metrics::text::{Encoder, MetricType},
+};
+
+/// Upper bounds of the CNI request duration histogram, in seconds.
+pub const DURATION_BUCKETS: [f64; 12] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// What the service needs from the agent's configuration.
+#[derive(Clone, Debug)]
+pub struct IpamConfig {
+    /// `--ipam-mode`.
+    pub mode: IpamMode,
+    /// `--node-cidr`.
+    pub node_cidrs: Vec<Cidr>,
+    /// Cooldown of released addresses.
+    pub cooldown: Duration,
+    /// ENI mode settings.
+    pub eni: crate::ipam::eni::EniSettings,
+}
+
+impl Default for IpamConfig {
+    fn default() -> Self {
+        Self {
+            mode: IpamMode::NodeCidr,
+            node_cidrs: Vec::new(),
+            cooldown: DEFAULT_COOLDOWN,
+            eni: crate::ipam::eni::EniSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [u64; DURATION_BUCKETS.len()],
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (bound, n) in DURATION_BUCKETS.iter().zip(self.buckets.iter_mut()) {
+            if seconds <= *bound {
+                *n += 1;
+            }
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: BTreeMap<(String, String), u64>,
+    durations: BTreeMap<String, Histogram>,
+    allocations: BTreeMap<&'static str, u64>,
+}
+
+/// The endpoint and IPAM service.
+#[derive(Debug)]
+pub struct CniService {
+    mode: IpamMode,
+    state: Arc<Mutex<NodeState>>,
+    eni: Option<crate::ipam::eni::EniIpam>,
+    registry: Registry,
+    counters: Mutex<Counters>,
+    _lock: StateLock,
+}
+
+impl CniService {
+    /// Locks `state_dir`, restores the checkpoint and fills the registry's
+    /// CNI source from it.
+    pub fn open(
+        state_dir: &Path,
+        config: &IpamConfig,
+        registry: Registry,
+    ) -> Result<Self, IpamError> {
+        Self::open_with(state_dir, config, registry, Arc::new(SystemClock))
+    }
+
+    /// Like [`CniService::open`] with another clock.
+    pub fn open_with(
+        state_dir: &Path,
+        config: &IpamConfig,
+        registry: Registry,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, IpamError> {
+        let eni = (config.mode == IpamMode::Eni)
+            .then(|| crate::ipam::eni::EniIpam::new(crate::cloud::ApiCalls::default()));
+        let node_cidrs = if eni.is_some() {
+            &[][..]
+        } else {
+            &config.node_cidrs[..]
+        };
+        let mut sources = node_cidrs
+            .iter()
+            .map(|c| {
+                NodeCidr::new(*c)
+                    .map(|s| Arc::new(s) as Arc<dyn AddressSource>)
+                    .map_err(|e| IpamError::Config(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(eni) = &eni {
+            sources.push(Arc::new(eni.pool().clone()));
+        }
+        let lock = StateLock::acquire(state_dir)?;
+        let state = NodeState::open(
+            sources,
+            clock,
+            config.cooldown,
+            Store::new(state_dir, Box::new(RealFs)),
+        )?;
+        let outside = state.allocator().outside_sources();
+        if !outside.is_empty() {
+            tracing::warn!(count = outside.len(), first = %outside[0], "allocations outside the configured --node-cidr are kept until released");
+        }
+        let service = Self {
+            mode: config.mode,
+            state: Arc::new(Mutex::new(state)),
+            eni,
+            registry,
+            counters: Mutex::new(Counters::default()),
+            _lock: lock,
+        };
+        {
+            let state = service.state();
+            service.sync_registry(&state);
+            let usage = state.allocator().usage();
+            tracing::info!(
+                endpoints = state.endpoints().count(),
+                allocations = state.allocator().allocations().count(),
+                pools = ?usage.iter().map(PoolUsage::describe).collect::<Vec<_>>(),
+                "IPAM state restored"
+            );
+        }
+        if let Some(eni) = &service.eni {
+            crate::ipam::eni::start_ec2(eni, &config.eni, &service.state)?;
+        }
+        Ok(service)
+    }
+
+    fn state(&self) -> MutexGuard<'_, NodeState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn counters(&self) -> MutexGuard<'_, Counters> {
+        self.counters.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn sync_registry(&self, state: &NodeState) {
+        self.registry.replace_source(
+            Source::Cni,
+            state
+                .endpoints()
+                .map(super::record::EndpointRecord::to_endpoint)
+                .collect(),
+        );
+    }
+
+    /// Whether this service serves `method`.
+    pub fn serves(method: &str) -> bool {
+        method.starts_with("endpoint.") || method.starts_with("ipam.")
+    }
+
+    /// Serves one API call, counting it by the CNI command it was made for.
+    pub fn handle(&self, m: &str, params: Value) -> Result<Value, ApiError> {
+        let started = Instant::now();
+        let command = params
+            .get("command")
+            .and_then(Value::as_str)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned);
+        let result = self.dispatch(m, params);
+        if let Some(command) = command.filter(|c| is_cni_command(c)) {
+            let outcome = match &result {
+                Ok(_) => "success".to_owned(),
+                Err(e) => e.code.as_str().to_owned(),
+            };
+            let mut c = self.counters();
+            *c.requests.entry((command.clone(), outcome)).or_default() += 1;
+            c.durations
+                .entry(command)
+                .or_default()
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_lines)] // one short arm per method
+    fn dispatch(&self, m: &str, params: Value) -> Result<Value, ApiError> {
+        let to_json =
+            |v: serde_json::Result<Value>| v.map_err(|e| ApiError::internal(e.to_string()));
+        match m {
+            method::IPAM_ALLOCATE => {
+                let k: KeyParams = strict(m, params)?;
+                let result = self.state().allocate(&k.key(), &k.network);
+                let label = match &result {
+                    Ok(_) => "success",
+                    Err(IpamError::Exhausted { .. }) => "exhausted",
+                    Err(_) => "error",
+                };
+                *self.counters().allocations.entry(label).or_default() += 1;
+                self.wake_eni();
+                let a = result.map_err(ipam_error)?;
+                tracing::info!(attachment = %k.key(), ips = ?a.ips.iter().map(|x| x.ip).collect::<Vec<_>>(), "allocated");
+                to_json(serde_json::to_value(a))
+            }
+            method::IPAM_RELEASE => {
+                let k: KeyParams = strict(m, params)?;
+                let released = self.state().release(&k.key()).map_err(ipam_error)?;
+                self.wake_eni();
+                if let Some(a) = &released {
+                    tracing::info!(attachment = %a.key, "released");
+                }
+                to_json(serde_json::to_value(Removed {
+                    removed: usize::from(released.is_some()),
+                }))
+            }
+            method::IPAM_GC => {
+                let g: GcParams = p::parse_params(m, params)?;
+                let valid: BTreeSet<_> = g.valid.into_iter().collect();
+                let network = (!g.network.is_empty()).then_some(g.network.as_str());
+                let freed = self
+                    .state()
+                    .gc_allocations(network, &valid)
+                    .map_err(ipam_error)?;
+                tracing::info!(released = freed.len(), "IPAM garbage collected");
+                self.wake_eni();
+                to_json(serde_json::to_value(Removed {
+                    removed: freed.len(),
+                }))
+            }
+            method::IPAM_STATUS => {
+                let s: StatusParams = p::parse_params(m, params)?;
+                let state = self.state();
+                let alloc = state.allocator();
+                let allocation = match (&s.container_id, &s.if_name) {
+                    (Some(c), Some(i)) => alloc
+                        .get(&crate::ipam::allocator::AttachmentKey::new(c, i))
+                        .cloned(),
+                    _ => None,
+                };
+                let status = IpamStatus {
+                    mode: match self.mode {
+                        IpamMode::NodeCidr => "node-cidr".into(),
+                        IpamMode::Eni => "eni".into(),
+                    },
+                    pools: alloc.usage(),
+                    cooldowns: alloc.cooldowns(),
+                    allocations: alloc.allocations().count(),
+                    exhausted: alloc.exhausted(),
+                    allocation,
+                    eni: self.eni.as_ref().map(|e| {
+                        let (allocated, cooling) = crate::ipam::eni::busy(alloc);
+                        e.status(&allocated, &cooling)
+                    }),
+                };
+                to_json(serde_json::to_value(status))
+            }
+            method::ENDPOINT_ADD => {
+                let a: AddParams = strict(m, params)?;
+                let ep = a.endpoint;
+                super::env::validate_container_id(&ep.container_id)
+                    .and_then(|()| super::env::validate_if_name(&ep.if_name))
+                    .map_err(|e| ApiError::invalid_params(m, e.details))?;
+                if ep.ips.is_empty() {
+                    return Err(ApiError::invalid_params(
+                        m,
+                        "an endpoint needs at least one address",
+                    ));
+                }
+                let mut state = self.state();
+                let key = ep.key();
+                tracing::info!(attachment = %key, pod = %format!("{}/{}", ep.namespace, ep.pod), ips = ?ep.ips, interface = ?ep.interface, "endpoint added");
+                state.add_endpoint(ep).map_err(ipam_error)?;
+                self.sync_registry(&state);
+                Ok(json!({}))
+            }
+            method::ENDPOINT_DEL => {
+                let k: KeyParams = strict(m, params)?;
+                let mut state = self.state();
+                let removed = state.remove_endpoint(&k.key()).map_err(ipam_error)?;
+                if removed.is_some() {
+                    tracing::info!(attachment = %k.key(), "endpoint removed");
+                    self.sync_registry(&state);
+                }
+                to_json(serde_json::to_value(Removed {
+                    removed: usize::from(removed.is_some()),
+                }))
+            }
+            method::ENDPOINT_CHECK => {
+                let c: CheckParams = strict(m, params)?;
+                let key = crate::ipam::allocator::AttachmentKey::new(&c.container_id, &c.if_name);
+                let state = self.state();
+                let ep = state.endpoint(&key).ok_or_else(|| {
+                    ApiError::new(
+                        ErrorCode::NotFound,
+                        format!("no endpoint is registered for {key}"),
+                    )
+                })?;
+                check_endpoint(ep, &c)?;
+                Ok(json!({}))
+            }
+            method::ENDPOINT_LIST => {
+                let state = self.state();
+                to_json(serde_json::to_value(state.endpoints().collect::<Vec<_>>()))
+            }
+            method::ENDPOINT_GC => {
+                let g: GcParams = p::parse_params(m, params)?;
+                let valid: BTreeSet<_> = g.valid.into_iter().collect();
+                let network = (!g.network.is_empty()).then_some(g.network.as_str());
+                let mut state = self.state();
+                let removed = state.gc_endpoints(network, &valid).map_err(ipam_error)?;
+                if !removed.is_empty() {
+                    self.sync_registry(&state);
+                }
+                tracing::info!(removed = removed.len(), "endpoints garbage collected");
+                to_json(serde_json::to_value(Removed {
+                    removed: removed.len(),
+                }))
+            }
+            _ => Err(ApiError::unknown_method(m)),
+        }
+    }
+
+    fn wake_eni(&self) {
+        if let Some(eni) = &self.eni {
+            eni.wake();
+        }
+    }
+
+    /// ENI mode: hands the ENIs with links to the routing subsystem.
+    pub fn publish_enis_to(&self, store: crate::routing::eni::EniStore) {
+        if let Some(eni) = &self.eni {
+            eni.publish_to(store);
+        }
+    }
+
+    /// Stops background work (the ENI thread); addresses stay as they are.
+    pub fn stop(&self) {
+        if let Some(eni) = &self.eni {
+            eni.stop();
+        }
+    }
+
+    /// Writes the IPAM and CNI metric families.
+    pub fn render_metrics(&self, enc: &mut Encoder) {
+        if let Some(eni) = &self.eni {
+            let (allocated, cooling) = crate::ipam::eni::busy(self.state().allocator());
+            eni.render_metrics(enc, &allocated, &cooling);
+        }
+        let (mut allocated, mut free, mut cooldown) = (0u64, 0u64, 0u64);
+        for u in self.state().allocator().usage() {
+            allocated += u.allocated;
+            free = free.saturating_add(u.free);
+            cooldown += u.cooldown;
+        }
+        enc.family(
+            "podnet_ipam_addresses",
+            MetricType::Gauge,
+            "Pod addresses of this node's pools by state.",
+        )
+        .sample(&[("state", "allocated")], allocated)
+        .sample(&[("state", "free")], free)
+        .sample(&[("state", "cooldown")], cooldown);
+        let c = self.counters();
+        let mut fam = enc.family(
+            "podnet_ipam_allocations_total",
+            MetricType::Counter,
+            "Address allocation requests by result (success, exhausted, error).",
+        );
+        for result in ["success", "exhausted", "error"] {
+            fam.sample(
+                &[("result", result)],
+                c.allocations.get(result).copied().unwrap_or(0),
+            );
+        }
+        let mut fam = enc.family(
+            "podnet_cni_requests_total",
+            MetricType::Counter,
+            "Agent API calls made by podnet-cni, by CNI command and result (success or the API error code).",
+        );
+        for ((command, result), n) in &c.requests {
+            fam.sample(&[("command", command), ("result", result)], *n);
+        }
+        let mut fam = enc.family(
+            "podnet_cni_request_duration_seconds",
+            MetricType::Histogram,
+            "Time the agent took to serve a podnet-cni call, by CNI command.",
+        );
+        for (command, h) in &c.durations {
+            let buckets: Vec<(f64, u64)> =
+                DURATION_BUCKETS.iter().copied().zip(h.buckets).collect();
+            fam.histogram(&[("command", command)], &buckets, h.sum, h.count);
+        }
+    }
+}
+
+fn is_cni_command(c: &str) -> bool {
+    matches!(c, "ADD" | "DEL" | "CHECK" | "GC" | "STATUS")
+}
+
+/// Parameters that must be present (no default for a missing object).
+fn strict<T: serde::de::DeserializeOwned>(m: &str, params: Value) -> Result<T, ApiError> {
+    serde_json::from_value(params).map_err(|e| ApiError::invalid_params(m, e))
+}
+
+#[allow(clippy::needless_pass_by_value)] // a `map_err` adapter
+fn ipam_error(e: IpamError) -> ApiError {
+    let code = match &e {
+        IpamError::Exhausted { .. } => ErrorCode::ResourceExhausted,
+        e if e.is_transient() => ErrorCode::Unavailable,
+        IpamError::NoSources | IpamError::ModeNotSupported => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
+    };
+    ApiError::new(code, e.to_string())
+}
+
+fn check_endpoint(ep: &super::record::EndpointRecord, c: &CheckParams) -> Result<(), ApiError> {
+    let mismatch = |msg: String| Err(ApiError::new(ErrorCode::Mismatch, msg));
+    let mut want = ep.ips.clone();
+    let mut have = c.ips.clone();
+    want.sort_unstable();
+    have.sort_unstable();
+    if want != have {
+        return mismatch(format!(
+            "endpoint {}/{} is registered with {want:?}, the runtime has {have:?}",
+            ep.container_id, ep.if_name
+        ));
+    }
+    if c.interface.is_some() && c.interface != ep.interface {
+        return mismatch(format!(
+            "endpoint {}/{} is registered on host interface {:?}, the runtime has {:?}",
+            ep.container_id, ep.if_name, ep.interface, c.interface
+        ));
+    }
+    if let Some(name) = &ep.interface {
+        if !interface_exists(name) {
+            return mismatch(format!(
+                "host interface {name} of endpoint {}/{} does not exist",
+                ep.container_id, ep.if_name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a link named `name` exists in the agent's network namespace.
+fn interface_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
+}

@@ -1,0 +1,405 @@
+//! Attaching the DNS programs to interfaces as pinned tcx links, and keeping
+//! the attachments equal to the desired set (pods' host-side interfaces and
+//! `--uplinks`).
+//!
+//! Each link is pinned as `<bpffs>/dns/links/<ifname>@<ifindex>@<role>@<direction>`.
+//! On start the agent adopts the pins that still match an interface with the
+//! same index (replacing the program atomically with `bpf_link_update` when
+//! its instructions changed), removes the others (which detaches them), and
+//! attaches what is missing: never two links of podnet on one hook.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::{Path, PathBuf},
+};
+
+use aya::programs::{
+    links::{FdLink, PinnedLink},
+    loaded_programs,
+    tc::{SchedClassifierLink, TcAttachOptions},
+    LinkOrder, TcAttachType,
+};
+use serde::Serialize;
+
+use super::tracer::DnsTracer;
+use crate::bpf::BpfError;
+use podnet_common::dns::programs;
+
+/// Sub-directory of the DNS pin directory holding the links.
+pub const LINKS_SUBDIR: &str = "links";
+
+/// What kind of interface a program watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A pod's host-side interface: queries on ingress, answers on egress.
+    Pod,
+    /// An uplink: queries on egress, answers on ingress.
+    Uplink,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Pod => "pod",
+            Self::Uplink => "uplink",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pod" => Some(Self::Pod),
+            "uplink" => Some(Self::Uplink),
+            _ => None,
+        }
+    }
+
+    /// The program for each hook of this role.
+    fn program(self, direction: Direction) -> &'static str {
+        match (self, direction) {
+            (Self::Pod, Direction::Ingress) => programs::POD_QUERIES,
+            (Self::Pod, Direction::Egress) => programs::POD_ANSWERS,
+            (Self::Uplink, Direction::Egress) => programs::UPLINK_QUERIES,
+            (Self::Uplink, Direction::Ingress) => programs::UPLINK_ANSWERS,
+        }
+    }
+}
+
+/// A tc hook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Packets arriving on the interface.
+    Ingress,
+    /// Packets leaving through it.
+    Egress,
+}
+
+impl Direction {
+    /// Both hooks.
+    pub const BOTH: [Self; 2] = [Self::Ingress, Self::Egress];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Egress => "egress",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ingress" => Some(Self::Ingress),
+            "egress" => Some(Self::Egress),
+            _ => None,
+        }
+    }
+
+    /// The aya attach type of this hook.
+    pub fn attach_type(self) -> TcAttachType {
+        match self {
+            Self::Ingress => TcAttachType::Ingress,
+            Self::Egress => TcAttachType::Egress,
+        }
+    }
+}
+
+/// One pinned link, as its file name describes it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PinName {
+    /// Interface name.
+    pub ifname: String,
+    /// Interface index when attached.
+    pub ifindex: u32,
+    /// Role of the interface.
+    pub role: Role,
+    /// Hook.
+    pub direction: Direction,
+}
+
+impl PinName {
+    /// The file name of this pin.
+    pub fn file_name(&self) -> String {
+        format!(
+            "{}@{}@{}@{}",
+            self.ifname,
+            self.ifindex,
+            self.role.as_str(),
+            self.direction.as_str()
+        )
+    }
+
+    /// Parses a file name written by [`PinName::file_name`].
+    pub fn parse(name: &str) -> Option<Self> {
+        let mut parts = name.rsplitn(4, '@');
+        let direction = Direction::parse(parts.next()?)?;
+        let role = Role::parse(parts.next()?)?;
+        let ifindex = parts.next()?.parse().ok()?;
+        let ifname = parts.next()?.to_owned();
+        (!ifname.is_empty()).then_some(Self {
+            ifname,
+            ifindex,
+            role,
+            direction,
+        })
+    }
+}
+
+/// What one reconcile did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    /// Links attached now.
+    pub attached: Vec<String>,
+    /// Pinned links kept as they were.
+    pub adopted: Vec<String>,
+    /// Pinned links whose program was replaced in place.
+    pub replaced: Vec<String>,
+    /// Links removed (interface gone, renumbered, or no longer wanted).
+    pub removed: Vec<String>,
+    /// Hooks that could not be attached (retried on the next round).
+    pub failed: Vec<String>,
+}
+
+/// Keeps the tcx links under one pin directory equal to a desired set.
+#[derive(Debug)]
+pub struct Attacher {
+    dir: PathBuf,
+    /// Pins already checked (adopted or attached) by this process.
+    known: BTreeSet<String>,
+}
+
+/// Index of an interface in the calling thread's network namespace.
+pub fn ifindex(ifname: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(ifname).ok()?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+fn fs_error(path: &Path, message: impl std::fmt::Display) -> BpfError {
+    BpfError::Fs {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+impl Attacher {
+    /// An attacher keeping its links under `<dns pin dir>/links`.
+    pub fn new(dns_pin_dir: &Path) -> Result<Self, BpfError> {
+        let dir = dns_pin_dir.join(LINKS_SUBDIR);
+        std::fs::create_dir_all(&dir).map_err(|e| fs_error(&dir, format!("create: {e}")))?;
+        Ok(Self {
+            dir,
+            known: BTreeSet::new(),
+        })
+    }
+
+    /// The pinned links found on disk.
+    pub fn pinned(&self) -> Result<Vec<PinName>, BpfError> {
+        let entries =
+            std::fs::read_dir(&self.dir).map_err(|e| fs_error(&self.dir, format!("list: {e}")))?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pin) = PinName::parse(&name) {
+                out.push(pin);
+            } else {
+                tracing::warn!(pin = %name, "unknown file among DNS link pins; left alone");
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Kernel ids of the programs behind the pinned links.
+    pub fn program_ids(&self) -> BTreeSet<u32> {
+        let mut ids = BTreeSet::new();
+        for pin in self.pinned().unwrap_or_default() {
+            if let Ok(link) = PinnedLink::from_pin(self.dir.join(pin.file_name())) {
+                if let Ok(info) = FdLink::from(link).info() {
+                    ids.insert(info.program_id());
+                }
+            }
+        }
+        ids
+    }
+
+    /// Makes the links equal to `desired` (interface name → role): both hooks
+    /// of every desired interface that exists, nothing else.
+    pub fn reconcile(
+        &mut self,
+        tracer: &mut DnsTracer,
+        desired: &BTreeMap<String, Role>,
+    ) -> Result<ReconcileReport, BpfError> {
+        let mut report = ReconcileReport::default();
+        let mut covered: BTreeSet<(String, Direction)> = BTreeSet::new();
+        // Tags of loaded programs, read once and only when a pin needs checking.
+        let mut tags: Option<HashMap<u32, u64>> = None;
+        for pin in self.pinned()? {
+            let file = pin.file_name();
+            let path = self.dir.join(&file);
+            let wanted = desired.get(&pin.ifname) == Some(&pin.role)
+                && ifindex(&pin.ifname) == Some(pin.ifindex);
+            if !wanted {
+                // Removing the last reference detaches the link (or frees it
+                // if its interface is gone).
+                std::fs::remove_file(&path).map_err(|e| fs_error(&path, format!("unpin: {e}")))?;
+                self.known.remove(&file);
+                report.removed.push(file);
+                continue;
+            }
+            if self.known.contains(&file) {
+                covered.insert((pin.ifname.clone(), pin.direction));
+                continue;
+            }
+            let tags = tags.get_or_insert_with(|| {
+                loaded_programs()
+                    .filter_map(Result::ok)
+                    .map(|p| (p.id(), p.tag()))
+                    .collect()
+            });
+            match Self::adopt(tracer, &pin, &path, tags) {
+                Ok(true) => report.adopted.push(file.clone()),
+                Ok(false) => report.replaced.push(file.clone()),
+                Err(e) => {
+                    // Unusable pin: remove it; the hook is attached afresh below.
+                    tracing::warn!(pin = %file, error = %e, "cannot adopt pinned DNS link; replacing it");
+                    std::fs::remove_file(&path)
+                        .map_err(|e| fs_error(&path, format!("unpin: {e}")))?;
+                    report.removed.push(file);
+                    continue;
+                }
+            }
+            covered.insert((pin.ifname.clone(), pin.direction));
+            self.known.insert(file);
+        }
+        for (ifname, role) in desired {
+            let Some(index) = ifindex(ifname) else {
+                continue;
+            };
+            for direction in Direction::BOTH {
+                if covered.contains(&(ifname.clone(), direction)) {
+                    continue;
+                }
+                let pin = PinName {
+                    ifname: ifname.clone(),
+                    ifindex: index,
+                    role: *role,
+                    direction,
+                };
+                let file = pin.file_name();
+                match self.attach(tracer, &pin) {
+                    Ok(()) => {
+                        self.known.insert(file.clone());
+                        report.attached.push(file);
+                    }
+                    Err(e) => {
+                        tracing::warn!(pin = %file, error = %e, "attaching DNS program failed; retrying later");
+                        report.failed.push(file);
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Keeps a pinned link; replaces its program in place when the
+    /// instructions differ from ours. Returns true when adopted unchanged.
+    fn adopt(
+        tracer: &mut DnsTracer,
+        pin: &PinName,
+        path: &Path,
+        tags: &HashMap<u32, u64>,
+    ) -> Result<bool, BpfError> {
+        let name = pin.role.program(pin.direction);
+        let program = tracer.program_mut(name)?;
+        let our_tag = program.info().map_err(|e| program_error(name, e))?.tag();
+        let link: FdLink = PinnedLink::from_pin(path)
+            .map_err(|e| program_error(name, format!("open {}: {e}", path.display())))?
+            .into();
+        let their_program = link.info().ok().map(|i| i.program_id());
+        let their_tag = their_program.and_then(|id| tags.get(&id).copied());
+        if their_tag == Some(our_tag) {
+            return Ok(true);
+        }
+        let link = SchedClassifierLink::try_from(link).map_err(|e| program_error(name, e))?;
+        let id = program
+            .attach_to_link(link)
+            .map_err(|e| program_error(name, format!("replace: {e}")))?;
+        // The link stays pinned; dropping our handle must not detach it.
+        let link = program.take_link(id).map_err(|e| program_error(name, e))?;
+        drop(FdLink::try_from(link).map_err(|e| program_error(name, e))?);
+        Ok(false)
+    }
+
+    fn attach(&self, tracer: &mut DnsTracer, pin: &PinName) -> Result<(), BpfError> {
+        let name = pin.role.program(pin.direction);
+        let program = tracer.program_mut(name)?;
+        let id = program
+            .attach_with_options(
+                &pin.ifname,
+                pin.direction.attach_type(),
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|e| program_error(name, format!("attach to {}: {e}", pin.ifname)))?;
+        let link = program.take_link(id).map_err(|e| program_error(name, e))?;
+        let link = FdLink::try_from(link).map_err(|e| program_error(name, e))?;
+        let path = self.dir.join(pin.file_name());
+        link.pin(&path)
+            .map_err(|e| program_error(name, format!("pin at {}: {e}", path.display())))?;
+        Ok(())
+    }
+}
+
+/// Ids of every program attached (by anyone) to a tcx hook of `ifname`, in
+/// order: the kernel's own view, for checks and benchmarks.
+pub fn tcx_program_ids(ifname: &str, direction: Direction) -> Result<Vec<u32>, BpfError> {
+    let (_, programs) = aya::programs::SchedClassifier::query_tcx(ifname, direction.attach_type())
+        .map_err(|e| program_error("tcx query", format!("{ifname}: {e}")))?;
+    Ok(programs
+        .iter()
+        .map(aya::programs::ProgramInfo::id)
+        .collect())
+}
+
+fn program_error(program: &str, message: impl std::fmt::Display) -> BpfError {
+    BpfError::Program {
+        program: program.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_names_round_trip() {
+        let pin = PinName {
+            ifname: "veth@odd".into(),
+            ifindex: 42,
+            role: Role::Pod,
+            direction: Direction::Egress,
+        };
+        assert_eq!(pin.file_name(), "veth@odd@42@pod@egress");
+        assert_eq!(PinName::parse(&pin.file_name()), Some(pin));
+        assert_eq!(PinName::parse("eth0@x@pod@egress"), None);
+        assert_eq!(PinName::parse("@1@pod@egress"), None);
+        assert_eq!(PinName::parse("eth0@1@node@egress"), None);
+        assert_eq!(PinName::parse("eth0@1@uplink@sideways"), None);
+        assert_eq!(PinName::parse("junk"), None);
+    }
+
+    #[test]
+    fn roles_pick_programs() {
+        assert_eq!(Role::Pod.program(Direction::Ingress), programs::POD_QUERIES);
+        assert_eq!(
+            Role::Uplink.program(Direction::Egress),
+            programs::UPLINK_QUERIES
+        );
+        assert_eq!(
+            Role::Uplink.program(Direction::Ingress),
+            programs::UPLINK_ANSWERS
+        );
+        assert_eq!(Role::Pod.program(Direction::Egress), programs::POD_ANSWERS);
+    }
+}

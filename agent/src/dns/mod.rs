@@ -1,0 +1,397 @@
+//! DNS latency per pod, measured in the kernel.
+//!
+//! TC programs on every pod's host-side interface (and on `--uplinks` for
+//! host-network pods) match each DNS query to its answer and count latency
+//! per (pod, server, rcode), queries per qtype and retransmits in per-CPU
+//! maps; user space only reads them ([`tracer`]), keeps the attachments equal
+//! to the endpoint registry ([`attach`]), turns unanswered queries into
+//! timeouts ([`sweep`]), and keeps recent slow, failed and unanswered
+//! queries with their names ([`log`], fed by [`decode`]).
+
+pub mod attach;
+pub mod decode;
+pub mod log;
+pub mod sweep;
+pub mod top;
+pub mod tracer;
+pub mod view;
+mod worker;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, PoisonError,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use podnet_common::dns::{Latency, PeerKey, BUCKETS};
+use serde::Serialize;
+
+use crate::{bpf::BpfError, endpoint::Registry};
+use attach::{Attacher, ReconcileReport, Role};
+use decode::QueryRecord;
+/// Names of the kernel programs.
+pub use podnet_common::dns::programs;
+use tracer::{DnsTracer, ProgramSettings};
+
+/// Samples kept: about a minute.
+const SAMPLES: usize = 13;
+/// Slow, failed and unanswered queries kept for `dns.slow`.
+pub const LOG_CAPACITY: usize = 1024;
+
+/// One latency histogram series, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LatencyCount {
+    /// Client, server, scope and rcode (in `code`).
+    pub key: PeerKey,
+    /// Answers per bucket (not cumulative).
+    pub buckets: [u64; BUCKETS],
+    /// Sum of latencies in nanoseconds.
+    pub sum_ns: u64,
+}
+
+/// One counter series, summed over CPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerCount {
+    /// Client, server, scope and qtype (requests) or 0.
+    pub key: PeerKey,
+    /// The count.
+    pub count: u64,
+}
+
+/// The programs' own counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DnsCounters {
+    /// Queries recorded as pending.
+    pub queries: u64,
+    /// Answers matched to a query.
+    pub responses: u64,
+    /// Answers matching no pending query.
+    pub unmatched: u64,
+    /// Messages on a DNS port that failed to parse.
+    pub malformed: u64,
+    /// Events lost: the ring buffer was full.
+    pub events_lost: u64,
+    /// Statistics updates lost: a map was full.
+    pub stats_full: u64,
+    /// TCP segments not starting a message.
+    pub tcp_skipped: u64,
+    /// IP fragments and other packets not handled.
+    pub unsupported: u64,
+    /// Queries that could not be recorded as pending.
+    pub pending_failed: u64,
+}
+
+/// Everything the DNS maps hold, at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DnsSnapshot {
+    /// Latency histograms per (client, server, scope, rcode).
+    pub latency: Vec<LatencyCount>,
+    /// Queries per (client, server, scope, qtype).
+    pub requests: Vec<PeerCount>,
+    /// Retransmits per (client, server, scope).
+    pub retransmits: Vec<PeerCount>,
+    /// Timeouts per (client, server, scope).
+    pub timeouts: Vec<PeerCount>,
+    /// The programs' counters.
+    pub counters: DnsCounters,
+}
+
+/// The rcode label value: the RFC mnemonic in upper case, else the number.
+pub fn rcode_name(rcode: u8) -> String {
+    match rcode {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        6 => "YXDOMAIN".into(),
+        7 => "YXRRSET".into(),
+        8 => "NXRRSET".into(),
+        9 => "NOTAUTH".into(),
+        10 => "NOTZONE".into(),
+        n => n.to_string(),
+    }
+}
+
+/// The qtype label value: the mnemonic in upper case, else the number.
+pub fn qtype_name(qtype: u16) -> String {
+    let name = match qtype {
+        1 => "A",
+        2 => "NS",
+        5 => "CNAME",
+        6 => "SOA",
+        12 => "PTR",
+        13 => "HINFO",
+        15 => "MX",
+        16 => "TXT",
+        28 => "AAAA",
+        33 => "SRV",
+        35 => "NAPTR",
+        43 => "DS",
+        46 => "RRSIG",
+        48 => "DNSKEY",
+        52 => "TLSA",
+        64 => "SVCB",
+        65 => "HTTPS",
+        99 => "SPF",
+        252 => "AXFR",
+        255 => "ANY",
+        257 => "CAA",
+        n => return n.to_string(),
+    };
+    name.into()
+}
+
+/// How the DNS subsystem runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// The agent's `--bpffs` directory.
+    pub bpffs: PathBuf,
+    /// `--dns-timeout`.
+    pub timeout: Duration,
+    /// `--dns-ports`.
+    pub ports: Vec<u16>,
+    /// `--dns-slow-threshold`.
+    pub slow_threshold: Duration,
+    /// `--uplinks`.
+    pub uplinks: Vec<String>,
+}
+
+/// What `status` shows about DNS.
+#[derive(Clone, Debug, Serialize)]
+pub struct DnsStatus {
+    /// Pinned links, by file name.
+    pub links: Vec<String>,
+    /// Kernel ids of the programs behind the links (for `bpftool prog show`).
+    pub program_ids: Vec<u32>,
+    /// The programs' counters.
+    pub counters: DnsCounters,
+    /// Events received by user space since start.
+    pub events_received: u64,
+    /// Events that could not be decoded.
+    pub events_decode_errors: u64,
+    /// The last reconcile of attachments.
+    pub last_reconcile: ReconcileReport,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    stop: AtomicBool,
+    received: AtomicU64,
+    decode_errors: AtomicU64,
+}
+
+/// The running DNS subsystem.
+pub struct Dns {
+    tracer: Arc<Mutex<DnsTracer>>,
+    attacher: Arc<Mutex<Attacher>>,
+    registry: Registry,
+    log: log::QueryLog,
+    history: Arc<Mutex<top::History>>,
+    last_reconcile: Arc<Mutex<ReconcileReport>>,
+    shared: Arc<Shared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Errors starting the DNS subsystem.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// The kernel side could not be set up.
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    /// The DNS thread could not be started.
+    #[error("starting the DNS thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The interfaces the programs should watch: every endpoint's `interface`
+/// (role pod) and every uplink.
+pub fn desired_interfaces(registry: &Registry, uplinks: &[String]) -> BTreeMap<String, Role> {
+    let mut out = BTreeMap::new();
+    for (_, ep) in registry.endpoints() {
+        if let Some(i) = ep.interface {
+            out.insert(i, Role::Pod);
+        }
+    }
+    for u in uplinks {
+        out.insert(u.clone(), Role::Uplink);
+    }
+    out
+}
+
+impl Dns {
+    /// Loads the programs, attaches them to the registry's interfaces and the
+    /// uplinks (adopting pinned links), and starts the DNS thread.
+    pub fn start(settings: DnsSettings, registry: Registry) -> Result<Self, DnsError> {
+        let mut tracer = DnsTracer::load(
+            &settings.bpffs,
+            &ProgramSettings {
+                ports: settings.ports.clone(),
+                slow_threshold: settings.slow_threshold,
+            },
+        )?;
+        let mut attacher = Attacher::new(tracer.pin_dir())?;
+        let report = attacher.reconcile(
+            &mut tracer,
+            &desired_interfaces(&registry, &settings.uplinks),
+        )?;
+        tracing::info!(
+            attached = report.attached.len(),
+            adopted = report.adopted.len(),
+            replaced = report.replaced.len(),
+            removed = report.removed.len(),
+            pins = %tracer.pin_dir().display(),
+            "DNS programs in place"
+        );
+        let ring = tracer.take_events();
+        let mut history = top::History::new(SAMPLES);
+        if let Ok(snapshot) = tracer.snapshot() {
+            history.push(Instant::now(), top::totals(&snapshot, &registry));
+        }
+        let dns = Self {
+            tracer: Arc::new(Mutex::new(tracer)),
+            attacher: Arc::new(Mutex::new(attacher)),
+            registry,
+            log: log::QueryLog::with_capacity(LOG_CAPACITY),
+            history: Arc::new(Mutex::new(history)),
+            last_reconcile: Arc::new(Mutex::new(report)),
+            shared: Arc::new(Shared::default()),
+            thread: Mutex::new(None),
+        };
+        let worker = worker::Worker {
+            tracer: dns.tracer.clone(),
+            attacher: dns.attacher.clone(),
+            registry: dns.registry.clone(),
+            log: dns.log.clone(),
+            history: dns.history.clone(),
+            last_reconcile: dns.last_reconcile.clone(),
+            shared: dns.shared.clone(),
+            settings,
+        };
+        let handle = std::thread::Builder::new()
+            .name("podnet-dns".into())
+            .spawn(move || worker.run(ring))
+            .map_err(DnsError::Thread)?;
+        *lock(&dns.thread) = Some(handle);
+        Ok(dns)
+    }
+
+    /// Reads the kernel maps.
+    pub fn snapshot(&self) -> Result<DnsSnapshot, BpfError> {
+        lock(&self.tracer).snapshot()
+    }
+
+    /// The newest `limit` slow, failed or unanswered queries, oldest first.
+    pub fn slow(&self, limit: usize) -> Vec<QueryRecord> {
+        self.log.recent(limit)
+    }
+
+    /// Per pod and server: rate, quantiles, timeouts and errors over about a minute.
+    pub fn top(&self) -> Result<Vec<top::TopRow>, BpfError> {
+        let snapshot = self.snapshot()?;
+        let now = top::totals(&snapshot, &self.registry);
+        Ok(lock(&self.history).top(Instant::now(), &now))
+    }
+
+    /// Links, program ids and counters.
+    pub fn status(&self) -> DnsStatus {
+        let attacher = lock(&self.attacher);
+        let links = attacher
+            .pinned()
+            .unwrap_or_default()
+            .iter()
+            .map(attach::PinName::file_name)
+            .collect();
+        DnsStatus {
+            links,
+            program_ids: attacher.program_ids().into_iter().collect(),
+            counters: self.snapshot().map(|s| s.counters).unwrap_or_default(),
+            events_received: self.shared.received.load(Ordering::Relaxed),
+            events_decode_errors: self.shared.decode_errors.load(Ordering::Relaxed),
+            last_reconcile: lock(&self.last_reconcile).clone(),
+        }
+    }
+
+    /// Stops the DNS thread. Links and maps stay pinned and keep counting.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = lock(&self.thread).take() {
+            if handle.join().is_err() {
+                tracing::error!("DNS thread panicked");
+            }
+        }
+    }
+}
+
+/// Sums per-CPU latency values (used by the tracer and tests).
+pub fn sum_latency(values: &[Latency]) -> Latency {
+    let mut sum = Latency::default();
+    for v in values {
+        for i in 0..BUCKETS {
+            sum.buckets[i] += v.buckets[i];
+        }
+        sum.sum_ns += v.sum_ns;
+    }
+    sum
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::{Endpoint, Source};
+
+    #[test]
+    fn labels() {
+        assert_eq!(rcode_name(0), "NOERROR");
+        assert_eq!(rcode_name(3), "NXDOMAIN");
+        assert_eq!(rcode_name(2), "SERVFAIL");
+        assert_eq!(rcode_name(5), "REFUSED");
+        assert_eq!(rcode_name(15), "15");
+        assert_eq!(qtype_name(1), "A");
+        assert_eq!(qtype_name(28), "AAAA");
+        assert_eq!(qtype_name(33), "SRV");
+        assert_eq!(qtype_name(12), "PTR");
+        assert_eq!(qtype_name(4242), "4242");
+    }
+
+    #[test]
+    fn desired_interfaces_come_from_endpoints_and_uplinks() {
+        let r = Registry::new();
+        r.replace_source(
+            Source::File,
+            vec![
+                Endpoint {
+                    namespace: "a".into(),
+                    pod: "p".into(),
+                    ips: vec![],
+                    interface: Some("vpod1".into()),
+                    container_id: None,
+                    if_name: None,
+                },
+                Endpoint {
+                    namespace: "a".into(),
+                    pod: "q".into(),
+                    ips: vec![],
+                    interface: None,
+                    container_id: None,
+                    if_name: None,
+                },
+            ],
+        );
+        let d = desired_interfaces(&r, &["eth0".into()]);
+        assert_eq!(
+            d.into_iter().collect::<Vec<_>>(),
+            vec![("eth0".into(), Role::Uplink), ("vpod1".into(), Role::Pod)]
+        );
+    }
+}

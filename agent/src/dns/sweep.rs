@@ -1,0 +1,174 @@
+//! The timeout sweep: queries pending longer than `--dns-timeout` become
+//! timeouts. The kernel cannot sweep its own LRU map, so user space walks it.
+//!
+//! Counting is exact: an entry counts as a timeout only if this sweep's
+//! delete removes it. The kernel program deletes an entry before it counts
+//! the answer, so each query ends as exactly one answer or one timeout. Counts
+//! go into the pinned `DNS_TIMEOUTS` map (written by user space only), so they
+//! survive agent restarts like every other count.
+
+use std::time::Duration;
+
+use aya::maps::{HashMap, MapData};
+use podnet_common::dns::{event_kind, DnsEvent, PeerKey, Pending, PendingKey};
+
+/// What the sweep needs from the pending map and the timeout counts; a trait
+/// so the sweep logic is tested without the kernel.
+pub trait SweepMaps {
+    /// Every pending entry (a copy; the map changes meanwhile).
+    fn pending(&mut self) -> Vec<(PendingKey, Pending)>;
+    /// Deletes one entry; false when it was already gone.
+    fn delete(&mut self, key: &PendingKey) -> bool;
+    /// Adds `n` to the timeout count of `peer`.
+    fn add_timeouts(&mut self, peer: &PeerKey, n: u64);
+}
+
+/// The real maps.
+pub struct KernelMaps<'a> {
+    /// `DNS_PENDING`.
+    pub pending: &'a mut HashMap<MapData, PendingKey, Pending>,
+    /// `DNS_TIMEOUTS`.
+    pub timeouts: &'a mut HashMap<MapData, PeerKey, u64>,
+}
+
+impl SweepMaps for KernelMaps<'_> {
+    fn pending(&mut self) -> Vec<(PendingKey, Pending)> {
+        // Keys first, then values: an entry answered in between is skipped.
+        let keys: Vec<PendingKey> = self.pending.keys().filter_map(Result::ok).collect();
+        keys.into_iter()
+            .filter_map(|k| self.pending.get(&k, 0).ok().map(|v| (k, v)))
+            .collect()
+    }
+
+    fn delete(&mut self, key: &PendingKey) -> bool {
+        self.pending.remove(key).is_ok()
+    }
+
+    fn add_timeouts(&mut self, peer: &PeerKey, n: u64) {
+        let old = self.timeouts.get(peer, 0).unwrap_or(0);
+        if let Err(e) = self.timeouts.insert(peer, old + n, 0) {
+            tracing::warn!(error = %e, "recording DNS timeouts failed");
+        }
+    }
+}
+
+/// Expires every entry older than `timeout` at monotonic time `now_ns`;
+/// returns one event per timeout (kind [`event_kind::TIMEOUT`]) for the log.
+pub fn sweep(maps: &mut impl SweepMaps, now_ns: u64, timeout: Duration) -> Vec<DnsEvent> {
+    let timeout_ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+    let mut events = Vec::new();
+    for (key, value) in maps.pending() {
+        let waited = now_ns.saturating_sub(value.start_ns);
+        if waited < timeout_ns || !maps.delete(&key) {
+            continue;
+        }
+        let peer = PeerKey {
+            client: key.client,
+            server: key.server,
+            family: key.family,
+            scope: value.scope,
+            code: 0,
+        };
+        maps.add_timeouts(&peer, 1);
+        events.push(DnsEvent {
+            timestamp_ns: now_ns,
+            latency_ns: waited,
+            key,
+            qtype: value.qtype,
+            kind: event_kind::TIMEOUT,
+            scope: value.scope,
+            name_len: value.name_len,
+            name: value.name,
+            ..DnsEvent::default()
+        });
+    }
+    events
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, HashMap as Map};
+
+    #[derive(Default)]
+    struct Fake {
+        pending: Map<PendingKey, Pending>,
+        timeouts: BTreeMap<PeerKey, u64>,
+        /// Keys the "kernel" answers between the read and the delete.
+        answered_meanwhile: Vec<PendingKey>,
+    }
+
+    impl SweepMaps for Fake {
+        fn pending(&mut self) -> Vec<(PendingKey, Pending)> {
+            let out = self.pending.iter().map(|(k, v)| (*k, *v)).collect();
+            for k in &self.answered_meanwhile {
+                self.pending.remove(k);
+            }
+            out
+        }
+        fn delete(&mut self, key: &PendingKey) -> bool {
+            self.pending.remove(key).is_some()
+        }
+        fn add_timeouts(&mut self, peer: &PeerKey, n: u64) {
+            *self.timeouts.entry(*peer).or_default() += n;
+        }
+    }
+
+    fn key(id: u16) -> PendingKey {
+        PendingKey {
+            id,
+            family: 2,
+            proto: 17,
+            ..PendingKey::default()
+        }
+    }
+
+    fn pending(start_ns: u64) -> Pending {
+        Pending {
+            start_ns,
+            scope: 1,
+            ..Pending::default()
+        }
+    }
+
+    #[test]
+    fn only_old_entries_time_out_and_each_once() {
+        let mut f = Fake::default();
+        f.pending.insert(key(1), pending(0));
+        f.pending.insert(key(2), pending(4_000_000_000));
+        f.pending.insert(key(3), pending(500));
+        let events = sweep(&mut f, 5_000_000_500, Duration::from_secs(5));
+        let mut ids: Vec<u16> = events.iter().map(|e| e.key.id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![1, 3]);
+        assert_eq!(f.timeouts.values().sum::<u64>(), 2);
+        assert_eq!(f.pending.len(), 1);
+        // A second sweep finds nothing new.
+        assert!(sweep(&mut f, 5_000_000_600, Duration::from_secs(5)).is_empty());
+        assert_eq!(f.timeouts.values().sum::<u64>(), 2);
+    }
+
+    #[test]
+    fn an_entry_answered_meanwhile_is_not_a_timeout() {
+        let mut f = Fake::default();
+        f.pending.insert(key(1), pending(0));
+        f.pending.insert(key(2), pending(0));
+        f.answered_meanwhile.push(key(2));
+        let events = sweep(&mut f, 10_000_000_000, Duration::from_secs(1));
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].key.id, 1);
+        assert_eq!(events[0].kind, event_kind::TIMEOUT);
+        assert_eq!(f.timeouts.values().sum::<u64>(), 1);
+    }
+}

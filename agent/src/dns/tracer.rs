@@ -1,0 +1,251 @@
+//! The DNS programs in the kernel: load them with their pinned maps, write
+//! their settings, and read their counts.
+
+use std::path::{Path, PathBuf};
+
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::SchedClassifier,
+    Ebpf, EbpfLoader,
+};
+use podnet_common::dns::{
+    counter, maps as m, programs, DnsConfig, Latency, PeerKey, Pending, PendingKey, MAX_PORTS,
+};
+
+use super::{DnsCounters, DnsSnapshot, LatencyCount, PeerCount};
+use crate::bpf::{self, BpfError};
+
+/// Sub-directory of `--bpffs` holding the DNS maps (links go below it).
+pub const PIN_SUBDIR: &str = "dns";
+
+/// Every entry point, by name (the agent attaches all but the baseline).
+pub const PROGRAMS: [&str; 5] = [
+    programs::POD_QUERIES,
+    programs::POD_ANSWERS,
+    programs::UPLINK_QUERIES,
+    programs::UPLINK_ANSWERS,
+    programs::BASELINE,
+];
+
+fn map_error(map: &'static str, message: impl std::fmt::Display) -> BpfError {
+    BpfError::Map {
+        map,
+        message: message.to_string(),
+    }
+}
+
+fn program_error(program: &str, message: impl std::fmt::Display) -> BpfError {
+    BpfError::Program {
+        program: program.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+/// The loaded DNS programs and their maps.
+pub struct DnsTracer {
+    ebpf: Ebpf,
+    pending: HashMap<MapData, PendingKey, Pending>,
+    latency: PerCpuHashMap<MapData, PeerKey, Latency>,
+    requests: PerCpuHashMap<MapData, PeerKey, u64>,
+    retransmits: PerCpuHashMap<MapData, PeerKey, u64>,
+    timeouts: HashMap<MapData, PeerKey, u64>,
+    counters: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+    pin_dir: PathBuf,
+}
+
+/// Settings of the programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramSettings {
+    /// Server ports (at most [`MAX_PORTS`]).
+    pub ports: Vec<u16>,
+    /// Answers slower than this are sent as events.
+    pub slow_threshold: std::time::Duration,
+}
+
+impl DnsTracer {
+    /// Loads the object with its maps pinned under `<bpffs>/dns`, loads the
+    /// four programs (verifier) and writes `settings` into `DNS_CONFIG`.
+    pub fn load(bpffs: &Path, settings: &ProgramSettings) -> Result<Self, BpfError> {
+        let pin_dir = bpf::fs::prepare_pin_dir(&bpffs.join(PIN_SUBDIR))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .load(bpf::DNS_OBJECT)
+            .map_err(|e| BpfError::Load {
+                object: "podnet-dns",
+                source: Box::new(e),
+            })?;
+        for name in PROGRAMS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| program_error(name, "missing from object"))?
+                .try_into()
+                .map_err(|e| program_error(name, e))?;
+            program
+                .load()
+                .map_err(|e| program_error(name, format!("load (verifier): {e}")))?;
+        }
+        let take = |ebpf: &mut Ebpf, name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| map_error(name, "missing from object"))
+        };
+        let mut config: Array<MapData, DnsConfig> = take(&mut ebpf, m::CONFIG)?
+            .try_into()
+            .map_err(|e| map_error(m::CONFIG, e))?;
+        config
+            .set(0, config_value(settings), 0)
+            .map_err(|e| map_error(m::CONFIG, e))?;
+        let tracer = Self {
+            pending: take(&mut ebpf, m::PENDING)?
+                .try_into()
+                .map_err(|e| map_error(m::PENDING, e))?,
+            latency: take(&mut ebpf, m::LATENCY)?
+                .try_into()
+                .map_err(|e| map_error(m::LATENCY, e))?,
+            requests: take(&mut ebpf, m::REQUESTS)?
+                .try_into()
+                .map_err(|e| map_error(m::REQUESTS, e))?,
+            retransmits: take(&mut ebpf, m::RETRANSMITS)?
+                .try_into()
+                .map_err(|e| map_error(m::RETRANSMITS, e))?,
+            timeouts: take(&mut ebpf, m::TIMEOUTS)?
+                .try_into()
+                .map_err(|e| map_error(m::TIMEOUTS, e))?,
+            counters: take(&mut ebpf, m::COUNTERS)?
+                .try_into()
+                .map_err(|e| map_error(m::COUNTERS, e))?,
+            events: Some(
+                take(&mut ebpf, m::EVENTS)?
+                    .try_into()
+                    .map_err(|e| map_error(m::EVENTS, e))?,
+            ),
+            ebpf,
+            pin_dir,
+        };
+        Ok(tracer)
+    }
+
+    /// The pin directory (`<bpffs>/dns`).
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// A loaded program by name.
+    pub fn program_mut(&mut self, name: &str) -> Result<&mut SchedClassifier, BpfError> {
+        self.ebpf
+            .program_mut(name)
+            .ok_or_else(|| program_error(name, "missing from object"))?
+            .try_into()
+            .map_err(|e| program_error(name, e))
+    }
+
+    /// Attaches `program` to a hook of `ifname` (in the calling thread's
+    /// network namespace) without pinning: it stays attached while this
+    /// tracer lives. For benchmarks (e.g. [`programs::BASELINE`]).
+    pub fn attach_unpinned(
+        &mut self,
+        program: &str,
+        ifname: &str,
+        direction: super::attach::Direction,
+    ) -> Result<u32, BpfError> {
+        let p = self.program_mut(program)?;
+        p.attach_with_options(
+            ifname,
+            direction.attach_type(),
+            aya::programs::tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default()),
+        )
+        .map_err(|e| program_error(program, format!("attach to {ifname}: {e}")))?;
+        Ok(p.info().map_or(0, |i| i.id()))
+    }
+
+    /// Takes the ring buffer, to hand it to the event thread (once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// The pending-query map (for the timeout sweep).
+    pub fn pending_mut(&mut self) -> &mut HashMap<MapData, PendingKey, Pending> {
+        &mut self.pending
+    }
+
+    /// The pending map and the timeout counts together (the sweep needs both).
+    pub fn sweep_maps(
+        &mut self,
+    ) -> (
+        &mut HashMap<MapData, PendingKey, Pending>,
+        &mut HashMap<MapData, PeerKey, u64>,
+    ) {
+        (&mut self.pending, &mut self.timeouts)
+    }
+
+    /// Reads every count from the kernel maps, summed over CPUs.
+    pub fn snapshot(&self) -> Result<DnsSnapshot, BpfError> {
+        let mut latency = Vec::new();
+        for item in &self.latency {
+            let (key, values) = item.map_err(|e| map_error(m::LATENCY, e))?;
+            let sum = super::sum_latency(&values);
+            latency.push(LatencyCount {
+                key,
+                buckets: sum.buckets,
+                sum_ns: sum.sum_ns,
+            });
+        }
+        let per_cpu = |map: &PerCpuHashMap<MapData, PeerKey, u64>,
+                       name: &'static str|
+         -> Result<Vec<PeerCount>, BpfError> {
+            let mut out = Vec::new();
+            for item in map {
+                let (key, values) = item.map_err(|e| map_error(name, e))?;
+                out.push(PeerCount {
+                    key,
+                    count: values.iter().sum(),
+                });
+            }
+            Ok(out)
+        };
+        let requests = per_cpu(&self.requests, m::REQUESTS)?;
+        let retransmits = per_cpu(&self.retransmits, m::RETRANSMITS)?;
+        let mut timeouts = Vec::new();
+        for item in &self.timeouts {
+            let (key, count) = item.map_err(|e| map_error(m::TIMEOUTS, e))?;
+            timeouts.push(PeerCount { key, count });
+        }
+        let count = |index: u32| -> Result<u64, BpfError> {
+            let values = self
+                .counters
+                .get(&index, 0)
+                .map_err(|e| map_error(m::COUNTERS, e))?;
+            Ok(values.iter().sum())
+        };
+        Ok(DnsSnapshot {
+            latency,
+            requests,
+            retransmits,
+            timeouts,
+            counters: DnsCounters {
+                queries: count(counter::QUERIES)?,
+                responses: count(counter::RESPONSES)?,
+                unmatched: count(counter::UNMATCHED)?,
+                malformed: count(counter::MALFORMED)?,
+                events_lost: count(counter::EVENTS_LOST)?,
+                stats_full: count(counter::STATS_FULL)?,
+                tcp_skipped: count(counter::TCP_SKIPPED)?,
+                unsupported: count(counter::UNSUPPORTED)?,
+                pending_failed: count(counter::PENDING_FAILED)?,
+            },
+        })
+    }
+}
+
+/// The `DNS_CONFIG` value for `settings` (extra ports beyond [`MAX_PORTS`]
+/// are ignored; the flag parser refuses them).
+pub fn config_value(settings: &ProgramSettings) -> DnsConfig {
+    let mut cfg = DnsConfig {
+        slow_threshold_ns: u64::try_from(settings.slow_threshold.as_nanos()).unwrap_or(u64::MAX),
+        ports: [0; MAX_PORTS],
+    };
+    for (slot, port) in cfg.ports.iter_mut().zip(&settings.ports) {
+        *slot = *port;
+    }
+    cfg
+}

@@ -1,0 +1,173 @@
+//! How `podnetctl dns top` and `podnetctl dns slow` show their results.
+
+use std::fmt::Write as _;
+
+use super::{
+    decode::{Outcome, QueryRecord},
+    top::TopRow,
+};
+use crate::api::view::{table, time_of_day_utc};
+
+/// Printed instead of an empty `dns top` table.
+pub const NO_DNS_TRAFFIC: &str = "No DNS queries seen.\n";
+/// Printed instead of an empty `dns slow` table.
+pub const NO_SLOW_QUERIES: &str = "No slow, failed or unanswered DNS queries recorded.\n";
+
+fn ms(value: Option<f64>) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"))
+}
+
+/// One row per pod and server, busiest first.
+pub fn top_table(rows: &[TopRow]) -> String {
+    if rows.is_empty() {
+        return NO_DNS_TRAFFIC.to_owned();
+    }
+    let header = [
+        "POD", "SERVER", "REQ/S", "P50 MS", "P99 MS", "TIMEOUTS", "RETRANS", "ERRORS", "TOTAL",
+    ]
+    .map(str::to_owned);
+    let body: Vec<[String; 9]> = rows
+        .iter()
+        .map(|r| {
+            [
+                r.pod.to_string(),
+                r.server.to_string(),
+                format!("{:.2}", r.rate),
+                ms(r.p50_ms),
+                ms(r.p99_ms),
+                r.timeouts.to_string(),
+                r.retransmits.to_string(),
+                format!("{:.1}%", r.error_rate * 100.0),
+                r.requests_total.to_string(),
+            ]
+        })
+        .collect();
+    let window = rows.first().map_or(0.0, |r| r.window_seconds);
+    let mut out = table(std::iter::once(&header).chain(&body));
+    let _ = writeln!(
+        out,
+        "(rates, quantiles, timeouts and errors over the last {window:.0} s; errors: SERVFAIL, REFUSED, other failures and timeouts)"
+    );
+    out
+}
+
+/// One row per query, oldest first.
+pub fn slow_table(records: &[QueryRecord]) -> String {
+    if records.is_empty() {
+        return NO_SLOW_QUERIES.to_owned();
+    }
+    let header = [
+        "TIME (UTC)",
+        "POD",
+        "SERVER",
+        "PROTO",
+        "OUTCOME",
+        "RCODE",
+        "MS",
+        "QTYPE",
+        "NAME",
+    ]
+    .map(str::to_owned);
+    let body: Vec<[String; 9]> = records
+        .iter()
+        .map(|r| {
+            #[allow(clippy::cast_precision_loss)] // latencies far below 2^52 µs
+            let latency = r.latency_us as f64 / 1000.0;
+            [
+                time_of_day_utc(r.time_unix_ms),
+                r.pod.to_string(),
+                r.server.to_string(),
+                r.proto.clone(),
+                match r.outcome {
+                    Outcome::Slow => "slow",
+                    Outcome::Error => "error",
+                    Outcome::Timeout => "timeout",
+                }
+                .to_owned(),
+                if r.rcode.is_empty() {
+                    "-".to_owned()
+                } else {
+                    r.rcode.clone()
+                },
+                format!("{latency:.1}"),
+                r.qtype.clone(),
+                r.name.clone(),
+            ]
+        })
+        .collect();
+    table(std::iter::once(&header).chain(&body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::endpoint::PodRef;
+
+    #[test]
+    fn tables() {
+        assert_eq!(top_table(&[]), NO_DNS_TRAFFIC);
+        assert_eq!(slow_table(&[]), NO_SLOW_QUERIES);
+        let pod = PodRef {
+            namespace: "shop".into(),
+            pod: "cart".into(),
+        };
+        let top = top_table(&[TopRow {
+            pod: pod.clone(),
+            server: "10.98.0.2".parse().unwrap(),
+            rate: 2.5,
+            p50_ms: Some(0.4),
+            p99_ms: None,
+            timeouts: 1,
+            retransmits: 0,
+            error_rate: 0.25,
+            requests_total: 40,
+            window_seconds: 60.0,
+        }]);
+        let first = top.lines().nth(1).unwrap();
+        assert_eq!(
+            first.split_whitespace().collect::<Vec<_>>(),
+            [
+                "shop/cart",
+                "10.98.0.2",
+                "2.50",
+                "0.4",
+                "-",
+                "1",
+                "0",
+                "25.0%",
+                "40"
+            ]
+        );
+        let slow = slow_table(&[QueryRecord {
+            time_unix_ms: 1_000,
+            outcome: Outcome::Timeout,
+            pod,
+            client: "10.99.0.2:5000".parse().unwrap(),
+            server: "10.98.0.2:53".parse().unwrap(),
+            proto: "udp".into(),
+            id: 1,
+            name: "drop.test.".into(),
+            qtype: "A".into(),
+            rcode: String::new(),
+            latency_us: 1_250_000,
+        }]);
+        assert_eq!(
+            slow.lines()
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>(),
+            [
+                "00:00:01.000",
+                "shop/cart",
+                "10.98.0.2:53",
+                "udp",
+                "timeout",
+                "-",
+                "1250.0",
+                "A",
+                "drop.test."
+            ]
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! The DNS thread: drains events into the query log, sweeps timeouts,
+//! keeps attachments equal to the registry, and samples totals for `top`.
+
+use std::{
+    os::fd::AsRawFd as _,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use aya::maps::{MapData, RingBuf};
+
+use super::{
+    attach::{Attacher, ReconcileReport},
+    decode, desired_interfaces, lock, log, sweep, top,
+    tracer::DnsTracer,
+    DnsSettings, Shared,
+};
+use crate::endpoint::Registry;
+
+/// How often the attachments are compared with the registry even when it
+/// did not change (interfaces may appear after their endpoint).
+const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+/// How often per-(pod, server) totals are sampled for `dns.top`.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// The DNS thread: events, timeout sweep, attachments, samples for `top`.
+pub(super) struct Worker {
+    pub(super) tracer: Arc<Mutex<DnsTracer>>,
+    pub(super) attacher: Arc<Mutex<Attacher>>,
+    pub(super) registry: Registry,
+    pub(super) log: log::QueryLog,
+    pub(super) history: Arc<Mutex<top::History>>,
+    pub(super) last_reconcile: Arc<Mutex<ReconcileReport>>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) settings: DnsSettings,
+}
+
+impl Worker {
+    pub(super) fn run(self, mut ring: Option<RingBuf<MapData>>) {
+        // Sweep four times per timeout (at most every second), so a timeout
+        // is counted at most a quarter late.
+        let sweep_every =
+            (self.settings.timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let mut generation = self.registry.generation();
+        let (mut last_sweep, mut last_reconcile, mut last_sample) =
+            (Instant::now(), Instant::now(), Instant::now());
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let wait = sweep_every.min(Duration::from_millis(100));
+            match ring.as_mut() {
+                Some(r) => {
+                    wait_readable(r.as_raw_fd(), wait);
+                    self.drain(r);
+                }
+                None => std::thread::sleep(wait),
+            }
+            if last_sweep.elapsed() >= sweep_every {
+                last_sweep = Instant::now();
+                self.sweep();
+            }
+            let g = self.registry.generation();
+            if g != generation || last_reconcile.elapsed() >= RECONCILE_EVERY {
+                generation = g;
+                last_reconcile = Instant::now();
+                self.reconcile();
+            }
+            if last_sample.elapsed() >= SAMPLE_EVERY {
+                last_sample = Instant::now();
+                if let Ok(s) = lock(&self.tracer).snapshot() {
+                    let totals = top::totals(&s, &self.registry);
+                    lock(&self.history).push(Instant::now(), totals);
+                }
+            }
+        }
+    }
+
+    fn drain(&self, ring: &mut RingBuf<MapData>) {
+        while let Some(item) = ring.next() {
+            self.shared.received.fetch_add(1, Ordering::Relaxed);
+            match decode::decode(&item) {
+                Ok(event) => self.log_event(&event),
+                Err(e) => {
+                    self.shared.decode_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(error = %e, "skipping DNS event");
+                }
+            }
+        }
+    }
+
+    fn log_event(&self, event: &podnet_common::dns::DnsEvent) {
+        let age_ns = sweep::monotonic_ns().saturating_sub(event.timestamp_ns);
+        let at = SystemTime::now() - Duration::from_nanos(age_ns);
+        let ms = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        match decode::record_of(event, &self.registry, ms) {
+            Ok(record) => self.log.push(record),
+            Err(e) => {
+                self.shared.decode_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "skipping DNS event");
+            }
+        }
+    }
+
+    fn sweep(&self) {
+        let events = {
+            let mut tracer = lock(&self.tracer);
+            let (pending, timeouts) = tracer.sweep_maps();
+            let mut maps = sweep::KernelMaps { pending, timeouts };
+            sweep::sweep(&mut maps, sweep::monotonic_ns(), self.settings.timeout)
+        };
+        for event in &events {
+            self.log_event(event);
+        }
+    }
+
+    fn reconcile(&self) {
+        let desired = desired_interfaces(&self.registry, &self.settings.uplinks);
+        let result = {
+            let mut tracer = lock(&self.tracer);
+            lock(&self.attacher).reconcile(&mut tracer, &desired)
+        };
+        match result {
+            Ok(report) => {
+                if !report.attached.is_empty()
+                    || !report.removed.is_empty()
+                    || !report.replaced.is_empty()
+                {
+                    tracing::info!(
+                        attached = ?report.attached,
+                        removed = ?report.removed,
+                        replaced = ?report.replaced,
+                        "DNS attachments changed"
+                    );
+                }
+                *lock(&self.last_reconcile) = report;
+            }
+            Err(e) => tracing::warn!(error = %e, "reconciling DNS attachments failed"),
+        }
+    }
+}
+
+fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: pfd is a valid pollfd array of length 1 for the call's duration.
+    unsafe { libc::poll(&raw mut pfd, 1, ms) };
+}

@@ -1,0 +1,434 @@
+//! The ENI thread: learn the instance once, then reconcile: list the ENIs,
+//! bring their links up, publish the ready addresses, plan against the warm
+//! pool targets and apply, with exponential backoff while the cloud fails.
+
+use std::{
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr},
+    sync::{atomic::Ordering, Arc, PoisonError},
+    time::Duration,
+};
+
+use super::{
+    link::{Links, ENI_MTU},
+    pool::EniPool,
+    warm::{self, Action, EniView, Targets},
+    BusyFn, EniRecord, Shared, BACKOFF_MAX, BACKOFF_MIN, LINK_WAIT, RESYNC_PERIOD,
+};
+use crate::{
+    cloud::{CloudError, CloudProvider, EniInfo, InstanceIdentity, InstanceLimits},
+    ipam::cidr::Cidr,
+    routing::eni::Eni,
+};
+
+/// Attached by someone else: neither the primary nor podnet's. Podnet does
+/// not use its addresses and never changes it.
+fn is_foreign(e: &EniInfo) -> bool {
+    e.device_index != 0 && !e.managed
+}
+
+/// Rounds in a row that may change something before the thread backs off
+/// (a plan converges in two or three).
+const MAX_CHANGING_ROUNDS: u32 = 5;
+
+/// First routing table of ENIs: table = base + device index.
+pub const TABLE_BASE: u32 = 100;
+
+/// Exponential backoff.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    /// The wait before the next attempt; doubles each time up to the cap.
+    pub fn next_wait(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        wait
+    }
+
+    /// After a success.
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
+/// An error of one reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// A cloud call failed.
+    #[error(transparent)]
+    Cloud(#[from] CloudError),
+    /// Links could not be listed or set up.
+    #[error("links: {0}")]
+    Link(String),
+}
+
+/// What a reconcile found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Round {
+    /// Cloud changes made.
+    pub changes: usize,
+    /// ENIs whose kernel link has not appeared yet.
+    pub waiting_for_links: usize,
+}
+
+pub(crate) struct Worker {
+    pub(crate) targets: Targets,
+    pub(crate) cloud: Arc<dyn CloudProvider>,
+    pub(crate) links: Arc<dyn Links>,
+    pub(crate) busy: BusyFn,
+    pub(crate) pool: EniPool,
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Worker {
+    pub(crate) fn run(self) {
+        let mut backoff = Backoff::default();
+        let (identity, limits) = loop {
+            match self.init() {
+                Ok(x) => break x,
+                Err(e) => {
+                    let wait = backoff.next_wait();
+                    self.failed(&e.to_string(), wait);
+                    if self.shared.sleep(wait, false) {
+                        return;
+                    }
+                }
+            }
+        };
+        backoff.reset();
+        let mut changing = 0u32;
+        loop {
+            let wait = match self.reconcile(&identity, limits) {
+                Ok(round) => {
+                    if round.changes > 0 {
+                        changing += 1;
+                    } else {
+                        changing = 0;
+                        backoff.reset();
+                    }
+                    if changing > MAX_CHANGING_ROUNDS {
+                        // The cloud accepts changes that do not show: slow down.
+                        backoff.next_wait()
+                    } else if round.changes > 0 {
+                        // See what the changes made before deciding more.
+                        Duration::ZERO
+                    } else if round.waiting_for_links > 0 {
+                        LINK_WAIT
+                    } else {
+                        RESYNC_PERIOD
+                    }
+                }
+                Err(e) => {
+                    let wait = backoff.next_wait();
+                    self.failed(&e.to_string(), wait);
+                    if self.shared.sleep(wait, false) {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            if self.shared.stop.load(Ordering::Relaxed) || self.shared.sleep(wait, true) {
+                return;
+            }
+        }
+    }
+
+    fn failed(&self, error: &str, wait: Duration) {
+        let mut s = self.shared.state();
+        s.failures += 1;
+        s.last_error = Some(error.to_owned());
+        tracing::warn!(
+            error,
+            failures = s.failures,
+            retry_in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+            "ENI reconcile failed; existing pod addresses are unaffected"
+        );
+        drop(s);
+        self.relabel();
+    }
+
+    fn init(&self) -> Result<(InstanceIdentity, InstanceLimits), CloudError> {
+        let identity = self.cloud.identity()?;
+        let limits = self.cloud.limits(&identity.instance_type)?;
+        let subnet = identity.subnet_cidr.network();
+        let cidr = Cidr::new(IpAddr::V4(subnet.addr()), subnet.prefix()).map_err(|e| {
+            CloudError::Decode {
+                action: "IMDS subnet-ipv4-cidr-block".into(),
+                message: e.to_string(),
+            }
+        })?;
+        // The VPC router is the subnet's first address.
+        self.pool.set_subnet(cidr, cidr.nth(1));
+        tracing::info!(
+            instance = %identity.instance_id,
+            instance_type = %identity.instance_type,
+            subnet = %format!("{} {}", identity.subnet_id, identity.subnet_cidr),
+            max_enis = limits.max_enis,
+            ips_per_eni = limits.ips_per_eni,
+            max_pods = limits.max_pods(),
+            "ENI mode"
+        );
+        let mut s = self.shared.state();
+        s.instance_id = Some(identity.instance_id.clone());
+        s.instance_type = Some(identity.instance_type.clone());
+        s.subnet = Some(format!("{} {}", identity.subnet_id, identity.subnet_cidr));
+        s.max_enis = Some(limits.max_enis);
+        s.ips_per_eni = Some(limits.ips_per_eni);
+        Ok((identity, limits))
+    }
+
+    /// One round: list, links, publish, plan, apply.
+    pub(crate) fn reconcile(
+        &self,
+        identity: &InstanceIdentity,
+        limits: InstanceLimits,
+    ) -> Result<Round, ReconcileError> {
+        let enis = self.cloud.list_enis(&identity.instance_id)?;
+        let links = self.links.list().map_err(ReconcileError::Link)?;
+        let mut records = Vec::new();
+        let mut ready: Vec<Ipv4Addr> = Vec::new();
+        let mut waiting = 0;
+        for e in &enis {
+            if is_foreign(e) {
+                records.push(EniRecord {
+                    id: e.id.clone(),
+                    device_index: e.device_index,
+                    link: None,
+                    managed: false,
+                    primary_ip: Some(e.primary_ip),
+                    ips: Vec::new(),
+                });
+                continue;
+            }
+            let link = links.iter().find(|(mac, _)| *mac == e.mac).map(|(_, l)| l);
+            if let Some(l) = link {
+                // The primary interface belongs to the node; podnet leaves it alone.
+                if e.device_index != 0 && (!l.up || l.mtu != ENI_MTU) {
+                    self.links
+                        .bring_up(&l.name, ENI_MTU)
+                        .map_err(ReconcileError::Link)?;
+                    tracing::info!(eni = %e.id, link = %l.name, mtu = ENI_MTU, "ENI link up");
+                }
+                ready.extend(&e.secondary_ips);
+            } else {
+                waiting += 1;
+            }
+            records.push(EniRecord {
+                id: e.id.clone(),
+                device_index: e.device_index,
+                link: link.map(|l| l.name.clone()),
+                managed: e.managed,
+                primary_ip: Some(e.primary_ip),
+                ips: e.secondary_ips.clone(),
+            });
+        }
+        self.pool.set_ready(ready);
+        {
+            let mut s = self.shared.state();
+            s.enis = records;
+            s.last_error = None;
+            s.failures = 0;
+        }
+        self.relabel();
+        self.publish(identity, &enis);
+        let views = self.views(&enis);
+        let actions = warm::plan(&self.targets, &limits, &views);
+        let mut round = Round {
+            changes: 0,
+            waiting_for_links: waiting,
+        };
+        for action in actions {
+            if self.apply(identity, &enis, &action)? {
+                round.changes += 1;
+            }
+        }
+        Ok(round)
+    }
+
+    fn views(&self, enis: &[EniInfo]) -> Vec<EniView> {
+        let (allocated, cooling) = (self.busy)();
+        enis.iter()
+            .map(|e| {
+                let is_busy = |ip: &Ipv4Addr| {
+                    allocated.contains(&IpAddr::V4(*ip)) || cooling.contains(&IpAddr::V4(*ip))
+                };
+                let mut idle: Vec<Ipv4Addr> = e
+                    .secondary_ips
+                    .iter()
+                    .filter(|ip| !is_busy(ip))
+                    .copied()
+                    .collect();
+                // Release the highest addresses first.
+                idle.reverse();
+                EniView {
+                    id: e.id.clone(),
+                    device_index: e.device_index,
+                    managed: e.managed,
+                    attachment_id: e.attachment_id.clone(),
+                    ips: e.secondary_ips.clone(),
+                    busy: u32::try_from(e.secondary_ips.iter().filter(|ip| is_busy(ip)).count())
+                        .unwrap_or(u32::MAX),
+                    idle,
+                    foreign: is_foreign(e),
+                }
+            })
+            .collect()
+    }
+
+    /// Withdraws `ips` from the pool, then keeps those still idle: an
+    /// allocation that picked one before the withdrawal is visible now
+    /// (both happen under the allocator's lock).
+    fn withdraw(&self, ips: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+        for ip in ips {
+            self.pool.withdraw(*ip);
+        }
+        let (allocated, cooling) = (self.busy)();
+        ips.iter()
+            .filter(|ip| {
+                !allocated.contains(&IpAddr::V4(**ip)) && !cooling.contains(&IpAddr::V4(**ip))
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Applies one action; `false` when it turned out unnecessary.
+    fn apply(
+        &self,
+        identity: &InstanceIdentity,
+        enis: &[EniInfo],
+        action: &Action,
+    ) -> Result<bool, CloudError> {
+        match action {
+            Action::Assign { eni, count } => {
+                tracing::info!(eni, count, "assigning addresses");
+                self.cloud.assign_ips(eni, *count)?;
+            }
+            Action::CreateEni {
+                device_index,
+                secondary,
+            } => {
+                tracing::info!(device_index, secondary, "creating and attaching an ENI");
+                let id = self.cloud.create_and_attach_eni(
+                    &identity.instance_id,
+                    &identity.subnet_id,
+                    &identity.security_groups,
+                    *device_index,
+                    *secondary,
+                )?;
+                tracing::info!(eni = %id, device_index, "ENI attached");
+            }
+            Action::Unassign { eni, ips } => {
+                let ips = self.withdraw(ips);
+                if ips.is_empty() {
+                    return Ok(false);
+                }
+                tracing::info!(eni, ips = ?ips, "releasing surplus addresses");
+                self.cloud.unassign_ips(eni, &ips)?;
+            }
+            Action::DeleteEni { eni, attachment_id } => {
+                let Some(info) = enis.iter().find(|e| &e.id == eni) else {
+                    return Ok(false);
+                };
+                if !info.managed || info.device_index == 0 {
+                    return Ok(false);
+                }
+                let left = self.withdraw(&info.secondary_ips);
+                if left.len() != info.secondary_ips.len() {
+                    // Something was allocated meanwhile: keep the ENI.
+                    return Ok(false);
+                }
+                tracing::info!(eni, "detaching and deleting a surplus ENI");
+                self.cloud.detach_and_delete_eni(eni, attachment_id)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Names the pool for exhaustion errors: `2/3 ENIs attached (subnet ...)`.
+    fn relabel(&self) {
+        let s = self.shared.state();
+        let label = match (s.max_enis, &s.subnet) {
+            (Some(max), Some(subnet)) => {
+                let mut l = format!("{}/{max} ENIs attached (subnet {subnet})", s.enis.len());
+                let waiting = s.enis.iter().filter(|e| e.link.is_none()).count();
+                if waiting > 0 {
+                    let _ = write!(l, ", {waiting} waiting for its link");
+                }
+                if let Some(e) = &s.last_error {
+                    let _ = write!(l, ", cloud API failing: {e}");
+                }
+                l
+            }
+            _ => format!(
+                "ENI pool not ready: {}",
+                s.last_error
+                    .as_deref()
+                    .unwrap_or("waiting for the cloud API")
+            ),
+        };
+        drop(s);
+        self.pool.set_label(label);
+    }
+
+    /// Gives the routing subsystem the ENIs whose links exist.
+    fn publish(&self, identity: &InstanceIdentity, enis: &[EniInfo]) {
+        let store = self
+            .shared
+            .routing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(store) = store else { return };
+        let s = self.shared.state();
+        let subnet = identity.subnet_cidr.network();
+        let gateway = u32::from(subnet.addr()).wrapping_add(1);
+        let list = enis
+            .iter()
+            .filter(|e| !is_foreign(e))
+            .filter_map(|e| {
+                let link = s.enis.iter().find(|r| r.id == e.id)?.link.clone()?;
+                Some(Eni {
+                    name: link,
+                    mac: Some(e.mac),
+                    table: TABLE_BASE + e.device_index,
+                    subnet,
+                    gateway: Ipv4Addr::from(gateway),
+                    ips: e.secondary_ips.clone(),
+                })
+            })
+            .collect();
+        drop(s);
+        store.replace(list);
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn test_worker(
+    targets: Targets,
+    cloud: Arc<dyn CloudProvider>,
+    links: Arc<dyn Links>,
+    busy: BusyFn,
+    pool: EniPool,
+) -> (Worker, Arc<Shared>) {
+    let shared = Arc::new(Shared::default());
+    (
+        Worker {
+            targets,
+            cloud,
+            links,
+            busy,
+            pool,
+            shared: shared.clone(),
+        },
+        shared,
+    )
+}

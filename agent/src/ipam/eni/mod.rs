@@ -1,0 +1,410 @@
+//! ENI mode: pods get secondary addresses of the node's ENIs, from a warm
+//! pool kept in the background.
+//!
+//! [`pool::EniPool`] is the allocator's address source (secondary addresses
+//! of ENIs whose link is up; primaries never). A thread
+//! ([`manager`]) reconciles the cloud against the warm pool targets
+//! ([`warm`]): list the ENIs, bring their links up ([`link`]), plan the fewest
+//! calls, apply them, and back off exponentially on errors and throttling.
+//! Allocations and releases only wake it; they never wait for the cloud.
+
+pub mod link;
+pub mod manager;
+pub mod pool;
+pub mod view;
+pub mod warm;
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Condvar, Mutex, PoisonError,
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use self::{link::Links, pool::EniPool, warm::Targets};
+use crate::{
+    cloud::{ApiCalls, CloudProvider},
+    metrics::text::{Encoder, MetricType},
+    routing::eni::EniStore,
+};
+
+/// How often the ENIs are listed again when nothing else wakes the thread.
+pub const RESYNC_PERIOD: Duration = Duration::from_secs(30);
+/// First wait after a failed reconcile; doubles up to [`BACKOFF_MAX`].
+pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between attempts while the cloud fails.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(16);
+/// Wait while an ENI's kernel link has not appeared yet.
+pub const LINK_WAIT: Duration = Duration::from_millis(500);
+
+/// ENI mode settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EniSettings {
+    /// Warm pool targets.
+    pub targets: Targets,
+    /// `--cloud-endpoint` (`None`: the region's EC2 endpoint).
+    pub cloud_endpoint: Option<String>,
+    /// `--imds-endpoint`.
+    pub imds_endpoint: String,
+}
+
+impl Default for EniSettings {
+    fn default() -> Self {
+        Self {
+            targets: Targets::default(),
+            cloud_endpoint: None,
+            imds_endpoint: crate::config::defaults::IMDS_ENDPOINT.to_owned(),
+        }
+    }
+}
+
+/// The allocator's view the ENI thread needs: addresses allocated to pods,
+/// and addresses cooling down.
+pub type BusyFn = Arc<dyn Fn() -> (BTreeSet<IpAddr>, BTreeSet<IpAddr>) + Send + Sync>;
+
+/// One ENI as last listed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EniRecord {
+    /// `eni-...`.
+    pub id: String,
+    /// Attachment slot (0: primary).
+    pub device_index: u32,
+    /// Kernel link, once found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// Whether podnet created it.
+    pub managed: bool,
+    /// Primary address (never a pod's).
+    pub primary_ip: Option<Ipv4Addr>,
+    /// Secondary addresses.
+    pub ips: Vec<Ipv4Addr>,
+}
+
+/// The ENI thread's view, for `podnetctl ipam`, metrics and errors.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EniState {
+    /// `i-...`, once known.
+    pub instance_id: Option<String>,
+    /// Instance type, once known.
+    pub instance_type: Option<String>,
+    /// Subnet id and CIDR, once known.
+    pub subnet: Option<String>,
+    /// Interfaces the instance type can attach.
+    pub max_enis: Option<u32>,
+    /// IPv4 addresses per interface, primary included.
+    pub ips_per_eni: Option<u32>,
+    /// Attached ENIs by device index.
+    pub enis: Vec<EniRecord>,
+    /// The last reconcile error, cleared by a success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Reconciles that failed in a row.
+    pub failures: u32,
+}
+
+/// Use of one ENI (`podnetctl ipam`, `podnet_ipam_eni_addresses`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EniUsage {
+    /// `eni-...`.
+    pub eni: String,
+    /// Attachment slot.
+    pub device_index: u32,
+    /// Kernel link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// Whether podnet created it.
+    pub managed: bool,
+    /// Primary address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_ip: Option<Ipv4Addr>,
+    /// Secondary addresses.
+    pub addresses: u64,
+    /// Of which allocated to pods.
+    pub allocated: u64,
+    /// Of which cooling down.
+    pub cooldown: u64,
+    /// Of which free.
+    pub free: u64,
+}
+
+/// What `ipam.status` adds in ENI mode.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EniStatus {
+    /// Instance id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    /// Instance type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    /// Subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet: Option<String>,
+    /// Interfaces the instance type can attach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_enis: Option<u32>,
+    /// Pods the instance can hold (ENIs × (addresses per ENI − 1)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pods: Option<u32>,
+    /// Per ENI.
+    pub enis: Vec<EniUsage>,
+    /// The last cloud error, while it lasts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+#[derive(Default)]
+pub(crate) struct Shared {
+    pub(crate) state: Mutex<EniState>,
+    pub(crate) woken: Mutex<bool>,
+    pub(crate) wake: Condvar,
+    pub(crate) stop: AtomicBool,
+    pub(crate) routing: Mutex<Option<EniStore>>,
+}
+
+impl Shared {
+    /// Sleeps up to `timeout`, returning early on a wake-up (when
+    /// `wakeable`) or a stop. Returns whether to stop.
+    pub(crate) fn sleep(&self, timeout: Duration, wakeable: bool) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return true;
+            }
+            if wakeable && *woken {
+                *woken = false;
+                return false;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            woken = self
+                .wake
+                .wait_timeout(woken, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, EniState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// ENI mode: the pool and the thread that keeps it warm.
+pub struct EniIpam {
+    pool: EniPool,
+    shared: Arc<Shared>,
+    calls: ApiCalls,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for EniIpam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EniIpam")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EniIpam {
+    /// A pool with no thread yet; [`EniIpam::start`] starts it.
+    pub fn new(calls: ApiCalls) -> Self {
+        Self {
+            pool: EniPool::new(),
+            shared: Arc::new(Shared::default()),
+            calls,
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// The allocator's address source.
+    pub fn pool(&self) -> &EniPool {
+        &self.pool
+    }
+
+    /// Starts the ENI thread over `cloud` and `links`; `busy` reads the
+    /// allocator.
+    pub fn start(
+        &self,
+        targets: Targets,
+        cloud: Arc<dyn CloudProvider>,
+        links: Arc<dyn Links>,
+        busy: BusyFn,
+    ) -> std::io::Result<()> {
+        let worker = manager::Worker {
+            targets,
+            cloud,
+            links,
+            busy,
+            pool: self.pool.clone(),
+            shared: self.shared.clone(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("podnet-eni".into())
+            .spawn(move || worker.run())?;
+        *self.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        Ok(())
+    }
+
+    /// Publishes the ENIs with links to the routing subsystem from now on.
+    pub fn publish_to(&self, store: EniStore) {
+        *self
+            .shared
+            .routing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(store);
+        self.wake();
+    }
+
+    /// Asks the thread to reconcile soon (after an allocation or release).
+    pub fn wake(&self) {
+        *self
+            .shared
+            .woken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = true;
+        self.shared.wake.notify_all();
+    }
+
+    /// Stops the thread; ENIs and addresses stay as they are.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        self.shared.wake.notify_all();
+        let handle = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!("ENI thread panicked");
+            }
+        }
+    }
+
+    /// The thread's view.
+    pub fn state(&self) -> EniState {
+        self.shared.state().clone()
+    }
+
+    /// Per-ENI use given the allocator's allocated and cooling addresses.
+    pub fn status(&self, allocated: &BTreeSet<IpAddr>, cooling: &BTreeSet<IpAddr>) -> EniStatus {
+        let s = self.state();
+        let enis = s
+            .enis
+            .iter()
+            .map(|e| {
+                let ips = || e.ips.iter().map(|ip| IpAddr::V4(*ip));
+                let a = ips().filter(|ip| allocated.contains(ip)).count() as u64;
+                let c = ips().filter(|ip| cooling.contains(ip)).count() as u64;
+                let n = e.ips.len() as u64;
+                EniUsage {
+                    eni: e.id.clone(),
+                    device_index: e.device_index,
+                    link: e.link.clone(),
+                    managed: e.managed,
+                    primary_ip: e.primary_ip,
+                    addresses: n,
+                    allocated: a,
+                    cooldown: c,
+                    free: n.saturating_sub(a + c),
+                }
+            })
+            .collect();
+        EniStatus {
+            instance_id: s.instance_id,
+            instance_type: s.instance_type,
+            subnet: s.subnet,
+            max_enis: s.max_enis,
+            max_pods: s
+                .max_enis
+                .zip(s.ips_per_eni)
+                .map(|(e, i)| e * i.saturating_sub(1)),
+            enis,
+            last_error: s.last_error,
+        }
+    }
+
+    /// Writes `podnet_ipam_eni_addresses` and `podnet_cloud_api_calls_total`.
+    pub fn render_metrics(
+        &self,
+        enc: &mut Encoder,
+        allocated: &BTreeSet<IpAddr>,
+        cooling: &BTreeSet<IpAddr>,
+    ) {
+        let status = self.status(allocated, cooling);
+        let mut fam = enc.family(
+            "podnet_ipam_eni_addresses",
+            MetricType::Gauge,
+            "Secondary addresses of each attached ENI by state (allocated, cooldown, free).",
+        );
+        for e in &status.enis {
+            fam.sample(&[("eni", &e.eni), ("state", "allocated")], e.allocated)
+                .sample(&[("eni", &e.eni), ("state", "cooldown")], e.cooldown)
+                .sample(&[("eni", &e.eni), ("state", "free")], e.free);
+        }
+        let mut fam = enc.family(
+            "podnet_cloud_api_calls_total",
+            MetricType::Counter,
+            "Cloud API calls by action and result (success, error, throttled, unreachable, bad_answer).",
+        );
+        for ((action, result), n) in self.calls.snapshot() {
+            fam.sample(&[("action", &action), ("result", result)], n);
+        }
+    }
+}
+
+impl Drop for EniIpam {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The allocator's allocated and cooling addresses.
+pub fn busy(alloc: &crate::ipam::allocator::Allocator) -> (BTreeSet<IpAddr>, BTreeSet<IpAddr>) {
+    let allocated = alloc
+        .allocations()
+        .flat_map(|a| a.ips.iter().map(|x| x.ip))
+        .collect();
+    let cooling = alloc.cooldowns().into_iter().map(|c| c.ip).collect();
+    (allocated, cooling)
+}
+
+/// Starts `eni`'s thread against EC2 and the metadata service of
+/// `settings`, reading the allocator in `state`.
+pub fn start_ec2(
+    eni: &EniIpam,
+    settings: &EniSettings,
+    state: &Arc<Mutex<crate::ipam::state::NodeState>>,
+) -> Result<(), crate::ipam::IpamError> {
+    let cloud = crate::cloud::ec2::Ec2::new(
+        settings.cloud_endpoint.as_deref(),
+        &settings.imds_endpoint,
+        eni.calls.clone(),
+    )
+    .map_err(|e| crate::ipam::IpamError::Config(format!("ENI mode: {e}")))?;
+    let weak = Arc::downgrade(state);
+    let busy: BusyFn = Arc::new(move || {
+        weak.upgrade().map_or_else(Default::default, |s| {
+            busy(s.lock().unwrap_or_else(PoisonError::into_inner).allocator())
+        })
+    });
+    eni.start(
+        settings.targets,
+        Arc::new(cloud),
+        Arc::new(link::IpCommand),
+        busy,
+    )
+    .map_err(|e| crate::ipam::IpamError::Config(format!("starting the ENI thread: {e}")))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,329 @@
+//! ENI mode against a fake cloud and fake links.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    sync::{Arc, Mutex},
+};
+
+use super::{
+    link::{LinkInfo, Links},
+    manager::test_worker,
+    pool::EniPool,
+    warm::Targets,
+    BusyFn,
+};
+use crate::{
+    cloud::{CloudError, CloudProvider, EniInfo, InstanceIdentity, InstanceLimits},
+    ipam::source::AddressSource,
+    routing::eni::MacAddr,
+};
+
+#[derive(Default)]
+struct FakeCloud {
+    enis: Mutex<Vec<EniInfo>>,
+    next_ip: Mutex<u8>,
+    calls: Mutex<Vec<String>>,
+    fail: Mutex<Option<CloudError>>,
+}
+
+fn mac(n: u8) -> MacAddr {
+    MacAddr([2, 0, 0, 0, 1, n])
+}
+
+impl FakeCloud {
+    fn new() -> Self {
+        let c = Self::default();
+        *c.next_ip.lock().unwrap() = 10;
+        c.enis.lock().unwrap().push(EniInfo {
+            id: "eni-0".into(),
+            mac: mac(0),
+            device_index: 0,
+            attachment_id: Some("att-0".into()),
+            subnet_id: "subnet-1".into(),
+            security_groups: vec!["sg-1".into()],
+            primary_ip: Ipv4Addr::new(10, 0, 1, 5),
+            secondary_ips: vec![],
+            managed: false,
+        });
+        c
+    }
+
+    fn call(&self, name: &str) -> Result<(), CloudError> {
+        self.calls.lock().unwrap().push(name.into());
+        match self.fail.lock().unwrap().clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn new_ips(&self, n: u32) -> Vec<Ipv4Addr> {
+        let mut next = self.next_ip.lock().unwrap();
+        (0..n)
+            .map(|_| {
+                *next += 1;
+                Ipv4Addr::new(10, 0, 1, *next)
+            })
+            .collect()
+    }
+
+    fn count(&self, name: &str) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| *c == name)
+            .count()
+    }
+}
+
+impl CloudProvider for FakeCloud {
+    fn identity(&self) -> Result<InstanceIdentity, CloudError> {
+        Ok(InstanceIdentity {
+            instance_id: "i-1".into(),
+            instance_type: "t3.medium".into(),
+            region: "us-east-1".into(),
+            mac: mac(0),
+            subnet_id: "subnet-1".into(),
+            subnet_cidr: "10.0.1.0/24".parse().unwrap(),
+            security_groups: vec!["sg-1".into()],
+        })
+    }
+
+    fn limits(&self, _: &str) -> Result<InstanceLimits, CloudError> {
+        self.call("DescribeInstanceTypes")?;
+        Ok(InstanceLimits {
+            max_enis: 3,
+            ips_per_eni: 6,
+        })
+    }
+
+    fn list_enis(&self, _: &str) -> Result<Vec<EniInfo>, CloudError> {
+        self.call("DescribeNetworkInterfaces")?;
+        Ok(self.enis.lock().unwrap().clone())
+    }
+
+    fn create_and_attach_eni(
+        &self,
+        _: &str,
+        subnet_id: &str,
+        security_groups: &[String],
+        device_index: u32,
+        secondary: u32,
+    ) -> Result<String, CloudError> {
+        self.call("CreateNetworkInterface")?;
+        self.call("AttachNetworkInterface")?;
+        let primary = self.new_ips(1)[0];
+        let ips = self.new_ips(secondary);
+        let id = format!("eni-{device_index}");
+        self.enis.lock().unwrap().push(EniInfo {
+            id: id.clone(),
+            mac: mac(u8::try_from(device_index).unwrap()),
+            device_index,
+            attachment_id: Some(format!("att-{device_index}")),
+            subnet_id: subnet_id.into(),
+            security_groups: security_groups.to_vec(),
+            primary_ip: primary,
+            secondary_ips: ips,
+            managed: true,
+        });
+        Ok(id)
+    }
+
+    fn assign_ips(&self, eni: &str, count: u32) -> Result<(), CloudError> {
+        self.call("AssignPrivateIpAddresses")?;
+        let ips = self.new_ips(count);
+        let mut enis = self.enis.lock().unwrap();
+        let e = enis.iter_mut().find(|e| e.id == eni).unwrap();
+        e.secondary_ips.extend(ips);
+        Ok(())
+    }
+
+    fn unassign_ips(&self, eni: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
+        self.call("UnassignPrivateIpAddresses")?;
+        let mut enis = self.enis.lock().unwrap();
+        let e = enis.iter_mut().find(|e| e.id == eni).unwrap();
+        e.secondary_ips.retain(|ip| !ips.contains(ip));
+        Ok(())
+    }
+
+    fn detach_and_delete_eni(&self, eni: &str, _: &str) -> Result<(), CloudError> {
+        self.call("DetachNetworkInterface")?;
+        self.call("DeleteNetworkInterface")?;
+        self.enis.lock().unwrap().retain(|e| e.id != eni);
+        Ok(())
+    }
+}
+
+/// Every ENI's link exists, down at MTU 1500.
+struct FakeLinks {
+    cloud: Arc<FakeCloud>,
+    up: Mutex<Vec<String>>,
+}
+
+impl Links for FakeLinks {
+    fn list(&self) -> Result<Vec<(MacAddr, LinkInfo)>, String> {
+        let up = self.up.lock().unwrap();
+        Ok(self
+            .cloud
+            .enis
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let name = format!("eth{}", e.device_index);
+                let is_up = up.contains(&name);
+                (
+                    e.mac,
+                    LinkInfo {
+                        up: is_up,
+                        mtu: if is_up { 9001 } else { 1500 },
+                        name,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    fn bring_up(&self, name: &str, _: u32) -> Result<(), String> {
+        self.up.lock().unwrap().push(name.into());
+        Ok(())
+    }
+}
+
+type Busy = Arc<Mutex<(BTreeSet<IpAddr>, BTreeSet<IpAddr>)>>;
+
+fn setup(
+    targets: Targets,
+) -> (
+    super::manager::Worker,
+    Arc<FakeCloud>,
+    EniPool,
+    Busy,
+    Arc<FakeLinks>,
+) {
+    let cloud = Arc::new(FakeCloud::new());
+    let links = Arc::new(FakeLinks {
+        cloud: cloud.clone(),
+        up: Mutex::new(Vec::new()),
+    });
+    let busy: Busy = Arc::default();
+    let b = busy.clone();
+    let busy_fn: BusyFn = Arc::new(move || b.lock().unwrap().clone());
+    let pool = EniPool::new();
+    let (worker, _) = test_worker(targets, cloud.clone(), links.clone(), busy_fn, pool.clone());
+    (worker, cloud, pool, busy, links)
+}
+
+fn run_until_settled(worker: &super::manager::Worker, rounds: usize) {
+    let cloud_id = worker.cloud.identity().unwrap();
+    let limits = worker.cloud.limits("t3.medium").unwrap();
+    for _ in 0..rounds {
+        let round = worker.reconcile(&cloud_id, limits).unwrap();
+        if round.changes == 0 {
+            return;
+        }
+    }
+    panic!("did not settle");
+}
+
+#[test]
+fn warm_ip_target_then_a_new_eni_without_primaries() {
+    let targets = Targets {
+        warm_ip: Some(5),
+        minimum_ip: None,
+        warm_eni: 1,
+    };
+    let (worker, cloud, pool, busy, links) = setup(targets);
+    run_until_settled(&worker, 5);
+    assert_eq!(cloud.count("AssignPrivateIpAddresses"), 1);
+    assert_eq!(cloud.count("CreateNetworkInterface"), 0);
+    assert_eq!(pool.capacity(), 5);
+    assert!(!pool.is_usable(IpAddr::V4(Ipv4Addr::new(10, 0, 1, 5))));
+    // One pod: 4 free, one short, eni-0 full: one new ENI with one address.
+    let first = pool.next_after(None).unwrap();
+    busy.lock().unwrap().0.insert(first);
+    run_until_settled(&worker, 5);
+    assert_eq!(cloud.count("AssignPrivateIpAddresses"), 1);
+    assert_eq!(cloud.count("CreateNetworkInterface"), 1);
+    assert_eq!(cloud.count("AttachNetworkInterface"), 1);
+    assert_eq!(pool.capacity(), 6);
+    // The new ENI's link was brought up, the primary's left alone.
+    assert_eq!(*links.up.lock().unwrap(), ["eth1"]);
+    let enis = cloud.enis.lock().unwrap().clone();
+    for e in &enis {
+        assert!(!pool.is_usable(IpAddr::V4(e.primary_ip)));
+    }
+}
+
+#[test]
+fn surplus_release_spares_busy_and_cooling_addresses() {
+    let (worker, cloud, pool, busy, _) = setup(Targets {
+        warm_ip: None,
+        minimum_ip: Some(5),
+        warm_eni: 1,
+    });
+    run_until_settled(&worker, 5);
+    let ips: Vec<IpAddr> = pool.ready().into_iter().collect();
+    assert_eq!(ips.len(), 5);
+    // Lower the floor: one allocated, one cooling, three idle; with minimum
+    // 0 and warm 1, two of the idle ones go.
+    {
+        let mut b = busy.lock().unwrap();
+        b.0.insert(ips[0]);
+        b.1.insert(ips[1]);
+    }
+    let (worker2, _) = test_worker(
+        Targets {
+            warm_ip: Some(1),
+            minimum_ip: None,
+            warm_eni: 1,
+        },
+        cloud.clone(),
+        worker.links.clone(),
+        worker.busy.clone(),
+        pool.clone(),
+    );
+    run_until_settled(&worker2, 5);
+    assert_eq!(cloud.count("UnassignPrivateIpAddresses"), 1);
+    let left: Vec<IpAddr> = cloud.enis.lock().unwrap()[0]
+        .secondary_ips
+        .iter()
+        .map(|ip| IpAddr::V4(*ip))
+        .collect();
+    assert_eq!(left.len(), 3);
+    assert!(left.contains(&ips[0]) && left.contains(&ips[1]));
+}
+
+#[test]
+fn cloud_errors_keep_the_pool() {
+    let (worker, cloud, pool, _, _) = setup(Targets {
+        warm_ip: Some(3),
+        minimum_ip: None,
+        warm_eni: 1,
+    });
+    run_until_settled(&worker, 5);
+    assert_eq!(pool.capacity(), 3);
+    *cloud.fail.lock().unwrap() = Some(CloudError::Api {
+        action: "DescribeNetworkInterfaces".into(),
+        code: "RequestLimitExceeded".into(),
+        message: "Request limit exceeded.".into(),
+    });
+    let id = worker.cloud.identity().unwrap();
+    let limits = InstanceLimits {
+        max_enis: 3,
+        ips_per_eni: 6,
+    };
+    let e = worker.reconcile(&id, limits).unwrap_err();
+    assert!(e.to_string().contains("RequestLimitExceeded"), "{e}");
+    assert_eq!(pool.capacity(), 3);
+}
+
+#[test]
+fn backoff_doubles_to_the_cap() {
+    let mut b = super::manager::Backoff::default();
+    let waits: Vec<u64> = (0..7).map(|_| b.next_wait().as_secs()).collect();
+    assert_eq!(waits, [1, 2, 4, 8, 16, 16, 16]);
+    b.reset();
+    assert_eq!(b.next_wait().as_secs(), 1);
+}

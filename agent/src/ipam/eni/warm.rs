@@ -1,0 +1,514 @@
+//! The warm pool: from the targets, the instance limits and what each ENI
+//! holds, the fewest cloud calls that reach the targets. Pure.
+//!
+//! Semantics follow the AWS VPC CNI. With `warm_ip_target` or
+//! `minimum_ip_target` set, they decide and `warm_eni_target` is ignored:
+//! keep `warm_ip_target` addresses free and at least `minimum_ip_target`
+//! addresses in all; assign in batches up to an ENI's free slots, and create
+//! an ENI only when the attached ones are full. Otherwise every ENI is filled
+//! and `warm_eni_target` ENIs' worth of addresses is kept free. Surplus is
+//! released down to the targets, never an address in use or cooling down, and
+//! only ENIs podnet created are deleted.
+
+use std::net::Ipv4Addr;
+
+use crate::cloud::InstanceLimits;
+
+/// The warm pool targets (`--warm-ip-target`, `--minimum-ip-target`,
+/// `--warm-eni-target`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Targets {
+    /// Free addresses to keep.
+    pub warm_ip: Option<u32>,
+    /// Addresses to hold at least, free or not.
+    pub minimum_ip: Option<u32>,
+    /// Whole ENIs' worth of free addresses to keep (when no IP target is set).
+    pub warm_eni: u32,
+}
+
+impl Default for Targets {
+    /// The AWS VPC CNI's defaults: one warm ENI.
+    fn default() -> Self {
+        Self {
+            warm_ip: None,
+            minimum_ip: None,
+            warm_eni: 1,
+        }
+    }
+}
+
+impl Targets {
+    fn ip_mode(&self) -> bool {
+        self.warm_ip.is_some_and(|n| n > 0) || self.minimum_ip.is_some_and(|n| n > 0)
+    }
+}
+
+/// What one ENI holds, as the planner needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EniView {
+    /// `eni-...`.
+    pub id: String,
+    /// Attachment slot (0: primary).
+    pub device_index: u32,
+    /// Whether podnet created it.
+    pub managed: bool,
+    /// `eni-attach-...`.
+    pub attachment_id: Option<String>,
+    /// Secondary addresses.
+    pub ips: Vec<Ipv4Addr>,
+    /// How many of `ips` are allocated to pods or cooling down.
+    pub busy: u32,
+    /// The secondary addresses that are neither, in release order.
+    pub idle: Vec<Ipv4Addr>,
+    /// Attached by someone else (not the primary, not podnet's): it takes a
+    /// slot, and podnet neither uses nor changes it.
+    pub foreign: bool,
+}
+
+/// One cloud change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Assign `count` secondary addresses to `eni` (one call).
+    Assign {
+        /// The ENI.
+        eni: String,
+        /// How many.
+        count: u32,
+    },
+    /// Create an ENI with `secondary` addresses and attach it at `device_index`.
+    CreateEni {
+        /// The slot.
+        device_index: u32,
+        /// Secondary addresses created with it.
+        secondary: u32,
+    },
+    /// Unassign these idle addresses from `eni` (one call).
+    Unassign {
+        /// The ENI.
+        eni: String,
+        /// The addresses.
+        ips: Vec<Ipv4Addr>,
+    },
+    /// Detach and delete `eni` (podnet's, holding nothing in use).
+    DeleteEni {
+        /// The ENI.
+        eni: String,
+        /// Its attachment.
+        attachment_id: String,
+    },
+}
+
+/// The calls that bring `enis` to `targets`.
+pub fn plan(targets: &Targets, limits: &InstanceLimits, all: &[EniView]) -> Vec<Action> {
+    let slots_taken = count(all.len());
+    let enis: Vec<EniView> = all.iter().filter(|e| !e.foreign).cloned().collect();
+    let enis = &enis[..];
+    let limits = &InstanceLimits {
+        // Foreign interfaces take slots podnet cannot use.
+        max_enis: limits
+            .max_enis
+            .saturating_sub(slots_taken - count(enis.len())),
+        ..*limits
+    };
+    let per_eni = limits.ips_per_eni.saturating_sub(1);
+    let total: u32 = enis.iter().map(|e| count(e.ips.len())).sum();
+    let busy: u32 = enis.iter().map(|e| e.busy).sum();
+    let free = total.saturating_sub(busy);
+    if targets.ip_mode() {
+        let warm = targets.warm_ip.unwrap_or(0);
+        let minimum = targets.minimum_ip.unwrap_or(0);
+        let short = warm.saturating_sub(free).max(minimum.saturating_sub(total));
+        if short > 0 {
+            return with_indexes(grow(*limits, enis, short, false), all);
+        }
+        let surplus = free.saturating_sub(warm).min(total.saturating_sub(minimum));
+        return shrink_ips(enis, surplus);
+    }
+    let want_free = targets.warm_eni * per_eni;
+    // Surplus ENIs go first: filling one about to be deleted wastes calls.
+    let deletions = shrink_enis(enis, free, want_free);
+    if !deletions.is_empty() {
+        return deletions;
+    }
+    // Fill every ENI, then add whole ENIs while the free addresses fall short.
+    let slots: u32 = enis
+        .iter()
+        .map(|e| per_eni.saturating_sub(count(e.ips.len())))
+        .sum();
+    let short = want_free.saturating_sub(free + slots);
+    let mut actions = grow(*limits, enis, slots, true);
+    if short > 0 {
+        let more = grow_new(
+            *limits,
+            enis,
+            short.div_ceil(per_eni.max(1)) * per_eni,
+            true,
+        );
+        actions.extend(more);
+    }
+    with_indexes(actions, all)
+}
+
+/// Moves new ENIs off device indexes foreign interfaces hold.
+fn with_indexes(mut actions: Vec<Action>, all: &[EniView]) -> Vec<Action> {
+    let mut taken: Vec<u32> = all.iter().map(|e| e.device_index).collect();
+    for a in &mut actions {
+        if let Action::CreateEni { device_index, .. } = a {
+            while taken.contains(device_index) {
+                *device_index += 1;
+            }
+            taken.push(*device_index);
+        }
+    }
+    actions
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Assigns `need` addresses to attached ENIs with free slots (device order),
+/// then creates ENIs for the rest. `whole`: new ENIs come full.
+fn grow(limits: InstanceLimits, enis: &[EniView], need: u32, whole: bool) -> Vec<Action> {
+    let per_eni = limits.ips_per_eni.saturating_sub(1);
+    let mut left = need;
+    let mut actions = Vec::new();
+    for e in enis {
+        if left == 0 {
+            break;
+        }
+        let room = per_eni.saturating_sub(count(e.ips.len()));
+        let n = room.min(left);
+        if n > 0 {
+            actions.push(Action::Assign {
+                eni: e.id.clone(),
+                count: n,
+            });
+            left -= n;
+        }
+    }
+    if left > 0 && !whole {
+        actions.extend(grow_new(limits, enis, left, false));
+    }
+    actions
+}
+
+/// Creates ENIs at free device indexes for `need` addresses.
+fn grow_new(limits: InstanceLimits, enis: &[EniView], need: u32, whole: bool) -> Vec<Action> {
+    let per_eni = limits.ips_per_eni.saturating_sub(1);
+    let mut left = need;
+    let mut actions = Vec::new();
+    let mut attached = count(enis.len());
+    let mut index = 0;
+    while left > 0 && attached < limits.max_enis && per_eni > 0 {
+        while enis.iter().any(|e| e.device_index == index)
+            || actions.iter().any(
+                |a| matches!(a, Action::CreateEni { device_index, .. } if *device_index == index),
+            )
+        {
+            index += 1;
+        }
+        let n = if whole { per_eni } else { left.min(per_eni) };
+        actions.push(Action::CreateEni {
+            device_index: index,
+            secondary: n,
+        });
+        left = left.saturating_sub(n);
+        attached += 1;
+    }
+    actions
+}
+
+/// Releases `surplus` idle addresses: whole idle ENIs of podnet's first
+/// (highest device index first), then addresses from the highest ENIs.
+fn shrink_ips(enis: &[EniView], surplus: u32) -> Vec<Action> {
+    let mut left = surplus;
+    let mut actions = Vec::new();
+    let mut order: Vec<&EniView> = enis.iter().collect();
+    order.sort_by_key(|e| std::cmp::Reverse(e.device_index));
+    let mut deleted = Vec::new();
+    for e in &order {
+        let n = count(e.ips.len());
+        if deletable(e) && n <= left {
+            if let Some(att) = &e.attachment_id {
+                actions.push(Action::DeleteEni {
+                    eni: e.id.clone(),
+                    attachment_id: att.clone(),
+                });
+                left -= n;
+                deleted.push(e.id.clone());
+            }
+        }
+    }
+    for e in &order {
+        if left == 0 {
+            break;
+        }
+        if deleted.contains(&e.id) || e.idle.is_empty() {
+            continue;
+        }
+        let take = usize::try_from(left)
+            .unwrap_or(usize::MAX)
+            .min(e.idle.len());
+        actions.push(Action::Unassign {
+            eni: e.id.clone(),
+            ips: e.idle[..take].to_vec(),
+        });
+        left -= count(take);
+    }
+    actions
+}
+
+/// Deletes podnet's idle ENIs (highest device index first) while the free
+/// addresses left still meet `want_free`.
+fn shrink_enis(enis: &[EniView], free: u32, want_free: u32) -> Vec<Action> {
+    let mut free = free;
+    let mut order: Vec<&EniView> = enis.iter().collect();
+    order.sort_by_key(|e| std::cmp::Reverse(e.device_index));
+    let mut actions = Vec::new();
+    for e in order {
+        let n = count(e.ips.len());
+        if deletable(e) && free.saturating_sub(n) >= want_free {
+            if let Some(att) = &e.attachment_id {
+                actions.push(Action::DeleteEni {
+                    eni: e.id.clone(),
+                    attachment_id: att.clone(),
+                });
+                free -= n;
+            }
+        }
+    }
+    actions
+}
+
+/// Podnet's, not the primary, nothing allocated or cooling down.
+fn deletable(e: &EniView) -> bool {
+    e.managed && e.device_index != 0 && e.busy == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T3_MEDIUM: InstanceLimits = InstanceLimits {
+        max_enis: 3,
+        ips_per_eni: 6,
+    };
+
+    fn ip(n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 1, n)
+    }
+
+    fn eni(id: &str, device_index: u32, managed: bool, ips: &[u8], busy: &[u8]) -> EniView {
+        EniView {
+            id: id.into(),
+            device_index,
+            managed,
+            attachment_id: Some(format!("att-{id}")),
+            ips: ips.iter().map(|n| ip(*n)).collect(),
+            busy: count(busy.len()),
+            idle: ips
+                .iter()
+                .filter(|n| !busy.contains(n))
+                .map(|n| ip(*n))
+                .collect(),
+            foreign: false,
+        }
+    }
+
+    fn ip_target(warm: Option<u32>, minimum: Option<u32>) -> Targets {
+        Targets {
+            warm_ip: warm,
+            minimum_ip: minimum,
+            warm_eni: 1,
+        }
+    }
+
+    #[test]
+    fn warm_ip_target_on_a_fresh_node_is_one_batch() {
+        let enis = [eni("eni-0", 0, false, &[], &[])];
+        assert_eq!(
+            plan(&ip_target(Some(5), None), &T3_MEDIUM, &enis),
+            [Action::Assign {
+                eni: "eni-0".into(),
+                count: 5
+            }]
+        );
+    }
+
+    #[test]
+    fn a_full_eni_leads_to_one_new_eni_with_the_shortfall() {
+        let enis = [eni("eni-0", 0, false, &[10, 11, 12, 13, 14], &[10])];
+        assert_eq!(
+            plan(&ip_target(Some(5), None), &T3_MEDIUM, &enis),
+            [Action::CreateEni {
+                device_index: 1,
+                secondary: 1
+            }]
+        );
+        // Batches across ENIs: 2 slots left on eni-0, the rest on a new one.
+        let enis = [eni("eni-0", 0, false, &[10, 11, 12], &[10, 11, 12])];
+        assert_eq!(
+            plan(&ip_target(Some(7), None), &T3_MEDIUM, &enis),
+            [
+                Action::Assign {
+                    eni: "eni-0".into(),
+                    count: 2
+                },
+                Action::CreateEni {
+                    device_index: 1,
+                    secondary: 5
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn minimum_ip_target_is_a_floor_and_limits_cap_growth() {
+        let enis = [eni("eni-0", 0, false, &[], &[])];
+        assert_eq!(
+            plan(&ip_target(None, Some(20)), &T3_MEDIUM, &enis),
+            [
+                Action::Assign {
+                    eni: "eni-0".into(),
+                    count: 5
+                },
+                Action::CreateEni {
+                    device_index: 1,
+                    secondary: 5
+                },
+                Action::CreateEni {
+                    device_index: 2,
+                    secondary: 5
+                },
+            ]
+        );
+        // At the floor with nothing to spare: no call.
+        let enis = [eni("eni-0", 0, false, &[10, 11], &[])];
+        assert!(plan(&ip_target(Some(1), Some(2)), &T3_MEDIUM, &enis).is_empty());
+    }
+
+    #[test]
+    fn surplus_is_released_but_never_busy_addresses_or_foreign_enis() {
+        // 9 addresses, 1 busy, want 2 free: release 6, the idle ENI of podnet's
+        // first (4 addresses) then 2 idle ones from eni-0.
+        let enis = [
+            eni("eni-0", 0, false, &[10, 11, 12, 13, 14], &[10]),
+            eni("eni-1", 1, true, &[20, 21, 22, 23], &[]),
+        ];
+        assert_eq!(
+            plan(&ip_target(Some(2), None), &T3_MEDIUM, &enis),
+            [
+                Action::DeleteEni {
+                    eni: "eni-1".into(),
+                    attachment_id: "att-eni-1".into()
+                },
+                Action::Unassign {
+                    eni: "eni-0".into(),
+                    ips: vec![ip(11), ip(12)]
+                },
+            ]
+        );
+        // Not podnet's: addresses are unassigned, the ENI stays.
+        let enis = [
+            eni("eni-0", 0, false, &[10], &[10]),
+            eni("eni-1", 1, false, &[20, 21, 22, 23], &[]),
+        ];
+        assert_eq!(
+            plan(&ip_target(Some(2), None), &T3_MEDIUM, &enis),
+            [Action::Unassign {
+                eni: "eni-1".into(),
+                ips: vec![ip(20), ip(21)]
+            }]
+        );
+        // Everything busy or cooling: nothing to release.
+        let enis = [eni("eni-0", 0, false, &[10, 11, 12], &[10, 11, 12])];
+        assert!(plan(&ip_target(Some(0), Some(1)), &T3_MEDIUM, &enis).is_empty());
+    }
+
+    #[test]
+    fn warm_eni_target_fills_enis_and_keeps_one_spare() {
+        let targets = Targets::default();
+        let enis = [eni("eni-0", 0, false, &[], &[])];
+        assert_eq!(
+            plan(&targets, &T3_MEDIUM, &enis),
+            [Action::Assign {
+                eni: "eni-0".into(),
+                count: 5
+            }]
+        );
+        let enis = [eni("eni-0", 0, false, &[10, 11, 12, 13, 14], &[10])];
+        assert_eq!(
+            plan(&targets, &T3_MEDIUM, &enis),
+            [Action::CreateEni {
+                device_index: 1,
+                secondary: 5
+            }]
+        );
+        // Two spare ENIs' worth: podnet's idle one goes.
+        let enis = [
+            eni("eni-0", 0, false, &[10, 11, 12, 13, 14], &[]),
+            eni("eni-1", 1, true, &[20, 21, 22, 23, 24], &[]),
+        ];
+        assert_eq!(
+            plan(&targets, &T3_MEDIUM, &enis),
+            [Action::DeleteEni {
+                eni: "eni-1".into(),
+                attachment_id: "att-eni-1".into()
+            }]
+        );
+        // Full instance: no call.
+        let full = [
+            eni(
+                "eni-0",
+                0,
+                false,
+                &[10, 11, 12, 13, 14],
+                &[10, 11, 12, 13, 14],
+            ),
+            eni(
+                "eni-1",
+                1,
+                true,
+                &[20, 21, 22, 23, 24],
+                &[20, 21, 22, 23, 24],
+            ),
+            eni(
+                "eni-2",
+                2,
+                true,
+                &[30, 31, 32, 33, 34],
+                &[30, 31, 32, 33, 34],
+            ),
+        ];
+        assert!(plan(&targets, &T3_MEDIUM, &full).is_empty());
+        assert!(plan(&ip_target(Some(5), None), &T3_MEDIUM, &full).is_empty());
+    }
+
+    #[test]
+    fn foreign_enis_take_a_slot_and_are_left_alone() {
+        let mut other = eni("eni-9", 1, false, &[20, 21], &[]);
+        other.foreign = true;
+        let enis = [
+            eni(
+                "eni-0",
+                0,
+                false,
+                &[10, 11, 12, 13, 14],
+                &[10, 11, 12, 13, 14],
+            ),
+            other,
+        ];
+        // One slot left (3 - 2): one new ENI at index 2, not 1.
+        assert_eq!(
+            plan(&ip_target(Some(8), None), &T3_MEDIUM, &enis),
+            [Action::CreateEni {
+                device_index: 2,
+                secondary: 5
+            }]
+        );
+        // Surplus never touches it.
+        let enis = [eni("eni-0", 0, false, &[10], &[]), enis[1].clone()];
+        assert!(plan(&ip_target(Some(1), None), &T3_MEDIUM, &enis).is_empty());
+    }
+}

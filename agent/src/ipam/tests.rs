@@ -1,0 +1,352 @@
+//! Allocator, cooldown, persistence and failure tests with a fake clock and
+//! a fake file system.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use proptest::prelude::*;
+
+use super::{
+    allocator::AttachmentKey,
+    cidr::Cidr,
+    source::{AddressSource, NodeCidr},
+    state::NodeState,
+    store::{StateFs, Store},
+    Clock, IpamError, DEFAULT_COOLDOWN,
+};
+
+#[derive(Debug, Default)]
+struct FakeClock(AtomicU64);
+
+impl FakeClock {
+    fn advance(&self, d: Duration) {
+        self.0
+            .fetch_add(u64::try_from(d.as_millis()).unwrap(), Ordering::SeqCst);
+    }
+}
+
+impl Clock for FakeClock {
+    fn now_unix_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// An in-memory file system whose writes can be made to fail.
+#[derive(Debug, Default, Clone)]
+struct FakeFs {
+    files: Arc<Mutex<HashMap<PathBuf, Vec<u8>>>>,
+    full: Arc<AtomicBool>,
+}
+
+impl StateFs for FakeFs {
+    fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.files.lock().unwrap().get(path).cloned())
+    }
+
+    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.files
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), bytes.to_vec());
+        Ok(())
+    }
+}
+
+fn sources(cidrs: &[&str]) -> Vec<Arc<dyn AddressSource>> {
+    cidrs
+        .iter()
+        .map(|c| {
+            Arc::new(NodeCidr::new(c.parse::<Cidr>().unwrap()).unwrap()) as Arc<dyn AddressSource>
+        })
+        .collect()
+}
+
+fn open(cidrs: &[&str], clock: &Arc<FakeClock>, fs: &FakeFs) -> Result<NodeState, IpamError> {
+    NodeState::open(
+        sources(cidrs),
+        clock.clone(),
+        DEFAULT_COOLDOWN,
+        Store::new(Path::new("/state"), Box::new(fs.clone())),
+    )
+}
+
+fn key(i: usize) -> AttachmentKey {
+    AttachmentKey::new(format!("c{i}"), "eth0")
+}
+
+fn ips(a: &super::allocator::Allocation) -> Vec<String> {
+    a.ips.iter().map(|x| x.ip.to_string()).collect()
+}
+
+#[test]
+fn add_is_idempotent_and_dual_stack() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    let mut s = open(&["10.244.1.0/24", "fd00:1::/120"], &clock, &fs).unwrap();
+    let a = s.allocate(&key(1), "net").unwrap();
+    assert_eq!(ips(&a), ["10.244.1.2", "fd00:1::2"]);
+    assert_eq!(a.ips[0].gateway.unwrap().to_string(), "10.244.1.1");
+    assert_eq!(s.allocate(&key(1), "net").unwrap(), a);
+    let b = s.allocate(&key(2), "net").unwrap();
+    assert_eq!(ips(&b), ["10.244.1.3", "fd00:1::3"]);
+    // The same container with another interface is another attachment.
+    let c = s
+        .allocate(&AttachmentKey::new("c1", "net1"), "net")
+        .unwrap();
+    assert_eq!(ips(&c), ["10.244.1.4", "fd00:1::4"]);
+}
+
+#[test]
+fn released_addresses_cool_down() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    let mut s = open(&["10.0.0.0/29"], &clock, &fs).unwrap();
+    // /29: .2 .. .6 usable = 5 addresses.
+    for i in 0..5 {
+        s.allocate(&key(i), "n").unwrap();
+    }
+    let e = s.allocate(&key(9), "n").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "no free address: node-cidr 10.0.0.0/29: 5/5 addresses allocated, 0 cooling down"
+    );
+    assert!(s.release(&key(0)).unwrap().is_some());
+    assert!(s.release(&key(0)).unwrap().is_none(), "DEL is idempotent");
+    let e = s.allocate(&key(9), "n").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "no free address: node-cidr 10.0.0.0/29: 4/5 addresses allocated, 1 cooling down"
+    );
+    clock.advance(
+        DEFAULT_COOLDOWN
+            .checked_sub(Duration::from_millis(1))
+            .unwrap(),
+    );
+    assert!(s.allocate(&key(9), "n").is_err());
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(ips(&s.allocate(&key(9), "n").unwrap()), ["10.0.0.2"]);
+}
+
+#[test]
+fn gc_frees_what_is_not_valid_in_its_network() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    let mut s = open(&["10.0.0.0/24"], &clock, &fs).unwrap();
+    for i in 0..4 {
+        s.allocate(&key(i), "a").unwrap();
+    }
+    s.allocate(&key(10), "b").unwrap();
+    let valid: BTreeSet<_> = [key(1), key(3)].into_iter().collect();
+    let freed = s.gc_allocations(Some("a"), &valid).unwrap();
+    let mut freed: Vec<_> = freed.into_iter().map(|a| a.key).collect();
+    freed.sort();
+    assert_eq!(freed, [key(0), key(2)]);
+    assert!(s.allocator().get(&key(10)).is_some(), "other network kept");
+    assert_eq!(s.allocator().usage()[0].allocated, 3);
+    assert_eq!(s.allocator().usage()[0].cooldown, 2);
+}
+
+#[test]
+fn restart_restores_exactly() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    let mut s = open(&["10.0.0.0/24"], &clock, &fs).unwrap();
+    for i in 0..3 {
+        s.allocate(&key(i), "n").unwrap();
+    }
+    s.release(&key(1)).unwrap();
+    let before = s.checkpoint();
+    drop(s);
+    let s = open(&["10.0.0.0/24"], &clock, &fs).unwrap();
+    assert_eq!(s.checkpoint(), before);
+    assert_eq!(s.allocator().cooldowns().len(), 1);
+}
+
+#[test]
+fn a_full_disk_loses_nothing_and_recovers() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    let mut s = open(&["10.0.0.0/24"], &clock, &fs).unwrap();
+    s.allocate(&key(1), "n").unwrap();
+    fs.full.store(true, Ordering::SeqCst);
+    let e = s.allocate(&key(2), "n").unwrap_err();
+    assert!(e.is_transient());
+    assert_eq!(
+        e.to_string(),
+        "writing checkpoint /state/ipam.json: No space left on device (os error 28); the change was not applied, retry later"
+    );
+    assert!(s.allocator().get(&key(2)).is_none());
+    let e = s.release(&key(1)).unwrap_err();
+    assert!(e.is_transient());
+    assert!(s.allocator().get(&key(1)).is_some(), "still allocated");
+    fs.full.store(false, Ordering::SeqCst);
+    assert_eq!(ips(&s.allocate(&key(2), "n").unwrap()), ["10.0.0.3"]);
+    assert!(s.release(&key(1)).unwrap().is_some());
+    let restarted = open(&["10.0.0.0/24"], &clock, &fs).unwrap();
+    assert_eq!(restarted.checkpoint(), s.checkpoint());
+}
+
+#[test]
+fn bad_checkpoints_stop_the_start() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    let path = PathBuf::from("/state/ipam.json");
+    fs.files
+        .lock()
+        .unwrap()
+        .insert(path.clone(), b"{\"version\":7}".to_vec());
+    let e = open(&["10.0.0.0/24"], &clock, &fs).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "checkpoint /state/ipam.json has version 7, this agent reads version 1 only; run a podnet-agent that knows version 7. The file is kept"
+    );
+    fs.files
+        .lock()
+        .unwrap()
+        .insert(path.clone(), b"garbage".to_vec());
+    let e = open(&["10.0.0.0/24"], &clock, &fs).unwrap_err().to_string();
+    assert!(
+        e.starts_with("checkpoint /state/ipam.json is corrupt (expected value"),
+        "{e}"
+    );
+    let dup = r#"{"version":1,"allocations":[
+        {"containerId":"a","ifName":"eth0","network":"n","ips":[{"ip":"10.0.0.2","prefix":"10.0.0.0/24"}],"allocatedUnixMs":0},
+        {"containerId":"b","ifName":"eth0","network":"n","ips":[{"ip":"10.0.0.2","prefix":"10.0.0.0/24"}],"allocatedUnixMs":0}],
+        "cooldowns":[],"endpoints":[]}"#;
+    fs.files
+        .lock()
+        .unwrap()
+        .insert(path.clone(), dup.as_bytes().to_vec());
+    let e = open(&["10.0.0.0/24"], &clock, &fs).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "checkpoint /state/ipam.json: inconsistent IPAM state: 10.0.0.2 is given to both a/eth0 and b/eth0; the file is kept"
+    );
+    assert_eq!(fs.files.lock().unwrap().get(&path).unwrap(), dup.as_bytes());
+}
+
+#[test]
+fn large_ipv6_prefixes_allocate_quickly() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    let mut s = open(&["fd00::/64"], &clock, &fs).unwrap();
+    for i in 0..100 {
+        s.allocate(&key(i), "n").unwrap();
+    }
+    let u = &s.allocator().usage()[0];
+    assert_eq!(u.capacity, u64::MAX - 2);
+    assert_eq!(u.allocated, 100);
+}
+
+#[derive(Clone, Debug)]
+enum Op {
+    Add(usize),
+    Del(usize),
+    Gc(Vec<usize>),
+    Restart,
+    Tick(u64),
+    DiskFull(bool),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => (0usize..12).prop_map(Op::Add),
+        4 => (0usize..12).prop_map(Op::Del),
+        1 => proptest::collection::vec(0usize..12, 0..6).prop_map(Op::Gc),
+        1 => Just(Op::Restart),
+        2 => (0u64..40_000).prop_map(Op::Tick),
+        1 => any::<bool>().prop_map(Op::DiskFull),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// No address is ever given twice, none is lost (allocated + cooling +
+    /// free = capacity), and a restart restores exactly what was answered.
+    #[test]
+    fn never_twice_never_lost(ops in proptest::collection::vec(op(), 1..120)) {
+        let clock = Arc::new(FakeClock::default());
+        let fs = FakeFs::default();
+        // 10.9.0.0/29 holds 5 pod addresses: exhaustion and reuse happen often.
+        let cidrs = ["10.9.0.0/29", "fd09::/125"];
+        let mut s = open(&cidrs, &clock, &fs).unwrap();
+        // What callers were told: key -> addresses.
+        let mut model: HashMap<AttachmentKey, Vec<IpAddr>> = HashMap::new();
+        let mut released_at: HashMap<IpAddr, u64> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Add(i) => match s.allocate(&key(i), "n") {
+                    Ok(a) => {
+                        let got: Vec<IpAddr> = a.ips.iter().map(|x| x.ip).collect();
+                        if let Some(prev) = model.get(&key(i)) {
+                            prop_assert_eq!(prev, &got);
+                        } else {
+                            for ip in &got {
+                                for (k, v) in &model {
+                                    prop_assert!(!v.contains(ip), "{} given to {} and {}", ip, k, key(i));
+                                }
+                                if let Some(t) = released_at.get(ip) {
+                                    prop_assert!(clock.now_unix_ms() >= t + 30_000, "{} reused during cooldown", ip);
+                                }
+                            }
+                            model.insert(key(i), got);
+                        }
+                    }
+                    Err(IpamError::Exhausted { .. }) => {
+                        prop_assert!(s.allocator().exhausted().is_some() || fs.full.load(Ordering::SeqCst));
+                    }
+                    Err(e) => prop_assert!(e.is_transient(), "{}", e),
+                },
+                Op::Del(i) => {
+                    if s.release(&key(i)).is_ok() {
+                        if let Some(v) = model.remove(&key(i)) {
+                            for ip in v { released_at.insert(ip, clock.now_unix_ms()); }
+                        }
+                    }
+                }
+                Op::Gc(valid) => {
+                    let valid: BTreeSet<_> = valid.into_iter().map(key).collect();
+                    if let Ok(freed) = s.gc_allocations(Some("n"), &valid) {
+                        for a in freed {
+                            model.remove(&a.key);
+                            for ip in a.ips { released_at.insert(ip.ip, clock.now_unix_ms()); }
+                        }
+                    }
+                }
+                Op::Restart => {
+                    let before = s.checkpoint();
+                    drop(s);
+                    s = open(&cidrs, &clock, &fs).unwrap();
+                    prop_assert_eq!(s.checkpoint(), before);
+                }
+                Op::Tick(ms) => clock.advance(Duration::from_millis(ms)),
+                Op::DiskFull(full) => fs.full.store(full, Ordering::SeqCst),
+            }
+            // The allocator agrees with what callers were told...
+            let live: HashMap<AttachmentKey, Vec<IpAddr>> = s
+                .allocator()
+                .allocations()
+                .map(|a| (a.key.clone(), a.ips.iter().map(|x| x.ip).collect()))
+                .collect();
+            prop_assert_eq!(&live, &model);
+            // ...and accounts for every address.
+            for u in s.allocator().usage() {
+                prop_assert_eq!(u.allocated + u.cooldown + u.free, u.capacity);
+                prop_assert_eq!(u.capacity, 5);
+            }
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! DNS metrics: latency histograms, requests, responses, timeouts and
+//! retransmits per pod and server, and the programs' own counters.
+//!
+//! Series are keyed in the kernel by client address; a pod with several
+//! addresses is summed here. Uplink series of an address a pod owns are left
+//! out (the pod's own interface already counted them), as in `dns.top`.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use podnet_common::dns::{scope, BUCKETS, BUCKET_BOUNDS_NS};
+
+use super::text::{Encoder, Family, MetricType};
+use crate::dns::{qtype_name, rcode_name, top::peer_addrs, DnsCounters, DnsSnapshot};
+use crate::endpoint::{PodRef, Registry};
+
+/// The `program` label value of the DNS programs.
+pub const PROGRAM: &str = "dns";
+
+type Series = (PodRef, IpAddr, String);
+
+#[derive(Default)]
+struct Histogram {
+    buckets: [u64; BUCKETS],
+    sum_ns: u64,
+}
+
+/// Groups `(key, value)` by (pod, server, label); `None` labels skip.
+fn series_of(
+    registry: &Registry,
+    key: &podnet_common::dns::PeerKey,
+    label: String,
+) -> Option<Series> {
+    let (client, server) = peer_addrs(key)?;
+    let pod = registry.pod_for(client);
+    if key.scope == scope::UPLINK && !pod.is_host() {
+        return None;
+    }
+    Some((pod, server, label))
+}
+
+/// Renders every DNS family into `enc` (not `podnet_bpf_events_lost_total`:
+/// the caller adds `snapshot.counters.events_lost` to that shared family).
+pub fn render(enc: &mut Encoder, snapshot: &DnsSnapshot, registry: &Registry) {
+    let hist = histograms(snapshot, registry);
+    render_histograms(enc, &hist);
+    render_requests(enc, snapshot, registry);
+    render_responses(enc, &hist);
+    render_peer_counts(enc, snapshot, registry);
+}
+
+/// Latency histograms per (pod, server, rcode).
+fn histograms(snapshot: &DnsSnapshot, registry: &Registry) -> BTreeMap<Series, Histogram> {
+    let mut hist: BTreeMap<Series, Histogram> = BTreeMap::new();
+    for l in &snapshot.latency {
+        let rcode = u8::try_from(l.key.code).unwrap_or(u8::MAX);
+        if let Some(k) = series_of(registry, &l.key, rcode_name(rcode)) {
+            let h = hist.entry(k).or_default();
+            for (sum, b) in h.buckets.iter_mut().zip(l.buckets) {
+                *sum += b;
+            }
+            h.sum_ns += l.sum_ns;
+        }
+    }
+    hist
+}
+
+fn render_histograms(enc: &mut Encoder, hist: &BTreeMap<Series, Histogram>) {
+    let mut family = enc.family(
+        "podnet_dns_request_duration_seconds",
+        MetricType::Histogram,
+        "Time from a DNS query's first transmission to its answer, measured in the kernel on the pod's interface, by answer rcode.",
+    );
+    for ((pod, server, rcode), h) in hist {
+        let server = server.to_string();
+        let mut cumulative = 0;
+        let buckets: Vec<(f64, u64)> = BUCKET_BOUNDS_NS
+            .iter()
+            .zip(h.buckets)
+            .map(|(&bound, n)| {
+                cumulative += n;
+                #[allow(clippy::cast_precision_loss)] // bounds are exact in f64
+                (bound as f64 / 1e9, cumulative)
+            })
+            .collect();
+        let count: u64 = h.buckets.iter().sum();
+        #[allow(clippy::cast_precision_loss)] // sums far below 2^52 ns
+        let sum = h.sum_ns as f64 / 1e9;
+        family.histogram(
+            &[
+                ("namespace", &pod.namespace),
+                ("pod", &pod.pod),
+                ("server", &server),
+                ("rcode", rcode),
+            ],
+            &buckets,
+            sum,
+            count,
+        );
+    }
+}
+
+fn render_requests(enc: &mut Encoder, snapshot: &DnsSnapshot, registry: &Registry) {
+    let mut requests: BTreeMap<Series, u64> = BTreeMap::new();
+    for r in &snapshot.requests {
+        if let Some(k) = series_of(registry, &r.key, qtype_name(r.key.code)) {
+            *requests.entry(k).or_default() += r.count;
+        }
+    }
+    let mut family = enc.family(
+        "podnet_dns_requests_total",
+        MetricType::Counter,
+        "DNS queries sent, by query type; a retransmission of the same query is counted in podnet_dns_retransmits_total instead.",
+    );
+    for ((pod, server, qtype), n) in &requests {
+        family.sample(
+            &[
+                ("namespace", &pod.namespace),
+                ("pod", &pod.pod),
+                ("server", &server.to_string()),
+                ("qtype", qtype),
+            ],
+            *n,
+        );
+    }
+}
+
+fn render_responses(enc: &mut Encoder, hist: &BTreeMap<Series, Histogram>) {
+    let mut family = enc.family(
+        "podnet_dns_responses_total",
+        MetricType::Counter,
+        "DNS answers matched to a query, by rcode.",
+    );
+    for ((pod, server, rcode), h) in hist {
+        family.sample(
+            &[
+                ("namespace", &pod.namespace),
+                ("pod", &pod.pod),
+                ("server", &server.to_string()),
+                ("rcode", rcode),
+            ],
+            h.buckets.iter().sum::<u64>(),
+        );
+    }
+}
+
+/// `podnet_dns_timeouts_total` and `podnet_dns_retransmits_total`.
+fn render_peer_counts(enc: &mut Encoder, snapshot: &DnsSnapshot, registry: &Registry) {
+    for (name, help, counts) in [
+        (
+            "podnet_dns_timeouts_total",
+            "DNS queries with no answer within --dns-timeout.",
+            &snapshot.timeouts,
+        ),
+        (
+            "podnet_dns_retransmits_total",
+            "DNS queries sent again (same id, same client and server) before an answer.",
+            &snapshot.retransmits,
+        ),
+    ] {
+        let mut sums: BTreeMap<Series, u64> = BTreeMap::new();
+        for c in counts {
+            if let Some(k) = series_of(registry, &c.key, String::new()) {
+                *sums.entry(k).or_default() += c.count;
+            }
+        }
+        let mut family = enc.family(name, MetricType::Counter, help);
+        for ((pod, server, _), n) in &sums {
+            family.sample(
+                &[
+                    ("namespace", &pod.namespace),
+                    ("pod", &pod.pod),
+                    ("server", &server.to_string()),
+                ],
+                *n,
+            );
+        }
+    }
+}
+
+/// The DNS samples of `podnet_bpf_skipped_packets_total` (family shared with
+/// other programs): malformed (truncated, bad label, compression pointer in a
+/// question, name over 255 bytes, wrong counts or flags), `tcp_continuation`
+/// (TCP segment not starting a message), unsupported (IP fragment), unmatched
+/// (an answer without a pending query).
+pub fn skipped_samples(family: &mut Family<'_>, c: &DnsCounters) {
+    family
+        .sample(
+            &[("program", PROGRAM), ("reason", "malformed")],
+            c.malformed,
+        )
+        .sample(
+            &[("program", PROGRAM), ("reason", "tcp_continuation")],
+            c.tcp_skipped,
+        )
+        .sample(
+            &[("program", PROGRAM), ("reason", "unsupported")],
+            c.unsupported,
+        )
+        .sample(
+            &[("program", PROGRAM), ("reason", "unmatched")],
+            c.unmatched,
+        );
+}
+
+/// The DNS samples of `podnet_bpf_map_full_total` (family shared with other
+/// programs).
+pub fn map_full_samples(family: &mut Family<'_>, c: &DnsCounters) {
+    family
+        .sample(&[("map", "dns_stats")], c.stats_full)
+        .sample(&[("map", "dns_pending")], c.pending_failed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::{LatencyCount, PeerCount};
+    use crate::endpoint::{Endpoint, Source};
+    use podnet_common::dns::PeerKey;
+    use podnet_common::family;
+
+    fn key(client: [u8; 4], scope: u8, code: u16) -> PeerKey {
+        let mut k = PeerKey {
+            family: family::INET,
+            scope,
+            code,
+            ..PeerKey::default()
+        };
+        k.client[..4].copy_from_slice(&client);
+        k.server[..4].copy_from_slice(&[10, 98, 0, 2]);
+        k
+    }
+
+    #[test]
+    fn families_and_labels() {
+        let registry = Registry::new();
+        registry.replace_source(
+            Source::File,
+            vec![Endpoint {
+                namespace: "shop".into(),
+                pod: "cart".into(),
+                ips: vec!["10.99.0.2".parse().unwrap()],
+                interface: None,
+                container_id: None,
+                if_name: None,
+            }],
+        );
+        let mut buckets = [0; BUCKETS];
+        buckets[6] = 2; // (25 ms, 50 ms]
+        let snapshot = DnsSnapshot {
+            latency: vec![
+                LatencyCount {
+                    key: key([10, 99, 0, 2], scope::POD, 3),
+                    buckets,
+                    sum_ns: 80_000_000,
+                },
+                // An uplink copy of the pod's query: left out.
+                LatencyCount {
+                    key: key([10, 99, 0, 2], scope::UPLINK, 3),
+                    buckets,
+                    sum_ns: 80_000_000,
+                },
+            ],
+            requests: vec![
+                PeerCount {
+                    key: key([10, 99, 0, 2], scope::POD, 28),
+                    count: 2,
+                },
+                PeerCount {
+                    key: key([10, 98, 0, 1], scope::UPLINK, 1),
+                    count: 1,
+                },
+            ],
+            timeouts: vec![PeerCount {
+                key: key([10, 99, 0, 2], scope::POD, 0),
+                count: 4,
+            }],
+            ..DnsSnapshot::default()
+        };
+        let mut enc = Encoder::new();
+        render(&mut enc, &snapshot, &registry);
+        let text = enc.finish();
+        let l = r#"namespace="shop",pod="cart",server="10.98.0.2""#;
+        assert!(
+            text.contains(&format!(
+            "podnet_dns_request_duration_seconds_bucket{{{l},rcode=\"NXDOMAIN\",le=\"0.025\"}} 0\n"
+        )),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "podnet_dns_request_duration_seconds_bucket{{{l},rcode=\"NXDOMAIN\",le=\"0.05\"}} 2\n"
+        )));
+        assert!(text.contains(&format!(
+            "podnet_dns_request_duration_seconds_sum{{{l},rcode=\"NXDOMAIN\"}} 0.08\n"
+        )));
+        assert!(text.contains(&format!(
+            "podnet_dns_request_duration_seconds_count{{{l},rcode=\"NXDOMAIN\"}} 2\n"
+        )));
+        assert!(text.contains(&format!(
+            "podnet_dns_requests_total{{{l},qtype=\"AAAA\"}} 2\n"
+        )));
+        assert!(text.contains(
+            "podnet_dns_requests_total{namespace=\"\",pod=\"\",server=\"10.98.0.2\",qtype=\"A\"} 1\n"
+        ));
+        assert!(text.contains(&format!(
+            "podnet_dns_responses_total{{{l},rcode=\"NXDOMAIN\"}} 2\n"
+        )));
+        assert!(text.contains(&format!("podnet_dns_timeouts_total{{{l}}} 4\n")));
+        assert!(text.contains("# TYPE podnet_dns_retransmits_total counter\n"));
+    }
+}

@@ -1,0 +1,319 @@
+//! The routing state podnet wants, built from the endpoint registry, the
+//! node's ENIs and the links the kernel has.
+//!
+//! For every pod address on a host interface:
+//! - `<pod>/32 dev <host if> scope link proto podnet` in the main table;
+//! - when an ENI owns the address: `to <pod> lookup main` at
+//!   [`PRIORITY_TO_POD`], `from <pod> lookup <ENI table>` at
+//!   [`PRIORITY_FROM_POD`], and a proxy-ARP entry for the pod on the ENI (so
+//!   the subnet's hosts and gateway resolve the pod to the ENI's MAC).
+//!
+//! For every ENI whose link exists: its table holds the subnet route and a
+//! default route via the subnet's gateway, both on the ENI.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
+    ops::RangeInclusive,
+};
+
+use serde::Serialize;
+
+use super::{
+    cidr::Ipv4Cidr,
+    eni::{eni_for, Eni, MacAddr},
+};
+use crate::endpoint::Endpoint;
+
+/// Route and rule protocol id that marks what podnet installed
+/// (`RTPROT_*` ids above 0x80 are free for routing daemons; 0xb0 is podnet's).
+pub const RTPROT_PODNET: u8 = 0xb0;
+/// Priority of the `to <pod> lookup main` rules.
+pub const PRIORITY_TO_POD: u32 = 512;
+/// Priority of the `from <pod> lookup <ENI table>` rules.
+pub const PRIORITY_FROM_POD: u32 = 1536;
+/// Rule priorities podnet owns; together with [`RTPROT_PODNET`] they mark its
+/// rules. Rules outside are never touched.
+pub const OWNED_PRIORITIES: RangeInclusive<u32> = PRIORITY_TO_POD..=PRIORITY_FROM_POD;
+/// The kernel's main table.
+pub const MAIN_TABLE: u32 = 254;
+
+/// A kernel link as the reconciler needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    /// Interface index.
+    pub index: u32,
+    /// Interface name.
+    pub name: String,
+    /// Hardware address, when the link has an Ethernet one.
+    pub mac: Option<MacAddr>,
+}
+
+/// An IPv4 unicast route (identity: table and destination).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Route {
+    /// Routing table.
+    pub table: u32,
+    /// Destination prefix.
+    pub dst: Ipv4Cidr,
+    /// Output interface index.
+    pub oif: u32,
+    /// Gateway, for routes via a next hop.
+    pub gateway: Option<Ipv4Addr>,
+    /// `scope link` (directly reachable) rather than `scope global`.
+    pub scope_link: bool,
+}
+
+impl Route {
+    /// What identifies the route in the kernel (with tos and metric 0).
+    pub fn key(&self) -> (u32, Ipv4Cidr) {
+        (self.table, self.dst)
+    }
+}
+
+/// An IPv4 policy rule `[from SRC] [to DST] lookup TABLE` at a priority.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Rule {
+    /// Priority (`pref`).
+    pub priority: u32,
+    /// Source selector.
+    pub src: Option<Ipv4Cidr>,
+    /// Destination selector.
+    pub dst: Option<Ipv4Cidr>,
+    /// Table to look up.
+    pub table: u32,
+}
+
+/// A proxy-ARP entry: the node answers ARP for `addr` on `ifindex`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ProxyNeigh {
+    /// Interface the entry answers on.
+    pub ifindex: u32,
+    /// Address answered for.
+    pub addr: Ipv4Addr,
+}
+
+/// One pod address the fast path may steer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct SteerEntry {
+    /// The pod's address.
+    pub pod: Ipv4Addr,
+    /// The ENI's ifindex.
+    pub eni_ifindex: u32,
+    /// The ENI's table.
+    pub eni_table: u32,
+    /// The pod's host interface ifindex.
+    pub host_ifindex: u32,
+}
+
+/// Everything podnet wants in the kernel, at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Routes (host routes and ENI tables).
+    pub routes: BTreeSet<Route>,
+    /// Policy rules.
+    pub rules: BTreeSet<Rule>,
+    /// Proxy-ARP entries.
+    pub proxies: BTreeSet<ProxyNeigh>,
+    /// Pod addresses for the fast path.
+    pub steer: BTreeSet<SteerEntry>,
+    /// Host interfaces of steerable pods: name → ifindex.
+    pub pod_links: BTreeMap<String, u32>,
+    /// ENI links: name → ifindex.
+    pub eni_links: BTreeMap<String, u32>,
+    /// What could not be turned into kernel state, for people.
+    pub problems: Vec<String>,
+}
+
+/// The link of an ENI: by MAC when the description has one, else by name.
+pub fn eni_link<'a>(eni: &Eni, links: &'a [Link]) -> Option<&'a Link> {
+    eni.mac
+        .and_then(|mac| links.iter().find(|l| l.mac == Some(mac)))
+        .or_else(|| links.iter().find(|l| l.name == eni.name))
+}
+
+/// Builds the desired state. Endpoints without a host interface are not
+/// routed by podnet; IPv6 addresses are left to the kernel for now.
+pub fn build(endpoints: &[Endpoint], enis: &[Eni], links: &[Link]) -> Desired {
+    let mut d = Desired::default();
+    let mut eni_index = BTreeMap::new();
+    for eni in enis {
+        let Some(link) = eni_link(eni, links) else {
+            d.problems.push(format!(
+                "ENI {} (table {}): no link named {} or with its MAC",
+                eni.name, eni.table, eni.name
+            ));
+            continue;
+        };
+        eni_index.insert(eni.table, link.index);
+        d.eni_links.insert(link.name.clone(), link.index);
+        d.routes.insert(Route {
+            table: eni.table,
+            dst: eni.subnet.network(),
+            oif: link.index,
+            gateway: None,
+            scope_link: true,
+        });
+        d.routes.insert(Route {
+            table: eni.table,
+            dst: Ipv4Cidr::ANY,
+            oif: link.index,
+            gateway: Some(eni.gateway),
+            scope_link: false,
+        });
+    }
+    for ep in endpoints {
+        let Some(ifname) = &ep.interface else {
+            continue;
+        };
+        let Some(host) = links.iter().find(|l| &l.name == ifname) else {
+            d.problems.push(format!(
+                "pod {}/{}: host interface {ifname} not found",
+                ep.namespace, ep.pod
+            ));
+            continue;
+        };
+        for ip in &ep.ips {
+            let IpAddr::V4(ip) = *ip else { continue };
+            let pod = Ipv4Cidr::host(ip);
+            d.routes.insert(Route {
+                table: MAIN_TABLE,
+                dst: pod,
+                oif: host.index,
+                gateway: None,
+                scope_link: true,
+            });
+            let Some(eni) = eni_for(enis, ip) else {
+                continue;
+            };
+            let Some(&eni_ifindex) = eni_index.get(&eni.table) else {
+                continue;
+            };
+            d.rules.insert(Rule {
+                priority: PRIORITY_TO_POD,
+                src: None,
+                dst: Some(pod),
+                table: MAIN_TABLE,
+            });
+            d.rules.insert(Rule {
+                priority: PRIORITY_FROM_POD,
+                src: Some(pod),
+                dst: None,
+                table: eni.table,
+            });
+            d.proxies.insert(ProxyNeigh {
+                ifindex: eni_ifindex,
+                addr: ip,
+            });
+            d.steer.insert(SteerEntry {
+                pod: ip,
+                eni_ifindex,
+                eni_table: eni.table,
+                host_ifindex: host.index,
+            });
+            d.pod_links.insert(host.name.clone(), host.index);
+        }
+    }
+    d
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::path::Path;
+
+    pub(crate) fn links() -> Vec<Link> {
+        vec![
+            Link {
+                index: 1,
+                name: "lo".into(),
+                mac: None,
+            },
+            Link {
+                index: 5,
+                name: "eni1".into(),
+                mac: Some("02:00:00:00:01:01".parse().unwrap()),
+            },
+            Link {
+                index: 6,
+                name: "renamed".into(),
+                mac: Some("02:00:00:00:02:02".parse().unwrap()),
+            },
+            Link {
+                index: 10,
+                name: "vpod0".into(),
+                mac: None,
+            },
+            Link {
+                index: 11,
+                name: "vpod1".into(),
+                mac: None,
+            },
+        ]
+    }
+
+    pub(crate) fn enis() -> Vec<Eni> {
+        super::super::eni::parse(
+            Path::new("e.yaml"),
+            "- {name: eni1, mac: \"02:00:00:00:01:01\", table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1, ips: [10.0.1.10]}\n\
+             - {name: eni2, mac: \"02:00:00:00:02:02\", table: 102, subnet: 10.0.2.0/24, gateway: 10.0.2.1, ips: [10.0.2.10]}\n\
+             - {name: eni3, table: 103, subnet: 10.0.3.0/24, gateway: 10.0.3.1}\n",
+        )
+        .unwrap()
+    }
+
+    pub(crate) fn endpoint(pod: &str, ip: &str, interface: Option<&str>) -> Endpoint {
+        Endpoint {
+            namespace: "ns".into(),
+            pod: pod.into(),
+            ips: vec![ip.parse().unwrap(), "fd00::1".parse().unwrap()],
+            interface: interface.map(Into::into),
+            container_id: None,
+            if_name: None,
+        }
+    }
+
+    #[test]
+    fn builds_pod_and_eni_state() {
+        let eps = [
+            endpoint("a", "10.0.1.10", Some("vpod0")),
+            endpoint("b", "10.0.2.10", Some("vpod1")),
+            endpoint("c", "10.9.0.1", Some("vpod1")),
+            endpoint("d", "10.0.1.11", None),
+            endpoint("e", "10.0.1.12", Some("gone0")),
+        ];
+        let d = build(&eps, &enis(), &links());
+        // eni2 is found by MAC although its link has another name; eni3 has no link.
+        assert_eq!(d.eni_links.get("renamed"), Some(&6));
+        assert_eq!(d.problems.len(), 2, "{:?}", d.problems);
+        assert!(d.problems[0].starts_with("ENI eni3 (table 103)"));
+        assert_eq!(d.problems[1], "pod ns/e: host interface gone0 not found");
+        // 2 routes per found ENI + 3 host routes (IPv6 ignored).
+        assert_eq!(d.routes.len(), 7);
+        assert!(d.routes.contains(&Route {
+            table: 102,
+            dst: "0.0.0.0/0".parse().unwrap(),
+            oif: 6,
+            gateway: Some("10.0.2.1".parse().unwrap()),
+            scope_link: false,
+        }));
+        assert!(d.routes.contains(&Route {
+            table: MAIN_TABLE,
+            dst: "10.9.0.1/32".parse().unwrap(),
+            oif: 11,
+            gateway: None,
+            scope_link: true,
+        }));
+        // Rules and proxies only for the two ENI-owned pods.
+        assert_eq!(d.rules.len(), 4);
+        assert!(d.rules.contains(&Rule {
+            priority: PRIORITY_FROM_POD,
+            src: Some("10.0.2.10/32".parse().unwrap()),
+            dst: None,
+            table: 102
+        }));
+        assert_eq!(d.proxies.len(), 2);
+        assert_eq!(d.steer.len(), 2);
+        assert_eq!(d.pod_links.len(), 2);
+    }
+}

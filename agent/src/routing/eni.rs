@@ -1,0 +1,304 @@
+//! ENIs as the routing subsystem needs them: which interface, which table,
+//! which subnet and gateway, and which secondary addresses belong to pods.
+//!
+//! Today they come from a static description (`--enis FILE`); the ENI IPAM
+//! fills the same [`EniStore`] later, so the reconciler does not care where
+//! they come from.
+//!
+//! ```yaml
+//! - {name: eth1, mac: "02:00:00:00:01:01", table: 101, subnet: 10.0.1.0/24,
+//!    gateway: 10.0.1.1, ips: [10.0.1.10, 10.0.1.11]}
+//! ```
+
+use std::{
+    collections::HashSet,
+    fmt,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Arc, PoisonError, RwLock},
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::cidr::Ipv4Cidr;
+
+/// Tables the kernel reserves (`unspec`, `compat`, `default`, `main`, `local`).
+const RESERVED_TABLES: [u32; 5] = [0, 252, 253, 254, 255];
+
+/// A MAC address, written `02:00:00:00:01:01`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let part = parts.next().ok_or_else(|| format!("invalid MAC {s:?}"))?;
+            if part.len() != 2 {
+                return Err(format!("invalid MAC {s:?}"));
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| format!("invalid MAC {s:?}"))?;
+        }
+        if parts.next().is_some() {
+            return Err(format!("invalid MAC {s:?}"));
+        }
+        Ok(Self(out))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// One ENI attached to this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Eni {
+    /// Kernel interface name; used when `mac` is absent or matches no link.
+    pub name: String,
+    /// The ENI's MAC; when given, the link with this MAC is the ENI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<MacAddr>,
+    /// Routing table of the ENI (not one the kernel reserves).
+    pub table: u32,
+    /// The ENI's subnet.
+    pub subnet: Ipv4Cidr,
+    /// The subnet's gateway (the VPC router).
+    pub gateway: Ipv4Addr,
+    /// Secondary addresses given to pods on this ENI.
+    #[serde(default)]
+    pub ips: Vec<Ipv4Addr>,
+}
+
+impl Eni {
+    /// Whether the pod address `ip` leaves through this ENI: it is one of
+    /// its secondary addresses, or lies in its subnet.
+    pub fn owns(&self, ip: Ipv4Addr) -> bool {
+        self.ips.contains(&ip) || self.subnet.contains(ip)
+    }
+}
+
+/// The ENI whose secondary addresses hold `ip`, else the first whose subnet
+/// holds it.
+pub fn eni_for(enis: &[Eni], ip: Ipv4Addr) -> Option<&Eni> {
+    enis.iter()
+        .find(|e| e.ips.contains(&ip))
+        .or_else(|| enis.iter().find(|e| e.subnet.contains(ip)))
+}
+
+/// Errors reading the ENI description.
+#[derive(Debug, thiserror::Error)]
+pub enum EnisFileError {
+    /// The file could not be read.
+    #[error("reading ENI file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not a valid ENI list.
+    #[error("ENI file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Parses and validates an ENI list: names and tables unique, tables not
+/// reserved, gateway and secondary addresses inside the subnet.
+pub fn parse(path: &Path, text: &str) -> Result<Vec<Eni>, EnisFileError> {
+    let err = |message: String| EnisFileError::Parse {
+        path: path.to_owned(),
+        message,
+    };
+    if text.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let enis: Vec<Eni> = serde_yaml::from_str(text).map_err(|e| err(e.to_string()))?;
+    let (mut names, mut tables) = (HashSet::new(), HashSet::new());
+    for (i, eni) in enis.iter().enumerate() {
+        let at = |m: String| err(format!("entry {i} ({}): {m}", eni.name));
+        if eni.name.is_empty() || eni.name.len() > 15 {
+            return Err(at("`name` must have 1 to 15 characters".into()));
+        }
+        if !names.insert(eni.name.clone()) {
+            return Err(at("duplicate name".into()));
+        }
+        if RESERVED_TABLES.contains(&eni.table) {
+            return Err(at(format!("table {} is reserved by the kernel", eni.table)));
+        }
+        if !tables.insert(eni.table) {
+            return Err(at(format!("table {} used twice", eni.table)));
+        }
+        if !eni.subnet.contains(eni.gateway) {
+            return Err(at(format!(
+                "gateway {} is outside subnet {}",
+                eni.gateway, eni.subnet
+            )));
+        }
+        if let Some(ip) = eni.ips.iter().find(|ip| !eni.subnet.contains(**ip)) {
+            return Err(at(format!("address {ip} is outside subnet {}", eni.subnet)));
+        }
+    }
+    Ok(enis)
+}
+
+/// Reads and parses the file.
+pub fn load(path: &Path) -> Result<Vec<Eni>, EnisFileError> {
+    let text = std::fs::read_to_string(path).map_err(|source| EnisFileError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Modification time and size of a file, to notice edits.
+pub fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    enis: Vec<Eni>,
+    generation: u64,
+}
+
+/// The node's ENIs, shared between whoever knows them (the static file,
+/// later the ENI IPAM) and the reconciler. Cloning shares the store.
+#[derive(Clone, Debug, Default)]
+pub struct EniStore {
+    inner: Arc<RwLock<Inner>>,
+}
+
+impl EniStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the ENIs; bumps the generation when they changed.
+    pub fn replace(&self, enis: Vec<Eni>) {
+        let mut inner = self.inner.write().unwrap_or_else(PoisonError::into_inner);
+        if inner.enis != enis {
+            inner.enis = enis;
+            inner.generation += 1;
+        }
+    }
+
+    /// A copy of the ENIs.
+    pub fn enis(&self) -> Vec<Eni> {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .enis
+            .clone()
+    }
+
+    /// Increases on every change.
+    pub fn generation(&self) -> u64 {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .generation
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "\
+- {name: eth1, mac: \"02:00:00:00:01:01\", table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1, ips: [10.0.1.10, 10.0.1.11]}
+- name: eth2
+  table: 102
+  subnet: 10.0.2.0/24
+  gateway: 10.0.2.1
+";
+
+    #[test]
+    fn parses_the_documented_format() {
+        let enis = parse(Path::new("e.yaml"), FILE).unwrap();
+        assert_eq!(enis.len(), 2);
+        assert_eq!(enis[0].mac.unwrap().to_string(), "02:00:00:00:01:01");
+        assert_eq!(enis[0].ips.len(), 2);
+        assert_eq!(enis[1].mac, None);
+        assert!(enis[1].ips.is_empty());
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(eni_for(&enis, ip("10.0.1.11")).unwrap().name, "eth1");
+        assert_eq!(eni_for(&enis, ip("10.0.2.77")).unwrap().name, "eth2");
+        assert!(eni_for(&enis, ip("10.0.3.1")).is_none());
+    }
+
+    #[test]
+    fn errors_name_the_entry() {
+        let check = |text: &str, want: &str| {
+            let e = parse(Path::new("e.yaml"), text).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        };
+        check(
+            "- {name: a, table: 254, subnet: 10.0.1.0/24, gateway: 10.0.1.1}",
+            "entry 0 (a): table 254 is reserved",
+        );
+        check(
+            "- {name: a, table: 101, subnet: 10.0.1.0/24, gateway: 10.0.2.1}",
+            "gateway 10.0.2.1 is outside subnet 10.0.1.0/24",
+        );
+        check(
+            "- {name: a, table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1, ips: [10.0.9.9]}",
+            "address 10.0.9.9 is outside",
+        );
+        check(
+            "- {name: a, table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1}\n- {name: b, table: 101, subnet: 10.0.2.0/24, gateway: 10.0.2.1}",
+            "entry 1 (b): table 101 used twice",
+        );
+        check(
+            "- {name: a, mac: zz, table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1}",
+            "invalid MAC",
+        );
+        check(
+            "- {name: a, table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1, colour: red}",
+            "unknown field `colour`",
+        );
+    }
+
+    #[test]
+    fn store_generation_moves_on_change_only() {
+        let store = EniStore::new();
+        let enis = parse(Path::new("e.yaml"), FILE).unwrap();
+        store.replace(enis.clone());
+        store.replace(enis);
+        assert_eq!(store.generation(), 1);
+        store.replace(Vec::new());
+        assert_eq!(store.generation(), 2);
+    }
+}

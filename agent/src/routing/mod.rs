@@ -1,0 +1,447 @@
+//! Native pod routing: pods with VPC addresses leave through the ENI that
+//! owns their address, and the routing state heals itself.
+//!
+//! The desired state ([`desired`]) comes from the endpoint registry (pod
+//! addresses and host interfaces) and the node's ENIs ([`eni::EniStore`],
+//! filled from `--enis FILE` today and by the ENI IPAM later). A reconciler
+//! ([`reconcile`]) compares it with what the kernel has ([`netlink`]) and
+//! changes only what podnet owns ([`diff`]); it runs on start, on every
+//! endpoint or ENI change, within milliseconds of a kernel notification that
+//! may mean drift ([`watch`]), and every [`RESYNC_PERIOD`].
+//!
+//! Alongside: SNAT for traffic leaving the VPC ([`snat`]) and, with
+//! `--fast-path`, the eBPF fast path ([`crate::steer`]) fed from the same
+//! desired state. Everything runs on one OS thread that stays in the agent's
+//! network namespace. Stopping leaves all of it in place.
+
+pub mod cidr;
+pub mod desired;
+pub mod diff;
+pub mod eni;
+pub mod netlink;
+pub mod reconcile;
+pub mod show;
+pub mod snat;
+pub mod watch;
+
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc, Mutex, PoisonError,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant, SystemTime},
+};
+
+use self::{
+    cidr::Ipv4Cidr,
+    diff::Kind,
+    eni::{Eni, EniStore},
+    netlink::RtNetlink,
+    reconcile::{Outcome, Reconciler, Stats},
+    show::{Names, RoutesView},
+    snat::SnatSpec,
+    watch::Watcher,
+};
+use crate::{
+    bpf::BpfError,
+    endpoint::{Endpoint, Registry},
+    metrics::text::{Encoder, MetricType},
+    steer::{Steer, DIRECTION_LABELS, RESULT_LABELS},
+};
+
+/// Full reconcile (and SNAT check, and fast-path link re-check) period.
+pub const RESYNC_PERIOD: Duration = Duration::from_secs(30);
+/// Longest wait for a kernel notification before inputs are looked at again.
+const POLL: Duration = Duration::from_millis(200);
+
+/// How routing is set up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoutingConfig {
+    /// `--enis`: static ENI description.
+    pub enis_file: Option<PathBuf>,
+    /// `--vpc-cidrs`: destinations not masqueraded and steerable; empty means
+    /// the ENIs' subnets.
+    pub vpc_cidrs: Vec<Ipv4Cidr>,
+    /// `--service-cidrs`: destinations the fast path leaves to the kernel
+    /// (kube-proxy translates them).
+    pub service_cidrs: Vec<Ipv4Cidr>,
+    /// `--snat`: `None` means on when ENIs are configured.
+    pub snat: Option<bool>,
+    /// `--fast-path`.
+    pub fast_path: bool,
+    /// `--bpffs`.
+    pub bpffs: PathBuf,
+    /// `--dns-ports`: DNS traffic is never steered (the DNS tracer sees it).
+    pub dns_ports: Vec<u16>,
+}
+
+/// Errors starting the routing subsystem.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    /// The ENI file is unusable.
+    #[error(transparent)]
+    Enis(#[from] eni::EnisFileError),
+    /// The fast path could not be loaded.
+    #[error("fast path: {0}")]
+    Steer(#[from] BpfError),
+    /// Netlink could not be opened.
+    #[error("routing netlink: {0}")]
+    Netlink(String),
+    /// The routing thread could not be started.
+    #[error("starting the routing thread: {0}")]
+    Thread(std::io::Error),
+}
+
+struct Shared {
+    stats: Stats,
+    view: Mutex<RoutesView>,
+    steer: Mutex<Option<Steer>>,
+    stop: AtomicBool,
+}
+
+/// The running routing subsystem.
+pub struct Routing {
+    shared: Arc<Shared>,
+    enis: EniStore,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Routing {
+    /// Loads the ENI description, prepares (or removes) the fast path, and
+    /// starts the reconcile thread; returns once netlink is open.
+    pub fn start(config: RoutingConfig, registry: Registry) -> Result<Self, RoutingError> {
+        let enis = EniStore::new();
+        if let Some(path) = &config.enis_file {
+            let list = eni::load(path)?;
+            tracing::info!(path = %path.display(), count = list.len(), "ENIs loaded");
+            enis.replace(list);
+        }
+        let steer = if config.fast_path {
+            Some(Steer::load(&config.bpffs, &config.dns_ports)?)
+        } else {
+            if Steer::remove(&config.bpffs)? {
+                tracing::info!("fast path off: removed its pinned links and maps");
+            }
+            None
+        };
+        let shared = Arc::new(Shared {
+            stats: Stats::default(),
+            view: Mutex::new(RoutesView {
+                fast_path: config.fast_path,
+                ..RoutesView::default()
+            }),
+            steer: Mutex::new(steer),
+            stop: AtomicBool::new(false),
+        });
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("podnet-routing".into())
+            .spawn({
+                let (shared, enis) = (shared.clone(), enis.clone());
+                move || {
+                    let opened = RtNetlink::open()
+                        .map_err(|e| e.to_string())
+                        .and_then(|nl| Ok((nl, Watcher::open().map_err(|e| e.to_string())?)));
+                    match opened {
+                        Ok((nl, watcher)) => {
+                            let _ = ready_tx.send(Ok(()));
+                            Loop::new(config, registry, enis, shared, watcher).run(nl);
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                }
+            })
+            .map_err(RoutingError::Thread)?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(RoutingError::Netlink(e)),
+            Err(_) => return Err(RoutingError::Netlink("routing thread died".into())),
+        }
+        Ok(Self {
+            shared,
+            enis,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The ENI store (the ENI IPAM feeds it).
+    pub fn enis(&self) -> &EniStore {
+        &self.enis
+    }
+
+    /// Desired versus actual, as of the last reconcile.
+    pub fn show(&self) -> RoutesView {
+        self.shared
+            .view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Writes the routing and fast-path metric families.
+    pub fn render_metrics(&self, enc: &mut Encoder) {
+        let s = &self.shared.stats;
+        enc.family(
+            "podnet_route_reconciles_total",
+            MetricType::Counter,
+            "Routing reconciles, by result: success applied every planned change, error failed to observe or to apply one.",
+        )
+        .sample(&[("result", "success")], s.success.load(Ordering::Relaxed))
+        .sample(&[("result", "error")], s.error.load(Ordering::Relaxed));
+        let mut family = enc.family(
+            "podnet_route_repairs_total",
+            MetricType::Counter,
+            "Routing objects podnet put back after they were deleted or changed behind its back.",
+        );
+        for kind in Kind::ALL {
+            family.sample(&[("kind", kind.as_str())], s.repairs(kind));
+        }
+        let steer = self
+            .shared
+            .steer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(steer) = steer.as_ref() {
+            match steer.counts() {
+                Ok(counts) => {
+                    let mut family = enc.family(
+                        "podnet_steer_packets_total",
+                        MetricType::Counter,
+                        "Packets seen by the ENI fast path, by direction (egress: pod to ENI, ingress: ENI to pod) and result (redirected past the kernel path, or left to it: no_neighbour, fib_miss, passed).",
+                    );
+                    for (d, dir) in DIRECTION_LABELS.iter().enumerate() {
+                        for (r, res) in RESULT_LABELS.iter().enumerate() {
+                            family.sample(
+                                &[("direction", dir), ("result", res)],
+                                counts.packets[d][r],
+                            );
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reading fast path counters failed"),
+            }
+        }
+    }
+
+    /// Stops the reconcile thread; routes, rules, SNAT and the fast path stay.
+    pub fn stop(&self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        let handle = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("routing thread panicked");
+            }
+        }
+    }
+}
+
+/// Whether a desired proxy-ARP entry is gone. The kernel sends no
+/// notification when a proxy entry is deleted (`pneigh_delete` in
+/// net/core/neighbour.c, Linux 6.18), so the loop polls them: one small dump
+/// per [`POLL`] while any are desired.
+fn proxies_drifted(
+    netlink: &mut impl netlink::Netlink,
+    desired: &std::collections::BTreeSet<desired::ProxyNeigh>,
+) -> bool {
+    match netlink.proxies() {
+        Ok(observed) => desired.iter().any(|want| {
+            !observed
+                .iter()
+                .any(|o| o.proxy == *want && o.protocol == desired::RTPROT_PODNET)
+        }),
+        Err(_) => true,
+    }
+}
+
+/// The reconcile thread's state.
+struct Loop {
+    config: RoutingConfig,
+    registry: Registry,
+    enis: EniStore,
+    shared: Arc<Shared>,
+    watcher: Watcher,
+    eni_stamp: Option<(SystemTime, u64)>,
+    snat_active: Option<bool>,
+}
+
+impl Loop {
+    fn new(
+        config: RoutingConfig,
+        registry: Registry,
+        enis: EniStore,
+        shared: Arc<Shared>,
+        watcher: Watcher,
+    ) -> Self {
+        let eni_stamp = config.enis_file.as_deref().and_then(eni::stamp);
+        Self {
+            config,
+            registry,
+            enis,
+            shared,
+            watcher,
+            eni_stamp,
+            snat_active: None,
+        }
+    }
+
+    fn run(mut self, netlink: RtNetlink) {
+        let mut reconciler = Reconciler::new(netlink);
+        let mut last_inputs = None;
+        let mut next_resync = Instant::now();
+        let mut proxies = std::collections::BTreeSet::new();
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            let mut event = self.watcher.wait(POLL);
+            if !event && !proxies.is_empty() {
+                event = proxies_drifted(reconciler.netlink(), &proxies);
+            }
+            self.reload_enis();
+            let inputs = (self.registry.generation(), self.enis.generation());
+            let periodic = Instant::now() >= next_resync;
+            let changed = last_inputs != Some(inputs);
+            if !(event || periodic || changed) {
+                continue;
+            }
+            if periodic {
+                next_resync = Instant::now() + RESYNC_PERIOD;
+            }
+            last_inputs = Some(inputs);
+            let endpoints: Vec<Endpoint> = self
+                .registry
+                .endpoints()
+                .into_iter()
+                .map(|(_, e)| e)
+                .collect();
+            let enis = self.enis.enis();
+            let mut errors = Vec::new();
+            let outcome = match reconciler.reconcile(&endpoints, &enis, &self.shared.stats) {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(error = %e, "routing reconcile failed");
+                    errors.push(e.to_string());
+                    Outcome::default()
+                }
+            };
+            if changed || periodic {
+                errors.extend(self.sync_snat(&endpoints, &enis));
+            }
+            errors.extend(self.sync_steer(&outcome, &enis, periodic));
+            proxies.clone_from(&outcome.desired.proxies);
+            self.publish(&outcome, errors);
+        }
+    }
+
+    fn reload_enis(&mut self) {
+        let Some(path) = &self.config.enis_file else {
+            return;
+        };
+        let now = eni::stamp(path);
+        if now == self.eni_stamp {
+            return;
+        }
+        self.eni_stamp = now;
+        match eni::load(path) {
+            Ok(list) => {
+                tracing::info!(path = %path.display(), count = list.len(), "ENI file reloaded");
+                self.enis.replace(list);
+            }
+            Err(e) => tracing::warn!(error = %e, "keeping previous ENIs"),
+        }
+    }
+
+    fn vpc_cidrs(&self, enis: &[Eni]) -> Vec<Ipv4Cidr> {
+        if self.config.vpc_cidrs.is_empty() {
+            enis.iter().map(|e| e.subnet.network()).collect()
+        } else {
+            self.config.vpc_cidrs.clone()
+        }
+    }
+
+    fn sync_snat(&mut self, endpoints: &[Endpoint], enis: &[Eni]) -> Option<String> {
+        let enabled = self.config.snat.unwrap_or(!enis.is_empty());
+        let result = if enabled {
+            let pod_sources = if enis.is_empty() {
+                endpoints
+                    .iter()
+                    .flat_map(|e| &e.ips)
+                    .filter_map(|ip| match ip {
+                        IpAddr::V4(v4) => Some(Ipv4Cidr::host(*v4)),
+                        IpAddr::V6(_) => None,
+                    })
+                    .collect()
+            } else {
+                enis.iter().map(|e| e.subnet.network()).collect()
+            };
+            let spec = SnatSpec {
+                vpc_cidrs: self.vpc_cidrs(enis),
+                pod_sources,
+            };
+            snat::reconcile(&spec).map(|changed| {
+                if changed {
+                    tracing::info!(chain = snat::CHAIN, "SNAT rules installed");
+                }
+            })
+        } else if self.snat_active != Some(false) {
+            snat::remove().map(|removed| {
+                if removed {
+                    tracing::info!(chain = snat::CHAIN, "SNAT off: chain removed");
+                }
+            })
+        } else {
+            Ok(())
+        };
+        self.snat_active = Some(enabled);
+        result.err().map(|e| {
+            tracing::warn!(error = %e, "SNAT reconcile failed");
+            e.to_string()
+        })
+    }
+
+    fn sync_steer(&mut self, outcome: &Outcome, enis: &[Eni], recheck: bool) -> Vec<String> {
+        let vpc = self.vpc_cidrs(enis);
+        let mut steer = self
+            .shared
+            .steer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(steer) = steer.as_mut() else {
+            return Vec::new();
+        };
+        if recheck {
+            steer.recheck();
+        }
+        let report = steer.sync(&outcome.desired, &vpc, &self.config.service_cidrs);
+        for e in &report.errors {
+            tracing::warn!(error = %e, "fast path sync failed");
+        }
+        report.errors
+    }
+
+    fn publish(&self, outcome: &Outcome, mut errors: Vec<String>) {
+        errors.extend(outcome.errors.iter().cloned());
+        let names = Names::new(&outcome.links);
+        let view = RoutesView {
+            reconciled_unix_ms: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            lines: show::lines(&outcome.statuses, &names),
+            problems: outcome.desired.problems.clone(),
+            errors,
+            snat: self.snat_active == Some(true),
+            fast_path: self.config.fast_path,
+        };
+        *self
+            .shared
+            .view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = view;
+    }
+}

@@ -1,0 +1,452 @@
+//! The kernel side of the reconciler: dump links, routes, rules and proxy
+//! entries, and apply changes, over rtnetlink.
+//!
+//! The reconciler sees only the [`Netlink`] trait, so its logic is tested with
+//! a fake; [`RtNetlink`] is the real implementation, tested as root in
+//! `tests/`. It runs its own single-threaded tokio runtime and is meant to be
+//! owned by one OS thread, which stays in the agent's network namespace.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures_util::StreamExt as _;
+use netlink_packet_core::{
+    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
+    NLM_F_REQUEST,
+};
+use netlink_packet_route::{
+    link::{LinkAttribute, LinkMessage},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage},
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType},
+    rule::{RuleAction, RuleAttribute, RuleMessage},
+    AddressFamily, RouteNetlinkMessage,
+};
+
+use super::{
+    cidr::Ipv4Cidr,
+    desired::{Link, ProxyNeigh, Route, Rule, RTPROT_PODNET},
+    diff::{Change, Object, ObservedProxy, ObservedRoute, ObservedRule},
+    eni::MacAddr,
+};
+
+/// A failed netlink request.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// The socket or runtime could not be set up.
+    #[error("rtnetlink setup: {0}")]
+    Setup(std::io::Error),
+    /// The kernel refused a request.
+    #[error("{what}: {source}")]
+    Kernel {
+        /// What was asked.
+        what: String,
+        /// The kernel's answer.
+        source: std::io::Error,
+    },
+    /// The request could not be sent or its answer not read.
+    #[error("{what}: {message}")]
+    Transport {
+        /// What was asked.
+        what: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// What the reconciler needs from the kernel.
+pub trait Netlink {
+    /// Every link.
+    fn links(&mut self) -> Result<Vec<Link>, NetlinkError>;
+    /// IPv4 unicast routes of every table.
+    fn routes(&mut self) -> Result<Vec<ObservedRoute>, NetlinkError>;
+    /// IPv4 `lookup` rules.
+    fn rules(&mut self) -> Result<Vec<ObservedRule>, NetlinkError>;
+    /// IPv4 proxy-ARP entries.
+    fn proxies(&mut self) -> Result<Vec<ObservedProxy>, NetlinkError>;
+    /// Applies one change.
+    fn apply(&mut self, change: &Change) -> Result<(), NetlinkError>;
+}
+
+/// [`Netlink`] over an rtnetlink socket.
+pub struct RtNetlink {
+    runtime: tokio::runtime::Runtime,
+    handle: rtnetlink::Handle,
+}
+
+impl RtNetlink {
+    /// Opens a `NETLINK_ROUTE` socket in the calling thread's network namespace.
+    pub fn open() -> Result<Self, NetlinkError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(NetlinkError::Setup)?;
+        let handle = runtime.block_on(async {
+            let (connection, handle, _) =
+                rtnetlink::new_connection().map_err(NetlinkError::Setup)?;
+            tokio::spawn(connection);
+            Ok::<_, NetlinkError>(handle)
+        })?;
+        Ok(Self { runtime, handle })
+    }
+
+    /// Sends one request and collects the answers; an error answer fails.
+    fn request(
+        &mut self,
+        what: impl Fn() -> String,
+        message: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        let mut req = NetlinkMessage::from(message);
+        req.header.flags = flags;
+        let handle = &mut self.handle;
+        self.runtime.block_on(async {
+            let mut answers = handle.request(req).map_err(|e| NetlinkError::Transport {
+                what: what(),
+                message: e.to_string(),
+            })?;
+            let mut out = Vec::new();
+            let mut failure = None;
+            while let Some(answer) = answers.next().await {
+                match answer.payload {
+                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                    NetlinkPayload::Error(e) if e.code.is_some() => failure = Some(e.to_io()),
+                    _ => {}
+                }
+            }
+            match failure {
+                Some(source) => Err(NetlinkError::Kernel {
+                    what: what(),
+                    source,
+                }),
+                None => Ok(out),
+            }
+        })
+    }
+
+    fn dump(
+        &mut self,
+        what: &'static str,
+        message: RouteNetlinkMessage,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        self.request(|| what.to_owned(), message, NLM_F_REQUEST | NLM_F_DUMP)
+    }
+}
+
+impl Netlink for RtNetlink {
+    fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
+        let answers = self.dump(
+            "dump links",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        )?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(parse_link(&l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn routes(&mut self) -> Result<Vec<ObservedRoute>, NetlinkError> {
+        let mut msg = RouteMessage::default();
+        msg.header.address_family = AddressFamily::Inet;
+        let answers = self.dump("dump routes", RouteNetlinkMessage::GetRoute(msg))?;
+        Ok(answers
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => parse_route(r),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn rules(&mut self) -> Result<Vec<ObservedRule>, NetlinkError> {
+        let mut msg = RuleMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        let answers = self.dump("dump rules", RouteNetlinkMessage::GetRule(msg))?;
+        Ok(answers
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRule(r) => parse_rule(r),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn proxies(&mut self) -> Result<Vec<ObservedProxy>, NetlinkError> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.flags = NeighbourFlags::Proxy;
+        let answers = self.dump(
+            "dump proxy neighbours",
+            RouteNetlinkMessage::GetNeighbour(msg),
+        )?;
+        Ok(answers
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewNeighbour(n) => parse_proxy(n),
+                _ => None,
+            })
+            .collect())
+    }
+
+    fn apply(&mut self, change: &Change) -> Result<(), NetlinkError> {
+        let create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+        let delete = NLM_F_REQUEST | NLM_F_ACK;
+        let (message, flags) = match *change {
+            Change::Add(Object::Route(r)) => {
+                (RouteNetlinkMessage::NewRoute(route_message(&r)), create)
+            }
+            Change::Replace(Object::Route(r)) => (
+                RouteNetlinkMessage::NewRoute(route_message(&r)),
+                NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+            ),
+            Change::Delete(Object::Route(r)) => {
+                (RouteNetlinkMessage::DelRoute(route_message(&r)), delete)
+            }
+            Change::Add(Object::Rule(r)) | Change::Replace(Object::Rule(r)) => {
+                (RouteNetlinkMessage::NewRule(rule_message(&r)), create)
+            }
+            Change::Delete(Object::Rule(r)) => {
+                (RouteNetlinkMessage::DelRule(rule_message(&r)), delete)
+            }
+            Change::Add(Object::Neigh(n)) | Change::Replace(Object::Neigh(n)) => {
+                (RouteNetlinkMessage::NewNeighbour(proxy_message(n)), create)
+            }
+            Change::Delete(Object::Neigh(n)) => {
+                (RouteNetlinkMessage::DelNeighbour(proxy_message(n)), delete)
+            }
+        };
+        self.request(|| format!("{change:?}"), message, flags)
+            .map(drop)
+    }
+}
+
+fn parse_link(l: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: l.header.index,
+        name: String::new(),
+        mac: None,
+    };
+    for attr in &l.attributes {
+        match attr {
+            LinkAttribute::IfName(name) => link.name.clone_from(name),
+            LinkAttribute::Address(bytes) => {
+                link.mac = <[u8; 6]>::try_from(bytes.as_slice()).ok().map(MacAddr);
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+fn v4(addr: &RouteAddress) -> Option<Ipv4Addr> {
+    match addr {
+        RouteAddress::Inet(a) => Some(*a),
+        _ => None,
+    }
+}
+
+/// A route the reconciler can compare, or `None` for what it never manages
+/// (other families, non-unicast, multipath).
+fn parse_route(r: &RouteMessage) -> Option<ObservedRoute> {
+    if r.header.address_family != AddressFamily::Inet || r.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut table = u32::from(r.header.table);
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let (mut oif, mut gateway) = (0, None);
+    for attr in &r.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(a) => dst = v4(a)?,
+            RouteAttribute::Oif(i) => oif = *i,
+            RouteAttribute::Gateway(a) => gateway = Some(v4(a)?),
+            RouteAttribute::MultiPath(_) => return None,
+            _ => {}
+        }
+    }
+    Some(ObservedRoute {
+        route: Route {
+            table,
+            dst: Ipv4Cidr::new(dst, r.header.destination_prefix_length)?,
+            oif,
+            gateway,
+            scope_link: r.header.scope == RouteScope::Link,
+        },
+        protocol: r.header.protocol.into(),
+    })
+}
+
+fn route_message(r: &Route) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    m.header.destination_prefix_length = r.dst.prefix();
+    m.header.table = u8::try_from(r.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
+    m.header.protocol = RTPROT_PODNET.into();
+    m.header.scope = if r.scope_link {
+        RouteScope::Link
+    } else {
+        RouteScope::Universe
+    };
+    m.header.kind = RouteType::Unicast;
+    if r.dst.prefix() > 0 {
+        m.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(
+                r.dst.network().addr(),
+            )));
+    }
+    m.attributes.push(RouteAttribute::Table(r.table));
+    m.attributes.push(RouteAttribute::Oif(r.oif));
+    if let Some(gw) = r.gateway {
+        m.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+    }
+    m
+}
+
+/// A `lookup` rule with only the selectors podnet uses, or `None` for any
+/// other rule (those never equal a desired rule, so never count as ours).
+fn parse_rule(r: &RuleMessage) -> Option<ObservedRule> {
+    if r.header.family != AddressFamily::Inet || r.header.action != RuleAction::ToTable {
+        return None;
+    }
+    let mut rule = Rule {
+        priority: 0,
+        src: None,
+        dst: None,
+        table: u32::from(r.header.table),
+    };
+    let mut protocol = 0;
+    for attr in &r.attributes {
+        match attr {
+            RuleAttribute::Priority(p) => rule.priority = *p,
+            RuleAttribute::Table(t) => rule.table = *t,
+            RuleAttribute::Source(IpAddr::V4(a)) => {
+                rule.src = Some(Ipv4Cidr::new(*a, r.header.src_len)?);
+            }
+            RuleAttribute::Destination(IpAddr::V4(a)) => {
+                rule.dst = Some(Ipv4Cidr::new(*a, r.header.dst_len)?);
+            }
+            RuleAttribute::Protocol(p) => protocol = (*p).into(),
+            RuleAttribute::SuppressPrefixLen(_)
+            | RuleAttribute::SuppressIfGroup(_)
+            | RuleAttribute::Other(_) => {}
+            RuleAttribute::L3MDev(on) if !on => {}
+            _ => return None,
+        }
+    }
+    if r.header.tos != 0 {
+        return None;
+    }
+    Some(ObservedRule { rule, protocol })
+}
+
+fn rule_message(r: &Rule) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.action = RuleAction::ToTable;
+    m.header.table = u8::try_from(r.table).unwrap_or(0);
+    m.attributes.push(RuleAttribute::Priority(r.priority));
+    m.attributes.push(RuleAttribute::Table(r.table));
+    m.attributes
+        .push(RuleAttribute::Protocol(RTPROT_PODNET.into()));
+    if let Some(src) = r.src {
+        m.header.src_len = src.prefix();
+        m.attributes
+            .push(RuleAttribute::Source(IpAddr::V4(src.network().addr())));
+    }
+    if let Some(dst) = r.dst {
+        m.header.dst_len = dst.prefix();
+        m.attributes
+            .push(RuleAttribute::Destination(IpAddr::V4(dst.network().addr())));
+    }
+    m
+}
+
+fn parse_proxy(n: &NeighbourMessage) -> Option<ObservedProxy> {
+    if n.header.family != AddressFamily::Inet || !n.header.flags.contains(NeighbourFlags::Proxy) {
+        return None;
+    }
+    let mut addr = None;
+    let mut protocol = 0;
+    for attr in &n.attributes {
+        match attr {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => addr = Some(*a),
+            NeighbourAttribute::Protocol(p) => protocol = (*p).into(),
+            _ => {}
+        }
+    }
+    Some(ObservedProxy {
+        proxy: ProxyNeigh {
+            ifindex: n.header.ifindex,
+            addr: addr?,
+        },
+        protocol,
+    })
+}
+
+fn proxy_message(n: ProxyNeigh) -> NeighbourMessage {
+    let mut m = NeighbourMessage::default();
+    m.header.family = AddressFamily::Inet;
+    m.header.ifindex = n.ifindex;
+    m.header.flags = NeighbourFlags::Proxy;
+    m.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+            n.addr,
+        )));
+    m.attributes
+        .push(NeighbourAttribute::Protocol(RTPROT_PODNET.into()));
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_messages_round_trip() {
+        let r = Route {
+            table: 101,
+            dst: Ipv4Cidr::ANY,
+            oif: 7,
+            gateway: Some("10.0.1.1".parse().unwrap()),
+            scope_link: false,
+        };
+        let observed = parse_route(&route_message(&r)).unwrap();
+        assert_eq!(observed.route, r);
+        assert_eq!(observed.protocol, RTPROT_PODNET);
+        let big = Route {
+            table: 1000,
+            dst: "10.0.1.10/32".parse().unwrap(),
+            gateway: None,
+            scope_link: true,
+            ..r
+        };
+        let m = route_message(&big);
+        assert_eq!(m.header.table, RouteHeader::RT_TABLE_UNSPEC);
+        assert_eq!(parse_route(&m).unwrap().route, big);
+    }
+
+    #[test]
+    fn rule_and_proxy_messages_round_trip() {
+        let r = Rule {
+            priority: 1536,
+            src: Some("10.0.1.10/32".parse().unwrap()),
+            dst: None,
+            table: 101,
+        };
+        let o = parse_rule(&rule_message(&r)).unwrap();
+        assert_eq!((o.rule, o.protocol), (r, RTPROT_PODNET));
+        let mut with_iif = rule_message(&r);
+        with_iif
+            .attributes
+            .push(RuleAttribute::Iifname("eth0".into()));
+        assert_eq!(parse_rule(&with_iif), None);
+        let n = ProxyNeigh {
+            ifindex: 4,
+            addr: "10.0.1.10".parse().unwrap(),
+        };
+        let o = parse_proxy(&proxy_message(n)).unwrap();
+        assert_eq!((o.proxy, o.protocol), (n, RTPROT_PODNET));
+    }
+}

@@ -1,0 +1,276 @@
+//! One reconcile: observe, diff, apply, count.
+
+use std::{
+    collections::HashSet,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use super::{
+    desired::{self, Desired, Link},
+    diff::{self, Change, Kind, Object, Observed, Status},
+    eni::Eni,
+    netlink::{Netlink, NetlinkError},
+};
+use crate::endpoint::Endpoint;
+
+/// Counters behind `podnet_route_reconciles_total` and
+/// `podnet_route_repairs_total`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Reconciles that applied every change they planned.
+    pub success: AtomicU64,
+    /// Reconciles that failed to observe or to apply a change.
+    pub error: AtomicU64,
+    /// Objects put back after they drifted, by [`Kind::ALL`] index.
+    pub repairs: [AtomicU64; 3],
+}
+
+impl Stats {
+    /// Repairs of `kind`.
+    pub fn repairs(&self, kind: Kind) -> u64 {
+        self.repairs[kind_index(kind)].load(Ordering::Relaxed)
+    }
+}
+
+fn kind_index(kind: Kind) -> usize {
+    match kind {
+        Kind::Rule => 0,
+        Kind::Route => 1,
+        Kind::Neigh => 2,
+    }
+}
+
+/// The result of one reconcile.
+#[derive(Clone, Debug, Default)]
+pub struct Outcome {
+    /// The desired state it worked towards.
+    pub desired: Desired,
+    /// The kernel's links at the time.
+    pub links: Vec<Link>,
+    /// Desired versus actual after the changes.
+    pub statuses: Vec<Status>,
+    /// Changes applied.
+    pub applied: usize,
+    /// Of which repairs of drift.
+    pub repairs: usize,
+    /// Changes that failed.
+    pub errors: Vec<String>,
+}
+
+/// Reconciles routing state through a [`Netlink`].
+pub struct Reconciler<N> {
+    netlink: N,
+    /// Objects desired at the previous reconcile: putting one of these back is
+    /// a repair; installing a newly desired one is not.
+    previous: HashSet<Object>,
+}
+
+fn objects(d: &Desired) -> HashSet<Object> {
+    d.routes
+        .iter()
+        .map(|r| Object::Route(*r))
+        .chain(d.rules.iter().map(|r| Object::Rule(*r)))
+        .chain(d.proxies.iter().map(|n| Object::Neigh(*n)))
+        .collect()
+}
+
+impl<N: Netlink> Reconciler<N> {
+    /// A reconciler that has not reconciled yet.
+    pub fn new(netlink: N) -> Self {
+        Self {
+            netlink,
+            previous: HashSet::new(),
+        }
+    }
+
+    /// The netlink backend.
+    pub fn netlink(&mut self) -> &mut N {
+        &mut self.netlink
+    }
+
+    fn observe(&mut self) -> Result<Observed, NetlinkError> {
+        Ok(Observed {
+            routes: self.netlink.routes()?,
+            rules: self.netlink.rules()?,
+            proxies: self.netlink.proxies()?,
+        })
+    }
+
+    /// Brings the kernel to the state wanted for `endpoints` and `enis`,
+    /// counting the result in `stats`.
+    pub fn reconcile(
+        &mut self,
+        endpoints: &[Endpoint],
+        enis: &[Eni],
+        stats: &Stats,
+    ) -> Result<Outcome, NetlinkError> {
+        let result = self.run(endpoints, enis, stats);
+        let ok = matches!(&result, Ok(o) if o.errors.is_empty());
+        if ok {
+            stats.success.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.error.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn run(
+        &mut self,
+        endpoints: &[Endpoint],
+        enis: &[Eni],
+        stats: &Stats,
+    ) -> Result<Outcome, NetlinkError> {
+        let links = self.netlink.links()?;
+        let desired = desired::build(endpoints, enis, &links);
+        let plan = diff::plan(&desired, &self.observe()?);
+        let mut outcome = Outcome::default();
+        for change in &plan.changes {
+            match self.netlink.apply(change) {
+                Ok(()) => {
+                    outcome.applied += 1;
+                    let is_fix = matches!(change, Change::Add(_) | Change::Replace(_));
+                    if is_fix && self.previous.contains(change.object()) {
+                        outcome.repairs += 1;
+                        stats.repairs[kind_index(change.object().kind())]
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(object = ?change.object(), "repaired");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "routing change failed");
+                    outcome.errors.push(e.to_string());
+                }
+            }
+        }
+        outcome.statuses = if plan.changes.is_empty() {
+            plan.statuses
+        } else {
+            diff::plan(&desired, &self.observe()?).statuses
+        };
+        self.previous = objects(&desired);
+        outcome.desired = desired;
+        outcome.links = links;
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{
+        desired::tests::{endpoint, enis, links},
+        desired::RTPROT_PODNET,
+        diff::{ObservedProxy, ObservedRoute, ObservedRule, State},
+    };
+    use super::*;
+
+    /// A kernel in memory: applies changes to its tables.
+    #[derive(Default)]
+    struct FakeKernel {
+        links: Vec<Link>,
+        observed: Observed,
+        fail_rules: bool,
+    }
+
+    impl Netlink for FakeKernel {
+        fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
+            Ok(self.links.clone())
+        }
+        fn routes(&mut self) -> Result<Vec<ObservedRoute>, NetlinkError> {
+            Ok(self.observed.routes.clone())
+        }
+        fn rules(&mut self) -> Result<Vec<ObservedRule>, NetlinkError> {
+            Ok(self.observed.rules.clone())
+        }
+        fn proxies(&mut self) -> Result<Vec<ObservedProxy>, NetlinkError> {
+            Ok(self.observed.proxies.clone())
+        }
+        fn apply(&mut self, change: &Change) -> Result<(), NetlinkError> {
+            let o = &mut self.observed;
+            match *change {
+                Change::Add(Object::Rule(_)) if self.fail_rules => {
+                    return Err(NetlinkError::Kernel {
+                        what: "add rule".into(),
+                        source: std::io::Error::from_raw_os_error(libc::EPERM),
+                    })
+                }
+                Change::Add(Object::Route(route)) | Change::Replace(Object::Route(route)) => {
+                    o.routes.retain(|r| r.route.key() != route.key());
+                    o.routes.push(ObservedRoute {
+                        route,
+                        protocol: RTPROT_PODNET,
+                    });
+                }
+                Change::Delete(Object::Route(route)) => o.routes.retain(|r| r.route != route),
+                Change::Add(Object::Rule(rule)) | Change::Replace(Object::Rule(rule)) => {
+                    o.rules.push(ObservedRule {
+                        rule,
+                        protocol: RTPROT_PODNET,
+                    });
+                }
+                Change::Delete(Object::Rule(rule)) => o.rules.retain(|r| r.rule != rule),
+                Change::Add(Object::Neigh(proxy)) | Change::Replace(Object::Neigh(proxy)) => {
+                    o.proxies.push(ObservedProxy {
+                        proxy,
+                        protocol: RTPROT_PODNET,
+                    });
+                }
+                Change::Delete(Object::Neigh(proxy)) => o.proxies.retain(|p| p.proxy != proxy),
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn installs_then_repairs_and_counts_by_kind() {
+        let stats = Stats::default();
+        let mut r = Reconciler::new(FakeKernel {
+            links: links(),
+            ..FakeKernel::default()
+        });
+        let eps = vec![endpoint("a", "10.0.1.10", Some("vpod0"))];
+        let first = r.reconcile(&eps, &enis(), &stats).unwrap();
+        // 2 routes for each of 2 found ENIs, 1 host route, 2 rules, 1 proxy.
+        assert_eq!(first.applied, 8);
+        assert_eq!(first.repairs, 0);
+        assert!(first.statuses.iter().all(|s| s.state == State::Ok));
+
+        let again = r.reconcile(&eps, &enis(), &stats).unwrap();
+        assert_eq!((again.applied, again.repairs), (0, 0));
+
+        // Someone deletes a rule and a proxy entry by hand.
+        r.netlink().observed.rules.pop();
+        r.netlink().observed.proxies.clear();
+        let fixed = r.reconcile(&eps, &enis(), &stats).unwrap();
+        assert_eq!((fixed.applied, fixed.repairs), (2, 2));
+        assert_eq!(stats.repairs(Kind::Rule), 1);
+        assert_eq!(stats.repairs(Kind::Neigh), 1);
+        assert_eq!(stats.repairs(Kind::Route), 0);
+
+        // The pod goes: its objects are deleted, which is no repair.
+        let gone = r.reconcile(&[], &enis(), &stats).unwrap();
+        assert_eq!((gone.applied, gone.repairs), (4, 0));
+        assert_eq!(stats.success.load(Ordering::Relaxed), 4);
+        assert_eq!(stats.error.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_failed_change_counts_as_an_error_and_the_rest_still_applies() {
+        let stats = Stats::default();
+        let mut r = Reconciler::new(FakeKernel {
+            links: links(),
+            fail_rules: true,
+            ..FakeKernel::default()
+        });
+        let eps = vec![endpoint("a", "10.0.1.10", Some("vpod0"))];
+        let o = r.reconcile(&eps, &enis(), &stats).unwrap();
+        assert_eq!(o.errors.len(), 2);
+        assert_eq!(o.applied, 6);
+        let missing = o
+            .statuses
+            .iter()
+            .filter(|s| s.state == State::Missing)
+            .count();
+        assert_eq!(missing, 2);
+        assert_eq!(stats.error.load(Ordering::Relaxed), 1);
+    }
+}

@@ -1,0 +1,192 @@
+//! SNAT for pod traffic leaving the VPC: one chain owned by podnet
+//! ([`CHAIN`] in the nat table, jumped to from POSTROUTING) that returns for
+//! VPC destinations and masquerades the rest with `--random-fully` (no
+//! insert races on the shared source port range).
+//!
+//! Applied with the `iptables` command (Debian's default is the `nf_tables`
+//! backend), idempotently: each rule is checked (`-C`) before anything is
+//! written, and only podnet's chain and its jump are ever changed or removed.
+
+use std::process::Command;
+
+use super::cidr::Ipv4Cidr;
+
+/// podnet's chain in the nat table.
+pub const CHAIN: &str = "PODNET-SNAT";
+/// Comment on the jump from POSTROUTING, so people know who put it there.
+const JUMP_COMMENT: &str = "podnet: SNAT for pod traffic leaving the VPC";
+/// The iptables binary.
+const IPTABLES: &str = "iptables";
+
+/// What the chain should do.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SnatSpec {
+    /// Destinations that are not masqueraded.
+    pub vpc_cidrs: Vec<Ipv4Cidr>,
+    /// Pod sources that are masqueraded towards anything else.
+    pub pod_sources: Vec<Ipv4Cidr>,
+}
+
+/// An iptables invocation failed.
+#[derive(Debug, thiserror::Error)]
+#[error("iptables {args}: {message}")]
+pub struct SnatError {
+    args: String,
+    message: String,
+}
+
+/// The rules of [`CHAIN`], in order, as iptables arguments after `-A CHAIN`.
+pub fn chain_rules(spec: &SnatSpec) -> Vec<Vec<String>> {
+    let mut rules = Vec::new();
+    for cidr in &spec.vpc_cidrs {
+        rules.push(vec![
+            "-d".into(),
+            cidr.network().to_string(),
+            "-j".into(),
+            "RETURN".into(),
+        ]);
+    }
+    for src in &spec.pod_sources {
+        rules.push(vec![
+            "-s".into(),
+            src.network().to_string(),
+            "-j".into(),
+            "MASQUERADE".into(),
+            "--random-fully".into(),
+        ]);
+    }
+    rules
+}
+
+fn jump_rule() -> Vec<String> {
+    ["-m", "comment", "--comment", JUMP_COMMENT, "-j", CHAIN]
+        .map(str::to_owned)
+        .to_vec()
+}
+
+/// Runs `iptables -w -t nat <args>`; `Ok(false)` when it exits 1 (a `-C`
+/// that found nothing, a missing chain), an error for anything else.
+fn iptables(args: &[&str]) -> Result<bool, SnatError> {
+    let out = Command::new(IPTABLES)
+        .args(["-w", "-t", "nat"])
+        .args(args)
+        .output()
+        .map_err(|e| SnatError {
+            args: args.join(" "),
+            message: e.to_string(),
+        })?;
+    match out.status.code() {
+        Some(0) => Ok(true),
+        Some(1) => Ok(false),
+        _ => Err(SnatError {
+            args: args.join(" "),
+            message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        }),
+    }
+}
+
+fn with<'a>(head: &[&'a str], rule: &'a [String]) -> Vec<&'a str> {
+    head.iter()
+        .copied()
+        .chain(rule.iter().map(String::as_str))
+        .collect()
+}
+
+/// Rules currently in [`CHAIN`] (`-S` lines starting with `-A`), or `None`
+/// when the chain does not exist.
+fn chain_listing() -> Result<Option<usize>, SnatError> {
+    let out = Command::new(IPTABLES)
+        .args(["-w", "-t", "nat", "-S", CHAIN])
+        .output()
+        .map_err(|e| SnatError {
+            args: format!("-S {CHAIN}"),
+            message: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    Ok(Some(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .count(),
+    ))
+}
+
+/// Brings the chain and its jump to `spec`; returns whether anything changed.
+pub fn reconcile(spec: &SnatSpec) -> Result<bool, SnatError> {
+    let rules = chain_rules(spec);
+    let mut changed = false;
+    let present = match chain_listing()? {
+        None => {
+            iptables(&["-N", CHAIN])?;
+            changed = true;
+            Some(0)
+        }
+        n => n,
+    };
+    let mut in_place = present == Some(rules.len());
+    if in_place {
+        for rule in &rules {
+            if !iptables(&with(&["-C", CHAIN], rule))? {
+                in_place = false;
+                break;
+            }
+        }
+    }
+    if !in_place {
+        iptables(&["-F", CHAIN])?;
+        for rule in &rules {
+            iptables(&with(&["-A", CHAIN], rule))?;
+        }
+        changed = true;
+    }
+    let jump = jump_rule();
+    if !iptables(&with(&["-C", "POSTROUTING"], &jump))? {
+        iptables(&with(&["-A", "POSTROUTING"], &jump))?;
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Removes the jump and the chain; nothing else. Returns whether anything
+/// was there.
+pub fn remove() -> Result<bool, SnatError> {
+    let jump = jump_rule();
+    let mut removed = false;
+    // Bounded: a duplicated jump is removed too, but never loop forever.
+    for _ in 0..16 {
+        if !iptables(&with(&["-C", "POSTROUTING"], &jump))? {
+            break;
+        }
+        iptables(&with(&["-D", "POSTROUTING"], &jump))?;
+        removed = true;
+    }
+    if chain_listing()?.is_some() {
+        iptables(&["-F", CHAIN])?;
+        iptables(&["-X", CHAIN])?;
+        removed = true;
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_return_for_the_vpc_then_masquerade_pods() {
+        let spec = SnatSpec {
+            vpc_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
+            pod_sources: vec!["10.0.1.7/24".parse().unwrap()],
+        };
+        let rules: Vec<String> = chain_rules(&spec).iter().map(|r| r.join(" ")).collect();
+        assert_eq!(
+            rules,
+            [
+                "-d 10.0.0.0/16 -j RETURN",
+                "-s 10.0.1.0/24 -j MASQUERADE --random-fully"
+            ]
+        );
+    }
+}

@@ -1,0 +1,175 @@
+//! Kernel notifications that may mean podnet's routing state drifted: a
+//! netlink socket subscribed to link, IPv4 route, IPv4 rule and neighbour
+//! groups (what `ip monitor` listens to).
+//!
+//! Relevant: any rule change, a route change whose protocol is podnet's, a
+//! proxy-neighbour change, any link appearing or going. Ordinary neighbour
+//! churn (ARP state changes) is ignored, so it cannot cause reconcile storms.
+
+use std::{
+    io,
+    os::fd::{AsRawFd as _, RawFd},
+    time::Duration,
+};
+
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_route::{neighbour::NeighbourFlags, RouteNetlinkMessage};
+use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+
+use super::desired::RTPROT_PODNET;
+
+/// `RTNLGRP_LINK`.
+const RTNLGRP_LINK: u32 = 1;
+/// `RTNLGRP_NEIGH`.
+const RTNLGRP_NEIGH: u32 = 3;
+/// `RTNLGRP_IPV4_ROUTE`.
+const RTNLGRP_IPV4_ROUTE: u32 = 7;
+/// `RTNLGRP_IPV4_RULE`.
+const RTNLGRP_IPV4_RULE: u32 = 8;
+/// Receive buffer for notification bursts (pod churn on a busy node).
+const RECV_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// A subscription to routing notifications in the calling thread's network
+/// namespace.
+pub struct Watcher {
+    socket: Socket,
+}
+
+impl Watcher {
+    /// Opens the socket and joins the groups.
+    pub fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        let groups = [
+            RTNLGRP_LINK,
+            RTNLGRP_NEIGH,
+            RTNLGRP_IPV4_ROUTE,
+            RTNLGRP_IPV4_RULE,
+        ]
+        .iter()
+        .fold(0u32, |mask, g| mask | (1 << (g - 1)));
+        socket.bind(&SocketAddr::new(0, groups))?;
+        socket.set_non_blocking(true)?;
+        // A bigger buffer only lowers the chance of ENOBUFS; an overrun is
+        // handled (treated as "something changed").
+        if let Err(e) = socket.set_rx_buf_sz(RECV_BUFFER_BYTES) {
+            tracing::debug!(error = %e, "netlink receive buffer not enlarged");
+        }
+        Ok(Self { socket })
+    }
+
+    /// Waits up to `timeout` for notifications and drains them; returns
+    /// whether any was relevant (or notifications were lost).
+    pub fn wait(&self, timeout: Duration) -> bool {
+        if !wait_readable(self.socket.as_raw_fd(), timeout) {
+            return false;
+        }
+        let mut relevant = false;
+        loop {
+            match self.socket.recv_from_full() {
+                Ok((buf, _)) if buf.is_empty() => break,
+                Ok((buf, _)) => relevant |= any_relevant(&buf),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    // ENOBUFS: the kernel dropped notifications; resync.
+                    tracing::debug!(error = %e, "netlink notifications lost; reconciling");
+                    relevant = true;
+                    break;
+                }
+            }
+        }
+        relevant
+    }
+}
+
+/// Whether a datagram of notifications holds a relevant one.
+pub fn any_relevant(mut buf: &[u8]) -> bool {
+    let mut relevant = false;
+    while buf.len() >= 16 {
+        let len = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if len < 16 || len > buf.len() {
+            return true;
+        }
+        match NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..len]) {
+            Ok(msg) => {
+                if let NetlinkPayload::InnerMessage(inner) = msg.payload {
+                    relevant |= is_relevant(&inner);
+                }
+            }
+            // Unknown attributes of newer kernels: err on the side of reconciling.
+            Err(_) => relevant = true,
+        }
+        buf = &buf[len.next_multiple_of(4).min(buf.len())..];
+    }
+    relevant
+}
+
+/// Whether one notification may concern podnet's state.
+pub fn is_relevant(msg: &RouteNetlinkMessage) -> bool {
+    match msg {
+        RouteNetlinkMessage::NewLink(_)
+        | RouteNetlinkMessage::DelLink(_)
+        | RouteNetlinkMessage::NewRule(_)
+        | RouteNetlinkMessage::DelRule(_) => true,
+        RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
+            u8::from(r.header.protocol) == RTPROT_PODNET
+        }
+        RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
+            n.header.flags.contains(NeighbourFlags::Proxy)
+        }
+        _ => false,
+    }
+}
+
+fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: pfd is a valid pollfd array of length 1 for the call's duration.
+    let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+    rc > 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink_packet_core::NetlinkHeader;
+    use netlink_packet_route::{neighbour::NeighbourMessage, route::RouteMessage};
+
+    fn bytes(inner: RouteNetlinkMessage) -> Vec<u8> {
+        let mut msg = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(inner));
+        msg.finalize();
+        let mut buf = vec![0; msg.buffer_len()];
+        msg.serialize(&mut buf);
+        buf
+    }
+
+    #[test]
+    fn only_podnet_routes_and_proxy_neighbours_matter() {
+        let mut ours = RouteMessage::default();
+        ours.header.protocol = RTPROT_PODNET.into();
+        let foreign = RouteMessage::default();
+        let mut proxy = NeighbourMessage::default();
+        proxy.header.flags = NeighbourFlags::Proxy;
+        let arp = NeighbourMessage::default();
+        assert!(any_relevant(&bytes(RouteNetlinkMessage::DelRoute(ours))));
+        assert!(!any_relevant(&bytes(RouteNetlinkMessage::NewRoute(
+            foreign.clone()
+        ))));
+        assert!(any_relevant(&bytes(RouteNetlinkMessage::DelNeighbour(
+            proxy
+        ))));
+        assert!(!any_relevant(&bytes(RouteNetlinkMessage::NewNeighbour(
+            arp.clone()
+        ))));
+        // Several messages in one datagram: one relevant is enough.
+        let mut both = bytes(RouteNetlinkMessage::NewNeighbour(arp));
+        both.extend(bytes(RouteNetlinkMessage::DelRule(
+            netlink_packet_route::rule::RuleMessage::default(),
+        )));
+        assert!(any_relevant(&both));
+        assert!(!any_relevant(&[]));
+    }
+}

@@ -1,0 +1,411 @@
+//! The ENI fast path in the kernel (`podnet-steer`): load the programs with
+//! their pinned maps, attach them through pinned tcx links (adopting links of
+//! the same program on restart, replacing them atomically when the program
+//! changed), and keep the maps in line with the routing subsystem's desired
+//! state.
+//!
+//! Pins live under `--bpffs/steer/`: the maps, and one link per interface
+//! (`ingress_<ifname>`, with `.` written `:` since bpffs reserves dots and
+//! interface names cannot hold colons). While the agent is down, the pinned links keep
+//! steering with the last map contents.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{lpm_trie::Key, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray},
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        LinkOrder, SchedClassifier, TcAttachType,
+    },
+    Ebpf, EbpfLoader,
+};
+use podnet_common::steer::{
+    action, counter_index, direction, maps as m, result, DestAddr, PodRoute, SteerConfig,
+    CONFIG_GLOBAL, ENI_PROGRAM, POD_PROGRAM,
+};
+use serde::Serialize;
+
+use crate::{
+    bpf::{self, link::Attachment, BpfError},
+    routing::{cidr::Ipv4Cidr, desired::Desired},
+};
+
+/// Sub-directory of `--bpffs` holding the fast path's maps and links.
+pub const PIN_SUBDIR: &str = "steer";
+/// Prefix of link pins: `ingress_<ifname>`.
+const LINK_PREFIX: &str = "ingress_";
+
+/// The pin file name of the link on `ifname`.
+fn link_pin_name(ifname: &str) -> String {
+    format!("{LINK_PREFIX}{}", ifname.replace('.', ":"))
+}
+
+/// The interface of a link pin file name, if it is one.
+fn pin_ifname(pin: &str) -> Option<String> {
+    pin.strip_prefix(LINK_PREFIX).map(|n| n.replace(':', "."))
+}
+
+fn program_error(program: &str, message: impl std::fmt::Display) -> BpfError {
+    BpfError::Program {
+        program: program.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+fn map_error(map: &'static str, message: impl std::fmt::Display) -> BpfError {
+    BpfError::Map {
+        map,
+        message: message.to_string(),
+    }
+}
+
+/// Packet counts of the fast path, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SteerCounts {
+    /// `[direction][result]` as in `podnet_common::steer`.
+    pub packets: [[u64; result::COUNT as usize]; direction::COUNT as usize],
+}
+
+/// Label values of the counters.
+pub const DIRECTION_LABELS: [&str; direction::COUNT as usize] = ["egress", "ingress"];
+/// Label values of the results.
+pub const RESULT_LABELS: [&str; result::COUNT as usize] =
+    ["redirected", "no_neighbour", "fib_miss", "passed"];
+
+/// What one sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Links put in place (interface, how).
+    pub attached: Vec<(String, Attachment)>,
+    /// Link pins removed because their interface no longer needs steering.
+    pub detached: Vec<String>,
+    /// What failed.
+    pub errors: Vec<String>,
+}
+
+/// The loaded fast path.
+pub struct Steer {
+    ebpf: Ebpf,
+    pods: BpfHashMap<MapData, u32, PodRoute>,
+    dests: LpmTrie<MapData, DestAddr, u32>,
+    counters: PerCpuArray<MapData, u64>,
+    pin_dir: PathBuf,
+    /// Interfaces known to have our link: name → ifindex.
+    in_place: HashMap<String, u32>,
+}
+
+impl Steer {
+    /// Loads both programs with their pinned maps (kept across restarts).
+    /// Traffic to or from `dns_ports` (at most
+    /// [`podnet_common::steer::MAX_DNS_PORTS`]; more are ignored) is never
+    /// steered.
+    pub fn load(bpffs: &Path, dns_ports: &[u16]) -> Result<Self, BpfError> {
+        let pin_dir = bpf::fs::prepare_pin_dir(&bpffs.join(PIN_SUBDIR))?;
+        let mut config = SteerConfig::default();
+        for (slot, port) in config.dns_ports.iter_mut().zip(dns_ports) {
+            *slot = *port;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .override_global(CONFIG_GLOBAL, &config, true)
+            .load(bpf::STEER_OBJECT)
+            .map_err(|e| BpfError::Load {
+                object: "podnet-steer",
+                source: Box::new(e),
+            })?;
+        for name in [POD_PROGRAM, ENI_PROGRAM] {
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|e| program_error(name, format!("load (verifier): {e}")))?;
+        }
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| map_error(name, "missing from object"))
+        };
+        let pods = take(m::PODS)?
+            .try_into()
+            .map_err(|e| map_error(m::PODS, e))?;
+        let dests = take(m::DESTS)?
+            .try_into()
+            .map_err(|e| map_error(m::DESTS, e))?;
+        let counters = take(m::COUNTERS)?
+            .try_into()
+            .map_err(|e| map_error(m::COUNTERS, e))?;
+        Ok(Self {
+            ebpf,
+            pods,
+            dests,
+            counters,
+            pin_dir,
+            in_place: HashMap::new(),
+        })
+    }
+
+    /// Removes every pin of the fast path (detaching its links): the kernel
+    /// path carries all traffic again. Returns whether anything was pinned.
+    pub fn remove(bpffs: &Path) -> Result<bool, BpfError> {
+        let dir = bpffs.join(PIN_SUBDIR);
+        let existed = dir.exists();
+        bpf::fs::remove_pins(&dir)?;
+        Ok(existed)
+    }
+
+    /// Forgets which links are known to be in place, so the next sync checks
+    /// every one with the kernel again.
+    pub fn recheck(&mut self) {
+        self.in_place.clear();
+    }
+
+    /// Brings maps and links in line with `desired`. `steer_dests` are the
+    /// destination prefixes the fast path may steer to; `kernel_dests` are
+    /// exceptions inside them (service CIDRs).
+    pub fn sync(
+        &mut self,
+        desired: &Desired,
+        steer_dests: &[Ipv4Cidr],
+        kernel_dests: &[Ipv4Cidr],
+    ) -> SyncReport {
+        let mut report = SyncReport::default();
+        if let Err(e) = self.sync_maps(desired, steer_dests, kernel_dests) {
+            report.errors.push(e.to_string());
+        }
+        let wanted: BTreeMap<&str, (u32, &'static str)> = desired
+            .pod_links
+            .iter()
+            .map(|(n, i)| (n.as_str(), (*i, POD_PROGRAM)))
+            .chain(
+                desired
+                    .eni_links
+                    .iter()
+                    .map(|(n, i)| (n.as_str(), (*i, ENI_PROGRAM))),
+            )
+            .collect();
+        for (ifname, (ifindex, program)) in &wanted {
+            if self.in_place.get(*ifname) == Some(ifindex) {
+                continue;
+            }
+            let pin = self.pin_dir.join(link_pin_name(ifname));
+            match classifier(&mut self.ebpf, program)
+                .and_then(|p| attach_tcx_pinned(p, program, ifname, *ifindex, &pin))
+            {
+                Ok(how) => {
+                    self.in_place.insert((*ifname).to_owned(), *ifindex);
+                    if how != Attachment::Adopted {
+                        tracing::info!(interface = ifname, program, %how, "fast path attached");
+                    }
+                    report.attached.push(((*ifname).to_owned(), how));
+                }
+                Err(e) => report.errors.push(format!("{ifname}: {e}")),
+            }
+        }
+        for stale in self.stale_pins(&wanted) {
+            self.in_place.remove(&stale);
+            let pin = self.pin_dir.join(link_pin_name(&stale));
+            match std::fs::remove_file(&pin) {
+                Ok(()) => {
+                    tracing::info!(interface = %stale, "fast path detached");
+                    report.detached.push(stale);
+                }
+                Err(e) => report.errors.push(format!("unpin {}: {e}", pin.display())),
+            }
+        }
+        report
+    }
+
+    fn stale_pins(&self, wanted: &BTreeMap<&str, (u32, &'static str)>) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(&self.pin_dir) else {
+            return Vec::new();
+        };
+        dir.filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let ifname = pin_ifname(&name)?;
+                (!wanted.contains_key(ifname.as_str())).then_some(ifname)
+            })
+            .collect()
+    }
+
+    fn sync_maps(
+        &mut self,
+        desired: &Desired,
+        steer_dests: &[Ipv4Cidr],
+        kernel_dests: &[Ipv4Cidr],
+    ) -> Result<(), BpfError> {
+        let pods: BTreeMap<u32, PodRoute> = desired
+            .steer
+            .iter()
+            .map(|e| {
+                (
+                    pod_key(e.pod),
+                    PodRoute {
+                        eni_ifindex: e.eni_ifindex,
+                        eni_table: e.eni_table,
+                        host_ifindex: e.host_ifindex,
+                        _pad: 0,
+                    },
+                )
+            })
+            .collect();
+        for (key, value) in &pods {
+            if self.pods.get(key, 0).ok() != Some(*value) {
+                self.pods
+                    .insert(key, value, 0)
+                    .map_err(|e| map_error(m::PODS, e))?;
+            }
+        }
+        let stale: Vec<u32> = self
+            .pods
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !pods.contains_key(k))
+            .collect();
+        for key in stale {
+            self.pods.remove(&key).map_err(|e| map_error(m::PODS, e))?;
+        }
+        let dests: BTreeMap<(u32, [u8; 4]), u32> = steer_dests
+            .iter()
+            .map(|c| (c, action::STEER))
+            .chain(kernel_dests.iter().map(|c| (c, action::KERNEL)))
+            .map(|(c, a)| ((u32::from(c.prefix()), c.network().addr().octets()), a))
+            .collect();
+        for ((prefix, addr), value) in &dests {
+            let key = Key::new(*prefix, DestAddr { addr: *addr });
+            self.dests
+                .insert(&key, value, 0)
+                .map_err(|e| map_error(m::DESTS, e))?;
+        }
+        let stale: Vec<Key<DestAddr>> = self
+            .dests
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !dests.contains_key(&(k.prefix_len(), k.data().addr)))
+            .collect();
+        for key in stale {
+            self.dests
+                .remove(&key)
+                .map_err(|e| map_error(m::DESTS, e))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the packet counters.
+    pub fn counts(&self) -> Result<SteerCounts, BpfError> {
+        let mut counts = SteerCounts::default();
+        for dir in 0..direction::COUNT {
+            for res in 0..result::COUNT {
+                let values = self
+                    .counters
+                    .get(&counter_index(dir, res), 0)
+                    .map_err(|e| map_error(m::COUNTERS, e))?;
+                counts.packets[dir as usize][res as usize] = values.iter().sum();
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Pod addresses in the kernel map.
+    pub fn pods(&self) -> BTreeSet<Ipv4Addr> {
+        self.pods
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| Ipv4Addr::from(k.to_ne_bytes()))
+            .collect()
+    }
+}
+
+/// The map key of a pod address: its bytes in network order.
+fn pod_key(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, BpfError> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| program_error(name, "missing from object"))?
+        .try_into()
+        .map_err(|e| program_error(name, e))
+}
+
+/// Attaches `program` at the tcx ingress of `ifname` through a link pinned
+/// at `pin`, or adopts the pinned link when it is still attached to this
+/// interface. An adopted link that runs another program (a previous agent's
+/// load: maybe another version, maybe other settings in its read-only data)
+/// is switched to ours in place with `bpf_link_update`: no gap, no overlap,
+/// and the pinned maps carry the state over. A pinned link whose interface
+/// went away is replaced by a fresh one.
+fn attach_tcx_pinned(
+    program: &mut SchedClassifier,
+    name: &str,
+    ifname: &str,
+    ifindex: u32,
+    pin: &Path,
+) -> Result<Attachment, BpfError> {
+    let ours = program.info().map_err(|e| program_error(name, e))?;
+    let (our_id, our_tag) = (ours.id(), ours.tag());
+    if pin.exists() {
+        match PinnedLink::from_pin(pin) {
+            Ok(pinned) => {
+                let link: FdLink = pinned.into();
+                let program_id = link.info().map(|i| i.program_id()).ok();
+                let attached = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress)
+                    .map(|(_, programs)| programs)
+                    .unwrap_or_default();
+                let live = attached.iter().find(|p| Some(p.id()) == program_id);
+                match live {
+                    Some(p) if p.id() == our_id => return Ok(Attachment::Adopted),
+                    Some(p) => {
+                        let same_code = p.tag() == our_tag;
+                        let link = SchedClassifierLink::try_from(link)
+                            .map_err(|e| program_error(name, e))?;
+                        let id = program
+                            .attach_to_link(link)
+                            .map_err(|e| program_error(name, format!("update link: {e}")))?;
+                        // The pin still names the (updated) kernel link; our
+                        // handle can go.
+                        let _ = program.take_link(id);
+                        return Ok(if same_code {
+                            Attachment::Adopted
+                        } else {
+                            Attachment::Replaced
+                        });
+                    }
+                    None => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(pin = %pin.display(), error = %e, "unreadable pinned link, replacing it");
+            }
+        }
+        std::fs::remove_file(pin)
+            .map_err(|e| program_error(name, format!("unpin defunct link: {e}")))?;
+    }
+    let id = program
+        .attach_with_options(
+            ifname,
+            TcAttachType::Ingress,
+            aya::programs::tc::TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| program_error(name, format!("attach to {ifname} (ifindex {ifindex}): {e}")))?;
+    let link = program.take_link(id).map_err(|e| program_error(name, e))?;
+    FdLink::try_from(link)
+        .map_err(|e| program_error(name, e))?
+        .pin(pin)
+        .map_err(|e| program_error(name, format!("pin link at {}: {e}", pin.display())))?;
+    Ok(Attachment::Attached)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_pin_names_avoid_dots_and_round_trip() {
+        assert_eq!(link_pin_name("eth0.100"), "ingress_eth0:100");
+        assert_eq!(pin_ifname("ingress_eth0:100").as_deref(), Some("eth0.100"));
+        assert_eq!(pin_ifname("STEER_PODS"), None);
+    }
+}

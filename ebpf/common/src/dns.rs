@@ -1,0 +1,283 @@
+//! DNS latency tracer: pending-query keys and values, statistics keys,
+//! latency buckets, events and counters shared by the TC programs and the agent.
+//!
+//! The programs see a pod's queries and the answers to them on the pod's
+//! host-side interface (and on uplinks for host-network pods), match each
+//! answer to its query in an LRU hash ([`PendingKey`] → [`Pending`]) and count
+//! latency, answers, requests and retransmits in per-CPU maps. Slow and failed
+//! answers travel to user space as [`DnsEvent`]s with the query name.
+
+use crate::impl_pod;
+
+/// Longest domain name in wire format, terminating zero label included
+/// (RFC 1035 §2.3.4); the name buffers are one byte larger.
+pub const MAX_NAME_LEN: usize = 255;
+/// Size of the name buffers (a power of two, so indexes can be masked).
+pub const NAME_BUF_LEN: usize = 256;
+/// Most labels a wire name of [`MAX_NAME_LEN`] bytes can have.
+pub const MAX_LABELS: usize = 128;
+/// Most server ports the programs watch.
+pub const MAX_PORTS: usize = 8;
+
+/// Upper bounds of the latency buckets in nanoseconds (a Prometheus histogram
+/// from 0.5 ms to 10 s); one more bucket counts everything above the last.
+pub const BUCKET_BOUNDS_NS: [u64; 14] = [
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+/// Number of buckets in a [`Latency`] value (the bounds plus `+Inf`).
+pub const BUCKETS: usize = BUCKET_BOUNDS_NS.len() + 1;
+
+/// Where a program is attached, as recorded in statistics keys.
+pub mod scope {
+    /// The host side of a pod's interface: the pod is the client.
+    pub const POD: u8 = 1;
+    /// An uplink: the node (host-network pods) is the client.
+    pub const UPLINK: u8 = 2;
+}
+
+/// Kinds of [`DnsEvent`].
+pub mod event_kind {
+    /// The answer came later than the slow threshold.
+    pub const SLOW: u8 = 1;
+    /// The answer's rcode is SERVFAIL, NXDOMAIN or REFUSED.
+    pub const ERROR: u8 = 2;
+    /// No answer before the timeout (found by user space, never sent by the kernel).
+    pub const TIMEOUT: u8 = 3;
+}
+
+/// Transport numbers as in the IP header.
+pub mod proto {
+    /// TCP.
+    pub const TCP: u8 = 6;
+    /// UDP.
+    pub const UDP: u8 = 17;
+}
+
+/// Identifies one outstanding query: interface, client and server address and
+/// port, transport and DNS id. Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PendingKey {
+    /// Client address (IPv4 in the first 4 bytes).
+    pub client: [u8; 16],
+    /// Server address.
+    pub server: [u8; 16],
+    /// Interface the query was seen on.
+    pub ifindex: u32,
+    /// Client port.
+    pub client_port: u16,
+    /// Server port.
+    pub server_port: u16,
+    /// DNS message id.
+    pub id: u16,
+    /// Address family (`AF_INET`, `AF_INET6`).
+    pub family: u8,
+    /// Transport ([`proto`]).
+    pub proto: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<PendingKey>() == 44);
+
+/// An outstanding query.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pending {
+    /// `bpf_ktime_get_ns()` when the query was first sent (CLOCK_MONOTONIC).
+    pub start_ns: u64,
+    /// Query type.
+    pub qtype: u16,
+    /// Length of `name` in bytes (wire format, terminating zero included).
+    pub name_len: u16,
+    /// [`scope`] of the attachment that saw the query.
+    pub scope: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
+    /// The query name in wire format (length-prefixed labels).
+    pub name: [u8; NAME_BUF_LEN],
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Self {
+            start_ns: 0,
+            qtype: 0,
+            name_len: 0,
+            scope: 0,
+            _pad: [0; 3],
+            name: [0; NAME_BUF_LEN],
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<Pending>() == 272);
+
+/// Client and server of a statistics series.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerKey {
+    /// Client address (the pod, or the node on uplinks).
+    pub client: [u8; 16],
+    /// Server address.
+    pub server: [u8; 16],
+    /// Address family.
+    pub family: u8,
+    /// [`scope`] of the attachment.
+    pub scope: u8,
+    /// Query type (requests map) or rcode (latency map); 0 in the retransmit map.
+    pub code: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<PeerKey>() == 36);
+
+/// A latency histogram (one per CPU in the map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Latency {
+    /// Answers per bucket (not cumulative); the last one is `+Inf`.
+    pub buckets: [u64; BUCKETS],
+    /// Sum of the latencies in nanoseconds.
+    pub sum_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<Latency>() == 128);
+
+/// Settings user space writes into `DNS_CONFIG` (read by the programs on
+/// every packet, so a restart with new flags takes effect on adopted links).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DnsConfig {
+    /// Answers slower than this are sent as events.
+    pub slow_threshold_ns: u64,
+    /// Server ports (host order); unused slots are 0.
+    pub ports: [u16; MAX_PORTS],
+}
+
+const _: () = assert!(core::mem::size_of::<DnsConfig>() == 24);
+
+/// A slow or failed query, sent to user space over the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DnsEvent {
+    /// `bpf_ktime_get_ns()` of the answer.
+    pub timestamp_ns: u64,
+    /// Answer time minus first query time.
+    pub latency_ns: u64,
+    /// The query.
+    pub key: PendingKey,
+    /// Query type.
+    pub qtype: u16,
+    /// Response code (header rcode, 4 bits).
+    pub rcode: u8,
+    /// [`event_kind`].
+    pub kind: u8,
+    /// [`scope`].
+    pub scope: u8,
+    /// Explicit padding.
+    pub _pad: u8,
+    /// Length of `name` in bytes.
+    pub name_len: u16,
+    /// The query name in wire format.
+    pub name: [u8; NAME_BUF_LEN],
+    /// Explicit padding to the 8-byte alignment.
+    pub _tail: [u8; 4],
+}
+
+const _: () = assert!(core::mem::size_of::<DnsEvent>() == 328);
+
+impl Default for DnsEvent {
+    fn default() -> Self {
+        Self {
+            timestamp_ns: 0,
+            latency_ns: 0,
+            key: PendingKey::default(),
+            qtype: 0,
+            rcode: 0,
+            kind: 0,
+            scope: 0,
+            _pad: 0,
+            name_len: 0,
+            name: [0; NAME_BUF_LEN],
+            _tail: [0; 4],
+        }
+    }
+}
+
+/// Indexes of the per-CPU counter array (`DNS_COUNTERS`).
+pub mod counter {
+    /// Queries parsed and recorded as pending.
+    pub const QUERIES: u32 = 0;
+    /// Answers matched to a pending query.
+    pub const RESPONSES: u32 = 1;
+    /// Answers with no pending query (late, duplicate, or not seen leaving).
+    pub const UNMATCHED: u32 = 2;
+    /// Messages to or from a DNS port that failed to parse (skipped).
+    pub const MALFORMED: u32 = 3;
+    /// Events that could not be sent: the ring buffer was full.
+    pub const EVENTS_LOST: u32 = 4;
+    /// Updates of a statistics map that failed because it was full.
+    pub const STATS_FULL: u32 = 5;
+    /// TCP segments on a DNS port not starting a message (skipped, see docs).
+    pub const TCP_SKIPPED: u32 = 6;
+    /// Packets on a DNS port that are not handled (IP fragments, IPv6
+    /// extension headers).
+    pub const UNSUPPORTED: u32 = 7;
+    /// Pending queries that could not be recorded.
+    pub const PENDING_FAILED: u32 = 8;
+    /// Number of counters.
+    pub const COUNT: u32 = 9;
+}
+
+/// Names of the maps, as user space opens and pins them.
+pub mod maps {
+    /// LRU hash: [`super::PendingKey`] → [`super::Pending`].
+    pub const PENDING: &str = "DNS_PENDING";
+    /// Per-CPU hash: [`super::PeerKey`] (code = rcode) → [`super::Latency`].
+    pub const LATENCY: &str = "DNS_LATENCY";
+    /// Per-CPU hash: [`super::PeerKey`] (code = qtype) → queries.
+    pub const REQUESTS: &str = "DNS_REQUESTS";
+    /// Per-CPU hash: [`super::PeerKey`] (code 0) → retransmits.
+    pub const RETRANSMITS: &str = "DNS_RETRANSMITS";
+    /// Hash written by user space only: [`super::PeerKey`] (code 0) → timeouts.
+    pub const TIMEOUTS: &str = "DNS_TIMEOUTS";
+    /// Per-CPU array of counters, indexed by [`super::counter`].
+    pub const COUNTERS: &str = "DNS_COUNTERS";
+    /// Array of one [`super::DnsConfig`].
+    pub const CONFIG: &str = "DNS_CONFIG";
+    /// Ring buffer of [`super::DnsEvent`].
+    pub const EVENTS: &str = "DNS_EVENTS";
+    /// Capacity of `DNS_PENDING`.
+    pub const PENDING_CAPACITY: u32 = 16_384;
+    /// Capacity of each statistics map.
+    pub const STATS_CAPACITY: u32 = 16_384;
+    /// Size of `DNS_EVENTS` in bytes.
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+}
+
+/// Names of the programs: (pod or uplink) × (query or response direction).
+pub mod programs {
+    /// On a pod's host-side interface, ingress (pod → host): queries.
+    pub const POD_QUERIES: &str = "podnet_dns_pod_ingress";
+    /// On a pod's host-side interface, egress (host → pod): answers.
+    pub const POD_ANSWERS: &str = "podnet_dns_pod_egress";
+    /// On an uplink, egress (node → network): queries.
+    pub const UPLINK_QUERIES: &str = "podnet_dns_uplink_egress";
+    /// On an uplink, ingress (network → node): answers.
+    pub const UPLINK_ANSWERS: &str = "podnet_dns_uplink_ingress";
+    /// Does nothing; benchmarks attach it to measure the statistics' own cost.
+    pub const BASELINE: &str = "podnet_dns_baseline";
+}
+
+impl_pod!(PendingKey, Pending, PeerKey, Latency, DnsConfig, DnsEvent);

@@ -1,0 +1,114 @@
+//! The ENI fast path (`podnet-steer`): map layouts, counter indices and
+//! program names shared by the TC programs and the agent.
+
+use crate::impl_pod;
+
+/// Program on the pod's host interface ingress: pod → its ENI.
+pub const POD_PROGRAM: &str = "podnet_steer_pod";
+/// Program on the ENI's ingress: ENI → local pod.
+pub const ENI_PROGRAM: &str = "podnet_steer_eni";
+
+/// Name of the [`SteerConfig`] global the loader writes.
+pub const CONFIG_GLOBAL: &str = "STEER_CONFIG";
+/// Most DNS ports [`SteerConfig`] holds.
+pub const MAX_DNS_PORTS: usize = 8;
+
+/// Settings written by the loader into the programs' read-only data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SteerConfig {
+    /// DNS server ports (host order; 0 = unused slot). DNS traffic is never
+    /// steered, so the DNS tracer on the pod's interface sees both directions.
+    pub dns_ports: [u16; MAX_DNS_PORTS],
+}
+
+const _: () = assert!(core::mem::size_of::<SteerConfig>() == 16);
+
+/// Map names (pinned under `--bpffs/steer/`).
+pub mod maps {
+    /// Pod IPv4 address (network order) → [`super::PodRoute`].
+    pub const PODS: &str = "STEER_PODS";
+    /// Destinations the fast path may steer to (VPC CIDRs, action
+    /// [`super::action::STEER`]) and exceptions inside them (service CIDRs,
+    /// action [`super::action::KERNEL`]); longest prefix wins.
+    pub const DESTS: &str = "STEER_DESTS";
+    /// Per-CPU packet counters indexed by [`super::counter_index`].
+    pub const COUNTERS: &str = "STEER_COUNTERS";
+    /// Capacity of [`PODS`].
+    pub const PODS_CAPACITY: u32 = 4096;
+    /// Capacity of [`DESTS`].
+    pub const DESTS_CAPACITY: u32 = 256;
+}
+
+/// Where a local pod's traffic goes: its ENI (egress) and its host
+/// interface (ingress).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodRoute {
+    /// Ifindex of the ENI the pod's address belongs to.
+    pub eni_ifindex: u32,
+    /// Routing table of that ENI (`bpf_fib_lookup` with `BPF_FIB_LOOKUP_TBID`).
+    pub eni_table: u32,
+    /// Ifindex of the pod's host-side interface.
+    pub host_ifindex: u32,
+    /// Explicit padding; always 0.
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<PodRoute>() == 16);
+
+/// Key of the [`maps::DESTS`] LPM trie (after the prefix length): an IPv4
+/// address in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DestAddr {
+    /// IPv4 address bytes, network order.
+    pub addr: [u8; 4],
+}
+
+const _: () = assert!(core::mem::size_of::<DestAddr>() == 4);
+
+/// Values of the [`maps::DESTS`] trie.
+pub mod action {
+    /// Leave to the kernel (e.g. a service CIDR that kube-proxy translates).
+    pub const KERNEL: u32 = 0;
+    /// May be steered.
+    pub const STEER: u32 = 1;
+}
+
+/// Packet direction, first index of the counters.
+pub mod direction {
+    /// Pod → ENI (program on the pod's host interface).
+    pub const EGRESS: u32 = 0;
+    /// ENI → pod (program on the ENI).
+    pub const INGRESS: u32 = 1;
+    /// Number of directions.
+    pub const COUNT: u32 = 2;
+}
+
+/// What the program did with a packet, second index of the counters.
+pub mod result {
+    /// Redirected past the kernel's forwarding path.
+    pub const REDIRECTED: u32 = 0;
+    /// The FIB result has no neighbour entry yet: left to the kernel.
+    pub const NO_NEIGHBOUR: u32 = 1;
+    /// The FIB lookup did not succeed or pointed elsewhere: left to the kernel.
+    pub const FIB_MISS: u32 = 2;
+    /// Not for the fast path (not IPv4, IP options or a fragment, not a
+    /// known pod, destination not in the VPC or excluded, DNS, TTL expiring):
+    /// left to the kernel.
+    pub const PASSED: u32 = 3;
+    /// Number of results.
+    pub const COUNT: u32 = 4;
+}
+
+/// Number of counters.
+pub const COUNTERS: u32 = direction::COUNT * result::COUNT;
+
+/// Index of the counter for `direction` and `result`.
+#[inline(always)]
+pub const fn counter_index(direction: u32, result: u32) -> u32 {
+    direction * result::COUNT + result
+}
+
+impl_pod!(PodRoute, DestAddr, SteerConfig);

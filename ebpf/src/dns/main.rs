@@ -1,0 +1,610 @@
+//! TC programs that match DNS queries to their answers in the kernel.
+//!
+//! Four entry points share one parser: on a pod's host-side interface the
+//! pod's queries arrive on ingress and the answers leave on egress; on an
+//! uplink (host-network pods) queries leave on egress and answers arrive on
+//! ingress. A query is recorded in `DNS_PENDING` under (ifindex, client and
+//! server address and port, transport, DNS id); its answer is matched by the
+//! same key, and the latency is counted per (client, server, rcode).
+//!
+//! Handled: Ethernet, IPv4 (no fragments) and IPv6 (no extension headers),
+//! UDP, and TCP segments that start with a DNS message (the two-byte length
+//! prefix followed by the header). Not handled, and counted: IP fragments,
+//! TCP segments that continue a message or carry a length prefix alone.
+//! Pipelined TCP messages: only the first of a segment is seen. Extended
+//! rcodes (EDNS OPT) are not read: the header's 4-bit rcode is used.
+//!
+//! Every program always lets the packet through (`TCX_NEXT`).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::tcx_action_base::TCX_NEXT,
+    helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
+    macros::{classifier, map},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::TcContext,
+};
+use podnet_common::{
+    dns::{
+        counter, event_kind, maps as m, proto, scope, DnsConfig, DnsEvent, Latency, PeerKey,
+        Pending, PendingKey, BUCKETS, BUCKET_BOUNDS_NS, MAX_LABELS, MAX_NAME_LEN, MAX_PORTS,
+        NAME_BUF_LEN,
+    },
+    family,
+};
+
+#[map(name = "DNS_PENDING")]
+static DNS_PENDING: LruHashMap<PendingKey, Pending> = LruHashMap::pinned(m::PENDING_CAPACITY, 0);
+
+#[map(name = "DNS_LATENCY")]
+static DNS_LATENCY: PerCpuHashMap<PeerKey, Latency> = PerCpuHashMap::pinned(m::STATS_CAPACITY, 0);
+
+#[map(name = "DNS_REQUESTS")]
+static DNS_REQUESTS: PerCpuHashMap<PeerKey, u64> = PerCpuHashMap::pinned(m::STATS_CAPACITY, 0);
+
+#[map(name = "DNS_RETRANSMITS")]
+static DNS_RETRANSMITS: PerCpuHashMap<PeerKey, u64> = PerCpuHashMap::pinned(m::STATS_CAPACITY, 0);
+
+/// Written by user space only (timeouts found by its sweep); declared here so
+/// that it is created and pinned with the others.
+#[map(name = "DNS_TIMEOUTS")]
+static DNS_TIMEOUTS: aya_ebpf::maps::HashMap<PeerKey, u64> =
+    aya_ebpf::maps::HashMap::pinned(m::STATS_CAPACITY, 0);
+
+#[map(name = "DNS_COUNTERS")]
+static DNS_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
+
+#[map(name = "DNS_CONFIG")]
+static DNS_CONFIG: Array<DnsConfig> = Array::pinned(1, 0);
+
+#[map(name = "DNS_EVENTS")]
+static DNS_EVENTS: RingBuf = RingBuf::pinned(m::EVENTS_BYTES, 0);
+
+/// Scratch space for the query being parsed (too large for the stack).
+#[map(name = "DNS_SCRATCH")]
+static DNS_SCRATCH: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPV6_HLEN: usize = 40;
+const UDP_HLEN: usize = 8;
+const DNS_HLEN: usize = 12;
+/// `BPF_NOEXIST`.
+const BPF_NOEXIST: u64 = 1;
+/// `-EEXIST`, what a `BPF_NOEXIST` update of an existing key returns.
+const EEXIST: i32 = -17;
+/// rcodes sent to user space whatever the latency: SERVFAIL, NXDOMAIN, REFUSED.
+const RCODE_SERVFAIL: u8 = 2;
+const RCODE_NXDOMAIN: u8 = 3;
+const RCODE_REFUSED: u8 = 5;
+
+#[classifier]
+pub fn podnet_dns_pod_ingress(ctx: TcContext) -> i32 {
+    on_packet(&ctx, true, scope::POD);
+    TCX_NEXT
+}
+
+#[classifier]
+pub fn podnet_dns_pod_egress(ctx: TcContext) -> i32 {
+    on_packet(&ctx, false, scope::POD);
+    TCX_NEXT
+}
+
+#[classifier]
+pub fn podnet_dns_uplink_egress(ctx: TcContext) -> i32 {
+    on_packet(&ctx, true, scope::UPLINK);
+    TCX_NEXT
+}
+
+#[classifier]
+pub fn podnet_dns_uplink_ingress(ctx: TcContext) -> i32 {
+    on_packet(&ctx, false, scope::UPLINK);
+    TCX_NEXT
+}
+
+/// Does nothing. Never attached by the agent: benchmarks attach it next to
+/// the real programs to measure what the kernel's run-time statistics add to
+/// every program run, and subtract it.
+#[classifier]
+pub fn podnet_dns_baseline(_ctx: TcContext) -> i32 {
+    TCX_NEXT
+}
+
+/// Addresses, ports and where the DNS message starts.
+struct Flow {
+    src: [u8; 16],
+    dst: [u8; 16],
+    sport: u16,
+    dport: u16,
+    family: u8,
+    proto: u8,
+    /// Offset of the DNS header in the packet.
+    dns_off: usize,
+    /// End of the DNS message: the IP or UDP length, never beyond the
+    /// packet (so link-layer padding is not read as DNS).
+    end: usize,
+}
+
+#[inline(always)]
+fn on_packet(ctx: &TcContext, queries: bool, scope: u8) {
+    let Some(cfg) = DNS_CONFIG.get(0) else {
+        return;
+    };
+    let Some(flow) = parse_flow(ctx, cfg, queries) else {
+        return;
+    };
+    if flow.dns_off + DNS_HLEN > flow.end {
+        bump(counter::MALFORMED);
+        return;
+    }
+    let Ok(header) = ctx.load::<[u8; DNS_HLEN]>(flow.dns_off) else {
+        bump(counter::MALFORMED);
+        return;
+    };
+    let id = u16::from_be_bytes([header[0], header[1]]);
+    let is_response = header[2] & 0x80 != 0;
+    if queries {
+        let opcode = (header[2] >> 3) & 0x0f;
+        let qdcount = u16::from_be_bytes([header[4], header[5]]);
+        if is_response || opcode != 0 || qdcount != 1 {
+            bump(counter::MALFORMED);
+            return;
+        }
+        on_query(ctx, &flow, id, scope);
+    } else {
+        if !is_response {
+            bump(counter::MALFORMED);
+            return;
+        }
+        on_answer(
+            ctx,
+            &flow,
+            id,
+            header[3] & 0x0f,
+            scope,
+            cfg.slow_threshold_ns,
+        );
+    }
+}
+
+#[inline(always)]
+fn is_dns_port(cfg: &DnsConfig, port: u16) -> bool {
+    let mut i = 0;
+    while i < MAX_PORTS {
+        if cfg.ports[i] != 0 && cfg.ports[i] == port {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Reads `T` at `off` in the packet's linear area, if it lies there.
+#[inline(always)]
+fn peek<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    let start = ctx.data();
+    if start + off + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: the bounds check above keeps the read inside the packet's
+    // linear data, which the verifier also checks; read_unaligned has no
+    // alignment requirement.
+    Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+}
+
+/// The fast path every packet takes: reads the headers directly from the
+/// linear area and says whether the packet can be DNS (to a server port for
+/// queries, from one for answers). Returns true when it cannot tell (headers
+/// not linear); the full parse then decides with `bpf_skb_load_bytes`.
+#[inline(always)]
+fn may_be_dns(ctx: &TcContext, cfg: &DnsConfig, queries: bool) -> bool {
+    let Some(eth_proto) = peek::<u16>(ctx, 12) else {
+        return true;
+    };
+    let (l4proto, l4) = match u16::from_be(eth_proto) {
+        ETH_P_IP => {
+            let (Some(vihl), Some(p)) = (peek::<u8>(ctx, ETH_HLEN), peek::<u8>(ctx, ETH_HLEN + 9))
+            else {
+                return true;
+            };
+            (p, ETH_HLEN + usize::from(vihl & 0x0f) * 4)
+        }
+        ETH_P_IPV6 => {
+            let Some(p) = peek::<u8>(ctx, ETH_HLEN + 6) else {
+                return true;
+            };
+            (p, ETH_HLEN + IPV6_HLEN)
+        }
+        _ => return false,
+    };
+    if l4proto != proto::UDP && l4proto != proto::TCP {
+        return false;
+    }
+    let Some(port) = peek::<u16>(ctx, l4 + if queries { 2 } else { 0 }) else {
+        return true;
+    };
+    is_dns_port(cfg, u16::from_be(port))
+}
+
+/// Parses L2–L4 and returns the flow if it goes to (queries) or comes from
+/// (answers) a DNS port; counts what it cannot handle.
+#[inline(always)]
+fn parse_flow(ctx: &TcContext, cfg: &DnsConfig, queries: bool) -> Option<Flow> {
+    if !may_be_dns(ctx, cfg, queries) {
+        return None;
+    }
+    let eth_proto = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    let (fam, l4proto, l4, fragment, ip_end) = match eth_proto {
+        ETH_P_IP => {
+            let ip = ctx.load::<[u8; 20]>(ETH_HLEN).ok()?;
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            if ihl < 20 {
+                return None;
+            }
+            // More-fragments flag or a fragment offset.
+            let fragment = (u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff) != 0;
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            src[..4].copy_from_slice(&ip[12..16]);
+            dst[..4].copy_from_slice(&ip[16..20]);
+            (
+                family::INET,
+                ip[9],
+                ETH_HLEN + ihl,
+                fragment,
+                ETH_HLEN + total,
+            )
+        }
+        ETH_P_IPV6 => {
+            let ip = ctx.load::<[u8; IPV6_HLEN]>(ETH_HLEN).ok()?;
+            let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            src.copy_from_slice(&ip[8..24]);
+            dst.copy_from_slice(&ip[24..40]);
+            (
+                family::INET6,
+                ip[6],
+                ETH_HLEN + IPV6_HLEN,
+                false,
+                ETH_HLEN + IPV6_HLEN + payload,
+            )
+        }
+        _ => return None,
+    };
+    if l4proto != proto::UDP && l4proto != proto::TCP {
+        return None;
+    }
+    let ports = ctx.load::<[u8; 4]>(l4).ok()?;
+    let sport = u16::from_be_bytes([ports[0], ports[1]]);
+    let dport = u16::from_be_bytes([ports[2], ports[3]]);
+    if !is_dns_port(cfg, if queries { dport } else { sport }) {
+        return None;
+    }
+    if fragment {
+        bump(counter::UNSUPPORTED);
+        return None;
+    }
+    let skb_len = ctx.len() as usize;
+    let mut len = if ip_end < skb_len { ip_end } else { skb_len };
+    let dns_off = if l4proto == proto::UDP {
+        let Ok(udp_len) = ctx.load::<u16>(l4 + 4) else {
+            bump(counter::MALFORMED);
+            return None;
+        };
+        let udp_end = l4 + usize::from(u16::from_be(udp_len));
+        if udp_end < len {
+            len = udp_end;
+        }
+        l4 + UDP_HLEN
+    } else {
+        let doff = usize::from(ctx.load::<u8>(l4 + 12).ok()? >> 4) * 4;
+        let payload = l4 + doff;
+        if len <= payload {
+            // SYN, ACK, FIN: no data.
+            return None;
+        }
+        let Ok(msg_len) = ctx.load::<u16>(payload) else {
+            bump(counter::TCP_SKIPPED);
+            return None;
+        };
+        let msg_len = usize::from(u16::from_be(msg_len));
+        // The segment must start a message: a length prefix, then at least
+        // the header, and nothing beyond the announced message.
+        if len < payload + 2 + DNS_HLEN || msg_len < DNS_HLEN || payload + 2 + msg_len < len {
+            bump(counter::TCP_SKIPPED);
+            return None;
+        }
+        payload + 2
+    };
+    Some(Flow {
+        src,
+        dst,
+        sport,
+        dport,
+        family: fam,
+        proto: l4proto,
+        dns_off,
+        end: len,
+    })
+}
+
+#[inline(always)]
+fn on_query(ctx: &TcContext, flow: &Flow, id: u16, scope: u8) {
+    let Some(scratch) = DNS_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch slot of this CPU; TC programs do not nest on one CPU.
+    let p = unsafe { &mut *scratch };
+    let Some((name_len, qtype)) = read_question(ctx, flow.dns_off + DNS_HLEN, flow.end, p) else {
+        bump(counter::MALFORMED);
+        return;
+    };
+    let key = PendingKey {
+        client: flow.src,
+        server: flow.dst,
+        // SAFETY: the context's skb pointer is valid for the program's run.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        client_port: flow.sport,
+        server_port: flow.dport,
+        id,
+        family: flow.family,
+        proto: flow.proto,
+    };
+    let peer = PeerKey {
+        client: flow.src,
+        server: flow.dst,
+        family: flow.family,
+        scope,
+        code: 0,
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    p.start_ns = unsafe { bpf_ktime_get_ns() };
+    p.qtype = qtype;
+    p.name_len = name_len;
+    p.scope = scope;
+    p._pad = [0; 3];
+    match DNS_PENDING.insert(&key, &*p, BPF_NOEXIST) {
+        Ok(()) => {}
+        Err(EEXIST) => {
+            // The same query again before an answer: the entry (and its
+            // first send time) stays.
+            increment(&DNS_RETRANSMITS, &peer);
+            return;
+        }
+        Err(_) => {
+            bump(counter::PENDING_FAILED);
+            return;
+        }
+    }
+    bump(counter::QUERIES);
+    increment(
+        &DNS_REQUESTS,
+        &PeerKey {
+            code: qtype,
+            ..peer
+        },
+    );
+}
+
+/// Copies the question name (wire format) into `p.name` and walks its labels
+/// with constant bounds. Returns its length (terminating zero included) and
+/// the query type; `None` for a truncated question, a compression pointer or
+/// reserved label type (a query's only name cannot point anywhere valid), or
+/// a name longer than 255 bytes.
+#[inline(always)]
+fn read_question(ctx: &TcContext, off: usize, end: usize, p: &mut Pending) -> Option<(u16, u16)> {
+    let avail = end.checked_sub(off)?;
+    // At least the root name (1 byte), type and class (4 bytes).
+    if avail < 5 {
+        return None;
+    }
+    let copy = if avail > NAME_BUF_LEN {
+        NAME_BUF_LEN
+    } else {
+        avail
+    };
+    // SAFETY: `p.name` is NAME_BUF_LEN bytes and `copy` is in 5..=NAME_BUF_LEN;
+    // the helper checks the packet bounds itself.
+    let rc = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            off as u32,
+            p.name.as_mut_ptr().cast(),
+            (copy as u32) & 0x1ff,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let mut pos = 0usize;
+    let mut labels = 0;
+    while labels < MAX_LABELS {
+        if pos >= copy {
+            return None;
+        }
+        let len = usize::from(p.name[pos & (NAME_BUF_LEN - 1)]);
+        if len == 0 {
+            break;
+        }
+        if len & 0xc0 != 0 {
+            return None;
+        }
+        pos += len + 1;
+        // The terminating zero must still fit within MAX_NAME_LEN.
+        if pos >= MAX_NAME_LEN {
+            return None;
+        }
+        labels += 1;
+    }
+    if labels == MAX_LABELS {
+        return None;
+    }
+    let name_len = pos + 1;
+    if name_len + 4 > avail {
+        return None;
+    }
+    let tail = ctx.load::<[u8; 4]>(off + name_len).ok()?;
+    Some((name_len as u16, u16::from_be_bytes([tail[0], tail[1]])))
+}
+
+#[inline(always)]
+fn on_answer(ctx: &TcContext, flow: &Flow, id: u16, rcode: u8, scope: u8, slow_ns: u64) {
+    let key = PendingKey {
+        client: flow.dst,
+        server: flow.src,
+        // SAFETY: the context's skb pointer is valid for the program's run.
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        client_port: flow.dport,
+        server_port: flow.sport,
+        id,
+        family: flow.family,
+        proto: flow.proto,
+    };
+    let Some(pending) = DNS_PENDING.get_ptr(&key) else {
+        bump(counter::UNMATCHED);
+        return;
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: a map value pointer stays valid for the program's run.
+    let (start, qtype) = unsafe { ((*pending).start_ns, (*pending).qtype) };
+    let latency = now.saturating_sub(start);
+    let wanted = latency >= slow_ns
+        || rcode == RCODE_SERVFAIL
+        || rcode == RCODE_NXDOMAIN
+        || rcode == RCODE_REFUSED;
+    // Reserve and fill the event before the delete: after it, the entry's
+    // memory may be reused by another query.
+    let mut entry = if wanted {
+        let e = DNS_EVENTS.reserve::<DnsEvent>(0);
+        if e.is_none() {
+            bump(counter::EVENTS_LOST);
+        }
+        e
+    } else {
+        None
+    };
+    if let Some(e) = entry.as_mut() {
+        let ev = e.as_mut_ptr();
+        // SAFETY: `ev` points to a reserved ring buffer record of the right
+        // size; `pending` is a live map value. Every field is written.
+        unsafe {
+            (*ev).timestamp_ns = now;
+            (*ev).latency_ns = latency;
+            (*ev).key = key;
+            (*ev).qtype = qtype;
+            (*ev).rcode = rcode;
+            (*ev).kind = if latency >= slow_ns {
+                event_kind::SLOW
+            } else {
+                event_kind::ERROR
+            };
+            (*ev).scope = scope;
+            (*ev)._pad = 0;
+            (*ev).name_len = (*pending).name_len;
+            (*ev).name = (*pending).name;
+            (*ev)._tail = [0; 4];
+        }
+    }
+    // Exactly one of this answer and the user-space timeout sweep deletes the
+    // entry, and only that one counts it.
+    if DNS_PENDING.remove(&key).is_err() {
+        if let Some(e) = entry {
+            e.discard(0);
+        }
+        bump(counter::UNMATCHED);
+        return;
+    }
+    if let Some(e) = entry {
+        e.submit(0);
+    }
+    bump(counter::RESPONSES);
+    let peer = PeerKey {
+        client: flow.dst,
+        server: flow.src,
+        family: flow.family,
+        scope,
+        code: u16::from(rcode),
+    };
+    observe(&peer, latency);
+}
+
+#[inline(always)]
+fn bucket_of(latency: u64) -> usize {
+    let mut i = 0;
+    while i < BUCKET_BOUNDS_NS.len() {
+        if latency <= BUCKET_BOUNDS_NS[i] {
+            return i;
+        }
+        i += 1;
+    }
+    BUCKETS - 1
+}
+
+#[inline(always)]
+fn observe(peer: &PeerKey, latency: u64) {
+    let bucket = bucket_of(latency) & 0x0f;
+    if let Some(h) = DNS_LATENCY.get_ptr_mut(peer) {
+        // SAFETY: per-CPU value of this CPU; no other CPU writes it.
+        unsafe {
+            if bucket < BUCKETS {
+                (*h).buckets[bucket] += 1;
+            }
+            (*h).sum_ns += latency;
+        }
+        return;
+    }
+    let mut fresh = Latency::default();
+    if bucket < BUCKETS {
+        fresh.buckets[bucket] = 1;
+    }
+    fresh.sum_ns = latency;
+    if DNS_LATENCY.insert(peer, &fresh, BPF_NOEXIST).is_ok() {
+        return;
+    }
+    // Another CPU created the key in between, or the map is full.
+    match DNS_LATENCY.get_ptr_mut(peer) {
+        // SAFETY: as above.
+        Some(h) => unsafe {
+            if bucket < BUCKETS {
+                (*h).buckets[bucket] += 1;
+            }
+            (*h).sum_ns += latency;
+        },
+        None => bump(counter::STATS_FULL),
+    }
+}
+
+/// Adds one to `map[key]` on this CPU; counts a full map.
+#[inline(always)]
+fn increment(map: &PerCpuHashMap<PeerKey, u64>, key: &PeerKey) {
+    if let Some(v) = map.get_ptr_mut(key) {
+        // SAFETY: per-CPU value of this CPU; no other CPU writes it.
+        unsafe { *v += 1 };
+        return;
+    }
+    if map.insert(key, &1, BPF_NOEXIST).is_ok() {
+        return;
+    }
+    match map.get_ptr_mut(key) {
+        // SAFETY: as above.
+        Some(v) => unsafe { *v += 1 },
+        None => bump(counter::STATS_FULL),
+    }
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(v) = DNS_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU array slot of this CPU; no other CPU writes it.
+        unsafe { *v += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

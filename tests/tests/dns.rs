@@ -1,0 +1,996 @@
+//! DNS latency per pod, end to end: a pod, a node running the real agent, and
+//! a server namespace with a responder whose query names set its behaviour
+//! (`podnet-dns-responder`) and dnsmasq. Clients are a Rust stub resolver in
+//! the pod (exact ids, retransmits, client-side timing), dig, and glibc's
+//! `getaddrinfo` (the parallel A/AAAA resolver). Every count is exact.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    sync::atomic::{AtomicU16, Ordering},
+    time::{Duration, Instant, SystemTime},
+};
+
+use podnet_tests::{
+    in_netns, require_root, spawn_in, wait_for, Agent, EndpointSpec, Metrics, Netns, NsChild,
+    Topology,
+};
+use serde_json::{json, Value};
+
+const DURATION: &str = "podnet_dns_request_duration_seconds";
+const REQUESTS: &str = "podnet_dns_requests_total";
+const RESPONSES: &str = "podnet_dns_responses_total";
+const TIMEOUTS: &str = "podnet_dns_timeouts_total";
+const RETRANSMITS: &str = "podnet_dns_retransmits_total";
+const SKIPPED: &str = "podnet_bpf_skipped_packets_total";
+const QTYPE_A: u16 = 1;
+const QTYPE_AAAA: u16 = 28;
+const QTYPE_SRV: u16 = 33;
+/// The server address dnsmasq listens on (the responder has the topology's).
+const DNSMASQ_V4: &str = "10.98.0.3";
+
+static NEXT_ID: AtomicU16 = AtomicU16::new(0x1000);
+
+/// One pod (`shop/cart`), the agent, and the responder on port 53 of the
+/// server's IPv4 and IPv6 addresses.
+struct Bed {
+    responder: NsChild,
+    agent: Agent,
+    topo: Topology,
+}
+
+impl Bed {
+    fn start(name: &str, agent_args: &[&str]) -> Self {
+        Self::build(name, agent_args, false)
+    }
+
+    /// Like [`Bed::start`], with the node's interface towards the server as
+    /// an uplink (`--uplinks`).
+    fn start_with_uplink(name: &str, agent_args: &[&str]) -> Self {
+        Self::build(name, agent_args, true)
+    }
+
+    fn build(name: &str, agent_args: &[&str], uplink: bool) -> Self {
+        let topo = Topology::builder().name(name).pods(1).build().unwrap();
+        let pod = topo.pod(0);
+        let endpoints = [EndpointSpec::new(
+            "shop",
+            "cart",
+            &[IpAddr::V4(pod.ipv4()), IpAddr::V6(pod.ipv6())],
+        )
+        .interface(pod.host_if())];
+        let responder = spawn_in(
+            topo.server(),
+            &[
+                podnet_tests::agent::binary("podnet-dns-responder")
+                    .unwrap()
+                    .to_str()
+                    .unwrap(),
+                "--listen",
+                &topo.server_ipv4().to_string(),
+                "--listen",
+                &topo.server_ipv6().to_string(),
+            ],
+        )
+        .unwrap();
+        assert!(
+            wait_for(|| responder.log().contains("ready"), Duration::from_secs(5)),
+            "responder not ready: {}",
+            responder.log()
+        );
+        let mut args = agent_args.to_vec();
+        let uplink_if = topo.node_server_if().to_owned();
+        if uplink {
+            args.extend(["--uplinks", &uplink_if]);
+        }
+        let agent = Agent::start_with(topo.node(), &endpoints, &args).unwrap();
+        let bed = Self {
+            responder,
+            agent,
+            topo,
+        };
+        bed.wait_links(if uplink { 4 } else { 2 });
+        bed
+    }
+
+    fn pod(&self) -> &Netns {
+        self.topo.pod(0).netns()
+    }
+
+    fn server_v4(&self) -> SocketAddr {
+        SocketAddr::new(self.topo.server_ipv4().into(), 53)
+    }
+
+    fn server_v6(&self) -> SocketAddr {
+        SocketAddr::new(self.topo.server_ipv6().into(), 53)
+    }
+
+    fn metrics(&self) -> Metrics {
+        self.agent.metrics(self.topo.node()).unwrap()
+    }
+
+    fn status(&self) -> Value {
+        self.agent.api("status", Value::Null).unwrap()
+    }
+
+    /// Waits until the agent reports `n` pinned DNS links.
+    fn wait_links(&self, n: usize) {
+        let ok = wait_for(
+            || self.status()["dns"]["links"].as_array().map(Vec::len) == Some(n),
+            Duration::from_secs(10),
+        );
+        assert!(ok, "expected {n} DNS links: {}", self.status()["dns"]);
+    }
+
+    /// Programs attached to the pod's host-side interface, per hook, as the kernel lists them.
+    fn attached(&self) -> Vec<Vec<u32>> {
+        let ifname = self.topo.pod(0).host_if().to_owned();
+        in_netns(self.topo.node(), move || {
+            podnet::dns::attach::Direction::BOTH
+                .iter()
+                .map(|d| podnet::dns::attach::tcx_program_ids(&ifname, *d).unwrap())
+                .collect()
+        })
+        .unwrap()
+    }
+
+    /// Waits until the program has answered or timed out every query it saw:
+    /// the kernel's own counters.
+    fn wait_settled(&self) {
+        let settled = wait_for(
+            || {
+                let c = &self.status()["dns"]["counters"];
+                let (q, r) = (c["queries"].as_u64(), c["responses"].as_u64());
+                let m = self.metrics();
+                let timeouts = m.count_sum(TIMEOUTS);
+                q == r.map(|r| r + timeouts)
+            },
+            Duration::from_secs(10),
+        );
+        assert!(settled, "queries still pending: {}", self.status()["dns"]);
+    }
+
+    fn slow(&self) -> Vec<Value> {
+        self.agent
+            .api("dns.slow", json!({"limit": 1000}))
+            .unwrap()
+            .as_array()
+            .cloned()
+            .unwrap()
+    }
+}
+
+fn labels<'a>(server: &'a str, key: &'a str, value: &'a str) -> [(&'a str, &'a str); 4] {
+    [
+        ("namespace", "shop"),
+        ("pod", "cart"),
+        ("server", server),
+        (key, value),
+    ]
+}
+
+fn peer(server: &str) -> [(&str, &str); 3] {
+    [("namespace", "shop"), ("pod", "cart"), ("server", server)]
+}
+
+/// A DNS query message with one question.
+fn query_message(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        m.push(u8::try_from(label.len()).unwrap());
+        m.extend_from_slice(label.as_bytes());
+    }
+    m.push(0);
+    m.extend_from_slice(&qtype.to_be_bytes());
+    m.extend_from_slice(&[0, 1]);
+    m
+}
+
+/// What the stub resolver saw.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    rcode: u8,
+    elapsed: Duration,
+}
+
+/// `SIOCGSTAMPNS`: the receive time of the last datagram read from a socket.
+const SIOCGSTAMPNS: libc::c_ulong = 0x8907;
+
+/// The kernel's receive timestamp of the last datagram read from `socket`
+/// (enabled by a first call before any datagram arrives), so that the client's
+/// measurement does not include its own wake-up delay on a busy machine.
+fn last_receive_time(socket: &UdpSocket) -> Option<SystemTime> {
+    use std::os::fd::AsRawFd as _;
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: SIOCGSTAMPNS writes one timespec into `ts`, a valid local.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCGSTAMPNS, &raw mut ts) };
+    (rc == 0).then(|| {
+        SystemTime::UNIX_EPOCH
+            + Duration::new(
+                u64::try_from(ts.tv_sec).unwrap(),
+                u32::try_from(ts.tv_nsec).unwrap(),
+            )
+    })
+}
+
+/// Sends one query over UDP from the pod (`copies` times, `gap` apart, same
+/// id and port) and waits up to `wait` for the answer.
+fn udp_query(
+    pod: &Netns,
+    server: SocketAddr,
+    name: &str,
+    qtype: u16,
+    copies: usize,
+    gap: Duration,
+    wait: Duration,
+) -> Option<Answer> {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let msg = query_message(id, name, qtype);
+    in_netns(pod, move || {
+        let bind: SocketAddr = if server.is_ipv4() {
+            "0.0.0.0:0".parse().unwrap()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let socket = UdpSocket::bind(bind).unwrap();
+        socket.connect(server).unwrap();
+        // Turns receive timestamps on (no datagram yet: the call fails).
+        let _ = last_receive_time(&socket);
+        let start = Instant::now();
+        let sent_at = SystemTime::now();
+        for i in 0..copies {
+            if i > 0 {
+                std::thread::sleep(gap);
+            }
+            socket.send(&msg).unwrap();
+        }
+        let mut buf = [0u8; 4096];
+        let deadline = start + wait;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            socket
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            let n = socket.recv(&mut buf).ok()?;
+            let elapsed = last_receive_time(&socket)
+                .and_then(|t| t.duration_since(sent_at).ok())
+                .unwrap_or_else(|| start.elapsed());
+            if n >= 12 && buf[..2] == id.to_be_bytes() {
+                return Some(Answer {
+                    rcode: buf[3] & 0x0f,
+                    elapsed,
+                });
+            }
+        }
+    })
+    .unwrap()
+}
+
+fn query(pod: &Netns, server: SocketAddr, name: &str, qtype: u16) -> Option<Answer> {
+    udp_query(
+        pod,
+        server,
+        name,
+        qtype,
+        1,
+        Duration::ZERO,
+        Duration::from_secs(3),
+    )
+}
+
+/// Reads from a TCP socket with `recvmsg`, returning the bytes read and the
+/// kernel's receive time of the data (`SO_TIMESTAMPNS` must be on).
+fn tcp_recv_timed(stream: &TcpStream, buf: &mut [u8]) -> (usize, Option<SystemTime>) {
+    use std::os::fd::AsRawFd as _;
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = [0u64; 16];
+    // SAFETY: msghdr is plain data; the fields set below point to live locals.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: `msg` describes valid buffers for the duration of the call.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &raw mut msg, 0) };
+    let n = usize::try_from(n).unwrap_or(0);
+    let mut time = None;
+    // SAFETY: the CMSG_* helpers walk the control buffer the kernel filled,
+    // within msg_controllen.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_TIMESTAMPNS
+            {
+                let ts = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>());
+                time = Some(
+                    SystemTime::UNIX_EPOCH
+                        + Duration::new(
+                            u64::try_from(ts.tv_sec).unwrap(),
+                            u32::try_from(ts.tv_nsec).unwrap(),
+                        ),
+                );
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+    }
+    (n, time)
+}
+
+/// One query over TCP (length prefix and message in one segment).
+fn tcp_query(pod: &Netns, server: SocketAddr, name: &str, qtype: u16) -> Answer {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let msg = query_message(id, name, qtype);
+    in_netns(pod, move || {
+        let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(2)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        {
+            use std::os::fd::AsRawFd as _;
+            let on: libc::c_int = 1;
+            // SAFETY: plain setsockopt with a valid int option value.
+            let rc = unsafe {
+                libc::setsockopt(
+                    stream.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_TIMESTAMPNS,
+                    (&raw const on).cast(),
+                    4,
+                )
+            };
+            assert_eq!(rc, 0);
+        }
+        let len = u16::try_from(msg.len()).unwrap().to_be_bytes();
+        let start = Instant::now();
+        let sent_at = SystemTime::now();
+        stream.write_all(&[&len[..], &msg].concat()).unwrap();
+        // The answer arrives in one segment; its receive time is the answer's.
+        let mut buf = vec![0u8; 4096];
+        let (mut got, received) = tcp_recv_timed(&stream, &mut buf);
+        let elapsed = received
+            .and_then(|t| t.duration_since(sent_at).ok())
+            .unwrap_or_else(|| start.elapsed());
+        assert!(got >= 2, "no answer over TCP");
+        let want = 2 + usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+        while got < want {
+            let n = stream.read(&mut buf[got..]).unwrap();
+            assert!(n > 0, "connection closed mid-answer");
+            got += n;
+        }
+        let reply = &buf[2..want];
+        assert_eq!(reply[..2], id.to_be_bytes());
+        Answer {
+            rcode: reply[3] & 0x0f,
+            elapsed,
+        }
+    })
+    .unwrap()
+}
+
+/// Runs dig in the pod; returns its status line's rcode.
+fn dig(pod: &Netns, args: &[&str]) -> String {
+    let mut cmd = vec!["dig", "+tries=1", "+time=2"];
+    cmd.extend_from_slice(args);
+    let out = pod.run_ok(&cmd).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .and_then(|s| s.split(',').next())
+        .unwrap_or_else(|| panic!("no status in dig output:\n{text}"))
+        .to_owned()
+}
+
+#[test]
+fn requests_per_qtype_and_responses_per_rcode_are_exact() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::start("dnscount", &["--dns-timeout", "1s"]);
+    let (pod, v4) = (bed.pod(), bed.server_v4());
+    for (name, qtype, rcode) in [
+        ("ok-1.test", QTYPE_A, 0),
+        ("ok-2.test", QTYPE_A, 0),
+        ("ok-3.test", QTYPE_A, 0),
+        ("ok-4.test", QTYPE_AAAA, 0),
+        ("ok-5.test", QTYPE_AAAA, 0),
+        ("ok-6.test", QTYPE_SRV, 0),
+        ("nx-1.test", QTYPE_A, 3),
+        ("nx-2.test", QTYPE_A, 3),
+        ("servfail-1.test", QTYPE_A, 2),
+        ("refused-1.test", QTYPE_AAAA, 5),
+    ] {
+        assert_eq!(query(pod, v4, name, qtype).unwrap().rcode, rcode, "{name}");
+    }
+    let server = v4.ip().to_string();
+    assert_eq!(
+        dig(pod, &[&format!("@{server}"), "ok-dig.test", "MX"]),
+        "NOERROR"
+    );
+    assert_eq!(
+        dig(pod, &[&format!("@{server}"), "nx-dig.test", "A"]),
+        "NXDOMAIN"
+    );
+    bed.wait_settled();
+    let m = bed.metrics();
+    let s = server.as_str();
+    assert_eq!(m.count(REQUESTS, &labels(s, "qtype", "A")), 7);
+    assert_eq!(m.count(REQUESTS, &labels(s, "qtype", "AAAA")), 3);
+    assert_eq!(m.count(REQUESTS, &labels(s, "qtype", "SRV")), 1);
+    assert_eq!(m.count(REQUESTS, &labels(s, "qtype", "MX")), 1);
+    assert_eq!(m.count_sum(REQUESTS), 12);
+    assert_eq!(m.count(RESPONSES, &labels(s, "rcode", "NOERROR")), 7);
+    assert_eq!(m.count(RESPONSES, &labels(s, "rcode", "NXDOMAIN")), 3);
+    assert_eq!(m.count(RESPONSES, &labels(s, "rcode", "SERVFAIL")), 1);
+    assert_eq!(m.count(RESPONSES, &labels(s, "rcode", "REFUSED")), 1);
+    assert_eq!(
+        m.count(
+            &format!("{DURATION}_count"),
+            &labels(s, "rcode", "NXDOMAIN")
+        ),
+        3
+    );
+    assert_eq!(m.count_sum(TIMEOUTS), 0);
+    assert_eq!(m.count_sum(RETRANSMITS), 0);
+    assert_eq!(
+        m.count(SKIPPED, &[("program", "dns"), ("reason", "malformed")]),
+        0
+    );
+    assert_eq!(
+        m.count(SKIPPED, &[("program", "dns"), ("reason", "unmatched")]),
+        0
+    );
+    // Failed answers are logged with their names and rcodes.
+    let slow = bed.slow();
+    let mut failed: Vec<(String, String, String)> = slow
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_owned(),
+                r["rcode"].as_str().unwrap().to_owned(),
+                r["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    failed.sort();
+    let e = |n: &str, r: &str| (n.to_owned(), r.to_owned(), "error".to_owned());
+    assert_eq!(
+        failed,
+        vec![
+            e("nx-1.test.", "NXDOMAIN"),
+            e("nx-2.test.", "NXDOMAIN"),
+            e("nx-dig.test.", "NXDOMAIN"),
+            e("refused-1.test.", "REFUSED"),
+            e("servfail-1.test.", "SERVFAIL"),
+        ]
+    );
+    assert!(slow.iter().all(|r| r["pod"]["pod"] == "cart"));
+    let table = bed.agent.podnetctl(&["dns", "slow"]).unwrap();
+    assert!(table.contains("servfail-1.test."), "{table}");
+    let top = bed.agent.podnetctl(&["dns", "top"]).unwrap();
+    assert!(
+        top.contains("shop/cart") && top.contains("10.98.0.2"),
+        "{top}"
+    );
+    let rows = bed.agent.api("dns.top", Value::Null).unwrap();
+    assert_eq!(rows[0]["requests_total"], 12, "{rows}");
+    drop(bed.responder);
+}
+
+#[test]
+fn latency_matches_what_the_client_measured() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::start(
+        "dnslat",
+        &["--dns-timeout", "3s", "--dns-slow-threshold", "100ms"],
+    );
+    let (pod, v4) = (bed.pod(), bed.server_v4());
+    let sum_name = format!("{DURATION}_sum");
+    let l = labels("10.98.0.2", "rcode", "NOERROR");
+    let mut before = 0.0;
+    for delay_ms in [0u64, 50, 250, 1200] {
+        let answer = query(pod, v4, &format!("delay-{delay_ms}-x.test"), QTYPE_A).unwrap();
+        bed.wait_settled();
+        let sum = bed.metrics().value_or_zero(&sum_name, &l);
+        let kernel = sum - before;
+        before = sum;
+        let client = answer.elapsed.as_secs_f64();
+        let tolerance = (client * 0.05).max(0.001);
+        println!("delay {delay_ms} ms: client {client:.6} s, kernel {kernel:.6} s");
+        assert!(
+            (kernel - client).abs() <= tolerance,
+            "delay {delay_ms} ms: kernel {kernel} s vs client {client} s"
+        );
+        #[allow(clippy::cast_precision_loss)]
+        let floor = delay_ms as f64 / 1000.0;
+        assert!(kernel >= floor, "kernel {kernel} s below the delay");
+    }
+    let m = bed.metrics();
+    let bucket = |le: &str| {
+        m.count(
+            &format!("{DURATION}_bucket"),
+            &[
+                ("namespace", "shop"),
+                ("pod", "cart"),
+                ("server", "10.98.0.2"),
+                ("rcode", "NOERROR"),
+                ("le", le),
+            ],
+        )
+    };
+    assert_eq!(bucket("0.025"), 1);
+    assert_eq!(bucket("0.1"), 2);
+    assert_eq!(bucket("0.5"), 3);
+    assert_eq!(bucket("2.5"), 4);
+    assert_eq!(bucket("+Inf"), 4);
+    // Over the 100 ms threshold: the 250 and 1200 ms answers, with their names.
+    let slow = bed.slow();
+    let names: Vec<&str> = slow.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["delay-250-x.test.", "delay-1200-x.test."]);
+    assert!(slow.iter().all(|r| r["outcome"] == "slow"));
+    let us = slow[1]["latency_us"].as_u64().unwrap();
+    assert!((1_200_000..1_260_000).contains(&us), "{us}");
+}
+
+#[test]
+fn unanswered_queries_become_exactly_one_timeout_each() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::start("dnsto", &["--dns-timeout", "1s"]);
+    let (pod, v4) = (bed.pod(), bed.server_v4());
+    let k = 3;
+    for i in 0..k {
+        let wait = Duration::from_millis(50);
+        let name = format!("drop-{i}.test");
+        assert!(udp_query(pod, v4, &name, QTYPE_A, 1, Duration::ZERO, wait).is_none());
+    }
+    assert!(query(pod, v4, "ok-1.test", QTYPE_A).is_some());
+    assert!(query(pod, v4, "ok-2.test", QTYPE_AAAA).is_some());
+    let s = "10.98.0.2";
+    let counted = wait_for(
+        || bed.metrics().count(TIMEOUTS, &peer(s)) == k,
+        Duration::from_secs(5),
+    );
+    assert!(counted, "{}", bed.metrics().0);
+    // Another sweep period later, still exactly k.
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = bed.metrics();
+    assert_eq!(m.count(TIMEOUTS, &peer(s)), k);
+    assert_eq!(m.count_sum(REQUESTS), k + 2);
+    assert_eq!(m.count_sum(RESPONSES), 2);
+    let slow = bed.slow();
+    let mut timed_out: Vec<&str> = slow
+        .iter()
+        .filter(|r| r["outcome"] == "timeout")
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    timed_out.sort_unstable();
+    assert_eq!(timed_out, ["drop-0.test.", "drop-1.test.", "drop-2.test."]);
+    // An agent restart keeps the count (it lives in a pinned map).
+    let mut bed = bed;
+    bed.agent.restart(bed.topo.node()).unwrap();
+    assert_eq!(bed.metrics().count(TIMEOUTS, &peer(s)), k);
+}
+
+#[test]
+fn retransmits_are_counted_and_latency_runs_from_the_first_copy() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::start("dnsre", &["--dns-timeout", "2s"]);
+    let (pod, v4) = (bed.pod(), bed.server_v4());
+    // The responder ignores the first copy; the second, 200 ms later, is answered.
+    let answer = udp_query(
+        pod,
+        v4,
+        "dropfirst-1.test",
+        QTYPE_A,
+        2,
+        Duration::from_millis(200),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    // Three copies of another query 100 ms apart, each answered after
+    // 300 ms: two retransmits, one matched answer, two late answers.
+    let again = udp_query(
+        pod,
+        v4,
+        "delay-300-re.test",
+        QTYPE_AAAA,
+        3,
+        Duration::from_millis(100),
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    assert_eq!((answer.rcode, again.rcode), (0, 0));
+    println!("client: {answer:?} {again:?}");
+    bed.wait_settled();
+    let m = bed.metrics();
+    let s = "10.98.0.2";
+    assert_eq!(m.count(RETRANSMITS, &peer(s)), 3);
+    assert_eq!(m.count_sum(REQUESTS), 2);
+    assert_eq!(m.count(RESPONSES, &labels(s, "rcode", "NOERROR")), 2);
+    assert_eq!(m.count_sum(TIMEOUTS), 0);
+    assert!(
+        wait_for(
+            || bed
+                .metrics()
+                .count(SKIPPED, &[("program", "dns"), ("reason", "unmatched")])
+                == 2,
+            Duration::from_secs(2)
+        ),
+        "late answers are unmatched"
+    );
+    let sum = m.value_or_zero(&format!("{DURATION}_sum"), &labels(s, "rcode", "NOERROR"));
+    let client = answer.elapsed.as_secs_f64() + again.elapsed.as_secs_f64();
+    assert!(
+        (sum - client).abs() <= 0.002,
+        "kernel {sum} vs client {client}"
+    );
+}
+
+#[test]
+fn ipv6_servers_and_dns_over_tcp() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::start("dnsv6", &["--dns-timeout", "1s"]);
+    let (pod, v4, v6) = (bed.pod(), bed.server_v4(), bed.server_v6());
+    assert_eq!(query(pod, v6, "ok-1.test", QTYPE_AAAA).unwrap().rcode, 0);
+    assert_eq!(query(pod, v6, "nx-1.test", QTYPE_A).unwrap().rcode, 3);
+    let tcp4 = tcp_query(pod, v4, "delay-50-tcp.test", QTYPE_A);
+    let tcp6 = tcp_query(pod, v6, "ok-tcp.test", QTYPE_AAAA);
+    assert_eq!((tcp4.rcode, tcp6.rcode), (0, 0));
+    assert_eq!(
+        dig(pod, &["+tcp", "@fd00:98::2", "ok-dig.test", "A"]),
+        "NOERROR"
+    );
+    bed.wait_settled();
+    let m = bed.metrics();
+    let (s4, s6) = ("10.98.0.2", "fd00:98::2");
+    assert_eq!(m.count(REQUESTS, &labels(s6, "qtype", "AAAA")), 2);
+    assert_eq!(m.count(REQUESTS, &labels(s6, "qtype", "A")), 2);
+    assert_eq!(m.count(RESPONSES, &labels(s6, "rcode", "NOERROR")), 3);
+    assert_eq!(m.count(RESPONSES, &labels(s6, "rcode", "NXDOMAIN")), 1);
+    assert_eq!(m.count(REQUESTS, &labels(s4, "qtype", "A")), 1);
+    assert_eq!(m.count(RESPONSES, &labels(s4, "rcode", "NOERROR")), 1);
+    let sum = m.value_or_zero(&format!("{DURATION}_sum"), &labels(s4, "rcode", "NOERROR"));
+    let client = tcp4.elapsed.as_secs_f64();
+    assert!(
+        (sum - client).abs() <= (client * 0.05).max(0.001),
+        "TCP: kernel {sum} vs client {client}"
+    );
+    assert_eq!(m.count_sum(TIMEOUTS), 0);
+    assert_eq!(
+        m.count(SKIPPED, &[("program", "dns"), ("reason", "malformed")]),
+        0
+    );
+}
+
+/// Malformed messages to port 53, each counted once as malformed.
+fn garbage() -> Vec<Vec<u8>> {
+    let header = |qd: u16| {
+        let mut h = vec![0x12, 0x34, 0x01, 0x00];
+        h.extend_from_slice(&qd.to_be_bytes());
+        h.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        h
+    };
+    let with = |qd: u16, rest: &[u8]| [header(qd), rest.to_vec()].concat();
+    let mut long_name = Vec::new();
+    for _ in 0..5 {
+        long_name.push(63);
+        long_name.extend_from_slice(&[b'a'; 63]);
+    }
+    long_name.extend_from_slice(&[0, 0, 1, 0, 1]);
+    vec![
+        // Shorter than a header.
+        vec![0x12, 0x34, 0x01],
+        // A header and nothing else.
+        header(1),
+        // No question.
+        with(0, &[]),
+        // Two questions.
+        with(2, &[1, b'a', 0, 0, 1, 0, 1, 1, b'b', 0, 0, 1, 0, 1]),
+        // A compression pointer to itself.
+        with(1, &[0xc0, 12, 0, 1, 0, 1]),
+        // A pointer after a label (loops back to the header).
+        with(1, &[1, b'a', 0xc0, 12, 0, 1, 0, 1]),
+        // Reserved label type.
+        with(1, &[0x41, b'a', 0, 0, 1, 0, 1]),
+        // A label running past the end.
+        with(1, &[40, b'a', b'b']),
+        // Name without type and class.
+        with(1, &[1, b'a', 0]),
+        // Name longer than 255 bytes.
+        with(1, &long_name),
+        // A response sent to the server port.
+        [
+            vec![0x12, 0x34, 0x81, 0x80],
+            header(1)[4..].to_vec(),
+            vec![0, 0, 1, 0, 1],
+        ]
+        .concat(),
+    ]
+}
+
+#[test]
+fn garbage_and_truncated_packets_are_counted_and_break_nothing() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::start("dnsbad", &["--dns-timeout", "1s"]);
+    let (pod, v4, v6) = (bed.pod(), bed.server_v4(), bed.server_v6());
+    let packets = garbage();
+    let sent = u64::try_from(packets.len() * 2).unwrap();
+    in_netns(pod, || {
+        for server in [v4, v6] {
+            let bind = if server.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            let socket = UdpSocket::bind(bind).unwrap();
+            for p in &packets {
+                socket.send_to(p, server).unwrap();
+            }
+        }
+    })
+    .unwrap();
+    let malformed = || {
+        bed.metrics()
+            .count(SKIPPED, &[("program", "dns"), ("reason", "malformed")])
+    };
+    assert!(
+        wait_for(|| malformed() == sent, Duration::from_secs(3)),
+        "malformed = {}, sent {sent}",
+        malformed()
+    );
+    // A valid query still works and is counted normally.
+    assert_eq!(query(pod, v4, "ok-after.test", QTYPE_A).unwrap().rcode, 0);
+    bed.wait_settled();
+    let m = bed.metrics();
+    assert_eq!(m.count_sum(REQUESTS), 1);
+    assert_eq!(m.count_sum(RESPONSES), 1);
+    assert_eq!(malformed(), sent);
+    assert_eq!(bed.status()["dns"]["events_decode_errors"], 0);
+
+    // Random messages: each one is exactly one of malformed, a query or a
+    // retransmit, whatever its bytes.
+    let before = bed.status()["dns"]["counters"].clone();
+    let retransmits_before = bed.metrics().count_sum(RETRANSMITS);
+    let random = random_messages(2000, 0x5eed_d15e);
+    let count = u64::try_from(random.len()).unwrap();
+    in_netns(pod, || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for (i, p) in random.iter().enumerate() {
+            socket.send_to(p, v4).unwrap();
+            if i % 100 == 99 {
+                // Stay below the receive queues' limits.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    })
+    .unwrap();
+    let accounted = || {
+        let c = &bed.status()["dns"]["counters"];
+        let d = |k: &str| c[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+        d("malformed")
+            + d("queries")
+            + d("pending_failed")
+            + (bed.metrics().count_sum(RETRANSMITS) - retransmits_before)
+    };
+    assert!(
+        wait_for(|| accounted() == count, Duration::from_secs(5)),
+        "{} of {count} random messages accounted: {}",
+        accounted(),
+        bed.status()["dns"]
+    );
+}
+
+/// `n` pseudo-random messages (fixed seed): random lengths up to 300 bytes,
+/// half of them with a plausible query header so the name parser is reached.
+fn random_messages(n: usize, seed: u64) -> Vec<Vec<u8>> {
+    let mut x = seed;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n)
+        .map(|i| {
+            let len = usize::try_from(next() % 300).unwrap();
+            let mut m: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
+            if i % 2 == 0 && m.len() >= 12 {
+                m[2] = 0x01;
+                m[3] = 0;
+                m[4..6].copy_from_slice(&[0, 1]);
+                // Mostly short labels, sometimes anything.
+                for b in m.iter_mut().skip(12).step_by(4) {
+                    *b %= 8;
+                }
+            }
+            m
+        })
+        .collect()
+}
+
+#[test]
+fn dnsmasq_and_glibc_getaddrinfo() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::start("dnsglibc", &["--dns-timeout", "1s"]);
+    let server = bed.topo.server();
+    server
+        .run_ok(&[
+            "ip",
+            "address",
+            "add",
+            &format!("{DNSMASQ_V4}/24"),
+            "dev",
+            "eth0",
+        ])
+        .unwrap();
+    let dnsmasq = spawn_in(
+        server,
+        &[
+            "dnsmasq",
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--port=53",
+            &format!("--listen-address={DNSMASQ_V4}"),
+            "--bind-interfaces",
+            "--address=/svc.test/10.1.2.3",
+            "--address=/svc.test/fd00::5",
+            "--address=/gone.test/",
+        ],
+    )
+    .unwrap();
+    let pod = bed.pod();
+    assert!(
+        wait_for(|| dnsmasq.log().contains("started"), Duration::from_secs(5)),
+        "dnsmasq not started: {}",
+        dnsmasq.log()
+    );
+    assert_eq!(
+        dig(pod, &[&format!("@{DNSMASQ_V4}"), "web.svc.test", "A"]),
+        "NOERROR"
+    );
+    assert_eq!(
+        dig(pod, &[&format!("@{DNSMASQ_V4}"), "x.gone.test", "A"]),
+        "NXDOMAIN"
+    );
+    // glibc's stub resolver with a resolv.conf of our own: a private mount
+    // namespace bind-mounts it over /etc/resolv.conf for this one process.
+    let dir = std::env::temp_dir().join(format!("podnet-dns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let resolv = dir.join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        format!("nameserver {DNSMASQ_V4}\noptions timeout:2 attempts:1\n"),
+    )
+    .unwrap();
+    let script = format!(
+        "mount --bind {} /etc/resolv.conf && exec /usr/bin/python3 -c \
+         'import socket; print(sorted({{a[4][0] for a in socket.getaddrinfo(\"api.svc.test\", 80, proto=socket.IPPROTO_TCP)}}))'",
+        resolv.display()
+    );
+    let out = pod
+        .run_ok(&["unshare", "--mount", "sh", "-c", &script])
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        printed.contains("10.1.2.3") && printed.contains("fd00::5"),
+        "getaddrinfo: {printed}"
+    );
+    bed.wait_settled();
+    let m = bed.metrics();
+    let s = DNSMASQ_V4;
+    // dig: A twice; getaddrinfo: A and AAAA in parallel.
+    println!(
+        "{}",
+        m.0.lines()
+            .filter(|l| l.starts_with("podnet_dns") && !l.contains("_bucket"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    println!("{}", bed.status()["dns"]);
+    assert_eq!(m.count(REQUESTS, &labels(s, "qtype", "A")), 3);
+    assert_eq!(m.count(REQUESTS, &labels(s, "qtype", "AAAA")), 1);
+    assert_eq!(m.count(RESPONSES, &labels(s, "rcode", "NOERROR")), 3);
+    assert_eq!(m.count(RESPONSES, &labels(s, "rcode", "NXDOMAIN")), 1);
+    assert_eq!(m.count_sum(RESPONSES), 4);
+    assert_eq!(m.count_sum(TIMEOUTS), 0);
+    assert_eq!(m.count_sum(RETRANSMITS), 0);
+    drop(dnsmasq);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn restart_adopts_links_and_removed_endpoints_are_detached() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Bed::start("dnsadopt", &["--dns-timeout", "1s"]);
+    let before = bed.attached();
+    assert_eq!(before.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1]);
+    assert_eq!(
+        query(bed.pod(), bed.server_v4(), "ok-1.test", QTYPE_A)
+            .unwrap()
+            .rcode,
+        0
+    );
+    bed.agent.restart(bed.topo.node()).unwrap();
+    bed.wait_links(2);
+    // The same programs, still one per hook: adopted, not attached twice.
+    assert_eq!(bed.attached(), before);
+    assert_eq!(
+        bed.status()["dns"]["last_reconcile"]["adopted"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(
+        query(bed.pod(), bed.server_v4(), "ok-2.test", QTYPE_A)
+            .unwrap()
+            .rcode,
+        0
+    );
+    bed.wait_settled();
+    assert_eq!(
+        bed.metrics()
+            .count(RESPONSES, &labels("10.98.0.2", "rcode", "NOERROR")),
+        2
+    );
+    // The endpoint goes: its links go.
+    std::fs::write(bed.agent.endpoints_file(), "[]\n").unwrap();
+    bed.wait_links(0);
+    assert_eq!(bed.attached(), [Vec::<u32>::new(), Vec::new()]);
+}
+
+#[test]
+fn uplinks_trace_host_network_queries_and_pods_are_counted_once() {
+    if !require_root() {
+        return;
+    }
+    // The node's interface towards the server is the uplink; the pod's
+    // queries cross it too (no SNAT here) and must not count twice.
+    let bed = Bed::start_with_uplink("dnsup", &["--dns-timeout", "1s"]);
+    let v4 = bed.server_v4();
+    assert_eq!(
+        query(bed.pod(), v4, "ok-pod.test", QTYPE_A).unwrap().rcode,
+        0
+    );
+    assert_eq!(
+        query(bed.topo.node(), v4, "nx-host.test", QTYPE_AAAA)
+            .unwrap()
+            .rcode,
+        3
+    );
+    bed.wait_settled();
+    let m = bed.metrics();
+    let s = "10.98.0.2";
+    assert_eq!(m.count(REQUESTS, &labels(s, "qtype", "A")), 1);
+    assert_eq!(m.count(RESPONSES, &labels(s, "rcode", "NOERROR")), 1);
+    let host = |k, v| [("namespace", ""), ("pod", ""), ("server", s), (k, v)];
+    assert_eq!(m.count(REQUESTS, &host("qtype", "AAAA")), 1);
+    assert_eq!(m.count(RESPONSES, &host("rcode", "NXDOMAIN")), 1);
+    assert_eq!(m.count_sum(REQUESTS), 2);
+    assert_eq!(m.count_sum(RESPONSES), 2);
+    // The kernel saw the pod's query twice (pod interface and uplink).
+    assert_eq!(bed.status()["dns"]["counters"]["queries"], 3);
+}

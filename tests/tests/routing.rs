@@ -1,0 +1,786 @@
+//! Native pod routing against a simulated VPC (see `podnet_tests::vpc`): the
+//! real agent reconciles rules, routes and proxy-ARP entries through netlink,
+//! installs its SNAT chain, and with `--fast-path` steers pod traffic to its
+//! ENI in eBPF. Every assertion reads the kernel's own counters: interface
+//! packet counts, iptables rule counters, conntrack statistics, and the fast
+//! path's per-CPU map behind `podnet_steer_packets_total`.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use podnet_tests::{
+    agent::endpoints_yaml,
+    in_netns, iptables, require_root, spawn_in, udp_echo_server,
+    vpc::{link_packets, Vpc, VpcPod, REMOTE, VPC_CIDR},
+    wait_for, Agent, Metrics, Netns,
+};
+
+/// Objects podnet installs per ENI (subnet and default route in its table).
+const PER_ENI: usize = 2;
+/// Objects per ENI-owned pod: host route, two rules, one proxy entry.
+const PER_POD: usize = 4;
+/// Echo requests per measured run.
+const PINGS: u32 = 100;
+/// Echo requests, 10 ms apart, across an agent restart.
+const RESTART_PINGS: u32 = 500;
+/// Comment of the counting rule tests add to FORWARD.
+const COUNT_COMMENT: &str = "podnet-test-count";
+
+/// The ENI file of a test; removed on drop.
+struct EnisFile(PathBuf);
+
+impl EnisFile {
+    fn write(vpc: &Vpc) -> Result<Self> {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "podnet-enis-{}-{}.yaml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, vpc.enis_yaml())?;
+        Ok(Self(path))
+    }
+
+    fn arg(&self) -> String {
+        self.0.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for EnisFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn start(vpc: &Vpc, enis: &EnisFile, extra: &[&str]) -> Result<Agent> {
+    let file = enis.arg();
+    let mut args = vec!["--enis", file.as_str(), "--vpc-cidrs", VPC_CIDR];
+    args.extend_from_slice(extra);
+    let agent = Agent::start_with(vpc.node(), &vpc.endpoints(), &args)?;
+    let expected = PER_ENI * vpc.enis().len() + PER_POD * vpc.pods().len();
+    wait_converged(&agent, expected)?;
+    Ok(agent)
+}
+
+/// Waits until `routes.show` lists `expected` objects, all `ok`.
+fn wait_converged(agent: &Agent, expected: usize) -> Result<()> {
+    let mut last = serde_json::Value::Null;
+    let ok = wait_for(
+        || {
+            let Ok(view) = agent.api("routes.show", serde_json::Value::Null) else {
+                return false;
+            };
+            let lines = view["lines"].as_array().cloned().unwrap_or_default();
+            last = view;
+            lines.len() == expected && lines.iter().all(|l| l["state"] == "ok")
+        },
+        Duration::from_secs(10),
+    );
+    if !ok {
+        bail!(
+            "routing did not converge to {expected} objects: {last:#}\nagent log:\n{}",
+            agent.log()
+        );
+    }
+    Ok(())
+}
+
+/// Pings `dst` from `pod` `count` times, 10 ms apart; returns replies.
+fn ping(pod: &Netns, dst: Ipv4Addr, count: u32) -> Result<u32> {
+    let out = pod.run(&[
+        "ping",
+        "-n",
+        "-q",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.01",
+        "-W",
+        "1",
+        &dst.to_string(),
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    received(&text).with_context(|| format!("ping output: {text}"))
+}
+
+fn received(text: &str) -> Option<u32> {
+    let line = text.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut words = line.split_whitespace();
+    let idx = words.position(|w| w.starts_with("received"))?;
+    line.split_whitespace().nth(idx - 1)?.parse().ok()
+}
+
+/// Sends `count` UDP datagrams from `src` to `dst` and waits for each echo.
+fn udp_ping_pong(pod: &Netns, src: SocketAddr, dst: SocketAddr, count: u32) -> Result<u32> {
+    in_netns(pod, || -> Result<u32> {
+        let socket = UdpSocket::bind(src)?;
+        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut echoed = 0;
+        let mut buf = [0u8; 64];
+        for i in 0..count {
+            socket.send_to(&i.to_be_bytes(), dst)?;
+            if socket.recv_from(&mut buf).is_ok() {
+                echoed += 1;
+            }
+        }
+        Ok(echoed)
+    })?
+}
+
+/// Packets counted by the test's rule in the node's FORWARD chain.
+fn forward_count(node: &Netns) -> Result<u64> {
+    let out = iptables(node, &["-L", "FORWARD", "-v", "-x", "-n"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.contains(COUNT_COMMENT))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no counting rule in FORWARD:\n{text}"))
+}
+
+/// Packets of the pod counted by the test's rules in nat PREROUTING and
+/// POSTROUTING (the nat table sees the first packet of every new flow).
+fn nat_packets(node: &Netns) -> Result<u64> {
+    let mut total = 0;
+    for chain in ["PREROUTING", "POSTROUTING"] {
+        let out = iptables(node, &["-t", "nat", "-L", chain, "-v", "-x", "-n"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        total += text
+            .lines()
+            .find(|l| l.contains(COUNT_COMMENT))
+            .and_then(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .with_context(|| format!("no counting rule in nat {chain}:\n{text}"))?;
+    }
+    Ok(total)
+}
+
+/// Conntrack entries whose original source is `pod`, in the node.
+fn conntrack_flows(node: &Netns, pod: Ipv4Addr) -> Result<u64> {
+    let out = node.run_ok(&["conntrack", "-L", "-s", &pod.to_string()])?;
+    Ok(String::from_utf8_lossy(&out.stdout).lines().count() as u64)
+}
+
+/// Forgets the node's conntrack entries of `pod` (none may exist).
+fn flush_flows(node: &Netns, pod: Ipv4Addr) -> Result<()> {
+    node.run(&["conntrack", "-D", "-s", &pod.to_string()])
+        .map(drop)
+}
+
+fn steer(m: &Metrics, direction: &str, result: &str) -> u64 {
+    m.count(
+        "podnet_steer_packets_total",
+        &[("direction", direction), ("result", result)],
+    )
+}
+
+/// The node's kernel state that a forwarded packet would move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Snapshot {
+    forward: u64,
+    nat: u64,
+    conntrack_flows: u64,
+    eni1_tx: u64,
+    eni2_tx: u64,
+    egress_redirected: u64,
+    ingress_redirected: u64,
+}
+
+fn snapshot(vpc: &Vpc, agent: &Agent) -> Result<Snapshot> {
+    let node = vpc.node();
+    let m = agent.metrics(node)?;
+    Ok(Snapshot {
+        forward: forward_count(node)?,
+        nat: nat_packets(node)?,
+        conntrack_flows: conntrack_flows(node, vpc.pods()[0].ip())?,
+        eni1_tx: link_packets(node, vpc.enis()[0].name())?.tx,
+        eni2_tx: link_packets(node, vpc.enis()[1].name())?.tx,
+        egress_redirected: steer(&m, "egress", "redirected"),
+        ingress_redirected: steer(&m, "ingress", "redirected"),
+    })
+}
+
+/// Counting rules (no target) for packets from `source` in FORWARD and in
+/// nat PREROUTING and POSTROUTING.
+fn add_counting_rules(node: &Netns, source: Ipv4Addr) -> Result<()> {
+    let src = format!("{source}/32");
+    for (table, chain) in [
+        ("filter", "FORWARD"),
+        ("nat", "PREROUTING"),
+        ("nat", "POSTROUTING"),
+    ] {
+        iptables(
+            node,
+            &[
+                "-t",
+                table,
+                "-I",
+                chain,
+                "1",
+                "-s",
+                &src,
+                "-m",
+                "comment",
+                "--comment",
+                COUNT_COMMENT,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Pings once from every pod so neighbour entries exist on every hop.
+fn warm_up(vpc: &Vpc) -> Result<()> {
+    for pod in vpc.pods() {
+        let got = ping(pod.netns(), REMOTE, 2)?;
+        if got != 2 {
+            bail!("warm-up ping from {} got {got}/2 replies", pod.ip());
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn pod_traffic_leaves_by_the_eni_that_owns_its_address() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let vpc = Vpc::builder().name("rt-eni").build()?;
+    let enis = EnisFile::write(&vpc)?;
+    let agent = start(&vpc, &enis, &[])?;
+    warm_up(&vpc)?;
+    let n_pings = PINGS;
+    for (i, pod) in vpc.pods().iter().enumerate() {
+        let before = [
+            link_packets(vpc.node(), "eni1")?.tx,
+            link_packets(vpc.node(), "eni2")?.tx,
+        ];
+        assert_eq!(ping(pod.netns(), REMOTE, n_pings)?, n_pings);
+        let after = [
+            link_packets(vpc.node(), "eni1")?.tx,
+            link_packets(vpc.node(), "eni2")?.tx,
+        ];
+        let mut expected = [0, 0];
+        expected[pod.eni()] = u64::from(n_pings);
+        assert_eq!(
+            [after[0] - before[0], after[1] - before[1]],
+            expected,
+            "pod {i} ({}) must leave by eni{} only",
+            pod.ip(),
+            pod.eni() + 1
+        );
+    }
+    // SNAT: podnet's chain returns for the VPC and masquerades pods otherwise.
+    let chain = iptables(vpc.node(), &["-t", "nat", "-S", "PODNET-SNAT"])?;
+    let chain = String::from_utf8_lossy(&chain.stdout).into_owned();
+    assert!(
+        chain.contains("-A PODNET-SNAT -d 10.0.0.0/16 -j RETURN"),
+        "{chain}"
+    );
+    assert!(
+        chain.contains("-A PODNET-SNAT -s 10.0.1.0/24 -j MASQUERADE --random-fully"),
+        "{chain}"
+    );
+    let masq = iptables(
+        vpc.node(),
+        &["-t", "nat", "-L", "PODNET-SNAT", "-v", "-x", "-n"],
+    )?;
+    let masq = String::from_utf8_lossy(&masq.stdout).into_owned();
+    for line in masq.lines().filter(|l| l.contains("MASQUERADE")) {
+        assert_eq!(
+            line.split_whitespace().next(),
+            Some("0"),
+            "VPC traffic was masqueraded: {line}"
+        );
+    }
+    let m = agent.metrics(vpc.node())?;
+    assert_eq!(
+        m.count("podnet_route_reconciles_total", &[("result", "error")]),
+        0
+    );
+    assert!(!m.has_family("podnet_steer_packets_total"));
+    Ok(())
+}
+
+fn rule_lines(node: &Netns) -> Result<Vec<String>> {
+    let out = node.run_ok(&["ip", "rule", "show"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect())
+}
+
+fn route_lines(node: &Netns, table: &str) -> Result<Vec<String>> {
+    let out = node.run_ok(&["ip", "route", "show", "table", table])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect())
+}
+
+fn proxy_lines(node: &Netns) -> Result<Vec<String>> {
+    let out = node.run_ok(&["ip", "neigh", "show", "proxy"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect())
+}
+
+/// Runs `delete` in the node and returns how long until `present` holds again.
+fn repair_latency(
+    node: &Netns,
+    delete: &[&str],
+    present: impl Fn() -> Result<bool>,
+) -> Result<Duration> {
+    assert!(present()?, "object not in place before {delete:?}");
+    node.run_ok(delete)?;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        if present()? {
+            return Ok(start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    bail!("not repaired within 3 s after {delete:?}")
+}
+
+/// Deletes each kind of podnet object by hand, measures how long it takes to
+/// come back, prints the figures and fails above one second.
+fn measure_repairs(node: &Netns, pod: &VpcPod) -> Result<()> {
+    let ip = pod.ip().to_string();
+
+    let from_rule = format!("1536: from {ip} lookup 101 proto 176");
+    let rule = repair_latency(
+        node,
+        &[
+            "ip", "rule", "del", "priority", "1536", "from", &ip, "lookup", "101",
+        ],
+        || Ok(rule_lines(node)?.contains(&from_rule)),
+    )?;
+    let to_rule = format!("512: from all to {ip} lookup main proto 176");
+    let rule2 = repair_latency(
+        node,
+        &[
+            "ip", "rule", "del", "priority", "512", "to", &ip, "lookup", "main",
+        ],
+        || Ok(rule_lines(node)?.contains(&to_rule)),
+    )?;
+    let default = "default via 10.0.1.1 dev eni1 proto 176".to_owned();
+    let route = repair_latency(
+        node,
+        &["ip", "route", "del", "default", "table", "101"],
+        || Ok(route_lines(node, "101")?.contains(&default)),
+    )?;
+    let host = format!("{ip} dev {} proto 176 scope link", pod.host_if());
+    let host_route = repair_latency(
+        node,
+        &["ip", "route", "del", &ip, "dev", pod.host_if()],
+        || Ok(route_lines(node, "main")?.contains(&host)),
+    )?;
+    let proxy = format!("{ip} dev eni1 proxy");
+    let neigh = repair_latency(
+        node,
+        &["ip", "neigh", "del", "proxy", &ip, "dev", "eni1"],
+        || Ok(proxy_lines(node)?.iter().any(|l| l.starts_with(&proxy))),
+    )?;
+    eprintln!(
+        "repair latency: from-rule {rule:?}, to-rule {rule2:?}, ENI default route {route:?}, \
+         host route {host_route:?}, proxy entry {neigh:?}"
+    );
+    for (what, latency) in [
+        ("rule", rule),
+        ("rule", rule2),
+        ("route", route),
+        ("route", host_route),
+        ("neigh", neigh),
+    ] {
+        assert!(
+            latency < Duration::from_secs(1),
+            "{what} took {latency:?} to come back"
+        );
+    }
+    Ok(())
+}
+
+/// Foreign state: a rule below podnet's range, one inside it, routes in an
+/// ENI table and in main.
+fn add_foreign_state(node: &Netns) -> Result<()> {
+    node.run_ok(&[
+        "ip",
+        "rule",
+        "add",
+        "priority",
+        "300",
+        "from",
+        "10.0.1.99",
+        "lookup",
+        "101",
+    ])?;
+    node.run_ok(&[
+        "ip",
+        "rule",
+        "add",
+        "priority",
+        "1000",
+        "to",
+        "10.7.0.0/16",
+        "lookup",
+        "main",
+    ])?;
+    node.run_ok(&[
+        "ip",
+        "route",
+        "add",
+        "10.0.77.0/24",
+        "dev",
+        "eni1",
+        "table",
+        "101",
+    ])?;
+    node.run_ok(&["ip", "route", "add", "192.0.2.0/24", "dev", "eni1"])?;
+    Ok(())
+}
+
+/// Fails unless every object of [`add_foreign_state`] is still there, unchanged.
+fn check_foreign_state(node: &Netns) -> Result<()> {
+    let rules = rule_lines(node)?;
+    for want in [
+        "300: from 10.0.1.99 lookup 101",
+        "1000: from all to 10.7.0.0/16 lookup main",
+    ] {
+        assert!(
+            rules.iter().any(|l| l == want),
+            "foreign rule {want:?} gone: {rules:#?}"
+        );
+    }
+    for (table, want) in [
+        ("101", "10.0.77.0/24 dev eni1 scope link"),
+        ("main", "192.0.2.0/24 dev eni1 scope link"),
+    ] {
+        let routes = route_lines(node, table)?;
+        assert!(
+            routes.iter().any(|l| l == want),
+            "foreign route {want:?} gone: {routes:#?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn hand_deleted_state_is_repaired_within_a_second_and_foreign_state_survives() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let vpc = Vpc::builder().name("rt-heal").build()?;
+    let node = vpc.node();
+    add_foreign_state(node)?;
+    let check_foreign = || check_foreign_state(node);
+    let enis = EnisFile::write(&vpc)?;
+    let mut agent = start(&vpc, &enis, &[])?;
+    check_foreign()?;
+    let pod = &vpc.pods()[0];
+    let ip = pod.ip().to_string();
+    measure_repairs(node, pod)?;
+    let m = agent.metrics(node)?;
+    assert_eq!(
+        m.count("podnet_route_repairs_total", &[("kind", "rule")]),
+        2
+    );
+    assert_eq!(
+        m.count("podnet_route_repairs_total", &[("kind", "route")]),
+        2
+    );
+    assert_eq!(
+        m.count("podnet_route_repairs_total", &[("kind", "neigh")]),
+        1
+    );
+    check_foreign()?;
+
+    // An endpoint goes away: its state is removed, nothing foreign is touched.
+    let mut endpoints = vpc.endpoints();
+    let gone = endpoints.pop().context("two pods")?;
+    std::fs::write(agent.endpoints_file(), endpoints_yaml(&endpoints))?;
+    wait_converged(&agent, PER_ENI * 2 + PER_POD)?;
+    let gone_ip = gone.ips[0].to_string();
+    assert!(
+        !rule_lines(node)?.iter().any(|l| l.contains(&gone_ip)),
+        "rules of a removed pod stay"
+    );
+    check_foreign()?;
+    let table = agent.podnetctl(&["routes"])?;
+    assert!(
+        table.contains(&format!("1536: from {ip} lookup 101")),
+        "{table}"
+    );
+    assert!(!table.contains("missing"), "{table}");
+
+    // A restart adopts everything: no change, no repair, foreign state intact.
+    agent.restart(node)?;
+    wait_converged(&agent, PER_ENI * 2 + PER_POD)?;
+    check_foreign()?;
+    let m = agent.metrics(node)?;
+    assert_eq!(m.count_sum("podnet_route_repairs_total"), 0);
+    Ok(())
+}
+
+#[test]
+fn fast_path_steers_past_netfilter_and_conntrack() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let vpc = Vpc::builder().name("rt-fast").build()?;
+    let enis = EnisFile::write(&vpc)?;
+    let agent = start(&vpc, &enis, &["--fast-path"])?;
+    let pod = &vpc.pods()[0];
+    add_counting_rules(vpc.node(), pod.ip())?;
+    warm_up(&vpc)?;
+
+    flush_flows(vpc.node(), pod.ip())?;
+    let before = snapshot(&vpc, &agent)?;
+    assert_eq!(ping(pod.netns(), REMOTE, PINGS)?, PINGS);
+    let after = snapshot(&vpc, &agent)?;
+    let n = u64::from(PINGS);
+    assert_eq!(
+        after.egress_redirected - before.egress_redirected,
+        n,
+        "{before:?} {after:?}"
+    );
+    assert_eq!(
+        after.ingress_redirected - before.ingress_redirected,
+        n,
+        "{before:?} {after:?}"
+    );
+    assert_eq!(after.forward, before.forward, "FORWARD saw steered packets");
+    assert_eq!(after.nat, before.nat, "nat saw steered packets");
+    assert_eq!(
+        (before.conntrack_flows, after.conntrack_flows),
+        (0, 0),
+        "conntrack saw steered packets"
+    );
+    assert_eq!(
+        (
+            after.eni1_tx - before.eni1_tx,
+            after.eni2_tx - before.eni2_tx
+        ),
+        (n, 0)
+    );
+
+    let server = udp_echo_server(vpc.vpc(), SocketAddr::from((REMOTE, 7007)))?;
+    let src = SocketAddr::from((pod.ip(), 40100));
+    let dst = server.addr();
+    // One round trip first: the first datagram of the flow is ordinary traffic.
+    assert_eq!(udp_ping_pong(pod.netns(), src, dst, 1)?, 1);
+    flush_flows(vpc.node(), pod.ip())?;
+    let before = snapshot(&vpc, &agent)?;
+    assert_eq!(udp_ping_pong(pod.netns(), src, dst, PINGS)?, PINGS);
+    let after = snapshot(&vpc, &agent)?;
+    assert_eq!(server.stop(), u64::from(PINGS) + 1);
+    assert_eq!(after.egress_redirected - before.egress_redirected, n);
+    assert_eq!(after.ingress_redirected - before.ingress_redirected, n);
+    assert_eq!(after.forward, before.forward);
+    assert_eq!(after.nat, before.nat);
+    assert_eq!((before.conntrack_flows, after.conntrack_flows), (0, 0));
+    assert_eq!(after.eni1_tx - before.eni1_tx, n);
+
+    // DNS is never steered: the DNS tracer on the pod's interface must see it.
+    let dns = udp_echo_server(vpc.vpc(), SocketAddr::from((REMOTE, 53)))?;
+    let before = snapshot(&vpc, &agent)?;
+    assert_eq!(
+        udp_ping_pong(
+            pod.netns(),
+            SocketAddr::from((pod.ip(), 40200)),
+            dns.addr(),
+            10
+        )?,
+        10
+    );
+    let after = snapshot(&vpc, &agent)?;
+    assert_eq!(dns.stop(), 10);
+    assert_eq!(after.egress_redirected, before.egress_redirected);
+    assert_eq!(after.ingress_redirected, before.ingress_redirected);
+    assert_eq!(after.forward - before.forward, 10);
+
+    let m = agent.metrics(vpc.node())?;
+    assert_eq!(steer(&m, "egress", "fib_miss"), 0);
+    let view = agent.podnetctl(&["routes"])?;
+    assert!(view.contains("fast-path: on"), "{view}");
+    Ok(())
+}
+
+#[test]
+fn without_fast_path_the_kernel_path_carries_the_same_traffic() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let vpc = Vpc::builder().name("rt-kern").build()?;
+    let enis = EnisFile::write(&vpc)?;
+    let agent = start(&vpc, &enis, &[])?;
+    let pod = &vpc.pods()[0];
+    add_counting_rules(vpc.node(), pod.ip())?;
+    warm_up(&vpc)?;
+    flush_flows(vpc.node(), pod.ip())?;
+    let before = snapshot(&vpc, &agent)?;
+    assert_eq!(ping(pod.netns(), REMOTE, PINGS)?, PINGS);
+    let after = snapshot(&vpc, &agent)?;
+    let n = u64::from(PINGS);
+    assert_eq!(after.forward - before.forward, n);
+    // One new flow: its first packet passes nat PREROUTING and POSTROUTING.
+    assert_eq!(after.nat - before.nat, 2);
+    assert_eq!((before.conntrack_flows, after.conntrack_flows), (0, 1));
+    assert_eq!(
+        (
+            after.eni1_tx - before.eni1_tx,
+            after.eni2_tx - before.eni2_tx
+        ),
+        (n, 0)
+    );
+    assert_eq!((after.egress_redirected, after.ingress_redirected), (0, 0));
+    assert!(!agent.bpffs().join("steer").exists());
+    Ok(())
+}
+
+#[test]
+fn agent_restart_loses_no_steered_ping() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let vpc = Vpc::builder().name("rt-rst").enis(2).build()?;
+    let enis = EnisFile::write(&vpc)?;
+    let mut agent = start(&vpc, &enis, &["--fast-path"])?;
+    let pod = &vpc.pods()[0];
+    add_counting_rules(vpc.node(), pod.ip())?;
+    warm_up(&vpc)?;
+    let before = snapshot(&vpc, &agent)?;
+    let mut ping = spawn_in(
+        pod.netns(),
+        &[
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            &RESTART_PINGS.to_string(),
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+            &REMOTE.to_string(),
+        ],
+    )?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let restart = Instant::now();
+    agent.restart(vpc.node())?;
+    eprintln!(
+        "agent restarted in {:?} during the ping run",
+        restart.elapsed()
+    );
+    let done = wait_for(
+        || ping.try_wait().is_ok_and(|s| s.is_some()),
+        Duration::from_secs(30),
+    );
+    assert!(done, "ping did not finish");
+    let log = ping.log();
+    assert_eq!(received(&log), Some(RESTART_PINGS), "{log}");
+    let after = snapshot(&vpc, &agent)?;
+    // Pinned maps keep counting across the restart: every echo was steered.
+    assert_eq!(
+        after.egress_redirected - before.egress_redirected,
+        u64::from(RESTART_PINGS)
+    );
+    assert_eq!(
+        after.ingress_redirected - before.ingress_redirected,
+        u64::from(RESTART_PINGS)
+    );
+    assert_eq!(after.forward, before.forward);
+    Ok(())
+}
+
+#[test]
+fn fast_path_leaves_service_cidrs_and_local_pods_to_the_kernel() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let vpc = Vpc::builder().name("rt-svc").build()?;
+    let enis = EnisFile::write(&vpc)?;
+    // The remote host's range plays a service CIDR inside the VPC.
+    let agent = start(
+        &vpc,
+        &enis,
+        &["--fast-path", "--service-cidrs", "10.0.200.0/24"],
+    )?;
+    let (pod, other) = (&vpc.pods()[0], &vpc.pods()[1]);
+    add_counting_rules(vpc.node(), pod.ip())?;
+    warm_up(&vpc)?;
+    for (dst, what) in [(REMOTE, "service CIDR"), (other.ip(), "local pod")] {
+        let before = snapshot(&vpc, &agent)?;
+        assert_eq!(ping(pod.netns(), dst, PINGS)?, PINGS);
+        let after = snapshot(&vpc, &agent)?;
+        assert_eq!(
+            after.forward - before.forward,
+            u64::from(PINGS),
+            "{what}: the kernel forwards"
+        );
+        assert_eq!(
+            after.egress_redirected, before.egress_redirected,
+            "{what}: nothing steered"
+        );
+    }
+    Ok(())
+}
+
+/// Lines of the nat table's rules (`iptables -t nat -S`).
+fn nat_rules(node: &Netns) -> Result<Vec<String>> {
+    let out = iptables(node, &["-t", "nat", "-S"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+#[test]
+fn snat_off_removes_only_podnets_chain() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let vpc = Vpc::builder().name("rt-snat").enis(1).build()?;
+    let node = vpc.node();
+    let foreign = "-A POSTROUTING -s 10.9.9.9/32 -j MASQUERADE";
+    iptables(
+        node,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            "10.9.9.9",
+            "-j",
+            "MASQUERADE",
+        ],
+    )?;
+    let enis = EnisFile::write(&vpc)?;
+    let mut agent = start(&vpc, &enis, &[])?;
+    let rules = nat_rules(node)?;
+    let jumps = rules
+        .iter()
+        .filter(|l| l.starts_with("-A POSTROUTING") && l.ends_with("-j PODNET-SNAT"))
+        .count();
+    assert_eq!(jumps, 1, "{rules:#?}");
+    // A second start changes nothing: every rule is checked before it is added.
+    agent.restart(node)?;
+    wait_converged(&agent, PER_ENI + PER_POD)?;
+    assert_eq!(nat_rules(node)?, rules);
+    agent.stop()?;
+    drop(agent);
+
+    let _agent = start(&vpc, &enis, &["--snat=false"])?;
+    let after = nat_rules(node)?;
+    assert!(
+        !after.iter().any(|l| l.contains("PODNET-SNAT")),
+        "{after:#?}"
+    );
+    assert!(after.iter().any(|l| l == foreign), "{after:#?}");
+    Ok(())
+}
