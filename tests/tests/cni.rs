@@ -230,7 +230,6 @@ fn bridge_host_local_chain_fifty_pods() {
 
 /// The same, and a bridged pod reaches the server through the node.
 #[test]
-#[ignore = "the routing subsystem installs `<pod>/32 dev <veth>` for bridge ports, which breaks bridged pods' replies; re-enable once it skips bridge ports"]
 fn bridge_host_local_chain_reaches_the_server() {
     bridge_chain(true);
 }

@@ -558,7 +558,7 @@ fn expected_hook() -> &'static str {
     {
         "tp_btf/kfree_skb"
     } else {
-        "kprobe/__nf_conntrack_confirm"
+        "kretprobe/__nf_conntrack_confirm"
     }
 }
 
@@ -590,7 +590,7 @@ fn race_hook_is_reported_and_probe_needs_kprobes() {
     if kprobes {
         let agent = forced.unwrap();
         let status = agent.api("status", json!({})).unwrap();
-        assert_eq!(status["race_hook"], json!("kprobe/__nf_conntrack_confirm"));
+        assert_eq!(status["race_hook"], json!("kretprobe/__nf_conntrack_confirm"));
     } else {
         let err = forced.unwrap_err().to_string();
         assert!(err.contains("__nf_conntrack_confirm"), "{err}");

@@ -45,15 +45,11 @@ pub const TRACEPOINT: &str = "kfree_skb";
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
 
 /// Which hook counts insert races (`--race-hook`).
-///
-/// `auto` uses the drop tracepoint: on Debian's 6.1 kernel the confirm probe
-/// missed races under concurrent load (498 of 627 in the MASQUERADE test)
-/// while the tracepoint counted every one, so the probe stays opt-in until it
-/// matches the kernel's `insert_failed` exactly in the whole suite.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RaceHookChoice {
-    /// The drop tracepoint (see the type's documentation).
+    /// The confirm probe where the kernel has kprobes, else (or if it cannot
+    /// attach) the drop tracepoint.
     #[default]
     Auto,
     /// Always `tp_btf/kfree_skb`.
@@ -67,7 +63,7 @@ pub enum RaceHookChoice {
 pub fn hook_name(hook: RaceHook) -> &'static str {
     match hook {
         RaceHook::DropTracepoint => "tp_btf/kfree_skb",
-        RaceHook::ConfirmProbe => "kprobe/__nf_conntrack_confirm",
+        RaceHook::ConfirmProbe => "kretprobe/__nf_conntrack_confirm",
     }
 }
 
@@ -122,6 +118,12 @@ impl Tracer {
     pub fn start(config: &TracerConfig) -> Result<Self, BpfError> {
         let pin_dir = bpf::fs::prepare_pin_dir(&config.bpffs.join(PIN_SUBDIR))?;
         let offsets = KernelBtf::load()?.conntrack_offsets()?;
+        if config.race_hook == RaceHookChoice::Auto && kprobes_available() {
+            return Self::start_with(config, &pin_dir, offsets, RaceHook::ConfirmProbe).or_else(|e| {
+                tracing::warn!(error = %e, "confirm probe unavailable; counting races at tp_btf/kfree_skb");
+                Self::start_with(config, &pin_dir, offsets, RaceHook::DropTracepoint)
+            });
+        }
         let hook = match config.race_hook {
             RaceHookChoice::Auto | RaceHookChoice::Tracepoint => RaceHook::DropTracepoint,
             RaceHookChoice::Probe if kprobes_available() => RaceHook::ConfirmProbe,

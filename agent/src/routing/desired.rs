@@ -47,6 +47,9 @@ pub struct Link {
     pub name: String,
     /// Hardware address, when the link has an Ethernet one.
     pub mac: Option<MacAddr>,
+    /// Index of the link's master (`IFLA_MASTER`), e.g. the bridge a pod's
+    /// veth is a port of.
+    pub master: Option<u32>,
 }
 
 /// An IPv4 unicast route (identity: table and destination).
@@ -173,6 +176,11 @@ pub fn build(endpoints: &[Endpoint], enis: &[Eni], links: &[Link]) -> Desired {
             ));
             continue;
         };
+        if host.master.is_some() {
+            // A bridge port: the bridge's own subnet route reaches the pod; a
+            // host route via the port would send replies past the bridge.
+            continue;
+        }
         for ip in &ep.ips {
             let IpAddr::V4(ip) = *ip else { continue };
             let pod = Ipv4Cidr::host(ip);
@@ -228,28 +236,48 @@ pub(crate) mod tests {
                 index: 1,
                 name: "lo".into(),
                 mac: None,
+                master: None,
             },
             Link {
                 index: 5,
                 name: "eni1".into(),
                 mac: Some("02:00:00:00:01:01".parse().unwrap()),
+                master: None,
             },
             Link {
                 index: 6,
                 name: "renamed".into(),
                 mac: Some("02:00:00:00:02:02".parse().unwrap()),
+                master: None,
             },
             Link {
                 index: 10,
                 name: "vpod0".into(),
                 mac: None,
+                master: None,
             },
             Link {
                 index: 11,
                 name: "vpod1".into(),
                 mac: None,
+                master: None,
             },
         ]
+    }
+
+    #[test]
+    fn bridge_ports_get_no_host_route() {
+        let mut links = links();
+        links.push(Link {
+            index: 20,
+            name: "vbr0".into(),
+            mac: None,
+            master: Some(7),
+        });
+        let ep = endpoint("bridged", "10.244.7.9", Some("vbr0"));
+        let d = build(&[ep], &[], &links);
+        assert_eq!(d.routes.len(), 0, "{:?}", d.routes);
+        assert_eq!(d.problems.len(), 0);
     }
 
     pub(crate) fn enis() -> Vec<Eni> {

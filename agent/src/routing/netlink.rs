@@ -226,6 +226,7 @@ fn parse_link(l: &LinkMessage) -> Link {
         index: l.header.index,
         name: String::new(),
         mac: None,
+        master: None,
     };
     for attr in &l.attributes {
         match attr {
@@ -233,6 +234,7 @@ fn parse_link(l: &LinkMessage) -> Link {
             LinkAttribute::Address(bytes) => {
                 link.mac = <[u8; 6]>::try_from(bytes.as_slice()).ok().map(MacAddr);
             }
+            LinkAttribute::Controller(index) => link.master = Some(*index),
             _ => {}
         }
     }
