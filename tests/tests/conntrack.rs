@@ -590,7 +590,10 @@ fn race_hook_is_reported_and_probe_needs_kprobes() {
     if kprobes {
         let agent = forced.unwrap();
         let status = agent.api("status", json!({})).unwrap();
-        assert_eq!(status["race_hook"], json!("kretprobe/__nf_conntrack_confirm"));
+        assert_eq!(
+            status["race_hook"],
+            json!("kretprobe/__nf_conntrack_confirm")
+        );
     } else {
         let err = forced.unwrap_err().to_string();
         assert!(err.contains("__nf_conntrack_confirm"), "{err}");

@@ -301,7 +301,14 @@ fn pod_traffic_leaves_by_the_eni_that_owns_its_address() -> Result<()> {
         m.count("podnet_route_reconciles_total", &[("result", "error")]),
         0
     );
-    assert!(!m.has_family("podnet_steer_packets_total"));
+    // Fast path off: the family is declared (dashboards query it) but has
+    // no samples.
+    assert!(m.has_family("podnet_steer_packets_total"));
+    assert!(
+        !m.0.lines()
+            .any(|l| l.starts_with("podnet_steer_packets_total{")),
+        "steer samples without the fast path"
+    );
     Ok(())
 }
 

@@ -9,4 +9,5 @@
 pub mod client;
 pub mod protocol;
 pub mod server;
+pub mod status_view;
 pub mod view;

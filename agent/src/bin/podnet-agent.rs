@@ -44,6 +44,9 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 async fn main() -> anyhow::Result<()> {
     let config = AgentConfig::resolve(AgentArgs::parse())?;
     init_tracing(config.log_format);
+    if config.cleanup {
+        return cleanup(&config);
+    }
     let readiness = Readiness::new();
     // Bind the endpoints first: a busy port or socket fails fast, and
     // /healthz answers while the datapath loads.
@@ -89,6 +92,31 @@ async fn main() -> anyhow::Result<()> {
     }
     tokio::task::spawn_blocking(move || daemon.stop()).await?;
     Ok(())
+}
+
+/// `--cleanup`: removes what podnet installed, prints each removal, and
+/// fails if any step failed (the other steps still ran).
+fn cleanup(config: &AgentConfig) -> anyhow::Result<()> {
+    // On a plain OS thread: netlink runs its own runtime, which cannot start
+    // inside this one.
+    let cleanup_config = config.into();
+    let report = std::thread::spawn(move || podnet::daemon::cleanup::run(&cleanup_config))
+        .join()
+        .map_err(|_| anyhow::anyhow!("cleanup panicked"))?;
+    if report.removed.is_empty() {
+        println!("nothing to remove");
+    }
+    for line in &report.removed {
+        println!("removed {line}");
+    }
+    for e in &report.errors {
+        eprintln!("error: {e}");
+    }
+    if report.errors.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("cleanup incomplete: {} step(s) failed", report.errors.len())
+    }
 }
 
 /// A metrics source set once the datapath is up; empty before.

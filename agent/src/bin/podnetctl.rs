@@ -206,7 +206,7 @@ fn run(args: &Args) -> anyhow::Result<String> {
             if args.json {
                 return json(&result);
             }
-            Ok(view::key_value_lines(&result))
+            Ok(podnet::api::status_view::status_text(&result))
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod btf;
 pub mod fs;
+pub mod inventory;
 pub mod link;
 
 /// The conntrack race tracer object, built by agent/build.rs.

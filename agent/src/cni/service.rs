@@ -368,18 +368,24 @@ impl CniService {
         }
     }
 
-    /// Writes the IPAM and CNI metric families.
-    pub fn render_metrics(&self, enc: &mut Encoder) {
-        if let Some(eni) = &self.eni {
-            let (allocated, cooling) = crate::ipam::eni::busy(self.state().allocator());
-            eni.render_metrics(enc, &allocated, &cooling);
-        }
+    /// Pod addresses of this node's pools: (allocated, free, cooldown).
+    pub fn address_counts(&self) -> (u64, u64, u64) {
         let (mut allocated, mut free, mut cooldown) = (0u64, 0u64, 0u64);
         for u in self.state().allocator().usage() {
             allocated += u.allocated;
             free = free.saturating_add(u.free);
             cooldown += u.cooldown;
         }
+        (allocated, free, cooldown)
+    }
+
+    /// Writes the IPAM and CNI metric families.
+    pub fn render_metrics(&self, enc: &mut Encoder) {
+        if let Some(eni) = &self.eni {
+            let (allocated, cooling) = crate::ipam::eni::busy(self.state().allocator());
+            eni.render_metrics(enc, &allocated, &cooling);
+        }
+        let (allocated, free, cooldown) = self.address_counts();
         enc.family(
             "podnet_ipam_addresses",
             MetricType::Gauge,

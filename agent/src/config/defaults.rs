@@ -26,3 +26,11 @@ pub const DNS_SLOW_THRESHOLD: std::time::Duration = std::time::Duration::from_mi
 pub const WARM_ENI_TARGET: u32 = 1;
 /// `--imds-endpoint`.
 pub const IMDS_ENDPOINT: &str = "http://169.254.169.254";
+/// `--cni-conf-dir`.
+pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
+/// `--cni-bin-dir`.
+pub const CNI_BIN_DIR: &str = "/opt/cni/bin";
+/// The CNI configuration podnet installs in `--cni-conf-dir`.
+pub const CNI_CONFLIST: &str = "10-podnet.conflist";
+/// The CNI plugin binary podnet installs in `--cni-bin-dir`.
+pub const CNI_BINARY: &str = "podnet-cni";

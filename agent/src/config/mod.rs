@@ -122,6 +122,20 @@ pub struct AgentArgs {
     /// One YAML file with the same keys as the flags (for a ConfigMap).
     #[arg(long, env = "PODNET_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Directory of the CNI configuration podnet installed
+    /// (`10-podnet.conflist`) [default: /etc/cni/net.d].
+    #[arg(long, env = "PODNET_CNI_CONF_DIR")]
+    pub cni_conf_dir: Option<PathBuf>,
+    /// Directory of the CNI plugin binary podnet installed (`podnet-cni`)
+    /// [default: /opt/cni/bin].
+    #[arg(long, env = "PODNET_CNI_BIN_DIR")]
+    pub cni_bin_dir: Option<PathBuf>,
+    /// Remove everything podnet installed on this node (pins and the programs
+    /// they hold, owned rules, routes and proxy-ARP entries, the SNAT chain,
+    /// the CNI config and binary, the API socket), print what was removed and
+    /// exit; for uninstall. No environment twin: an action, not a setting.
+    #[arg(long)]
+    pub cleanup: bool,
 }
 
 /// The `--config` file: the same keys as the flags, in kebab-case.
@@ -178,6 +192,10 @@ pub struct ConfigFile {
     /// See [`AgentArgs::dns_slow_threshold`].
     #[serde(default, deserialize_with = "duration_key")]
     pub dns_slow_threshold: Option<std::time::Duration>,
+    /// See [`AgentArgs::cni_conf_dir`].
+    pub cni_conf_dir: Option<PathBuf>,
+    /// See [`AgentArgs::cni_bin_dir`].
+    pub cni_bin_dir: Option<PathBuf>,
 }
 
 /// Parses a duration flag such as `5s`, `500ms` or `1.5s` (1 ms to 60 s).
@@ -238,6 +256,12 @@ pub struct AgentConfig {
     pub dns_ports: Vec<u16>,
     /// DNS slow-answer threshold.
     pub dns_slow_threshold: std::time::Duration,
+    /// Directory of the installed CNI configuration.
+    pub cni_conf_dir: PathBuf,
+    /// Directory of the installed CNI plugin binary.
+    pub cni_bin_dir: PathBuf,
+    /// `--cleanup`: remove what podnet installed and exit.
+    pub cleanup: bool,
 }
 
 /// Errors building the configuration.
@@ -368,6 +392,15 @@ impl AgentConfig {
                 .dns_slow_threshold
                 .or(file.dns_slow_threshold)
                 .unwrap_or(defaults::DNS_SLOW_THRESHOLD),
+            cni_conf_dir: args
+                .cni_conf_dir
+                .or(file.cni_conf_dir)
+                .unwrap_or_else(|| PathBuf::from(defaults::CNI_CONF_DIR)),
+            cni_bin_dir: args
+                .cni_bin_dir
+                .or(file.cni_bin_dir)
+                .unwrap_or_else(|| PathBuf::from(defaults::CNI_BIN_DIR)),
+            cleanup: args.cleanup,
         }
     }
 }

@@ -65,6 +65,10 @@ impl metrics::MetricsSource for MetricsRenderer {
         let race_hook = self.daemon.status_race_hook();
         metrics::render_build_info(&mut enc, &self.kernel, race_hook);
         metrics::process::render(&mut enc);
+        metrics::selfstats::render(
+            &mut enc,
+            &crate::bpf::inventory::read(&self.daemon.config().bpffs),
+        );
         self.daemon.cni().render_metrics(&mut enc);
         self.daemon.routing().render_metrics(&mut enc);
         let dns = self

@@ -12,6 +12,7 @@ use std::{
     time::Instant,
 };
 
+pub mod cleanup;
 pub mod handler;
 
 use serde::Serialize;
@@ -100,6 +101,29 @@ pub struct Status {
     pub uptime_seconds: u64,
     /// DNS programs: links, program ids, counters.
     pub dns: crate::dns::DnsStatus,
+    /// `--bpffs`.
+    pub bpffs: PathBuf,
+    /// podnet's programs (behind its pinned links) and hash maps.
+    pub kernel_objects: crate::bpf::inventory::Inventory,
+    /// Events lost per program (ring buffer full).
+    pub events_lost: std::collections::BTreeMap<&'static str, u64>,
+    /// IPAM summary.
+    pub ipam: IpamSummary,
+    /// The last routing reconcile.
+    pub route_reconcile: crate::routing::LastReconcile,
+}
+
+/// Pod addresses of this node, for `podnetctl status`.
+#[derive(Debug, Default, Serialize)]
+pub struct IpamSummary {
+    /// `node-cidr` or `eni`.
+    pub mode: &'static str,
+    /// Addresses given to pods.
+    pub allocated: u64,
+    /// Addresses ready to give.
+    pub free: u64,
+    /// Released addresses not given again yet.
+    pub cooldown: u64,
 }
 
 impl Daemon {
@@ -206,6 +230,14 @@ impl Daemon {
     pub fn status(&self) -> Status {
         let tracer = self.tracer();
         let counters = tracer.snapshot().map(|s| s.counters).unwrap_or_default();
+        let dns = self.dns.status();
+        let events_lost = [
+            (crate::metrics::conntrack::PROGRAM, counters.events_lost),
+            (crate::metrics::dns::PROGRAM, dns.counters.events_lost),
+        ]
+        .into_iter()
+        .collect();
+        let (allocated, free, cooldown) = self.cni.address_counts();
         Status {
             version: env!("CARGO_PKG_VERSION"),
             kernel: kernel_release(),
@@ -219,7 +251,20 @@ impl Daemon {
             events_received: self.events.stats.received.load(Ordering::Relaxed),
             events_decode_errors: self.events.stats.decode_errors.load(Ordering::Relaxed),
             uptime_seconds: self.started.elapsed().as_secs(),
-            dns: self.dns.status(),
+            dns,
+            bpffs: self.config.bpffs.clone(),
+            kernel_objects: crate::bpf::inventory::read(&self.config.bpffs),
+            events_lost,
+            ipam: IpamSummary {
+                mode: match self.config.ipam_mode {
+                    crate::ipam::IpamMode::NodeCidr => "node-cidr",
+                    crate::ipam::IpamMode::Eni => "eni",
+                },
+                allocated,
+                free,
+                cooldown,
+            },
+            route_reconcile: self.routing.last_reconcile(),
         }
     }
 

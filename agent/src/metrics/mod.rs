@@ -9,6 +9,7 @@
 pub mod conntrack;
 pub mod dns;
 pub mod process;
+pub mod selfstats;
 pub mod server;
 pub mod text;
 

@@ -78,6 +78,21 @@ pub struct RoutingConfig {
     pub dns_ports: Vec<u16>,
 }
 
+/// The last routing reconcile, as `podnetctl status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct LastReconcile {
+    /// When it ended (Unix milliseconds; 0: none yet).
+    pub unix_ms: u64,
+    /// `success`, `error`, or `pending` before the first.
+    pub result: &'static str,
+    /// How long it took.
+    pub duration_seconds: f64,
+    /// Objects repaired since start (all kinds).
+    pub repairs: u64,
+    /// Errors of the last reconcile.
+    pub errors: usize,
+}
+
 /// Errors starting the routing subsystem.
 #[derive(Debug, thiserror::Error)]
 pub enum RoutingError {
@@ -100,6 +115,7 @@ struct Shared {
     view: Mutex<RoutesView>,
     steer: Mutex<Option<Steer>>,
     stop: AtomicBool,
+    durations: Mutex<crate::metrics::selfstats::DurationHistogram>,
 }
 
 /// The running routing subsystem.
@@ -135,6 +151,7 @@ impl Routing {
             }),
             steer: Mutex::new(steer),
             stop: AtomicBool::new(false),
+            durations: Mutex::default(),
         });
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -201,19 +218,30 @@ impl Routing {
         for kind in Kind::ALL {
             family.sample(&[("kind", kind.as_str())], s.repairs(kind));
         }
+        self.shared
+            .durations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .render(
+                enc,
+                "podnet_route_reconcile_duration_seconds",
+                "Time one routing reconcile takes: observe rules, routes and proxy entries, diff, apply.",
+            );
         let steer = self
             .shared
             .steer
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        // The family is declared even with the fast path off (no samples
+        // then), so dashboards and alerts never query an unknown name.
+        let mut family = enc.family(
+            "podnet_steer_packets_total",
+            MetricType::Counter,
+            "Packets seen by the ENI fast path, by direction (egress: pod to ENI, ingress: ENI to pod) and result (redirected past the kernel path, or left to it: no_neighbour, fib_miss, passed).",
+        );
         if let Some(steer) = steer.as_ref() {
             match steer.counts() {
                 Ok(counts) => {
-                    let mut family = enc.family(
-                        "podnet_steer_packets_total",
-                        MetricType::Counter,
-                        "Packets seen by the ENI fast path, by direction (egress: pod to ENI, ingress: ENI to pod) and result (redirected past the kernel path, or left to it: no_neighbour, fib_miss, passed).",
-                    );
                     for (d, dir) in DIRECTION_LABELS.iter().enumerate() {
                         for (r, res) in RESULT_LABELS.iter().enumerate() {
                             family.sample(
@@ -225,6 +253,31 @@ impl Routing {
                 }
                 Err(e) => tracing::warn!(error = %e, "reading fast path counters failed"),
             }
+        }
+    }
+
+    /// The last reconcile, for `podnetctl status`.
+    pub fn last_reconcile(&self) -> LastReconcile {
+        let view = self.show();
+        let s = &self.shared.stats;
+        LastReconcile {
+            unix_ms: view.reconciled_unix_ms,
+            result: if view.reconciled_unix_ms == 0 {
+                "pending"
+            } else if view.errors.is_empty() {
+                "success"
+            } else {
+                "error"
+            },
+            duration_seconds: self
+                .shared
+                .durations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .last()
+                .map_or(0.0, |d| d.as_secs_f64()),
+            repairs: Kind::ALL.iter().map(|k| s.repairs(*k)).sum(),
+            errors: view.errors.len(),
         }
     }
 
@@ -322,7 +375,14 @@ impl Loop {
                 .collect();
             let enis = self.enis.enis();
             let mut errors = Vec::new();
-            let outcome = match reconciler.reconcile(&endpoints, &enis, &self.shared.stats) {
+            let began = Instant::now();
+            let result = reconciler.reconcile(&endpoints, &enis, &self.shared.stats);
+            self.shared
+                .durations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .observe(began.elapsed());
+            let outcome = match result {
                 Ok(o) => o,
                 Err(e) => {
                     tracing::warn!(error = %e, "routing reconcile failed");

@@ -152,6 +152,11 @@ pub fn reconcile(spec: &SnatSpec) -> Result<bool, SnatError> {
 /// Removes the jump and the chain; nothing else. Returns whether anything
 /// was there.
 pub fn remove() -> Result<bool, SnatError> {
+    // A jump cannot exist without its chain, and `-C` of a jump to a missing
+    // chain is an error (exit 2), not "not found".
+    if chain_listing()?.is_none() {
+        return Ok(false);
+    }
     let jump = jump_rule();
     let mut removed = false;
     // Bounded: a duplicated jump is removed too, but never loop forever.

@@ -50,7 +50,8 @@ fn run() -> Result<Value> {
     } {
         let value = match name.as_str() {
             "conntrack" => conntrack()?,
-            other => bail!("unknown benchmark {other:?} (known: conntrack)"),
+            "ipam" => ipam()?,
+            other => bail!("unknown benchmark {other:?} (known: conntrack, ipam)"),
         };
         report.insert(name, value);
     }
@@ -172,4 +173,43 @@ fn conntrack() -> Result<Value> {
         "phases": phases,
         "non_netfilter_drops": other,
     }))
+}
+
+/// Pods allocated and released by the IPAM benchmark.
+const IPAM_PODS: usize = 1000;
+
+/// IPAM through the agent's API, as podnet-cni calls it: allocations and
+/// releases per second, each including the checkpoint written atomically
+/// (temp file, fsync, rename, directory fsync) before the answer.
+fn ipam() -> Result<Value> {
+    let topo = Topology::builder().name("bipam").pods(0).build()?;
+    let agent = Agent::start_with(topo.node(), &[], &["--node-cidr", "10.240.0.0/20"])?;
+    let key = |i: usize, command: &str| json!({"command": command, "containerId": format!("bench{i:05}"), "ifName": "eth0", "network": "bench"});
+    let start = std::time::Instant::now();
+    for i in 0..IPAM_PODS {
+        agent.api("ipam.allocate", key(i, "ADD"))?;
+    }
+    let allocate = start.elapsed();
+    let checkpoint = std::fs::read_dir(agent.state_dir())?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+        .map(|e| e.metadata().map_or(0, |m| m.len()))
+        .max()
+        .unwrap_or(0);
+    let start = std::time::Instant::now();
+    for i in 0..IPAM_PODS {
+        agent.api("ipam.release", key(i, "DEL"))?;
+    }
+    let release = start.elapsed();
+    #[allow(clippy::cast_precision_loss)]
+    let per_second = |d: Duration| IPAM_PODS as f64 / d.as_secs_f64();
+    let report = json!({
+        "pods": IPAM_PODS,
+        "allocations_per_second": per_second(allocate),
+        "releases_per_second": per_second(release),
+        "ms_per_allocation": 1000.0 / per_second(allocate),
+        "checkpoint_bytes_with_all_allocated": checkpoint,
+    });
+    eprintln!("ipam: {report}");
+    Ok(report)
 }

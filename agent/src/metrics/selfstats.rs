@@ -1,0 +1,201 @@
+//! The agent's own cost and headroom: how full its kernel maps are, how long
+//! its programs run (when the kernel collects that), and how long routing
+//! reconciles take.
+
+use std::time::Duration;
+
+use super::text::{Encoder, MetricType};
+use crate::bpf::inventory::Inventory;
+
+/// Upper bounds (seconds) of `podnet_route_reconcile_duration_seconds`.
+pub const RECONCILE_BUCKETS: [f64; 11] = [
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// A histogram of durations over [`RECONCILE_BUCKETS`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DurationHistogram {
+    /// Observations per bucket (not cumulative); the last slot is `+Inf`.
+    buckets: [u64; RECONCILE_BUCKETS.len() + 1],
+    sum: f64,
+    count: u64,
+    last: Option<Duration>,
+}
+
+impl DurationHistogram {
+    /// Records one duration.
+    pub fn observe(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let slot = RECONCILE_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(RECONCILE_BUCKETS.len());
+        self.buckets[slot] += 1;
+        self.sum += secs;
+        self.count += 1;
+        self.last = Some(d);
+    }
+
+    /// The most recent observation.
+    pub fn last(&self) -> Option<Duration> {
+        self.last
+    }
+
+    /// Writes the histogram as one unlabelled series of `name`.
+    pub fn render(&self, enc: &mut Encoder, name: &'static str, help: &str) {
+        let mut cumulative = 0;
+        let buckets: Vec<(f64, u64)> = RECONCILE_BUCKETS
+            .iter()
+            .zip(self.buckets)
+            .map(|(&bound, n)| {
+                cumulative += n;
+                (bound, cumulative)
+            })
+            .collect();
+        enc.family(name, MetricType::Histogram, help).histogram(
+            &[],
+            &buckets,
+            self.sum,
+            self.count,
+        );
+    }
+}
+
+/// Writes the map fill gauges and, when the kernel collects them, the
+/// program run statistics.
+pub fn render(enc: &mut Encoder, inv: &Inventory) {
+    let mut entries = enc.family(
+        "podnet_bpf_map_entries",
+        MetricType::Gauge,
+        "Keys in each of podnet's hash and LRU kernel maps, counted at scrape time; compare with podnet_bpf_map_capacity.",
+    );
+    for m in &inv.maps {
+        entries.sample(&[("map", &m.map)], m.entries);
+    }
+    let mut capacity = enc.family(
+        "podnet_bpf_map_capacity",
+        MetricType::Gauge,
+        "Maximum keys of each of podnet's hash and LRU kernel maps (max_entries).",
+    );
+    for m in &inv.maps {
+        capacity.sample(&[("map", &m.map)], u64::from(m.capacity));
+    }
+    if !inv.stats_enabled {
+        return;
+    }
+    // Several ids can share a name (links of an older program still
+    // pinned): one series per program name, summed.
+    let mut by_name: Vec<(&str, u64, u64)> = Vec::new();
+    for p in &inv.programs {
+        match by_name.iter_mut().find(|(n, _, _)| *n == p.name) {
+            Some(row) => {
+                row.1 += p.run_time_ns;
+                row.2 += p.run_count;
+            }
+            None => by_name.push((&p.name, p.run_time_ns, p.run_count)),
+        }
+    }
+    let mut time = enc.family(
+        "podnet_bpf_program_run_seconds_total",
+        MetricType::Counter,
+        "Time podnet's kernel programs spent running, from the kernel's program info; only present while kernel.bpf_stats_enabled=1 (the kernel counts nothing otherwise).",
+    );
+    for (name, ns, _) in &by_name {
+        #[allow(clippy::cast_precision_loss)] // nanoseconds to seconds: f64 is the exposition type
+        let secs = *ns as f64 / 1e9;
+        time.sample(&[("program", name)], secs);
+    }
+    let mut runs = enc.family(
+        "podnet_bpf_program_runs_total",
+        MetricType::Counter,
+        "Runs of podnet's kernel programs, from the kernel's program info; only present while kernel.bpf_stats_enabled=1 (the kernel counts nothing otherwise).",
+    );
+    for (name, _, n) in &by_name {
+        runs.sample(&[("program", name)], *n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bpf::inventory::{MapFill, PinnedProgram};
+
+    fn inventory(stats_enabled: bool) -> Inventory {
+        let program = |name: &str, id, ns, runs| PinnedProgram {
+            subsystem: "dns".into(),
+            name: name.into(),
+            id,
+            links: Vec::new(),
+            run_time_ns: ns,
+            run_count: runs,
+        };
+        Inventory {
+            maps: vec![MapFill {
+                subsystem: "conntrack".into(),
+                map: "CT_DROPS".into(),
+                entries: 2,
+                capacity: 4096,
+            }],
+            programs: vec![
+                program("podnet_dns_pod_ingress", 7, 1_500_000_000, 10),
+                program("podnet_dns_pod_ingress", 9, 500_000_000, 5),
+            ],
+            stats_enabled,
+        }
+    }
+
+    #[test]
+    fn map_fill_and_program_runs_when_stats_are_on() {
+        let mut enc = Encoder::new();
+        render(&mut enc, &inventory(true));
+        let text = enc.finish();
+        assert!(
+            text.contains("podnet_bpf_map_entries{map=\"CT_DROPS\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("podnet_bpf_map_capacity{map=\"CT_DROPS\"} 4096\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("podnet_bpf_program_runs_total{program=\"podnet_dns_pod_ingress\"} 15\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "podnet_bpf_program_run_seconds_total{program=\"podnet_dns_pod_ingress\"} 2\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn program_families_are_omitted_while_stats_are_off() {
+        let mut enc = Encoder::new();
+        render(&mut enc, &inventory(false));
+        let text = enc.finish();
+        assert!(text.contains("podnet_bpf_map_entries{"), "{text}");
+        assert!(!text.contains("podnet_bpf_program_run"), "{text}");
+    }
+
+    #[test]
+    fn reconcile_durations_fall_in_cumulative_buckets() {
+        let mut h = DurationHistogram::default();
+        h.observe(Duration::from_micros(300));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(2));
+        assert_eq!(h.last(), Some(Duration::from_secs(2)));
+        let mut enc = Encoder::new();
+        h.render(&mut enc, "podnet_route_reconcile_duration_seconds", "help");
+        let text = enc.finish();
+        for line in [
+            "podnet_route_reconcile_duration_seconds_bucket{le=\"0.0005\"} 1\n",
+            "podnet_route_reconcile_duration_seconds_bucket{le=\"0.005\"} 2\n",
+            "podnet_route_reconcile_duration_seconds_bucket{le=\"1\"} 2\n",
+            "podnet_route_reconcile_duration_seconds_bucket{le=\"+Inf\"} 3\n",
+            "podnet_route_reconcile_duration_seconds_count 3\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from {text}");
+        }
+    }
+}
