@@ -73,6 +73,9 @@ pub struct VmTestArgs {
     /// Guest memory.
     #[arg(long, default_value = "2G")]
     pub memory: String,
+    /// Race hooks to run each suite with (default: both).
+    #[arg(long = "hook", value_parser = ["probe", "tracepoint"])]
+    pub hooks: Vec<String>,
 }
 
 /// A kernel package: the apt name pattern picks the newest build of a series.
@@ -112,7 +115,12 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
     for s in &series {
         let (release, vmlinuz) = kernel(s)?;
         println!("== booting {release} (qemu, software emulation)");
-        let (ok, summary) = boot_and_test(&vmlinuz, &binaries, &args.memory)?;
+        let hooks: Vec<&str> = if args.hooks.is_empty() {
+            vec!["probe", "tracepoint"]
+        } else {
+            args.hooks.iter().map(String::as_str).collect()
+        };
+        let (ok, summary) = boot_and_test(&vmlinuz, &binaries, &args.memory, &hooks)?;
         report.push(format!(
             "{:<8} {release:<24} {}",
             s.label,
@@ -283,6 +291,7 @@ fn boot_and_test(
     vmlinuz: &Path,
     binaries: &[PathBuf],
     memory: &str,
+    hooks: &[&str],
 ) -> Result<(bool, Vec<String>)> {
     let root = cmd::workspace_root();
     let mut script = format!(
@@ -294,7 +303,7 @@ fn boot_and_test(
     // where kprobes exist, as on these kernels) and the drop tracepoint. Both
     // must give the same exact counts.
     for exe in binaries {
-        for hook in ["probe", "tracepoint"] {
+        for hook in hooks {
             let _ = write!(
                 script,
                 "echo \"== race hook: {hook}\"; PODNET_TEST_AGENT_ARGS='--race-hook {hook}' \
