@@ -548,17 +548,14 @@ fn two_nodes_do_not_see_each_others_races() {
     );
 }
 
-/// The race hook this run expects the agent to use: what
-/// `PODNET_TEST_AGENT_ARGS` forces, else the confirm probe where the kernel
-/// has kprobes and the drop tracepoint elsewhere.
+/// The race hook this run expects the agent to use: the confirm probe when
+/// `PODNET_TEST_AGENT_ARGS` asks for it, else the drop tracepoint (`auto`).
 fn expected_hook() -> &'static str {
     let args = std::env::var("PODNET_TEST_AGENT_ARGS").unwrap_or_default();
-    let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
-    if args.contains("--race-hook tracepoint") || (!kprobes && !args.contains("--race-hook probe"))
-    {
-        "tp_btf/kfree_skb"
-    } else {
+    if args.contains("--race-hook probe") {
         "kretprobe/__nf_conntrack_confirm"
+    } else {
+        "tp_btf/kfree_skb"
     }
 }
 

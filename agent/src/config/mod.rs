@@ -49,9 +49,9 @@ pub struct AgentArgs {
     /// counts stay exact above it [default: 20000; 0 = unlimited].
     #[arg(long, env = "PODNET_RACE_EVENT_BUDGET")]
     pub race_event_budget: Option<u32>,
-    /// Hook that counts insert races: `auto` (a kretprobe on
-    /// `__nf_conntrack_confirm` where the kernel has kprobes, else the drop
-    /// tracepoint), `tracepoint`, or `probe` [default: auto].
+    /// Hook that counts insert races: `auto` and `tracepoint` (the drop
+    /// tracepoint), or `probe` (a kretprobe on `__nf_conntrack_confirm`, where
+    /// the kernel has kprobes) [default: auto].
     #[arg(long, env = "PODNET_RACE_HOOK", value_enum)]
     pub race_hook: Option<crate::conntrack::tracer::RaceHookChoice>,
     /// A DNS query with no answer by then is a timeout (e.g. `5s`, `500ms`)
