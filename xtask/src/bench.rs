@@ -189,16 +189,17 @@ fn render_ipam(doc: &mut String, v: &Value) -> Result<()> {
     )?;
     writeln!(
         doc,
-        "| allocations/s | releases/s | ms per allocation | checkpoint size with all allocated |"
+        "| allocations/s | releases/s | ms per allocation | checkpoint size with all allocated | one checkpoint write of that size |"
     )?;
-    writeln!(doc, "|---|---|---|---|")?;
+    writeln!(doc, "|---|---|---|---|---|")?;
     writeln!(
         doc,
-        "| {:.0} | {:.0} | {:.2} | {} bytes |",
+        "| {:.0} | {:.0} | {:.2} | {} bytes | {:.2} ms |",
         num(&i["allocations_per_second"]),
         num(&i["releases_per_second"]),
         num(&i["ms_per_allocation"]),
-        i["checkpoint_bytes_with_all_allocated"]
+        i["checkpoint_bytes_with_all_allocated"],
+        num(&i["checkpoint_write_ms"])
     )?;
     writeln!(
         doc,
