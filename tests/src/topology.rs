@@ -133,6 +133,44 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// Source-NATs every `proto` flow from the pods to the node's address
+    /// towards the server, on the single port `port` (IPv6 with `v6`): the
+    /// set-up in which every new flow to an address and port already held by
+    /// another pod's flow loses the conntrack insert race.
+    pub fn snat_pods_to_one_port(&self, proto: &str, v6: bool, port: u16) -> Result<()> {
+        let (cidr, to) = if v6 {
+            (
+                self.pods_cidr_v6(),
+                format!("[{}]:{port}-{port}", self.node_ipv6_to_server()),
+            )
+        } else {
+            (
+                self.pods_cidr_v4(),
+                format!("{}:{port}-{port}", self.node_ipv4_to_server()),
+            )
+        };
+        let args = [
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            cidr,
+            "-p",
+            proto,
+            "-j",
+            "SNAT",
+            "--to-source",
+            &to,
+        ];
+        if v6 {
+            crate::ip6tables(self.node(), &args)?;
+        } else {
+            crate::iptables(self.node(), &args)?;
+        }
+        Ok(())
+    }
+
     /// A builder with the defaults: name `pn`, 2 pods.
     pub fn builder() -> TopologyBuilder {
         TopologyBuilder {

@@ -9,8 +9,8 @@ use std::{
 };
 
 use podnet_tests::{
-    conntrack_stats, in_netns, ip6tables, iptables, require_root, tcp_connect, tcp_echo_server,
-    udp_send, udp_send_paced, wait_for, Agent, EndpointSpec, Metrics, Topology,
+    conntrack_stats, in_netns, iptables, require_root, tcp_connect, tcp_echo_server, udp_send,
+    udp_send_paced, wait_for, Agent, EndpointSpec, Metrics, Topology,
 };
 use serde_json::json;
 
@@ -40,36 +40,7 @@ fn endpoints(topo: &Topology) -> Vec<EndpointSpec> {
 
 /// SNAT of every pod flow of `proto` to the node's address, one port.
 fn snat_to_single_port(topo: &Topology, proto: &str, v6: bool) {
-    let (cidr, to) = if v6 {
-        (
-            topo.pods_cidr_v6(),
-            format!("[{}]:{SNAT_PORT}-{SNAT_PORT}", topo.node_ipv6_to_server()),
-        )
-    } else {
-        (
-            topo.pods_cidr_v4(),
-            format!("{}:{SNAT_PORT}-{SNAT_PORT}", topo.node_ipv4_to_server()),
-        )
-    };
-    let args = [
-        "-t",
-        "nat",
-        "-A",
-        "POSTROUTING",
-        "-s",
-        cidr,
-        "-p",
-        proto,
-        "-j",
-        "SNAT",
-        "--to-source",
-        &to,
-    ];
-    if v6 {
-        ip6tables(topo.node(), &args).unwrap();
-    } else {
-        iptables(topo.node(), &args).unwrap();
-    }
+    topo.snat_pods_to_one_port(proto, v6, SNAT_PORT).unwrap();
 }
 
 fn kernel_insert_failed(topo: &Topology) -> u64 {

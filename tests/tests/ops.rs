@@ -234,24 +234,7 @@ fn assert_foreign_state_survives(node: &Netns) -> Result<()> {
 /// race) and an ordinary DROP for pod a towards port 9999.
 fn race_and_drop_rules(topo: &Topology) -> Result<()> {
     let a = topo.pod(0);
-    let to = format!("{}:40000-40000", topo.node_ipv4_to_server());
-    iptables(
-        topo.node(),
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-s",
-            topo.pods_cidr_v4(),
-            "-p",
-            "udp",
-            "-j",
-            "SNAT",
-            "--to-source",
-            &to,
-        ],
-    )?;
+    topo.snat_pods_to_one_port("udp", false, 40_000)?;
     // An ordinary DROP for pod a towards port 9999.
     let a_ip = a.ipv4().to_string();
     iptables(

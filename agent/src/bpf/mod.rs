@@ -62,6 +62,24 @@ pub enum BpfError {
     },
 }
 
+impl BpfError {
+    /// A program that could not be loaded, attached or inspected.
+    pub fn program(program: &str, message: impl std::fmt::Display) -> Self {
+        Self::Program {
+            program: program.to_owned(),
+            message: message.to_string(),
+        }
+    }
+
+    /// A map that is missing or has an unexpected type.
+    pub fn map(map: &'static str, message: impl std::fmt::Display) -> Self {
+        Self::Map {
+            map,
+            message: message.to_string(),
+        }
+    }
+}
+
 /// Inode number of the calling thread's network namespace: the namespace the
 /// agent observes (kernel programs filter on it).
 pub fn current_netns_inode() -> std::io::Result<u32> {

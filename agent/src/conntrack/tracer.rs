@@ -102,20 +102,6 @@ pub struct Tracer {
     pin_dir: PathBuf,
 }
 
-fn map_error(map: &'static str, message: impl std::fmt::Display) -> BpfError {
-    BpfError::Map {
-        map,
-        message: message.to_string(),
-    }
-}
-
-fn program_error(program: &str, message: impl std::fmt::Display) -> BpfError {
-    BpfError::Program {
-        program: program.to_owned(),
-        message: message.to_string(),
-    }
-}
-
 impl Tracer {
     /// Resolves kernel offsets, loads the programs with their pinned maps,
     /// and attaches them (or adopts the pinned links of the same programs).
@@ -126,7 +112,7 @@ impl Tracer {
             RaceHookChoice::Auto | RaceHookChoice::Tracepoint => RaceHook::DropTracepoint,
             RaceHookChoice::Probe if kprobes_available() => RaceHook::ConfirmProbe,
             RaceHookChoice::Probe => {
-                return Err(program_error(
+                return Err(BpfError::program(
                     CONFIRM_EXIT_PROGRAM,
                     format!("--race-hook probe: this kernel cannot create kprobes ({KPROBE_PMU} is missing), so {CONFIRM_FUNCTION} cannot be probed"),
                 ))
@@ -175,41 +161,41 @@ impl Tracer {
             bpf::link::remove_pinned(pin_dir, CONFIRM_EXIT_PIN)?;
         }
         let btf = Btf::from_sys_fs()
-            .map_err(|e| program_error(PROGRAM_NAME, format!("kernel BTF: {e}")))?;
+            .map_err(|e| BpfError::program(PROGRAM_NAME, format!("kernel BTF: {e}")))?;
         let program: &mut BtfTracePoint = ebpf
             .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| program_error(PROGRAM_NAME, "missing from object"))?
+            .ok_or_else(|| BpfError::program(PROGRAM_NAME, "missing from object"))?
             .try_into()
-            .map_err(|e| program_error(PROGRAM_NAME, e))?;
+            .map_err(|e| BpfError::program(PROGRAM_NAME, e))?;
         program
             .load(TRACEPOINT, &btf)
-            .map_err(|e| program_error(PROGRAM_NAME, format!("load (verifier): {e}")))?;
+            .map_err(|e| BpfError::program(PROGRAM_NAME, format!("load (verifier): {e}")))?;
         let attachment = bpf::link::attach_pinned(pin_dir, LINK_PIN, fingerprint, || {
             let id = program
                 .attach()
-                .map_err(|e| program_error(PROGRAM_NAME, e))?;
+                .map_err(|e| BpfError::program(PROGRAM_NAME, e))?;
             let link = program
                 .take_link(id)
-                .map_err(|e| program_error(PROGRAM_NAME, e))?;
+                .map_err(|e| BpfError::program(PROGRAM_NAME, e))?;
             Ok(FdLink::from(link))
         })?;
         let program_id = program.info().map_or(0, |i| i.id());
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name)
-                .ok_or_else(|| map_error(name, "missing from object"))
+                .ok_or_else(|| BpfError::map(name, "missing from object"))
         };
         let drops = take(&mut ebpf, m::DROPS)?
             .try_into()
-            .map_err(|e| map_error(m::DROPS, e))?;
+            .map_err(|e| BpfError::map(m::DROPS, e))?;
         let destinations = take(&mut ebpf, m::RACE_DESTS)?
             .try_into()
-            .map_err(|e| map_error(m::RACE_DESTS, e))?;
+            .map_err(|e| BpfError::map(m::RACE_DESTS, e))?;
         let counters = take(&mut ebpf, m::COUNTERS)?
             .try_into()
-            .map_err(|e| map_error(m::COUNTERS, e))?;
+            .map_err(|e| BpfError::map(m::COUNTERS, e))?;
         let events = take(&mut ebpf, m::EVENTS)?
             .try_into()
-            .map_err(|e| map_error(m::EVENTS, e))?;
+            .map_err(|e| BpfError::map(m::EVENTS, e))?;
         tracing::info!(%attachment, hook = hook_name(hook), pins = %pin_dir.display(), netns = config.netns_inode, "conntrack tracer in place");
         Ok(Self {
             _ebpf: ebpf,
@@ -253,7 +239,7 @@ impl Tracer {
     pub fn snapshot(&self) -> Result<TracerSnapshot, BpfError> {
         let mut drops = Vec::new();
         for item in &self.drops {
-            let (key, values) = item.map_err(|e| map_error(m::DROPS, e))?;
+            let (key, values) = item.map_err(|e| BpfError::map(m::DROPS, e))?;
             let (Some(source), Some(kind)) = (
                 kernel_addr(&key.addr, key.family),
                 DropKind::from_u8(key.kind),
@@ -269,7 +255,7 @@ impl Tracer {
         }
         let mut destinations = Vec::new();
         for item in &self.destinations {
-            let (key, values) = item.map_err(|e| map_error(m::RACE_DESTS, e))?;
+            let (key, values) = item.map_err(|e| BpfError::map(m::RACE_DESTS, e))?;
             let Some(addr) = kernel_addr(&key.addr, key.family) else {
                 continue;
             };
@@ -283,7 +269,7 @@ impl Tracer {
             let values = self
                 .counters
                 .get(&index, 0)
-                .map_err(|e| map_error(m::COUNTERS, e))?;
+                .map_err(|e| BpfError::map(m::COUNTERS, e))?;
             Ok(values.iter().sum())
         };
         let counters = TracerCounters {
@@ -375,17 +361,19 @@ fn attach_probe(
 ) -> Result<Attachment, BpfError> {
     let probe: &mut KProbe = ebpf
         .program_mut(name)
-        .ok_or_else(|| program_error(name, "missing from object"))?
+        .ok_or_else(|| BpfError::program(name, "missing from object"))?
         .try_into()
-        .map_err(|e| program_error(name, e))?;
+        .map_err(|e| BpfError::program(name, e))?;
     probe
         .load()
-        .map_err(|e| program_error(name, format!("load (verifier): {e}")))?;
+        .map_err(|e| BpfError::program(name, format!("load (verifier): {e}")))?;
     bpf::link::attach_pinned(pin_dir, pin_base, fingerprint, || {
         let id = probe
             .attach(CONFIRM_FUNCTION, 0)
-            .map_err(|e| program_error(name, format!("attach to {CONFIRM_FUNCTION}: {e}")))?;
-        let link = probe.take_link(id).map_err(|e| program_error(name, e))?;
-        FdLink::try_from(link).map_err(|e| program_error(name, format!("not a bpf link: {e}")))
+            .map_err(|e| BpfError::program(name, format!("attach to {CONFIRM_FUNCTION}: {e}")))?;
+        let link = probe
+            .take_link(id)
+            .map_err(|e| BpfError::program(name, e))?;
+        FdLink::try_from(link).map_err(|e| BpfError::program(name, format!("not a bpf link: {e}")))
     })
 }

@@ -312,22 +312,27 @@ impl Attacher {
     ) -> Result<bool, BpfError> {
         let name = pin.role.program(pin.direction);
         let program = tracer.program_mut(name)?;
-        let our_tag = program.info().map_err(|e| program_error(name, e))?.tag();
+        let our_tag = program
+            .info()
+            .map_err(|e| BpfError::program(name, e))?
+            .tag();
         let link: FdLink = PinnedLink::from_pin(path)
-            .map_err(|e| program_error(name, format!("open {}: {e}", path.display())))?
+            .map_err(|e| BpfError::program(name, format!("open {}: {e}", path.display())))?
             .into();
         let their_program = link.info().ok().map(|i| i.program_id());
         let their_tag = their_program.and_then(|id| tags.get(&id).copied());
         if their_tag == Some(our_tag) {
             return Ok(true);
         }
-        let link = SchedClassifierLink::try_from(link).map_err(|e| program_error(name, e))?;
+        let link = SchedClassifierLink::try_from(link).map_err(|e| BpfError::program(name, e))?;
         let id = program
             .attach_to_link(link)
-            .map_err(|e| program_error(name, format!("replace: {e}")))?;
+            .map_err(|e| BpfError::program(name, format!("replace: {e}")))?;
         // The link stays pinned; dropping our handle must not detach it.
-        let link = program.take_link(id).map_err(|e| program_error(name, e))?;
-        drop(FdLink::try_from(link).map_err(|e| program_error(name, e))?);
+        let link = program
+            .take_link(id)
+            .map_err(|e| BpfError::program(name, e))?;
+        drop(FdLink::try_from(link).map_err(|e| BpfError::program(name, e))?);
         Ok(false)
     }
 
@@ -340,12 +345,14 @@ impl Attacher {
                 pin.direction.attach_type(),
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
-            .map_err(|e| program_error(name, format!("attach to {}: {e}", pin.ifname)))?;
-        let link = program.take_link(id).map_err(|e| program_error(name, e))?;
-        let link = FdLink::try_from(link).map_err(|e| program_error(name, e))?;
+            .map_err(|e| BpfError::program(name, format!("attach to {}: {e}", pin.ifname)))?;
+        let link = program
+            .take_link(id)
+            .map_err(|e| BpfError::program(name, e))?;
+        let link = FdLink::try_from(link).map_err(|e| BpfError::program(name, e))?;
         let path = self.dir.join(pin.file_name());
         link.pin(&path)
-            .map_err(|e| program_error(name, format!("pin at {}: {e}", path.display())))?;
+            .map_err(|e| BpfError::program(name, format!("pin at {}: {e}", path.display())))?;
         Ok(())
     }
 }
@@ -354,18 +361,11 @@ impl Attacher {
 /// order: the kernel's own view, for checks and benchmarks.
 pub fn tcx_program_ids(ifname: &str, direction: Direction) -> Result<Vec<u32>, BpfError> {
     let (_, programs) = aya::programs::SchedClassifier::query_tcx(ifname, direction.attach_type())
-        .map_err(|e| program_error("tcx query", format!("{ifname}: {e}")))?;
+        .map_err(|e| BpfError::program("tcx query", format!("{ifname}: {e}")))?;
     Ok(programs
         .iter()
         .map(aya::programs::ProgramInfo::id)
         .collect())
-}
-
-fn program_error(program: &str, message: impl std::fmt::Display) -> BpfError {
-    BpfError::Program {
-        program: program.to_owned(),
-        message: message.to_string(),
-    }
 }
 
 #[cfg(test)]

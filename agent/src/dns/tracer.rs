@@ -27,20 +27,6 @@ pub const PROGRAMS: [&str; 5] = [
     programs::BASELINE,
 ];
 
-fn map_error(map: &'static str, message: impl std::fmt::Display) -> BpfError {
-    BpfError::Map {
-        map,
-        message: message.to_string(),
-    }
-}
-
-fn program_error(program: &str, message: impl std::fmt::Display) -> BpfError {
-    BpfError::Program {
-        program: program.to_owned(),
-        message: message.to_string(),
-    }
-}
-
 /// The loaded DNS programs and their maps.
 pub struct DnsTracer {
     ebpf: Ebpf,
@@ -78,46 +64,46 @@ impl DnsTracer {
         for name in PROGRAMS {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
-                .ok_or_else(|| program_error(name, "missing from object"))?
+                .ok_or_else(|| BpfError::program(name, "missing from object"))?
                 .try_into()
-                .map_err(|e| program_error(name, e))?;
+                .map_err(|e| BpfError::program(name, e))?;
             program
                 .load()
-                .map_err(|e| program_error(name, format!("load (verifier): {e}")))?;
+                .map_err(|e| BpfError::program(name, format!("load (verifier): {e}")))?;
         }
         let take = |ebpf: &mut Ebpf, name: &'static str| {
             ebpf.take_map(name)
-                .ok_or_else(|| map_error(name, "missing from object"))
+                .ok_or_else(|| BpfError::map(name, "missing from object"))
         };
         let mut config: Array<MapData, DnsConfig> = take(&mut ebpf, m::CONFIG)?
             .try_into()
-            .map_err(|e| map_error(m::CONFIG, e))?;
+            .map_err(|e| BpfError::map(m::CONFIG, e))?;
         config
             .set(0, config_value(settings), 0)
-            .map_err(|e| map_error(m::CONFIG, e))?;
+            .map_err(|e| BpfError::map(m::CONFIG, e))?;
         let tracer = Self {
             pending: take(&mut ebpf, m::PENDING)?
                 .try_into()
-                .map_err(|e| map_error(m::PENDING, e))?,
+                .map_err(|e| BpfError::map(m::PENDING, e))?,
             latency: take(&mut ebpf, m::LATENCY)?
                 .try_into()
-                .map_err(|e| map_error(m::LATENCY, e))?,
+                .map_err(|e| BpfError::map(m::LATENCY, e))?,
             requests: take(&mut ebpf, m::REQUESTS)?
                 .try_into()
-                .map_err(|e| map_error(m::REQUESTS, e))?,
+                .map_err(|e| BpfError::map(m::REQUESTS, e))?,
             retransmits: take(&mut ebpf, m::RETRANSMITS)?
                 .try_into()
-                .map_err(|e| map_error(m::RETRANSMITS, e))?,
+                .map_err(|e| BpfError::map(m::RETRANSMITS, e))?,
             timeouts: take(&mut ebpf, m::TIMEOUTS)?
                 .try_into()
-                .map_err(|e| map_error(m::TIMEOUTS, e))?,
+                .map_err(|e| BpfError::map(m::TIMEOUTS, e))?,
             counters: take(&mut ebpf, m::COUNTERS)?
                 .try_into()
-                .map_err(|e| map_error(m::COUNTERS, e))?,
+                .map_err(|e| BpfError::map(m::COUNTERS, e))?,
             events: Some(
                 take(&mut ebpf, m::EVENTS)?
                     .try_into()
-                    .map_err(|e| map_error(m::EVENTS, e))?,
+                    .map_err(|e| BpfError::map(m::EVENTS, e))?,
             ),
             ebpf,
             pin_dir,
@@ -134,9 +120,9 @@ impl DnsTracer {
     pub fn program_mut(&mut self, name: &str) -> Result<&mut SchedClassifier, BpfError> {
         self.ebpf
             .program_mut(name)
-            .ok_or_else(|| program_error(name, "missing from object"))?
+            .ok_or_else(|| BpfError::program(name, "missing from object"))?
             .try_into()
-            .map_err(|e| program_error(name, e))
+            .map_err(|e| BpfError::program(name, e))
     }
 
     /// Attaches `program` to a hook of `ifname` (in the calling thread's
@@ -154,7 +140,7 @@ impl DnsTracer {
             direction.attach_type(),
             aya::programs::tc::TcAttachOptions::TcxOrder(aya::programs::LinkOrder::default()),
         )
-        .map_err(|e| program_error(program, format!("attach to {ifname}: {e}")))?;
+        .map_err(|e| BpfError::program(program, format!("attach to {ifname}: {e}")))?;
         Ok(p.info().map_or(0, |i| i.id()))
     }
 
@@ -182,7 +168,7 @@ impl DnsTracer {
     pub fn snapshot(&self) -> Result<DnsSnapshot, BpfError> {
         let mut latency = Vec::new();
         for item in &self.latency {
-            let (key, values) = item.map_err(|e| map_error(m::LATENCY, e))?;
+            let (key, values) = item.map_err(|e| BpfError::map(m::LATENCY, e))?;
             let sum = super::sum_latency(&values);
             latency.push(LatencyCount {
                 key,
@@ -195,7 +181,7 @@ impl DnsTracer {
          -> Result<Vec<PeerCount>, BpfError> {
             let mut out = Vec::new();
             for item in map {
-                let (key, values) = item.map_err(|e| map_error(name, e))?;
+                let (key, values) = item.map_err(|e| BpfError::map(name, e))?;
                 out.push(PeerCount {
                     key,
                     count: values.iter().sum(),
@@ -207,14 +193,14 @@ impl DnsTracer {
         let retransmits = per_cpu(&self.retransmits, m::RETRANSMITS)?;
         let mut timeouts = Vec::new();
         for item in &self.timeouts {
-            let (key, count) = item.map_err(|e| map_error(m::TIMEOUTS, e))?;
+            let (key, count) = item.map_err(|e| BpfError::map(m::TIMEOUTS, e))?;
             timeouts.push(PeerCount { key, count });
         }
         let count = |index: u32| -> Result<u64, BpfError> {
             let values = self
                 .counters
                 .get(&index, 0)
-                .map_err(|e| map_error(m::COUNTERS, e))?;
+                .map_err(|e| BpfError::map(m::COUNTERS, e))?;
             Ok(values.iter().sum())
         };
         Ok(DnsSnapshot {

@@ -50,20 +50,6 @@ fn pin_ifname(pin: &str) -> Option<String> {
     pin.strip_prefix(LINK_PREFIX).map(|n| n.replace(':', "."))
 }
 
-fn program_error(program: &str, message: impl std::fmt::Display) -> BpfError {
-    BpfError::Program {
-        program: program.to_owned(),
-        message: message.to_string(),
-    }
-}
-
-fn map_error(map: &'static str, message: impl std::fmt::Display) -> BpfError {
-    BpfError::Map {
-        map,
-        message: message.to_string(),
-    }
-}
-
 /// Packet counts of the fast path, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SteerCounts {
@@ -121,21 +107,21 @@ impl Steer {
         for name in [POD_PROGRAM, ENI_PROGRAM] {
             classifier(&mut ebpf, name)?
                 .load()
-                .map_err(|e| program_error(name, format!("load (verifier): {e}")))?;
+                .map_err(|e| BpfError::program(name, format!("load (verifier): {e}")))?;
         }
         let mut take = |name: &'static str| {
             ebpf.take_map(name)
-                .ok_or_else(|| map_error(name, "missing from object"))
+                .ok_or_else(|| BpfError::map(name, "missing from object"))
         };
         let pods = take(m::PODS)?
             .try_into()
-            .map_err(|e| map_error(m::PODS, e))?;
+            .map_err(|e| BpfError::map(m::PODS, e))?;
         let dests = take(m::DESTS)?
             .try_into()
-            .map_err(|e| map_error(m::DESTS, e))?;
+            .map_err(|e| BpfError::map(m::DESTS, e))?;
         let counters = take(m::COUNTERS)?
             .try_into()
-            .map_err(|e| map_error(m::COUNTERS, e))?;
+            .map_err(|e| BpfError::map(m::COUNTERS, e))?;
         Ok(Self {
             ebpf,
             pods,
@@ -255,7 +241,7 @@ impl Steer {
             if self.pods.get(key, 0).ok() != Some(*value) {
                 self.pods
                     .insert(key, value, 0)
-                    .map_err(|e| map_error(m::PODS, e))?;
+                    .map_err(|e| BpfError::map(m::PODS, e))?;
             }
         }
         let stale: Vec<u32> = self
@@ -265,7 +251,9 @@ impl Steer {
             .filter(|k| !pods.contains_key(k))
             .collect();
         for key in stale {
-            self.pods.remove(&key).map_err(|e| map_error(m::PODS, e))?;
+            self.pods
+                .remove(&key)
+                .map_err(|e| BpfError::map(m::PODS, e))?;
         }
         let dests: BTreeMap<(u32, [u8; 4]), u32> = steer_dests
             .iter()
@@ -277,7 +265,7 @@ impl Steer {
             let key = Key::new(*prefix, DestAddr { addr: *addr });
             self.dests
                 .insert(&key, value, 0)
-                .map_err(|e| map_error(m::DESTS, e))?;
+                .map_err(|e| BpfError::map(m::DESTS, e))?;
         }
         let stale: Vec<Key<DestAddr>> = self
             .dests
@@ -288,7 +276,7 @@ impl Steer {
         for key in stale {
             self.dests
                 .remove(&key)
-                .map_err(|e| map_error(m::DESTS, e))?;
+                .map_err(|e| BpfError::map(m::DESTS, e))?;
         }
         Ok(())
     }
@@ -301,7 +289,7 @@ impl Steer {
                 let values = self
                     .counters
                     .get(&counter_index(dir, res), 0)
-                    .map_err(|e| map_error(m::COUNTERS, e))?;
+                    .map_err(|e| BpfError::map(m::COUNTERS, e))?;
                 counts.packets[dir as usize][res as usize] = values.iter().sum();
             }
         }
@@ -325,9 +313,9 @@ fn pod_key(ip: Ipv4Addr) -> u32 {
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, BpfError> {
     ebpf.program_mut(name)
-        .ok_or_else(|| program_error(name, "missing from object"))?
+        .ok_or_else(|| BpfError::program(name, "missing from object"))?
         .try_into()
-        .map_err(|e| program_error(name, e))
+        .map_err(|e| BpfError::program(name, e))
 }
 
 /// Attaches `program` at the tcx ingress of `ifname` through a link pinned
@@ -344,7 +332,7 @@ fn attach_tcx_pinned(
     ifindex: u32,
     pin: &Path,
 ) -> Result<Attachment, BpfError> {
-    let ours = program.info().map_err(|e| program_error(name, e))?;
+    let ours = program.info().map_err(|e| BpfError::program(name, e))?;
     let (our_id, our_tag) = (ours.id(), ours.tag());
     if pin.exists() {
         match PinnedLink::from_pin(pin) {
@@ -360,10 +348,10 @@ fn attach_tcx_pinned(
                     Some(p) => {
                         let same_code = p.tag() == our_tag;
                         let link = SchedClassifierLink::try_from(link)
-                            .map_err(|e| program_error(name, e))?;
+                            .map_err(|e| BpfError::program(name, e))?;
                         let id = program
                             .attach_to_link(link)
-                            .map_err(|e| program_error(name, format!("update link: {e}")))?;
+                            .map_err(|e| BpfError::program(name, format!("update link: {e}")))?;
                         // The pin still names the (updated) kernel link; our
                         // handle can go.
                         let _ = program.take_link(id);
@@ -381,7 +369,7 @@ fn attach_tcx_pinned(
             }
         }
         std::fs::remove_file(pin)
-            .map_err(|e| program_error(name, format!("unpin defunct link: {e}")))?;
+            .map_err(|e| BpfError::program(name, format!("unpin defunct link: {e}")))?;
     }
     let id = program
         .attach_with_options(
@@ -389,12 +377,16 @@ fn attach_tcx_pinned(
             TcAttachType::Ingress,
             aya::programs::tc::TcAttachOptions::TcxOrder(LinkOrder::default()),
         )
-        .map_err(|e| program_error(name, format!("attach to {ifname} (ifindex {ifindex}): {e}")))?;
-    let link = program.take_link(id).map_err(|e| program_error(name, e))?;
+        .map_err(|e| {
+            BpfError::program(name, format!("attach to {ifname} (ifindex {ifindex}): {e}"))
+        })?;
+    let link = program
+        .take_link(id)
+        .map_err(|e| BpfError::program(name, e))?;
     FdLink::try_from(link)
-        .map_err(|e| program_error(name, e))?
+        .map_err(|e| BpfError::program(name, e))?
         .pin(pin)
-        .map_err(|e| program_error(name, format!("pin link at {}: {e}", pin.display())))?;
+        .map_err(|e| BpfError::program(name, format!("pin link at {}: {e}", pin.display())))?;
     Ok(Attachment::Attached)
 }
 

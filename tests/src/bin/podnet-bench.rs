@@ -79,24 +79,7 @@ fn machine() -> Value {
 fn conntrack() -> Result<Value> {
     let _stats = BpfStats::enable()?;
     let topo = Topology::builder().name("bench").pods(2).build()?;
-    let to = format!("{}:40000-40000", topo.node_ipv4_to_server());
-    iptables(
-        topo.node(),
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-s",
-            topo.pods_cidr_v4(),
-            "-p",
-            "udp",
-            "-j",
-            "SNAT",
-            "--to-source",
-            &to,
-        ],
-    )?;
+    topo.snat_pods_to_one_port("udp", false, 40_000)?;
     let endpoints: Vec<EndpointSpec> = [("bench", "a", 0), ("bench", "b", 1)]
         .iter()
         .map(|(ns, pod, i)| EndpointSpec::new(ns, pod, &[IpAddr::V4(topo.pod(*i).ipv4())]))
