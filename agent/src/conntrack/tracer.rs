@@ -149,13 +149,17 @@ impl Tracer {
         // The entry kprobe of earlier versions is gone for good.
         bpf::link::remove_pinned(pin_dir, CONFIRM_ENTRY_PIN)?;
         if hook == RaceHook::ConfirmProbe {
-            attach_probe(
+            let probe = attach_probe(
                 &mut ebpf,
                 CONFIRM_EXIT_PROGRAM,
                 CONFIRM_EXIT_PIN,
                 pin_dir,
                 fingerprint,
             )?;
+            // The kretprobe hands its verdict to the kfree_skb program
+            // through the pinned CT_CONFIRM_DROPPED map, whichever load each
+            // of them comes from.
+            tracing::info!(attachment = %probe, "confirm kretprobe in place");
         } else {
             // A probe of an earlier configuration would reclassify drops.
             bpf::link::remove_pinned(pin_dir, CONFIRM_EXIT_PIN)?;

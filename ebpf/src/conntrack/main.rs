@@ -69,9 +69,11 @@ static CT_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 static CT_BUDGET: PerCpuArray<BudgetWindow> = PerCpuArray::pinned(1, 0);
 
 /// Per CPU: 1 when `__nf_conntrack_confirm` just returned `NF_DROP` and the
-/// matching `kfree_skb` has not been seen yet.
+/// matching `kfree_skb` has not been seen yet. Pinned, so the kretprobe and
+/// the `kfree_skb` program share it even when one of them was adopted from an
+/// earlier agent and the other attached by this one.
 #[map(name = "CT_CONFIRM_DROPPED")]
-static CT_CONFIRM_DROPPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static CT_CONFIRM_DROPPED: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
 /// Mask of the conntrack pointer in `skb->_nfct` (`NFCT_PTRMASK`).
 const NFCT_PTRMASK: usize = !7;
