@@ -47,9 +47,9 @@ const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
 /// Which hook counts insert races (`--race-hook`).
 ///
 /// `auto` uses the drop tracepoint, exact on every kernel tested (6.1, 6.12,
-/// 6.18). The confirm kretprobe is opt-in: exact on Debian 6.1, but a 6.12
-/// guest under qemu emulation oopsed (`int3`) once while it was in use, and
-/// that is not understood yet.
+/// 6.18). The confirm kretprobe is opt-in: exact on Debian 6.1 and 6.12, but
+/// a 6.12 guest under qemu emulation oopsed (`int3`) once while it was in
+/// use, and that is not understood yet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RaceHookChoice {

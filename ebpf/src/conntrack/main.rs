@@ -130,13 +130,15 @@ fn on_netfilter_drop(off: &KernelOffsets, skb: usize, confirm_dropped: bool) {
         return;
     };
     bump(counter::NETFILTER_DROPS);
-    let kind = if off.race_hook != RaceHook::ConfirmProbe as u32 {
-        classify(status)
-    } else if confirm_dropped {
-        // The kernel's own verdict: confirm returned NF_DROP for this skb.
+    // The confirm probe's verdict (confirm returned NF_DROP for this skb)
+    // adds races the status bits cannot show (a clash without NAT); it
+    // never removes one: a kprobe program is skipped while the CPU's
+    // bpf_prog_active is held (e.g. during a map syscall interrupted by the
+    // softirq), so the status classification still stands.
+    let kind = if confirm_dropped {
         DropKind::InsertRace
     } else {
-        DropKind::Other
+        classify(status)
     };
     count_drop(&original.src_addr, original.family, original.proto, kind);
     if kind != DropKind::InsertRace {
