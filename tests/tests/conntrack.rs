@@ -459,28 +459,36 @@ fn agent_restart_keeps_counting_without_double_counts() {
     let (a, b) = (topo.pod(0), topo.pod(1));
     let server = SocketAddr::new(topo.server_ipv4().into(), 7500);
     let kernel_before = kernel_insert_failed(&topo);
-    udp_send(a.netns(), SocketAddr::new(a.ipv4().into(), 5000), server, 1).unwrap();
+    let a_src = SocketAddr::new(a.ipv4().into(), 5000);
     let b_src = SocketAddr::new(b.ipv4().into(), 5001);
+    // Pod A's flow holds the port. It is an unreplied UDP entry (30 s
+    // timeout), and a restart in a slow emulated VM can take ~25 s, so A
+    // refreshes it before each burst of B's.
+    udp_send(a.netns(), a_src, server, 1).unwrap();
     udp_send(b.netns(), b_src, server, 5).unwrap();
+    assert_eq!(kernel_insert_failed(&topo) - kernel_before, 5);
     assert_eq!(
         races_of(&agent.metrics(topo.node()).unwrap(), "b", "udp"),
         5
     );
     agent.stop().unwrap();
+    udp_send(a.netns(), a_src, server, 1).unwrap();
     udp_send(b.netns(), b_src, server, 7).unwrap();
     agent.restart(topo.node()).unwrap();
     let status = agent.api("status", json!({})).unwrap();
     assert_eq!(status["tracer_attachment"], json!("adopted"), "{status}");
+    assert_eq!(kernel_insert_failed(&topo) - kernel_before, 12);
     assert_eq!(
         races_of(&agent.metrics(topo.node()).unwrap(), "b", "udp"),
         12
     );
+    udp_send(a.netns(), a_src, server, 1).unwrap();
     udp_send(b.netns(), b_src, server, 3).unwrap();
+    assert_eq!(kernel_insert_failed(&topo) - kernel_before, 15);
     assert_eq!(
         races_of(&agent.metrics(topo.node()).unwrap(), "b", "udp"),
         15
     );
-    assert_eq!(kernel_insert_failed(&topo) - kernel_before, 15);
 }
 
 /// (g) Two simulated nodes at once: each agent sees only its own namespace.
