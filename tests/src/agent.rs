@@ -269,6 +269,30 @@ impl Agent {
             .map_err(|e| anyhow!("{method}: {e}"))
     }
 
+    /// Waits until the agent's `routes.show` lists `expected` objects, all
+    /// `ok` (routing converged), for at most 10 s.
+    pub fn wait_routes_converged(&self, expected: usize) -> Result<()> {
+        let mut last = serde_json::Value::Null;
+        let ok = wait_for(
+            || {
+                let Ok(view) = self.api("routes.show", serde_json::Value::Null) else {
+                    return false;
+                };
+                let lines = view["lines"].as_array().cloned().unwrap_or_default();
+                last = view;
+                lines.len() == expected && lines.iter().all(|l| l["state"] == "ok")
+            },
+            Duration::from_secs(10),
+        );
+        if !ok {
+            bail!(
+                "routing did not converge to {expected} objects: {last:#}\nagent log:\n{}",
+                self.log()
+            );
+        }
+        Ok(())
+    }
+
     /// Runs `podnetctl` against this agent and returns its stdout.
     pub fn podnetctl(&self, args: &[&str]) -> Result<String> {
         let out = std::process::Command::new(binary("podnetctl")?)

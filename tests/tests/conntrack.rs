@@ -561,7 +561,7 @@ fn race_hook_is_reported_and_probe_needs_kprobes() {
     );
     drop(agent);
 
-    let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists();
+    let kprobes = podnet::conntrack::tracer::kprobes_available();
     let forced = Agent::start_with(topo.node(), &endpoints(&topo), &["--race-hook", "probe"]);
     if kprobes {
         let agent = forced.unwrap();

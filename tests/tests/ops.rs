@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use podnet_tests::{
     agent::binary,
     iptables, require_root, udp_send,
@@ -55,29 +55,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// Waits until `routes.show` lists `expected` objects, all `ok`.
-fn wait_converged(agent: &Agent, expected: usize) -> Result<()> {
-    let mut last = Value::Null;
-    let ok = wait_for(
-        || {
-            let Ok(view) = agent.api("routes.show", Value::Null) else {
-                return false;
-            };
-            let lines = view["lines"].as_array().cloned().unwrap_or_default();
-            last = view;
-            lines.len() == expected && lines.iter().all(|l| l["state"] == "ok")
-        },
-        Duration::from_secs(10),
-    );
-    if !ok {
-        bail!(
-            "routing did not converge to {expected} objects: {last:#}\nagent log:\n{}",
-            agent.log()
-        );
-    }
-    Ok(())
 }
 
 fn json_of(node: &Netns, cmd: &[&str]) -> Result<Vec<Value>> {
@@ -279,10 +256,7 @@ fn cleanup_removes_what_podnet_installed_and_nothing_else() -> Result<()> {
         bin_arg.as_str(),
     ];
     let mut agent = Agent::start_with(node, &vpc.endpoints(), &shared)?;
-    wait_converged(
-        &agent,
-        PER_ENI * vpc.enis().len() + PER_POD * vpc.pods().len(),
-    )?;
+    agent.wait_routes_converged(PER_ENI * vpc.enis().len() + PER_POD * vpc.pods().len())?;
 
     add_foreign_state(node, vpc.enis()[0].name())?;
 
@@ -309,7 +283,8 @@ fn cleanup_removes_what_podnet_installed_and_nothing_else() -> Result<()> {
         PER_ENI * vpc.enis().len() + vpc.pods().len(),
         "podnet routes before"
     );
-    assert!(proxies(node)? > 0);
+    // One proxy-ARP entry per pod, on the ENI that owns its address.
+    assert_eq!(proxies(node)?, vpc.pods().len(), "proxy entries before");
     assert_status_view(&agent)?;
     let socket = agent.socket().to_string_lossy().into_owned();
     let bpffs = agent.bpffs().to_string_lossy().into_owned();

@@ -63,31 +63,8 @@ fn start(vpc: &Vpc, enis: &EnisFile, extra: &[&str]) -> Result<Agent> {
     args.extend_from_slice(extra);
     let agent = Agent::start_with(vpc.node(), &vpc.endpoints(), &args)?;
     let expected = PER_ENI * vpc.enis().len() + PER_POD * vpc.pods().len();
-    wait_converged(&agent, expected)?;
+    agent.wait_routes_converged(expected)?;
     Ok(agent)
-}
-
-/// Waits until `routes.show` lists `expected` objects, all `ok`.
-fn wait_converged(agent: &Agent, expected: usize) -> Result<()> {
-    let mut last = serde_json::Value::Null;
-    let ok = wait_for(
-        || {
-            let Ok(view) = agent.api("routes.show", serde_json::Value::Null) else {
-                return false;
-            };
-            let lines = view["lines"].as_array().cloned().unwrap_or_default();
-            last = view;
-            lines.len() == expected && lines.iter().all(|l| l["state"] == "ok")
-        },
-        Duration::from_secs(10),
-    );
-    if !ok {
-        bail!(
-            "routing did not converge to {expected} objects: {last:#}\nagent log:\n{}",
-            agent.log()
-        );
-    }
-    Ok(())
 }
 
 /// Pings `dst` from `pod` `count` times, 10 ms apart; returns replies.
@@ -510,7 +487,7 @@ fn hand_deleted_state_is_repaired_within_a_second_and_foreign_state_survives() -
     let mut endpoints = vpc.endpoints();
     let gone = endpoints.pop().context("two pods")?;
     std::fs::write(agent.endpoints_file(), endpoints_yaml(&endpoints))?;
-    wait_converged(&agent, PER_ENI * 2 + PER_POD)?;
+    agent.wait_routes_converged(PER_ENI * 2 + PER_POD)?;
     let gone_ip = gone.ips[0].to_string();
     assert!(
         !rule_lines(node)?.iter().any(|l| l.contains(&gone_ip)),
@@ -526,7 +503,7 @@ fn hand_deleted_state_is_repaired_within_a_second_and_foreign_state_survives() -
 
     // A restart adopts everything: no change, no repair, foreign state intact.
     agent.restart(node)?;
-    wait_converged(&agent, PER_ENI * 2 + PER_POD)?;
+    agent.wait_routes_converged(PER_ENI * 2 + PER_POD)?;
     check_foreign()?;
     let m = agent.metrics(node)?;
     assert_eq!(m.count_sum("podnet_route_repairs_total"), 0);
@@ -777,7 +754,7 @@ fn snat_off_removes_only_podnets_chain() -> Result<()> {
     assert_eq!(jumps, 1, "{rules:#?}");
     // A second start changes nothing: every rule is checked before it is added.
     agent.restart(node)?;
-    wait_converged(&agent, PER_ENI + PER_POD)?;
+    agent.wait_routes_converged(PER_ENI + PER_POD)?;
     assert_eq!(nat_rules(node)?, rules);
     agent.stop()?;
     drop(agent);

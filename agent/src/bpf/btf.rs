@@ -260,16 +260,115 @@ mod tests {
         Some(KernelBtf::load().expect("vmlinux BTF parses"))
     }
 
+    /// A struct or union of `bpftool btf dump ... format raw`: name, size,
+    /// and members as (name, type id, bit offset).
+    struct RawType {
+        name: String,
+        size: u32,
+        members: Vec<(String, u32, u32)>,
+    }
+
+    /// The running kernel's BTF as bpftool prints it: an oracle independent
+    /// of btf-rs and of our resolver.
+    fn bpftool_types() -> std::collections::HashMap<u32, RawType> {
+        let out = std::process::Command::new("bpftool")
+            .args(["btf", "dump", "file", VMLINUX_BTF, "format", "raw"])
+            .output()
+            .expect("bpftool runs (cargo xtask setup installs it)");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let mut types = std::collections::HashMap::new();
+        let mut current = None;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix('[') {
+                current = None;
+                let (id, rest) = rest.split_once("] ").unwrap();
+                let mut words = rest.split_whitespace();
+                if !matches!(words.next(), Some("STRUCT" | "UNION")) {
+                    continue;
+                }
+                let name = words.next().unwrap().trim_matches('\'').to_owned();
+                let size = words
+                    .next()
+                    .unwrap()
+                    .trim_start_matches("size=")
+                    .parse()
+                    .unwrap();
+                let id: u32 = id.parse().unwrap();
+                types.insert(
+                    id,
+                    RawType {
+                        name,
+                        size,
+                        members: Vec::new(),
+                    },
+                );
+                current = Some(id);
+            } else if let (Some(id), Some(member)) = (current, line.strip_prefix('\t')) {
+                let mut words = member.split_whitespace();
+                let name = words.next().unwrap().trim_matches('\'').to_owned();
+                let field = |w: Option<&str>, key: &str| -> u32 {
+                    w.unwrap().trim_start_matches(key).parse().unwrap()
+                };
+                let type_id = field(words.next(), "type_id=");
+                let bits = field(words.next(), "bits_offset=");
+                types
+                    .get_mut(&id)
+                    .unwrap()
+                    .members
+                    .push((name, type_id, bits));
+            }
+        }
+        types
+    }
+
+    /// Bit offset of `member` in type `id`, through anonymous members.
+    fn raw_offset(
+        types: &std::collections::HashMap<u32, RawType>,
+        id: u32,
+        member: &str,
+    ) -> Option<u32> {
+        types[&id].members.iter().find_map(|(name, type_id, bits)| {
+            if name == member {
+                Some(*bits)
+            } else if name == "(anon)" && types.contains_key(type_id) {
+                raw_offset(types, *type_id, member).map(|inner| bits + inner)
+            } else {
+                None
+            }
+        })
+    }
+
     #[test]
-    fn resolves_members_inside_anonymous_unions() {
+    fn offsets_match_bpftools_view_of_the_kernel() {
         let Some(btf) = kernel() else { return };
-        // Measured on this machine's 6.18 kernel; other kernels differ, which is
-        // the point of resolving them. Each value is cross-checked by pahole-free
-        // reasoning below: `_nfct` sits in an anonymous struct of sk_buff.
-        let nfct = btf.offset_of("sk_buff", "_nfct").unwrap();
-        let head = btf.offset_of("sk_buff", "head").unwrap();
-        assert!(nfct < head, "_nfct {nfct} precedes head {head} in sk_buff");
-        assert_eq!(btf.offset_of("nf_conn", "tuplehash").unwrap() % 8, 0);
+        let types = bpftool_types();
+        let struct_id = |name: &str| {
+            types
+                .iter()
+                .find(|(_, t)| t.name == name)
+                .map(|(id, _)| *id)
+                .unwrap()
+        };
+        // `_nfct` and `dev` live in anonymous unions/structs of sk_buff.
+        for (ty, member) in [
+            ("sk_buff", "_nfct"),
+            ("sk_buff", "head"),
+            ("sk_buff", "dev"),
+            ("sk_buff", "network_header"),
+            ("nf_conn", "tuplehash"),
+            ("nf_conn", "status"),
+            ("nf_conn", "ct_net"),
+            ("nf_conntrack_tuple_hash", "tuple"),
+        ] {
+            let bits = raw_offset(&types, struct_id(ty), member).unwrap();
+            assert_eq!(
+                btf.offset_of(ty, member).unwrap(),
+                bits / 8,
+                "{ty}.{member}"
+            );
+        }
+        let hash = &types[&struct_id("nf_conntrack_tuple_hash")];
+        assert_eq!(btf.size_of("nf_conntrack_tuple_hash").unwrap(), hash.size);
     }
 
     #[test]

@@ -59,7 +59,7 @@ fn fs_error(path: &Path, message: impl std::fmt::Display) -> BpfError {
     }
 }
 
-/// Pins of `base` in `dir` (any fingerprint, and the unsuffixed legacy name).
+/// Pins of `base` in `dir`, whatever their fingerprint.
 fn existing(dir: &Path, base: &str) -> Result<Vec<String>, BpfError> {
     let mut found = Vec::new();
     let entries = std::fs::read_dir(dir).map_err(|e| fs_error(dir, e))?;
@@ -135,15 +135,18 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         for name in [
             "link_a-0000000000000001",
-            "link_a",
-            "link_ab-0000000000000002",
+            "link_a-0000000000000002",
+            "link_ab-0000000000000003",
             "other",
         ] {
             std::fs::write(dir.join(name), b"").unwrap();
         }
         let mut found = existing(&dir, "link_a").unwrap();
         found.sort();
-        assert_eq!(found, vec!["link_a", "link_a-0000000000000001"]);
+        assert_eq!(
+            found,
+            vec!["link_a-0000000000000001", "link_a-0000000000000002"]
+        );
         assert_eq!(remove_pinned(&dir, "link_a").unwrap(), 2);
         assert_eq!(existing(&dir, "link_a").unwrap().len(), 0);
         assert_eq!(existing(&dir, "link_ab").unwrap().len(), 1);

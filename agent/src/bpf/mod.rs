@@ -80,6 +80,28 @@ impl BpfError {
     }
 }
 
+/// Program `name` of a loaded object, as its program type `P`.
+pub fn program_mut<'a, P>(ebpf: &'a mut aya::Ebpf, name: &str) -> Result<&'a mut P, BpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| BpfError::program(name, "missing from object"))?
+        .try_into()
+        .map_err(|e| BpfError::program(name, e))
+}
+
+/// Takes map `name` out of a loaded object, as its map type `M`.
+pub fn take_map<M>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<M, BpfError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    ebpf.take_map(name)
+        .ok_or_else(|| BpfError::map(name, "missing from object"))?
+        .try_into()
+        .map_err(|e| BpfError::map(name, e))
+}
+
 /// Inode number of the calling thread's network namespace: the namespace the
 /// agent observes (kernel programs filter on it).
 pub fn current_netns_inode() -> std::io::Result<u32> {

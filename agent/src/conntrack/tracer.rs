@@ -36,8 +36,6 @@ pub const PIN_SUBDIR: &str = "conntrack";
 pub const LINK_PIN: &str = "link_kfree_skb";
 /// Base name of the pinned confirm kretprobe link.
 pub const CONFIRM_EXIT_PIN: &str = "link_confirm_exit";
-/// Base name of the entry kprobe link of earlier versions (removed on start).
-const CONFIRM_ENTRY_PIN: &str = "link_confirm_entry";
 /// The tracepoint the tracer attaches to.
 pub const TRACEPOINT: &str = "kfree_skb";
 /// Present when the kernel can create kprobes (`CONFIG_KPROBES`): the kprobe
@@ -146,8 +144,6 @@ impl Tracer {
                 source: Box::new(e),
             })?;
         // The precise hook first: if it cannot attach, nothing else changed.
-        // The entry kprobe of earlier versions is gone for good.
-        bpf::link::remove_pinned(pin_dir, CONFIRM_ENTRY_PIN)?;
         if hook == RaceHook::ConfirmProbe {
             let probe = attach_probe(
                 &mut ebpf,
@@ -166,11 +162,7 @@ impl Tracer {
         }
         let btf = Btf::from_sys_fs()
             .map_err(|e| BpfError::program(PROGRAM_NAME, format!("kernel BTF: {e}")))?;
-        let program: &mut BtfTracePoint = ebpf
-            .program_mut(PROGRAM_NAME)
-            .ok_or_else(|| BpfError::program(PROGRAM_NAME, "missing from object"))?
-            .try_into()
-            .map_err(|e| BpfError::program(PROGRAM_NAME, e))?;
+        let program: &mut BtfTracePoint = bpf::program_mut(&mut ebpf, PROGRAM_NAME)?;
         program
             .load(TRACEPOINT, &btf)
             .map_err(|e| BpfError::program(PROGRAM_NAME, format!("load (verifier): {e}")))?;
@@ -184,22 +176,10 @@ impl Tracer {
             Ok(FdLink::from(link))
         })?;
         let program_id = program.info().map_or(0, |i| i.id());
-        let take = |ebpf: &mut Ebpf, name: &'static str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| BpfError::map(name, "missing from object"))
-        };
-        let drops = take(&mut ebpf, m::DROPS)?
-            .try_into()
-            .map_err(|e| BpfError::map(m::DROPS, e))?;
-        let destinations = take(&mut ebpf, m::RACE_DESTS)?
-            .try_into()
-            .map_err(|e| BpfError::map(m::RACE_DESTS, e))?;
-        let counters = take(&mut ebpf, m::COUNTERS)?
-            .try_into()
-            .map_err(|e| BpfError::map(m::COUNTERS, e))?;
-        let events = take(&mut ebpf, m::EVENTS)?
-            .try_into()
-            .map_err(|e| BpfError::map(m::EVENTS, e))?;
+        let drops = bpf::take_map(&mut ebpf, m::DROPS)?;
+        let destinations = bpf::take_map(&mut ebpf, m::RACE_DESTS)?;
+        let counters = bpf::take_map(&mut ebpf, m::COUNTERS)?;
+        let events = bpf::take_map(&mut ebpf, m::EVENTS)?;
         tracing::info!(%attachment, hook = hook_name(hook), pins = %pin_dir.display(), netns = config.netns_inode, "conntrack tracer in place");
         Ok(Self {
             _ebpf: ebpf,
@@ -363,11 +343,7 @@ fn attach_probe(
     pin_dir: &Path,
     fingerprint: u64,
 ) -> Result<Attachment, BpfError> {
-    let probe: &mut KProbe = ebpf
-        .program_mut(name)
-        .ok_or_else(|| BpfError::program(name, "missing from object"))?
-        .try_into()
-        .map_err(|e| BpfError::program(name, e))?;
+    let probe: &mut KProbe = bpf::program_mut(ebpf, name)?;
     probe
         .load()
         .map_err(|e| BpfError::program(name, format!("load (verifier): {e}")))?;

@@ -62,49 +62,23 @@ impl DnsTracer {
                 source: Box::new(e),
             })?;
         for name in PROGRAMS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| BpfError::program(name, "missing from object"))?
-                .try_into()
-                .map_err(|e| BpfError::program(name, e))?;
+            let program: &mut SchedClassifier = bpf::program_mut(&mut ebpf, name)?;
             program
                 .load()
                 .map_err(|e| BpfError::program(name, format!("load (verifier): {e}")))?;
         }
-        let take = |ebpf: &mut Ebpf, name: &'static str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| BpfError::map(name, "missing from object"))
-        };
-        let mut config: Array<MapData, DnsConfig> = take(&mut ebpf, m::CONFIG)?
-            .try_into()
-            .map_err(|e| BpfError::map(m::CONFIG, e))?;
+        let mut config: Array<MapData, DnsConfig> = bpf::take_map(&mut ebpf, m::CONFIG)?;
         config
             .set(0, config_value(settings), 0)
             .map_err(|e| BpfError::map(m::CONFIG, e))?;
         let tracer = Self {
-            pending: take(&mut ebpf, m::PENDING)?
-                .try_into()
-                .map_err(|e| BpfError::map(m::PENDING, e))?,
-            latency: take(&mut ebpf, m::LATENCY)?
-                .try_into()
-                .map_err(|e| BpfError::map(m::LATENCY, e))?,
-            requests: take(&mut ebpf, m::REQUESTS)?
-                .try_into()
-                .map_err(|e| BpfError::map(m::REQUESTS, e))?,
-            retransmits: take(&mut ebpf, m::RETRANSMITS)?
-                .try_into()
-                .map_err(|e| BpfError::map(m::RETRANSMITS, e))?,
-            timeouts: take(&mut ebpf, m::TIMEOUTS)?
-                .try_into()
-                .map_err(|e| BpfError::map(m::TIMEOUTS, e))?,
-            counters: take(&mut ebpf, m::COUNTERS)?
-                .try_into()
-                .map_err(|e| BpfError::map(m::COUNTERS, e))?,
-            events: Some(
-                take(&mut ebpf, m::EVENTS)?
-                    .try_into()
-                    .map_err(|e| BpfError::map(m::EVENTS, e))?,
-            ),
+            pending: bpf::take_map(&mut ebpf, m::PENDING)?,
+            latency: bpf::take_map(&mut ebpf, m::LATENCY)?,
+            requests: bpf::take_map(&mut ebpf, m::REQUESTS)?,
+            retransmits: bpf::take_map(&mut ebpf, m::RETRANSMITS)?,
+            timeouts: bpf::take_map(&mut ebpf, m::TIMEOUTS)?,
+            counters: bpf::take_map(&mut ebpf, m::COUNTERS)?,
+            events: Some(bpf::take_map(&mut ebpf, m::EVENTS)?),
             ebpf,
             pin_dir,
         };
@@ -118,11 +92,7 @@ impl DnsTracer {
 
     /// A loaded program by name.
     pub fn program_mut(&mut self, name: &str) -> Result<&mut SchedClassifier, BpfError> {
-        self.ebpf
-            .program_mut(name)
-            .ok_or_else(|| BpfError::program(name, "missing from object"))?
-            .try_into()
-            .map_err(|e| BpfError::program(name, e))
+        bpf::program_mut(&mut self.ebpf, name)
     }
 
     /// Attaches `program` to a hook of `ifname` (in the calling thread's

@@ -109,19 +109,9 @@ impl Steer {
                 .load()
                 .map_err(|e| BpfError::program(name, format!("load (verifier): {e}")))?;
         }
-        let mut take = |name: &'static str| {
-            ebpf.take_map(name)
-                .ok_or_else(|| BpfError::map(name, "missing from object"))
-        };
-        let pods = take(m::PODS)?
-            .try_into()
-            .map_err(|e| BpfError::map(m::PODS, e))?;
-        let dests = take(m::DESTS)?
-            .try_into()
-            .map_err(|e| BpfError::map(m::DESTS, e))?;
-        let counters = take(m::COUNTERS)?
-            .try_into()
-            .map_err(|e| BpfError::map(m::COUNTERS, e))?;
+        let pods = bpf::take_map(&mut ebpf, m::PODS)?;
+        let dests = bpf::take_map(&mut ebpf, m::DESTS)?;
+        let counters = bpf::take_map(&mut ebpf, m::COUNTERS)?;
         Ok(Self {
             ebpf,
             pods,
@@ -312,10 +302,7 @@ fn pod_key(ip: Ipv4Addr) -> u32 {
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, BpfError> {
-    ebpf.program_mut(name)
-        .ok_or_else(|| BpfError::program(name, "missing from object"))?
-        .try_into()
-        .map_err(|e| BpfError::program(name, e))
+    bpf::program_mut(ebpf, name)
 }
 
 /// Attaches `program` at the tcx ingress of `ifname` through a link pinned

@@ -10,8 +10,8 @@ pub const ENI_PROGRAM: &str = "podnet_steer_eni";
 
 /// Name of the [`SteerConfig`] global the loader writes.
 pub const CONFIG_GLOBAL: &str = "STEER_CONFIG";
-/// Most DNS ports [`SteerConfig`] holds.
-pub const MAX_DNS_PORTS: usize = 8;
+/// Most DNS ports [`SteerConfig`] holds: the same list as the DNS programs'.
+pub const MAX_DNS_PORTS: usize = crate::dns::MAX_PORTS;
 
 /// Settings written by the loader into the programs' read-only data.
 #[repr(C)]

@@ -28,8 +28,7 @@ use aya_ebpf::{
 use podnet_common::{
     dns::{
         counter, event_kind, maps as m, proto, scope, DnsConfig, DnsEvent, Latency, PeerKey,
-        Pending, PendingKey, BUCKETS, BUCKET_BOUNDS_NS, MAX_LABELS, MAX_NAME_LEN, MAX_PORTS,
-        NAME_BUF_LEN,
+        Pending, PendingKey, BUCKETS, BUCKET_BOUNDS_NS, MAX_LABELS, MAX_NAME_LEN, NAME_BUF_LEN,
     },
     family,
 };
@@ -171,14 +170,7 @@ fn on_packet(ctx: &TcContext, queries: bool, scope: u8) {
 
 #[inline(always)]
 fn is_dns_port(cfg: &DnsConfig, port: u16) -> bool {
-    let mut i = 0;
-    while i < MAX_PORTS {
-        if cfg.ports[i] != 0 && cfg.ports[i] == port {
-            return true;
-        }
-        i += 1;
-    }
-    false
+    podnet_ebpf::port_listed(&cfg.ports, port)
 }
 
 /// Reads `T` at `off` in the packet's linear area, if it lies there.

@@ -34,7 +34,6 @@ use aya_ebpf::{
 };
 use podnet_common::steer::{
     action, counter_index, direction, maps as m, result, DestAddr, PodRoute, SteerConfig, COUNTERS,
-    MAX_DNS_PORTS,
 };
 
 /// Settings from the loader (DNS ports).
@@ -179,14 +178,7 @@ fn is_dns(port: u16) -> bool {
     // SAFETY: read-only global set by the loader; volatile so the compiler
     // does not fold in the placeholder.
     let config = unsafe { core::ptr::read_volatile(&STEER_CONFIG) };
-    let mut i = 0;
-    while i < MAX_DNS_PORTS {
-        if config.dns_ports[i] != 0 && config.dns_ports[i] == port {
-            return true;
-        }
-        i += 1;
-    }
-    false
+    podnet_ebpf::port_listed(&config.dns_ports, port)
 }
 
 #[inline(always)]
