@@ -2,7 +2,8 @@
 // runtimes use: cni-runner ADD|CHECK|DEL|GC <conflist>. The attachment comes
 // from RUNNER_CONTAINERID, RUNNER_NETNS, RUNNER_IFNAME and RUNNER_ARGS
 // (K=V;K=V); plugins from CNI_PATH. ADD prints the result; every command
-// prints "elapsed_us=N" on stderr. libcni 1.1 has no GC, so GC sends
+// prints "elapsed_us=N" on stderr; a failure prints "cni_error_code=N" (the
+// plugin's CNI error code) and the error on stderr. libcni 1.1 has no GC, so GC sends
 // CNI_COMMAND=GC with RUNNER_VALID (a JSON list of {containerID, ifname}) as
 // cni.dev/valid-attachments to each podnet-cni entry of the list.
 package main
@@ -10,6 +11,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -18,6 +20,7 @@ import (
 
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/invoke"
+	"github.com/containernetworking/cni/pkg/types"
 )
 
 func main() {
@@ -101,6 +104,11 @@ func elapsed(start time.Time) {
 }
 
 func fail(err error) {
+	// The plugin's CNI error code, which libcni keeps in the wrapped error.
+	var cniErr *types.Error
+	if errors.As(err, &cniErr) {
+		fmt.Fprintf(os.Stderr, "cni_error_code=%d\n", cniErr.Code)
+	}
 	fmt.Fprintln(os.Stderr, err)
 	os.Exit(1)
 }

@@ -115,6 +115,7 @@ pub struct Agent {
     child: Option<NsChild>,
     workdir: PathBuf,
     bpffs: PathBuf,
+    state: PathBuf,
     extra_args: Vec<String>,
 }
 
@@ -124,7 +125,9 @@ impl Agent {
         Self::start_with(node, endpoints, &[])
     }
 
-    /// Like [`Agent::start`], with extra command-line arguments.
+    /// Like [`Agent::start`], with extra command-line arguments. `--bpffs` and
+    /// `--state-dir` among them replace the agent's own directories (the
+    /// caller then owns them; [`Agent::bpffs`] and [`Agent::state_dir`] name them).
     pub fn start_with(
         node: &Netns,
         endpoints: &[EndpointSpec],
@@ -138,13 +141,29 @@ impl Agent {
         let workdir = std::env::temp_dir().join(format!("podnet-agent-{id}"));
         std::fs::create_dir_all(&workdir)?;
         std::fs::write(workdir.join("endpoints.yaml"), endpoints_yaml(endpoints))?;
+        let mut bpffs = PathBuf::from(format!("/sys/fs/bpf/podnet-test-{id}"));
+        let mut state = workdir.join("state");
+        let mut extra = Vec::new();
+        let mut args = extra_args.iter();
+        while let Some(arg) = args.next() {
+            match (*arg, args.clone().next()) {
+                ("--bpffs", Some(dir)) => bpffs = PathBuf::from(dir),
+                ("--state-dir", Some(dir)) => state = PathBuf::from(dir),
+                _ => {
+                    extra.push((*arg).to_owned());
+                    continue;
+                }
+            }
+            args.next();
+        }
         let mut agent = Self {
             node: node.path(),
             node_name: node.name().to_owned(),
             child: None,
             workdir,
-            bpffs: PathBuf::from(format!("/sys/fs/bpf/podnet-test-{id}")),
-            extra_args: extra_args.iter().map(|s| (*s).to_owned()).collect(),
+            bpffs,
+            state,
+            extra_args: extra,
         };
         agent.launch(node)?;
         Ok(agent)
@@ -156,7 +175,7 @@ impl Agent {
         let socket = self.socket().to_string_lossy().into_owned();
         let endpoints = self.endpoints_file().to_string_lossy().into_owned();
         let bpffs = self.bpffs.to_string_lossy().into_owned();
-        let state = self.workdir.join("state").to_string_lossy().into_owned();
+        let state = self.state.to_string_lossy().into_owned();
         let mut cmd = vec![
             bin.as_str(),
             "--metrics-addr",
@@ -231,7 +250,7 @@ impl Agent {
 
     /// The agent's state directory (`--state-dir`).
     pub fn state_dir(&self) -> PathBuf {
-        self.workdir.join("state")
+        self.state.clone()
     }
 
     /// The agent's API socket.
@@ -247,6 +266,11 @@ impl Agent {
     /// The agent's bpffs pin directory.
     pub fn bpffs(&self) -> &Path {
         &self.bpffs
+    }
+
+    /// The running agent's process id (`None` after [`Agent::kill`] or [`Agent::stop`]).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(NsChild::pid)
     }
 
     /// The agent's log so far.
@@ -291,6 +315,27 @@ impl Agent {
             );
         }
         Ok(())
+    }
+
+    /// Addresses free in the agent's first IPAM pool (0 when unknown).
+    pub fn ipam_free(&self) -> u64 {
+        self.api("ipam.status", serde_json::json!({}))
+            .ok()
+            .and_then(|s| s["pools"][0]["free"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Allocates an address for `container` (interface `eth0`, network
+    /// `podnet`) through `ipam.allocate`, as podnet-cni does; returns it.
+    pub fn ipam_allocate(&self, container: &str) -> Result<String> {
+        let a = self.api(
+            "ipam.allocate",
+            serde_json::json!({"containerId": container, "ifName": "eth0", "network": "podnet"}),
+        )?;
+        a["ips"][0]["ip"]
+            .as_str()
+            .map(str::to_owned)
+            .context("allocation without address")
     }
 
     /// Runs `podnetctl` against this agent and returns its stdout.

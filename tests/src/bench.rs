@@ -111,3 +111,102 @@ pub fn udp_flood(
         Ok((sent, start.elapsed()))
     })?
 }
+
+/// The port `sockperf server` listens on in the benchmarks.
+pub const SOCKPERF_PORT: &str = "11111";
+/// The port `iperf3 -s` listens on in the benchmarks.
+pub const IPERF_PORT: &str = "5201";
+/// sockperf message size (bytes).
+pub const MESSAGE: &str = "64";
+
+/// `sockperf ping-pong` over TCP from `pod` to `server` for `seconds`:
+/// (average latency in µs, half a round trip as sockperf reports it;
+/// requests per second).
+pub fn sockperf(pod: &Netns, server: &str, seconds: u64) -> Result<(f64, f64)> {
+    let out = pod.run_ok(&[
+        "sockperf",
+        "pp",
+        "--tcp",
+        "-i",
+        server,
+        "-p",
+        SOCKPERF_PORT,
+        "-m",
+        MESSAGE,
+        "-t",
+        &seconds.to_string(),
+    ])?;
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let latency: f64 = text
+        .lines()
+        .find_map(|l| l.split("Latency is ").nth(1))
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no latency in sockperf output:\n{text}"))?;
+    let valid = text
+        .lines()
+        .find(|l| l.contains("[Valid Duration]"))
+        .with_context(|| format!("no valid duration in sockperf output:\n{text}"))?;
+    let field = |name: &str| -> Option<f64> {
+        valid
+            .split(name)
+            .nth(1)?
+            .split(|c: char| c == ';' || c.is_whitespace())
+            .next()?
+            .trim_end_matches("sec")
+            .parse()
+            .ok()
+    };
+    let runtime = field("RunTime=").context("RunTime")?;
+    let received = field("ReceivedMessages=").context("ReceivedMessages")?;
+    Ok((latency, received / runtime))
+}
+
+/// iperf3 TCP throughput from `pod` to `server` over `seconds`, Gbit/s.
+pub fn iperf3(pod: &Netns, server: &str, seconds: u64) -> Result<f64> {
+    let out = pod.run_ok(&[
+        "iperf3",
+        "-c",
+        server,
+        "-p",
+        IPERF_PORT,
+        "-t",
+        &seconds.to_string(),
+        "-J",
+    ])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("no throughput in iperf3 output")
+}
+
+/// The machine a benchmark ran on: kernel, CPUs, memory.
+pub fn machine() -> serde_json::Value {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map_or("unknown", str::trim)
+        .to_owned();
+    serde_json::json!({
+        "kernel": read("/proc/sys/kernel/osrelease").trim(),
+        "cpus": std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        "cpu": cpu,
+        "memory_kib": read("/proc/meminfo").lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("0"),
+    })
+}
+
+/// Where a text benchmark writes its key figures as JSON: the path in
+/// `PODNET_BENCH_JSON` (`cargo xtask bench` sets it), or nowhere.
+pub const JSON_ENV: &str = "PODNET_BENCH_JSON";
+
+/// Writes `figures` to the file named by [`JSON_ENV`], if set.
+pub fn write_json_figures(figures: &serde_json::Value) -> Result<()> {
+    if let Some(path) = std::env::var_os(JSON_ENV) {
+        let text = serde_json::to_string_pretty(figures)? + "\n";
+        std::fs::write(&path, text).with_context(|| format!("writing {path:?}"))?;
+    }
+    Ok(())
+}

@@ -13,7 +13,10 @@
 
 pub mod agent;
 pub mod bench;
+pub mod chaos;
+pub mod cloud;
 pub mod cni;
+pub mod load;
 mod netfilter;
 mod netns;
 mod process;

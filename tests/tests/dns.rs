@@ -128,7 +128,7 @@ impl Bed {
         in_netns(self.topo.node(), move || {
             podnet::dns::attach::Direction::BOTH
                 .iter()
-                .map(|d| podnet::dns::attach::tcx_program_ids(&ifname, *d).unwrap())
+                .map(|d| podnet::dns::attach::hook_program_ids(&ifname, *d).unwrap())
                 .collect()
         })
         .unwrap()
@@ -150,13 +150,29 @@ impl Bed {
         assert!(settled, "queries still pending: {}", self.status()["dns"]);
     }
 
+    /// The slow-query log once it has settled: events reach user space
+    /// within one poll of the ring buffer (100 ms; the kernel wakes the
+    /// reader only once 64 KiB are pending), so read until two reads 250 ms
+    /// apart agree.
     fn slow(&self) -> Vec<Value> {
-        self.agent
-            .api("dns.slow", json!({"limit": 1000}))
-            .unwrap()
-            .as_array()
-            .cloned()
-            .unwrap()
+        let read = || {
+            self.agent
+                .api("dns.slow", json!({"limit": 1000}))
+                .unwrap()
+                .as_array()
+                .cloned()
+                .unwrap()
+        };
+        let mut last = read();
+        for _ in 0..8 {
+            std::thread::sleep(Duration::from_millis(250));
+            let now = read();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        last
     }
 }
 
@@ -485,6 +501,17 @@ fn requests_per_qtype_and_responses_per_rcode_are_exact() {
     drop(bed.responder);
 }
 
+/// Extra seconds the client's own timing may differ from the kernel's:
+/// `PODNET_TEST_TIME_SLACK_MS` (0 unless set). Under software emulation
+/// (`cargo xtask vm-test`) a client's syscalls around the exchange take
+/// milliseconds, which the kernel's hook-to-hook latency rightly excludes.
+fn client_slack() -> f64 {
+    std::env::var("PODNET_TEST_TIME_SLACK_MS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .map_or(0.0, |ms| f64::from(ms) / 1000.0)
+}
+
 #[test]
 fn latency_matches_what_the_client_measured() {
     if !require_root() {
@@ -498,14 +525,19 @@ fn latency_matches_what_the_client_measured() {
     let sum_name = format!("{DURATION}_sum");
     let l = labels("10.98.0.2", "rcode", "NOERROR");
     let mut before = 0.0;
+    // Each answer's latency as the kernel measured it: the histogram and the
+    // slow log must place exactly these (under emulation a "0 ms" answer can
+    // take tens of milliseconds, so buckets follow the measurements).
+    let mut measured = Vec::new();
     for delay_ms in [0u64, 50, 250, 1200] {
         let answer = query(pod, v4, &format!("delay-{delay_ms}-x.test"), QTYPE_A).unwrap();
         bed.wait_settled();
         let sum = bed.metrics().value_or_zero(&sum_name, &l);
         let kernel = sum - before;
         before = sum;
+        measured.push((delay_ms, kernel));
         let client = answer.elapsed.as_secs_f64();
-        let tolerance = (client * 0.05).max(0.001);
+        let tolerance = (client * 0.05).max(0.001) + client_slack();
         println!("delay {delay_ms} ms: client {client:.6} s, kernel {kernel:.6} s");
         assert!(
             (kernel - client).abs() <= tolerance,
@@ -528,17 +560,28 @@ fn latency_matches_what_the_client_measured() {
             ],
         )
     };
-    assert_eq!(bucket("0.025"), 1);
-    assert_eq!(bucket("0.1"), 2);
-    assert_eq!(bucket("0.5"), 3);
+    let within = |le: f64| measured.iter().filter(|(_, k)| *k <= le).count() as u64;
+    assert_eq!(bucket("0.025"), within(0.025), "{measured:?}");
+    assert_eq!(bucket("0.1"), within(0.1), "{measured:?}");
+    assert_eq!(bucket("0.5"), within(0.5), "{measured:?}");
     assert_eq!(bucket("2.5"), 4);
     assert_eq!(bucket("+Inf"), 4);
-    // Over the 100 ms threshold: the 250 and 1200 ms answers, with their names.
+    // Over the 100 ms threshold (on this machine: the 250 and 1200 ms
+    // answers), with their names.
     let slow = bed.slow();
     let names: Vec<&str> = slow.iter().map(|r| r["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["delay-250-x.test.", "delay-1200-x.test."]);
+    let expected: Vec<String> = measured
+        .iter()
+        .filter(|(_, k)| *k > 0.1)
+        .map(|(d, _)| format!("delay-{d}-x.test."))
+        .collect();
+    assert_eq!(names, expected);
+    assert_eq!(
+        names[names.len() - 2..],
+        ["delay-250-x.test.", "delay-1200-x.test."]
+    );
     assert!(slow.iter().all(|r| r["outcome"] == "slow"));
-    let us = slow[1]["latency_us"].as_u64().unwrap();
+    let us = slow[slow.len() - 1]["latency_us"].as_u64().unwrap();
     assert!((1_200_000..1_260_000).contains(&us), "{us}");
 }
 
@@ -635,7 +678,7 @@ fn retransmits_are_counted_and_latency_runs_from_the_first_copy() {
     let sum = m.value_or_zero(&format!("{DURATION}_sum"), &labels(s, "rcode", "NOERROR"));
     let client = answer.elapsed.as_secs_f64() + again.elapsed.as_secs_f64();
     assert!(
-        (sum - client).abs() <= 0.002,
+        (sum - client).abs() <= 0.002 + client_slack(),
         "kernel {sum} vs client {client}"
     );
 }
@@ -993,4 +1036,95 @@ fn uplinks_trace_host_network_queries_and_pods_are_counted_once() {
     assert_eq!(m.count_sum(RESPONSES), 2);
     // The kernel saw the pod's query twice (pod interface and uplink).
     assert_eq!(bed.status()["dns"]["counters"]["queries"], 3);
+}
+
+/// The fallback for kernels without tcx (before 6.6), forced here with
+/// `--tc-attach tc`: the programs run as podnet's classic filters (priority
+/// 28760, handle 0x706e), count the same, are adopted after a restart, leave
+/// with their endpoint, and a foreign filter on the same hook is untouched.
+#[test]
+fn classic_tc_filters_count_adopt_and_leave_foreign_filters() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Bed::start("dnstc", &["--dns-timeout", "1s", "--tc-attach", "tc"]);
+    assert_eq!(bed.status()["tc_attach"], json!("tc"));
+    let build = bed.metrics();
+    let build = build
+        .0
+        .lines()
+        .find(|l| l.starts_with("podnet_build_info{"))
+        .unwrap()
+        .to_owned();
+    assert!(build.contains("tc_attach=\"tc\""), "{build}");
+    let ifname = bed.topo.pod(0).host_if().to_owned();
+    let node = bed.topo.node();
+    let filters = |hook: &str| {
+        let out = node
+            .run_ok(&["tc", "filter", "show", "dev", &ifname, hook])
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ingress = filters("ingress");
+    assert!(
+        ingress.contains("pref 28760 bpf")
+            && ingress.contains("handle 0x706e podnet_dns_pod_ingress"),
+        "{ingress}"
+    );
+    assert!(filters("egress").contains("handle 0x706e podnet_dns_pod_egress"));
+    // No tcx link (where the kernel has tcx): the classic filters only.
+    let tcx = podnet::bpf::tc::tcx_supported();
+    for d in podnet::dns::attach::Direction::BOTH
+        .into_iter()
+        .filter(|_| tcx)
+    {
+        let ifname = ifname.clone();
+        let tcx = in_netns(node, move || {
+            podnet::dns::attach::tcx_program_ids(&ifname, d)
+        })
+        .unwrap();
+        assert_eq!(tcx.unwrap(), Vec::<u32>::new());
+    }
+    node.run_ok(&[
+        "tc", "filter", "add", "dev", &ifname, "ingress", "pref", "100", "protocol", "all", "u32",
+        "match", "u32", "0", "0",
+    ])
+    .unwrap();
+    let before = bed.attached();
+    assert_eq!(before.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1]);
+    assert_eq!(
+        query(bed.pod(), bed.server_v4(), "ok-1.test", QTYPE_A)
+            .unwrap()
+            .rcode,
+        0
+    );
+    bed.agent.restart(bed.topo.node()).unwrap();
+    bed.wait_links(2);
+    assert_eq!(bed.attached(), before);
+    assert_eq!(
+        bed.status()["dns"]["last_reconcile"]["adopted"]
+            .as_array()
+            .map(Vec::len),
+        Some(2)
+    );
+    assert_eq!(
+        query(bed.pod(), bed.server_v4(), "ok-2.test", QTYPE_A)
+            .unwrap()
+            .rcode,
+        0
+    );
+    bed.wait_settled();
+    assert_eq!(
+        bed.metrics()
+            .count(RESPONSES, &labels("10.98.0.2", "rcode", "NOERROR")),
+        2
+    );
+    std::fs::write(bed.agent.endpoints_file(), "[]\n").unwrap();
+    bed.wait_links(0);
+    assert_eq!(bed.attached(), [Vec::<u32>::new(), Vec::new()]);
+    let left = filters("ingress");
+    assert!(
+        left.contains("pref 100 u32") && !left.contains("podnet_"),
+        "{left}"
+    );
 }

@@ -8,6 +8,7 @@ mod build;
 mod cmd;
 mod demo;
 mod setup;
+mod soak;
 mod test;
 mod vmtest;
 
@@ -40,6 +41,9 @@ enum Task {
     /// Build everything and run all tests, the privileged ones included (runs setup if
     /// anything is missing).
     Test(test::TestArgs),
+    /// The long reliability run: every fuzz target for a bounded time, then the long chaos,
+    /// load and fault tests; writes docs/reliability/soak-summary.md (needs root).
+    Soak(soak::SoakArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Task::Build(args) => build::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::Test(args) => test::run(&args),
+        Task::Soak(args) => soak::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

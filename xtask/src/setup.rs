@@ -23,6 +23,9 @@ const EBPF_TOOLCHAIN: &str = "deb-rust";
 const DEBIAN_RUST_PREFIX: &str = "/usr";
 /// The bpf-linker release podnet is built with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The cargo-fuzz release `cargo xtask soak` fuzzes with (on the stable toolchain, with
+/// `RUSTC_BOOTSTRAP=1` for its `-Z` flags).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Without kernel BTF the agent cannot resolve kernel struct offsets (no CO-RE in Rust eBPF).
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 /// A Python virtual environment for the manifest tools the deploy tests run.
@@ -169,6 +172,16 @@ fn check(verbose: bool) -> Result<Vec<String>> {
         );
         report(false, format!("bpf-linker {BPF_LINKER_VERSION}"));
     }
+    let fuzz_problem = cargo_fuzz_problem();
+    report(
+        fuzz_problem.is_none(),
+        format!("cargo-fuzz {CARGO_FUZZ_VERSION}"),
+    );
+    if verbose {
+        if let Some(problem) = fuzz_problem {
+            println!("       ({problem})");
+        }
+    }
     for (requirement, module) in PYTHON_TOOLS {
         report(
             python_module_ok(module),
@@ -292,6 +305,7 @@ fn install() -> Result<()> {
             }
         }
     }
+    ensure_cargo_fuzz()?;
     ensure_python_tools()?;
     println!("ok: setup complete");
     Ok(())
@@ -473,6 +487,43 @@ fn install_bpf_linker(llvm: u32) -> Result<()> {
     .context("building bpf-linker failed")
 }
 
+/// Why `cargo fuzz` is not the release podnet fuzzes with, or `None` if it is.
+fn cargo_fuzz_problem() -> Option<String> {
+    match cmd::stdout(cmd::cargo().args(["fuzz", "--version"])) {
+        Ok(version) if parse_cargo_fuzz_version(&version) == Some(CARGO_FUZZ_VERSION) => None,
+        Ok(version) => Some(format!("found `{}`", version.trim())),
+        Err(error) => Some(format!("{error:#}")),
+    }
+}
+
+/// The version from `cargo fuzz --version` output (`cargo-fuzz 0.13.2`).
+fn parse_cargo_fuzz_version(output: &str) -> Option<&str> {
+    let mut words = output.split_whitespace();
+    (words.next() == Some("cargo-fuzz")).then(|| words.next())?
+}
+
+/// Installs cargo-fuzz [`CARGO_FUZZ_VERSION`] unless `cargo fuzz --version` already says so.
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    let Some(problem) = cargo_fuzz_problem() else {
+        println!("ok: cargo-fuzz {CARGO_FUZZ_VERSION} already installed");
+        return Ok(());
+    };
+    println!("installing: cargo-fuzz {CARGO_FUZZ_VERSION} ({problem})");
+    cmd::run(cmd::cargo().args([
+        "install",
+        "--locked",
+        &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"),
+    ]))
+    .context("building cargo-fuzz failed")?;
+    if let Some(problem) = cargo_fuzz_problem() {
+        bail!(
+            "cargo-fuzz was installed but is still not usable ({problem}); is {} on PATH?",
+            cargo_home().join("bin").display()
+        );
+    }
+    Ok(())
+}
+
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
@@ -487,6 +538,19 @@ mod tests {
         let out = "rustc 1.96.0 (ac68faa20 2026-05-25)\nbinary: rustc\nhost: x86_64-unknown-linux-gnu\nrelease: 1.96.0\nLLVM version: 22.1.8\n";
         assert_eq!(parse_llvm_major(out), Some(22));
         assert_eq!(parse_llvm_major("rustc 1.96.0\n"), None);
+    }
+
+    #[test]
+    fn cargo_fuzz_version_from_its_output() {
+        assert_eq!(
+            parse_cargo_fuzz_version("cargo-fuzz 0.13.2\n"),
+            Some("0.13.2")
+        );
+        assert_eq!(parse_cargo_fuzz_version("cargo-fuzz\n"), None);
+        assert_eq!(
+            parse_cargo_fuzz_version("error: no such command: `fuzz`"),
+            None
+        );
     }
 
     #[test]

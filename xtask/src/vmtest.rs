@@ -42,11 +42,29 @@ const MODULES: &[&str] = &[
     "sch_ingress",
     "cls_bpf",
 ];
+/// Where the guests' whole console output is kept (not under
+/// `target/vm-test`, which each run replaces).
+const CONSOLE_DIR: &str = "target/vm-logs";
+/// Milliseconds a test client's own timing may differ from the kernel's in
+/// the emulated guest (its syscalls take milliseconds there).
+const GUEST_TIME_SLACK_MS: &str = "20";
 /// Seconds the agent may take to become ready in the emulated guest.
 const GUEST_READY_TIMEOUT: &str = "180";
-/// The integration test binaries run by default: the race tests, whose
-/// exact counts prove the BTF-resolved offsets on each kernel.
-const DEFAULT_SUITES: &[&str] = &["conntrack"];
+/// The integration test binaries run by default: the race tests (whose
+/// exact counts prove the BTF-resolved offsets on each kernel), the DNS
+/// programs and the fast path (tcx on 6.6+, classic tc before), and the CNI
+/// chains.
+const DEFAULT_SUITES: &[&str] = &["conntrack", "dns", "routing", "cni"];
+/// Suites that run once per race hook; the others run once, with the
+/// agent's default hook.
+const HOOK_SUITES: &[&str] = &["conntrack"];
+/// Binaries of the test crate that the suites start (beside the agent's).
+const SNAPSHOT_BINARIES: &[&str] = &[
+    "podnet-agent",
+    "podnetctl",
+    "podnet-cni",
+    "podnet-dns-responder",
+];
 
 /// Which kernel(s) to boot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -67,15 +85,22 @@ pub struct VmTestArgs {
     /// Kernel(s) to test on.
     #[arg(long, value_enum, default_value = "all")]
     pub kernel: Kernel,
-    /// Integration test binaries (tests/tests/<name>.rs) to run; default: conntrack.
+    /// Integration test binaries (tests/tests/<name>.rs) to run; default:
+    /// conntrack, dns, routing, cni.
     #[arg(long = "suite")]
     pub suites: Vec<String>,
     /// Guest memory.
     #[arg(long, default_value = "2G")]
     pub memory: String,
-    /// Race hooks to run each suite with (default: both).
+    /// Race hooks to run the race suites (conntrack) with (default: both).
     #[arg(long = "hook", value_parser = ["probe", "tracepoint"])]
     pub hooks: Vec<String>,
+    /// Guest CPUs.
+    #[arg(long, default_value_t = 2)]
+    pub cpus: u32,
+    /// Extra guest kernel command-line arguments (repeatable).
+    #[arg(long = "kernel-arg")]
+    pub kernel_args: Vec<String>,
 }
 
 /// A kernel package: the apt name pattern picks the newest build of a series.
@@ -120,7 +145,7 @@ pub fn run(args: &VmTestArgs) -> Result<()> {
         } else {
             args.hooks.iter().map(String::as_str).collect()
         };
-        let (ok, summary) = boot_and_test(&vmlinuz, &binaries, &args.memory, &hooks)?;
+        let (ok, summary) = boot_and_test(&vmlinuz, &release, &binaries, args, &hooks)?;
         report.push(format!(
             "{:<8} {release:<24} {}",
             s.label,
@@ -268,7 +293,7 @@ fn snapshot(tests: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let dir = root.join("target/vm-test");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("deps"))?;
-    for bin in ["podnet-agent", "podnetctl", "podnet-cni"] {
+    for bin in SNAPSHOT_BINARIES {
         let from = root.join("target/debug").join(bin);
         if from.exists() {
             std::fs::copy(&from, dir.join(bin))
@@ -285,74 +310,153 @@ fn snapshot(tests: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(copied)
 }
 
-/// Boots `vmlinuz`, runs each test binary inside, and returns whether all
-/// passed plus their `test result` lines.
-fn boot_and_test(
-    vmlinuz: &Path,
-    binaries: &[PathBuf],
-    memory: &str,
-    hooks: &[&str],
-) -> Result<(bool, Vec<String>)> {
-    let root = cmd::workspace_root();
+/// The suite a snapshotted test executable belongs to (`dns-0123abcd` → `dns`).
+fn suite_of(exe: &Path) -> String {
+    let name = exe
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match name.rsplit_once('-') {
+        Some((suite, _hash)) => suite.to_owned(),
+        None => name,
+    }
+}
+
+/// The shell script the guest runs: load modules, then each suite (the
+/// race suites once per hook), with the emulation allowances.
+fn guest_script(root: &Path, binaries: &[PathBuf], hooks: &[&str]) -> String {
     let mut script = format!(
         "for m in {}; do modprobe $m 2>/dev/null; done; cd {}; rc=0; ",
         MODULES.join(" "),
         root.display()
     );
-    // Each suite runs once per race hook: the confirm probe (the default
-    // where kprobes exist, as on these kernels) and the drop tracepoint. Both
-    // must give the same exact counts.
+    // The race suites run once per race hook (the confirm probe and the drop
+    // tracepoint must give the same exact counts); the others once, with the
+    // agent's default hook.
     for exe in binaries {
-        for hook in hooks {
+        let suite = suite_of(exe);
+        let runs: Vec<Option<&str>> = if HOOK_SUITES.contains(&suite.as_str()) {
+            hooks.iter().copied().map(Some).collect()
+        } else {
+            vec![None]
+        };
+        for hook in runs {
+            let agent_args = hook.map_or(String::new(), |h| format!("--race-hook {h}"));
             let _ = write!(
                 script,
-                "echo \"== race hook: {hook}\"; PODNET_TEST_AGENT_ARGS='--race-hook {hook}' \
-                 PODNET_TEST_READY_TIMEOUT={GUEST_READY_TIMEOUT} CI=true {} --test-threads=1 || rc=1; ",
+                "echo \"== suite: {suite} race hook: {}\"; s=$(date +%s); \
+                 PODNET_TEST_AGENT_ARGS='{agent_args}' \
+                 PODNET_TEST_READY_TIMEOUT={GUEST_READY_TIMEOUT} \
+                 PODNET_TEST_TIME_SLACK_MS={GUEST_TIME_SLACK_MS} CI=true {} --test-threads=1 || rc=1; \
+                 echo \"== duration: $(( $(date +%s) - s )) s\"; ",
+                hook.unwrap_or("default"),
                 exe.display()
             );
         }
     }
     script.push_str("echo PODNET-VM-RESULT rc=$rc");
+    script
+}
+
+/// Prints the tests' output and the kernel's crash lines from the guest
+/// console, and returns the per-run summary and the number of oopses.
+fn summarise(text: &str) -> (Vec<String>, usize) {
+    let mut summary = Vec::new();
+    let mut oopses = 0;
+    for line in text.lines() {
+        // Kernel console lines start with "[  12.34]"; show the tests' own
+        // output, and every kernel line that reports a crash.
+        let kernel_line = line.starts_with('[');
+        let crash = [
+            "Oops",
+            "BUG:",
+            "WARNING:",
+            "Call Trace",
+            "RIP:",
+            "Kernel panic",
+        ]
+        .iter()
+        .any(|w| line.contains(w));
+        if !kernel_line || crash {
+            println!("{line}");
+        }
+        if kernel_line && line.contains("Oops") {
+            oopses += 1;
+        }
+        if let Some(run) = line.trim().strip_prefix("== suite: ") {
+            summary.push(format!("{run}:"));
+        }
+        if let Some(rest) = line.trim().strip_prefix("test result: ") {
+            summary.push(rest.split(';').take(2).collect::<Vec<_>>().join(";"));
+        }
+        if let Some(rest) = line.trim().strip_prefix("== duration: ") {
+            summary.push(format!("({rest})"));
+        }
+    }
+    (summary, oopses)
+}
+
+/// Boots `vmlinuz`, runs each test binary inside, and returns whether all
+/// passed plus their `test result` lines. The whole guest output (kernel
+/// console included) is written to `target/vm-test/console-<release>.log`
+/// as it arrives (under [`CONSOLE_DIR`], one file per boot, kept across
+/// runs), so a guest that dies leaves its last words on disk.
+fn boot_and_test(
+    vmlinuz: &Path,
+    release: &str,
+    binaries: &[PathBuf],
+    args: &VmTestArgs,
+    hooks: &[&str],
+) -> Result<(bool, Vec<String>)> {
+    let root = cmd::workspace_root();
+    let script = guest_script(&root, binaries, hooks);
     let vng = Path::new(VNG_VENV).join("bin/vng");
     let path = format!(
         "{VNG_VENV}/bin:{}",
         std::env::var("PATH").unwrap_or_default()
     );
-    let output = Command::new(&vng)
-        .args(["--run"])
-        .arg(vmlinuz)
-        .args([
-            "--disable-kvm",
-            "--memory",
-            memory,
-            "--cpus",
-            "2",
-            "--verbose",
-            "--exec",
-            &script,
-        ])
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let log_dir = root.join(CONSOLE_DIR);
+    std::fs::create_dir_all(&log_dir)?;
+    let log_path = log_dir.join(format!("console-{release}-{started}.log"));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    println!("   guest console: {}", log_path.display());
+    let mut command = Command::new(&vng);
+    command.args(["--run"]).arg(vmlinuz).args([
+        "--disable-kvm",
+        "--memory",
+        &args.memory,
+        "--cpus",
+        &args.cpus.to_string(),
+        "--verbose",
+    ]);
+    for arg in &args.kernel_args {
+        command.args(["--append", arg]);
+    }
+    let status = command
+        .args(["--exec", &script])
         .env("PATH", path)
         .current_dir(std::env::temp_dir())
-        .output()
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
         .context("starting vng")?;
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    let mut summary = Vec::new();
-    for line in text.lines() {
-        // Kernel console lines start with "[  12.34]"; show the tests' own output.
-        if !line.starts_with('[') {
-            println!("{line}");
-        }
-        if let Some(hook) = line.trim().strip_prefix("== race hook: ") {
-            summary.push(format!("{hook}:"));
-        }
-        if let Some(rest) = line.trim().strip_prefix("test result: ") {
-            summary.push(rest.split(';').take(2).collect::<Vec<_>>().join(";"));
-        }
+    let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let (mut summary, oopses) = summarise(&text);
+    if oopses > 0 {
+        summary.push(format!("{oopses} kernel oops (see {})", log_path.display()));
     }
-    let passed = text.contains("PODNET-VM-RESULT rc=0");
+    // The verdict is the guest script's own line: vng's exit status is not
+    // the script's (it was non-zero after a clean power-down on 6.1).
+    let passed = oopses == 0 && text.contains("PODNET-VM-RESULT rc=0");
+    if !status.success() {
+        summary.push(format!("(vng exited with {status})"));
+    }
     if summary.is_empty() {
-        summary.push("no test ran (see the console output above)".into());
+        summary.push(format!("no test ran (see {})", log_path.display()));
     }
     Ok((passed, summary))
 }
@@ -370,5 +474,11 @@ mod tests {
         ];
         names.sort_by_key(|n| version_key(n));
         assert_eq!(names.last(), Some(&"linux-image-6.1.0-50-amd64-unsigned"));
+    }
+
+    #[test]
+    fn suites_are_named_by_their_executables() {
+        assert_eq!(suite_of(Path::new("/t/deps/dns-0123abcd")), "dns");
+        assert_eq!(suite_of(Path::new("/t/deps/ipam_crash-99")), "ipam_crash");
     }
 }

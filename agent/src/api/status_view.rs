@@ -29,10 +29,11 @@ pub fn status_text(s: &Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "podnet {}  kernel {}  race hook {}  uptime {}s",
+        "podnet {}  kernel {}  race hook {}  tc attach {}  uptime {}s",
         text(&s["version"]),
         text(&s["kernel"]),
         text(&s["race_hook"]),
+        text(&s["tc_attach"]),
         u(&s["uptime_seconds"])
     );
     let _ = writeln!(out, "pins: {}", text(&s["bpffs"]));
@@ -152,7 +153,7 @@ mod tests {
     fn sections_from_a_status_answer() {
         let status = json!({
             "version": "0.1.0", "kernel": "6.18.0", "race_hook": "tracepoint",
-            "uptime_seconds": 12, "bpffs": "/sys/fs/bpf/podnet",
+            "tc_attach": "tcx", "uptime_seconds": 12, "bpffs": "/sys/fs/bpf/podnet",
             "tracer_attachment": "adopted", "tracer_program_id": 41,
             "events_received": 3, "dns": {"events_received": 5},
             "events_lost": {"conntrack": 0, "dns": 2},
@@ -174,7 +175,7 @@ mod tests {
         assert_eq!(
             status_text(&status),
             "\
-podnet 0.1.0  kernel 6.18.0  race hook tracepoint  uptime 12s
+podnet 0.1.0  kernel 6.18.0  race hook tracepoint  tc attach tcx  uptime 12s
 pins: /sys/fs/bpf/podnet
 
 PROGRAMS

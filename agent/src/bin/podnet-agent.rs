@@ -40,8 +40,18 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime's threads exist: each would otherwise get an arena.
+    podnet::memory::limit_arenas();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let config = AgentConfig::resolve(AgentArgs::parse())?;
     init_tracing(config.log_format);
     if config.cleanup {
@@ -63,6 +73,9 @@ async fn main() -> anyhow::Result<()> {
     .context("datapath start panicked")?
     .context("starting podnet-agent")?;
     source.set(Arc::new(MetricsRenderer::new(daemon.clone())));
+    // Start-up's BTF parsing is over: hand its freed memory back, and keep
+    // doing so after bursts of work (endpoint churn, large scrapes).
+    tokio::spawn(release_free_heap_periodically());
     let api = ApiServer::bind(&config.socket, Arc::new(ApiHandler(daemon.clone())))?;
     let api = tokio::spawn(api.run(stopped(stop_rx.clone())));
     if let Some(path) = config.endpoints.clone() {
@@ -73,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
     }
     readiness.set_ready();
     tracing::info!(metrics = %config.metrics_addr, socket = %config.socket.display(), "podnet-agent ready");
+    let pins = tokio::spawn(watch_pin_dir(config.bpffs.clone(), readiness.clone()));
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -80,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: stopping; the datapath stays in place"),
         _ = int.recv() => tracing::info!("SIGINT: stopping; the datapath stays in place"),
     }
+    pins.abort();
     readiness.set_not_ready("shutting down");
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(defaults::SHUTDOWN_GRACE, async {
@@ -92,6 +107,39 @@ async fn main() -> anyhow::Result<()> {
     }
     tokio::task::spawn_blocking(move || daemon.stop()).await?;
     Ok(())
+}
+
+/// Watches the pin directory: when bpffs goes away under the agent, says so
+/// (error log, `/readyz` 503 naming the cause); when it is back, ready again.
+async fn watch_pin_dir(dir: std::path::PathBuf, readiness: Readiness) {
+    let mut tick = tokio::time::interval(defaults::PIN_DIR_CHECK_INTERVAL);
+    let mut problem: Option<String> = None;
+    loop {
+        tick.tick().await;
+        let now = podnet::bpf::fs::pin_dir_problem(&dir);
+        match (&problem, &now) {
+            (None, Some(reason)) => {
+                tracing::error!(path = %dir.display(), "{reason}");
+                readiness.set_not_ready(reason.clone());
+            }
+            (Some(_), None) => {
+                tracing::warn!(path = %dir.display(), "pin directory is on a bpf filesystem again; pins come back with an agent restart");
+                readiness.set_ready();
+            }
+            _ => {}
+        }
+        problem = now;
+    }
+}
+
+/// Returns freed heap to the kernel now and every
+/// [`defaults::HEAP_TRIM_INTERVAL`].
+async fn release_free_heap_periodically() {
+    let mut tick = tokio::time::interval(defaults::HEAP_TRIM_INTERVAL);
+    loop {
+        tick.tick().await;
+        let _ = tokio::task::spawn_blocking(podnet::memory::release_free_heap).await;
+    }
 }
 
 /// `--cleanup`: removes what podnet installed, prints each removal, and

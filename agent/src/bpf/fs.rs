@@ -72,11 +72,42 @@ fn mount_bpffs(root: &Path) -> Result<(), BpfError> {
     Ok(())
 }
 
+/// Why `dir` cannot hold pins any more (bpffs unmounted or the directory
+/// removed under the agent), or `None` while it is on a bpf filesystem.
+///
+/// Links the agent holds open keep running in that state, but nothing is
+/// pinned: a restart would start over without them.
+pub fn pin_dir_problem(dir: &Path) -> Option<String> {
+    (!is_bpffs(dir)).then(|| {
+        format!(
+            "pin directory {} is no longer on a bpf filesystem (bpffs unmounted?); programs keep running while this agent runs, remount bpffs and restart the agent to pin them again",
+            dir.display()
+        )
+    })
+}
+
 /// Removes a pin directory and everything pinned in it (uninstall).
 pub fn remove_pins(dir: &Path) -> Result<(), BpfError> {
     match std::fs::remove_dir_all(dir) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(fs_error(dir, format!("remove: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_directory_is_a_pin_dir_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let problem = pin_dir_problem(dir.path()).unwrap();
+        assert!(
+            problem.contains(&dir.path().display().to_string()),
+            "{problem}"
+        );
+        assert!(problem.contains("bpffs unmounted"), "{problem}");
+        assert!(pin_dir_problem(Path::new("/nonexistent/podnet")).is_some());
     }
 }

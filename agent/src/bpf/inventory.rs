@@ -135,9 +135,27 @@ pub fn read(bpffs: &Path) -> Inventory {
             Some(PinKind::Other) | None => {}
         }
     }
+    // Classic tc filters (kernels without tcx) are not pinned; they carry
+    // the program's full name.
+    for f in super::tc::owned().0 {
+        programs
+            .entry(f.filter.program_id)
+            .or_insert_with(|| PinnedProgram {
+                subsystem: f.subsystem.to_owned(),
+                name: f.filter.name.clone(),
+                id: f.filter.program_id,
+                links: Vec::new(),
+                run_time_ns: 0,
+                run_count: 0,
+            })
+            .links
+            .push(PathBuf::from(format!("tc:{}", f.place())));
+    }
     for prog in loaded_programs().filter_map(Result::ok) {
         if let Some(p) = programs.get_mut(&prog.id()) {
-            p.name = full_name(prog.name_as_str().unwrap_or_default(), &p.links);
+            if p.name.is_empty() {
+                p.name = full_name(prog.name_as_str().unwrap_or_default(), &p.links);
+            }
             p.run_time_ns = u64::try_from(prog.run_time().as_nanos()).unwrap_or(u64::MAX);
             p.run_count = prog.run_count();
         }

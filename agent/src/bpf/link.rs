@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use aya::programs::links::FdLink;
+use aya::programs::links::{FdLink, PinnedLink};
 
 use super::BpfError;
 
@@ -99,21 +99,37 @@ pub fn attach_pinned(
     fingerprint: u64,
     attach: impl FnOnce() -> Result<FdLink, BpfError>,
 ) -> Result<Attachment, BpfError> {
+    attach_pinned_held(dir, base, fingerprint, attach).map(|(attachment, _)| attachment)
+}
+
+/// Like [`attach_pinned`], also returning an open handle on the link.
+///
+/// While the handle lives the link stays attached even if its pin goes (bpffs
+/// unmounted or the pin deleted under the agent); dropping it only closes the
+/// descriptor, the pin keeps the link across restarts.
+pub fn attach_pinned_held(
+    dir: &Path,
+    base: &str,
+    fingerprint: u64,
+    attach: impl FnOnce() -> Result<FdLink, BpfError>,
+) -> Result<(Attachment, PinnedLink), BpfError> {
     let ours = pin_name(base, fingerprint);
+    let path = dir.join(&ours);
     let names = existing(dir, base)?;
     if names.contains(&ours) && names.len() == 1 {
-        return Ok(Attachment::Adopted);
+        let link = PinnedLink::from_pin(&path)
+            .map_err(|e| fs_error(&path, format!("open pinned link: {e}")))?;
+        return Ok((Attachment::Adopted, link));
     }
     let outcome = if remove_pinned(dir, base)? > 0 {
         Attachment::Replaced
     } else {
         Attachment::Attached
     };
-    let path = dir.join(&ours);
-    attach()?
+    let link = attach()?
         .pin(&path)
         .map_err(|e| fs_error(&path, format!("pin link: {e}")))?;
-    Ok(outcome)
+    Ok((outcome, link))
 }
 
 #[cfg(test)]
@@ -151,5 +167,16 @@ mod tests {
         assert_eq!(existing(&dir, "link_a").unwrap().len(), 0);
         assert_eq!(existing(&dir, "link_ab").unwrap().len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_pin_that_is_not_a_link_is_an_error_not_an_adoption() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(pin_name("link_a", 7)), b"").unwrap();
+        let e = attach_pinned_held(dir.path(), "link_a", 7, || {
+            panic!("must not attach over an existing pin")
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("open pinned link"), "{e}");
     }
 }

@@ -10,6 +10,7 @@ pub mod btf;
 pub mod fs;
 pub mod inventory;
 pub mod link;
+pub mod tc;
 
 /// The conntrack race tracer object, built by agent/build.rs.
 pub static CONNTRACK_OBJECT: &[u8] =

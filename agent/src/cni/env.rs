@@ -111,6 +111,44 @@ pub fn validate_if_name(name: &str) -> Result<(), CniError> {
     Ok(())
 }
 
+/// `NSFS_MAGIC` from include/uapi/linux/magic.h: the filesystem of
+/// namespace files (`/proc/<pid>/ns/net` and their bind mounts).
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+/// Checks `CNI_NETNS`: an absolute path to an existing network namespace
+/// file (a relative path or any other file is refused, so a path trick cannot
+/// point the plugin at something else).
+pub fn validate_netns(netns: &str) -> Result<(), CniError> {
+    let path = Path::new(netns);
+    if !path.is_absolute() {
+        return Err(invalid(format!(
+            "CNI_NETNS {netns:?} must be an absolute path"
+        )));
+    }
+    if !path.exists() {
+        return Err(invalid(format!("CNI_NETNS {netns:?} does not exist")));
+    }
+    if !is_nsfs(path) {
+        return Err(invalid(format!(
+            "CNI_NETNS {netns:?} is not a network namespace file"
+        )));
+    }
+    Ok(())
+}
+
+fn is_nsfs(path: &Path) -> bool {
+    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c_path is a valid NUL-terminated string; buf is writable.
+    let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut buf) };
+    #[allow(clippy::useless_conversion)] // f_type's width differs per libc target.
+    let magic = i64::from(buf.f_type);
+    rc == 0 && magic == NSFS_MAGIC
+}
+
 /// Parses `CNI_ARGS` (`K=V;K=V`).
 pub fn parse_args(args: &str) -> Result<PodArgs, CniError> {
     let mut pod = PodArgs::default();
@@ -161,8 +199,8 @@ pub fn from_vars<S: std::hash::BuildHasher>(
     match get("CNI_NETNS") {
         Some(netns) => {
             // DEL must succeed when the namespace is already gone.
-            if command != Command::Del && !Path::new(netns).exists() {
-                return Err(invalid(format!("CNI_NETNS {netns:?} does not exist")));
+            if command != Command::Del {
+                validate_netns(netns)?;
             }
             netns.clone_into(&mut env.netns);
         }
@@ -206,6 +244,10 @@ mod tests {
             ("CNI_IFNAME", "eth 0"),
             ("CNI_IFNAME", "a23456789012345x"),
             ("CNI_NETNS", "/nonexistent/ns"),
+            ("CNI_NETNS", "../../proc/self/ns/net"),
+            ("CNI_NETNS", "/proc/self/status"),
+            ("CNI_NETNS", "/proc/self/ns/../status"),
+            ("CNI_NETNS", "/proc/self"),
             ("CNI_COMMAND", "FOO"),
             ("CNI_ARGS", "novalue"),
         ] {

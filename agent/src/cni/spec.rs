@@ -147,6 +147,15 @@ pub struct ValidAttachment {
     pub ifname: String,
 }
 
+/// The CNI specification's network names: `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`
+/// (the name keys allocations and state; no separators, control characters
+/// or NUL).
+fn is_network_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
 fn bad_config(details: impl Into<String>) -> CniError {
     CniError::new(
         Code::InvalidConfig,
@@ -249,6 +258,11 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
         ));
     }
     let name = string_key(&top, "name")?.unwrap_or_default();
+    if !name.is_empty() && !is_network_name(&name) {
+        return Err(bad_config(format!(
+            "network name {name:?} must match [A-Za-z0-9][A-Za-z0-9_.-]*"
+        )));
+    }
     let plugin_type = string_key(&top, "type")?;
     let ipam = match top.get("ipam") {
         None | Some(Value::Null) => None,

@@ -232,6 +232,18 @@ fn parser_decides_the_role_and_rejects_bad_keys() {
         ),
         ("[]", 6),
         ("", 6),
+        (
+            r#"{"cniVersion":"1.0.0","name":"n\u0000../x","type":"podnet-cni"}"#,
+            7,
+        ),
+        (
+            r#"{"cniVersion":"1.0.0","name":"../etc","type":"podnet-cni"}"#,
+            7,
+        ),
+        (
+            r#"{"cniVersion":"1.0.0","name":"a/b","type":"podnet-cni"}"#,
+            7,
+        ),
     ] {
         assert_eq!(
             parse_netconf(bad.as_bytes()).unwrap_err().code,

@@ -16,6 +16,11 @@ pub const RACE_EVENT_BUDGET_PER_CPU: u32 = 20_000;
 pub const RACE_LOG_CAPACITY: usize = 1024;
 /// How long the agent waits for its tasks to drain on SIGTERM.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often the agent hands freed heap back to the kernel (see
+/// [`crate::memory`]).
+pub const HEAP_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_mins(1);
+/// How often the agent checks that its `--bpffs` directory is still on bpffs.
+pub const PIN_DIR_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 /// `--dns-timeout`.
 pub const DNS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// `--dns-ports`.

@@ -54,6 +54,11 @@ pub struct AgentArgs {
     /// the kernel has kprobes) [default: auto].
     #[arg(long, env = "PODNET_RACE_HOOK", value_enum)]
     pub race_hook: Option<crate::conntrack::tracer::RaceHookChoice>,
+    /// How the DNS and fast-path programs attach: `auto` (tcx where the
+    /// kernel has it, 6.6+, else classic tc: clsact qdisc and a bpf filter),
+    /// `tcx`, or `tc` [default: auto].
+    #[arg(long, env = "PODNET_TC_ATTACH", value_enum)]
+    pub tc_attach: Option<crate::bpf::tc::TcModeChoice>,
     /// A DNS query with no answer by then is a timeout (e.g. `5s`, `500ms`)
     /// [default: 5s].
     #[arg(long, env = "PODNET_DNS_TIMEOUT", value_parser = duration_arg)]
@@ -156,6 +161,8 @@ pub struct ConfigFile {
     pub race_event_budget: Option<u32>,
     /// See [`AgentArgs::race_hook`].
     pub race_hook: Option<crate::conntrack::tracer::RaceHookChoice>,
+    /// See [`AgentArgs::tc_attach`].
+    pub tc_attach: Option<crate::bpf::tc::TcModeChoice>,
     /// See [`AgentArgs::log_format`].
     pub log_format: Option<LogFormat>,
     /// See [`AgentArgs::ipam_mode`].
@@ -230,6 +237,8 @@ pub struct AgentConfig {
     pub race_event_budget: u32,
     /// Race hook choice.
     pub race_hook: crate::conntrack::tracer::RaceHookChoice,
+    /// tc attach mode choice.
+    pub tc_attach: crate::bpf::tc::TcModeChoice,
     /// Log format.
     pub log_format: LogFormat,
     /// IPAM mode.
@@ -295,8 +304,28 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigEr
     }
     serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_owned(),
-        message: e.to_string(),
+        message: naming_the_key(text, &e.to_string()),
     })
+}
+
+/// `serde_yaml` names the key in type errors, but not in the errors a value's
+/// own parser raises (a prefix with host bits, a bad duration): find the
+/// top-level key whose value fails alone and put it in front.
+fn naming_the_key(text: &str, message: &str) -> String {
+    let Ok(serde_yaml::Value::Mapping(map)) = serde_yaml::from_str(text) else {
+        return message.to_owned();
+    };
+    let failing = map.into_iter().find_map(|(key, value)| {
+        let name = key.as_str()?.to_owned();
+        let alone = serde_yaml::Mapping::from_iter([(key, value)]);
+        serde_yaml::from_value::<ConfigFile>(serde_yaml::Value::Mapping(alone))
+            .is_err()
+            .then_some(name)
+    });
+    match failing {
+        Some(key) if !message.contains(key.as_str()) => format!("{key}: {message}"),
+        _ => message.to_owned(),
+    }
 }
 
 impl AgentConfig {
@@ -312,6 +341,12 @@ impl AgentConfig {
             }
             None => ConfigFile::default(),
         };
+        Self::resolve_with(args, file)
+    }
+
+    /// Resolves flags over an already parsed config file, then defaults, and
+    /// checks the result: what [`Self::resolve`] does once the file is read.
+    pub fn resolve_with(args: AgentArgs, file: ConfigFile) -> Result<Self, ConfigError> {
         let config = Self::merge(args, file);
         config.check_dns()?;
         Ok(config)
@@ -349,6 +384,7 @@ impl AgentConfig {
                 .unwrap_or_else(|| PathBuf::from(defaults::BPFFS)),
             endpoints: args.endpoints.or(file.endpoints),
             race_hook: args.race_hook.or(file.race_hook).unwrap_or_default(),
+            tc_attach: args.tc_attach.or(file.tc_attach).unwrap_or_default(),
             race_event_budget: args
                 .race_event_budget
                 .or(file.race_event_budget)
@@ -496,6 +532,23 @@ mod tests {
         let e = parse_config_file(Path::new("c.yaml"), "dns-timeout: soon\n").unwrap_err();
         assert!(e.to_string().contains("soon"), "{e}");
         assert!(AgentArgs::try_parse_from(["podnet-agent", "--dns-timeout", "5 min"]).is_err());
+    }
+
+    #[test]
+    fn a_value_its_own_parser_rejects_names_the_key() {
+        // Found by fuzzing: serde_yaml adds the key to type errors only, not
+        // to errors raised by a value's own parser.
+        for (text, key) in [
+            ("node-cidr: 10.244.1.4/24\n", "node-cidr"),
+            ("socket: /s\ndns-timeout: soon\n", "dns-timeout"),
+            ("{bpffs: /b, vpc-cidrs: [10.0.0.0/40]}", "vpc-cidrs"),
+        ] {
+            let err = parse_config_file(Path::new("c.yaml"), text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("config file c.yaml: "), "{err}");
+            assert!(err.contains(key), "{err}");
+        }
     }
 
     #[test]

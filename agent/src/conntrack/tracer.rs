@@ -13,7 +13,10 @@ use std::{
 
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{links::FdLink, BtfTracePoint, KProbe},
+    programs::{
+        links::{FdLink, PinnedLink},
+        BtfTracePoint, KProbe,
+    },
     Btf, Ebpf, EbpfLoader,
 };
 use podnet_common::conntrack::{
@@ -90,6 +93,9 @@ pub struct TracerConfig {
 /// The loaded tracer and its maps.
 pub struct Tracer {
     _ebpf: Ebpf,
+    /// Open handles on the attached links (race hook, confirm probe): they
+    /// keep counting if the pins vanish under the agent (bpffs unmounted).
+    _links: [Option<PinnedLink>; 2],
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     destinations: PerCpuHashMap<MapData, DestKey, u64>,
     counters: PerCpuArray<MapData, u64>,
@@ -144,8 +150,9 @@ impl Tracer {
                 source: Box::new(e),
             })?;
         // The precise hook first: if it cannot attach, nothing else changed.
+        let mut probe_link = None;
         if hook == RaceHook::ConfirmProbe {
-            let probe = attach_probe(
+            let (probe, link) = attach_probe(
                 &mut ebpf,
                 CONFIRM_EXIT_PROGRAM,
                 CONFIRM_EXIT_PIN,
@@ -156,6 +163,7 @@ impl Tracer {
             // through the pinned CT_CONFIRM_DROPPED map, whichever load each
             // of them comes from.
             tracing::info!(attachment = %probe, "confirm kretprobe in place");
+            probe_link = Some(link);
         } else {
             // A probe of an earlier configuration would reclassify drops.
             bpf::link::remove_pinned(pin_dir, CONFIRM_EXIT_PIN)?;
@@ -166,15 +174,16 @@ impl Tracer {
         program
             .load(TRACEPOINT, &btf)
             .map_err(|e| BpfError::program(PROGRAM_NAME, format!("load (verifier): {e}")))?;
-        let attachment = bpf::link::attach_pinned(pin_dir, LINK_PIN, fingerprint, || {
-            let id = program
-                .attach()
-                .map_err(|e| BpfError::program(PROGRAM_NAME, e))?;
-            let link = program
-                .take_link(id)
-                .map_err(|e| BpfError::program(PROGRAM_NAME, e))?;
-            Ok(FdLink::from(link))
-        })?;
+        let (attachment, link) =
+            bpf::link::attach_pinned_held(pin_dir, LINK_PIN, fingerprint, || {
+                let id = program
+                    .attach()
+                    .map_err(|e| BpfError::program(PROGRAM_NAME, e))?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|e| BpfError::program(PROGRAM_NAME, e))?;
+                Ok(FdLink::from(link))
+            })?;
         let program_id = program.info().map_or(0, |i| i.id());
         let drops = bpf::take_map(&mut ebpf, m::DROPS)?;
         let destinations = bpf::take_map(&mut ebpf, m::RACE_DESTS)?;
@@ -183,6 +192,7 @@ impl Tracer {
         tracing::info!(%attachment, hook = hook_name(hook), pins = %pin_dir.display(), netns = config.netns_inode, "conntrack tracer in place");
         Ok(Self {
             _ebpf: ebpf,
+            _links: [Some(link), probe_link],
             drops,
             destinations,
             counters,
@@ -342,12 +352,12 @@ fn attach_probe(
     pin_base: &str,
     pin_dir: &Path,
     fingerprint: u64,
-) -> Result<Attachment, BpfError> {
+) -> Result<(Attachment, PinnedLink), BpfError> {
     let probe: &mut KProbe = bpf::program_mut(ebpf, name)?;
     probe
         .load()
         .map_err(|e| BpfError::program(name, format!("load (verifier): {e}")))?;
-    bpf::link::attach_pinned(pin_dir, pin_base, fingerprint, || {
+    bpf::link::attach_pinned_held(pin_dir, pin_base, fingerprint, || {
         let id = probe
             .attach(CONFIRM_FUNCTION, 0)
             .map_err(|e| BpfError::program(name, format!("attach to {CONFIRM_FUNCTION}: {e}")))?;

@@ -2,7 +2,8 @@
 //! for uninstall, and nothing else.
 //!
 //! What podnet owns is marked (see [`crate::routing`]): the pin directory
-//! (`--bpffs`; unpinning the links detaches the programs), routes and
+//! (`--bpffs`; unpinning the links detaches the programs), classic tc filters
+//! at podnet's priorities ([`crate::bpf::tc`], kernels without tcx), routes and
 //! proxy-ARP entries with protocol [`RTPROT_PODNET`], rules with that protocol
 //! inside [`crate::routing::desired::OWNED_PRIORITIES`], the
 //! [`snat::CHAIN`] chain and its jump, the two CNI files it installs, and its
@@ -58,6 +59,9 @@ pub struct CleanupReport {
 pub fn run(config: &CleanupConfig) -> CleanupReport {
     let mut report = CleanupReport::default();
     remove_pins(&config.bpffs, &mut report);
+    let (removed, errors) = crate::bpf::tc::remove_all();
+    report.removed.extend(removed);
+    report.errors.extend(errors);
     match RtNetlink::open() {
         Ok(mut netlink) => remove_routing(&mut netlink, &mut report),
         Err(e) => report.errors.push(e.to_string()),

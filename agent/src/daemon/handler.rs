@@ -63,7 +63,12 @@ impl metrics::MetricsSource for MetricsRenderer {
     fn render(&self) -> String {
         let mut enc = Encoder::new();
         let race_hook = self.daemon.status_race_hook();
-        metrics::render_build_info(&mut enc, &self.kernel, race_hook);
+        metrics::render_build_info(
+            &mut enc,
+            &self.kernel,
+            race_hook,
+            self.daemon.tc_mode().as_str(),
+        );
         metrics::process::render(&mut enc);
         metrics::selfstats::render(
             &mut enc,

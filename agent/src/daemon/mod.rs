@@ -18,7 +18,7 @@ pub mod handler;
 use serde::Serialize;
 
 use crate::{
-    bpf::{self, link::Attachment, BpfError},
+    bpf::{self, link::Attachment, tc::TcMode, BpfError},
     config::{defaults, AgentConfig},
     conntrack::{
         ctnetlink::NetlinkConntrack,
@@ -67,6 +67,7 @@ pub struct Daemon {
     event_thread: Mutex<Option<JoinHandle<()>>>,
     netns_inode: u32,
     started: Instant,
+    tc_mode: TcMode,
     cni: crate::cni::service::CniService,
     dns: crate::dns::Dns,
     routing: crate::routing::Routing,
@@ -81,6 +82,8 @@ pub struct Status {
     pub kernel: String,
     /// Which hook catches insert races.
     pub race_hook: &'static str,
+    /// How the DNS and fast-path programs attach: `tcx` or `tc` (classic).
+    pub tc_attach: TcMode,
     /// How the tracer was put in place on this start.
     pub tracer_attachment: Attachment,
     /// Kernel program id of the tracer loaded by this agent.
@@ -159,6 +162,16 @@ impl Daemon {
             Some(ring) => Some(spawn_event_thread(ring, &registry, &races, &events)?),
             None => None,
         };
+        let tc_mode = bpf::tc::resolve(config.tc_attach)?;
+        tracing::info!(
+            mode = %tc_mode,
+            tcx_supported = bpf::tc::tcx_supported(),
+            "TC programs attach as {}",
+            match tc_mode {
+                TcMode::Tcx => "tcx links",
+                TcMode::Tc => "classic tc filters (clsact qdisc, direct-action bpf filter)",
+            }
+        );
         let routing = crate::routing::Routing::start(
             crate::routing::RoutingConfig {
                 enis_file: config.enis.clone(),
@@ -168,6 +181,7 @@ impl Daemon {
                 fast_path: config.fast_path,
                 bpffs: config.bpffs.clone(),
                 dns_ports: config.dns_ports.clone(),
+                tc_mode,
             },
             registry.clone(),
         )?;
@@ -179,6 +193,7 @@ impl Daemon {
                 ports: config.dns_ports.clone(),
                 slow_threshold: config.dns_slow_threshold,
                 uplinks: config.uplinks.clone(),
+                tc_mode,
             },
             registry.clone(),
         )?;
@@ -194,6 +209,7 @@ impl Daemon {
             event_thread: Mutex::new(event_thread),
             netns_inode,
             started: Instant::now(),
+            tc_mode,
         }))
     }
 
@@ -226,6 +242,11 @@ impl Daemon {
         tracer::hook_name(self.tracer().hook())
     }
 
+    /// How the DNS and fast-path programs attach.
+    pub fn tc_mode(&self) -> TcMode {
+        self.tc_mode
+    }
+
     /// The agent's status.
     pub fn status(&self) -> Status {
         let tracer = self.tracer();
@@ -242,6 +263,7 @@ impl Daemon {
             version: env!("CARGO_PKG_VERSION"),
             kernel: kernel_release(),
             race_hook: tracer::hook_name(tracer.hook()),
+            tc_attach: self.tc_mode,
             tracer_attachment: tracer.attachment(),
             tracer_program_id: tracer.program_id(),
             tracer_pins: tracer.pin_dir().to_owned(),

@@ -1,12 +1,18 @@
-//! Attaching the DNS programs to interfaces as pinned tcx links, and keeping
-//! the attachments equal to the desired set (pods' host-side interfaces and
-//! `--uplinks`).
+//! Attaching the DNS programs to interfaces as pinned tcx links (or, before
+//! Linux 6.6, classic tc filters), and keeping the attachments equal to the
+//! desired set (pods' host-side interfaces and `--uplinks`).
 //!
 //! Each link is pinned as `<bpffs>/dns/links/<ifname>@<ifindex>@<role>@<direction>`.
 //! On start the agent adopts the pins that still match an interface with the
 //! same index (replacing the program atomically with `bpf_link_update` when
 //! its instructions changed), removes the others (which detaches them), and
 //! attaches what is missing: never two links of podnet on one hook.
+//!
+//! In classic mode ([`crate::bpf::tc`]) the filters at
+//! [`tc::DNS_PRIORITY`] that carry a DNS program's name are the record: the
+//! same names describe them, they are found by listing the namespace's
+//! interfaces, adopted when their instructions are ours, replaced in place
+//! otherwise, and deleted when their endpoint goes.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -22,7 +28,11 @@ use aya::programs::{
 use serde::Serialize;
 
 use super::tracer::DnsTracer;
-use crate::bpf::BpfError;
+use crate::bpf::{
+    link::Attachment,
+    tc::{self, TcMode},
+    BpfError,
+};
 use podnet_common::dns::programs;
 
 /// Sub-directory of the DNS pin directory holding the links.
@@ -52,6 +62,15 @@ impl Role {
             "uplink" => Some(Self::Uplink),
             _ => None,
         }
+    }
+
+    /// The role and hook a program name is attached as (inverse of
+    /// [`Role::program`]).
+    fn of_program(name: &str) -> Option<(Self, Direction)> {
+        [Self::Pod, Self::Uplink]
+            .into_iter()
+            .flat_map(|r| Direction::BOTH.map(|d| (r, d)))
+            .find(|(r, d)| r.program(*d) == name)
     }
 
     /// The program for each hook of this role.
@@ -159,20 +178,28 @@ pub struct ReconcileReport {
     pub failed: Vec<String>,
 }
 
-/// Keeps the tcx links under one pin directory equal to a desired set.
+/// Keeps the tcx links under one pin directory (or podnet's classic filters)
+/// equal to a desired set.
 #[derive(Debug)]
 pub struct Attacher {
     dir: PathBuf,
-    /// Pins already checked (adopted or attached) by this process.
+    /// Pins (or filters, by the same names) already checked (adopted or
+    /// attached) by this process.
     known: BTreeSet<String>,
+    mode: TcMode,
 }
+
+/// The DNS programs that run as classic filters.
+const FILTER_PROGRAMS: [&str; 4] = [
+    programs::POD_QUERIES,
+    programs::POD_ANSWERS,
+    programs::UPLINK_QUERIES,
+    programs::UPLINK_ANSWERS,
+];
 
 /// Index of an interface in the calling thread's network namespace.
 pub fn ifindex(ifname: &str) -> Option<u32> {
-    let c = std::ffi::CString::new(ifname).ok()?;
-    // SAFETY: `c` is a valid NUL-terminated string for the call.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (index != 0).then_some(index)
+    tc::ifindex(ifname)
 }
 
 fn fs_error(path: &Path, message: impl std::fmt::Display) -> BpfError {
@@ -184,13 +211,93 @@ fn fs_error(path: &Path, message: impl std::fmt::Display) -> BpfError {
 
 impl Attacher {
     /// An attacher keeping its links under `<dns pin dir>/links`.
-    pub fn new(dns_pin_dir: &Path) -> Result<Self, BpfError> {
+    /// `mode` says whether links are tcx (pinned) or classic filters; in
+    /// classic mode, DNS links pinned by an earlier tcx run are removed.
+    pub fn new(dns_pin_dir: &Path, mode: TcMode) -> Result<Self, BpfError> {
         let dir = dns_pin_dir.join(LINKS_SUBDIR);
         std::fs::create_dir_all(&dir).map_err(|e| fs_error(&dir, format!("create: {e}")))?;
-        Ok(Self {
+        let attacher = Self {
             dir,
             known: BTreeSet::new(),
+            mode,
+        };
+        if mode == TcMode::Tc {
+            for pin in attacher.pinned()? {
+                let path = attacher.dir.join(pin.file_name());
+                std::fs::remove_file(&path).map_err(|e| fs_error(&path, format!("unpin: {e}")))?;
+            }
+        } else {
+            Self::remove_filters();
+        }
+        Ok(attacher)
+    }
+
+    /// How the programs are attached.
+    pub fn mode(&self) -> TcMode {
+        self.mode
+    }
+
+    /// Removes podnet's DNS filters from every interface (left by an
+    /// earlier classic-mode run); errors are logged, not fatal.
+    fn remove_filters() {
+        for (_, ifname) in tc::interfaces() {
+            for direction in Direction::BOTH {
+                if let Err(e) = tc::detach(
+                    &ifname,
+                    direction.attach_type(),
+                    tc::DNS_PRIORITY,
+                    &FILTER_PROGRAMS,
+                ) {
+                    tracing::warn!(interface = %ifname, error = %e, "removing a DNS tc filter failed");
+                }
+            }
+        }
+    }
+
+    /// The attachments in place: pinned links, or in classic mode podnet's
+    /// DNS filters on the namespace's interfaces, named the same way.
+    pub fn links(&self) -> Result<Vec<PinName>, BpfError> {
+        Ok(match self.mode {
+            TcMode::Tcx => self.pinned()?,
+            TcMode::Tc => Self::filters()?.into_iter().map(|(p, _)| p).collect(),
         })
+    }
+
+    /// Classic mode: podnet's DNS filters, with their program ids.
+    fn filters() -> Result<Vec<(PinName, u32)>, BpfError> {
+        let mut out = Vec::new();
+        for (index, ifname) in tc::interfaces() {
+            for direction in Direction::BOTH {
+                let found = match tc::our_filters(
+                    index,
+                    direction.attach_type(),
+                    tc::DNS_PRIORITY,
+                    &FILTER_PROGRAMS,
+                ) {
+                    Ok(found) => found,
+                    // The interface went away while listing.
+                    Err(_) if ifindex(&ifname) != Some(index) => continue,
+                    Err(e) => return Err(e),
+                };
+                for f in found {
+                    if let Some((role, d)) = Role::of_program(&f.name) {
+                        if d == direction {
+                            out.push((
+                                PinName {
+                                    ifname: ifname.clone(),
+                                    ifindex: index,
+                                    role,
+                                    direction,
+                                },
+                                f.program_id,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
     }
 
     /// The pinned links found on disk.
@@ -210,8 +317,15 @@ impl Attacher {
         Ok(out)
     }
 
-    /// Kernel ids of the programs behind the pinned links.
+    /// Kernel ids of the programs behind the pinned links (or filters).
     pub fn program_ids(&self) -> BTreeSet<u32> {
+        if self.mode == TcMode::Tc {
+            return Self::filters()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(_, id)| id)
+                .collect();
+        }
         let mut ids = BTreeSet::new();
         for pin in self.pinned().unwrap_or_default() {
             if let Ok(link) = PinnedLink::from_pin(self.dir.join(pin.file_name())) {
@@ -230,6 +344,9 @@ impl Attacher {
         tracer: &mut DnsTracer,
         desired: &BTreeMap<String, Role>,
     ) -> Result<ReconcileReport, BpfError> {
+        if self.mode == TcMode::Tc {
+            return self.reconcile_filters(tracer, desired);
+        }
         let mut report = ReconcileReport::default();
         let mut covered: BTreeSet<(String, Direction)> = BTreeSet::new();
         // Tags of loaded programs, read once and only when a pin needs checking.
@@ -302,6 +419,91 @@ impl Attacher {
         Ok(report)
     }
 
+    /// [`Attacher::reconcile`] in classic mode: what the kernel lists is the
+    /// observed state (filters cannot be pinned).
+    fn reconcile_filters(
+        &mut self,
+        tracer: &mut DnsTracer,
+        desired: &BTreeMap<String, Role>,
+    ) -> Result<ReconcileReport, BpfError> {
+        let mut report = ReconcileReport::default();
+        let mut covered: BTreeSet<(String, Direction)> = BTreeSet::new();
+        let observed = Self::filters()?;
+        let names: BTreeSet<String> = observed.iter().map(|(p, _)| p.file_name()).collect();
+        // Interfaces that went away took their filters with them.
+        self.known.retain(|f| names.contains(f));
+        for (pin, _) in observed {
+            let file = pin.file_name();
+            if desired.get(&pin.ifname) != Some(&pin.role) {
+                let name = pin.role.program(pin.direction);
+                tc::detach(
+                    &pin.ifname,
+                    pin.direction.attach_type(),
+                    tc::DNS_PRIORITY,
+                    &[name],
+                )?;
+                self.known.remove(&file);
+                report.removed.push(file);
+                continue;
+            }
+            covered.insert((pin.ifname.clone(), pin.direction));
+            if self.known.contains(&file) {
+                continue;
+            }
+            match Self::attach_filter(tracer, &pin) {
+                Ok(Attachment::Replaced) => report.replaced.push(file.clone()),
+                Ok(Attachment::Attached) => report.attached.push(file.clone()),
+                Ok(Attachment::Adopted) => report.adopted.push(file.clone()),
+                Err(e) => {
+                    tracing::warn!(filter = %file, error = %e, "cannot adopt DNS tc filter; retrying later");
+                    report.failed.push(file);
+                    continue;
+                }
+            }
+            self.known.insert(file);
+        }
+        for (ifname, role) in desired {
+            let Some(index) = ifindex(ifname) else {
+                continue;
+            };
+            for direction in Direction::BOTH {
+                if covered.contains(&(ifname.clone(), direction)) {
+                    continue;
+                }
+                let pin = PinName {
+                    ifname: ifname.clone(),
+                    ifindex: index,
+                    role: *role,
+                    direction,
+                };
+                let file = pin.file_name();
+                match Self::attach_filter(tracer, &pin) {
+                    Ok(_) => {
+                        self.known.insert(file.clone());
+                        report.attached.push(file);
+                    }
+                    Err(e) => {
+                        tracing::warn!(filter = %file, error = %e, "attaching DNS tc filter failed; retrying later");
+                        report.failed.push(file);
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    fn attach_filter(tracer: &mut DnsTracer, pin: &PinName) -> Result<Attachment, BpfError> {
+        let name = pin.role.program(pin.direction);
+        tc::attach(
+            tracer.program_mut(name)?,
+            name,
+            &pin.ifname,
+            pin.direction.attach_type(),
+            tc::DNS_PRIORITY,
+            tc::Keep::SameTag,
+        )
+    }
+
     /// Keeps a pinned link; replaces its program in place when the
     /// instructions differ from ours. Returns true when adopted unchanged.
     fn adopt(
@@ -357,6 +559,26 @@ impl Attacher {
     }
 }
 
+/// Ids of every program attached (by anyone) to a hook of `ifname`: tcx
+/// links in order (where the kernel has tcx), then classic `bpf` filters in
+/// the kernel's listing order. The kernel's own view, for checks and
+/// benchmarks.
+pub fn hook_program_ids(ifname: &str, direction: Direction) -> Result<Vec<u32>, BpfError> {
+    let mut ids = if tc::tcx_supported() {
+        tcx_program_ids(ifname, direction)?
+    } else {
+        Vec::new()
+    };
+    if let Some(index) = ifindex(ifname) {
+        ids.extend(
+            tc::filters(index, direction.attach_type())?
+                .iter()
+                .map(|f| f.program_id),
+        );
+    }
+    Ok(ids)
+}
+
 /// Ids of every program attached (by anyone) to a tcx hook of `ifname`, in
 /// order: the kernel's own view, for checks and benchmarks.
 pub fn tcx_program_ids(ifname: &str, direction: Direction) -> Result<Vec<u32>, BpfError> {
@@ -401,5 +623,10 @@ mod tests {
             programs::UPLINK_ANSWERS
         );
         assert_eq!(Role::Pod.program(Direction::Egress), programs::POD_ANSWERS);
+        for name in FILTER_PROGRAMS {
+            let (role, direction) = Role::of_program(name).unwrap();
+            assert_eq!(role.program(direction), name);
+        }
+        assert_eq!(Role::of_program(programs::BASELINE), None);
     }
 }

@@ -161,6 +161,8 @@ pub struct DnsSettings {
     pub slow_threshold: Duration,
     /// `--uplinks`.
     pub uplinks: Vec<String>,
+    /// tcx links or classic tc filters.
+    pub tc_mode: crate::bpf::tc::TcMode,
 }
 
 /// What `status` shows about DNS.
@@ -196,7 +198,7 @@ pub struct Dns {
     history: Arc<Mutex<top::History>>,
     last_reconcile: Arc<Mutex<ReconcileReport>>,
     shared: Arc<Shared>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -209,7 +211,7 @@ pub enum DnsError {
     /// The kernel side could not be set up.
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    /// The DNS thread could not be started.
+    /// A DNS thread could not be started.
     #[error("starting the DNS thread: {0}")]
     Thread(std::io::Error),
 }
@@ -231,7 +233,7 @@ pub fn desired_interfaces(registry: &Registry, uplinks: &[String]) -> BTreeMap<S
 
 impl Dns {
     /// Loads the programs, attaches them to the registry's interfaces and the
-    /// uplinks (adopting pinned links), and starts the DNS thread.
+    /// uplinks (adopting pinned links), and starts the DNS threads.
     pub fn start(settings: DnsSettings, registry: Registry) -> Result<Self, DnsError> {
         let mut tracer = DnsTracer::load(
             &settings.bpffs,
@@ -240,7 +242,7 @@ impl Dns {
                 slow_threshold: settings.slow_threshold,
             },
         )?;
-        let mut attacher = Attacher::new(tracer.pin_dir())?;
+        let mut attacher = Attacher::new(tracer.pin_dir(), settings.tc_mode)?;
         let report = attacher.reconcile(
             &mut tracer,
             &desired_interfaces(&registry, &settings.uplinks),
@@ -250,6 +252,7 @@ impl Dns {
             adopted = report.adopted.len(),
             replaced = report.replaced.len(),
             removed = report.removed.len(),
+            mode = %attacher.mode(),
             pins = %tracer.pin_dir().display(),
             "DNS programs in place"
         );
@@ -266,7 +269,7 @@ impl Dns {
             history: Arc::new(Mutex::new(history)),
             last_reconcile: Arc::new(Mutex::new(report)),
             shared: Arc::new(Shared::default()),
-            thread: Mutex::new(None),
+            threads: Mutex::new(Vec::new()),
         };
         let worker = worker::Worker {
             tracer: dns.tracer.clone(),
@@ -278,11 +281,19 @@ impl Dns {
             shared: dns.shared.clone(),
             settings,
         };
+        if let Some(ring) = ring {
+            let events = worker.clone();
+            let handle = std::thread::Builder::new()
+                .name("podnet-dns-ev".into())
+                .spawn(move || events.run_events(ring))
+                .map_err(DnsError::Thread)?;
+            lock(&dns.threads).push(handle);
+        }
         let handle = std::thread::Builder::new()
             .name("podnet-dns".into())
-            .spawn(move || worker.run(ring))
+            .spawn(move || worker.run_upkeep())
             .map_err(DnsError::Thread)?;
-        *lock(&dns.thread) = Some(handle);
+        lock(&dns.threads).push(handle);
         Ok(dns)
     }
 
@@ -305,9 +316,12 @@ impl Dns {
 
     /// Links, program ids and counters.
     pub fn status(&self) -> DnsStatus {
+        // The tracer first, then the attacher: the order the DNS thread takes
+        // them in (the reverse could deadlock against a reconcile).
+        let counters = self.snapshot().map(|s| s.counters).unwrap_or_default();
         let attacher = lock(&self.attacher);
         let links = attacher
-            .pinned()
+            .links()
             .unwrap_or_default()
             .iter()
             .map(attach::PinName::file_name)
@@ -315,19 +329,20 @@ impl Dns {
         DnsStatus {
             links,
             program_ids: attacher.program_ids().into_iter().collect(),
-            counters: self.snapshot().map(|s| s.counters).unwrap_or_default(),
+            counters,
             events_received: self.shared.received.load(Ordering::Relaxed),
             events_decode_errors: self.shared.decode_errors.load(Ordering::Relaxed),
             last_reconcile: lock(&self.last_reconcile).clone(),
         }
     }
 
-    /// Stops the DNS thread. Links and maps stay pinned and keep counting.
+    /// Stops the DNS threads. Links and maps stay pinned and keep counting.
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        if let Some(handle) = lock(&self.thread).take() {
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for handle in threads {
             if handle.join().is_err() {
-                tracing::error!("DNS thread panicked");
+                tracing::error!("a DNS thread panicked");
             }
         }
     }

@@ -22,8 +22,16 @@ use crate::endpoint::Registry;
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 /// How often per-(pod, server) totals are sampled for `dns.top`.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// Longest wait between two drains of the ring buffer.
+const EVENT_POLL: Duration = Duration::from_millis(100);
 
-/// The DNS thread: events, timeout sweep, attachments, samples for `top`.
+/// The DNS threads' shared state: one thread drains events, the other
+/// sweeps timeouts, reconciles attachments and samples for `top`.
+///
+/// Two threads, so that events are drained while a sweep walks a large
+/// pending map: measured at 20,000 NXDOMAIN answers/s with a server that
+/// answered only 73 % of the queries, one thread lost 5,588 of 73,000 events.
+#[derive(Clone)]
 pub(super) struct Worker {
     pub(super) tracer: Arc<Mutex<DnsTracer>>,
     pub(super) attacher: Arc<Mutex<Attacher>>,
@@ -36,7 +44,18 @@ pub(super) struct Worker {
 }
 
 impl Worker {
-    pub(super) fn run(self, mut ring: Option<RingBuf<MapData>>) {
+    /// Drains the ring buffer until stopped: woken by the kernel when 64 KiB
+    /// are pending, and at least every [`EVENT_POLL`].
+    pub(super) fn run_events(self, mut ring: RingBuf<MapData>) {
+        while !self.shared.stop.load(Ordering::Relaxed) {
+            wait_readable(ring.as_raw_fd(), EVENT_POLL);
+            self.drain(&mut ring);
+        }
+        self.drain(&mut ring);
+    }
+
+    /// Sweeps timeouts, reconciles attachments and samples until stopped.
+    pub(super) fn run_upkeep(self) {
         // Sweep four times per timeout (at most every second), so a timeout
         // is counted at most a quarter late.
         let sweep_every =
@@ -45,14 +64,7 @@ impl Worker {
         let (mut last_sweep, mut last_reconcile, mut last_sample) =
             (Instant::now(), Instant::now(), Instant::now());
         while !self.shared.stop.load(Ordering::Relaxed) {
-            let wait = sweep_every.min(Duration::from_millis(100));
-            match ring.as_mut() {
-                Some(r) => {
-                    wait_readable(r.as_raw_fd(), wait);
-                    self.drain(r);
-                }
-                None => std::thread::sleep(wait),
-            }
+            std::thread::sleep(sweep_every.min(Duration::from_millis(100)));
             if last_sweep.elapsed() >= sweep_every {
                 last_sweep = Instant::now();
                 self.sweep();

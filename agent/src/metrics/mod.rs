@@ -34,20 +34,22 @@ where
     }
 }
 
-/// Writes `podnet_build_info{version,kernel,race_hook} 1`; `kernel` is the
-/// running kernel's release (`uname -r`, e.g. from `daemon::kernel_release`),
-/// `race_hook` the hook that counts insert races.
-pub fn render_build_info(enc: &mut Encoder, kernel: &str, race_hook: &str) {
+/// Writes `podnet_build_info{version,kernel,race_hook,tc_attach} 1`;
+/// `kernel` is the running kernel's release (`uname -r`, e.g. from
+/// `daemon::kernel_release`), `race_hook` the hook that counts insert races,
+/// `tc_attach` how the TC programs attach (`tcx` or `tc`).
+pub fn render_build_info(enc: &mut Encoder, kernel: &str, race_hook: &str, tc_attach: &str) {
     enc.family(
         "podnet_build_info",
         MetricType::Gauge,
-        "Always 1; labels carry the podnet version, the running kernel release and the insert-race hook.",
+        "Always 1; labels carry the podnet version, the running kernel release, the insert-race hook and the TC attach mode.",
     )
     .sample(
         &[
             ("version", env!("CARGO_PKG_VERSION")),
             ("kernel", kernel),
             ("race_hook", race_hook),
+            ("tc_attach", tc_attach),
         ],
         1_u64,
     );
@@ -60,13 +62,13 @@ mod tests {
     #[test]
     fn build_info_names_version_and_kernel() {
         let mut enc = Encoder::new();
-        render_build_info(&mut enc, "6.18.0-podnet", "tp_btf/kfree_skb");
+        render_build_info(&mut enc, "6.18.0-podnet", "tp_btf/kfree_skb", "tcx");
         assert_eq!(
             enc.finish(),
             format!(
-                "# HELP podnet_build_info Always 1; labels carry the podnet version, the running kernel release and the insert-race hook.\n\
+                "# HELP podnet_build_info Always 1; labels carry the podnet version, the running kernel release, the insert-race hook and the TC attach mode.\n\
                  # TYPE podnet_build_info gauge\n\
-                 podnet_build_info{{version=\"{}\",kernel=\"6.18.0-podnet\",race_hook=\"tp_btf/kfree_skb\"}} 1\n",
+                 podnet_build_info{{version=\"{}\",kernel=\"6.18.0-podnet\",race_hook=\"tp_btf/kfree_skb\",tc_attach=\"tcx\"}} 1\n",
                 env!("CARGO_PKG_VERSION")
             )
         );

@@ -130,6 +130,10 @@ pub enum State {
     Differs,
     /// A foreign object holds its place; left alone.
     Conflict,
+    /// A foreign route holds its place and forwards the same way (same
+    /// interface and next hop), e.g. the route a CNI interface plugin such as
+    /// ptp installs for its pod: nothing to do, nothing to recheck.
+    Provided,
     /// Owned, in the kernel, and no longer desired.
     Stale,
 }
@@ -185,12 +189,16 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
                 status(&mut p, object, Some(Object::Route(o.route)), State::Differs);
                 p.changes.push(Change::Replace(object));
             }
-            (None, Some(foreign)) => status(
-                &mut p,
-                object,
-                Some(Object::Route(foreign.route)),
-                State::Conflict,
-            ),
+            (None, Some(foreign)) => {
+                let same_path =
+                    foreign.route.oif == want.oif && foreign.route.gateway == want.gateway;
+                let state = if same_path {
+                    State::Provided
+                } else {
+                    State::Conflict
+                };
+                status(&mut p, object, Some(Object::Route(foreign.route)), state);
+            }
             (None, None) => {
                 status(&mut p, object, None, State::Missing);
                 p.changes.push(Change::Add(object));
@@ -454,5 +462,35 @@ mod tests {
             .filter(|s| s.state == State::Conflict)
             .count();
         assert_eq!(conflicts, 2);
+    }
+
+    #[test]
+    fn a_foreign_route_forwarding_the_same_way_is_provided_not_a_conflict() {
+        let d = desired();
+        let mut o = converged(&d);
+        // What ptp installs for its pod: the same /32 out of the same
+        // interface, under its own protocol and scope.
+        let host = d
+            .routes
+            .iter()
+            .find(|r| r.gateway.is_none() && r.dst.prefix() == 32)
+            .copied()
+            .unwrap();
+        for r in &mut o.routes {
+            if r.route.key() == host.key() {
+                r.protocol = FOREIGN;
+                r.route.scope_link = !host.scope_link;
+            }
+        }
+        let p = plan(&d, &o);
+        assert_eq!(p.changes, vec![]);
+        let states: Vec<State> = p
+            .statuses
+            .iter()
+            .filter(|s| s.object == Object::Route(host))
+            .map(|s| s.state)
+            .collect();
+        assert_eq!(states, [State::Provided]);
+        assert!(!p.statuses.iter().any(|s| s.state == State::Conflict));
     }
 }

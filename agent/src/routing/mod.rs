@@ -56,6 +56,9 @@ use crate::{
 pub const RESYNC_PERIOD: Duration = Duration::from_secs(30);
 /// Longest wait for a kernel notification before inputs are looked at again.
 const POLL: Duration = Duration::from_millis(200);
+/// How soon a reconcile that found a conflict is repeated (the foreign
+/// object's removal is not among the notifications podnet reacts to).
+pub const CONFLICT_RECHECK: Duration = Duration::from_secs(1);
 
 /// How routing is set up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -76,6 +79,8 @@ pub struct RoutingConfig {
     pub bpffs: PathBuf,
     /// `--dns-ports`: DNS traffic is never steered (the DNS tracer sees it).
     pub dns_ports: Vec<u16>,
+    /// How the fast path's programs attach (tcx or classic tc).
+    pub tc_mode: crate::bpf::tc::TcMode,
 }
 
 /// The last routing reconcile, as `podnetctl status` shows it.
@@ -136,7 +141,11 @@ impl Routing {
             enis.replace(list);
         }
         let steer = if config.fast_path {
-            Some(Steer::load(&config.bpffs, &config.dns_ports)?)
+            Some(Steer::load(
+                &config.bpffs,
+                &config.dns_ports,
+                config.tc_mode,
+            )?)
         } else {
             if Steer::remove(&config.bpffs)? {
                 tracing::info!("fast path off: removed its pinned links and maps");
@@ -395,6 +404,9 @@ impl Loop {
             }
             errors.extend(self.sync_steer(&outcome, &enis, periodic));
             proxies.clone_from(&outcome.desired.proxies);
+            if outcome.has_conflicts() {
+                next_resync = next_resync.min(Instant::now() + CONFLICT_RECHECK);
+            }
             self.publish(&outcome, errors);
         }
     }

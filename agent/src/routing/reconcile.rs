@@ -7,7 +7,7 @@ use std::{
 
 use super::{
     desired::{self, Desired, Link},
-    diff::{self, Change, Kind, Object, Observed, Status},
+    diff::{self, Change, Kind, Object, Observed, State, Status},
     eni::Eni,
     netlink::{Netlink, NetlinkError},
 };
@@ -55,6 +55,15 @@ pub struct Outcome {
     pub repairs: usize,
     /// Changes that failed.
     pub errors: Vec<String>,
+}
+
+impl Outcome {
+    /// Whether a foreign object holds the place of a desired one. Its removal
+    /// sends no notification podnet listens to (foreign route protocol), so
+    /// the loop looks again soon instead of at the next full resync.
+    pub fn has_conflicts(&self) -> bool {
+        self.statuses.iter().any(|s| s.state == State::Conflict)
+    }
 }
 
 /// Reconciles routing state through a [`Netlink`].
@@ -136,6 +145,12 @@ impl<N: Netlink> Reconciler<N> {
                         tracing::info!(object = ?change.object(), "repaired");
                     }
                 }
+                Err(e) if already_gone(change, &e) => {
+                    // The kernel was first: deleting a pod's link takes its
+                    // routes and neighbour entries with it.
+                    outcome.applied += 1;
+                    tracing::debug!(object = ?change.object(), "already gone");
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "routing change failed");
                     outcome.errors.push(e.to_string());
@@ -154,12 +169,21 @@ impl<N: Netlink> Reconciler<N> {
     }
 }
 
+/// Whether a failed delete found nothing to delete: the kernel answers
+/// `ESRCH` for a missing route (`fib_table_delete`) and `ENOENT` for a
+/// missing rule (`fib_nl_delrule`) or proxy entry (`pneigh_delete`), 6.x.
+fn already_gone(change: &Change, e: &NetlinkError) -> bool {
+    matches!(change, Change::Delete(_))
+        && matches!(e, NetlinkError::Kernel { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ESRCH | libc::ENOENT)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::{
         desired::tests::{endpoint, enis, links},
         desired::RTPROT_PODNET,
-        diff::{ObservedProxy, ObservedRoute, ObservedRule, State},
+        diff::{ObservedProxy, ObservedRoute, ObservedRule},
     };
     use super::*;
 
@@ -169,6 +193,8 @@ mod tests {
         links: Vec<Link>,
         observed: Observed,
         fail_rules: bool,
+        /// Deletes find the object gone already (its link went first).
+        deletes_race_link_removal: bool,
     }
 
     impl Netlink for FakeKernel {
@@ -185,6 +211,15 @@ mod tests {
             Ok(self.observed.proxies.clone())
         }
         fn apply(&mut self, change: &Change) -> Result<(), NetlinkError> {
+            if self.deletes_race_link_removal {
+                if let Change::Delete(Object::Route(route)) = *change {
+                    self.observed.routes.retain(|r| r.route != route);
+                    return Err(NetlinkError::Kernel {
+                        what: "delete route".into(),
+                        source: std::io::Error::from_raw_os_error(libc::ESRCH),
+                    });
+                }
+            }
             let o = &mut self.observed;
             match *change {
                 Change::Add(Object::Rule(_)) if self.fail_rules => {
@@ -254,6 +289,54 @@ mod tests {
     }
 
     #[test]
+    fn deleting_what_the_kernel_already_removed_is_no_error() {
+        let stats = Stats::default();
+        let mut r = Reconciler::new(FakeKernel {
+            links: links(),
+            ..FakeKernel::default()
+        });
+        let eps = vec![endpoint("a", "10.0.1.10", Some("vpod0"))];
+        r.reconcile(&eps, &enis(), &stats).unwrap();
+        // The pod's veth goes between observing and deleting its route.
+        r.netlink().deletes_race_link_removal = true;
+        let gone = r.reconcile(&[], &enis(), &stats).unwrap();
+        assert_eq!(gone.errors, Vec::<String>::new());
+        assert_eq!(gone.applied, 4);
+        assert!(r
+            .netlink()
+            .observed
+            .routes
+            .iter()
+            .all(|o| o.route.table != 254));
+        assert_eq!(stats.success.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.error.load(Ordering::Relaxed), 0);
+        // A delete that fails for another reason still is one.
+        let e = NetlinkError::Kernel {
+            what: "delete rule".into(),
+            source: std::io::Error::from_raw_os_error(libc::EPERM),
+        };
+        let rule = Change::Delete(Object::Rule(desired::Rule {
+            priority: 512,
+            src: None,
+            dst: None,
+            table: 254,
+        }));
+        assert!(!already_gone(&rule, &e));
+        let missing = NetlinkError::Kernel {
+            what: "delete rule".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        };
+        assert!(already_gone(&rule, &missing));
+        let add = Change::Add(Object::Rule(desired::Rule {
+            priority: 512,
+            src: None,
+            dst: None,
+            table: 254,
+        }));
+        assert!(!already_gone(&add, &missing));
+    }
+
+    #[test]
     fn a_failed_change_counts_as_an_error_and_the_rest_still_applies() {
         let stats = Stats::default();
         let mut r = Reconciler::new(FakeKernel {
@@ -272,5 +355,19 @@ mod tests {
             .count();
         assert_eq!(missing, 2);
         assert_eq!(stats.error.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn conflicts_are_flagged_for_an_early_recheck() {
+        let stats = Stats::default();
+        let mut r = Reconciler::new(FakeKernel {
+            links: links(),
+            ..FakeKernel::default()
+        });
+        let eps = vec![endpoint("a", "10.0.1.10", Some("vpod0"))];
+        let mut o = r.reconcile(&eps, &enis(), &stats).unwrap();
+        assert!(!o.has_conflicts());
+        o.statuses[0].state = State::Conflict;
+        assert!(o.has_conflicts());
     }
 }

@@ -15,7 +15,7 @@ use super::{
 pub struct RouteLine {
     /// `rule`, `route` or `neigh`.
     pub kind: String,
-    /// `ok`, `missing`, `differs`, `conflict` or `stale`.
+    /// `ok`, `missing`, `differs`, `conflict`, `provided` or `stale`.
     pub state: String,
     /// The desired object in `ip` syntax; `-` for a stale one.
     pub desired: String,
@@ -122,6 +122,7 @@ fn state_name(s: State) -> &'static str {
         State::Missing => "missing",
         State::Differs => "differs",
         State::Conflict => "conflict",
+        State::Provided => "provided",
         State::Stale => "stale",
     }
 }

@@ -8,6 +8,10 @@
 //! (`ingress_<ifname>`, with `.` written `:` since bpffs reserves dots and
 //! interface names cannot hold colons). While the agent is down, the pinned links keep
 //! steering with the last map contents.
+//!
+//! On kernels without tcx (before 6.6) the same programs run as classic tc
+//! filters at [`tc::STEER_PRIORITY`] ([`crate::bpf::tc`]): not pinned, found
+//! again on restart by priority, handle and program name.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -25,13 +29,18 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use podnet_common::steer::{
-    action, counter_index, direction, maps as m, result, DestAddr, PodRoute, SteerConfig,
+    action, counter_index, direction, fib, maps as m, result, DestAddr, PodRoute, SteerConfig,
     CONFIG_GLOBAL, ENI_PROGRAM, POD_PROGRAM,
 };
 use serde::Serialize;
 
 use crate::{
-    bpf::{self, link::Attachment, BpfError},
+    bpf::{
+        self,
+        link::Attachment,
+        tc::{self, TcMode},
+        BpfError,
+    },
     routing::{cidr::Ipv4Cidr, desired::Desired},
 };
 
@@ -83,6 +92,11 @@ pub struct Steer {
     pin_dir: PathBuf,
     /// Interfaces known to have our link: name → ifindex.
     in_place: HashMap<String, u32>,
+    /// tcx links or classic filters.
+    mode: TcMode,
+    /// Classic mode: every interface is scanned for stale filters on the
+    /// next sync (set at start and by [`Steer::recheck`]).
+    scan: bool,
 }
 
 impl Steer {
@@ -90,12 +104,13 @@ impl Steer {
     /// Traffic to or from `dns_ports` (at most
     /// [`podnet_common::steer::MAX_DNS_PORTS`]; more are ignored) is never
     /// steered.
-    pub fn load(bpffs: &Path, dns_ports: &[u16]) -> Result<Self, BpfError> {
+    pub fn load(bpffs: &Path, dns_ports: &[u16], mode: TcMode) -> Result<Self, BpfError> {
         let pin_dir = bpf::fs::prepare_pin_dir(&bpffs.join(PIN_SUBDIR))?;
         let mut config = SteerConfig::default();
         for (slot, port) in config.dns_ports.iter_mut().zip(dns_ports) {
             *slot = *port;
         }
+        config.fib_flags = fib_flags();
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pin_dir)
             .override_global(CONFIG_GLOBAL, &config, true)
@@ -119,6 +134,8 @@ impl Steer {
             counters,
             pin_dir,
             in_place: HashMap::new(),
+            mode,
+            scan: true,
         })
     }
 
@@ -126,15 +143,29 @@ impl Steer {
     /// path carries all traffic again. Returns whether anything was pinned.
     pub fn remove(bpffs: &Path) -> Result<bool, BpfError> {
         let dir = bpffs.join(PIN_SUBDIR);
-        let existed = dir.exists();
+        let mut existed = dir.exists();
         bpf::fs::remove_pins(&dir)?;
+        for (_, ifname) in tc::interfaces() {
+            existed |= tc::detach(
+                &ifname,
+                TcAttachType::Ingress,
+                tc::STEER_PRIORITY,
+                &[POD_PROGRAM, ENI_PROGRAM],
+            )?;
+        }
         Ok(existed)
+    }
+
+    /// How the programs are attached.
+    pub fn mode(&self) -> TcMode {
+        self.mode
     }
 
     /// Forgets which links are known to be in place, so the next sync checks
     /// every one with the kernel again.
     pub fn recheck(&mut self) {
         self.in_place.clear();
+        self.scan = true;
     }
 
     /// Brings maps and links in line with `desired`. `steer_dests` are the
@@ -166,9 +197,18 @@ impl Steer {
                 continue;
             }
             let pin = self.pin_dir.join(link_pin_name(ifname));
-            match classifier(&mut self.ebpf, program)
-                .and_then(|p| attach_tcx_pinned(p, program, ifname, *ifindex, &pin))
-            {
+            let mode = self.mode;
+            match classifier(&mut self.ebpf, program).and_then(|p| match mode {
+                TcMode::Tcx => attach_tcx_pinned(p, program, ifname, *ifindex, &pin),
+                TcMode::Tc => tc::attach(
+                    p,
+                    program,
+                    ifname,
+                    TcAttachType::Ingress,
+                    tc::STEER_PRIORITY,
+                    tc::Keep::SameProgram,
+                ),
+            }) {
                 Ok(how) => {
                     self.in_place.insert((*ifname).to_owned(), *ifindex);
                     if how != Attachment::Adopted {
@@ -178,6 +218,10 @@ impl Steer {
                 }
                 Err(e) => report.errors.push(format!("{ifname}: {e}")),
             }
+        }
+        if self.mode == TcMode::Tc {
+            self.detach_stale_filters(&wanted, &mut report);
+            return report;
         }
         for stale in self.stale_pins(&wanted) {
             self.in_place.remove(&stale);
@@ -191,6 +235,46 @@ impl Steer {
             }
         }
         report
+    }
+
+    /// Classic mode: removes our filters from interfaces that no longer
+    /// need steering (those attached by this process, and after a start or
+    /// recheck those found on any interface).
+    fn detach_stale_filters(
+        &mut self,
+        wanted: &BTreeMap<&str, (u32, &'static str)>,
+        report: &mut SyncReport,
+    ) {
+        let mut candidates: BTreeSet<String> = self
+            .in_place
+            .keys()
+            .filter(|n| !wanted.contains_key(n.as_str()))
+            .cloned()
+            .collect();
+        if std::mem::take(&mut self.scan) {
+            candidates.extend(
+                tc::interfaces()
+                    .into_iter()
+                    .map(|(_, n)| n)
+                    .filter(|n| !wanted.contains_key(n.as_str())),
+            );
+        }
+        for ifname in candidates {
+            self.in_place.remove(&ifname);
+            match tc::detach(
+                &ifname,
+                TcAttachType::Ingress,
+                tc::STEER_PRIORITY,
+                &[POD_PROGRAM, ENI_PROGRAM],
+            ) {
+                Ok(true) => {
+                    tracing::info!(interface = %ifname, "fast path detached (tc filter)");
+                    report.detached.push(ifname);
+                }
+                Ok(false) => {}
+                Err(e) => report.errors.push(format!("{ifname}: {e}")),
+            }
+        }
     }
 
     fn stale_pins(&self, wanted: &BTreeMap<&str, (u32, &'static str)>) -> Vec<String> {
@@ -293,6 +377,20 @@ impl Steer {
             .filter_map(Result::ok)
             .map(|k| Ipv4Addr::from(k.to_ne_bytes()))
             .collect()
+    }
+}
+
+/// The pod program's `bpf_fib_lookup` flags on this kernel: the ENI table
+/// directly where `BPF_FIB_LOOKUP_TBID` exists (6.5+), else the policy rules
+/// (`from <pod> lookup <eni table>` selects the same table).
+fn fib_flags() -> u32 {
+    let tbid = aya::util::KernelVersion::current()
+        .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 5, 0));
+    if tbid {
+        fib::DIRECT | fib::TBID
+    } else {
+        tracing::info!("kernel before 6.5 (no BPF_FIB_LOOKUP_TBID): the fast path looks routes up through the policy rules");
+        0
     }
 }
 

@@ -20,9 +20,23 @@ pub struct SteerConfig {
     /// DNS server ports (host order; 0 = unused slot). DNS traffic is never
     /// steered, so the DNS tracer on the pod's interface sees both directions.
     pub dns_ports: [u16; MAX_DNS_PORTS],
+    /// Flags of the pod program's `bpf_fib_lookup`: [`fib::DIRECT`] |
+    /// [`fib::TBID`] (the pod's ENI table directly, Linux 6.5+), or 0 (the
+    /// policy rules, which podnet's `from <pod> lookup <eni table>` rule
+    /// resolves to the same table) where the kernel lacks `TBID`.
+    pub fib_flags: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<SteerConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<SteerConfig>() == 20);
+
+/// `bpf_fib_lookup` flags (include/uapi/linux/bpf.h).
+pub mod fib {
+    /// `BPF_FIB_LOOKUP_DIRECT`: skip the policy rules, look up one table.
+    pub const DIRECT: u32 = 1 << 0;
+    /// `BPF_FIB_LOOKUP_TBID`: with DIRECT, the table is `params.tbid`
+    /// (Linux 6.5+; older kernels refuse the flag with `EINVAL`).
+    pub const TBID: u32 = 1 << 3;
+}
 
 /// Map names (pinned under `--bpffs/steer/`).
 pub mod maps {

@@ -80,15 +80,6 @@ const NFCT_PTRMASK: usize = !7;
 const NSEC_PER_SEC: u64 = 1_000_000_000;
 /// `BPF_NOEXIST`: insert only if the key is new.
 const BPF_NOEXIST: u64 = 1;
-/// `BPF_RB_NO_WAKEUP` / `BPF_RB_FORCE_WAKEUP` (uapi bpf.h).
-const BPF_RB_NO_WAKEUP: u64 = 1;
-const BPF_RB_FORCE_WAKEUP: u64 = 2;
-/// `BPF_RB_AVAIL_DATA` for `bpf_ringbuf_query`.
-const BPF_RB_AVAIL_DATA: u64 = 0;
-/// Pending bytes at which the consumer is woken; below it, it finds events
-/// on its periodic poll (`EVENT_POLL_INTERVAL` in user space). Waking the
-/// consumer for every event costs microseconds per event in irq_work.
-const WAKEUP_BYTES: u64 = 64 * 1024;
 
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn podnet_kfree_skb(ctx: BtfTracePointContext) -> i32 {
@@ -331,12 +322,7 @@ fn send_event(off: &KernelOffsets, netns: u32, status: u64, original: Tuple, rep
         // SAFETY: bpf_get_smp_processor_id has no preconditions.
         cpu: unsafe { bpf_get_smp_processor_id() },
     });
-    let flags = if CT_EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
-    entry.submit(flags);
+    entry.submit(podnet_ebpf::submit_flags(&CT_EVENTS));
 }
 
 /// kretprobe on `__nf_conntrack_confirm`: a return of `NF_DROP` is the

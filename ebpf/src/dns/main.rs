@@ -510,7 +510,7 @@ fn on_answer(ctx: &TcContext, flow: &Flow, id: u16, rcode: u8, scope: u8, slow_n
         return;
     }
     if let Some(e) = entry {
-        e.submit(0);
+        e.submit(podnet_ebpf::submit_flags(&DNS_EVENTS));
     }
     bump(counter::RESPONSES);
     let peer = PeerKey {

@@ -6,8 +6,9 @@
 //!   pod address, to a destination the agent marked steerable (VPC CIDRs,
 //!   minus exceptions such as service CIDRs), is looked up in the ENI's own
 //!   routing table (`bpf_fib_lookup` with `BPF_FIB_LOOKUP_DIRECT |
-//!   BPF_FIB_LOOKUP_TBID`, Linux ≥ 6.5) and sent out of the ENI with
-//!   `bpf_redirect_neigh`.
+//!   BPF_FIB_LOOKUP_TBID`, Linux ≥ 6.5; before 6.5 through the policy
+//!   rules, where podnet's `from <pod>` rule selects that table) and sent out
+//!   of the ENI with `bpf_redirect_neigh`.
 //! - `podnet_steer_eni` (ENI ingress): a packet for a local pod is looked up
 //!   in the main table (where podnet's `to <pod> lookup main` rule sends it);
 //!   when the route points at the pod's host
@@ -40,6 +41,7 @@ use podnet_common::steer::{
 #[no_mangle]
 static STEER_CONFIG: SteerConfig = SteerConfig {
     dns_ports: [53, 0, 0, 0, 0, 0, 0, 0],
+    fib_flags: BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID,
 };
 
 #[map(name = "STEER_PODS")]
@@ -58,9 +60,9 @@ const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
 /// `AF_INET`.
 const AF_INET: u8 = 2;
 /// `BPF_FIB_LOOKUP_DIRECT`: skip the policy rules, look up one table.
-const BPF_FIB_LOOKUP_DIRECT: u32 = 1 << 0;
+const BPF_FIB_LOOKUP_DIRECT: u32 = podnet_common::steer::fib::DIRECT;
 /// `BPF_FIB_LOOKUP_TBID`: with DIRECT, use `params.tbid` (Linux ≥ 6.5).
-const BPF_FIB_LOOKUP_TBID: u32 = 1 << 3;
+const BPF_FIB_LOOKUP_TBID: u32 = podnet_common::steer::fib::TBID;
 /// `BPF_FIB_LKUP_RET_SUCCESS`.
 const FIB_SUCCESS: i64 = 0;
 /// `BPF_FIB_LKUP_RET_NO_NEIGH`.
@@ -266,11 +268,9 @@ pub fn podnet_steer_pod(ctx: TcContext) -> i32 {
     }
     let mut params = fib_params(&ip, ingress);
     params.tbid = route.eni_table;
-    let rc = fib_lookup(
-        &ctx,
-        &mut params,
-        BPF_FIB_LOOKUP_DIRECT | BPF_FIB_LOOKUP_TBID,
-    );
+    // SAFETY: read-only data written by the loader; read by value.
+    let flags = unsafe { core::ptr::read_volatile(&STEER_CONFIG) }.fib_flags;
+    let rc = fib_lookup(&ctx, &mut params, flags);
     if rc == FIB_NO_NEIGH {
         count(direction::EGRESS, result::NO_NEIGHBOUR);
         return TCX_NEXT;

@@ -30,8 +30,16 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx]
 }
 
-fn report(what: &str, mut samples: Vec<Duration>) {
+/// Prints one row and returns its figures (ms) as JSON.
+fn report(what: &str, mut samples: Vec<Duration>) -> serde_json::Value {
     samples.sort_unstable();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let figures = serde_json::json!({
+        "n": samples.len(),
+        "p50_ms": ms(percentile(&samples, 0.50)),
+        "p99_ms": ms(percentile(&samples, 0.99)),
+        "max_ms": ms(samples.last().copied().unwrap_or_default()),
+    });
     println!(
         "{what:<44} n={:<4} p50={:>8.2} ms  p99={:>8.2} ms  max={:>8.2} ms",
         samples.len(),
@@ -39,6 +47,7 @@ fn report(what: &str, mut samples: Vec<Duration>) {
         percentile(&samples, 0.99).as_secs_f64() * 1e3,
         samples.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
     );
+    figures
 }
 
 /// Sums podnet-cni's logged durations pairwise (IPAM call + chained call per command).
@@ -131,16 +140,21 @@ fn main() -> Result<()> {
         }
     };
     println!("podnet-cni latency, {pods} pods (ptp + podnet IPAM + podnet chained, via libcni)");
-    report("ADD whole chain", add);
-    report("ADD podnet share (IPAM + chained, in-process)", add_podnet);
-    report("ADD one podnet-cni process, exec to exit", exec_add);
-    report("DEL whole chain", del);
-    report("DEL podnet share (IPAM + chained, in-process)", del_podnet);
-    report("DEL one podnet-cni process, exec to exit", exec_del);
+    let figures = serde_json::json!({
+        "pods": pods,
+        "add_chain": report("ADD whole chain", add),
+        "add_podnet": report("ADD podnet share (IPAM + chained, in-process)", add_podnet),
+        "add_exec": report("ADD one podnet-cni process, exec to exit", exec_add),
+        "del_chain": report("DEL whole chain", del),
+        "del_podnet": report("DEL podnet share (IPAM + chained, in-process)", del_podnet),
+        "del_exec": report("DEL one podnet-cni process, exec to exit", exec_del),
+        "agent_mean_add_ms": agent_mean("ADD"),
+        "agent_mean_del_ms": agent_mean("DEL"),
+    });
     println!(
         "agent-side mean per API call: ADD {:.2} ms, DEL {:.2} ms (checkpoint written and fsynced on every change)",
         agent_mean("ADD"),
         agent_mean("DEL")
     );
-    Ok(())
+    podnet_tests::bench::write_json_figures(&figures)
 }

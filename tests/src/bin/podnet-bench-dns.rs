@@ -360,6 +360,18 @@ fn main() -> Result<()> {
             .collect::<Vec<_>>()
     );
     println!("  ratio with/without: {:.3}", w / wo);
+    podnet_tests::bench::write_json_figures(&serde_json::json!({
+        "empty_program_ns": floor_non_dns.ns_per_run,
+        "non_dns_ns": non_dns.ns_per_run,
+        "non_dns_net_ns": non_dns.ns_per_run - floor_non_dns.ns_per_run,
+        "query_ns": dns_in.ns_per_run,
+        "query_net_ns": dns_in.ns_per_run - floor_dns.ns_per_run,
+        "answer_ns": dns_out.ns_per_run,
+        "answer_net_ns": dns_out.ns_per_run - floor_dns.ns_per_run,
+        "with_gbit_per_s": w / 1e9,
+        "without_gbit_per_s": wo / 1e9,
+        "throughput_ratio": w / wo,
+    }))?;
     drop(iperf_server);
     drop(responder);
     drop(agent);

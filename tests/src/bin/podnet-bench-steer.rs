@@ -31,10 +31,7 @@ use podnet_tests::{
 /// The direct veth: pod side and VPC side.
 const DIRECT_POD: &str = "10.0.250.1";
 const DIRECT_SERVER: &str = "10.0.250.2";
-const SOCKPERF_PORT: &str = "11111";
-const IPERF_PORT: &str = "5201";
-/// sockperf message size (bytes).
-const MESSAGE: &str = "64";
+use podnet_tests::bench::{iperf3, sockperf, IPERF_PORT, MESSAGE, SOCKPERF_PORT};
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Figures {
@@ -114,64 +111,6 @@ fn direct_link(pod: &Netns, vpc: &Netns) -> Result<()> {
     vpc.run_ok(&["ip", "link", "set", "direct0", "up"])?;
     podnet_tests::wait_link_up(pod, "eth1", Duration::from_secs(5))?;
     podnet_tests::wait_link_up(vpc, "direct0", Duration::from_secs(5))
-}
-
-fn sockperf(pod: &Netns, server: &str, seconds: u64) -> Result<(f64, f64)> {
-    let out = pod.run_ok(&[
-        "sockperf",
-        "pp",
-        "--tcp",
-        "-i",
-        server,
-        "-p",
-        SOCKPERF_PORT,
-        "-m",
-        MESSAGE,
-        "-t",
-        &seconds.to_string(),
-    ])?;
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let latency: f64 = text
-        .lines()
-        .find_map(|l| l.split("Latency is ").nth(1))
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no latency in sockperf output:\n{text}"))?;
-    let valid = text
-        .lines()
-        .find(|l| l.contains("[Valid Duration]"))
-        .with_context(|| format!("no valid duration in sockperf output:\n{text}"))?;
-    let field = |name: &str| -> Option<f64> {
-        valid
-            .split(name)
-            .nth(1)?
-            .split(|c: char| c == ';' || c.is_whitespace())
-            .next()?
-            .trim_end_matches("sec")
-            .parse()
-            .ok()
-    };
-    let runtime = field("RunTime=").context("RunTime")?;
-    let received = field("ReceivedMessages=").context("ReceivedMessages")?;
-    Ok((latency, received / runtime))
-}
-
-fn iperf3(pod: &Netns, server: &str, seconds: u64) -> Result<f64> {
-    let out = pod.run_ok(&[
-        "iperf3",
-        "-c",
-        server,
-        "-p",
-        IPERF_PORT,
-        "-t",
-        &seconds.to_string(),
-        "-J",
-    ])?;
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .map(|b| b / 1e9)
-        .context("no throughput in iperf3 output")
 }
 
 fn measure(pod: &Netns, server: &str, seconds: u64) -> Result<Figures> {
@@ -301,7 +240,7 @@ fn main() -> Result<()> {
     let _ = std::fs::remove_file(&enis);
     let all = rounds_result?;
     summary(&all, rounds, seconds);
-    Ok(())
+    podnet_tests::bench::write_json_figures(&figures(&all))
 }
 
 /// Figures of every round per path, the rounds' log, and the repair latency.
@@ -367,6 +306,29 @@ fn run_rounds(vpc: &Vpc, enis_arg: &str, rounds: usize, seconds: u64) -> Result<
         direct,
         report,
         repair,
+    })
+}
+
+/// The means per path and their ratios, as JSON.
+fn figures(r: &Results) -> serde_json::Value {
+    let path = |xs: &[Figures]| {
+        serde_json::json!({
+            "latency_us": mean(xs, |f| f.latency_us),
+            "requests_per_s": mean(xs, |f| f.requests_per_s),
+            "gbit_per_s": mean(xs, |f| f.gbit_per_s),
+        })
+    };
+    let ratio = |a: &[Figures], b: &[Figures], f: fn(&Figures) -> f64| mean(a, f) / mean(b, f);
+    serde_json::json!({
+        "rounds": r.kernel.len(),
+        "kernel": path(&r.kernel),
+        "fast": path(&r.fast),
+        "direct": path(&r.direct),
+        "fast_over_kernel_requests": ratio(&r.fast, &r.kernel, |f| f.requests_per_s),
+        "fast_over_kernel_throughput": ratio(&r.fast, &r.kernel, |f| f.gbit_per_s),
+        "fast_over_direct_requests": ratio(&r.fast, &r.direct, |f| f.requests_per_s),
+        "fast_over_direct_throughput": ratio(&r.fast, &r.direct, |f| f.gbit_per_s),
+        "repair_ms": r.repair.map(|d| d.as_secs_f64() * 1e3),
     })
 }
 

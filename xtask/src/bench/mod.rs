@@ -1,8 +1,13 @@
 //! `cargo xtask bench`: runs podnet's benchmarks on this machine and writes
-//! `docs/bench/<name>.json` and `docs/PERFORMANCE.md`.
+//! `docs/bench/<name>.json` (every benchmark's figures), `docs/bench/summary.json`
+//! (each target with its figure and baseline) and `docs/PERFORMANCE.md`.
 //!
-//! The measuring happens in `podnet-bench` (tests/src/bin), built in release
-//! mode; every figure compares configurations measured in the same run.
+//! The measuring happens in `podnet-bench` and `podnet-bench-<name>`
+//! (tests/src/bin), built in release mode; every figure compares
+//! configurations measured in the same run.
+
+mod agent;
+mod targets;
 
 use std::{fmt::Write as _, path::Path};
 
@@ -19,9 +24,11 @@ pub struct BenchArgs {
     pub names: Vec<String>,
 }
 
-/// Every benchmark: `conntrack` runs in `podnet-bench` (JSON); the others are
-/// binaries of their own (`podnet-bench-<name>`) that print their tables.
-const ALL: &[&str] = &["conntrack", "ipam", "dns", "cni", "steer"];
+/// Every benchmark: `conntrack`, `ipam` and `agent` run in `podnet-bench`
+/// (JSON on stdout); the others are binaries of their own
+/// (`podnet-bench-<name>`) that print their tables and write their figures
+/// as JSON to `$PODNET_BENCH_JSON`.
+const ALL: &[&str] = &["conntrack", "ipam", "agent", "dns", "cni", "steer"];
 
 /// Benchmarks with a binary of their own, and what each measures.
 const TEXT_BENCHES: &[(&str, &str)] = &[
@@ -53,7 +60,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         if TEXT_BENCHES.iter().any(|(n, _)| *n == name) {
             let bench = root.join(format!("target/release/podnet-bench-{name}"));
             let output = cmd::stdout(
-                std::process::Command::new(&bench).stderr(std::process::Stdio::inherit()),
+                std::process::Command::new(&bench)
+                    .env("PODNET_BENCH_JSON", out_dir.join(format!("{name}.json")))
+                    .stderr(std::process::Stdio::inherit()),
             )?;
             let path = out_dir.join(format!("{name}.txt"));
             std::fs::write(&path, output)?;
@@ -73,6 +82,10 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n")?;
         println!("wrote {}", path.display());
     }
+    let summary = summary(&out_dir);
+    let path = out_dir.join("summary.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&summary)? + "\n")?;
+    println!("wrote {}", path.display());
     let doc = render(&out_dir)?;
     let path = root.join("docs/PERFORMANCE.md");
     std::fs::write(&path, doc)?;
@@ -89,6 +102,22 @@ fn num(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
+/// The machine (from the newest JSON benchmark that describes it) and every
+/// target with its figure.
+fn summary(dir: &Path) -> Value {
+    let machine = ["agent", "conntrack", "ipam"]
+        .iter()
+        .find_map(|n| load(dir, n).map(|v| v["machine"].clone()))
+        .unwrap_or(Value::Null);
+    let figures = targets::figures(&|name| load(dir, name));
+    serde_json::json!({
+        "machine": machine,
+        "figures": figures.iter().map(targets::Figure::to_json).collect::<Vec<_>>(),
+        "targets_met": figures.iter().filter(|f| f.met).count(),
+        "targets": figures.len(),
+    })
+}
+
 /// Renders docs/PERFORMANCE.md from every `docs/bench/*.json` present.
 fn render(dir: &Path) -> Result<String> {
     let mut doc = String::from(
@@ -97,6 +126,10 @@ fn render(dir: &Path) -> Result<String> {
          machine described with each benchmark, and comparisons are between configurations measured\n\
          in the same run. Do not edit by hand: re-run the benchmark.\n",
     );
+    render_targets(&mut doc, &targets::figures(&|name| load(dir, name)))?;
+    if let Some(agent) = load(dir, "agent") {
+        agent::render(&mut doc, &agent)?;
+    }
     if let Some(ct) = load(dir, "conntrack") {
         render_conntrack(&mut doc, &ct)?;
     }
@@ -113,6 +146,30 @@ fn render(dir: &Path) -> Result<String> {
         }
     }
     Ok(doc)
+}
+
+fn render_targets(doc: &mut String, figures: &[targets::Figure]) -> Result<()> {
+    writeln!(doc, "\n## Targets\n")?;
+    writeln!(
+        doc,
+        "| figure | value | baseline (same run) | target | met |"
+    )?;
+    writeln!(doc, "|---|---|---|---|---|")?;
+    for f in figures {
+        let baseline = f
+            .baseline
+            .map_or_else(|| "-".to_owned(), |(what, v)| format!("{v:.2} ({what})"));
+        writeln!(
+            doc,
+            "| {} | {:.3} {} | {baseline} | {} | {} |",
+            f.name,
+            f.value,
+            f.unit,
+            f.target,
+            if f.met { "yes" } else { "**no**" }
+        )?;
+    }
+    Ok(())
 }
 
 fn render_conntrack(doc: &mut String, v: &Value) -> Result<()> {

@@ -3,6 +3,8 @@
 //!
 //! Every figure compares configurations measured in the same run.
 
+mod agent;
+
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
@@ -10,7 +12,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Result};
 use podnet_tests::{
-    bench::{udp_flood, BpfStats, ProgStats},
+    bench::{machine, udp_flood, BpfStats, ProgStats},
     conntrack_stats, iptables, require_root, udp_send, Agent, EndpointSpec, Topology,
 };
 use serde_json::{json, Value};
@@ -51,27 +53,12 @@ fn run() -> Result<Value> {
         let value = match name.as_str() {
             "conntrack" => conntrack()?,
             "ipam" => ipam()?,
-            other => bail!("unknown benchmark {other:?} (known: conntrack, ipam)"),
+            "agent" => agent::run()?,
+            other => bail!("unknown benchmark {other:?} (known: conntrack, ipam, agent)"),
         };
         report.insert(name, value);
     }
     Ok(Value::Object(report))
-}
-
-fn machine() -> Value {
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
-    let cpu = read("/proc/cpuinfo")
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .map_or("unknown", str::trim)
-        .to_owned();
-    json!({
-        "kernel": read("/proc/sys/kernel/osrelease").trim(),
-        "cpus": std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
-        "cpu": cpu,
-        "memory_kib": read("/proc/meminfo").lines().next().and_then(|l| l.split_whitespace().nth(1)).unwrap_or("0"),
-    })
 }
 
 /// Race events per second the tracer delivers without loss, and the

@@ -1,0 +1,271 @@
+//! The agent as a whole on one node with 250 pods: its memory and CPU idle,
+//! with 10, 100 and 250 endpoints and under sustained DNS and race load; the
+//! ring buffers at the target event rates; and what all of podnet's programs
+//! cost a pod's traffic against the same node without them.
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use podnet_tests::{
+    bench::{iperf3, sockperf, BpfStats, ProgStats, IPERF_PORT, SOCKPERF_PORT},
+    load::{
+        dns_server, endpoints, race_rule, run_load, sample_process, set_endpoints, summarise,
+        wait_dns_links, LoadPlan, ProcSummary,
+    },
+    spawn_in, udp_send, Agent, NsChild, Topology,
+};
+use serde_json::{json, Value};
+
+/// Pods on the simulated node (the most a topology has).
+const PODS: usize = 250;
+/// Endpoint counts whose cost is compared.
+const ENDPOINT_STEPS: [usize; 3] = [10, 100, 250];
+/// Target rates: races per second and DNS queries per second.
+const RACE_RATE: u64 = 10_000;
+const DNS_RATE: u64 = 20_000;
+/// DNS clients sharing [`DNS_RATE`] (pods 2.. so pods 0 and 1 can race).
+const DNS_CLIENTS: usize = 4;
+/// How long the sustained load runs.
+const LOAD_SECONDS: u64 = 20;
+/// Rounds and seconds per measurement of the all-programs comparison.
+const ROUNDS: usize = 3;
+const SECONDS: u64 = 5;
+
+/// Runs the agent benchmark.
+pub fn run() -> Result<Value> {
+    let built = Instant::now();
+    let topo = Topology::builder().name("agentb").pods(PODS).build()?;
+    race_rule(&topo)?;
+    let topology_seconds = built.elapsed().as_secs_f64();
+    eprintln!("agent: {PODS} pods built in {topology_seconds:.1} s");
+    let server_ip = topo.server_ipv4().to_string();
+    let servers = Servers::start(&topo, &server_ip)?;
+
+    let agent = Agent::start_with(topo.node(), &[], &["--dns-timeout", "1s"])?;
+    let pid = agent.pid().context("agent has no pid")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = summarise(&sample_process(
+        pid,
+        Duration::from_secs(10),
+        Duration::from_secs(1),
+    )?);
+    eprintln!("agent: idle {idle:?}");
+
+    let mut steps = Vec::new();
+    for n in ENDPOINT_STEPS {
+        steps.push(endpoint_step(&topo, &agent, pid, n)?);
+    }
+    let load = sustained_load(&topo, &agent)?;
+    drop(agent);
+    let overhead = all_programs_versus_none(&topo, &server_ip)?;
+    drop(servers);
+    Ok(json!({
+        "pods": PODS,
+        "topology_build_seconds": topology_seconds,
+        "idle": proc_json(&idle),
+        "endpoints": steps,
+        "load": load,
+        "overhead": overhead,
+    }))
+}
+
+/// dnsmasq, iperf3 and sockperf servers in the server namespace.
+struct Servers {
+    _children: Vec<NsChild>,
+}
+
+impl Servers {
+    fn start(topo: &Topology, server_ip: &str) -> Result<Self> {
+        let children = vec![
+            dns_server(topo)?,
+            spawn_in(topo.server(), &["iperf3", "-s", "-p", IPERF_PORT])?,
+            spawn_in(
+                topo.server(),
+                &[
+                    "sockperf",
+                    "server",
+                    "--tcp",
+                    "-i",
+                    server_ip,
+                    "-p",
+                    SOCKPERF_PORT,
+                ],
+            )?,
+        ];
+        Ok(Self {
+            _children: children,
+        })
+    }
+}
+
+fn proc_json(p: &ProcSummary) -> Value {
+    p.to_json()
+}
+
+/// The agent with `n` endpoints, each with its DNS programs attached: time
+/// to attach, memory and CPU at rest, scrape cost, and the programs' cost
+/// per non-DNS packet.
+fn endpoint_step(topo: &Topology, agent: &Agent, pid: u32, n: usize) -> Result<Value> {
+    let specs: Vec<_> = endpoints(topo, n).into_iter().take(n).collect();
+    let attach = set_endpoints(agent, &specs, Duration::from_secs(120))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rest = summarise(&sample_process(
+        pid,
+        Duration::from_secs(5),
+        Duration::from_secs(1),
+    )?);
+    let mut scrapes = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let (code, body) = podnet_tests::agent::http_get(topo.node(), "/metrics")?;
+        if code != 200 {
+            bail!("/metrics answered {code}");
+        }
+        scrapes.push(start.elapsed().as_secs_f64() * 1e3);
+        bytes = body.len();
+    }
+    scrapes.sort_by(f64::total_cmp);
+    let per_packet = dns_program_cost(topo, agent)?;
+    eprintln!(
+        "agent: {n} endpoints attached in {:.2} s; {rest:?}; scrape {:.2} ms ({bytes} B); {per_packet:.1} ns/packet",
+        attach.as_secs_f64(),
+        scrapes[2]
+    );
+    Ok(json!({
+        "endpoints": n,
+        "attach_seconds": attach.as_secs_f64(),
+        "at_rest": proc_json(&rest),
+        "scrape_ms_median": scrapes[2],
+        "scrape_bytes": bytes,
+        "dns_program_ns_per_packet": per_packet,
+    }))
+}
+
+/// Run time per run of the DNS programs (all of them, summed) while pod 0
+/// sends 20,000 non-DNS datagrams, from the kernel's statistics.
+fn dns_program_cost(topo: &Topology, agent: &Agent) -> Result<f64> {
+    let status = agent.api("status", Value::Null)?;
+    let ids: Vec<u32> = status["dns"]["program_ids"]
+        .as_array()
+        .context("status has no dns.program_ids")?
+        .iter()
+        .filter_map(|v| v.as_u64().and_then(|v| u32::try_from(v).ok()))
+        .collect();
+    let read_all = || -> Result<ProgStats> {
+        let mut sum = ProgStats::default();
+        for id in &ids {
+            let s = ProgStats::read(*id)?;
+            sum.run_cnt += s.run_cnt;
+            sum.run_time_ns += s.run_time_ns;
+        }
+        Ok(sum)
+    };
+    let _stats = BpfStats::enable()?;
+    let before = read_all()?;
+    let pod = topo.pod(0);
+    let sink = SocketAddr::new(topo.server_ipv4().into(), 9999);
+    udp_send(
+        pod.netns(),
+        SocketAddr::new(pod.ipv4().into(), 5500),
+        sink,
+        20_000,
+    )?;
+    let after = read_all()?;
+    after
+        .ns_per_run_since(&before)
+        .context("the DNS programs did not run")
+}
+
+/// 250 endpoints, races at [`RACE_RATE`] and DNS queries at [`DNS_RATE`]
+/// (every answer NXDOMAIN, so every answer is a ring-buffer event) for
+/// [`LOAD_SECONDS`]: events lost, counts against the kernel's, memory and CPU.
+fn sustained_load(topo: &Topology, agent: &Agent) -> Result<Value> {
+    let report = run_load(
+        topo,
+        agent,
+        &LoadPlan {
+            race_rate: RACE_RATE,
+            dns_rate: DNS_RATE,
+            dns_clients: DNS_CLIENTS,
+            duration: Duration::from_secs(LOAD_SECONDS),
+            dns_timeout: Duration::from_secs(1),
+        },
+    )?;
+    eprintln!("agent: load {report:?}");
+    Ok(report.to_json())
+}
+
+/// iperf3 throughput and sockperf latency from pod 0 to the server with
+/// every program of podnet attached (the agent running: the conntrack
+/// tracer, DNS programs on the pod's interface and on the uplink) against the
+/// same node with none (the agent stopped and its pins removed), alternating.
+fn all_programs_versus_none(topo: &Topology, server_ip: &str) -> Result<Value> {
+    let pod = topo.pod(0);
+    let spec = endpoints(topo, 1).remove(0);
+    let uplink = topo.node_server_if().to_owned();
+    let mut all = Vec::new();
+    let mut none = Vec::new();
+    for round in 0..ROUNDS {
+        none.push(measure(pod.netns(), server_ip)?);
+        let agent = Agent::start_with(
+            topo.node(),
+            std::slice::from_ref(&spec),
+            &["--uplinks", &uplink],
+        )?;
+        // Ingress and egress on the pod's interface and on the uplink.
+        wait_dns_links(&agent, 4, Duration::from_secs(20))?;
+        all.push(measure(pod.netns(), server_ip)?);
+        drop(agent);
+        eprintln!(
+            "overhead round {round}: none {:?}, all {:?}",
+            none[round], all[round]
+        );
+    }
+    let mean = |v: &[Figures], f: fn(&Figures) -> f64| {
+        #[allow(clippy::cast_precision_loss)]
+        let n = v.len() as f64;
+        v.iter().map(f).sum::<f64>() / n
+    };
+    let gbit = |f: &Figures| f.gbit_per_s;
+    let lat = |f: &Figures| f.latency_us;
+    let rr = |f: &Figures| f.requests_per_s;
+    let figures = |v: &[Figures]| {
+        json!({
+            "gbit_per_s": v.iter().map(gbit).collect::<Vec<_>>(),
+            "latency_us": v.iter().map(lat).collect::<Vec<_>>(),
+            "requests_per_s": v.iter().map(rr).collect::<Vec<_>>(),
+            "mean_gbit_per_s": mean(v, gbit),
+            "mean_latency_us": mean(v, lat),
+            "mean_requests_per_s": mean(v, rr),
+        })
+    };
+    Ok(json!({
+        "rounds": ROUNDS,
+        "seconds": SECONDS,
+        "all": figures(&all),
+        "none": figures(&none),
+        "throughput_ratio": mean(&all, gbit) / mean(&none, gbit),
+        "latency_ratio": mean(&all, lat) / mean(&none, lat),
+        "requests_ratio": mean(&all, rr) / mean(&none, rr),
+    }))
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Figures {
+    gbit_per_s: f64,
+    latency_us: f64,
+    requests_per_s: f64,
+}
+
+fn measure(pod: &podnet_tests::Netns, server: &str) -> Result<Figures> {
+    let (latency_us, requests_per_s) = sockperf(pod, server, SECONDS)?;
+    Ok(Figures {
+        gbit_per_s: iperf3(pod, server, SECONDS)?,
+        latency_us,
+        requests_per_s,
+    })
+}

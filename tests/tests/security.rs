@@ -1,0 +1,326 @@
+//! What a real agent refuses: API clients that are not root, debugging data
+//! on the metrics port, CNI inputs that try path tricks.
+//!
+//! The DaemonSet's security context (not privileged; exactly `CAP_BPF`,
+//! `CAP_PERFMON`, `CAP_NET_ADMIN`) is checked in `deploy.rs`
+//! (`daemonset_is_not_privileged_and_has_exactly_three_capabilities` and its
+//! neighbours); it is not repeated here.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    os::unix::fs::PermissionsExt as _,
+    process::Command,
+    time::Duration,
+};
+
+use anyhow::{anyhow, Context as _, Result};
+use podnet_tests::{
+    agent::{binary, METRICS_ADDR},
+    cni, in_netns, require_root, udp_send, wait_for, Agent, EndpointSpec, Netns, Topology,
+};
+use serde_json::{json, Value};
+
+/// The unprivileged user (`nobody`).
+const NOBODY: &str = "65534";
+
+/// Runs the real `podnetctl` against `socket` as uid/gid 65534.
+fn podnetctl_as_nobody(socket: &str, args: &[&str]) -> Result<(bool, String)> {
+    let ctl = binary("podnetctl")?;
+    let out = Command::new("setpriv")
+        .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups", "--"])
+        .arg(ctl)
+        .args(["--socket", socket])
+        .args(args)
+        .output()
+        .context("running setpriv (util-linux)")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+/// The socket refuses uid 65534 twice over: the file mode keeps it from
+/// connecting, and with the mode opened up the agent still refuses it by its
+/// peer credentials. Both say why. Root is served.
+#[test]
+fn the_api_socket_refuses_non_root_clients() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let topo = Topology::builder().name("secuid").pods(0).build()?;
+    let agent = Agent::start(topo.node(), &[])?;
+    let socket = agent.socket();
+    let s = socket.display().to_string();
+    let mode = std::fs::metadata(&socket)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+    let status = agent.podnetctl(&["status"])?;
+    assert!(!status.trim().is_empty());
+
+    let (ok, text) = podnetctl_as_nobody(&s, &["status"])?;
+    assert!(!ok, "uid 65534 was served:\n{text}");
+    assert!(
+        text.contains("permission denied") && text.contains("root only") && text.contains(&s),
+        "{text}"
+    );
+    // With the file mode opened (a mistake on the node), the agent itself
+    // refuses the peer by uid.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
+    let (ok, peer) = podnetctl_as_nobody(&s, &["status"])?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))?;
+    assert!(!ok, "uid 65534 was served:\n{peer}");
+    assert!(
+        peer.contains("uid 65534 may not use the agent API"),
+        "{peer}"
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches("rejected an API client that is not root")
+            .count(),
+        1,
+        "{log}"
+    );
+    // Root still works, and the agent is the same process.
+    assert!(agent.podnetctl(&["status"]).is_ok());
+    println!("non-root: `{}` / `{}`", text.trim(), peer.trim());
+    Ok(())
+}
+
+/// One raw HTTP/1.1 request to the metrics port inside `node`.
+fn raw_http(node: &Netns, request: String) -> Result<(u16, String)> {
+    in_netns(node, move || -> Result<(u16, String)> {
+        let addr: SocketAddr = METRICS_ADDR.parse()?;
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(request.as_bytes())?;
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        let response = String::from_utf8_lossy(&response).into_owned();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| anyhow!("no status in {head:?}"))?;
+        Ok((code, body.to_owned()))
+    })?
+}
+
+fn request(method: &str, target: &str) -> String {
+    format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+}
+
+/// The metrics port serves `/metrics`, `/healthz`, `/readyz` and nothing
+/// else, whatever the method or spelling; and `/metrics` carries no race-log
+/// detail (pod addresses, SNAT ports, winners) while races happened.
+#[test]
+fn the_metrics_port_serves_no_debug_data() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let topo = Topology::builder().name("secmet").pods(2).build()?;
+    topo.snat_pods_to_one_port("udp", false, 40_000)?;
+    let endpoints: Vec<EndpointSpec> = ["a", "b"]
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let p = topo.pod(i);
+            EndpointSpec::new("shop", n, &[p.ipv4().into()]).interface(p.host_if())
+        })
+        .collect();
+    let agent = Agent::start(topo.node(), &endpoints)?;
+    let node = topo.node();
+    let (a, b) = (topo.pod(0), topo.pod(1));
+    let server = SocketAddr::new(topo.server_ipv4().into(), 7300);
+    udp_send(a.netns(), SocketAddr::new(a.ipv4().into(), 5000), server, 1)?;
+    udp_send(b.netns(), SocketAddr::new(b.ipv4().into(), 5001), server, 3)?;
+    let raced = wait_for(
+        || {
+            agent
+                .api("conntrack.races", json!({"limit": 10}))
+                .is_ok_and(|r| r.as_array().is_some_and(|a| a.len() == 3))
+        },
+        Duration::from_secs(5),
+    );
+    assert!(raced, "no races in the log");
+
+    let not_served = [
+        "/debug",
+        "/debug/",
+        "/debug/races",
+        "/debug/pprof/heap",
+        "/api",
+        "/api/v1/status",
+        "/status",
+        "/conntrack.races",
+        "/",
+        "//debug/races",
+        "/metrics/../debug/races",
+        "/%2e%2e/debug/races",
+        "/metrics%2f..%2fdebug",
+        "/METRICS",
+        "/metrics/",
+        "/metrics.json",
+        "/healthz/../debug/races",
+        "http://localhost/debug/races",
+    ];
+    let mut seen = Vec::new();
+    for path in not_served {
+        for method in ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"] {
+            let (code, body) = raw_http(node, request(method, path))?;
+            assert!(
+                code == 404 || code == 400 || code == 405,
+                "{method} {path} -> {code}: {body}"
+            );
+            assert!(!body.contains("winner"), "{method} {path}: {body}");
+            seen.push(code);
+        }
+    }
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        for method in ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"] {
+            let (code, _) = raw_http(node, request(method, path))?;
+            assert_eq!(code, 405, "{method} {path}");
+        }
+        let (code, _) = raw_http(node, request("GET", path))?;
+        assert_eq!(code, 200, "GET {path}");
+    }
+    // A query string does not reach anything else: it is the metrics page.
+    let (code, body) = raw_http(node, request("GET", "/metrics?debug=races"))?;
+    assert!(code == 200 || code == 404, "{code}");
+    let (code, text) = raw_http(node, request("GET", "/metrics"))?;
+    assert_eq!(code, 200);
+    for body in [&text, &body] {
+        for leak in [
+            a.ipv4().to_string(),
+            b.ipv4().to_string(),
+            format!("{}:40000", topo.node_ipv4_to_server()),
+            "winner".to_owned(),
+            "loser".to_owned(),
+        ] {
+            assert!(!body.contains(&leak), "/metrics shows {leak}");
+        }
+    }
+    // The races are there, by pod and destination only.
+    let m = agent.metrics(node)?;
+    assert_eq!(
+        m.count(
+            "podnet_conntrack_insert_races_total",
+            &[("namespace", "shop"), ("pod", "b"), ("proto", "udp")]
+        ),
+        3
+    );
+    seen.sort_unstable();
+    seen.dedup();
+    println!(
+        "metrics port: {} paths x 6 methods refused with {seen:?}; method variants on the 3 real paths -> 405",
+        not_served.len()
+    );
+    Ok(())
+}
+
+/// CNI inputs with path tricks, control characters and overlong values:
+/// each gets CNI error code 4 (invalid environment), and nothing is
+/// allocated or registered. Extends `cni.rs`'s `bad_inputs_allocate_nothing`
+/// (which covers missing variables, `../etc` ids and `..` interface names).
+#[test]
+fn cni_path_tricks_are_refused_and_allocate_nothing() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    if let Err(e) = cni::available() {
+        podnet_tests::unavailable(&format!("{e:#}"));
+        return Ok(());
+    }
+    let topo = Topology::builder().name("seccni").pods(0).build()?;
+    let node = topo.node();
+    let agent = Agent::start_with(node, &[], &["--node-cidr", "10.244.8.0/24"])?;
+    let pod = Netns::new("seccnipod")?;
+    let netns = pod.path().display().to_string();
+    let socket = agent.socket().display().to_string();
+    let log = tempfile::Builder::new().prefix("podnet-cni-").tempfile()?;
+    let log = log.path().display().to_string();
+    let conf = format!(
+        r#"{{"cniVersion":"1.0.0","name":"n","type":"ptp","ipam":{{"type":"podnet-cni","socket":"{socket}","logFile":"{log}"}}}}"#
+    );
+    let long_id = "a".repeat(256);
+    let long_path = format!("/run/netns/{}", "x".repeat(5000));
+    let netns_parent = format!("{netns}/..");
+    let netns_dotdot = format!("/run/netns/../netns/../../etc/{}", "hostname");
+    let cases: Vec<(&str, &str)> = vec![
+        ("CNI_CONTAINERID", "a/../../etc/passwd"),
+        ("CNI_CONTAINERID", ".."),
+        ("CNI_CONTAINERID", "../x"),
+        ("CNI_CONTAINERID", "a\nb"),
+        ("CNI_CONTAINERID", "a b"),
+        ("CNI_CONTAINERID", "-rf"),
+        ("CNI_CONTAINERID", &long_id),
+        ("CNI_IFNAME", "../eth0"),
+        ("CNI_IFNAME", "eth0/x"),
+        ("CNI_IFNAME", "."),
+        ("CNI_IFNAME", "eth0\t"),
+        ("CNI_IFNAME", "abcdefghijklmnop"),
+        ("CNI_NETNS", "../../run/netns/x"),
+        ("CNI_NETNS", "."),
+        ("CNI_NETNS", "/etc/passwd"),
+        ("CNI_NETNS", &netns_dotdot),
+        ("CNI_NETNS", &netns_parent),
+        ("CNI_NETNS", "/proc/self/ns/../status"),
+        ("CNI_NETNS", &long_path),
+        ("CNI_ARGS", "K8S_POD_NAME"),
+    ];
+    let mut results = Vec::new();
+    for (key, value) in &cases {
+        let mut env = vec![
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "trick1"),
+            ("CNI_NETNS", netns.as_str()),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_PATH", "/usr/lib/cni"),
+        ];
+        env.retain(|(k, _)| k != key);
+        env.push((key, value));
+        let (ok, out) = cni::invoke_plugin(&env, conf.as_bytes())?;
+        assert!(!ok, "{key}={value:?} was accepted: {out}");
+        let v: Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
+        assert_eq!(v["code"], json!(4), "{key}={value:?}: {v}");
+        assert!(
+            v["details"].as_str().is_some_and(|d| d.contains(key)),
+            "{v}"
+        );
+        results.push(v["code"].as_u64().unwrap_or_default());
+    }
+    // NUL cannot travel in the environment; in the network name it is an
+    // invalid configuration (code 7), never an allocation.
+    let nul_conf = conf.replace(r#""name":"n""#, r#""name":"n\u0000../x""#);
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "trick2"),
+        ("CNI_NETNS", netns.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", "/usr/lib/cni"),
+    ];
+    let (ok, nul_out) = cni::invoke_plugin(&env, nul_conf.as_bytes())?;
+    assert!(!ok, "{nul_out}");
+    let v: Value = serde_json::from_str(nul_out.trim()).with_context(|| nul_out.clone())?;
+    assert_eq!(v["code"], json!(7), "{v}");
+    assert_eq!(
+        agent.api("ipam.status", Value::Null)?["allocations"],
+        json!(0)
+    );
+    assert_eq!(agent.api("endpoint.list", Value::Null)?, json!([]));
+    println!(
+        "CNI path tricks: {} inputs -> code 4 each, 0 allocations; NUL in the network name -> {}",
+        cases.len(),
+        nul_out.trim()
+    );
+    // A good call still works.
+    let (ok, out) = cni::invoke_plugin(&env, conf.as_bytes())?;
+    assert!(ok, "{out}");
+    assert_eq!(
+        agent.api("ipam.status", Value::Null)?["allocations"],
+        json!(1)
+    );
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! The agent section of docs/PERFORMANCE.md: memory and CPU, endpoint
+//! scaling, sustained load and the cost of all programs against none.
+
+use std::fmt::Write as _;
+
+use anyhow::Result;
+use serde_json::Value;
+
+fn num(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn mib(v: &Value) -> f64 {
+    num(v) / 1024.0
+}
+
+/// Appends the section for `v`, the JSON of `podnet-bench agent`.
+pub fn render(doc: &mut String, v: &Value) -> Result<()> {
+    let m = &v["machine"];
+    let a = &v["agent"];
+    writeln!(doc, "\n## The agent on a node with {} pods\n", a["pods"])?;
+    writeln!(
+        doc,
+        "Machine: kernel {}, {} CPUs ({}). Release build. One simulated node with {} pod \
+         namespaces (built in {:.0} s); the agent runs with its defaults and `--dns-timeout 1s`. \
+         RSS is `VmRSS` and CPU is user + system time from `/proc/<pid>`, sampled every second.\n",
+        m["kernel"].as_str().unwrap_or("?"),
+        m["cpus"],
+        m["cpu"].as_str().unwrap_or("?"),
+        a["pods"],
+        num(&a["topology_build_seconds"]),
+    )?;
+    let idle = &a["idle"];
+    writeln!(
+        doc,
+        "Idle, no endpoint: **{:.1} MiB** RSS, {:.2} % of one CPU over 10 s.\n",
+        mib(&idle["rss_kib"]),
+        num(&idle["cpu_percent"])
+    )?;
+    writeln!(
+        doc,
+        "| endpoints (DNS programs on each) | time to attach all | RSS at rest | CPU at rest | /metrics scrape (median of 5) | /metrics size | DNS program cost per non-DNS packet |"
+    )?;
+    writeln!(doc, "|---|---|---|---|---|---|---|")?;
+    for s in a["endpoints"].as_array().into_iter().flatten() {
+        writeln!(
+            doc,
+            "| {} | {:.2} s | {:.1} MiB | {:.2} % | {:.2} ms | {} B | {:.1} ns |",
+            s["endpoints"],
+            num(&s["attach_seconds"]),
+            mib(&s["at_rest"]["rss_kib"]),
+            num(&s["at_rest"]["cpu_percent"]),
+            num(&s["scrape_ms_median"]),
+            s["scrape_bytes"],
+            num(&s["dns_program_ns_per_packet"])
+        )?;
+    }
+    writeln!(
+        doc,
+        "\nTime to attach includes the endpoints file watcher's poll (1 s). The per-packet cost is \
+         the sum of `run_time_ns` over the sum of `run_cnt` of every DNS program while one pod \
+         sends 20,000 non-DNS datagrams (`kernel.bpf_stats_enabled=1`): the programs run per \
+         packet on one interface, so their cost does not grow with the number of endpoints."
+    )?;
+    render_load(doc, &a["load"])?;
+    render_overhead(doc, &a["overhead"])
+}
+
+fn render_load(doc: &mut String, l: &Value) -> Result<()> {
+    let (r, d, agent) = (&l["races"], &l["dns"], &l["agent"]);
+    writeln!(
+        doc,
+        "\n### Sustained load, {} s, 250 endpoints\n\nInsert races (pod 1 against pod 0's held \
+         SNAT port) and DNS queries from 4 pods to dnsmasq, every answer NXDOMAIN (so every \
+         answer is a ring-buffer event), at the same time.\n",
+        num(&l["seconds"])
+    )?;
+    writeln!(
+        doc,
+        "| stream | target/s | achieved/s | kernel count | podnet count | events received | events lost |"
+    )?;
+    writeln!(doc, "|---|---|---|---|---|---|---|")?;
+    writeln!(
+        doc,
+        "| insert races | {} | {:.0} | {} (`insert_failed`) | {} attributed | {} | {} |",
+        r["target_per_second"],
+        num(&r["per_second"]),
+        r["kernel_insert_failed"],
+        r["attributed"],
+        r["events_received"],
+        r["events_lost"]
+    )?;
+    writeln!(
+        doc,
+        "| DNS queries | {} | {:.0} | {} sent, {} answered | {} queries, {} answers, {} timeouts | {} | {} |",
+        d["target_per_second"],
+        num(&d["per_second"]),
+        d["sent"],
+        d["answered"],
+        d["queries_counted"],
+        d["responses_counted"],
+        d["timeouts"],
+        d["events_received"],
+        d["events_lost"]
+    )?;
+    let samples: Vec<String> = l["rss_samples_kib"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| format!("{:.1}", mib(v)))
+        .collect();
+    writeln!(
+        doc,
+        "\nAgent under this load: {:.1} % of one CPU; RSS {:.1} MiB at the start, {:.1} MiB at most, \
+         {:.1} MiB at the end (MiB, every second: {}).",
+        num(&agent["cpu_percent"]),
+        mib(&agent["rss_first_kib"]),
+        mib(&agent["rss_max_kib"]),
+        mib(&agent["rss_kib"]),
+        samples.join(", ")
+    )?;
+    Ok(())
+}
+
+fn render_overhead(doc: &mut String, o: &Value) -> Result<()> {
+    writeln!(
+        doc,
+        "\n### All programs attached versus none\n\nPod 0 to the server: iperf3 (TCP \
+         throughput) and sockperf ping-pong (TCP, 64 B), {} rounds of {} s each, alternating a \
+         node with no podnet program and the same node with the agent running (conntrack tracer, \
+         DNS programs on the pod's interface and on the uplink).\n",
+        o["rounds"], o["seconds"]
+    )?;
+    writeln!(
+        doc,
+        "| configuration | Gbit/s (rounds) | latency µs (rounds) | requests/s (mean) |"
+    )?;
+    writeln!(doc, "|---|---|---|---|")?;
+    for (name, key) in [("no program", "none"), ("all programs", "all")] {
+        let c = &o[key];
+        let list = |k: &str| -> String {
+            c[k].as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| format!("{:.2}", num(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        writeln!(
+            doc,
+            "| {name} | {:.2} ({}) | {:.2} ({}) | {:.0} |",
+            num(&c["mean_gbit_per_s"]),
+            list("gbit_per_s"),
+            num(&c["mean_latency_us"]),
+            list("latency_us"),
+            num(&c["mean_requests_per_s"])
+        )?;
+    }
+    writeln!(
+        doc,
+        "\nRatios all / none: throughput **{:.3}**, latency **{:.3}**, request rate {:.3}.",
+        num(&o["throughput_ratio"]),
+        num(&o["latency_ratio"]),
+        num(&o["requests_ratio"])
+    )?;
+    Ok(())
+}

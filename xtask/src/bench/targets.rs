@@ -1,0 +1,262 @@
+//! podnet's performance targets, checked against the figures of one
+//! `cargo xtask bench` run and written to `docs/bench/summary.json`.
+//!
+//! Every figure is a ratio or a value next to the baseline measured in the
+//! same run, so a reader sees what was compared and whether the target held.
+
+use serde_json::{json, Value};
+
+/// One figure of the run against its target.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Figure {
+    /// What was measured.
+    pub name: &'static str,
+    /// The measured value.
+    pub value: f64,
+    /// Its unit (`ratio`, `ns`, `KiB`, `ms`, `events`).
+    pub unit: &'static str,
+    /// What the value is compared with in the same run, if anything.
+    pub baseline: Option<(&'static str, f64)>,
+    /// The target, as text.
+    pub target: &'static str,
+    /// Whether the target held.
+    pub met: bool,
+}
+
+impl Figure {
+    /// As JSON.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "name": self.name,
+            "value": self.value,
+            "unit": self.unit,
+            "baseline": self.baseline.map(|(what, v)| json!({"what": what, "value": v})),
+            "target": self.target,
+            "met": self.met,
+        })
+    }
+}
+
+fn num(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+/// The figures of every benchmark present; a benchmark not run adds none.
+/// `results` maps a benchmark's name to its JSON (`conntrack`, `ipam`,
+/// `agent`, `dns`, `cni`, `steer`).
+pub fn figures(results: &dyn Fn(&str) -> Option<Value>) -> Vec<Figure> {
+    let mut out = Vec::new();
+    if let Some(agent) = results("agent") {
+        agent_figures(&agent["agent"], &mut out);
+    }
+    if let Some(dns) = results("dns") {
+        if let (Some(ns), Some(empty)) = (num(&dns["non_dns_ns"]), num(&dns["empty_program_ns"])) {
+            out.push(Figure {
+                name: "DNS programs: cost per non-DNS packet",
+                value: ns,
+                unit: "ns",
+                baseline: Some(("an empty program on the same hooks", empty)),
+                target: "< 100 ns",
+                met: ns < 100.0,
+            });
+        }
+        if let (Some(r), Some(w)) = (
+            num(&dns["throughput_ratio"]),
+            num(&dns["without_gbit_per_s"]),
+        ) {
+            out.push(Figure {
+                name: "DNS programs: iperf3 throughput with / without",
+                value: r,
+                unit: "ratio",
+                baseline: Some(("Gbit/s without the programs", w)),
+                target: ">= 0.97",
+                met: r >= 0.97,
+            });
+        }
+    }
+    if let Some(steer) = results("steer") {
+        let kernel_rr = num(&steer["kernel"]["requests_per_s"]).unwrap_or(f64::NAN);
+        let direct_rr = num(&steer["direct"]["requests_per_s"]).unwrap_or(f64::NAN);
+        if let Some(r) = num(&steer["fast_over_kernel_requests"]) {
+            out.push(Figure {
+                name: "fast path: request rate over the kernel path",
+                value: r,
+                unit: "ratio",
+                baseline: Some(("kernel path requests/s", kernel_rr)),
+                target: ">= 1.15",
+                met: r >= 1.15,
+            });
+        }
+        if let Some(r) = num(&steer["fast_over_direct_requests"]) {
+            out.push(Figure {
+                name: "fast path: request rate over a direct veth",
+                value: r,
+                unit: "ratio",
+                baseline: Some(("direct veth requests/s", direct_rr)),
+                target: ">= 0.90 (within 10 %)",
+                met: r >= 0.90,
+            });
+        }
+    }
+    if let Some(cni) = results("cni") {
+        if let (Some(p99), Some(chain)) = (
+            num(&cni["add_podnet"]["p99_ms"]),
+            num(&cni["add_chain"]["p99_ms"]),
+        ) {
+            out.push(Figure {
+                name: "CNI ADD: podnet's share, p99",
+                value: p99,
+                unit: "ms",
+                baseline: Some(("whole ptp + podnet chain p99, ms", chain)),
+                target: "< 20 ms",
+                met: p99 < 20.0,
+            });
+        }
+        if let (Some(p99), Some(chain)) = (
+            num(&cni["del_podnet"]["p99_ms"]),
+            num(&cni["del_chain"]["p99_ms"]),
+        ) {
+            out.push(Figure {
+                name: "CNI DEL: podnet's share, p99",
+                value: p99,
+                unit: "ms",
+                baseline: Some(("whole ptp + podnet chain p99, ms", chain)),
+                target: "< 20 ms",
+                met: p99 < 20.0,
+            });
+        }
+    }
+    if let Some(ct) = results("conntrack") {
+        if let Some(rate) = num(&ct["conntrack"]["lossless_race_events_per_second"]) {
+            out.push(Figure {
+                name: "race events delivered without loss (one sender, budget off)",
+                value: rate,
+                unit: "events/s",
+                baseline: None,
+                target: ">= 10,000/s",
+                met: rate >= 10_000.0,
+            });
+        }
+    }
+    out
+}
+
+fn agent_figures(a: &Value, out: &mut Vec<Figure>) {
+    let o = &a["overhead"];
+    if let (Some(r), Some(none)) = (
+        num(&o["throughput_ratio"]),
+        num(&o["none"]["mean_gbit_per_s"]),
+    ) {
+        out.push(Figure {
+            name: "all programs attached: iperf3 throughput / none",
+            value: r,
+            unit: "ratio",
+            baseline: Some(("Gbit/s with no program", none)),
+            target: ">= 0.97 (at most 3 % cost)",
+            met: r >= 0.97,
+        });
+    }
+    if let (Some(r), Some(none)) = (num(&o["latency_ratio"]), num(&o["none"]["mean_latency_us"])) {
+        out.push(Figure {
+            name: "all programs attached: sockperf latency / none",
+            value: r,
+            unit: "ratio",
+            baseline: Some(("µs with no program", none)),
+            target: "<= 1.03",
+            met: r <= 1.03,
+        });
+    }
+    let idle = num(&a["idle"]["rss_kib"]);
+    let with_250 = a["endpoints"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["endpoints"] == 250))
+        .and_then(|s| num(&s["at_rest"]["rss_kib"]));
+    if let Some(rss) = with_250 {
+        out.push(Figure {
+            name: "agent RSS with 250 endpoints, at rest",
+            value: rss,
+            unit: "KiB",
+            baseline: idle.map(|i| ("RSS idle, no endpoint (KiB)", i)),
+            target: "< 40 MiB (40960 KiB)",
+            met: rss < 40_960.0,
+        });
+    }
+    let load = &a["load"];
+    if let Some(rss) = num(&load["agent"]["rss_max_kib"]) {
+        out.push(Figure {
+            name: "agent RSS with 250 endpoints under DNS and race load (max)",
+            value: rss,
+            unit: "KiB",
+            baseline: idle.map(|i| ("RSS idle, no endpoint (KiB)", i)),
+            target: "< 40 MiB (40960 KiB)",
+            met: rss < 40_960.0,
+        });
+    }
+    for (kind, label, target_rate) in [
+        ("races", "race events lost at 10,000 races/s", 10_000.0),
+        (
+            "dns",
+            "DNS events lost at 20,000 queries/s (every answer an event)",
+            20_000.0,
+        ),
+    ] {
+        let l = &load[kind];
+        if let (Some(lost), Some(rate)) = (num(&l["events_lost"]), num(&l["per_second"])) {
+            let received = num(&l["events_received"]).unwrap_or(0.0);
+            out.push(Figure {
+                name: label,
+                value: lost,
+                unit: "events",
+                baseline: Some(("events received", received)),
+                target: "0 lost, at >= 95 % of the target rate",
+                met: lost == 0.0 && rate >= 0.95 * target_rate && received > 0.0,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_judged_from_the_figures() {
+        let agent = json!({"agent": {
+            "idle": {"rss_kib": 16000},
+            "endpoints": [{"endpoints": 250, "at_rest": {"rss_kib": 41000}}],
+            "overhead": {"throughput_ratio": 0.98, "latency_ratio": 1.01,
+                         "none": {"mean_gbit_per_s": 18.0, "mean_latency_us": 30.0}},
+            "load": {"agent": {"rss_max_kib": 30000},
+                     "races": {"events_lost": 0, "per_second": 9999.0, "events_received": 5},
+                     "dns": {"events_lost": 3, "per_second": 20000.0, "events_received": 5}},
+        }});
+        let got = figures(&|name| (name == "agent").then(|| agent.clone()));
+        let met: Vec<(&str, bool)> = got.iter().map(|f| (f.name, f.met)).collect();
+        assert_eq!(
+            met,
+            [
+                ("all programs attached: iperf3 throughput / none", true),
+                ("all programs attached: sockperf latency / none", true),
+                ("agent RSS with 250 endpoints, at rest", false),
+                (
+                    "agent RSS with 250 endpoints under DNS and race load (max)",
+                    true
+                ),
+                ("race events lost at 10,000 races/s", true),
+                (
+                    "DNS events lost at 20,000 queries/s (every answer an event)",
+                    false
+                ),
+            ]
+        );
+        assert_eq!(
+            got[2].baseline,
+            Some(("RSS idle, no endpoint (KiB)", 16000.0))
+        );
+    }
+
+    #[test]
+    fn absent_benchmarks_add_no_figure() {
+        assert!(figures(&|_| None).is_empty());
+    }
+}
