@@ -148,7 +148,7 @@ fn agent_figures(a: &Value, out: &mut Vec<Figure>) {
         num(&o["none"]["mean_gbit_per_s"]),
     ) {
         out.push(Figure {
-            name: "all programs attached: iperf3 throughput / none",
+            name: "all programs attached: iperf3 throughput / none (median of rounds)",
             value: r,
             unit: "ratio",
             baseline: Some(("Gbit/s with no program", none)),
@@ -158,7 +158,7 @@ fn agent_figures(a: &Value, out: &mut Vec<Figure>) {
     }
     if let (Some(r), Some(none)) = (num(&o["latency_ratio"]), num(&o["none"]["mean_latency_us"])) {
         out.push(Figure {
-            name: "all programs attached: sockperf latency / none",
+            name: "all programs attached: sockperf latency / none (median of rounds)",
             value: r,
             unit: "ratio",
             baseline: Some(("µs with no program", none)),
@@ -235,8 +235,14 @@ mod tests {
         assert_eq!(
             met,
             [
-                ("all programs attached: iperf3 throughput / none", true),
-                ("all programs attached: sockperf latency / none", true),
+                (
+                    "all programs attached: iperf3 throughput / none (median of rounds)",
+                    true
+                ),
+                (
+                    "all programs attached: sockperf latency / none (median of rounds)",
+                    true
+                ),
                 ("agent RSS with 250 endpoints, at rest", false),
                 (
                     "agent RSS with 250 endpoints under DNS and race load (max)",

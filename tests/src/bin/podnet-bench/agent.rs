@@ -31,7 +31,7 @@ const DNS_CLIENTS: usize = 4;
 /// How long the sustained load runs.
 const LOAD_SECONDS: u64 = 20;
 /// Rounds and seconds per measurement of the all-programs comparison.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 6;
 const SECONDS: u64 = 5;
 
 /// Runs the agent benchmark.
@@ -218,6 +218,8 @@ fn all_programs_versus_none(topo: &Topology, server_ip: &str) -> Result<Value> {
         )?;
         // Ingress and egress on the pod's interface and on the uplink.
         wait_dns_links(&agent, 4, Duration::from_secs(20))?;
+        // Let the agent's start-up work (reconciles, first samples) pass.
+        std::thread::sleep(Duration::from_secs(2));
         all.push(measure(pod.netns(), server_ip)?);
         drop(agent);
         eprintln!(
@@ -248,10 +250,26 @@ fn all_programs_versus_none(topo: &Topology, server_ip: &str) -> Result<Value> {
         "seconds": SECONDS,
         "all": figures(&all),
         "none": figures(&none),
-        "throughput_ratio": mean(&all, gbit) / mean(&none, gbit),
-        "latency_ratio": mean(&all, lat) / mean(&none, lat),
-        "requests_ratio": mean(&all, rr) / mean(&none, rr),
+        // Each round measures both configurations back to back, so the
+        // median of the rounds' ratios is robust to a burst of other load
+        // during one round; the ratio of the means is kept next to it.
+        "throughput_ratio": median_ratio(&all, &none, gbit),
+        "latency_ratio": median_ratio(&all, &none, lat),
+        "requests_ratio": median_ratio(&all, &none, rr),
+        "throughput_ratio_of_means": mean(&all, gbit) / mean(&none, gbit),
+        "latency_ratio_of_means": mean(&all, lat) / mean(&none, lat),
     }))
+}
+
+/// The median over rounds of `f(all) / f(none)`.
+fn median_ratio(all: &[Figures], none: &[Figures], f: fn(&Figures) -> f64) -> f64 {
+    let mut ratios: Vec<f64> = all.iter().zip(none).map(|(a, n)| f(a) / f(n)).collect();
+    ratios.sort_by(f64::total_cmp);
+    match ratios.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => ratios[n / 2],
+        n => f64::midpoint(ratios[n / 2 - 1], ratios[n / 2]),
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
