@@ -48,9 +48,12 @@ const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
 /// Which hook counts insert races (`--race-hook`).
 ///
 /// `auto` uses the drop tracepoint, exact on every kernel tested (6.1, 6.12,
-/// 6.18). The confirm kretprobe is opt-in: exact on Debian 6.1 and 6.12, but
-/// a 6.12 guest under qemu emulation oopsed (`int3`) once while it was in
-/// use, and that is not understood yet.
+/// 6.18). The confirm kretprobe is opt-in: exact on Debian 6.1 and 6.12. A
+/// 6.12 guest under qemu emulation oopsed (`int3`) once while it was in use;
+/// the same oops later hit a run with the tracepoint and no kprobe, at a
+/// static-branch site in `__netif_receive_skb_core` (the kernel's code
+/// patching under emulation), so it is not the probe's; the default moves to
+/// the probe once the whole matrix has run with it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RaceHookChoice {
