@@ -372,12 +372,21 @@ impl Drop for Agent {
 
 /// One HTTP/1.0 GET to the agent's metrics address inside `node`.
 pub fn http_get(node: &Netns, path: &str) -> Result<(u16, String)> {
-    let path = path.to_owned();
+    http_request(
+        node,
+        format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n"),
+    )
+    .context("GET from the agent")
+}
+
+/// Sends `request` (raw HTTP, as given) to the agent's metrics address inside
+/// `node` and reads the answer to its end: (status code, body).
+pub fn http_request(node: &Netns, request: String) -> Result<(u16, String)> {
     in_netns(node, move || -> Result<(u16, String)> {
         let addr: SocketAddr = METRICS_ADDR.parse()?;
         let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+        stream.write_all(request.as_bytes())?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
         let (head, body) = response
@@ -390,7 +399,6 @@ pub fn http_get(node: &Netns, path: &str) -> Result<(u16, String)> {
             .ok_or_else(|| anyhow!("no status code in {head:?}"))?;
         Ok((code, body.to_owned()))
     })?
-    .context("GET from the agent")
 }
 
 /// A scraped metrics page.

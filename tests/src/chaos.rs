@@ -5,8 +5,6 @@
 use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
-    path::Path,
-    process::{Command, Stdio},
     time::{SystemTime, UNIX_EPOCH},
 };
 
@@ -108,31 +106,6 @@ pub fn cni_error_code(text: &str) -> Option<u32> {
         .get("code")?
         .as_u64()
         .and_then(|c| u32::try_from(c).ok())
-}
-
-/// Runs the CNI plugin at `path` as a runtime does (environment + stdin)
-/// and returns (exit success, stdout). Tests that run while cargo may rebuild
-/// the workspace use the copy in a `CNI_PATH` directory
-/// ([`crate::cni::CniEnv::bin_dir`]), which a rebuild cannot replace.
-pub fn invoke_plugin_at(path: &Path, env: &[(&str, &str)], stdin: &[u8]) -> Result<(bool, String)> {
-    use std::io::Write as _;
-    let mut child = Command::new(path)
-        .env_clear()
-        .envs(env.iter().copied())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("starting {}", path.display()))?;
-    if let Some(mut input) = child.stdin.take() {
-        // A plugin that exits early closes its stdin; its answer says why.
-        let _ = input.write_all(stdin);
-    }
-    let out = child.wait_with_output()?;
-    Ok((
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    ))
 }
 
 fn json_of(netns: &Netns, cmd: &[&str]) -> Result<Value> {

@@ -224,16 +224,25 @@ impl RunOutput {
 /// Calls podnet-cni directly (no runtime), as a runtime would: env + stdin.
 /// Returns (exit success, stdout).
 pub fn invoke_plugin(env: &[(&str, &str)], stdin: &[u8]) -> Result<(bool, String)> {
+    invoke_plugin_at(&binary("podnet-cni")?, env, stdin)
+}
+
+/// Like [`invoke_plugin`], with the plugin binary at `path`: long runs next
+/// to a rebuild of the workspace use the copy in a `CNI_PATH` directory
+/// ([`CniEnv::bin_dir`]), which a rebuild cannot replace.
+pub fn invoke_plugin_at(path: &Path, env: &[(&str, &str)], stdin: &[u8]) -> Result<(bool, String)> {
     use std::io::Write as _;
-    let mut child = Command::new(binary("podnet-cni")?)
+    let mut child = Command::new(path)
         .env_clear()
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()?;
-    if let Some(mut i) = child.stdin.take() {
-        let _ = i.write_all(stdin);
+        .spawn()
+        .with_context(|| format!("starting {}", path.display()))?;
+    if let Some(mut input) = child.stdin.take() {
+        // A plugin that exits early closes its stdin; its answer says why.
+        let _ = input.write_all(stdin);
     }
     let out = child.wait_with_output()?;
     Ok((

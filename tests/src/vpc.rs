@@ -255,6 +255,35 @@ pub struct LinkPackets {
     pub tx: u64,
 }
 
+/// Rules of another owner in `node`: priority 300 (below podnet's 512–1536
+/// range) `from 10.0.1.99 lookup 101`, and priority 1000 (inside it)
+/// `to 10.7.0.0/16 lookup main`. podnet must never touch either.
+pub fn add_foreign_rules(node: &Netns) -> Result<()> {
+    node.run_ok(&[
+        "ip",
+        "rule",
+        "add",
+        "priority",
+        "300",
+        "from",
+        "10.0.1.99",
+        "lookup",
+        "101",
+    ])?;
+    node.run_ok(&[
+        "ip",
+        "rule",
+        "add",
+        "priority",
+        "1000",
+        "to",
+        "10.7.0.0/16",
+        "lookup",
+        "main",
+    ])?;
+    Ok(())
+}
+
 /// Reads `ifname`'s packet counters in `netns`.
 pub fn link_packets(netns: &Netns, ifname: &str) -> Result<LinkPackets> {
     let v = link_json(netns, ifname)?;

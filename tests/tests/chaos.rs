@@ -183,7 +183,7 @@ impl Bed<'_> {
             ("CNI_ARGS", args.as_str()),
         ];
         let plugin = self.env.bin_dir().join("podnet-cni");
-        let (ok, out) = chaos::invoke_plugin_at(&plugin, &env, stdin.as_bytes())
+        let (ok, out) = podnet_tests::cni::invoke_plugin_at(&plugin, &env, stdin.as_bytes())
             .map_err(|e| format!("{e:#}"))?;
         if ok {
             Ok(out)

@@ -969,6 +969,13 @@ fn restart_adopts_links_and_removed_endpoints_are_detached() {
         return;
     }
     let mut bed = Bed::start("dnsadopt", &["--dns-timeout", "1s"]);
+    adopted_on_restart_and_detached_with_the_endpoint(&mut bed);
+}
+
+/// One program per hook counts a query; after a restart the same programs
+/// are on the hooks (adopted, not attached twice) and count the next query;
+/// when the endpoint goes, its hooks are empty.
+fn adopted_on_restart_and_detached_with_the_endpoint(bed: &mut Bed) {
     let before = bed.attached();
     assert_eq!(before.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1]);
     assert_eq!(
@@ -979,7 +986,6 @@ fn restart_adopts_links_and_removed_endpoints_are_detached() {
     );
     bed.agent.restart(bed.topo.node()).unwrap();
     bed.wait_links(2);
-    // The same programs, still one per hook: adopted, not attached twice.
     assert_eq!(bed.attached(), before);
     assert_eq!(
         bed.status()["dns"]["last_reconcile"]["adopted"]
@@ -999,7 +1005,6 @@ fn restart_adopts_links_and_removed_endpoints_are_detached() {
             .count(RESPONSES, &labels("10.98.0.2", "rcode", "NOERROR")),
         2
     );
-    // The endpoint goes: its links go.
     std::fs::write(bed.agent.endpoints_file(), "[]\n").unwrap();
     bed.wait_links(0);
     assert_eq!(bed.attached(), [Vec::<u32>::new(), Vec::new()]);
@@ -1059,19 +1064,21 @@ fn classic_tc_filters_count_adopt_and_leave_foreign_filters() {
     assert!(build.contains("tc_attach=\"tc\""), "{build}");
     let ifname = bed.topo.pod(0).host_if().to_owned();
     let node = bed.topo.node();
-    let filters = |hook: &str| {
-        let out = node
+    let filters = |bed: &Bed, hook: &str| {
+        let out = bed
+            .topo
+            .node()
             .run_ok(&["tc", "filter", "show", "dev", &ifname, hook])
             .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let ingress = filters("ingress");
+    let ingress = filters(&bed, "ingress");
     assert!(
         ingress.contains("pref 28760 bpf")
             && ingress.contains("handle 0x706e podnet_dns_pod_ingress"),
         "{ingress}"
     );
-    assert!(filters("egress").contains("handle 0x706e podnet_dns_pod_egress"));
+    assert!(filters(&bed, "egress").contains("handle 0x706e podnet_dns_pod_egress"));
     // No tcx link (where the kernel has tcx): the classic filters only.
     let tcx = podnet::bpf::tc::tcx_supported();
     for d in podnet::dns::attach::Direction::BOTH
@@ -1090,39 +1097,8 @@ fn classic_tc_filters_count_adopt_and_leave_foreign_filters() {
         "match", "u32", "0", "0",
     ])
     .unwrap();
-    let before = bed.attached();
-    assert_eq!(before.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1]);
-    assert_eq!(
-        query(bed.pod(), bed.server_v4(), "ok-1.test", QTYPE_A)
-            .unwrap()
-            .rcode,
-        0
-    );
-    bed.agent.restart(bed.topo.node()).unwrap();
-    bed.wait_links(2);
-    assert_eq!(bed.attached(), before);
-    assert_eq!(
-        bed.status()["dns"]["last_reconcile"]["adopted"]
-            .as_array()
-            .map(Vec::len),
-        Some(2)
-    );
-    assert_eq!(
-        query(bed.pod(), bed.server_v4(), "ok-2.test", QTYPE_A)
-            .unwrap()
-            .rcode,
-        0
-    );
-    bed.wait_settled();
-    assert_eq!(
-        bed.metrics()
-            .count(RESPONSES, &labels("10.98.0.2", "rcode", "NOERROR")),
-        2
-    );
-    std::fs::write(bed.agent.endpoints_file(), "[]\n").unwrap();
-    bed.wait_links(0);
-    assert_eq!(bed.attached(), [Vec::<u32>::new(), Vec::new()]);
-    let left = filters("ingress");
+    adopted_on_restart_and_detached_with_the_endpoint(&mut bed);
+    let left = filters(&bed, "ingress");
     assert!(
         left.contains("pref 100 u32") && !left.contains("podnet_"),
         "{left}"

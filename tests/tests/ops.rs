@@ -133,28 +133,7 @@ fn run_cleanup(node: &Netns, args: &[&str]) -> Result<Cleanup> {
 /// Foreign state: a rule below podnet's range and one inside it, a route,
 /// a MASQUERADE rule.
 fn add_foreign_state(node: &Netns, eni: &str) -> Result<()> {
-    node.run_ok(&[
-        "ip",
-        "rule",
-        "add",
-        "priority",
-        "300",
-        "from",
-        "10.0.1.99",
-        "lookup",
-        "101",
-    ])?;
-    node.run_ok(&[
-        "ip",
-        "rule",
-        "add",
-        "priority",
-        "1000",
-        "to",
-        "10.7.0.0/16",
-        "lookup",
-        "main",
-    ])?;
+    podnet_tests::vpc::add_foreign_rules(node)?;
     node.run_ok(&["ip", "route", "add", "192.0.2.0/24", "dev", eni])?;
     let mut masq = vec!["-t", "nat", "-A", "POSTROUTING"];
     masq.extend(FOREIGN_MASQ);

@@ -392,28 +392,7 @@ fn measure_repairs(node: &Netns, pod: &VpcPod) -> Result<()> {
 /// Foreign state: a rule below podnet's range, one inside it, routes in an
 /// ENI table and in main.
 fn add_foreign_state(node: &Netns) -> Result<()> {
-    node.run_ok(&[
-        "ip",
-        "rule",
-        "add",
-        "priority",
-        "300",
-        "from",
-        "10.0.1.99",
-        "lookup",
-        "101",
-    ])?;
-    node.run_ok(&[
-        "ip",
-        "rule",
-        "add",
-        "priority",
-        "1000",
-        "to",
-        "10.7.0.0/16",
-        "lookup",
-        "main",
-    ])?;
+    podnet_tests::vpc::add_foreign_rules(node)?;
     node.run_ok(&[
         "ip",
         "route",

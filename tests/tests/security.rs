@@ -6,18 +6,12 @@
 //! (`daemonset_is_not_privileged_and_has_exactly_three_capabilities` and its
 //! neighbours); it is not repeated here.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-    os::unix::fs::PermissionsExt as _,
-    process::Command,
-    time::Duration,
-};
+use std::{net::SocketAddr, os::unix::fs::PermissionsExt as _, process::Command, time::Duration};
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{Context as _, Result};
 use podnet_tests::{
-    agent::{binary, METRICS_ADDR},
-    cni, in_netns, require_root, udp_send, wait_for, Agent, EndpointSpec, Netns, Topology,
+    agent::{binary, http_request},
+    cni, require_root, udp_send, wait_for, Agent, EndpointSpec, Netns, Topology,
 };
 use serde_json::{json, Value};
 
@@ -88,26 +82,6 @@ fn the_api_socket_refuses_non_root_clients() -> Result<()> {
     Ok(())
 }
 
-/// One raw HTTP/1.1 request to the metrics port inside `node`.
-fn raw_http(node: &Netns, request: String) -> Result<(u16, String)> {
-    in_netns(node, move || -> Result<(u16, String)> {
-        let addr: SocketAddr = METRICS_ADDR.parse()?;
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(request.as_bytes())?;
-        let mut response = Vec::new();
-        let _ = stream.read_to_end(&mut response);
-        let response = String::from_utf8_lossy(&response).into_owned();
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| anyhow!("no status in {head:?}"))?;
-        Ok((code, body.to_owned()))
-    })?
-}
-
 fn request(method: &str, target: &str) -> String {
     format!("{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
 }
@@ -169,7 +143,7 @@ fn the_metrics_port_serves_no_debug_data() -> Result<()> {
     let mut seen = Vec::new();
     for path in not_served {
         for method in ["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS"] {
-            let (code, body) = raw_http(node, request(method, path))?;
+            let (code, body) = http_request(node, request(method, path))?;
             assert!(
                 code == 404 || code == 400 || code == 405,
                 "{method} {path} -> {code}: {body}"
@@ -180,16 +154,16 @@ fn the_metrics_port_serves_no_debug_data() -> Result<()> {
     }
     for path in ["/metrics", "/healthz", "/readyz"] {
         for method in ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"] {
-            let (code, _) = raw_http(node, request(method, path))?;
+            let (code, _) = http_request(node, request(method, path))?;
             assert_eq!(code, 405, "{method} {path}");
         }
-        let (code, _) = raw_http(node, request("GET", path))?;
+        let (code, _) = http_request(node, request("GET", path))?;
         assert_eq!(code, 200, "GET {path}");
     }
     // A query string does not reach anything else: it is the metrics page.
-    let (code, body) = raw_http(node, request("GET", "/metrics?debug=races"))?;
+    let (code, body) = http_request(node, request("GET", "/metrics?debug=races"))?;
     assert!(code == 200 || code == 404, "{code}");
-    let (code, text) = raw_http(node, request("GET", "/metrics"))?;
+    let (code, text) = http_request(node, request("GET", "/metrics"))?;
     assert_eq!(code, 200);
     for body in [&text, &body] {
         for leak in [

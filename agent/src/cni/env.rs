@@ -128,25 +128,12 @@ pub fn validate_netns(netns: &str) -> Result<(), CniError> {
     if !path.exists() {
         return Err(invalid(format!("CNI_NETNS {netns:?} does not exist")));
     }
-    if !is_nsfs(path) {
+    if crate::bpf::fs::filesystem_magic(path) != Some(NSFS_MAGIC) {
         return Err(invalid(format!(
             "CNI_NETNS {netns:?} is not a network namespace file"
         )));
     }
     Ok(())
-}
-
-fn is_nsfs(path: &Path) -> bool {
-    let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is a valid NUL-terminated string; buf is writable.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut buf) };
-    #[allow(clippy::useless_conversion)] // f_type's width differs per libc target.
-    let magic = i64::from(buf.f_type);
-    rc == 0 && magic == NSFS_MAGIC
 }
 
 /// Parses `CNI_ARGS` (`K=V;K=V`).

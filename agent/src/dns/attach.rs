@@ -197,6 +197,31 @@ const FILTER_PROGRAMS: [&str; 4] = [
     programs::UPLINK_ANSWERS,
 ];
 
+/// The hooks of `desired` interfaces (those that exist) that `covered` does
+/// not hold yet: what a reconcile still has to attach.
+fn uncovered(
+    desired: &BTreeMap<String, Role>,
+    covered: &BTreeSet<(String, Direction)>,
+) -> Vec<PinName> {
+    let mut missing = Vec::new();
+    for (ifname, role) in desired {
+        let Some(index) = ifindex(ifname) else {
+            continue;
+        };
+        for direction in Direction::BOTH {
+            if !covered.contains(&(ifname.clone(), direction)) {
+                missing.push(PinName {
+                    ifname: ifname.clone(),
+                    ifindex: index,
+                    role: *role,
+                    direction,
+                });
+            }
+        }
+    }
+    missing
+}
+
 /// Index of an interface in the calling thread's network namespace.
 pub fn ifindex(ifname: &str) -> Option<u32> {
     tc::ifindex(ifname)
@@ -389,30 +414,16 @@ impl Attacher {
             covered.insert((pin.ifname.clone(), pin.direction));
             self.known.insert(file);
         }
-        for (ifname, role) in desired {
-            let Some(index) = ifindex(ifname) else {
-                continue;
-            };
-            for direction in Direction::BOTH {
-                if covered.contains(&(ifname.clone(), direction)) {
-                    continue;
+        for pin in uncovered(desired, &covered) {
+            let file = pin.file_name();
+            match self.attach(tracer, &pin) {
+                Ok(()) => {
+                    self.known.insert(file.clone());
+                    report.attached.push(file);
                 }
-                let pin = PinName {
-                    ifname: ifname.clone(),
-                    ifindex: index,
-                    role: *role,
-                    direction,
-                };
-                let file = pin.file_name();
-                match self.attach(tracer, &pin) {
-                    Ok(()) => {
-                        self.known.insert(file.clone());
-                        report.attached.push(file);
-                    }
-                    Err(e) => {
-                        tracing::warn!(pin = %file, error = %e, "attaching DNS program failed; retrying later");
-                        report.failed.push(file);
-                    }
+                Err(e) => {
+                    tracing::warn!(pin = %file, error = %e, "attaching DNS program failed; retrying later");
+                    report.failed.push(file);
                 }
             }
         }
@@ -462,30 +473,16 @@ impl Attacher {
             }
             self.known.insert(file);
         }
-        for (ifname, role) in desired {
-            let Some(index) = ifindex(ifname) else {
-                continue;
-            };
-            for direction in Direction::BOTH {
-                if covered.contains(&(ifname.clone(), direction)) {
-                    continue;
+        for pin in uncovered(desired, &covered) {
+            let file = pin.file_name();
+            match Self::attach_filter(tracer, &pin) {
+                Ok(_) => {
+                    self.known.insert(file.clone());
+                    report.attached.push(file);
                 }
-                let pin = PinName {
-                    ifname: ifname.clone(),
-                    ifindex: index,
-                    role: *role,
-                    direction,
-                };
-                let file = pin.file_name();
-                match Self::attach_filter(tracer, &pin) {
-                    Ok(_) => {
-                        self.known.insert(file.clone());
-                        report.attached.push(file);
-                    }
-                    Err(e) => {
-                        tracing::warn!(filter = %file, error = %e, "attaching DNS tc filter failed; retrying later");
-                        report.failed.push(file);
-                    }
+                Err(e) => {
+                    tracing::warn!(filter = %file, error = %e, "attaching DNS tc filter failed; retrying later");
+                    report.failed.push(file);
                 }
             }
         }

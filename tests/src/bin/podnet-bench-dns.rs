@@ -20,8 +20,8 @@ use podnet::dns::{
     tracer::{DnsTracer, ProgramSettings},
 };
 use podnet_tests::{
-    agent::endpoints_yaml, in_netns, require_root, spawn_in, wait_for, Agent, EndpointSpec, Netns,
-    Topology,
+    agent::endpoints_yaml, in_netns, load::dns_query, require_root, spawn_in, wait_for, Agent,
+    EndpointSpec, Netns, Topology,
 };
 
 use serde_json::Value;
@@ -119,18 +119,6 @@ fn cost(before: (u64, u64), after: (u64, u64)) -> Cost {
         },
         runs,
     }
-}
-
-fn dns_query(id: u16, n: usize) -> Vec<u8> {
-    let mut m = Vec::new();
-    m.extend_from_slice(&id.to_be_bytes());
-    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in [format!("ok-{n}"), "bench".into(), "test".into()] {
-        m.push(u8::try_from(label.len()).unwrap_or(0));
-        m.extend_from_slice(label.as_bytes());
-    }
-    m.extend_from_slice(&[0, 0, 1, 0, 1]);
-    m
 }
 
 fn iperf(pod: &Netns, server: IpAddr, seconds: u32) -> Result<f64> {
@@ -288,7 +276,7 @@ fn main() -> Result<()> {
         let mut answered = 0;
         for n in 0..queries {
             let id = u16::try_from(n % 65_536).unwrap_or(0);
-            s.send(&dns_query(id, n))?;
+            s.send(&dns_query(id, &format!("ok-{n}.bench.test")))?;
             if s.recv(&mut buf).is_ok() {
                 answered += 1;
             }
