@@ -10,6 +10,21 @@ use podnet_tests::{
 use serde_json::{json, Value};
 
 const NODE_CIDR: &str = "10.244.7.0/24";
+/// Usable addresses of [`NODE_CIDR`] (network, gateway and broadcast taken).
+const NODE_CIDR_USABLE: usize = 253;
+
+/// Pods per chain test: 50, or `PODNET_TEST_CNI_PODS` (a multiple of 10 from
+/// 10 to 250) where each pod costs more; `cargo xtask vm-test` uses 10 under
+/// emulation. Every count below is derived from it.
+fn pod_count() -> usize {
+    let Ok(value) = std::env::var("PODNET_TEST_CNI_PODS") else {
+        return 50;
+    };
+    match value.parse::<usize>() {
+        Ok(n) if (10..=250).contains(&n) && n % 10 == 0 => n,
+        _ => panic!("PODNET_TEST_CNI_PODS={value:?}: expected a multiple of 10 from 10 to 250"),
+    }
+}
 
 /// Skips (or fails in CI) when not root or the CNI test peers are missing.
 fn ready() -> bool {
@@ -51,8 +66,8 @@ fn pod_ip(result: &Value) -> IpAddr {
     addr.split('/').next().unwrap().parse().unwrap()
 }
 
-/// ptp + podnet IPAM + podnet chained: ADD, CHECK, DEL, GC for 50 pods;
-/// pods reach each other and a server.
+/// ptp + podnet IPAM + podnet chained: ADD, CHECK, DEL, GC for 50 pods
+/// (see [`pod_count`]); pods reach each other and a server.
 #[test]
 #[allow(clippy::too_many_lines)] // one scenario, step by step
 fn ptp_chain_fifty_pods() {
@@ -65,7 +80,9 @@ fn ptp_chain_fifty_pods() {
     let env = CniEnv::new().unwrap();
     let list = env.conflist("ptp", &ptp_conflist(&env, &agent)).unwrap();
 
-    let pods: Vec<Netns> = (0..50).map(|_| Netns::new("cnipod").unwrap()).collect();
+    let n = pod_count();
+    let free = (NODE_CIDR_USABLE - n) as u64;
+    let pods: Vec<Netns> = (0..n).map(|_| Netns::new("cnipod").unwrap()).collect();
     let atts: Vec<Attachment> = pods
         .iter()
         .enumerate()
@@ -85,15 +102,15 @@ fn ptp_chain_fifty_pods() {
     let mut unique = ips.clone();
     unique.sort_unstable();
     unique.dedup();
-    assert_eq!(unique.len(), 50, "every pod has its own address");
+    assert_eq!(unique.len(), n, "every pod has its own address");
     assert_eq!(ips[0].to_string(), "10.244.7.2");
-    assert_eq!(ips[49].to_string(), "10.244.7.51");
-    assert_eq!(ipam_counts(&agent, node), (50, 0, 203));
+    assert_eq!(ips[n - 1].to_string(), format!("10.244.7.{}", n + 1));
+    assert_eq!(ipam_counts(&agent, node), (n as u64, 0, free));
 
     // The registry knows every pod by the identity from CNI_ARGS, with its host veth.
     let eps = agent.api("endpoint.list", Value::Null).unwrap();
     let eps = eps.as_array().unwrap();
-    assert_eq!(eps.len(), 50);
+    assert_eq!(eps.len(), n);
     let ep0 = eps.iter().find(|e| e["containerId"] == "ctr000").unwrap();
     assert_eq!(ep0["namespace"], "shop");
     assert_eq!(ep0["pod"], "cart-0");
@@ -105,13 +122,15 @@ fn ptp_chain_fifty_pods() {
     assert!(table.contains("shop/cart-0"), "{table}");
     let ipam = agent.podnetctl(&["ipam"]).unwrap();
     assert!(
-        ipam.contains("node-cidr 10.244.7.0/24: 50/253 addresses allocated, 0 cooling down"),
+        ipam.contains(&format!(
+            "node-cidr 10.244.7.0/24: {n}/253 addresses allocated, 0 cooling down"
+        )),
         "{ipam}"
     );
 
     // Pods reach each other and the server.
     assert!(ping(&pods[0], ips[1]), "pod 0 -> pod 1");
-    assert!(ping(&pods[49], ips[0]), "pod 49 -> pod 0");
+    assert!(ping(&pods[n - 1], ips[0]), "last pod -> pod 0");
     assert!(ping(&pods[0], topo.server_ipv4().into()), "pod 0 -> server");
 
     for att in &atts {
@@ -144,20 +163,22 @@ fn ptp_chain_fifty_pods() {
         "{e:#}"
     );
 
-    // DEL the first 25 (twice: DEL is idempotent).
-    for att in &atts[..25] {
+    // DEL the first half (twice: DEL is idempotent).
+    let (half, kept_until) = (n / 2, n * 9 / 10);
+    let (kept, gone) = ((kept_until - half) as u64, (n - kept_until + half) as u64);
+    for att in &atts[..half] {
         env.run(node, "DEL", &list, att, None).unwrap();
         env.run(node, "DEL", &list, att, None).unwrap();
     }
-    assert_eq!(ipam_counts(&agent, node), (25, 25, 203));
-    // GC keeping pods 25..45: pods 45..50 are released.
-    let valid: Vec<Value> = atts[25..45]
+    assert_eq!(ipam_counts(&agent, node), (half as u64, half as u64, free));
+    // GC keeping pods half..9/10: the last tenth is released.
+    let valid: Vec<Value> = atts[half..kept_until]
         .iter()
         .map(|a| json!({"containerID": a.container_id, "ifname": a.if_name}))
         .collect();
     let valid = serde_json::to_string(&valid).unwrap();
     env.run(node, "GC", &list, &atts[0], Some(&valid)).unwrap();
-    assert_eq!(ipam_counts(&agent, node), (20, 30, 203));
+    assert_eq!(ipam_counts(&agent, node), (kept, gone, free));
     assert_eq!(
         agent
             .api("endpoint.list", Value::Null)
@@ -165,24 +186,26 @@ fn ptp_chain_fifty_pods() {
             .as_array()
             .unwrap()
             .len(),
-        20
+        kept_until - half
     );
 
     let m = agent.metrics(node).unwrap();
-    // 50 ADDs, each one ipam.allocate and one endpoint.add.
+    // n ADDs, each one ipam.allocate and one endpoint.add; n/2 pods deleted
+    // twice, each DEL one ipam.release and one endpoint.del.
+    let twice_n = 2 * n as u64;
     assert_eq!(
         m.count(
             "podnet_cni_requests_total",
             &[("command", "ADD"), ("result", "success")]
         ),
-        100
+        twice_n
     );
     assert_eq!(
         m.count(
             "podnet_cni_requests_total",
             &[("command", "DEL"), ("result", "success")]
         ),
-        100
+        twice_n
     );
     assert_eq!(
         m.count(
@@ -196,17 +219,17 @@ fn ptp_chain_fifty_pods() {
             "podnet_cni_request_duration_seconds_count",
             &[("command", "ADD")]
         ),
-        100
+        twice_n
     );
     assert_eq!(
         m.count("podnet_ipam_allocations_total", &[("result", "success")]),
-        50
+        n as u64
     );
 
     // A restart keeps allocations and endpoints.
     let mut agent = agent;
     agent.restart(node).unwrap();
-    assert_eq!(ipam_counts(&agent, node), (20, 30, 203));
+    assert_eq!(ipam_counts(&agent, node), (kept, gone, free));
     assert_eq!(
         agent
             .api("endpoint.list", Value::Null)
@@ -214,15 +237,15 @@ fn ptp_chain_fifty_pods() {
             .as_array()
             .unwrap()
             .len(),
-        20
+        kept_until - half
     );
-    for att in &atts[25..45] {
+    for att in &atts[half..kept_until] {
         env.run(node, "DEL", &list, att, None).unwrap();
     }
-    assert_eq!(ipam_counts(&agent, node), (0, 50, 203));
+    assert_eq!(ipam_counts(&agent, node), (0, n as u64, free));
 }
 
-/// bridge + host-local + podnet chained, 50 pods.
+/// bridge + host-local + podnet chained, 50 pods (see [`pod_count`]).
 #[test]
 fn bridge_host_local_chain_fifty_pods() {
     bridge_chain(false);
@@ -259,7 +282,9 @@ fn bridge_chain(check_server: bool) {
             ),
         )
         .unwrap();
-    let pods: Vec<Netns> = (0..50).map(|_| Netns::new("cnibrpod").unwrap()).collect();
+    let n = pod_count();
+    let (deleted, kept_until) = (n / 5, n * 4 / 5);
+    let pods: Vec<Netns> = (0..n).map(|_| Netns::new("cnibrpod").unwrap()).collect();
     let atts: Vec<Attachment> = pods
         .iter()
         .enumerate()
@@ -276,7 +301,7 @@ fn bridge_chain(check_server: bool) {
     }
     let eps = agent.api("endpoint.list", Value::Null).unwrap();
     let eps = eps.as_array().unwrap();
-    assert_eq!(eps.len(), 50);
+    assert_eq!(eps.len(), n);
     for (att, ip) in atts.iter().zip(&ips) {
         let ep = eps
             .iter()
@@ -307,10 +332,10 @@ fn bridge_chain(check_server: bool) {
     for att in &atts {
         env.run(node, "CHECK", &list, att, None).unwrap();
     }
-    for att in &atts[..10] {
+    for att in &atts[..deleted] {
         env.run(node, "DEL", &list, att, None).unwrap();
     }
-    let valid: Vec<Value> = atts[10..40]
+    let valid: Vec<Value> = atts[deleted..kept_until]
         .iter()
         .map(|a| json!({"containerID": a.container_id, "ifname": a.if_name}))
         .collect();
@@ -329,12 +354,12 @@ fn bridge_chain(check_server: bool) {
             .as_array()
             .unwrap()
             .len(),
-        30
+        kept_until - deleted
     );
     // host-local's addresses are not podnet's: the agent's IPAM stayed empty.
     let status = agent.api("ipam.status", Value::Null).unwrap();
     assert_eq!(status["allocations"], json!(0));
-    for att in &atts[10..] {
+    for att in &atts[deleted..] {
         env.run(node, "DEL", &list, att, None).unwrap();
     }
     assert_eq!(

@@ -527,14 +527,21 @@ fn two_nodes_do_not_see_each_others_races() {
     );
 }
 
-/// The race hook this run expects the agent to use: the confirm probe when
-/// `PODNET_TEST_AGENT_ARGS` asks for it, else the drop tracepoint (`auto`).
+/// The race hook this run expects the agent to use: the one
+/// `PODNET_TEST_AGENT_ARGS` asks for, else `auto`'s choice: the confirm probe
+/// where the kernel can create kprobes, the drop tracepoint elsewhere.
 fn expected_hook() -> &'static str {
+    const PROBE: &str = "kretprobe/__nf_conntrack_confirm";
+    const TRACEPOINT: &str = "tp_btf/kfree_skb";
     let args = std::env::var("PODNET_TEST_AGENT_ARGS").unwrap_or_default();
     if args.contains("--race-hook probe") {
-        "kretprobe/__nf_conntrack_confirm"
+        PROBE
+    } else if args.contains("--race-hook tracepoint") {
+        TRACEPOINT
+    } else if podnet::conntrack::tracer::kprobes_available() {
+        PROBE
     } else {
-        "tp_btf/kfree_skb"
+        TRACEPOINT
     }
 }
 
@@ -570,6 +577,15 @@ fn race_hook_is_reported_and_probe_needs_kprobes() {
             status["race_hook"],
             json!("kretprobe/__nf_conntrack_confirm")
         );
+        drop(agent);
+        let agent = Agent::start_with(
+            topo.node(),
+            &endpoints(&topo),
+            &["--race-hook", "tracepoint"],
+        )
+        .unwrap();
+        let status = agent.api("status", json!({})).unwrap();
+        assert_eq!(status["race_hook"], json!("tp_btf/kfree_skb"));
     } else {
         let err = forced.unwrap_err().to_string();
         assert!(err.contains("__nf_conntrack_confirm"), "{err}");

