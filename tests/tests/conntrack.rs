@@ -373,8 +373,8 @@ const MAX_BATCHES: u16 = 5;
 const BATCH_PAIRS: u16 = 1000;
 
 /// (e) Random races through plain MASQUERADE: whatever number happens, the
-/// attributed races equal the kernel's delta exactly; with --random-fully
-/// there are none.
+/// attributed races equal the kernel's delta exactly; --random-fully all but
+/// removes them (and the rare coincidence is attributed exactly too).
 #[test]
 fn random_masquerade_races_match_the_kernel_exactly() {
     if !require_root() {
@@ -438,11 +438,22 @@ fn random_masquerade_races_match_the_kernel_exactly() {
     .unwrap();
     let kernel_before = kernel_insert_failed(&topo);
     simultaneous_pairs(&topo, 7401, 20_000, BATCH_PAIRS);
-    assert_eq!(kernel_insert_failed(&topo) - kernel_before, 0);
+    let random_delta = kernel_insert_failed(&topo) - kernel_before;
     let m2 = agent.metrics(topo.node()).unwrap();
+    eprintln!(
+        "MASQUERADE --random-fully: {random_delta} races in {BATCH_PAIRS} simultaneous pairs"
+    );
+    // With random ports a pair races only when both draws pick the same port
+    // of the 64,512 NAT chooses from (1024-65535, nf_nat_l4proto_unique_tuple):
+    // 1000 pairs expect 0.016 races, one in about 1.5 % of runs, three in
+    // under one in a million. Whatever happened is attributed exactly.
+    assert!(
+        random_delta <= 2,
+        "{random_delta} races with --random-fully"
+    );
     assert_eq!(
         races_of(&m2, "a", "udp") + races_of(&m2, "b", "udp"),
-        attributed
+        attributed + random_delta
     );
 }
 

@@ -248,19 +248,19 @@ fn run_with_retry(
 /// Downloads (once), unpacks and indexes the newest kernel of a series.
 /// Returns its release and the path of its vmlinuz.
 fn kernel(series: &KernelSeries) -> Result<(String, PathBuf)> {
-    let search =
-        cmd::stdout(Command::new("apt-cache").args(["search", "--names-only", series.pattern]))?;
-    let mut names: Vec<&str> = search
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .collect();
-    names.sort_by_key(|n| version_key(n));
-    let Some(package) = names.last() else {
+    let mut package = newest_package(series)?;
+    if package.is_none() {
+        // A machine whose package lists were never fetched finds nothing.
+        cmd::run(Command::new("apt-get").arg("update"))?;
+        package = newest_package(series)?;
+    }
+    let Some(package) = package else {
         bail!(
-            "no Debian package matches {} (run apt-get update?)",
+            "no Debian package matches {} after apt-get update",
             series.pattern
         );
     };
+    let package = package.as_str();
     let release = package
         .trim_start_matches("linux-image-")
         .trim_end_matches("-unsigned")
@@ -291,6 +291,18 @@ fn kernel(series: &KernelSeries) -> Result<(String, PathBuf)> {
         std::fs::rename(&partial, &root)?;
     }
     Ok((release, vmlinuz))
+}
+
+/// The newest package of the series in the package lists.
+fn newest_package(series: &KernelSeries) -> Result<Option<String>> {
+    let search =
+        cmd::stdout(Command::new("apt-cache").args(["search", "--names-only", series.pattern]))?;
+    let mut names: Vec<&str> = search
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    names.sort_by_key(|n| version_key(n));
+    Ok(names.last().map(|n| (*n).to_owned()))
 }
 
 /// Orders `linux-image-6.1.0-47-...` before `...-50-...` numerically.

@@ -49,9 +49,10 @@ pub struct AgentArgs {
     /// counts stay exact above it [default: 20000; 0 = unlimited].
     #[arg(long, env = "PODNET_RACE_EVENT_BUDGET")]
     pub race_event_budget: Option<u32>,
-    /// Hook that counts insert races: `auto` and `tracepoint` (the drop
-    /// tracepoint), or `probe` (a kretprobe on `__nf_conntrack_confirm`, where
-    /// the kernel has kprobes) [default: auto].
+    /// Hook that counts insert races: `tracepoint` (the drop tracepoint),
+    /// `probe` (adds a kretprobe on `__nf_conntrack_confirm`, where the kernel
+    /// has kprobes), or `auto`: the probe where kprobes exist, else the
+    /// tracepoint [default: auto].
     #[arg(long, env = "PODNET_RACE_HOOK", value_enum)]
     pub race_hook: Option<crate::conntrack::tracer::RaceHookChoice>,
     /// How the DNS and fast-path programs attach: `auto` (tcx where the

@@ -78,14 +78,20 @@ pub fn kprobes_available() -> bool {
     Path::new(KPROBE_PMU).exists()
 }
 
-/// The hooks to try for `choice`, in order, on a kernel that can (or cannot)
-/// create kprobes; the last one is the fallback whose error is final.
-fn candidate_hooks(choice: RaceHookChoice, kprobes: bool) -> Result<&'static [RaceHook], String> {
-    const PROBE_THEN_TRACEPOINT: &[RaceHook] = &[RaceHook::ConfirmProbe, RaceHook::DropTracepoint];
+/// The hook to set up for `choice` on a kernel that can (or cannot) create
+/// kprobes, and the hook to fall back to if that fails.
+fn candidate_hooks(
+    choice: RaceHookChoice,
+    kprobes: bool,
+) -> Result<(RaceHook, Option<RaceHook>), String> {
     match (choice, kprobes) {
-        (RaceHookChoice::Auto, true) => Ok(PROBE_THEN_TRACEPOINT),
-        (RaceHookChoice::Auto | RaceHookChoice::Tracepoint, _) => Ok(&[RaceHook::DropTracepoint]),
-        (RaceHookChoice::Probe, true) => Ok(&[RaceHook::ConfirmProbe]),
+        (RaceHookChoice::Auto, true) => {
+            Ok((RaceHook::ConfirmProbe, Some(RaceHook::DropTracepoint)))
+        }
+        (RaceHookChoice::Auto | RaceHookChoice::Tracepoint, _) => {
+            Ok((RaceHook::DropTracepoint, None))
+        }
+        (RaceHookChoice::Probe, true) => Ok((RaceHook::ConfirmProbe, None)),
         (RaceHookChoice::Probe, false) => Err(format!(
             "this kernel cannot create kprobes ({KPROBE_PMU} is missing), so {CONFIRM_FUNCTION} cannot be probed"
         )),
@@ -127,22 +133,22 @@ impl Tracer {
     pub fn start(config: &TracerConfig) -> Result<Self, BpfError> {
         let pin_dir = bpf::fs::prepare_pin_dir(&config.bpffs.join(PIN_SUBDIR))?;
         let offsets = KernelBtf::load()?.conntrack_offsets()?;
-        let hooks = candidate_hooks(config.race_hook, kprobes_available()).map_err(|why| {
-            BpfError::program(CONFIRM_EXIT_PROGRAM, format!("--race-hook probe: {why}"))
-        })?;
-        let (last, earlier) = hooks.split_last().expect("at least one candidate hook");
-        for &hook in earlier {
-            match Self::start_with(config, &pin_dir, offsets, hook) {
-                Ok(tracer) => return Ok(tracer),
-                Err(e) => tracing::warn!(
+        let (hook, fallback) =
+            candidate_hooks(config.race_hook, kprobes_available()).map_err(|why| {
+                BpfError::program(CONFIRM_EXIT_PROGRAM, format!("--race-hook probe: {why}"))
+            })?;
+        match (Self::start_with(config, &pin_dir, offsets, hook), fallback) {
+            (Err(e), Some(fallback)) => {
+                tracing::warn!(
                     error = %e,
                     hook = hook_name(hook),
-                    fallback = hook_name(*last),
+                    fallback = hook_name(fallback),
                     "race hook could not be set up; using the fallback"
-                ),
+                );
+                Self::start_with(config, &pin_dir, offsets, fallback)
             }
+            (started, _) => started,
         }
-        Self::start_with(config, &pin_dir, offsets, *last)
     }
 
     fn start_with(
@@ -396,11 +402,11 @@ mod tests {
     fn auto_prefers_the_probe_where_kprobes_exist_and_falls_back_to_the_tracepoint() {
         assert_eq!(
             candidate_hooks(RaceHookChoice::Auto, true),
-            Ok(&[RaceHook::ConfirmProbe, RaceHook::DropTracepoint][..])
+            Ok((RaceHook::ConfirmProbe, Some(RaceHook::DropTracepoint)))
         );
         assert_eq!(
             candidate_hooks(RaceHookChoice::Auto, false),
-            Ok(&[RaceHook::DropTracepoint][..])
+            Ok((RaceHook::DropTracepoint, None))
         );
     }
 
@@ -408,11 +414,11 @@ mod tests {
     fn explicit_hooks_have_no_fallback() {
         assert_eq!(
             candidate_hooks(RaceHookChoice::Tracepoint, true),
-            Ok(&[RaceHook::DropTracepoint][..])
+            Ok((RaceHook::DropTracepoint, None))
         );
         assert_eq!(
             candidate_hooks(RaceHookChoice::Probe, true),
-            Ok(&[RaceHook::ConfirmProbe][..])
+            Ok((RaceHook::ConfirmProbe, None))
         );
         assert_eq!(
             candidate_hooks(RaceHookChoice::Probe, false),
