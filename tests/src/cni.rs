@@ -52,6 +52,18 @@ fn build_runner() -> Result<PathBuf> {
     Ok(out)
 }
 
+/// Whether a CNI test can run: root and the CNI test peers ([`available`]).
+/// Otherwise reports why (a failure with `CI=true`) and returns `false`.
+pub fn ready() -> bool {
+    if !crate::require_root() {
+        return false;
+    }
+    match available() {
+        Ok(()) => true,
+        Err(e) => !crate::unavailable(&format!("CNI test peers: {e:#}")),
+    }
+}
+
 /// What the host needs for CNI tests; `Err` names what is missing.
 pub fn available() -> Result<()> {
     for plugin in ["ptp", "bridge", "host-local", "loopback"] {

@@ -26,17 +26,6 @@ fn pod_count() -> usize {
     }
 }
 
-/// Skips (or fails in CI) when not root or the CNI test peers are missing.
-fn ready() -> bool {
-    if !podnet_tests::require_root() {
-        return false;
-    }
-    if let Err(e) = cni::available() {
-        return !podnet_tests::unavailable(&format!("CNI test peers: {e:#}"));
-    }
-    true
-}
-
 fn ptp_conflist(env: &CniEnv, agent: &Agent) -> String {
     let keys = env.keys(&agent.socket());
     format!(
@@ -71,7 +60,7 @@ fn pod_ip(result: &Value) -> IpAddr {
 #[test]
 #[allow(clippy::too_many_lines)] // one scenario, step by step
 fn ptp_chain_fifty_pods() {
-    if !ready() {
+    if !cni::ready() {
         return;
     }
     let topo = Topology::builder().name("cniptp").pods(0).build().unwrap();
@@ -259,7 +248,7 @@ fn bridge_host_local_chain_reaches_the_server() {
 
 #[allow(clippy::too_many_lines)] // one scenario, step by step
 fn bridge_chain(check_server: bool) {
-    if !ready() {
+    if !cni::ready() {
         return;
     }
     let topo = Topology::builder().name("cnibr").pods(0).build().unwrap();
@@ -377,7 +366,7 @@ fn bridge_chain(check_server: bool) {
 /// with the namespace and pod from `CNI_ARGS`.
 #[test]
 fn races_between_cni_pods_carry_their_names() {
-    if !ready() {
+    if !cni::ready() {
         return;
     }
     let topo = Topology::builder().name("cnirace").pods(0).build().unwrap();

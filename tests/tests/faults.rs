@@ -813,11 +813,7 @@ fn allocations(agent: &Agent) -> Result<u64> {
 /// has (also across a crash).
 #[test]
 fn a_full_state_disk_refuses_allocations_cleanly() -> Result<()> {
-    if !require_root() {
-        return Ok(());
-    }
-    if let Err(e) = cni::available() {
-        podnet_tests::unavailable(&format!("{e:#}"));
+    if !cni::ready() {
         return Ok(());
     }
     let topo = Topology::builder().name("fdisk").pods(0).build()?;

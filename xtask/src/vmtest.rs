@@ -108,6 +108,21 @@ pub struct VmTestArgs {
     pub kernel_args: Vec<String>,
 }
 
+impl VmTestArgs {
+    /// Parses `cargo xtask vm-test` arguments, with the command line's defaults.
+    pub fn parse_from(args: &[&str]) -> Result<Self> {
+        #[derive(clap::Parser)]
+        struct VmTest {
+            #[command(flatten)]
+            args: VmTestArgs,
+        }
+        let command = <VmTest as clap::Parser>::try_parse_from(
+            std::iter::once("vm-test").chain(args.iter().copied()),
+        )?;
+        Ok(command.args)
+    }
+}
+
 /// A kernel package: the apt name pattern picks the newest build of a series.
 struct KernelSeries {
     label: &'static str,
