@@ -233,6 +233,43 @@ impl RunOutput {
     }
 }
 
+/// The environment of a direct plugin call: `command` for `container_id`'s
+/// interface `eth0` in the namespace at `netns`, plugins in
+/// [`REFERENCE_PLUGINS`].
+pub fn runtime_env<'a>(
+    command: &'a str,
+    container_id: &'a str,
+    netns: &'a str,
+) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("CNI_COMMAND", command),
+        ("CNI_CONTAINERID", container_id),
+        ("CNI_NETNS", netns),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_PATH", REFERENCE_PLUGINS),
+    ]
+}
+
+/// A ptp network whose IPAM is podnet-cni, talking to the agent at `socket`
+/// and logging to `log`, for direct plugin calls.
+pub fn ptp_ipam_conf(socket: &Path, log: &Path) -> String {
+    format!(
+        r#"{{"cniVersion":"1.0.0","name":"n","type":"ptp","ipam":{{"type":"podnet-cni","socket":"{}","logFile":"{}"}}}}"#,
+        socket.display(),
+        log.display()
+    )
+}
+
+/// Calls podnet-cni directly, expecting a CNI error; returns the error
+/// object it printed (an `Err` if the call succeeded or printed no JSON).
+pub fn invoke_plugin_error(env: &[(&str, &str)], stdin: &[u8]) -> Result<serde_json::Value> {
+    let (ok, out) = invoke_plugin(env, stdin)?;
+    if ok {
+        bail!("the call succeeded: {out}");
+    }
+    serde_json::from_str(out.trim()).with_context(|| format!("not a CNI error: {out}"))
+}
+
 /// Calls podnet-cni directly (no runtime), as a runtime would: env + stdin.
 /// Returns (exit success, stdout).
 pub fn invoke_plugin(env: &[(&str, &str)], stdin: &[u8]) -> Result<(bool, String)> {

@@ -469,13 +469,7 @@ fn bad_inputs_allocate_nothing() {
     let chained_conf = format!(
         r#"{{"cniVersion":"1.0.0","name":"n","type":"podnet-cni","socket":"{socket}","logFile":"{log}"}}"#
     );
-    let base = [
-        ("CNI_COMMAND", "ADD"),
-        ("CNI_CONTAINERID", "bad1"),
-        ("CNI_NETNS", netns.as_str()),
-        ("CNI_IFNAME", "eth0"),
-        ("CNI_PATH", "/usr/lib/cni"),
-    ];
+    let base = cni::runtime_env("ADD", "bad1", &netns);
     let code = |env: &[(&str, &str)], stdin: &str| -> u64 {
         let (ok, out) = cni::invoke_plugin(env, stdin.as_bytes()).unwrap();
         assert!(!ok, "must fail: {out}");
@@ -493,10 +487,9 @@ fn bad_inputs_allocate_nothing() {
     assert_eq!(code(&base, &ipam_conf.replace("1.0.0", "9.9.9")), 1);
     assert_eq!(code(&without("CNI_NETNS"), &ipam_conf), 4);
     assert_eq!(code(&without("CNI_CONTAINERID"), &ipam_conf), 4);
-    let mut bad_id = base.to_vec();
-    bad_id[1] = ("CNI_CONTAINERID", "../etc");
+    let bad_id = cni::runtime_env("ADD", "../etc", &netns);
     assert_eq!(code(&bad_id, &ipam_conf), 4);
-    let mut bad_ifname = base.to_vec();
+    let mut bad_ifname = base.clone();
     bad_ifname[3] = ("CNI_IFNAME", "..");
     assert_eq!(code(&bad_ifname, &ipam_conf), 4);
     // Chained without prevResult.
@@ -504,8 +497,7 @@ fn bad_inputs_allocate_nothing() {
     // Agent down.
     let down = ipam_conf.replace(&socket, "/nonexistent/podnet.sock");
     assert_eq!(code(&base, &down), 100);
-    let mut status = base.to_vec();
-    status[0] = ("CNI_COMMAND", "STATUS");
+    let status = cni::runtime_env("STATUS", "bad1", &netns);
     assert_eq!(code(&status, &down), 51);
     // Nothing was allocated or registered.
     let s = agent.api("ipam.status", Value::Null).unwrap();

@@ -831,22 +831,10 @@ fn a_full_state_disk_refuses_allocations_cleanly() -> Result<()> {
 
     let pod = Netns::new("fdiskpod")?;
     let netns = pod.path().display().to_string();
-    let socket = agent.socket().display().to_string();
     let log = tempfile::Builder::new().prefix("podnet-cni-").tempfile()?;
-    let log = log.path().display().to_string();
-    let conf = format!(
-        r#"{{"cniVersion":"1.0.0","name":"n","type":"ptp","ipam":{{"type":"podnet-cni","socket":"{socket}","logFile":"{log}"}}}}"#
-    );
-    let env = [
-        ("CNI_COMMAND", "ADD"),
-        ("CNI_CONTAINERID", "full1"),
-        ("CNI_NETNS", netns.as_str()),
-        ("CNI_IFNAME", "eth0"),
-        ("CNI_PATH", "/usr/lib/cni"),
-    ];
-    let (ok, out) = cni::invoke_plugin(&env, conf.as_bytes())?;
-    assert!(!ok, "{out}");
-    let err: Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
+    let conf = cni::ptp_ipam_conf(&agent.socket(), log.path());
+    let env = cni::runtime_env("ADD", "full1", &netns);
+    let err = cni::invoke_plugin_error(&env, conf.as_bytes())?;
     assert_eq!(err["code"], json!(11), "{err}");
     let details = err["details"].as_str().unwrap_or_default();
     assert!(
@@ -878,16 +866,7 @@ fn a_full_state_disk_refuses_allocations_cleanly() -> Result<()> {
     agent.kill()?;
     agent.start_again(node)?;
     assert_eq!(allocations(&agent)?, 3);
-    let (ok, out) = cni::invoke_plugin(
-        &[
-            ("CNI_COMMAND", "DEL"),
-            ("CNI_CONTAINERID", "full1"),
-            ("CNI_NETNS", netns.as_str()),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", "/usr/lib/cni"),
-        ],
-        conf.as_bytes(),
-    )?;
+    let (ok, out) = cni::invoke_plugin(&cni::runtime_env("DEL", "full1", &netns), conf.as_bytes())?;
     assert!(ok, "{out}");
     agent.stop()?;
     println!(

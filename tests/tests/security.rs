@@ -208,12 +208,8 @@ fn cni_path_tricks_are_refused_and_allocate_nothing() -> Result<()> {
     let agent = Agent::start_with(node, &[], &["--node-cidr", "10.244.8.0/24"])?;
     let pod = Netns::new("seccnipod")?;
     let netns = pod.path().display().to_string();
-    let socket = agent.socket().display().to_string();
     let log = tempfile::Builder::new().prefix("podnet-cni-").tempfile()?;
-    let log = log.path().display().to_string();
-    let conf = format!(
-        r#"{{"cniVersion":"1.0.0","name":"n","type":"ptp","ipam":{{"type":"podnet-cni","socket":"{socket}","logFile":"{log}"}}}}"#
-    );
+    let conf = cni::ptp_ipam_conf(&agent.socket(), log.path());
     let long_id = "a".repeat(256);
     let long_path = format!("/run/netns/{}", "x".repeat(5000));
     let netns_parent = format!("{netns}/..");
@@ -242,18 +238,11 @@ fn cni_path_tricks_are_refused_and_allocate_nothing() -> Result<()> {
     ];
     let mut results = Vec::new();
     for (key, value) in &cases {
-        let mut env = vec![
-            ("CNI_COMMAND", "ADD"),
-            ("CNI_CONTAINERID", "trick1"),
-            ("CNI_NETNS", netns.as_str()),
-            ("CNI_IFNAME", "eth0"),
-            ("CNI_PATH", "/usr/lib/cni"),
-        ];
+        let mut env = cni::runtime_env("ADD", "trick1", &netns);
         env.retain(|(k, _)| k != key);
         env.push((key, value));
-        let (ok, out) = cni::invoke_plugin(&env, conf.as_bytes())?;
-        assert!(!ok, "{key}={value:?} was accepted: {out}");
-        let v: Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
+        let v = cni::invoke_plugin_error(&env, conf.as_bytes())
+            .with_context(|| format!("{key}={value:?}"))?;
         assert_eq!(v["code"], json!(4), "{key}={value:?}: {v}");
         assert!(
             v["details"].as_str().is_some_and(|d| d.contains(key)),
@@ -264,17 +253,9 @@ fn cni_path_tricks_are_refused_and_allocate_nothing() -> Result<()> {
     // NUL cannot travel in the environment; in the network name it is an
     // invalid configuration (code 7), never an allocation.
     let nul_conf = conf.replace(r#""name":"n""#, r#""name":"n\u0000../x""#);
-    let env = [
-        ("CNI_COMMAND", "ADD"),
-        ("CNI_CONTAINERID", "trick2"),
-        ("CNI_NETNS", netns.as_str()),
-        ("CNI_IFNAME", "eth0"),
-        ("CNI_PATH", "/usr/lib/cni"),
-    ];
-    let (ok, nul_out) = cni::invoke_plugin(&env, nul_conf.as_bytes())?;
-    assert!(!ok, "{nul_out}");
-    let v: Value = serde_json::from_str(nul_out.trim()).with_context(|| nul_out.clone())?;
-    assert_eq!(v["code"], json!(7), "{v}");
+    let env = cni::runtime_env("ADD", "trick2", &netns);
+    let nul_err = cni::invoke_plugin_error(&env, nul_conf.as_bytes())?;
+    assert_eq!(nul_err["code"], json!(7), "{nul_err}");
     assert_eq!(
         agent.api("ipam.status", Value::Null)?["allocations"],
         json!(0)
@@ -283,7 +264,7 @@ fn cni_path_tricks_are_refused_and_allocate_nothing() -> Result<()> {
     println!(
         "CNI path tricks: {} inputs -> code 4 each, 0 allocations; NUL in the network name -> {}",
         cases.len(),
-        nul_out.trim()
+        nul_err
     );
     // A good call still works.
     let (ok, out) = cni::invoke_plugin(&env, conf.as_bytes())?;
