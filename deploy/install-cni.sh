@@ -17,8 +17,14 @@
 #   CNI_BIN_DIR          host plugin directory       (/host/opt/cni/bin)
 #   CNI_CONF_DIR         host configuration dir      (/host/etc/cni/net.d)
 #   PODNET_CONFLIST_NAME name in CNI_CONF_DIR        (basename of PODNET_CONFLIST)
+#   PODNET_CNI_PLUGINS   reference plugins the conflist chains, space-separated (none)
+#   PODNET_CNI_PLUGIN_DIR where the image has them   (/usr/lib/cni)
 #
-# Prints one line per step on stdout: "installed <path>" or "unchanged <path>".
+# A reference plugin (ptp) is installed only where CNI_BIN_DIR has none: the node's own
+# copy, maybe newer, is left alone.
+#
+# Prints one line per step on stdout: "installed <path>", "unchanged <path>" or
+# "present <path>" (a reference plugin the node already has).
 set -eu
 
 binary="${PODNET_CNI_BINARY:-/usr/local/bin/podnet-cni}"
@@ -26,6 +32,8 @@ conflist="${PODNET_CONFLIST:-/etc/podnet/cni/10-podnet.conflist}"
 bin_dir="${CNI_BIN_DIR:-/host/opt/cni/bin}"
 conf_dir="${CNI_CONF_DIR:-/host/etc/cni/net.d}"
 conflist_name="${PODNET_CONFLIST_NAME:-$(basename "$conflist")}"
+plugins="${PODNET_CNI_PLUGINS:-}"
+plugin_dir="${PODNET_CNI_PLUGIN_DIR:-/usr/lib/cni}"
 
 tmp=""
 cleanup() {
@@ -83,6 +91,13 @@ for stale in "$bin_dir"/.*.podnet-tmp.* "$conf_dir"/.*.podnet-tmp.*; do
     fi
 done
 
+for plugin in $plugins; do
+    if [ -e "$bin_dir/$plugin" ]; then
+        echo "present $bin_dir/$plugin"
+    else
+        install_atomic "$plugin_dir/$plugin" "$bin_dir" "$plugin" 0755
+    fi
+done
 install_atomic "$binary" "$bin_dir" podnet-cni 0755
 # Last: from here on the runtime may call podnet-cni, which is already complete.
 install_atomic "$conflist" "$conf_dir" "$conflist_name" 0644

@@ -14,6 +14,7 @@ pub mod daemon;
 pub mod dns;
 pub mod endpoint;
 pub mod ipam;
+pub mod kube;
 pub mod memory;
 pub mod metrics;
 pub mod routing;

@@ -5,6 +5,7 @@
 
 mod bench;
 mod build;
+mod cluster;
 mod cmd;
 mod demo;
 mod setup;
@@ -33,6 +34,9 @@ enum Task {
     Bench(bench::BenchArgs),
     /// Run the privileged suite on Debian's 6.1 and 6.12 kernels in qemu (virtme-ng).
     VmTest(vmtest::VmTestArgs),
+    /// A two-node Kubernetes cluster on this machine (namespaces), with podnet installed
+    /// from deploy/: `up`, `down`, `status [--json]`.
+    Cluster(cluster::ClusterArgs),
     /// Build the agent, CLI, CNI plugin and the kernel programs (runs setup if anything is
     /// missing).
     Build(build::BuildArgs),
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         Task::Bench(args) => bench::run(&args),
         Task::VmTest(args) => vmtest::run(&args),
         Task::Build(args) => build::run(&args),
+        Task::Cluster(args) => cluster::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::Test(args) => test::run(&args),
         Task::Soak(args) => soak::run(&args),

@@ -77,6 +77,11 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     // promtool, which checks and unit-tests the alert rules in deploy/ (tests/tests/deploy.rs).
     "prometheus",
+    // The test cluster (`cargo xtask cluster`): containerd runs containers with Debian's
+    // runc; openssl makes the cluster's certificates; unshare/nsenter (util-linux) make and
+    // enter each node's namespaces.
+    "runc",
+    "openssl",
     // qemu, and busybox for virtme-ng's initramfs: `cargo xtask vm-test` (also in the test
     // command's kernel smoke run).
     "qemu-system-x86",
@@ -196,6 +201,21 @@ fn check(verbose: bool) -> Result<Vec<String>> {
         );
     }
     report(kubectl_ok(), "kubectl (PATH or the tools venv)".to_owned());
+    for problem in crate::cluster::components::missing() {
+        report(false, problem);
+    }
+    if verbose {
+        for component in crate::cluster::components::ALL
+            .iter()
+            .filter(|c| c.is_built())
+        {
+            println!(
+                "ok: {} (cluster, {})",
+                component.label(),
+                component.dir().display()
+            );
+        }
+    }
     Ok(missing)
 }
 
@@ -314,6 +334,7 @@ fn install() -> Result<()> {
     }
     ensure_cargo_fuzz()?;
     ensure_python_tools()?;
+    crate::cluster::components::ensure_all()?;
     println!("ok: setup complete");
     Ok(())
 }

@@ -65,6 +65,7 @@ async fn run() -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let http = tokio::spawn(http.run(stopped(stop_rx.clone())));
 
+    let config = learn_pod_cidrs(config, &readiness).await?;
     let daemon = tokio::task::spawn_blocking({
         let config = config.clone();
         move || Daemon::start(config)
@@ -107,6 +108,41 @@ async fn run() -> anyhow::Result<()> {
     }
     tokio::task::spawn_blocking(move || daemon.stop()).await?;
     Ok(())
+}
+
+/// In node-cidr mode without `--node-cidr`, reads the pod CIDRs of this Node from the API
+/// server (retrying until it has them; `/readyz` says what it waits for meanwhile).
+async fn learn_pod_cidrs(
+    mut config: AgentConfig,
+    readiness: &Readiness,
+) -> anyhow::Result<AgentConfig> {
+    let Some(node) = config.node_to_ask_for_pod_cidrs().map(ToOwned::to_owned) else {
+        if config.ipam_mode == podnet::ipam::IpamMode::NodeCidr && config.node_cidrs.is_empty() {
+            tracing::warn!(
+                "node-cidr mode without --node-cidr or --node-name: no pod addresses to give"
+            );
+        }
+        return Ok(config);
+    };
+    let client = podnet::kube::InCluster::from_environment()
+        .with_context(|| format!("reading the pod CIDRs of Node {node}"))?;
+    let readiness = readiness.clone();
+    let cidrs = tokio::task::spawn_blocking({
+        let node = node.clone();
+        move || {
+            podnet::kube::wait_for_pod_cidrs(&client, &node, |reason| {
+                tracing::warn!(node = %node, "waiting for the node's pod CIDRs: {reason}");
+                readiness.set_not_ready(format!(
+                    "waiting for the pod CIDRs of Node {node}: {reason}"
+                ));
+            })
+        }
+    })
+    .await
+    .context("reading the node's pod CIDRs panicked")?;
+    tracing::info!(node = %node, cidrs = ?cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "pod CIDRs from the Node object");
+    config.node_cidrs = cidrs;
+    Ok(config)
 }
 
 /// Watches the pin directory: when bpffs goes away under the agent, says so

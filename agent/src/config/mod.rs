@@ -83,6 +83,11 @@ pub struct AgentArgs {
     /// one address per family per pod, e.g. `10.244.1.0/24,fd00:10:244:1::/64`).
     #[arg(long, env = "PODNET_NODE_CIDR")]
     pub node_cidr: Option<crate::ipam::cidr::CidrList>,
+    /// This node's name: in node-cidr mode without --node-cidr, the agent reads the pod
+    /// CIDRs of this Node (one GET of `spec.podCIDRs` through the in-cluster service
+    /// account) before it serves pods. The DaemonSet sets it from `spec.nodeName`.
+    #[arg(long, env = "PODNET_NODE_NAME")]
+    pub node_name: Option<String>,
     /// YAML list of this node's ENIs (`name`, `mac`, `table`, `subnet`,
     /// `gateway`, `ips`: the secondary addresses given to pods); re-read when
     /// it changes.
@@ -170,6 +175,8 @@ pub struct ConfigFile {
     pub ipam_mode: Option<crate::ipam::IpamMode>,
     /// See [`AgentArgs::node_cidr`].
     pub node_cidr: Option<crate::ipam::cidr::CidrList>,
+    /// See [`AgentArgs::node_name`].
+    pub node_name: Option<String>,
     /// See [`AgentArgs::enis`].
     pub enis: Option<PathBuf>,
     /// See [`AgentArgs::vpc_cidrs`].
@@ -246,6 +253,8 @@ pub struct AgentConfig {
     pub ipam_mode: crate::ipam::IpamMode,
     /// Pod CIDRs of this node.
     pub node_cidrs: Vec<crate::ipam::cidr::Cidr>,
+    /// This node's name, whose Node object gives the pod CIDRs when none are set.
+    pub node_name: Option<String>,
     /// Static ENI description, if any.
     pub enis: Option<PathBuf>,
     /// ENI mode: warm pool targets and endpoints.
@@ -330,6 +339,14 @@ fn naming_the_key(text: &str, message: &str) -> String {
 }
 
 impl AgentConfig {
+    /// The Node whose `spec.podCIDRs` the agent must read before it can give addresses:
+    /// node-cidr mode, no CIDR configured, and a node name known.
+    pub fn node_to_ask_for_pod_cidrs(&self) -> Option<&str> {
+        (self.ipam_mode == crate::ipam::IpamMode::NodeCidr && self.node_cidrs.is_empty())
+            .then_some(self.node_name.as_deref())
+            .flatten()
+    }
+
     /// Resolves flags, the config file they name, and defaults.
     pub fn resolve(args: AgentArgs) -> Result<Self, ConfigError> {
         let file = match &args.config {
@@ -393,6 +410,7 @@ impl AgentConfig {
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
             ipam_mode: args.ipam_mode.or(file.ipam_mode).unwrap_or_default(),
             node_cidrs: args.node_cidr.or(file.node_cidr).unwrap_or_default().0,
+            node_name: args.node_name.or(file.node_name),
             enis: args.enis.or(file.enis),
             eni: crate::ipam::eni::EniSettings {
                 targets: crate::ipam::eni::warm::Targets {
@@ -489,6 +507,27 @@ mod tests {
         assert_eq!((c.fast_path, c.snat), (true, Some(true)));
         assert_eq!(c.service_cidrs[0].to_string(), "10.96.0.0/12");
         assert!(AgentArgs::try_parse_from(["podnet-agent", "--vpc-cidrs", "10.0.0.0"]).is_err());
+    }
+
+    #[test]
+    fn the_node_is_asked_only_when_node_cidr_mode_has_no_cidr() {
+        let c = AgentConfig::merge(args(&["--node-name", "node-1"]), ConfigFile::default());
+        assert_eq!(c.node_to_ask_for_pod_cidrs(), Some("node-1"));
+        let c = AgentConfig::merge(
+            args(&["--node-name", "node-1", "--node-cidr", "10.244.1.0/24"]),
+            ConfigFile::default(),
+        );
+        assert_eq!(c.node_to_ask_for_pod_cidrs(), None);
+        let c = AgentConfig::merge(
+            args(&["--node-name", "node-1", "--ipam-mode", "eni"]),
+            ConfigFile::default(),
+        );
+        assert_eq!(c.node_to_ask_for_pod_cidrs(), None);
+        let c = AgentConfig::merge(args(&[]), ConfigFile::default());
+        assert_eq!(c.node_to_ask_for_pod_cidrs(), None);
+        let file = parse_config_file(Path::new("c.yaml"), "node-name: node-2\n").unwrap();
+        let c = AgentConfig::merge(args(&[]), file);
+        assert_eq!(c.node_to_ask_for_pod_cidrs(), Some("node-2"));
     }
 
     #[test]

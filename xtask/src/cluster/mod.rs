@@ -1,0 +1,53 @@
+//! `cargo xtask cluster up|down|status`: a two-node Kubernetes cluster on this machine, with
+//! podnet installed from `deploy/` as a user installs it.
+//!
+//! The nodes are network and mount namespaces (see [`layout`]); the control plane runs in the
+//! "VPC" namespace that routes each node's pod CIDR to it. Every program is a real upstream
+//! release ([`components`]): etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
+//! and per node containerd (with Debian's runc), kubelet and kube-proxy (iptables mode);
+//! CoreDNS is the cluster DNS. podnet's image is put together here ([`image`]) and imported
+//! into each node's containerd, then `kubectl apply -k` of an overlay that only sets the image
+//! installs the shipped bundle.
+
+pub mod components;
+pub mod config;
+pub mod image;
+pub mod layout;
+pub mod pki;
+pub mod state;
+pub mod system;
+mod up;
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+
+/// Options of `cargo xtask cluster`.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(Debug, Subcommand)]
+enum Action {
+    /// Build what is missing, start the cluster and install podnet; prints
+    /// `KUBECONFIG=<path>` last.
+    Up(up::UpArgs),
+    /// Stop every process of the cluster and remove everything it made.
+    Down,
+    /// Each node with its network namespace, pod CIDR and agent metrics address.
+    Status {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs `cargo xtask cluster ...`.
+pub fn run(args: &ClusterArgs) -> Result<()> {
+    match &args.action {
+        Action::Up(up) => up::run(up),
+        Action::Down => up::down(),
+        Action::Status { json } => state::print_status(*json),
+    }
+}
