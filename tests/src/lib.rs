@@ -15,6 +15,7 @@ pub mod agent;
 pub mod bench;
 pub mod chaos;
 pub mod cloud;
+pub mod cluster;
 pub mod cni;
 pub mod load;
 mod netfilter;

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 
-use crate::{cmd, setup, vmtest};
+use crate::{cluster, cmd, setup, vmtest};
 
 /// Test threads per test binary. The privileged tests create namespaces with unique names and
 /// can run in parallel; two matches the two cores of the reference machines.
@@ -18,6 +18,9 @@ pub struct TestArgs {
     /// Skip the distribution-kernel smoke run (Debian 6.1 under qemu) after the host suite.
     #[arg(long)]
     no_kernel_smoke: bool,
+    /// Skip the end-to-end suite on the Kubernetes cluster of `cargo xtask cluster up`.
+    #[arg(long)]
+    no_cluster: bool,
     /// Extra arguments for `cargo test`, after `--`; a second `--` starts the arguments for
     /// the test binaries, e.g. `cargo xtask test -- race -- --nocapture` (a test name filter,
     /// then a flag for the test binaries).
@@ -33,6 +36,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
     setup::ensure()?;
     cmd::run(cmd::cargo().arg("build"))?;
     cmd::run(&mut test_command(args))?;
+    if args.no_cluster {
+        println!("cluster suite skipped (--no-cluster)");
+    } else {
+        run_cluster_suite()?;
+    }
     if args.no_kernel_smoke {
         println!("kernel smoke run skipped (--no-kernel-smoke)");
         return Ok(());
@@ -42,6 +50,38 @@ pub fn run(args: &TestArgs) -> Result<()> {
         KERNEL_SMOKE_ARGS.join(" ")
     );
     vmtest::run(&vmtest::VmTestArgs::parse_from(KERNEL_SMOKE_ARGS)?)
+}
+
+/// Brings the cluster up, runs the end-to-end suite on it (one test at a time: they share
+/// the cluster) and takes it down again, also when the suite fails.
+fn run_cluster_suite() -> Result<()> {
+    println!("cluster suite: cargo xtask cluster up");
+    let up = cluster::run_up();
+    let suite = up.and_then(|()| {
+        cmd::run(
+            cmd::cargo()
+                .env(
+                    "PODNET_CLUSTER_STATUS",
+                    cluster::layout::cluster_path("status.json"),
+                )
+                .args([
+                    "test",
+                    "-p",
+                    "podnet-tests",
+                    "--features",
+                    "cluster-e2e",
+                    "--test",
+                    "cluster",
+                    "--",
+                    "--test-threads=1",
+                ]),
+        )
+    });
+    if suite.is_err() {
+        cluster::keep_logs();
+    }
+    let down = cluster::down();
+    suite.and(down)
 }
 
 /// The `cargo xtask vm-test` run after the host suite: two tests of the
@@ -91,6 +131,7 @@ mod tests {
         let args = TestArgs {
             test_threads: 2,
             no_kernel_smoke: false,
+            no_cluster: false,
             cargo_args: extra.iter().map(ToString::to_string).collect(),
         };
         test_command(&args)

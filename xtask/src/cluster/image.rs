@@ -29,6 +29,7 @@ pub struct RootFs {
 enum Entry {
     File { source: PathBuf, mode: u32 },
     Symlink { target: PathBuf },
+    Dir { mode: u32 },
 }
 
 impl RootFs {
@@ -51,6 +52,11 @@ impl RootFs {
                 target: target.into(),
             },
         );
+    }
+
+    /// An empty directory `dest` with `mode` (e.g. `/tmp`, 0o1777).
+    pub fn dir(&mut self, dest: impl Into<PathBuf>, mode: u32) {
+        self.entries.insert(dest.into(), Entry::Dir { mode });
     }
 
     /// Copies the executable `source` to `dest` together with every shared library it loads
@@ -97,6 +103,7 @@ impl RootFs {
                 parent = dir.parent();
             }
         }
+        dirs.retain(|dir| !self.entries.contains_key(dir));
         let mut tar = tar::Builder::new(Vec::new());
         for dir in &dirs {
             let mut header = header(tar::EntryType::Directory, 0o755, 0);
@@ -113,6 +120,10 @@ impl RootFs {
                 Entry::Symlink { target } => {
                     let mut header = header(tar::EntryType::Symlink, 0o777, 0);
                     tar.append_link(&mut header, relative(path), target)?;
+                }
+                Entry::Dir { mode } => {
+                    let mut header = header(tar::EntryType::Directory, *mode, 0);
+                    tar.append_data(&mut header, relative(path), std::io::empty())?;
                 }
             }
         }

@@ -13,6 +13,7 @@ pub mod components;
 pub mod config;
 pub mod image;
 pub mod layout;
+mod network;
 pub mod pki;
 pub mod state;
 pub mod system;
@@ -41,6 +42,31 @@ enum Action {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `cluster up` with its defaults (the debug build), for the test command.
+pub fn run_up() -> Result<()> {
+    up::run(&up::UpArgs::default())
+}
+
+/// `cluster down`.
+pub fn down() -> Result<()> {
+    up::down()
+}
+
+/// Copies the cluster's logs to `target/cluster-logs/` before `down` removes them.
+pub fn keep_logs() {
+    let from = layout::cluster_path("logs");
+    let to = crate::cmd::workspace_root().join("target/cluster-logs");
+    let _ = std::fs::remove_dir_all(&to);
+    if std::fs::create_dir_all(&to).is_ok() {
+        if let Ok(entries) = std::fs::read_dir(&from) {
+            for entry in entries.flatten() {
+                let _ = std::fs::copy(entry.path(), to.join(entry.file_name()));
+            }
+        }
+        println!("cluster logs kept in {}", to.display());
+    }
 }
 
 /// Runs `cargo xtask cluster ...`.

@@ -132,6 +132,8 @@ pub fn status() -> Result<Value> {
     Ok(json!({
         "up": up,
         "kubeconfig": layout::admin_kubeconfig(),
+        "kubectl": components::KUBERNETES.bin("kubectl"),
+        "crictl": components::CRI_TOOLS.bin("crictl"),
         "api_server": layout::api_server_url(),
         "vpc_netns": layout::VPC_NETNS,
         "audit_log": layout::audit_log(),

@@ -15,7 +15,7 @@ use super::{
     config,
     image::{Image, RootFs, IMAGE_PATH},
     layout::{self, Node},
-    pki,
+    network, pki,
     state::{self, State},
     system::{self, Place},
 };
@@ -29,7 +29,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(180);
 const KILL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Options of `cluster up`.
-#[derive(Debug, Args)]
+#[derive(Debug, Default, Args)]
 pub struct UpArgs {
     /// Build podnet in release mode for its image (default: the debug build the tests use).
     #[arg(long)]
@@ -72,7 +72,7 @@ fn start(state: &mut State, binaries: &Path) -> Result<()> {
     println!("cluster: images");
     write_images(binaries)?;
     println!("cluster: network");
-    create_network()?;
+    network::create()?;
     println!("cluster: control plane");
     start_control_plane(state)?;
     state.save()?;
@@ -88,6 +88,11 @@ fn start(state: &mut State, binaries: &Path) -> Result<()> {
     println!("cluster: podnet from deploy/");
     install_podnet(config::PODNET_TAG)?;
     wait_ready()?;
+    let status = state::status()?;
+    fs::write(
+        layout::cluster_path("status.json"),
+        serde_json::to_vec_pretty(&status)?,
+    )?;
     Ok(())
 }
 
@@ -180,6 +185,7 @@ fn write_images(binaries: &Path) -> Result<()> {
     ] {
         let mut rootfs = RootFs::default();
         rootfs.busybox()?;
+        rootfs.dir("/tmp", 0o1777);
         images.push(Image {
             reference: reference.to_owned(),
             rootfs,
@@ -198,107 +204,6 @@ fn write_images(binaries: &Path) -> Result<()> {
     for image in images {
         image.write_archive(&archive(&image.reference))?;
     }
-    Ok(())
-}
-
-fn create_network() -> Result<()> {
-    let vpc = layout::VPC_NETNS;
-    system::ip(&["netns", "add", vpc])?;
-    system::ip(&["-n", vpc, "link", "set", "lo", "up"])?;
-    system::ip(&[
-        "-n",
-        vpc,
-        "link",
-        "add",
-        layout::VPC_BRIDGE,
-        "type",
-        "bridge",
-    ])?;
-    let router = format!("{}/{}", layout::VPC_ROUTER, layout::VPC_PREFIX_LEN);
-    system::ip(&["-n", vpc, "addr", "add", &router, "dev", layout::VPC_BRIDGE])?;
-    system::ip(&["-n", vpc, "link", "set", layout::VPC_BRIDGE, "up"])?;
-    system::sysctl(vpc, "net.ipv4.ip_forward", "1")?;
-    // A VPC router routes; it does not tell nodes to talk to each other directly.
-    system::sysctl(vpc, "net.ipv4.conf.all.send_redirects", "0")?;
-    system::sysctl(
-        vpc,
-        &format!("net.ipv4.conf.{}.send_redirects", layout::VPC_BRIDGE),
-        "0",
-    )?;
-    for node in &layout::NODES {
-        system::ip(&["netns", "add", node.netns])?;
-        system::ip(&["-n", node.netns, "link", "set", "lo", "up"])?;
-        system::ip(&[
-            "link",
-            "add",
-            layout::NODE_UPLINK,
-            "netns",
-            node.netns,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            node.vpc_port,
-            "netns",
-            vpc,
-        ])?;
-        system::ip(&[
-            "-n",
-            vpc,
-            "link",
-            "set",
-            node.vpc_port,
-            "master",
-            layout::VPC_BRIDGE,
-            "up",
-        ])?;
-        let address = format!("{}/{}", node.address, layout::VPC_PREFIX_LEN);
-        system::ip(&[
-            "-n",
-            node.netns,
-            "addr",
-            "add",
-            &address,
-            "dev",
-            layout::NODE_UPLINK,
-        ])?;
-        system::ip(&["-n", node.netns, "link", "set", layout::NODE_UPLINK, "up"])?;
-        system::ip(&[
-            "-n",
-            node.netns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &layout::VPC_ROUTER.to_string(),
-        ])?;
-        system::sysctl(node.netns, "net.ipv4.ip_forward", "1")?;
-    }
-    system::ip(&[
-        "link",
-        "add",
-        layout::HOST_LINK,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "vpc-host",
-        "netns",
-        vpc,
-    ])?;
-    system::ip(&[
-        "-n",
-        vpc,
-        "link",
-        "set",
-        "vpc-host",
-        "master",
-        layout::VPC_BRIDGE,
-        "up",
-    ])?;
-    let host = format!("{}/{}", layout::HOST_ADDR, layout::VPC_PREFIX_LEN);
-    system::ip(&["addr", "add", &host, "dev", layout::HOST_LINK])?;
-    system::ip(&["link", "set", layout::HOST_LINK, "up"])?;
     Ok(())
 }
 
@@ -559,18 +464,11 @@ fn route_pod_cidrs() -> Result<()> {
         },
     )?;
     for node in &layout::NODES {
-        for cidr in &cidrs[node.name] {
-            system::ip(&[
-                "-n",
-                layout::VPC_NETNS,
-                "route",
-                "replace",
-                cidr,
-                "via",
-                &node.address.to_string(),
-            ])?;
-            println!("vpc: {cidr} via {} ({})", node.address, node.name);
-        }
+        network::route_pod_cidrs(node, &cidrs[node.name])?;
+        println!(
+            "vpc: {:?} via {} ({})",
+            cidrs[node.name], node.address, node.name
+        );
     }
     Ok(())
 }

@@ -1,0 +1,671 @@
+//! podnet on a real Kubernetes cluster: the one `cargo xtask cluster up` builds (kubelet,
+//! containerd, kube-proxy, CoreDNS, the API server), with podnet installed from `deploy/`.
+//!
+//! `cargo xtask test` brings the cluster up, runs this suite (feature `cluster-e2e`, one test
+//! at a time: they share the cluster) and takes it down. By hand:
+//! `cargo xtask cluster up`, then
+//! `PODNET_CLUSTER_STATUS=/var/lib/podnet-cluster/status.json cargo test -p podnet-tests
+//! --features cluster-e2e --test cluster -- --test-threads=1`.
+//!
+//! Every number is compared with the system's own view: pod addresses with the Node's
+//! `spec.podCIDRs` from the API server, source addresses with what the peer saw, DNS counts
+//! with what each pod sent, insert races with the node's `insert_failed`, API calls with the
+//! API server's audit log.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::OnceLock,
+    time::Duration,
+};
+
+use podnet_tests::cluster::{ipv4_in, Cluster, ClusterNode};
+use serde_json::Value;
+
+/// The namespace of the suite's workload.
+const NAMESPACE: &str = "e2e";
+/// Pods of the workload Deployment, spread evenly over the two nodes.
+const PODS: usize = 20;
+/// The cluster DNS Service's `ClusterIP`.
+const DNS_SERVICE: &str = "10.96.0.10";
+/// Lookups each pod makes in the DNS test.
+const LOOKUPS_PER_POD: u64 = 3;
+/// Queries the losing pod sends in the insert race test, each a flow of its own.
+const RACING_QUERIES: u64 = 20;
+/// A destination in the VPC namespace (its router) for the insert race test.
+const RACE_DESTINATION: &str = "10.200.0.1";
+/// podnet's service account, as the audit log names it.
+const PODNET_USER: &str = "system:serviceaccount:kube-system:podnet";
+
+/// The workload: `echo` pods running busybox httpd, whose CGI scripts answer with the
+/// caller's address (`/cgi-bin/ip`) and the pod's name (`/cgi-bin/name`), behind a Service.
+const WORKLOAD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: e2e
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: echo
+  namespace: e2e
+data:
+  ip: |
+    #!/bin/sh
+    printf 'Content-Type: text/plain\r\n\r\n%s\n' "$REMOTE_ADDR"
+  name: |
+    #!/bin/sh
+    printf 'Content-Type: text/plain\r\n\r\n%s\n' "$HOSTNAME"
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: echo
+  namespace: e2e
+spec:
+  replicas: 20
+  selector:
+    matchLabels: {app: echo}
+  template:
+    metadata:
+      labels: {app: echo}
+    spec:
+      terminationGracePeriodSeconds: 1
+      topologySpreadConstraints:
+        - maxSkew: 1
+          topologyKey: kubernetes.io/hostname
+          whenUnsatisfiable: DoNotSchedule
+          labelSelector:
+            matchLabels: {app: echo}
+      containers:
+        - name: echo
+          image: localhost/podnet-toolbox:e2e
+          imagePullPolicy: Never
+          command: [httpd, -f, -p, "8080", -h, /www]
+          ports:
+            - containerPort: 8080
+          volumeMounts:
+            - {name: cgi, mountPath: /www/cgi-bin}
+      volumes:
+        - name: cgi
+          configMap:
+            name: echo
+            defaultMode: 0755
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: echo
+  namespace: e2e
+spec:
+  selector: {app: echo}
+  ports:
+    - port: 80
+      targetPort: 8080
+"#;
+
+/// A pod of the workload.
+#[derive(Clone, Debug)]
+struct WorkloadPod {
+    name: String,
+    node: String,
+    ip: String,
+}
+
+/// The cluster, or `None` (after saying so; a failure with `CI=true`) when the suite was not
+/// pointed at one.
+fn cluster() -> Option<&'static Cluster> {
+    static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
+    CLUSTER
+        .get_or_init(|| {
+            let cluster = Cluster::from_env().expect("reading the cluster status");
+            if cluster.is_none() {
+                podnet_tests::unavailable(
+                    "no cluster: run through `cargo xtask test`, or set \
+                     PODNET_CLUSTER_STATUS after `cargo xtask cluster up`",
+                );
+            }
+            cluster
+        })
+        .as_ref()
+}
+
+/// The workload, deployed once and shared by the tests.
+fn workload(cluster: &Cluster) -> &'static [WorkloadPod] {
+    static PODS_CELL: OnceLock<Vec<WorkloadPod>> = OnceLock::new();
+    PODS_CELL.get_or_init(|| {
+        cluster.apply(WORKLOAD).expect("applying the workload");
+        cluster
+            .kubectl(&[
+                "rollout",
+                "status",
+                "deployment/echo",
+                "-n",
+                NAMESPACE,
+                "--timeout=180s",
+            ])
+            .expect("the workload rolls out");
+        let pods = workload_pods(cluster);
+        assert_eq!(pods.len(), PODS, "{pods:?}");
+        pods
+    })
+}
+
+fn workload_pods(cluster: &Cluster) -> Vec<WorkloadPod> {
+    let list = cluster
+        .kubectl_json(&["get", "pods", "-n", NAMESPACE, "-l", "app=echo"])
+        .expect("listing the workload");
+    list["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|pod| pod["metadata"]["deletionTimestamp"].is_null())
+        .map(|pod| WorkloadPod {
+            name: pod["metadata"]["name"].as_str().expect("name").to_owned(),
+            node: pod["spec"]["nodeName"].as_str().expect("node").to_owned(),
+            ip: pod["status"]["podIP"].as_str().expect("pod IP").to_owned(),
+        })
+        .collect()
+}
+
+fn on_node<'a>(pods: &'a [WorkloadPod], node: &str) -> Vec<&'a WorkloadPod> {
+    pods.iter().filter(|p| p.node == node).collect()
+}
+
+/// podnet's agent pod on `node`.
+fn agent_pod(cluster: &Cluster, node: &str) -> String {
+    let list = cluster
+        .kubectl_json(&[
+            "get",
+            "pods",
+            "-n",
+            "kube-system",
+            "-l",
+            "app.kubernetes.io/name=podnet",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+        ])
+        .expect("listing podnet's pods");
+    let items = list["items"].as_array().expect("items");
+    assert_eq!(items.len(), 1, "one agent on {node}: {items:?}");
+    items[0]["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_owned()
+}
+
+/// `podnetctl --json ARGS` in the agent container on `node`.
+fn podnetctl(cluster: &Cluster, node: &str, args: &[&str]) -> Value {
+    let pod = agent_pod(cluster, node);
+    let mut command = vec!["podnetctl", "--json"];
+    command.extend(args);
+    let out = cluster
+        .exec("kube-system", &pod, Some("agent"), &command)
+        .expect("podnetctl");
+    serde_json::from_str(&out).expect("podnetctl prints JSON")
+}
+
+/// An HTTP GET of `path` on `ip:8080` from pod `from`, through busybox nc; the body's last
+/// line.
+fn http_get_from(cluster: &Cluster, from: &str, ip: &str, path: &str) -> String {
+    let script = format!("printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 8080");
+    let out = cluster
+        .exec(NAMESPACE, from, None, &["sh", "-c", &script])
+        .unwrap_or_else(|e| panic!("GET {ip}:8080{path} from {from}: {e:#}"));
+    out.lines().last().unwrap_or("").trim().to_owned()
+}
+
+#[test]
+fn podnet_is_ready_on_every_node_from_the_shipped_bundle_without_privilege() {
+    let Some(cluster) = cluster() else { return };
+    let ds = cluster
+        .kubectl_json(&["get", "daemonset", "podnet", "-n", "kube-system"])
+        .expect("the podnet DaemonSet");
+    let status = &ds["status"];
+    assert_eq!(status["desiredNumberScheduled"], 2, "{status}");
+    assert_eq!(status["numberReady"], 2, "{status}");
+    assert_eq!(status["updatedNumberScheduled"], 2, "{status}");
+    let pods = cluster
+        .kubectl_json(&[
+            "get",
+            "pods",
+            "-n",
+            "kube-system",
+            "-l",
+            "app.kubernetes.io/name=podnet",
+        ])
+        .expect("podnet's pods");
+    let pods = pods["items"].as_array().expect("items");
+    let nodes: BTreeSet<&str> = pods
+        .iter()
+        .filter_map(|p| p["spec"]["nodeName"].as_str())
+        .collect();
+    assert_eq!(nodes, BTreeSet::from(["node-1", "node-2"]));
+    for pod in pods {
+        let spec = &pod["spec"];
+        let containers = spec["containers"]
+            .as_array()
+            .into_iter()
+            .chain(spec["initContainers"].as_array())
+            .flatten();
+        for container in containers {
+            let security = &container["securityContext"];
+            assert_ne!(security["privileged"], true, "{container}");
+            assert_eq!(security["allowPrivilegeEscalation"], false, "{container}");
+            assert_eq!(container["image"], "localhost/podnet:e2e");
+        }
+        let agent = &spec["containers"][0];
+        assert_eq!(agent["name"], "agent");
+        assert_eq!(
+            agent["securityContext"]["capabilities"]["add"],
+            serde_json::json!(["BPF", "PERFMON", "NET_ADMIN"])
+        );
+        assert_eq!(
+            agent["securityContext"]["capabilities"]["drop"],
+            serde_json::json!(["ALL"])
+        );
+        let ready = pod["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        assert!(ready, "{}", pod["status"]);
+    }
+}
+
+#[test]
+fn each_agent_takes_its_pod_cidr_from_its_own_node_with_one_get() {
+    let Some(cluster) = cluster() else { return };
+    let events = || -> Vec<Value> {
+        std::fs::read_to_string(&cluster.audit_log)
+            .expect("the audit log")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("an audit event"))
+            .filter(|event: &Value| event["user"]["username"] == PODNET_USER)
+            .collect()
+    };
+    for node in &cluster.nodes {
+        let ipam = podnetctl(cluster, &node.name, &["ipam"]);
+        assert_eq!(ipam["mode"], "node-cidr", "{ipam}");
+        let prefixes: Vec<&str> = ipam["pools"]
+            .as_array()
+            .expect("pools")
+            .iter()
+            .filter_map(|p| p["prefix"].as_str())
+            .collect();
+        assert_eq!(prefixes, node.pod_cidrs, "{} {ipam}", node.name);
+    }
+    // Every request podnet made: a GET of the Node the agent's token is bound to.
+    let before = events();
+    let mut gets_per_node: BTreeMap<String, usize> = BTreeMap::new();
+    for event in &before {
+        assert_eq!(event["verb"], "get", "{event}");
+        assert_eq!(event["objectRef"]["resource"], "nodes", "{event}");
+        let node = event["objectRef"]["name"].as_str().expect("a node name");
+        assert_eq!(
+            event["user"]["extra"]["authentication.kubernetes.io/node-name"][0], node,
+            "an agent asked for another node than its own: {event}"
+        );
+        assert_eq!(event["responseStatus"]["code"], 200, "{event}");
+        *gets_per_node.entry(node.to_owned()).or_default() += 1;
+    }
+    let expected: BTreeMap<String, usize> =
+        cluster.nodes.iter().map(|n| (n.name.clone(), 1)).collect();
+    assert_eq!(gets_per_node, expected, "podnet's API requests: {before:?}");
+    // Pods come and go: podnet asks the API server nothing about them.
+    let pods = workload(cluster);
+    cluster
+        .kubectl(&[
+            "delete",
+            "pod",
+            "-n",
+            NAMESPACE,
+            &pods[0].name,
+            &pods[1].name,
+        ])
+        .expect("deleting two pods");
+    cluster
+        .kubectl(&[
+            "rollout",
+            "status",
+            "deployment/echo",
+            "-n",
+            NAMESPACE,
+            "--timeout=120s",
+        ])
+        .expect("replacements roll out");
+    assert_eq!(
+        events().len(),
+        before.len(),
+        "podnet called the API server per pod"
+    );
+}
+
+#[test]
+fn pods_get_addresses_from_their_nodes_pod_cidr() {
+    let Some(cluster) = cluster() else { return };
+    workload(cluster);
+    let pods = workload_pods(cluster);
+    assert_eq!(pods.len(), PODS);
+    let ips: BTreeSet<&str> = pods.iter().map(|p| p.ip.as_str()).collect();
+    assert_eq!(ips.len(), PODS, "an address given twice: {pods:?}");
+    let all = cluster
+        .kubectl_json(&["get", "pods", "--all-namespaces"])
+        .expect("every pod");
+    for node in &cluster.nodes {
+        let here = on_node(&pods, &node.name);
+        assert_eq!(
+            here.len(),
+            PODS / 2,
+            "the scheduler spreads evenly: {pods:?}"
+        );
+        for pod in &here {
+            assert!(
+                node.pod_cidrs.iter().any(|c| ipv4_in(&pod.ip, c)),
+                "{} on {} has {} outside {:?}",
+                pod.name,
+                node.name,
+                pod.ip,
+                node.pod_cidrs
+            );
+        }
+        // podnet's own count of the addresses it gave = the pods on the node that have one
+        // (every pod not on the host network, the workload's and CoreDNS).
+        let running_here = all["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .filter(|p| {
+                p["spec"]["nodeName"] == node.name.as_str()
+                    && p["spec"]["hostNetwork"] != true
+                    && p["status"]["podIP"].is_string()
+            })
+            .count();
+        let metrics = cluster.metrics(node).expect("podnet's metrics");
+        assert_eq!(
+            metrics.count("podnet_ipam_addresses", &[("state", "allocated")]),
+            running_here as u64,
+            "{}",
+            node.name
+        );
+        let endpoints = podnetctl(cluster, &node.name, &["endpoints"]);
+        let registered: BTreeSet<(String, String)> = endpoints
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .filter(|e| e["namespace"] == NAMESPACE)
+            .map(|e| {
+                (
+                    e["pod"].as_str().expect("pod").to_owned(),
+                    e["ips"][0].as_str().expect("ip").to_owned(),
+                )
+            })
+            .collect();
+        let expected: BTreeSet<(String, String)> = here
+            .iter()
+            .map(|p| (p.name.clone(), p.ip.clone()))
+            .collect();
+        assert_eq!(registered, expected, "podnet's endpoints on {}", node.name);
+    }
+}
+
+#[test]
+fn pods_reach_pods_on_the_other_node_with_their_own_address() {
+    let Some(cluster) = cluster() else { return };
+    workload(cluster);
+    let pods = workload_pods(cluster);
+    let one = on_node(&pods, "node-1");
+    let two = on_node(&pods, "node-2");
+    for (client, server) in one.iter().zip(&two).chain(two.iter().zip(&one)) {
+        // httpd listens on a dual-stack socket: IPv4 peers come as [::ffff:a.b.c.d].
+        let seen = http_get_from(cluster, &client.name, &server.ip, "/cgi-bin/ip");
+        let seen = seen
+            .trim_start_matches("[::ffff:")
+            .trim_end_matches(']')
+            .to_owned();
+        assert_eq!(
+            seen, client.ip,
+            "{} ({}) -> {} ({}): the server saw another source",
+            client.name, client.node, server.name, server.node
+        );
+    }
+    // Native routing: the VPC routes each node's pod CIDR to the node; no tunnel anywhere.
+    let routes = cluster
+        .in_netns(&cluster.vpc_netns, &["ip", "-4", "route", "show"])
+        .expect("the VPC's routes");
+    for node in &cluster.nodes {
+        for cidr in &node.pod_cidrs {
+            let want = format!("{cidr} via {} dev vpc0", node.address);
+            assert!(
+                routes.lines().any(|l| l.starts_with(&want)),
+                "{want}:\n{routes}"
+            );
+        }
+        let tunnels = cluster
+            .on_node(node, &["ip", "-o", "link", "show", "type", "vxlan"])
+            .expect("links")
+            + &cluster
+                .on_node(node, &["ip", "-o", "link", "show", "type", "geneve"])
+                .expect("links");
+        assert_eq!(tunnels.trim(), "", "a tunnel on {}", node.name);
+    }
+}
+
+#[test]
+fn services_reach_pods_through_kube_proxy() {
+    let Some(cluster) = cluster() else { return };
+    workload(cluster);
+    let pods = workload_pods(cluster);
+    let names: BTreeSet<&str> = pods.iter().map(|p| p.name.as_str()).collect();
+    let client = &pods[0];
+    for _ in 0..10 {
+        let script = "printf 'GET /cgi-bin/name HTTP/1.0\\r\\n\\r\\n' | nc -w 3 echo 80";
+        let out = cluster
+            .exec(NAMESPACE, &client.name, None, &["sh", "-c", script])
+            .expect("GET through the Service");
+        let answer = out.lines().last().unwrap_or("").trim();
+        assert!(names.contains(answer), "{answer:?} is not an echo pod");
+    }
+}
+
+#[test]
+fn dns_through_coredns_is_counted_per_pod_exactly() {
+    let Some(cluster) = cluster() else { return };
+    workload(cluster);
+    let pods = workload_pods(cluster);
+    let name = format!("echo.{NAMESPACE}.svc.cluster.local.");
+    // (A queries, NOERROR answers) podnet counted for `pod`.
+    let read = |pod: &WorkloadPod| -> (u64, u64) {
+        let metrics = cluster.metrics(cluster.node(&pod.node)).expect("metrics");
+        let labels = |extra: (&'static str, &'static str)| {
+            [
+                ("namespace", NAMESPACE),
+                ("pod", pod.name.as_str()),
+                ("server", DNS_SERVICE),
+                extra,
+            ]
+        };
+        (
+            metrics.count("podnet_dns_requests_total", &labels(("qtype", "A"))),
+            metrics.count("podnet_dns_responses_total", &labels(("rcode", "NOERROR"))),
+        )
+    };
+    let before: Vec<(u64, u64)> = pods.iter().map(read).collect();
+    for pod in &pods {
+        // A fully qualified name: no search list, one A query per lookup.
+        let script = format!(
+            "for i in $(seq {LOOKUPS_PER_POD}); do nslookup -type=a {name} >/dev/null || exit 1; done"
+        );
+        cluster
+            .exec(NAMESPACE, &pod.name, None, &["sh", "-c", &script])
+            .unwrap_or_else(|e| panic!("{} resolving {name}: {e:#}", pod.name));
+    }
+    for (pod, (requests_before, responses_before)) in pods.iter().zip(before) {
+        cluster
+            .wait(
+                &format!("podnet counts {}'s queries", pod.name),
+                Duration::from_secs(5),
+                || {
+                    let (requests, responses) = read(pod);
+                    Ok(requests - requests_before == LOOKUPS_PER_POD
+                        && responses - responses_before == LOOKUPS_PER_POD)
+                },
+            )
+            .unwrap_or_else(|e| panic!("{e:#}: now {:?}", read(pod)));
+    }
+}
+
+/// An SNAT rule on a node that gives two pods' DNS flows to [`RACE_DESTINATION`] the node's
+/// one port 40000; removed on drop.
+struct SnatToOnePort<'a> {
+    cluster: &'a Cluster,
+    node: &'a ClusterNode,
+    rule: Vec<String>,
+}
+
+impl<'a> SnatToOnePort<'a> {
+    fn add(cluster: &'a Cluster, node: &'a ClusterNode, sources: [&str; 2]) -> Self {
+        let rule: Vec<String> = [
+            "POSTROUTING",
+            "-s",
+            &sources.join(","),
+            "-d",
+            RACE_DESTINATION,
+            "-p",
+            "udp",
+            "--dport",
+            "53",
+            "-j",
+            "SNAT",
+            "--to-source",
+            &format!("{}:40000-40000", node.address),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let guard = Self {
+            cluster,
+            node,
+            rule,
+        };
+        guard.iptables("-I").expect("adding the SNAT rule");
+        // No earlier flow may hold the port (conntrack exits 1 when it deletes nothing).
+        let _ = cluster.on_node(
+            node,
+            &[
+                "conntrack",
+                "-D",
+                "-p",
+                "udp",
+                "-d",
+                RACE_DESTINATION,
+                "--dport",
+                "53",
+            ],
+        );
+        guard
+    }
+
+    fn iptables(&self, action: &str) -> anyhow::Result<String> {
+        let mut args = vec!["iptables", "-t", "nat", action];
+        args.extend(self.rule.iter().map(String::as_str));
+        self.cluster.on_node(self.node, &args)
+    }
+}
+
+impl Drop for SnatToOnePort<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.iptables("-D") {
+            eprintln!("removing the SNAT rule on {}: {e:#}", self.node.name);
+        }
+    }
+}
+
+#[test]
+fn insert_races_are_attributed_to_the_real_pods() {
+    let Some(cluster) = cluster() else { return };
+    workload(cluster);
+    let pods = workload_pods(cluster);
+    let node = cluster.node("node-1");
+    let other = cluster.node("node-2");
+    let here = on_node(&pods, &node.name);
+    let (holder, loser) = (here[0], here[1]);
+    // The holder's lookup keeps the port; each of the loser's lookups (a flow of its own)
+    // fails to confirm. busybox nslookup with one try sends one query per lookup.
+    let lookup = format!("nslookup -retry=1 -timeout=1 -type=a race.example. {RACE_DESTINATION}");
+    let snat = SnatToOnePort::add(cluster, node, [&holder.ip, &loser.ip]);
+    let stats_before = cluster.conntrack_stats(node).expect("conntrack stats");
+    let other_before = cluster.conntrack_stats(other).expect("conntrack stats");
+    let metrics_before = cluster.metrics(node).expect("metrics");
+    let send = |pod: &WorkloadPod, script: String| {
+        cluster
+            .exec(NAMESPACE, &pod.name, None, &["sh", "-c", &script])
+            .expect("sending queries");
+    };
+    send(holder, format!("{lookup} >/dev/null 2>&1; true"));
+    send(
+        loser,
+        format!("for i in $(seq {RACING_QUERIES}); do {lookup} >/dev/null 2>&1 & done; wait"),
+    );
+    let stats_after = cluster.conntrack_stats(node).expect("conntrack stats");
+    drop(snat);
+    let insert_failed = stats_after
+        .delta(&stats_before, "insert_failed")
+        .expect("insert_failed");
+    assert_eq!(insert_failed, RACING_QUERIES, "the kernel's count");
+    let other_after = cluster.conntrack_stats(other).expect("conntrack stats");
+    assert_eq!(
+        other_after
+            .delta(&other_before, "insert_failed")
+            .expect("delta"),
+        0
+    );
+
+    let grew = |metrics: &podnet_tests::Metrics, name: &str, labels: &[(&str, &str)]| {
+        metrics.count(name, labels) - metrics_before.count(name, labels)
+    };
+    let loser_labels = [
+        ("namespace", NAMESPACE),
+        ("pod", loser.name.as_str()),
+        ("proto", "udp"),
+    ];
+    cluster
+        .wait("podnet counts every race", Duration::from_secs(5), || {
+            let metrics = cluster.metrics(node)?;
+            Ok(grew(
+                &metrics,
+                "podnet_conntrack_insert_races_total",
+                &loser_labels,
+            ) == insert_failed)
+        })
+        .expect("races attributed to the losing pod");
+    let metrics = cluster.metrics(node).expect("metrics");
+    let destination = format!("{RACE_DESTINATION}:53");
+    assert_eq!(
+        grew(
+            &metrics,
+            "podnet_conntrack_race_destinations_total",
+            &[("destination", &destination), ("proto", "udp")]
+        ),
+        insert_failed
+    );
+    assert_eq!(
+        grew(
+            &metrics,
+            "podnet_conntrack_stat_total",
+            &[("stat", "insert_failed")]
+        ),
+        insert_failed
+    );
+    let other_metrics = cluster.metrics(other).expect("metrics");
+    assert_eq!(
+        other_metrics.count_sum("podnet_conntrack_insert_races_total"),
+        0,
+        "node-2 saw no race"
+    );
+    // podnetctl names the loser, the flow and the pod that holds the port.
+    let races = podnetctl(cluster, &node.name, &["conntrack", "races", "--limit", "1"]);
+    let race = races[0].to_string();
+    for want in [&loser.name, &holder.name, &loser.ip, &holder.ip] {
+        assert!(race.contains(want.as_str()), "{want} not in {race}");
+    }
+}
