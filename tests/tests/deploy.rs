@@ -1186,6 +1186,79 @@ fn install_cni_puts_the_plugin_first_and_the_conflist_last() {
 
 /// Without the plugin the installer fails and writes no conflist: the runtime is never
 /// pointed at a plugin that is not there.
+/// The reference plugins the conflist chains (`PODNET_CNI_PLUGINS`, ptp in the DaemonSet)
+/// are installed where the node has none, before podnet-cni and the conflist, and a node's
+/// own copy is left as it is (same inode and mtime, content untouched).
+#[test]
+fn install_cni_adds_missing_reference_plugins_and_keeps_the_nodes_own() {
+    let ds = yaml_doc("daemonset.yaml");
+    let env = &init_container(&ds)["env"];
+    let value = |name: &str| {
+        env.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .unwrap_or_else(|| panic!("init container sets {name}"))
+            .to_owned()
+    };
+    assert_eq!(value("PODNET_CNI_PLUGINS"), "ptp");
+    for shell in ["bash", "dash"] {
+        if tool(shell, "Debian package").is_none() {
+            continue;
+        }
+        let host = CniHost::new();
+        let image_plugins = host.dir.path().join("image-cni");
+        std::fs::create_dir_all(&image_plugins).unwrap();
+        std::fs::write(image_plugins.join("ptp"), b"\x7fELF ptp from the image\n").unwrap();
+        let node_ptp = host.dir.path().join("host/opt/cni/bin/ptp");
+        let install = || {
+            let out = run(Command::new(shell)
+                .arg(deploy("install-cni.sh"))
+                .env("PODNET_CNI_BINARY", host.src("podnet-cni"))
+                .env("PODNET_CONFLIST", host.src("10-podnet.conflist"))
+                .env("PODNET_CNI_PLUGINS", "ptp")
+                .env("PODNET_CNI_PLUGIN_DIR", &image_plugins)
+                .env("CNI_BIN_DIR", host.dir.path().join("host/opt/cni/bin"))
+                .env("CNI_CONF_DIR", host.dir.path().join("host/etc/cni/net.d")));
+            assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+            text(&out.stdout)
+                .lines()
+                .map(ToOwned::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let bin = host.dir.path().join("host/opt/cni/bin");
+        let conf = host.conflist();
+        assert_eq!(
+            install(),
+            [
+                format!("installed {}", node_ptp.display()),
+                format!("installed {}", bin.join("podnet-cni").display()),
+                format!("installed {}", conf.display()),
+            ],
+            "{shell}"
+        );
+        assert_eq!(
+            std::fs::read(&node_ptp).unwrap(),
+            b"\x7fELF ptp from the image\n"
+        );
+        assert_eq!(std::fs::metadata(&node_ptp).unwrap().mode() & 0o777, 0o755);
+        // The node's own ptp (here: one that differs from the image's) stays.
+        std::fs::write(&node_ptp, b"\x7fELF the node's ptp\n").unwrap();
+        let before = stamp(&node_ptp);
+        assert_eq!(
+            install()[0],
+            format!("present {}", node_ptp.display()),
+            "{shell}"
+        );
+        assert_eq!(stamp(&node_ptp), before);
+        assert_eq!(
+            std::fs::read(&node_ptp).unwrap(),
+            b"\x7fELF the node's ptp\n"
+        );
+    }
+}
+
 #[test]
 fn install_cni_writes_no_conflist_without_the_plugin() {
     let host = CniHost::new();
@@ -1577,4 +1650,139 @@ fn every_queried_metric_family_is_exported() {
         "queried by the dashboard or the alerts but not exported by the agent: {missing:?}"
     );
     drop(responder);
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory: the agent's limit follows deploy/README.md's formula over the possible CPUs
+
+/// deploy/README.md, "Memory": the limit for `cpus` possible CPUs, in bytes.
+fn documented_memory_limit(cpus: u64) -> u64 {
+    (96 << 20) + cpus * (1 << 19)
+}
+
+/// DNS series (client, server, rcode) the formula makes room for: 250 pods, two servers,
+/// four answer codes.
+const DNS_SERIES_BUDGET: u64 = 2_000;
+/// Per-CPU bytes of one DNS series: its latency histogram and two counters.
+const DNS_SERIES_PER_CPU_BYTES: u64 = 128 + 8 + 8;
+
+/// The possible CPUs (`/sys/devices/system/cpu/possible`, e.g. `0-63` or `0,2-5`): what the
+/// kernel sizes per-CPU maps by, online or not.
+fn possible_cpus() -> u64 {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    text.trim()
+        .split(',')
+        .map(|range| match range.split_once('-') {
+            Some((a, b)) => b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+/// A map the agent pinned, as `bpftool` shows it.
+struct PinnedMap {
+    name: String,
+    kind: String,
+    flags: u64,
+    max_entries: u64,
+    value_size: u64,
+    /// The kernel's account of its memory (what the memory cgroup is charged).
+    memlock: u64,
+}
+
+fn pinned_maps(bpffs: &Path) -> Vec<PinnedMap> {
+    let mut maps = Vec::new();
+    let mut dirs = vec![bpffs.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            // Links are pinned beside the maps; bpftool refuses them as maps.
+            let out = Command::new("bpftool")
+                .args(["-j", "map", "show", "pinned"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                continue;
+            }
+            let map: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let number = |key: &str| map[key].as_u64().unwrap();
+            maps.push(PinnedMap {
+                name: map["name"].as_str().unwrap().to_owned(),
+                kind: map["type"].as_str().unwrap().to_owned(),
+                flags: number("flags"),
+                max_entries: number("max_entries"),
+                value_size: number("bytes_value"),
+                memlock: number("bytes_memlock"),
+            });
+        }
+    }
+    maps
+}
+
+/// The kernel's own account of the agent's maps (`bytes_memlock`), extrapolated to other
+/// CPU counts through what grows per CPU (the values of preallocated per-CPU hash maps),
+/// plus the agent's resident memory and a budget of DNS series, stays within three quarters
+/// of the documented limit from 2 to 256 possible CPUs; the DNS statistics maps, which
+/// would take 2.4 MiB per possible CPU preallocated, are not.
+#[test]
+fn bpf_maps_fit_the_documented_memory_formula() {
+    if !require_root() {
+        return;
+    }
+    let node = Netns::new("mem").unwrap();
+    let agent = Agent::start(&node, &[]).unwrap();
+    let maps = pinned_maps(agent.bpffs());
+    for stats in [
+        "DNS_LATENCY",
+        "DNS_REQUESTS",
+        "DNS_RETRANSMITS",
+        "DNS_TIMEOUTS",
+    ] {
+        let map = maps.iter().find(|m| m.name == stats).unwrap_or_else(|| {
+            panic!("{stats} not pinned");
+        });
+        assert_eq!(
+            map.flags & 1,
+            1,
+            "{stats} must not be preallocated (BPF_F_NO_PREALLOC)"
+        );
+    }
+    let here = possible_cpus();
+    let total: u64 = maps.iter().map(|m| m.memlock).sum();
+    let per_cpu: u64 = maps
+        .iter()
+        .filter(|m| m.kind == "percpu_hash" && m.flags & 1 == 0)
+        .map(|m| m.value_size.next_multiple_of(8) * m.max_entries)
+        .sum();
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", agent.pid().unwrap()))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+        .unwrap()
+        * 1024;
+    eprintln!(
+        "{here} possible CPUs: maps {total} bytes, {per_cpu} more per CPU; agent RSS {rss} bytes"
+    );
+    for cpus in [here, 16, 64, 128, 256] {
+        let maps_then = total + cpus.saturating_sub(here) * per_cpu;
+        let series = DNS_SERIES_BUDGET * cpus * DNS_SERIES_PER_CPU_BYTES;
+        let need = maps_then + series + rss;
+        let limit = documented_memory_limit(cpus);
+        assert!(
+            need <= limit / 4 * 3,
+            "{cpus} CPUs: maps {maps_then} + DNS series {series} + RSS {rss} = {need} bytes \
+             leave less than a quarter of the {limit}-byte limit"
+        );
+    }
+    let readme = read(&deploy("README.md"));
+    assert!(
+        readme.contains("96 MiB + 0.5 MiB × possible CPUs"),
+        "deploy/README.md states the formula"
+    );
 }

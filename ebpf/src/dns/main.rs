@@ -36,20 +36,30 @@ use podnet_common::{
 #[map(name = "DNS_PENDING")]
 static DNS_PENDING: LruHashMap<PendingKey, Pending> = LruHashMap::pinned(m::PENDING_CAPACITY, 0);
 
+/// The statistics maps hold one entry per (client, server, rcode) series that has been
+/// seen, far fewer than their capacity, and a per-CPU map keeps a copy of each entry for
+/// every possible CPU: preallocated, `DNS_LATENCY` alone would take 2 MiB per possible CPU
+/// (charged to the agent's memory cgroup). Allocated per entry instead (`BPF_F_NO_PREALLOC`;
+/// TC programs may use such maps on every kernel), their memory follows the series in use.
+const STATS_MAP_FLAGS: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+
 #[map(name = "DNS_LATENCY")]
-static DNS_LATENCY: PerCpuHashMap<PeerKey, Latency> = PerCpuHashMap::pinned(m::STATS_CAPACITY, 0);
+static DNS_LATENCY: PerCpuHashMap<PeerKey, Latency> =
+    PerCpuHashMap::pinned(m::STATS_CAPACITY, STATS_MAP_FLAGS);
 
 #[map(name = "DNS_REQUESTS")]
-static DNS_REQUESTS: PerCpuHashMap<PeerKey, u64> = PerCpuHashMap::pinned(m::STATS_CAPACITY, 0);
+static DNS_REQUESTS: PerCpuHashMap<PeerKey, u64> =
+    PerCpuHashMap::pinned(m::STATS_CAPACITY, STATS_MAP_FLAGS);
 
 #[map(name = "DNS_RETRANSMITS")]
-static DNS_RETRANSMITS: PerCpuHashMap<PeerKey, u64> = PerCpuHashMap::pinned(m::STATS_CAPACITY, 0);
+static DNS_RETRANSMITS: PerCpuHashMap<PeerKey, u64> =
+    PerCpuHashMap::pinned(m::STATS_CAPACITY, STATS_MAP_FLAGS);
 
 /// Written by user space only (timeouts found by its sweep); declared here so
 /// that it is created and pinned with the others.
 #[map(name = "DNS_TIMEOUTS")]
 static DNS_TIMEOUTS: aya_ebpf::maps::HashMap<PeerKey, u64> =
-    aya_ebpf::maps::HashMap::pinned(m::STATS_CAPACITY, 0);
+    aya_ebpf::maps::HashMap::pinned(m::STATS_CAPACITY, STATS_MAP_FLAGS);
 
 #[map(name = "DNS_COUNTERS")]
 static DNS_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
