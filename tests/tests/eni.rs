@@ -205,7 +205,12 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
         bail!("no recovery: {:?}\n{}", ipam_status(&agent)?, agent.log());
     }
     let m = agent.metrics(&node)?;
-    assert_eq!(calls(&m, "AssignPrivateIpAddresses", Some("success")), 2);
+    assert_eq!(
+        calls(&m, "AssignPrivateIpAddresses", Some("success")),
+        2,
+        "{}",
+        agent.log()
+    );
     assert_eq!(calls(&m, "CreateNetworkInterface", None), 1);
     let list = moto.enis(&node, &instance)?;
     assert_eq!(secondaries(&list[1]).len(), 4);

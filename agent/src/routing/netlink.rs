@@ -14,7 +14,7 @@ use netlink_packet_core::{
     NLM_F_REQUEST,
 };
 use netlink_packet_route::{
-    link::{LinkAttribute, LinkMessage},
+    link::{LinkAttribute, LinkFlags, LinkMessage},
     neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage},
     route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleMessage},
@@ -129,6 +129,69 @@ impl RtNetlink {
     ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
         self.request(|| what.to_owned(), message, NLM_F_REQUEST | NLM_F_DUMP)
     }
+}
+
+/// A link with its MTU and administrative state (what ENI mode needs beside [`Link`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkState {
+    /// Index, name, MAC.
+    pub link: Link,
+    /// Its MTU.
+    pub mtu: u32,
+    /// Whether it is administratively up (`IFF_UP`).
+    pub up: bool,
+}
+
+impl RtNetlink {
+    /// Every link with its MTU and state.
+    pub fn link_states(&mut self) -> Result<Vec<LinkState>, NetlinkError> {
+        let answers = self.dump(
+            "dump links",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        )?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(parse_link_state(&l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Sets link `index`'s MTU and brings it up, in one request (`ip link set mtu M up`).
+    pub fn set_up_with_mtu(&mut self, index: u32, mtu: u32) -> Result<(), NetlinkError> {
+        self.request(
+            || format!("set link {index} mtu {mtu} up"),
+            RouteNetlinkMessage::SetLink(up_with_mtu_message(index, mtu)),
+            NLM_F_REQUEST | NLM_F_ACK,
+        )
+        .map(drop)
+    }
+}
+
+fn parse_link_state(l: &LinkMessage) -> LinkState {
+    let mtu = l
+        .attributes
+        .iter()
+        .find_map(|attr| match attr {
+            LinkAttribute::Mtu(mtu) => Some(*mtu),
+            _ => None,
+        })
+        .unwrap_or(0);
+    LinkState {
+        link: parse_link(l),
+        mtu,
+        up: l.header.flags.contains(LinkFlags::Up),
+    }
+}
+
+fn up_with_mtu_message(index: u32, mtu: u32) -> LinkMessage {
+    let mut message = LinkMessage::default();
+    message.header.index = index;
+    message.header.flags = LinkFlags::Up;
+    message.header.change_mask = LinkFlags::Up;
+    message.attributes.push(LinkAttribute::Mtu(mtu));
+    message
 }
 
 impl Netlink for RtNetlink {
@@ -404,6 +467,16 @@ fn proxy_message(n: ProxyNeigh) -> NeighbourMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_state_and_the_up_request() {
+        let message = up_with_mtu_message(7, 9001);
+        let state = parse_link_state(&message);
+        assert_eq!((state.link.index, state.mtu, state.up), (7, 9001, true));
+        assert_eq!(message.header.change_mask, LinkFlags::Up);
+        let down = parse_link_state(&LinkMessage::default());
+        assert_eq!((down.mtu, down.up), (0, false));
+    }
 
     #[test]
     fn route_messages_round_trip() {

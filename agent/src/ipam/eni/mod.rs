@@ -400,7 +400,7 @@ pub fn start_ec2(
     eni.start(
         settings.targets,
         Arc::new(cloud),
-        Arc::new(link::IpCommand),
+        Arc::new(link::NetlinkLinks),
         busy,
     )
     .map_err(|e| crate::ipam::IpamError::Config(format!("starting the ENI thread: {e}")))
