@@ -25,6 +25,8 @@ pub struct ClusterNode {
     pub name: String,
     /// Its network namespace (`/run/netns/<netns>`).
     pub netns: String,
+    /// The file its mount namespace is bound to.
+    pub mount_ns: PathBuf,
     /// Its address on the VPC subnet.
     pub address: String,
     /// Its pod CIDRs (`spec.podCIDRs`).
@@ -42,6 +44,8 @@ pub struct Cluster {
     pub vpc_netns: String,
     /// The API server's audit log (podnet's requests only).
     pub audit_log: PathBuf,
+    /// The kustomize overlay podnet was installed from (`kubectl apply -k`).
+    pub podnet_overlay: PathBuf,
     /// The nodes.
     pub nodes: Vec<ClusterNode>,
 }
@@ -71,6 +75,7 @@ impl Cluster {
                 Ok(ClusterNode {
                     name: string(node, "name")?,
                     netns: string(node, "netns")?,
+                    mount_ns: string(node, "mount_ns")?.into(),
                     address: string(node, "address")?,
                     pod_cidrs: node
                         .get("pod_cidrs")
@@ -88,8 +93,25 @@ impl Cluster {
             kubeconfig: string(&status, "kubeconfig")?.into(),
             vpc_netns: string(&status, "vpc_netns")?,
             audit_log: string(&status, "audit_log")?.into(),
+            podnet_overlay: string(&status, "podnet_overlay")?.into(),
             nodes,
         }))
+    }
+
+    /// The cluster [`STATUS_ENV`] names; when it names none, says so (a failure with
+    /// `CI=true`) and returns `None`, so the test returns early.
+    ///
+    /// # Panics
+    /// If the status file cannot be read.
+    pub fn from_env_or_skip() -> Option<Self> {
+        let cluster = Self::from_env().expect("reading the cluster status");
+        if cluster.is_none() {
+            crate::util::unavailable(
+                "no cluster: run through `cargo xtask test`, or set PODNET_CLUSTER_STATUS \
+                 after `cargo xtask cluster up`",
+            );
+        }
+        cluster
     }
 
     /// The node named `name`.
@@ -170,6 +192,18 @@ impl Cluster {
         self.in_netns(&node.netns, command)
     }
 
+    /// Runs `command` as on `node`'s shell: in its network and mount namespaces.
+    pub fn on_node_shell(&self, node: &ClusterNode, command: &[&str]) -> Result<String> {
+        output_of(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", node.netns))
+                .arg(format!("--mount={}", node.mount_ns.display()))
+                .arg("--")
+                .args(command)
+                .stdin(Stdio::null()),
+        )
+    }
+
     /// Runs `command` in network namespace `netns`.
     pub fn in_netns(&self, netns: &str, command: &[&str]) -> Result<String> {
         output_of(
@@ -247,6 +281,64 @@ fn output_of(command: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A pod as the API server lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedPod {
+    /// Its name.
+    pub name: String,
+    /// The node it runs on.
+    pub node: String,
+    /// Its address (empty until it has one).
+    pub ip: String,
+}
+
+impl Cluster {
+    /// The pods of `namespace` matching `selector`, without those being deleted.
+    pub fn pods(&self, namespace: &str, selector: &str) -> Result<Vec<ListedPod>> {
+        let list = self.kubectl_json(&["get", "pods", "-n", namespace, "-l", selector])?;
+        Ok(list["items"]
+            .as_array()
+            .ok_or_else(|| anyhow!("no items in the pod list"))?
+            .iter()
+            .filter(|pod| pod["metadata"]["deletionTimestamp"].is_null())
+            .map(|pod| ListedPod {
+                name: pod["metadata"]["name"].as_str().unwrap_or("").to_owned(),
+                node: pod["spec"]["nodeName"].as_str().unwrap_or("").to_owned(),
+                ip: pod["status"]["podIP"].as_str().unwrap_or("").to_owned(),
+            })
+            .collect())
+    }
+
+    /// podnet's agent pod on `node`.
+    pub fn agent_pod(&self, node: &str) -> Result<String> {
+        let agents: Vec<ListedPod> = self
+            .pods("kube-system", "app.kubernetes.io/name=podnet")?
+            .into_iter()
+            .filter(|p| p.node == node)
+            .collect();
+        match agents.as_slice() {
+            [agent] => Ok(agent.name.clone()),
+            _ => bail!("{} podnet agents on {node}: {agents:?}", agents.len()),
+        }
+    }
+
+    /// `podnetctl --json ARGS` in the agent container on `node`, parsed.
+    pub fn podnetctl(&self, node: &str, args: &[&str]) -> Result<Value> {
+        let pod = self.agent_pod(node)?;
+        let mut command = vec!["podnetctl", "--json"];
+        command.extend(args);
+        let out = self.exec("kube-system", &pod, Some("agent"), &command)?;
+        serde_json::from_str(&out).context("podnetctl's JSON")
+    }
+
+    /// `kubectl rollout status` of `kind/name` in `namespace`, waiting up to `timeout`.
+    pub fn rollout(&self, namespace: &str, object: &str, timeout: Duration) -> Result<()> {
+        let timeout = format!("--timeout={}s", timeout.as_secs());
+        self.kubectl(&["rollout", "status", object, "-n", namespace, &timeout])
+            .map(drop)
+    }
 }
 
 /// Whether `ip` (dotted IPv4) lies in `cidr` (`a.b.c.d/len`).

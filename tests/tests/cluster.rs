@@ -18,7 +18,7 @@ use std::{
     time::Duration,
 };
 
-use podnet_tests::cluster::{ipv4_in, Cluster, ClusterNode};
+use podnet_tests::cluster::{ipv4_in, Cluster, ClusterNode, ListedPod};
 use serde_json::Value;
 
 /// The namespace of the suite's workload.
@@ -104,46 +104,20 @@ spec:
       targetPort: 8080
 "#;
 
-/// A pod of the workload.
-#[derive(Clone, Debug)]
-struct WorkloadPod {
-    name: String,
-    node: String,
-    ip: String,
-}
-
 /// The cluster, or `None` (after saying so; a failure with `CI=true`) when the suite was not
 /// pointed at one.
 fn cluster() -> Option<&'static Cluster> {
     static CLUSTER: OnceLock<Option<Cluster>> = OnceLock::new();
-    CLUSTER
-        .get_or_init(|| {
-            let cluster = Cluster::from_env().expect("reading the cluster status");
-            if cluster.is_none() {
-                podnet_tests::unavailable(
-                    "no cluster: run through `cargo xtask test`, or set \
-                     PODNET_CLUSTER_STATUS after `cargo xtask cluster up`",
-                );
-            }
-            cluster
-        })
-        .as_ref()
+    CLUSTER.get_or_init(Cluster::from_env_or_skip).as_ref()
 }
 
 /// The workload, deployed once and shared by the tests.
-fn workload(cluster: &Cluster) -> &'static [WorkloadPod] {
-    static PODS_CELL: OnceLock<Vec<WorkloadPod>> = OnceLock::new();
+fn workload(cluster: &Cluster) -> &'static [ListedPod] {
+    static PODS_CELL: OnceLock<Vec<ListedPod>> = OnceLock::new();
     PODS_CELL.get_or_init(|| {
         cluster.apply(WORKLOAD).expect("applying the workload");
         cluster
-            .kubectl(&[
-                "rollout",
-                "status",
-                "deployment/echo",
-                "-n",
-                NAMESPACE,
-                "--timeout=180s",
-            ])
+            .rollout(NAMESPACE, "deployment/echo", Duration::from_secs(180))
             .expect("the workload rolls out");
         let pods = workload_pods(cluster);
         assert_eq!(pods.len(), PODS, "{pods:?}");
@@ -151,58 +125,19 @@ fn workload(cluster: &Cluster) -> &'static [WorkloadPod] {
     })
 }
 
-fn workload_pods(cluster: &Cluster) -> Vec<WorkloadPod> {
-    let list = cluster
-        .kubectl_json(&["get", "pods", "-n", NAMESPACE, "-l", "app=echo"])
-        .expect("listing the workload");
-    list["items"]
-        .as_array()
-        .expect("items")
-        .iter()
-        .filter(|pod| pod["metadata"]["deletionTimestamp"].is_null())
-        .map(|pod| WorkloadPod {
-            name: pod["metadata"]["name"].as_str().expect("name").to_owned(),
-            node: pod["spec"]["nodeName"].as_str().expect("node").to_owned(),
-            ip: pod["status"]["podIP"].as_str().expect("pod IP").to_owned(),
-        })
-        .collect()
+fn workload_pods(cluster: &Cluster) -> Vec<ListedPod> {
+    cluster
+        .pods(NAMESPACE, "app=echo")
+        .expect("listing the workload")
 }
 
-fn on_node<'a>(pods: &'a [WorkloadPod], node: &str) -> Vec<&'a WorkloadPod> {
+fn on_node<'a>(pods: &'a [ListedPod], node: &str) -> Vec<&'a ListedPod> {
     pods.iter().filter(|p| p.node == node).collect()
-}
-
-/// podnet's agent pod on `node`.
-fn agent_pod(cluster: &Cluster, node: &str) -> String {
-    let list = cluster
-        .kubectl_json(&[
-            "get",
-            "pods",
-            "-n",
-            "kube-system",
-            "-l",
-            "app.kubernetes.io/name=podnet",
-            "--field-selector",
-            &format!("spec.nodeName={node}"),
-        ])
-        .expect("listing podnet's pods");
-    let items = list["items"].as_array().expect("items");
-    assert_eq!(items.len(), 1, "one agent on {node}: {items:?}");
-    items[0]["metadata"]["name"]
-        .as_str()
-        .expect("name")
-        .to_owned()
 }
 
 /// `podnetctl --json ARGS` in the agent container on `node`.
 fn podnetctl(cluster: &Cluster, node: &str, args: &[&str]) -> Value {
-    let pod = agent_pod(cluster, node);
-    let mut command = vec!["podnetctl", "--json"];
-    command.extend(args);
-    let out = cluster
-        .exec("kube-system", &pod, Some("agent"), &command)
-        .expect("podnetctl");
-    serde_json::from_str(&out).expect("podnetctl prints JSON")
+    cluster.podnetctl(node, args).expect("podnetctl")
 }
 
 /// An HTTP GET of `path` on `ip:8080` from pod `from`, through busybox nc; the body's last
@@ -325,14 +260,7 @@ fn each_agent_takes_its_pod_cidr_from_its_own_node_with_one_get() {
         ])
         .expect("deleting two pods");
     cluster
-        .kubectl(&[
-            "rollout",
-            "status",
-            "deployment/echo",
-            "-n",
-            NAMESPACE,
-            "--timeout=120s",
-        ])
+        .rollout(NAMESPACE, "deployment/echo", Duration::from_secs(120))
         .expect("replacements roll out");
     assert_eq!(
         events().len(),
@@ -475,7 +403,7 @@ fn dns_through_coredns_is_counted_per_pod_exactly() {
     let pods = workload_pods(cluster);
     let name = format!("echo.{NAMESPACE}.svc.cluster.local.");
     // (A queries, NOERROR answers) podnet counted for `pod`.
-    let read = |pod: &WorkloadPod| -> (u64, u64) {
+    let read = |pod: &ListedPod| -> (u64, u64) {
         let metrics = cluster.metrics(cluster.node(&pod.node)).expect("metrics");
         let labels = |extra: (&'static str, &'static str)| {
             [
@@ -596,7 +524,7 @@ fn insert_races_are_attributed_to_the_real_pods() {
     let stats_before = cluster.conntrack_stats(node).expect("conntrack stats");
     let other_before = cluster.conntrack_stats(other).expect("conntrack stats");
     let metrics_before = cluster.metrics(node).expect("metrics");
-    let send = |pod: &WorkloadPod, script: String| {
+    let send = |pod: &ListedPod, script: String| {
         cluster
             .exec(NAMESPACE, &pod.name, None, &["sh", "-c", &script])
             .expect("sending queries");

@@ -52,30 +52,36 @@ pub fn run(args: &TestArgs) -> Result<()> {
     vmtest::run(&vmtest::VmTestArgs::parse_from(KERNEL_SMOKE_ARGS)?)
 }
 
+/// The end-to-end suites (tests/tests/cluster*.rs), in the order they run on one cluster.
+const CLUSTER_SUITES: &[&str] = &["cluster", "cluster_upgrade", "cluster_uninstall"];
+
 /// Brings the cluster up, runs the end-to-end suite on it (one test at a time: they share
 /// the cluster) and takes it down again, also when the suite fails.
 fn run_cluster_suite() -> Result<()> {
     println!("cluster suite: cargo xtask cluster up");
     let up = cluster::run_up();
+    // In this order: the suite, then a rolling update of podnet, then its uninstall.
     let suite = up.and_then(|()| {
-        cmd::run(
-            cmd::cargo()
-                .env(
-                    "PODNET_CLUSTER_STATUS",
-                    cluster::layout::cluster_path("status.json"),
-                )
-                .args([
-                    "test",
-                    "-p",
-                    "podnet-tests",
-                    "--features",
-                    "cluster-e2e",
-                    "--test",
-                    "cluster",
-                    "--",
-                    "--test-threads=1",
-                ]),
-        )
+        CLUSTER_SUITES.iter().try_for_each(|suite| {
+            cmd::run(
+                cmd::cargo()
+                    .env(
+                        "PODNET_CLUSTER_STATUS",
+                        cluster::layout::cluster_path("status.json"),
+                    )
+                    .args([
+                        "test",
+                        "-p",
+                        "podnet-tests",
+                        "--features",
+                        "cluster-e2e",
+                        "--test",
+                        suite,
+                        "--",
+                        "--test-threads=1",
+                    ]),
+            )
+        })
     });
     if suite.is_err() {
         cluster::keep_logs();

@@ -29,6 +29,8 @@ pub const COREDNS_IMAGE: &str = "localhost/podnet-coredns:e2e";
 pub const PODNET_REPOSITORY: &str = "localhost/podnet";
 /// The tag `up` installs.
 pub const PODNET_TAG: &str = "e2e";
+/// A second tag of the same image on every node, for rolling updates.
+pub const PODNET_NEXT_TAG: &str = "e2e-next";
 
 /// containerd's configuration (version 3, containerd 2.x).
 pub fn containerd(runc: &str) -> String {

@@ -137,6 +137,7 @@ pub fn status() -> Result<Value> {
         "api_server": layout::api_server_url(),
         "vpc_netns": layout::VPC_NETNS,
         "audit_log": layout::audit_log(),
+        "podnet_overlay": layout::cluster_path("overlay"),
         "nodes": nodes,
         "daemons": daemons,
     }))

@@ -407,6 +407,20 @@ fn start_node(state: &mut State, node: &Node) -> Result<()> {
     ] {
         import_image(node, &archive(&reference))?;
     }
+    let podnet = format!("{}:{}", config::PODNET_REPOSITORY, config::PODNET_TAG);
+    let next = format!("{}:{}", config::PODNET_REPOSITORY, config::PODNET_NEXT_TAG);
+    system::in_node(
+        node,
+        &[
+            ctr.as_os_str(),
+            OsStr::new("--namespace=k8s.io"),
+            OsStr::new("images"),
+            OsStr::new("tag"),
+            OsStr::new(&podnet),
+            OsStr::new(&next),
+        ],
+        None,
+    )?;
     start_daemon(
         state,
         &format!("{}/kubelet", node.name),
