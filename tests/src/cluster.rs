@@ -46,6 +46,8 @@ pub struct Cluster {
     pub audit_log: PathBuf,
     /// The kustomize overlay podnet was installed from (`kubectl apply -k`).
     pub podnet_overlay: PathBuf,
+    /// The Prometheus server's `host:port`.
+    pub prometheus: String,
     /// The nodes.
     pub nodes: Vec<ClusterNode>,
 }
@@ -94,6 +96,9 @@ impl Cluster {
             vpc_netns: string(&status, "vpc_netns")?,
             audit_log: string(&status, "audit_log")?.into(),
             podnet_overlay: string(&status, "podnet_overlay")?.into(),
+            prometheus: string(&status, "prometheus")?
+                .trim_start_matches("http://")
+                .to_owned(),
             nodes,
         }))
     }
@@ -222,22 +227,21 @@ impl Cluster {
 
     /// podnet's metrics on `node`, scraped as Prometheus would (from outside the node).
     pub fn metrics(&self, node: &ClusterNode) -> Result<Metrics> {
-        let addr: SocketAddr = node.metrics_addr.parse()?;
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        write!(
-            stream,
-            "GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow!("no HTTP header from {addr}"))?;
-        if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-            bail!("GET {addr}/metrics: {}", head.lines().next().unwrap_or(""));
+        http_get(&node.metrics_addr, "/metrics").map(Metrics)
+    }
+
+    /// An instant query of the cluster's Prometheus (which scrapes the agents with the
+    /// configuration prometheus-operator generated): the result vector.
+    pub fn query(&self, expr: &str) -> Result<Vec<Value>> {
+        let path = format!("/api/v1/query?query={}", percent_encode(expr));
+        let answer: Value = serde_json::from_str(&http_get(&self.prometheus, &path)?)?;
+        if answer["status"] != "success" {
+            bail!("query {expr}: {answer}");
         }
-        Ok(Metrics(body.to_owned()))
+        Ok(answer["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default())
     }
 
     /// Polls `condition` every 500 ms until it holds or `timeout` passes; the last error (or
@@ -265,6 +269,36 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
+}
+
+/// `GET path` from `addr` (`host:port`) over HTTP/1.0; the body of a 200 answer.
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    let addr: SocketAddr = addr.parse()?;
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP header from {addr}"))?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {addr}{path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_owned())
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986).
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }
 
 fn output_of(command: &mut Command) -> Result<String> {

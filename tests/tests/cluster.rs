@@ -597,3 +597,211 @@ fn insert_races_are_attributed_to_the_real_pods() {
         assert!(race.contains(want.as_str()), "{want} not in {race}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Prometheus: the configuration prometheus-operator generated from the shipped PodMonitor
+// and PrometheusRule
+
+/// The queries of the shipped dashboard, with its template variables (`label_values` made
+/// `PromQL`) and Grafana's `$__rate_interval` (4 x the PodMonitor's 30 s) filled in for
+/// `node`, `namespace` and `pod` (regular expressions).
+fn dashboard_queries(node: &str, namespace: &str, pod: &str) -> Vec<String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/podnet.json");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("the dashboard"))
+            .expect("dashboard JSON");
+    let mut exprs = Vec::new();
+    let mut stack = vec![&dashboard["panels"]];
+    while let Some(panels) = stack.pop() {
+        for panel in panels.as_array().into_iter().flatten() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                if let Some(expr) = target["expr"].as_str() {
+                    exprs.push(expr.to_owned());
+                }
+            }
+            stack.push(&panel["panels"]);
+        }
+    }
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+    {
+        let Some(query) = var["query"]["query"].as_str() else {
+            continue;
+        };
+        // label_values(EXPR, LABEL) -> group by (LABEL) (EXPR)
+        let inner = query
+            .strip_prefix("label_values(")
+            .and_then(|q| q.strip_suffix(')'))
+            .expect("a label_values query");
+        let (expr, label) = inner.rsplit_once(',').expect("label_values(expr, label)");
+        exprs.push(format!("group by ({}) ({expr})", label.trim()));
+    }
+    exprs
+        .into_iter()
+        .map(|e| {
+            e.replace("$__rate_interval", "2m")
+                .replace("$node", node)
+                .replace("$namespace", namespace)
+                .replace("$pod", pod)
+        })
+        .collect()
+}
+
+/// The two node-1 pods the Prometheus tests make suffer: (holder of the SNAT port, loser).
+fn suffering_pods(cluster: &Cluster) -> (ListedPod, ListedPod) {
+    let mut here: Vec<ListedPod> = workload_pods(cluster)
+        .into_iter()
+        .filter(|p| p.node == "node-1")
+        .collect();
+    here.sort_by(|a, b| a.name.cmp(&b.name));
+    (here[0].clone(), here[1].clone())
+}
+
+/// Queries of families that exist only with a feature the shipped ConfigMap leaves off: the
+/// fast path (`fast-path: false`) steers nothing.
+const FEATURE_OFF_FAMILIES: &[&str] = &["podnet_steer_packets_total"];
+
+/// Every panel of the dashboard has data for the workload's pods (after the DNS and race
+/// tests made some), from the series Prometheus scraped through the operator's relabelling.
+#[test]
+fn prometheus_answers_every_dashboard_query_for_the_workload() {
+    let Some(cluster) = cluster() else { return };
+    workload(cluster);
+    let (_, pod) = suffering_pods(cluster);
+    let mut empty = Vec::new();
+    for (node, namespace, pod) in [(".*", ".*", ".*"), ("node-1", NAMESPACE, pod.name.as_str())] {
+        for expr in dashboard_queries(node, namespace, pod) {
+            if FEATURE_OFF_FAMILIES.iter().any(|f| expr.contains(f)) {
+                continue;
+            }
+            let answered = cluster
+                .wait(
+                    &format!("series for {expr}"),
+                    Duration::from_secs(70),
+                    || Ok(!cluster.query(&expr)?.is_empty()),
+                )
+                .is_ok();
+            if !answered {
+                empty.push(expr);
+            }
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "dashboard queries without series: {empty:#?}"
+    );
+}
+
+/// podnet's own `namespace` and `pod` labels arrive as they are (no `exported_` copies), and
+/// each agent is `instance=<node>` of `job="podnet"`.
+#[test]
+fn prometheus_keeps_podnets_labels_and_names_the_node() {
+    let Some(cluster) = cluster() else { return };
+    workload(cluster);
+    let (_, pod) = suffering_pods(cluster);
+    let up = cluster.query(r#"up{job="podnet"}"#).expect("query");
+    let mut instances: Vec<&str> = up
+        .iter()
+        .filter_map(|s| s["metric"]["instance"].as_str())
+        .collect();
+    instances.sort_unstable();
+    assert_eq!(instances, ["node-1", "node-2"], "{up:?}");
+    let expr = format!(
+        r#"podnet_dns_requests_total{{job="podnet", namespace="{NAMESPACE}", pod="{}"}}"#,
+        pod.name
+    );
+    cluster
+        .wait(
+            "the pod's DNS series in Prometheus",
+            Duration::from_secs(70),
+            || Ok(!cluster.query(&expr)?.is_empty()),
+        )
+        .expect("podnet's labels kept");
+    let series = cluster.query(&expr).expect("query");
+    assert_eq!(
+        series[0]["metric"]["instance"],
+        pod.node.as_str(),
+        "{series:?}"
+    );
+    let exported = cluster
+        .query(r#"{job="podnet", exported_namespace=~".+"}"#)
+        .expect("query");
+    assert!(exported.is_empty(), "renamed labels: {exported:?}");
+    // Host traffic (namespace="") keeps no namespace at all rather than the agent's own.
+    let agents_own = cluster
+        .query(r#"{job="podnet", namespace="kube-system", pod=~"podnet-.*"}"#)
+        .expect("query");
+    assert!(
+        agents_own.is_empty(),
+        "agent's own labels leaked: {agents_own:?}"
+    );
+}
+
+/// The alerts: nothing is active on the cluster at rest (this runs first of the suite).
+#[test]
+fn alerts_are_quiet_at_rest() {
+    let Some(cluster) = cluster() else { return };
+    let active = cluster
+        .query(r#"ALERTS{alertstate=~"pending|firing"}"#)
+        .expect("query");
+    assert!(active.is_empty(), "alerts at rest: {active:#?}");
+    let rules = cluster
+        .query("count(ALERTS_FOR_STATE) or vector(0)")
+        .expect("query");
+    assert_eq!(rules.len(), 1, "{rules:?}");
+}
+
+/// Insert races and DNS timeouts on a node make the race and DNS-timeout alerts active for
+/// the pod that suffers them (pending: their `for:` durations are exercised by promtool's
+/// unit tests in tests/tests/deploy.rs, not waited out here).
+#[test]
+fn prometheus_alerts_on_insert_races_and_dns_timeouts() {
+    let Some(cluster) = cluster() else { return };
+    workload(cluster);
+    let node = cluster.node("node-1");
+    let (holder, loser) = suffering_pods(cluster);
+    let lookup = format!("nslookup -retry=1 -timeout=1 -type=a race.example. {RACE_DESTINATION}");
+    // Two tries: each lost query is sent again (a retransmit, and another race).
+    let retried = format!("nslookup -retry=2 -timeout=1 -type=a race.example. {RACE_DESTINATION}");
+    // The loser also resolves through the cluster DNS, so that every per-pod panel of the
+    // dashboard has its series (answers, latency) next to the races and timeouts.
+    let answered = format!("nslookup -type=a echo.{NAMESPACE}.svc.cluster.local.");
+    // Two bursts a scrape apart: a counter's first sample has no rate yet.
+    for _ in 0..2 {
+        let _snat = SnatToOnePort::add(cluster, node, [&holder.ip, &loser.ip]);
+        for (pod, script) in [
+            (&holder, format!("{lookup} >/dev/null 2>&1; true")),
+            (
+                &loser,
+                format!(
+                    "{answered} >/dev/null; \
+                     for i in $(seq {RACING_QUERIES}); do {retried} >/dev/null 2>&1 & done; wait"
+                ),
+            ),
+        ] {
+            cluster
+                .exec(NAMESPACE, &pod.name, None, &["sh", "-c", &script])
+                .expect("sending queries");
+        }
+        std::thread::sleep(Duration::from_secs(35));
+    }
+    for (alert, labels) in [
+        (
+            "PodnetConntrackInsertRaces",
+            format!(r#"instance="node-1", pod="{}""#, loser.name),
+        ),
+        (
+            "PodnetDnsTimeouts",
+            format!(r#"instance="node-1", pod="{}""#, loser.name),
+        ),
+    ] {
+        let expr =
+            format!(r#"ALERTS{{alertname="{alert}", alertstate=~"pending|firing", {labels}}}"#);
+        cluster
+            .wait(&format!("{alert} active"), Duration::from_secs(60), || {
+                Ok(!cluster.query(&expr)?.is_empty())
+            })
+            .unwrap_or_else(|e| panic!("{e:#}; active: {:?}", cluster.query("ALERTS")));
+    }
+}

@@ -150,8 +150,49 @@ pub const COREDNS: Component = Component {
     pin_staging: false,
 };
 
+/// prometheus-operator: generates Prometheus's scrape configuration from the shipped
+/// PodMonitor and its rule files from the PrometheusRule, as it does in users' clusters.
+pub const PROMETHEUS_OPERATOR: Component = Component {
+    name: "prometheus-operator",
+    module: "github.com/prometheus-operator/prometheus-operator",
+    version: "v0.85.0",
+    binaries: &[(
+        "github.com/prometheus-operator/prometheus-operator/cmd/operator",
+        "operator",
+    )],
+    version_vars: &["github.com/prometheus/common/version.Version={version}"],
+    tags: "",
+    static_binary: false,
+    pin_staging: false,
+};
+
+/// Prometheus, which scrapes the agents with the configuration prometheus-operator generates.
+/// Built from its release module because Debian's 2.42 has no Kubernetes service discovery,
+/// which that configuration uses. Without the `builtinassets` tag: the API, no web UI.
+pub const PROMETHEUS: Component = Component {
+    name: "prometheus",
+    module: "github.com/prometheus/prometheus",
+    version: "v0.305.0",
+    binaries: &[(
+        "github.com/prometheus/prometheus/cmd/prometheus",
+        "prometheus",
+    )],
+    version_vars: &["github.com/prometheus/common/version.Version=3.5.0"],
+    tags: "",
+    static_binary: false,
+    pin_staging: false,
+};
+
 /// Every component of the cluster.
-pub const ALL: &[Component] = &[KUBERNETES, CONTAINERD, CRI_TOOLS, ETCD, COREDNS];
+pub const ALL: &[Component] = &[
+    KUBERNETES,
+    CONTAINERD,
+    CRI_TOOLS,
+    ETCD,
+    COREDNS,
+    PROMETHEUS_OPERATOR,
+    PROMETHEUS,
+];
 
 impl Component {
     /// The cache directory of this version.
@@ -184,12 +225,23 @@ impl Component {
         let src = dir.join("src");
         fs::create_dir_all(&src).with_context(|| format!("creating {}", src.display()))?;
         let _ = fs::remove_file(dir.join(COMPLETE_STAMP));
-        let replaces = if self.pin_staging {
-            self.staging_replaces(go)?
+        let release_go_mod = self.release_go_mod(go)?;
+        let staging = if self.pin_staging {
+            let staging = parse_staging_requires(&release_go_mod);
+            if staging.is_empty() {
+                bail!("{}'s go.mod requires no module at v0.0.0", self.label());
+            }
+            staging
         } else {
             Vec::new()
         };
-        fs::write(src.join("go.mod"), self.consumer_go_mod(&replaces))?;
+        let mut go_mod = self.consumer_go_mod(&staging);
+        // A consumer module ignores the release's own replace directives: carry over those
+        // that pin another version (those to local directories name modules the proxy has).
+        for replace in parse_version_replaces(&release_go_mod) {
+            let _ = writeln!(go_mod, "\nreplace {replace}");
+        }
+        fs::write(src.join("go.mod"), go_mod)?;
         let mut build = go_command(go, &src);
         // `-o DIR/` names each binary after its package's last path element; a single
         // package is given its file name instead.
@@ -238,8 +290,8 @@ impl Component {
         text
     }
 
-    /// The modules the release's own go.mod requires at `v0.0.0` (its staging modules).
-    fn staging_replaces(&self, go: &Path) -> Result<Vec<String>> {
+    /// The text of the release's own go.mod.
+    fn release_go_mod(&self, go: &Path) -> Result<String> {
         let json = cmd::stdout(
             go_command(go, Path::new(TOOLS_ROOT))
                 .args(["mod", "download", "-json"])
@@ -251,12 +303,7 @@ impl Component {
             .get("GoMod")
             .and_then(serde_json::Value::as_str)
             .context("`go mod download -json` names no GoMod file")?;
-        let text = fs::read_to_string(go_mod).with_context(|| format!("reading {go_mod}"))?;
-        let staging = parse_staging_requires(&text);
-        if staging.is_empty() {
-            bail!("{go_mod} requires no module at v0.0.0: not a Kubernetes release go.mod");
-        }
-        Ok(staging)
+        fs::read_to_string(go_mod).with_context(|| format!("reading {go_mod}"))
     }
 
     fn ldflags(&self) -> String {
@@ -305,6 +352,40 @@ fn parse_staging_requires(go_mod: &str) -> Vec<String> {
     modules
 }
 
+/// The replace directives of a go.mod that pin a module to another version (`a v1 => a v2`,
+/// in a block or on their own line); those to local directories are left out.
+fn parse_version_replaces(go_mod: &str) -> Vec<String> {
+    let mut in_block = false;
+    let mut out = Vec::new();
+    for line in go_mod.lines() {
+        let line = line.split("//").next().unwrap_or("").trim();
+        if line == "replace (" {
+            in_block = true;
+            continue;
+        }
+        if in_block && line == ")" {
+            in_block = false;
+            continue;
+        }
+        let directive = if in_block {
+            line
+        } else if let Some(rest) = line.strip_prefix("replace ") {
+            rest.trim()
+        } else {
+            continue;
+        };
+        let Some((_, target)) = directive.split_once("=>") else {
+            continue;
+        };
+        let target = target.trim();
+        let local = target.starts_with('.') || target.starts_with('/');
+        if !local && target.split_whitespace().count() == 2 {
+            out.push(directive.to_owned());
+        }
+    }
+    out
+}
+
 /// A `go` command in `dir` that never downloads a toolchain and may update go.sum.
 fn go_command(go: &Path, dir: &Path) -> Command {
     let mut command = Command::new(go);
@@ -349,25 +430,25 @@ fn go_minor(version: &str) -> Option<u32> {
         .ok()
 }
 
-/// prometheus-operator's release module: the cluster installs its PodMonitor and
-/// PrometheusRule CRDs (from `example/prometheus-operator-crd/`), so that the shipped bundle
-/// applies unchanged.
-pub const PROMETHEUS_OPERATOR: (&str, &str) = (
-    "github.com/prometheus-operator/prometheus-operator",
-    "v0.85.0",
-);
-/// The CRDs the shipped bundle uses, by file name in that directory.
+/// prometheus-operator's CRDs (from `example/prometheus-operator-crd/` of its release
+/// module): the PodMonitor and PrometheusRule of the shipped bundle, and what the operator
+/// itself watches.
 const MONITORING_CRDS: &[&str] = &[
     "monitoring.coreos.com_podmonitors.yaml",
     "monitoring.coreos.com_prometheusrules.yaml",
+    "monitoring.coreos.com_prometheuses.yaml",
+    "monitoring.coreos.com_servicemonitors.yaml",
+    "monitoring.coreos.com_probes.yaml",
+    "monitoring.coreos.com_scrapeconfigs.yaml",
+    "monitoring.coreos.com_prometheusagents.yaml",
+    "monitoring.coreos.com_alertmanagers.yaml",
+    "monitoring.coreos.com_alertmanagerconfigs.yaml",
+    "monitoring.coreos.com_thanosrulers.yaml",
 ];
 
 /// Where the monitoring CRDs are cached.
 fn monitoring_crd_dir() -> PathBuf {
-    Path::new(TOOLS_ROOT).join(format!(
-        "prometheus-operator-{}/crds",
-        PROMETHEUS_OPERATOR.1
-    ))
+    PROMETHEUS_OPERATOR.dir().join("crds")
 }
 
 /// The cached monitoring CRD files.
@@ -381,7 +462,7 @@ pub fn monitoring_crds() -> Result<Vec<PathBuf>> {
 }
 
 fn ensure_monitoring_crds(go: &Path) -> Result<()> {
-    let (module, version) = PROMETHEUS_OPERATOR;
+    let (module, version) = (PROMETHEUS_OPERATOR.module, PROMETHEUS_OPERATOR.version);
     let json = cmd::stdout(
         go_command(go, Path::new(TOOLS_ROOT))
             .args(["mod", "download", "-json"])
@@ -411,10 +492,7 @@ pub fn missing() -> Vec<String> {
         .map(|c| format!("{} (built from its release module)", c.label()))
         .collect();
     if monitoring_crds().is_err() {
-        missing.push(format!(
-            "prometheus-operator {} CRDs",
-            PROMETHEUS_OPERATOR.1
-        ));
+        missing.push(format!("{} CRDs", PROMETHEUS_OPERATOR.label()));
     }
     missing
 }
@@ -435,10 +513,7 @@ pub fn ensure_all() -> Result<()> {
         component.build(&go)?;
     }
     if crds_missing {
-        println!(
-            "installing: prometheus-operator {} CRDs",
-            PROMETHEUS_OPERATOR.1
-        );
+        println!("installing: {} CRDs", PROMETHEUS_OPERATOR.label());
         ensure_monitoring_crds(&go)?;
     }
     Ok(())
@@ -456,6 +531,19 @@ mod tests {
         assert_eq!(
             parse_staging_requires(go_mod),
             ["k8s.io/api", "k8s.io/client-go", "k8s.io/kubelet"]
+        );
+    }
+
+    #[test]
+    fn version_replaces_are_carried_over_and_local_ones_left_out() {
+        let go_mod = "module x\n\nreplace github.com/fsnotify/fsnotify v1.8.0 => github.com/fsnotify/fsnotify v1.7.0\n\
+                      replace (\n\tgithub.com/a/b => ./b\n\tgithub.com/c/d => github.com/c/d v0.2.0 // why\n)\n";
+        assert_eq!(
+            parse_version_replaces(go_mod),
+            [
+                "github.com/fsnotify/fsnotify v1.8.0 => github.com/fsnotify/fsnotify v1.7.0",
+                "github.com/c/d => github.com/c/d v0.2.0"
+            ]
         );
     }
 

@@ -13,6 +13,7 @@ pub mod components;
 pub mod config;
 pub mod image;
 pub mod layout;
+mod monitoring;
 mod network;
 pub mod pki;
 pub mod state;

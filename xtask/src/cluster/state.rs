@@ -138,6 +138,7 @@ pub fn status() -> Result<Value> {
         "vpc_netns": layout::VPC_NETNS,
         "audit_log": layout::audit_log(),
         "podnet_overlay": layout::cluster_path("overlay"),
+        "prometheus": format!("http://{}", super::monitoring::PROMETHEUS_ADDR),
         "nodes": nodes,
         "daemons": daemons,
     }))

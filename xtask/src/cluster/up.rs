@@ -15,7 +15,7 @@ use super::{
     config,
     image::{Image, RootFs, IMAGE_PATH},
     layout::{self, Node},
-    network, pki,
+    monitoring, network, pki,
     state::{self, State},
     system::{self, Place},
 };
@@ -88,6 +88,8 @@ fn start(state: &mut State, binaries: &Path) -> Result<()> {
     println!("cluster: podnet from deploy/");
     install_podnet(config::PODNET_TAG)?;
     wait_ready()?;
+    println!("cluster: prometheus-operator and Prometheus");
+    monitoring::start(state)?;
     let status = state::status()?;
     fs::write(
         layout::cluster_path("status.json"),
@@ -211,7 +213,7 @@ fn os(args: &[String]) -> Vec<OsString> {
     args.iter().map(OsString::from).collect()
 }
 
-fn start_daemon(
+pub(super) fn start_daemon(
     state: &mut State,
     name: &str,
     place: Place<'_>,
