@@ -28,7 +28,9 @@ pub mod vpc;
 
 pub use agent::{Agent, EndpointSpec, Metrics};
 pub use netfilter::{conntrack_stats, ip6tables, iptables, read_conntrack_stat, ConntrackStats};
-pub use netns::{in_netns, unique_ifname, veth, wait_link_up, Netns, MAX_IFNAME_LEN};
+pub use netns::{
+    in_netns, in_netns_path, unique_ifname, veth, wait_link_up, Netns, MAX_IFNAME_LEN,
+};
 pub use process::{spawn_in, spawn_in_with_env, NsChild};
 pub use topology::{Pod, Topology, TopologyBuilder};
 pub use traffic::{

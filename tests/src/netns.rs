@@ -162,6 +162,26 @@ where
     })
 }
 
+/// Like [`in_netns`], for a namespace this process did not create, by its bind mount
+/// (e.g. `/run/netns/<name>` of a cluster node).
+pub fn in_netns_path<T, F>(path: &std::path::Path, f: F) -> Result<T>
+where
+    F: FnOnce() -> T + Send,
+    T: Send,
+{
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let name = path.display().to_string();
+    std::thread::scope(|scope| {
+        let thread = scope.spawn(move || -> Result<T> {
+            enter(&file, &name)?;
+            Ok(f())
+        });
+        thread
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 /// Opens the namespace's bind mount, for [`enter`].
 pub(crate) fn netns_file(netns: &Netns) -> Result<File> {
     File::open(netns.path()).with_context(|| format!("opening {}", netns.path().display()))

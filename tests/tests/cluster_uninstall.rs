@@ -91,20 +91,35 @@ fn uninstall_with_the_documented_steps_leaves_nothing() {
     assert_eq!(left.trim(), "", "objects left");
 }
 
-/// The TC programs (tcx links or classic filters) attached in `node`'s network namespace.
-fn tc_programs(cluster: &Cluster, node: &ClusterNode) -> Vec<serde_json::Value> {
-    let out = cluster
-        .on_node(node, &["bpftool", "-j", "net", "show"])
-        .expect("bpftool net show");
-    let sections: serde_json::Value = serde_json::from_str(&out).expect("bpftool's JSON");
-    sections
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|section| section["tc"].as_array().cloned().unwrap_or_default())
-        .collect()
+/// The TC programs attached in `node`'s network namespace, as tcx links (the mode the agent
+/// takes on this kernel), by `BPF_PROG_QUERY` on both hooks of every interface. (Debian's
+/// bpftool 7.1 predates tcx and lists none of them.)
+fn tc_programs(cluster: &Cluster, node: &ClusterNode) -> Vec<String> {
+    use aya::programs::{tc::TcAttachType, SchedClassifier};
+    let links = cluster
+        .on_node(node, &["ip", "-o", "link", "show"])
+        .expect("ip link");
+    let names: Vec<String> = links
+        .lines()
+        .filter_map(|line| line.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+        .collect();
+    let path = std::path::PathBuf::from("/run/netns").join(&node.netns);
+    podnet_tests::in_netns_path(&path, move || {
+        let mut attached = Vec::new();
+        for name in &names {
+            for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let (_, programs) = SchedClassifier::query_tcx(name, hook)
+                    .unwrap_or_else(|e| panic!("BPF_PROG_QUERY on {name}: {e}"));
+                for program in programs {
+                    attached.push(format!("{name} {hook:?} program {}", program.id()));
+                }
+            }
+        }
+        attached
+    })
+    .expect("entering the node's network namespace")
 }
-
 /// Nothing of podnet on `node`: pins, CNI files, routes and rules with podnet's protocol,
 /// iptables chains, TC programs.
 fn assert_node_clean(cluster: &Cluster, node: &ClusterNode) {
