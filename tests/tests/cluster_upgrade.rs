@@ -153,6 +153,10 @@ fn rolling_update_keeps_traffic_counters_and_new_pods() {
     );
     std::thread::sleep(Duration::from_secs(2));
     let rollout = roll_to_next_image_while_scaling_up(&cluster);
+    let rollout_done_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs();
     let ping = finish(ping, "ping across nodes");
     let summary = ping
         .lines()
@@ -192,6 +196,7 @@ fn rolling_update_keeps_traffic_counters_and_new_pods() {
             "{name} went back from {before} to {after}"
         );
     }
+    assert_no_counter_went_back_in_prometheus(&cluster, rollout_done_at);
     eprintln!("rollout of 2 agents took {rollout:?}; {summary}");
 }
 
@@ -232,4 +237,41 @@ fn roll_to_next_image_while_scaling_up(cluster: &Cluster) -> Duration {
         PODS_DURING
     );
     rollout
+}
+
+/// In Prometheus no podnet counter went back at all, those the agents keep in memory
+/// included: once it has scraped each new agent after the rollout (which ended at
+/// `rollout_done_at`, Unix seconds), no series shows a reset.
+fn assert_no_counter_went_back_in_prometheus(cluster: &Cluster, rollout_done_at: u64) {
+    cluster
+        .wait(
+            "Prometheus scraped the new agents",
+            Duration::from_secs(70),
+            || {
+                let fresh = cluster.query(&format!(
+                    r#"count(timestamp(up{{job="podnet"}}) > {rollout_done_at})"#
+                ))?;
+                Ok(fresh.first().and_then(|s| s["value"][1].as_str()) == Some("2"))
+            },
+        )
+        .expect("scrapes of the new agents");
+    // resets() drops the metric name, so one family at a time.
+    let families = cluster
+        .query(r#"group by (__name__) ({job="podnet", __name__=~"podnet_.+(_total|_bucket|_count|_sum)"})"#)
+        .expect("query");
+    assert!(families.len() > 10, "counter families: {families:?}");
+    let mut went_back = Vec::new();
+    for family in &families {
+        let name = family["metric"]["__name__"].as_str().expect("a name");
+        let resets = cluster
+            .query(&format!(r#"resets({name}{{job="podnet"}}[10m]) > 0"#))
+            .expect("query");
+        if !resets.is_empty() {
+            went_back.push((name.to_owned(), resets));
+        }
+    }
+    assert!(
+        went_back.is_empty(),
+        "podnet counters that went back: {went_back:#?}"
+    );
 }

@@ -15,7 +15,10 @@ use podnet::{
         handler::{ApiHandler, MetricsRenderer},
         Daemon,
     },
-    metrics::server::{MetricsServer, Readiness},
+    metrics::{
+        continuity::Continuous,
+        server::{MetricsServer, Readiness},
+    },
 };
 use tokio::{
     signal::unix::{signal, SignalKind},
@@ -73,7 +76,15 @@ async fn run() -> anyhow::Result<()> {
     .await
     .context("datapath start panicked")?
     .context("starting podnet-agent")?;
-    source.set(Arc::new(MetricsRenderer::new(daemon.clone())));
+    // Counters the new agent restarted from zero continue from what the previous one
+    // exposed; decided at this first render, before they grow again.
+    let metrics = Arc::new(Continuous::new(
+        MetricsRenderer::new(daemon.clone()),
+        &config.state_dir,
+    ));
+    let _ = podnet::metrics::MetricsSource::render(metrics.as_ref());
+    source.set(metrics.clone());
+    tokio::spawn(save_metrics_periodically(metrics.clone()));
     // Start-up's BTF parsing is over: hand its freed memory back, and keep
     // doing so after bursts of work (endpoint churn, large scrapes).
     tokio::spawn(release_free_heap_periodically());
@@ -105,6 +116,16 @@ async fn run() -> anyhow::Result<()> {
     .await;
     if drained.is_err() {
         tracing::warn!("servers did not drain in time");
+    }
+    // Last, once no request is served and no scrape answered any more: what the next agent
+    // continues from is exactly what was last exposed.
+    let saved = tokio::task::spawn_blocking({
+        let metrics = metrics.clone();
+        move || metrics.save()
+    })
+    .await?;
+    if let Err(e) = saved {
+        tracing::warn!(error = %e, "saving the counters for the next agent");
     }
     tokio::task::spawn_blocking(move || daemon.stop()).await?;
     Ok(())
@@ -165,6 +186,21 @@ async fn watch_pin_dir(dir: std::path::PathBuf, readiness: Readiness) {
             _ => {}
         }
         problem = now;
+    }
+}
+
+/// Saves the exposed counters for the next agent every
+/// [`defaults::METRICS_SAVE_INTERVAL`] (a crash loses only what came after the last save).
+async fn save_metrics_periodically(metrics: Arc<Continuous<MetricsRenderer>>) {
+    let mut tick = tokio::time::interval(defaults::METRICS_SAVE_INTERVAL);
+    loop {
+        tick.tick().await;
+        let metrics = metrics.clone();
+        match tokio::task::spawn_blocking(move || metrics.save()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "saving the counters for the next agent"),
+            Err(e) => tracing::warn!(error = %e, "saving the counters panicked"),
+        }
     }
 }
 

@@ -19,6 +19,9 @@ pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5
 /// How often the agent hands freed heap back to the kernel (see
 /// [`crate::memory`]).
 pub const HEAP_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_mins(1);
+/// How often the agent saves the counters it exposes, for the next agent (see
+/// [`crate::metrics::continuity`]); also on SIGTERM.
+pub const METRICS_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
 /// How often the agent checks that its `--bpffs` directory is still on bpffs.
 pub const PIN_DIR_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 /// `--dns-timeout`.

@@ -7,6 +7,7 @@
 //! of any counter in user space.
 
 pub mod conntrack;
+pub mod continuity;
 pub mod dns;
 pub mod process;
 pub mod selfstats;
