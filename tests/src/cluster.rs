@@ -345,6 +345,22 @@ impl Cluster {
             .collect())
     }
 
+    /// How many pods on `node` have an address from the node's pod network (every pod not on
+    /// the host network that got one), by the API server's list.
+    pub fn pods_with_pod_address(&self, node: &str) -> Result<usize> {
+        let all = self.kubectl_json(&["get", "pods", "--all-namespaces"])?;
+        Ok(all["items"]
+            .as_array()
+            .ok_or_else(|| anyhow!("no items in the pod list"))?
+            .iter()
+            .filter(|p| {
+                p["spec"]["nodeName"] == node
+                    && p["spec"]["hostNetwork"] != true
+                    && p["status"]["podIP"].is_string()
+            })
+            .count())
+    }
+
     /// podnet's agent pod on `node`.
     pub fn agent_pod(&self, node: &str) -> Result<String> {
         let agents: Vec<ListedPod> = self

@@ -277,9 +277,6 @@ fn pods_get_addresses_from_their_nodes_pod_cidr() {
     assert_eq!(pods.len(), PODS);
     let ips: BTreeSet<&str> = pods.iter().map(|p| p.ip.as_str()).collect();
     assert_eq!(ips.len(), PODS, "an address given twice: {pods:?}");
-    let all = cluster
-        .kubectl_json(&["get", "pods", "--all-namespaces"])
-        .expect("every pod");
     for node in &cluster.nodes {
         let here = on_node(&pods, &node.name);
         assert_eq!(
@@ -299,16 +296,9 @@ fn pods_get_addresses_from_their_nodes_pod_cidr() {
         }
         // podnet's own count of the addresses it gave = the pods on the node that have one
         // (every pod not on the host network, the workload's and CoreDNS).
-        let running_here = all["items"]
-            .as_array()
-            .expect("items")
-            .iter()
-            .filter(|p| {
-                p["spec"]["nodeName"] == node.name.as_str()
-                    && p["spec"]["hostNetwork"] != true
-                    && p["status"]["podIP"].is_string()
-            })
-            .count();
+        let running_here = cluster
+            .pods_with_pod_address(&node.name)
+            .expect("every pod");
         let metrics = cluster.metrics(node).expect("podnet's metrics");
         assert_eq!(
             metrics.count("podnet_ipam_addresses", &[("state", "allocated")]),

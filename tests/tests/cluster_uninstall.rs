@@ -31,24 +31,14 @@ fn uninstall_with_the_documented_steps_leaves_nothing() {
                 .is_empty())
         })
         .expect("agents stop");
-    let all_pods = cluster
-        .kubectl_json(&["get", "pods", "--all-namespaces"])
-        .expect("every pod");
     let agent = binary("podnet-agent").expect("the podnet-agent binary");
     let agent = agent.to_str().expect("a UTF-8 path");
     for node in &cluster.nodes {
         // With the agents gone, their pins still hold the DNS programs on every pod's
         // host-side interface (ingress and egress): the datapath outlives the DaemonSet.
-        let pods_here = all_pods["items"]
-            .as_array()
-            .expect("items")
-            .iter()
-            .filter(|p| {
-                p["spec"]["nodeName"] == node.name.as_str()
-                    && p["spec"]["hostNetwork"] != true
-                    && p["status"]["podIP"].is_string()
-            })
-            .count();
+        let pods_here = cluster
+            .pods_with_pod_address(&node.name)
+            .expect("every pod");
         assert_eq!(
             tc_programs(&cluster, node).len(),
             2 * pods_here,

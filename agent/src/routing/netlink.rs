@@ -196,16 +196,10 @@ fn up_with_mtu_message(index: u32, mtu: u32) -> LinkMessage {
 
 impl Netlink for RtNetlink {
     fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
-        let answers = self.dump(
-            "dump links",
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-        )?;
-        Ok(answers
+        Ok(self
+            .link_states()?
             .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(parse_link(&l)),
-                _ => None,
-            })
+            .map(|state| state.link)
             .collect())
     }
 
