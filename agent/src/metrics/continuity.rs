@@ -6,9 +6,10 @@
 //! after a program is replaced), and start again from zero: Prometheus sees a reset, and a
 //! rolling update shows up on every dashboard. [`Continuity`] hides that: the agent saves the
 //! values it last exposed ([`Continuity::save`], on SIGTERM and every
-//! [`crate::config::defaults::METRICS_SAVE_INTERVAL`]), and the next agent, at its first
-//! render, adds the saved value to every counter or histogram series whose value went back.
-//! A series that continued (a pinned map) is left alone, so nothing is counted twice.
+//! [`crate::config::defaults::METRICS_SAVE_INTERVAL`]), and the next agent adds the saved
+//! value to every counter or histogram series whose value went back, decided the first time
+//! it renders that series (a CNI counter appears only with the first request). A series that
+//! continued (a pinned map) is left alone, so nothing is counted twice.
 //! After a crash the increments since the last save are missing, but nothing goes back.
 
 use std::{
@@ -20,12 +21,12 @@ use std::{
 /// The file, in `--state-dir`.
 pub const FILE: &str = "metrics-continuity.json";
 
-/// Offsets per series, established at the first render after start.
+/// Offsets per series, each decided the first time the series is rendered after start.
 #[derive(Debug, Default)]
 pub struct Continuity {
     path: PathBuf,
-    /// What the previous agent last exposed, until the first render has used it.
-    saved: Option<BTreeMap<String, f64>>,
+    /// What the previous agent last exposed, for the series not decided yet.
+    saved: BTreeMap<String, f64>,
     /// What to add to each series that went back.
     offsets: BTreeMap<String, f64>,
 }
@@ -43,22 +44,24 @@ impl Continuity {
         }
         Self {
             path,
-            saved,
+            saved: saved.unwrap_or_default(),
             offsets: BTreeMap::new(),
         }
     }
 
-    /// The exposition `raw` with the offsets added; the first call decides them.
+    /// The exposition `raw` with the offsets added, deciding them for series rendered for the
+    /// first time since start.
     pub fn apply(&mut self, raw: &str) -> String {
-        if let Some(saved) = self.saved.take() {
+        if !self.saved.is_empty() {
+            let before = self.offsets.len();
             for (key, value) in cumulative_samples(raw) {
-                if let Some(&before) = saved.get(&key) {
-                    if value < before {
-                        self.offsets.insert(key, before);
+                if let Some(saved) = self.saved.remove(&key) {
+                    if value < saved {
+                        self.offsets.insert(key, saved);
                     }
                 }
             }
-            if !self.offsets.is_empty() {
+            if self.offsets.len() > before {
                 tracing::info!(
                     series = self.offsets.len(),
                     "counters that restarted continue from the previous agent's values"
@@ -228,6 +231,19 @@ mod tests {
         // The offsets stay: later renders keep counting from there.
         let later = raw.replace("result=\"success\"} 2", "result=\"success\"} 5");
         assert!(next.apply(&later).contains("result=\"success\"} 45\n"));
+    }
+
+    #[test]
+    fn a_series_that_appears_later_is_decided_when_it_appears() {
+        let (_dir, mut next) = continuity_after(BEFORE);
+        // The first render after start: no CNI request yet, so no CNI series at all.
+        let first = BEFORE.replace(
+            "podnet_cni_requests_total{command=\"ADD\",result=\"success\"} 40\n",
+            "",
+        );
+        let _ = next.apply(&first);
+        let raw = BEFORE.replace("result=\"success\"} 40", "result=\"success\"} 1");
+        assert!(next.apply(&raw).contains("result=\"success\"} 41\n"));
     }
 
     #[test]
