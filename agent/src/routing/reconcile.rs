@@ -151,6 +151,12 @@ impl<N: Netlink> Reconciler<N> {
                     outcome.applied += 1;
                     tracing::debug!(object = ?change.object(), "already gone");
                 }
+                Err(e) if link_gone(change, &e) => {
+                    // The pod's link went away since it was observed (the pod is being
+                    // deleted): nothing to add it to. Its endpoint's removal, or the next
+                    // round, settles it; `podnetctl routes` shows it missing meanwhile.
+                    tracing::debug!(object = ?change.object(), "link gone before the add");
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "routing change failed");
                     outcome.errors.push(e.to_string());
@@ -176,6 +182,15 @@ fn already_gone(change: &Change, e: &NetlinkError) -> bool {
     matches!(change, Change::Delete(_))
         && matches!(e, NetlinkError::Kernel { source, .. }
             if matches!(source.raw_os_error(), Some(libc::ESRCH | libc::ENOENT)))
+}
+
+/// Whether a failed add or replace found its link gone: the kernel answers `ENODEV` for a
+/// route or neighbour entry on an interface that no longer exists (`fib_create_info`,
+/// `pneigh_lookup` through `__dev_get_by_index`), 6.x.
+fn link_gone(change: &Change, e: &NetlinkError) -> bool {
+    matches!(change, Change::Add(_) | Change::Replace(_))
+        && matches!(e, NetlinkError::Kernel { source, .. }
+            if source.raw_os_error() == Some(libc::ENODEV))
 }
 
 #[cfg(test)]
@@ -334,6 +349,13 @@ mod tests {
             table: 254,
         }));
         assert!(!already_gone(&add, &missing));
+        let no_device = NetlinkError::Kernel {
+            what: "add route".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENODEV),
+        };
+        assert!(link_gone(&add, &no_device));
+        assert!(!link_gone(&rule, &no_device));
+        assert!(!link_gone(&add, &missing));
     }
 
     #[test]
