@@ -677,8 +677,10 @@ fn bpffs_missing_fails_clearly_and_an_unmount_keeps_counting() -> Result<()> {
     agent.restart(node)?;
     assert!(dir.join("conntrack").exists(), "not pinned again");
     assert_eq!(races(&topo, 7002, 3)?, 3);
+    // The fresh bpffs counts from zero; the exposed counter continues from the 12 the
+    // previous agent exposed (metrics continuity), so it never goes back.
     let ok = wait_for(
-        || agent.metrics(node).is_ok_and(|m| races_b(&m) == 3),
+        || agent.metrics(node).is_ok_and(|m| races_b(&m) == 12 + 3),
         Duration::from_secs(5),
     );
     assert!(ok, "{}", agent.metrics(node)?.0);
@@ -686,7 +688,7 @@ fn bpffs_missing_fails_clearly_and_an_unmount_keeps_counting() -> Result<()> {
     println!(
         "bpffs: missing -> exit {status} after {exited:?}: {first_error}\n\
          bpffs unmounted under the agent: PID {pid} kept running, /readyz 503 after {noticed:?}, \
-         7/7 races counted after; logged: {unmount_log:?}; restart on a fresh bpffs counts again (3/3)"
+         7/7 races counted after; logged: {unmount_log:?}; restart on a fresh bpffs counts again (3/3, exposed as 12 + 3)"
     );
     Ok(())
 }
