@@ -233,15 +233,21 @@ impl Cluster {
     /// An instant query of the cluster's Prometheus (which scrapes the agents with the
     /// configuration prometheus-operator generated): the result vector.
     pub fn query(&self, expr: &str) -> Result<Vec<Value>> {
-        let path = format!("/api/v1/query?query={}", percent_encode(expr));
-        let answer: Value = serde_json::from_str(&http_get(&self.prometheus, &path)?)?;
-        if answer["status"] != "success" {
-            bail!("query {expr}: {answer}");
-        }
+        let answer =
+            self.prometheus_api(&format!("/api/v1/query?query={}", percent_encode(expr)))?;
         Ok(answer["data"]["result"]
             .as_array()
             .cloned()
             .unwrap_or_default())
+    }
+
+    /// A GET of Prometheus's HTTP API at `path`; the answer, which must say `success`.
+    pub fn prometheus_api(&self, path: &str) -> Result<Value> {
+        let answer: Value = serde_json::from_str(&http_get(&self.prometheus, path)?)?;
+        if answer["status"] != "success" {
+            bail!("GET {path}: {answer}");
+        }
+        Ok(answer)
     }
 
     /// Polls `condition` every 500 ms until it holds or `timeout` passes; the last error (or
@@ -302,18 +308,7 @@ fn percent_encode(text: &str) -> String {
 }
 
 fn output_of(command: &mut Command) -> Result<String> {
-    let line = format!("{command:?}");
-    let output = command
-        .output()
-        .with_context(|| format!("starting {line}"))?;
-    if !output.status.success() {
-        bail!(
-            "{line} failed ({}): {}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim(),
-            String::from_utf8_lossy(&output.stdout).trim()
-        );
-    }
+    let output = crate::netns::run_checked(command, "the cluster")?;
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 

@@ -119,7 +119,7 @@ impl Drop for Netns {
 
 /// Runs `command` and fails with its command line, status, stdout and stderr unless it
 /// exits 0; `place` says where it ran, for the message.
-fn run_checked(command: &mut Command, place: &str) -> Result<Output> {
+pub(crate) fn run_checked(command: &mut Command, place: &str) -> Result<Output> {
     let line = std::iter::once(command.get_program())
         .chain(command.get_args())
         .map(|part| part.to_string_lossy().into_owned())
@@ -150,16 +150,7 @@ where
     F: FnOnce() -> T + Send,
     T: Send,
 {
-    let file = netns_file(netns)?;
-    std::thread::scope(|scope| {
-        let thread = scope.spawn(move || -> Result<T> {
-            enter(&file, netns.name())?;
-            Ok(f())
-        });
-        thread
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    in_netns_path(&netns.path(), f)
 }
 
 /// Like [`in_netns`], for a namespace this process did not create, by its bind mount

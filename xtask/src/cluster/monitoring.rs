@@ -111,19 +111,10 @@ fn generated_config() -> Result<String> {
     if !gz.status.success() {
         bail!("{}", String::from_utf8_lossy(&gz.stderr).trim());
     }
-    let mut gunzip = Command::new("gzip");
-    gunzip
-        .arg("-dc")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped());
-    let mut child = gunzip.spawn().context("starting gzip")?;
-    std::io::Write::write_all(child.stdin.as_mut().context("gzip's stdin")?, &gz.stdout)?;
-    drop(child.stdin.take());
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("gzip -dc of the generated configuration failed");
-    }
-    Ok(String::from_utf8(out.stdout)?)
+    let file = dir().join("prometheus.yaml.gz");
+    fs::create_dir_all(dir())?;
+    fs::write(&file, &gz.stdout)?;
+    cmd::stdout(Command::new("gzip").arg("-dc").arg(&file))
 }
 
 /// Writes the rule files of the ConfigMap `prometheus-podnet-rulefiles-0` into `dir`;
