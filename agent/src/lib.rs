@@ -7,7 +7,6 @@
 pub mod api;
 pub mod bpf;
 pub mod cloud;
-pub mod cni;
 pub mod config;
 pub mod conntrack;
 pub mod daemon;
@@ -17,5 +16,5 @@ pub mod ipam;
 pub mod kube;
 pub mod memory;
 pub mod metrics;
+pub mod net;
 pub mod routing;
-pub mod steer;

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
-use podnet::cni::{env, plugin, spec};
+use podnet_cni::{env, plugin, spec};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(conf) = spec::parse_netconf(data) {

@@ -6,8 +6,7 @@
 //! [`server::Handler`], [`client`] is the blocking client of both tools, and
 //! [`view`] renders results for people.
 
-pub mod client;
-pub mod protocol;
+pub use podnet_api::{client, protocol};
 pub mod server;
 pub mod status_view;
 pub mod view;

@@ -12,10 +12,9 @@ use podnet::{
     api::{
         client::{self, DEFAULT_TIMEOUT},
         protocol::{method, RacesParams, DEFAULT_RACES_LIMIT},
-        view,
     },
     config::defaults,
-    conntrack::events::RaceRecord,
+    conntrack::{events::RaceRecord, view::races_table},
 };
 use serde_json::Value;
 
@@ -58,7 +57,7 @@ enum Command {
     Plan {
         /// The range all clusters share, e.g. 10.0.0.0/8.
         #[arg(long)]
-        cluster_cidr: podnet::ipam::cidr::Cidr,
+        cluster_cidr: podnet::net::Cidr,
         /// Bits that number clusters.
         #[arg(long)]
         cluster_bits: u8,
@@ -129,25 +128,25 @@ fn run(args: &Args) -> anyhow::Result<String> {
             }
             let races: Vec<RaceRecord> = serde_json::from_value(result)
                 .with_context(|| format!("unexpected answer to {}", method::CONNTRACK_RACES))?;
-            Ok(view::races_table(&races))
+            Ok(races_table(&races))
         }
         Command::Endpoints => {
             let result = call(method::ENDPOINT_LIST, Value::Null)?;
             if args.json {
                 return json(&result);
             }
-            let eps: Vec<podnet::cni::record::EndpointRecord> = serde_json::from_value(result)
+            let eps: Vec<podnet_api::endpoint::EndpointRecord> = serde_json::from_value(result)
                 .with_context(|| format!("unexpected answer to {}", method::ENDPOINT_LIST))?;
-            Ok(podnet::cni::view::endpoints_table(&eps))
+            Ok(podnet::ipam::view::endpoints_table(&eps))
         }
         Command::Ipam => {
             let result = call(method::IPAM_STATUS, Value::Null)?;
             if args.json {
                 return json(&result);
             }
-            let status: podnet::cni::wire::IpamStatus = serde_json::from_value(result)
+            let status: podnet_api::wire::IpamStatus = serde_json::from_value(result)
                 .with_context(|| format!("unexpected answer to {}", method::IPAM_STATUS))?;
-            Ok(podnet::cni::view::ipam_text(&status))
+            Ok(podnet::ipam::view::ipam_text(&status))
         }
         Command::Plan {
             cluster_cidr,

@@ -21,17 +21,7 @@ pub fn is_bpffs(path: &Path) -> bool {
     filesystem_magic(path) == Some(BPF_FS_MAGIC)
 }
 
-/// The magic number (`statfs`'s `f_type`, as in include/uapi/linux/magic.h)
-/// of the filesystem `path` is on, or `None` when `path` cannot be statted.
-pub fn filesystem_magic(path: &Path) -> Option<i64> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statfs only writes into `buf`, a properly sized local.
-    let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c_path is a valid NUL-terminated string; buf is writable.
-    let rc = unsafe { libc::statfs(c_path.as_ptr(), &raw mut buf) };
-    #[allow(clippy::useless_conversion)] // f_type's width differs per libc target.
-    (rc == 0).then(|| i64::from(buf.f_type))
-}
+pub use podnet_api::sys::filesystem_magic;
 
 /// Makes sure `dir` exists on a bpf filesystem: mounts bpffs at
 /// [`BPFFS_ROOT`] when nothing is mounted there and `dir` lies below it.

@@ -9,7 +9,7 @@ use std::{
 use super::{http::Client, CloudError, InstanceIdentity};
 
 /// Default `--imds-endpoint`.
-pub const DEFAULT_ENDPOINT: &str = crate::config::defaults::IMDS_ENDPOINT;
+pub const DEFAULT_ENDPOINT: &str = "http://169.254.169.254";
 /// Lifetime asked for a session token.
 const TOKEN_TTL_SECONDS: u64 = 21_600;
 /// A token is renewed this long before it runs out.
@@ -126,7 +126,7 @@ impl Imds {
         let subnet_cidr = self
             .get(&cidr_path)?
             .parse()
-            .map_err(|e: crate::routing::cidr::CidrError| bad(&cidr_path, e.to_string()))?;
+            .map_err(|e: crate::net::Ipv4CidrError| bad(&cidr_path, e.to_string()))?;
         let security_groups = self
             .get(&format!("{iface}/security-group-ids"))?
             .lines()

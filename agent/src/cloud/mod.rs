@@ -1,7 +1,7 @@
 //! The cloud provider behind ENI mode: who this instance is, which network
 //! interfaces it has, and the calls that change them.
 //!
-//! [`CloudProvider`] is the seam: the ENI IPAM ([`crate::ipam::eni`]) is
+//! [`CloudProvider`] is the seam: the ENI IPAM (`ipam::eni`) is
 //! unit-tested against a fake, and [`ec2::Ec2`] implements it with the EC2
 //! Query API (form-encoded POSTs signed with [`sigv4`], XML answers read by
 //! [`xml`]), identity and credentials from the instance metadata service
@@ -20,7 +20,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use crate::routing::{cidr::Ipv4Cidr, eni::MacAddr};
+use crate::net::{Ipv4Cidr, MacAddr};
 
 /// Tag key podnet puts on the interfaces it creates; only those are ever
 /// detached or deleted.

@@ -33,7 +33,7 @@ pub const DNS_SLOW_THRESHOLD: std::time::Duration = std::time::Duration::from_mi
 /// `--warm-eni-target` (as the AWS VPC CNI).
 pub const WARM_ENI_TARGET: u32 = 1;
 /// `--imds-endpoint`.
-pub const IMDS_ENDPOINT: &str = "http://169.254.169.254";
+pub const IMDS_ENDPOINT: &str = crate::cloud::imds::DEFAULT_ENDPOINT;
 /// `--cni-conf-dir`.
 pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 /// `--cni-bin-dir`.

@@ -82,7 +82,7 @@ pub struct AgentArgs {
     /// Pod CIDR(s) of this node in node-cidr mode, comma-separated (at most
     /// one address per family per pod, e.g. `10.244.1.0/24,fd00:10:244:1::/64`).
     #[arg(long, env = "PODNET_NODE_CIDR")]
-    pub node_cidr: Option<crate::ipam::cidr::CidrList>,
+    pub node_cidr: Option<crate::net::CidrList>,
     /// This node's name: in node-cidr mode without --node-cidr, the agent reads the pod
     /// CIDRs of this Node (one GET of `spec.podCIDRs` through the in-cluster service
     /// account) before it serves pods. The DaemonSet sets it from `spec.nodeName`.
@@ -96,11 +96,11 @@ pub struct AgentArgs {
     /// Destinations that are not masqueraded and that the fast path may steer
     /// to, comma-separated [default: the ENIs' subnets].
     #[arg(long, env = "PODNET_VPC_CIDRS", value_delimiter = ',')]
-    pub vpc_cidrs: Option<Vec<crate::routing::cidr::Ipv4Cidr>>,
+    pub vpc_cidrs: Option<Vec<crate::net::Ipv4Cidr>>,
     /// Service CIDRs, comma-separated: the fast path leaves them to the
     /// kernel (kube-proxy translates them).
     #[arg(long, env = "PODNET_SERVICE_CIDRS", value_delimiter = ',')]
-    pub service_cidrs: Option<Vec<crate::routing::cidr::Ipv4Cidr>>,
+    pub service_cidrs: Option<Vec<crate::net::Ipv4Cidr>>,
     /// Masquerade pod traffic leaving the VPC (`--snat=true|false`)
     /// [default: true when ENIs are configured].
     #[arg(long, env = "PODNET_SNAT", num_args = 0..=1, default_missing_value = "true")]
@@ -174,15 +174,15 @@ pub struct ConfigFile {
     /// See [`AgentArgs::ipam_mode`].
     pub ipam_mode: Option<crate::ipam::IpamMode>,
     /// See [`AgentArgs::node_cidr`].
-    pub node_cidr: Option<crate::ipam::cidr::CidrList>,
+    pub node_cidr: Option<crate::net::CidrList>,
     /// See [`AgentArgs::node_name`].
     pub node_name: Option<String>,
     /// See [`AgentArgs::enis`].
     pub enis: Option<PathBuf>,
     /// See [`AgentArgs::vpc_cidrs`].
-    pub vpc_cidrs: Option<Vec<crate::routing::cidr::Ipv4Cidr>>,
+    pub vpc_cidrs: Option<Vec<crate::net::Ipv4Cidr>>,
     /// See [`AgentArgs::service_cidrs`].
-    pub service_cidrs: Option<Vec<crate::routing::cidr::Ipv4Cidr>>,
+    pub service_cidrs: Option<Vec<crate::net::Ipv4Cidr>>,
     /// See [`AgentArgs::warm_ip_target`].
     pub warm_ip_target: Option<u32>,
     /// See [`AgentArgs::minimum_ip_target`].
@@ -215,7 +215,7 @@ pub struct ConfigFile {
 
 /// Parses a duration flag such as `5s`, `500ms` or `1.5s` (1 ms to 60 s).
 fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
-    crate::cni::spec::parse_duration(s)
+    podnet_api::duration::parse(s)
         .ok_or_else(|| format!("{s:?} is not a duration like \"5s\" or \"500ms\" (1ms to 60s)"))
 }
 
@@ -252,7 +252,7 @@ pub struct AgentConfig {
     /// IPAM mode.
     pub ipam_mode: crate::ipam::IpamMode,
     /// Pod CIDRs of this node.
-    pub node_cidrs: Vec<crate::ipam::cidr::Cidr>,
+    pub node_cidrs: Vec<crate::net::Cidr>,
     /// This node's name, whose Node object gives the pod CIDRs when none are set.
     pub node_name: Option<String>,
     /// Static ENI description, if any.
@@ -260,9 +260,9 @@ pub struct AgentConfig {
     /// ENI mode: warm pool targets and endpoints.
     pub eni: crate::ipam::eni::EniSettings,
     /// VPC destinations (empty: the ENIs' subnets).
-    pub vpc_cidrs: Vec<crate::routing::cidr::Ipv4Cidr>,
+    pub vpc_cidrs: Vec<crate::net::Ipv4Cidr>,
     /// Service CIDRs the fast path leaves to the kernel.
-    pub service_cidrs: Vec<crate::routing::cidr::Ipv4Cidr>,
+    pub service_cidrs: Vec<crate::net::Ipv4Cidr>,
     /// SNAT on or off; `None`: on when ENIs are configured.
     pub snat: Option<bool>,
     /// The eBPF fast path.

@@ -9,13 +9,14 @@
 pub mod ctnetlink;
 pub mod events;
 pub mod log;
+pub mod metrics;
 pub mod stats;
 pub mod tracer;
+pub mod view;
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 
 pub use podnet_common::conntrack::DropKind;
-use podnet_common::family;
 use serde::{Deserialize, Serialize};
 
 /// Packets dropped by netfilter from one source address, by kind and protocol.
@@ -76,55 +77,4 @@ pub struct TracerSnapshot {
     pub counters: TracerCounters,
 }
 
-/// Protocol label value: `tcp`, `udp`, `icmp`, `icmpv6`, or the number.
-pub fn proto_name(proto: u8) -> String {
-    match proto {
-        1 => "icmp".into(),
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        58 => "icmpv6".into(),
-        132 => "sctp".into(),
-        n => n.to_string(),
-    }
-}
-
-/// Converts a kernel address (16 bytes, IPv4 in the first 4) to an `IpAddr`.
-/// Unknown families yield `None`.
-pub fn kernel_addr(addr: &[u8; 16], fam: u8) -> Option<IpAddr> {
-    match fam {
-        family::INET => Some(IpAddr::V4(Ipv4Addr::new(
-            addr[0], addr[1], addr[2], addr[3],
-        ))),
-        family::INET6 => Some(IpAddr::V6(Ipv6Addr::from(*addr))),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn protocol_labels() {
-        assert_eq!(proto_name(6), "tcp");
-        assert_eq!(proto_name(17), "udp");
-        assert_eq!(proto_name(1), "icmp");
-        assert_eq!(proto_name(47), "47");
-    }
-
-    #[test]
-    fn kernel_addresses() {
-        let mut a = [0u8; 16];
-        a[..4].copy_from_slice(&[10, 1, 2, 3]);
-        assert_eq!(
-            kernel_addr(&a, family::INET),
-            Some("10.1.2.3".parse().unwrap())
-        );
-        let v6: Ipv6Addr = "fd00::7".parse().unwrap();
-        assert_eq!(
-            kernel_addr(&v6.octets(), family::INET6),
-            Some(IpAddr::V6(v6))
-        );
-        assert_eq!(kernel_addr(&a, 99), None);
-    }
-}
+pub use crate::net::{kernel_addr, proto_name};

@@ -10,7 +10,8 @@ use crate::{
         protocol::{self as p, method},
         server::Handler,
     },
-    metrics::{self, conntrack as mc, text::Encoder, text::MetricType},
+    conntrack::metrics as mc,
+    metrics::{self, text::Encoder, text::MetricType},
 };
 
 /// Answers API calls from the daemon's state.
@@ -35,7 +36,7 @@ impl Handler for ApiHandler {
                 json(serde_json::to_value(self.0.dns().slow(params.limit)))
             }
             method::ROUTES_SHOW => json(serde_json::to_value(self.0.routing().show())),
-            m if crate::cni::service::CniService::serves(m) => self.0.cni().handle(m, params),
+            m if crate::ipam::service::IpamService::serves(m) => self.0.cni().handle(m, params),
             _ => Err(p::ApiError::unknown_method(m)),
         }
     }
@@ -86,10 +87,10 @@ impl metrics::MetricsSource for MetricsRenderer {
             .ok();
         let dns_lost: Vec<(&str, u64)> = dns
             .iter()
-            .map(|s| (metrics::dns::PROGRAM, s.counters.events_lost))
+            .map(|s| (crate::dns::metrics::PROGRAM, s.counters.events_lost))
             .collect();
         if let Some(snapshot) = &dns {
-            metrics::dns::render(&mut enc, snapshot, self.daemon.registry());
+            crate::dns::metrics::render(&mut enc, snapshot, self.daemon.registry());
         }
         match self.daemon.snapshot() {
             Ok(snapshot) => {
@@ -117,7 +118,7 @@ impl metrics::MetricsSource for MetricsRenderer {
                     .sample(&[("map", "conntrack_drops")], c.drop_keys_full)
                     .sample(&[("map", "conntrack_race_destinations")], c.dest_keys_full);
                 if let Some(d) = &dns {
-                    metrics::dns::map_full_samples(&mut map_full, &d.counters);
+                    crate::dns::metrics::map_full_samples(&mut map_full, &d.counters);
                 }
                 let mut skipped = enc.family(
                     "podnet_bpf_skipped_packets_total",
@@ -131,7 +132,7 @@ impl metrics::MetricsSource for MetricsRenderer {
                     )
                     .sample(&[("program", mc::PROGRAM), ("reason", "not_ip")], c.not_ip);
                 if let Some(d) = &dns {
-                    metrics::dns::skipped_samples(&mut skipped, &d.counters);
+                    crate::dns::metrics::skipped_samples(&mut skipped, &d.counters);
                 }
             }
             Err(e) => {

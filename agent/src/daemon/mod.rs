@@ -68,7 +68,7 @@ pub struct Daemon {
     netns_inode: u32,
     started: Instant,
     tc_mode: TcMode,
-    cni: crate::cni::service::CniService,
+    cni: crate::ipam::service::IpamService,
     dns: crate::dns::Dns,
     routing: crate::routing::Routing,
 }
@@ -139,9 +139,9 @@ impl Daemon {
             registry.replace_source(Source::File, endpoints);
         }
         // Before anything is loaded: a bad checkpoint or a second agent stops the start.
-        let cni = crate::cni::service::CniService::open(
+        let cni = crate::ipam::service::IpamService::open(
             &config.state_dir,
-            &crate::cni::service::IpamConfig {
+            &crate::ipam::service::IpamConfig {
                 mode: config.ipam_mode,
                 node_cidrs: config.node_cidrs.clone(),
                 eni: config.eni.clone(),
@@ -253,8 +253,8 @@ impl Daemon {
         let counters = tracer.snapshot().map(|s| s.counters).unwrap_or_default();
         let dns = self.dns.status();
         let events_lost = [
-            (crate::metrics::conntrack::PROGRAM, counters.events_lost),
-            (crate::metrics::dns::PROGRAM, dns.counters.events_lost),
+            (crate::conntrack::metrics::PROGRAM, counters.events_lost),
+            (crate::dns::metrics::PROGRAM, dns.counters.events_lost),
         ]
         .into_iter()
         .collect();
@@ -312,7 +312,7 @@ impl Daemon {
     }
 
     /// The CNI endpoint and IPAM service.
-    pub fn cni(&self) -> &crate::cni::service::CniService {
+    pub fn cni(&self) -> &crate::ipam::service::IpamService {
         &self.cni
     }
 

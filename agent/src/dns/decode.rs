@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{qtype_name, rcode_name};
 use crate::{
-    conntrack::kernel_addr,
     endpoint::{PodRef, Registry},
+    net::kernel_addr,
 };
 
 /// Errors decoding a ring buffer record.

@@ -11,6 +11,7 @@
 pub mod attach;
 pub mod decode;
 pub mod log;
+pub mod metrics;
 pub mod sweep;
 pub mod top;
 pub mod tracer;

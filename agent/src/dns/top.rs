@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use super::DnsSnapshot;
 use crate::{
-    conntrack::kernel_addr,
     endpoint::{PodRef, Registry},
+    net::kernel_addr,
 };
 
 /// rcodes that are not errors for the error rate: NOERROR and NXDOMAIN

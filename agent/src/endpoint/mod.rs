@@ -73,6 +73,18 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// The registry's view of an attachment podnet-cni registered.
+    pub fn from_record(record: &podnet_api::endpoint::EndpointRecord) -> Self {
+        Self {
+            namespace: record.namespace.clone(),
+            pod: record.pod.clone(),
+            ips: record.ips.clone(),
+            interface: record.interface.clone(),
+            container_id: Some(record.container_id.clone()),
+            if_name: Some(record.if_name.clone()),
+        }
+    }
+
     /// The pod identity of this endpoint.
     pub fn pod_ref(&self) -> PodRef {
         PodRef {

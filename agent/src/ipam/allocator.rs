@@ -11,76 +11,13 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use super::{
-    cidr::{Cidr, Family},
-    source::AddressSource,
-    Clock, IpamError,
+pub use podnet_api::{
+    endpoint::AttachmentKey,
+    ipam::{Allocation, Assigned, Cooldown, PoolUsage},
 };
 
-/// What identifies one pod network attachment.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct AttachmentKey {
-    /// The container (sandbox) id.
-    #[serde(rename = "containerId")]
-    pub container_id: String,
-    /// The interface name inside the pod.
-    #[serde(rename = "ifName")]
-    pub if_name: String,
-}
-
-impl AttachmentKey {
-    /// A key.
-    pub fn new(container_id: impl Into<String>, if_name: impl Into<String>) -> Self {
-        Self {
-            container_id: container_id.into(),
-            if_name: if_name.into(),
-        }
-    }
-}
-
-impl std::fmt::Display for AttachmentKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.container_id, self.if_name)
-    }
-}
-
-/// One address handed out, with how the pod configures it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Assigned {
-    /// The address.
-    pub ip: IpAddr,
-    /// Its prefix (the pod's subnet).
-    pub prefix: Cidr,
-    /// The gateway of that subnet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<IpAddr>,
-}
-
-/// The addresses of one attachment.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Allocation {
-    /// Which attachment.
-    #[serde(flatten)]
-    pub key: AttachmentKey,
-    /// The CNI network name it was allocated for (GC is per network).
-    #[serde(default)]
-    pub network: String,
-    /// One address per family.
-    pub ips: Vec<Assigned>,
-    /// Unix time of the allocation, in milliseconds.
-    #[serde(rename = "allocatedUnixMs")]
-    pub allocated_unix_ms: u64,
-}
-
-/// An address that was released and may not be handed out before `until`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Cooldown {
-    /// The address.
-    pub ip: IpAddr,
-    /// Unix time in milliseconds from which it may be reused.
-    #[serde(rename = "untilUnixMs")]
-    pub until_unix_ms: u64,
-}
+use super::{source::AddressSource, Clock, IpamError};
+use crate::net::Family;
 
 /// The allocator's persistent state.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,36 +26,6 @@ pub struct AllocatorState {
     pub allocations: Vec<Allocation>,
     /// Addresses cooling down.
     pub cooldowns: Vec<Cooldown>,
-}
-
-/// Use of one address source.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PoolUsage {
-    /// The source's name, e.g. `node-cidr 10.244.1.0/24`.
-    pub name: String,
-    /// Its prefix.
-    pub prefix: Cidr,
-    /// Its gateway.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<IpAddr>,
-    /// Addresses it can hand out (saturating for huge IPv6 prefixes).
-    pub capacity: u64,
-    /// Addresses handed out.
-    pub allocated: u64,
-    /// Addresses cooling down.
-    pub cooldown: u64,
-    /// Addresses free now.
-    pub free: u64,
-}
-
-impl PoolUsage {
-    /// `node-cidr 10.244.1.0/24: 253/253 addresses allocated, 4 cooling down`.
-    pub fn describe(&self) -> String {
-        format!(
-            "{}: {}/{} addresses allocated, {} cooling down",
-            self.name, self.allocated, self.capacity, self.cooldown
-        )
-    }
 }
 
 /// Hands out addresses from its sources.

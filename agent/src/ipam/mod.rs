@@ -1,18 +1,21 @@
 //! IP address management for pods on this node.
 //!
-//! [`allocator`] hands out addresses from [`source`]s (`node-cidr` today; ENI
-//! secondary IPs can be another source later), keyed by (container id,
-//! interface name), with a cooldown before a released address is reused.
-//! [`state`] joins the allocator, the endpoints podnet-cni registered and the
-//! crash-safe checkpoint of [`store`]; [`plan`] computes addressing plans.
+//! [`allocator`] hands out addresses from [`source`]s (the node's pod CIDRs,
+//! or the ENI warm pool of [`eni`]), keyed by (container id, interface
+//! name), with a cooldown before a released address is reused. [`state`]
+//! joins the allocator, the endpoints podnet-cni registered and the
+//! crash-safe checkpoint of [`store`]; [`service`] serves podnet-cni's
+//! `endpoint.*` and `ipam.*` calls over it; [`view`] renders its answers for
+//! podnetctl; [`plan`] computes addressing plans.
 
 pub mod allocator;
-pub mod cidr;
 pub mod eni;
 pub mod plan;
+pub mod service;
 pub mod source;
 pub mod state;
 pub mod store;
+pub mod view;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -67,9 +70,6 @@ pub enum IpamError {
     /// The checkpoint could not be read or written.
     #[error(transparent)]
     Store(#[from] store::StoreError),
-    /// A mode this build does not implement.
-    #[error("--ipam-mode eni is not supported yet; use --ipam-mode node-cidr with --node-cidr")]
-    ModeNotSupported,
     /// The configuration is unusable.
     #[error("{0}")]
     Config(String),

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::cidr::Cidr;
+use crate::net::Cidr;
 
 /// Errors of [`plan`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

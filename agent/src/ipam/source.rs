@@ -1,10 +1,10 @@
-//! Where addresses come from. `node-cidr` hands out the node's pod CIDRs; an
-//! `eni` source (secondary IPs of attached interfaces, never the primary) can
-//! sit behind the same trait later.
+//! Where addresses come from. `node-cidr` hands out the node's pod CIDRs; the
+//! ENI pool ([`super::eni::pool`]: secondary IPs of attached interfaces, never
+//! the primary) sits behind the same trait.
 
 use std::net::IpAddr;
 
-use super::cidr::{from_u128, to_u128, Cidr, Family};
+use crate::net::{from_u128, to_u128, Cidr, Family};
 
 /// A set of addresses the allocator may hand out, with the gateway pods use.
 pub trait AddressSource: std::fmt::Debug + Send + Sync {

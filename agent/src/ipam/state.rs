@@ -14,7 +14,7 @@ use super::{
     store::{Checkpoint, Store, CHECKPOINT_VERSION},
     Clock, IpamError,
 };
-use crate::cni::record::EndpointRecord;
+use podnet_api::endpoint::EndpointRecord;
 
 /// Allocations, cooldowns and registered endpoints, persisted.
 #[derive(Debug)]

@@ -13,7 +13,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use super::allocator::AllocatorState;
-use crate::cni::record::EndpointRecord;
+use podnet_api::endpoint::EndpointRecord;
 
 /// The checkpoint format this build reads and writes.
 pub const CHECKPOINT_VERSION: u32 = 1;

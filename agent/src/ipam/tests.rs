@@ -15,9 +15,10 @@ use std::{
 
 use proptest::prelude::*;
 
+use crate::net::Cidr;
+
 use super::{
     allocator::AttachmentKey,
-    cidr::Cidr,
     source::{AddressSource, NodeCidr},
     state::NodeState,
     store::{StateFs, Store},

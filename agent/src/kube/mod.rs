@@ -16,7 +16,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::ipam::cidr::Cidr;
+use crate::net::Cidr;
 
 /// Where the kubelet mounts the service-account token, CA and namespace.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";

@@ -6,7 +6,7 @@
 //! after a program is replaced), and start again from zero: Prometheus sees a reset, and a
 //! rolling update shows up on every dashboard. [`Continuity`] hides that: the agent saves the
 //! values it last exposed ([`Continuity::save`], on SIGTERM and every
-//! [`crate::config::defaults::METRICS_SAVE_INTERVAL`]), and the next agent adds the saved
+//! `config::defaults::METRICS_SAVE_INTERVAL`), and the next agent adds the saved
 //! value to every counter or histogram series whose value went back, decided the first time
 //! it renders that series (a CNI counter appears only with the first request). A series that
 //! continued (a pinned map) is left alone, so nothing is counted twice.

@@ -1,19 +1,22 @@
-//! Prometheus metrics: the text-format [`text::Encoder`], the families of
-//! each subsystem (e.g. [`conntrack`]), and the HTTP [`server`] for
-//! `/metrics`, `/healthz` and `/readyz`.
+//! Prometheus metrics, the ground floor every subsystem renders through: the
+//! text-format [`text::Encoder`], one [`Histogram`], the agent's own process
+//! and BPF figures ([`process`], [`selfstats`]), counter continuity across
+//! restarts ([`continuity`]) and the HTTP [`server`] for `/metrics`,
+//! `/healthz` and `/readyz`. Each subsystem renders its own families
+//! (`conntrack::metrics`, `dns::metrics`, ...).
 //!
 //! Values live in kernel maps and `/proc`; a scrape reads them and renders a
 //! fresh exposition through a [`MetricsSource`], so there is no second copy
 //! of any counter in user space.
 
-pub mod conntrack;
 pub mod continuity;
-pub mod dns;
+pub mod histogram;
 pub mod process;
 pub mod selfstats;
 pub mod server;
 pub mod text;
 
+pub use histogram::Histogram;
 use text::{Encoder, MetricType};
 
 /// Renders the whole exposition for one scrape.

@@ -2,8 +2,6 @@
 //! its programs run (when the kernel collects that), and how long routing
 //! reconciles take.
 
-use std::time::Duration;
-
 use super::text::{Encoder, MetricType};
 use crate::bpf::inventory::Inventory;
 
@@ -11,55 +9,6 @@ use crate::bpf::inventory::Inventory;
 pub const RECONCILE_BUCKETS: [f64; 11] = [
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
-
-/// A histogram of durations over [`RECONCILE_BUCKETS`].
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct DurationHistogram {
-    /// Observations per bucket (not cumulative); the last slot is `+Inf`.
-    buckets: [u64; RECONCILE_BUCKETS.len() + 1],
-    sum: f64,
-    count: u64,
-    last: Option<Duration>,
-}
-
-impl DurationHistogram {
-    /// Records one duration.
-    pub fn observe(&mut self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let slot = RECONCILE_BUCKETS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(RECONCILE_BUCKETS.len());
-        self.buckets[slot] += 1;
-        self.sum += secs;
-        self.count += 1;
-        self.last = Some(d);
-    }
-
-    /// The most recent observation.
-    pub fn last(&self) -> Option<Duration> {
-        self.last
-    }
-
-    /// Writes the histogram as one unlabelled series of `name`.
-    pub fn render(&self, enc: &mut Encoder, name: &'static str, help: &str) {
-        let mut cumulative = 0;
-        let buckets: Vec<(f64, u64)> = RECONCILE_BUCKETS
-            .iter()
-            .zip(self.buckets)
-            .map(|(&bound, n)| {
-                cumulative += n;
-                (bound, cumulative)
-            })
-            .collect();
-        enc.family(name, MetricType::Histogram, help).histogram(
-            &[],
-            &buckets,
-            self.sum,
-            self.count,
-        );
-    }
-}
 
 /// Writes the map fill gauges and, when the kernel collects them, the
 /// program run statistics.
@@ -176,26 +125,5 @@ mod tests {
         let text = enc.finish();
         assert!(text.contains("podnet_bpf_map_entries{"), "{text}");
         assert!(!text.contains("podnet_bpf_program_run"), "{text}");
-    }
-
-    #[test]
-    fn reconcile_durations_fall_in_cumulative_buckets() {
-        let mut h = DurationHistogram::default();
-        h.observe(Duration::from_micros(300));
-        h.observe(Duration::from_millis(3));
-        h.observe(Duration::from_secs(2));
-        assert_eq!(h.last(), Some(Duration::from_secs(2)));
-        let mut enc = Encoder::new();
-        h.render(&mut enc, "podnet_route_reconcile_duration_seconds", "help");
-        let text = enc.finish();
-        for line in [
-            "podnet_route_reconcile_duration_seconds_bucket{le=\"0.0005\"} 1\n",
-            "podnet_route_reconcile_duration_seconds_bucket{le=\"0.005\"} 2\n",
-            "podnet_route_reconcile_duration_seconds_bucket{le=\"1\"} 2\n",
-            "podnet_route_reconcile_duration_seconds_bucket{le=\"+Inf\"} 3\n",
-            "podnet_route_reconcile_duration_seconds_count 3\n",
-        ] {
-            assert!(text.contains(line), "{line} missing from {text}");
-        }
     }
 }

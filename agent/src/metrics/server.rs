@@ -1,7 +1,7 @@
 //! The HTTP server of `--metrics-addr`: `GET /metrics`, `/healthz`, `/readyz`.
 //!
 //! Nothing else is served here; debugging data goes through the Unix socket
-//! API only ([`crate::api`]), since this port is reachable from the network.
+//! API only (`api`), since this port is reachable from the network.
 
 use std::{
     convert::Infallible,

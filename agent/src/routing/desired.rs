@@ -19,11 +19,11 @@ use std::{
 
 use serde::Serialize;
 
-use super::{
-    cidr::Ipv4Cidr,
-    eni::{eni_for, Eni, MacAddr},
+use super::eni::{eni_for, Eni};
+use crate::{
+    endpoint::Endpoint,
+    net::{Ipv4Cidr, MacAddr},
 };
-use crate::endpoint::Endpoint;
 
 /// Route and rule protocol id that marks what podnet installed
 /// (`RTPROT_*` ids above 0x80 are free for routing daemons; 0xb0 is podnet's).

@@ -1,9 +1,9 @@
 //! ENIs as the routing subsystem needs them: which interface, which table,
 //! which subnet and gateway, and which secondary addresses belong to pods.
 //!
-//! Today they come from a static description (`--enis FILE`); the ENI IPAM
-//! fills the same [`EniStore`] later, so the reconciler does not care where
-//! they come from.
+//! They come from a static description (`--enis FILE`) or from the ENI IPAM,
+//! through the same [`EniStore`], so the reconciler does not care where they
+//! come from.
 //!
 //! ```yaml
 //! - {name: eth1, mac: "02:00:00:00:01:01", table: 101, subnet: 10.0.1.0/24,
@@ -12,69 +12,18 @@
 
 use std::{
     collections::HashSet,
-    fmt,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    str::FromStr,
     sync::{Arc, PoisonError, RwLock},
     time::SystemTime,
 };
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
-use super::cidr::Ipv4Cidr;
+use crate::net::{Ipv4Cidr, MacAddr};
 
 /// Tables the kernel reserves (`unspec`, `compat`, `default`, `main`, `local`).
 const RESERVED_TABLES: [u32; 5] = [0, 252, 253, 254, 255];
-
-/// A MAC address, written `02:00:00:00:01:01`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl FromStr for MacAddr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut out = [0u8; 6];
-        let mut parts = s.split(':');
-        for byte in &mut out {
-            let part = parts.next().ok_or_else(|| format!("invalid MAC {s:?}"))?;
-            if part.len() != 2 {
-                return Err(format!("invalid MAC {s:?}"));
-            }
-            *byte = u8::from_str_radix(part, 16).map_err(|_| format!("invalid MAC {s:?}"))?;
-        }
-        if parts.next().is_some() {
-            return Err(format!("invalid MAC {s:?}"));
-        }
-        Ok(Self(out))
-    }
-}
-
-impl Serialize for MacAddr {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for MacAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
-}
 
 /// One ENI attached to this node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,8 +142,8 @@ struct Inner {
     generation: u64,
 }
 
-/// The node's ENIs, shared between whoever knows them (the static file,
-/// later the ENI IPAM) and the reconciler. Cloning shares the store.
+/// The node's ENIs, shared between whoever knows them (the static file or
+/// the ENI IPAM) and the reconciler. Cloning shares the store.
 #[derive(Clone, Debug, Default)]
 pub struct EniStore {
     inner: Arc<RwLock<Inner>>,

@@ -3,18 +3,17 @@
 //!
 //! The desired state ([`desired`]) comes from the endpoint registry (pod
 //! addresses and host interfaces) and the node's ENIs ([`eni::EniStore`],
-//! filled from `--enis FILE` today and by the ENI IPAM later). A reconciler
+//! filled from `--enis FILE` or by the ENI IPAM). A reconciler
 //! ([`reconcile`]) compares it with what the kernel has ([`netlink`]) and
 //! changes only what podnet owns ([`diff`]); it runs on start, on every
 //! endpoint or ENI change, within milliseconds of a kernel notification that
 //! may mean drift ([`watch`]), and every [`RESYNC_PERIOD`].
 //!
 //! Alongside: SNAT for traffic leaving the VPC ([`snat`]) and, with
-//! `--fast-path`, the eBPF fast path ([`crate::steer`]) fed from the same
+//! `--fast-path`, the eBPF fast path ([`steer`]) fed from the same
 //! desired state. Everything runs on one OS thread that stays in the agent's
 //! network namespace. Stopping leaves all of it in place.
 
-pub mod cidr;
 pub mod desired;
 pub mod diff;
 pub mod eni;
@@ -22,6 +21,7 @@ pub mod netlink;
 pub mod reconcile;
 pub mod show;
 pub mod snat;
+pub mod steer;
 pub mod watch;
 
 use std::{
@@ -36,20 +36,24 @@ use std::{
 };
 
 use self::{
-    cidr::Ipv4Cidr,
     diff::Kind,
     eni::{Eni, EniStore},
     netlink::RtNetlink,
     reconcile::{Outcome, Reconciler, Stats},
     show::{Names, RoutesView},
     snat::SnatSpec,
+    steer::{Steer, DIRECTION_LABELS, RESULT_LABELS},
     watch::Watcher,
 };
 use crate::{
     bpf::BpfError,
     endpoint::{Endpoint, Registry},
-    metrics::text::{Encoder, MetricType},
-    steer::{Steer, DIRECTION_LABELS, RESULT_LABELS},
+    metrics::{
+        selfstats::RECONCILE_BUCKETS,
+        text::{Encoder, MetricType},
+        Histogram,
+    },
+    net::Ipv4Cidr,
 };
 
 /// Full reconcile (and SNAT check, and fast-path link re-check) period.
@@ -120,7 +124,7 @@ struct Shared {
     view: Mutex<RoutesView>,
     steer: Mutex<Option<Steer>>,
     stop: AtomicBool,
-    durations: Mutex<crate::metrics::selfstats::DurationHistogram>,
+    durations: Mutex<Histogram>,
 }
 
 /// The running routing subsystem.
@@ -160,7 +164,7 @@ impl Routing {
             }),
             steer: Mutex::new(steer),
             stop: AtomicBool::new(false),
-            durations: Mutex::default(),
+            durations: Mutex::new(Histogram::new(&RECONCILE_BUCKETS)),
         });
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -231,10 +235,13 @@ impl Routing {
             .durations
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .render(
-                enc,
-                "podnet_route_reconcile_duration_seconds",
-                "Time one routing reconcile takes: observe rules, routes and proxy entries, diff, apply.",
+            .write(
+                &mut enc.family(
+                    "podnet_route_reconcile_duration_seconds",
+                    MetricType::Histogram,
+                    "Time one routing reconcile takes: observe rules, routes and proxy entries, diff, apply.",
+                ),
+                &[],
             );
         let steer = self
             .shared

@@ -22,11 +22,10 @@ use netlink_packet_route::{
 };
 
 use super::{
-    cidr::Ipv4Cidr,
     desired::{Link, ProxyNeigh, Route, Rule, RTPROT_PODNET},
     diff::{Change, Object, ObservedProxy, ObservedRoute, ObservedRule},
-    eni::MacAddr,
 };
+use crate::net::{Ipv4Cidr, MacAddr};
 
 /// A failed netlink request.
 #[derive(Debug, thiserror::Error)]

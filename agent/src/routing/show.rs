@@ -94,7 +94,7 @@ impl Names {
 
     fn rule(r: &Rule) -> String {
         let mut s = format!("{}:", r.priority);
-        let host = |c: &super::cidr::Ipv4Cidr| {
+        let host = |c: &crate::net::Ipv4Cidr| {
             if c.prefix() == 32 {
                 c.addr().to_string()
             } else {

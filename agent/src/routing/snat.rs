@@ -9,7 +9,7 @@
 
 use std::process::Command;
 
-use super::cidr::Ipv4Cidr;
+use crate::net::Ipv4Cidr;
 
 /// podnet's chain in the nat table.
 pub const CHAIN: &str = "PODNET-SNAT";

@@ -2,7 +2,7 @@
 //! brought up with the ENI MTU, through rtnetlink (behind a trait so the ENI
 //! logic is tested without root).
 
-use crate::routing::{eni::MacAddr, netlink::RtNetlink};
+use crate::{net::MacAddr, routing::netlink::RtNetlink};
 
 /// MTU of ENIs inside a VPC (jumbo frames).
 pub const ENI_MTU: u32 = 9001;

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::{
     cloud::{CloudError, CloudProvider, EniInfo, InstanceIdentity, InstanceLimits},
-    ipam::cidr::Cidr,
+    net::Cidr,
     routing::eni::Eni,
 };
 

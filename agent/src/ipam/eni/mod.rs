@@ -59,7 +59,7 @@ impl Default for EniSettings {
         Self {
             targets: Targets::default(),
             cloud_endpoint: None,
-            imds_endpoint: crate::config::defaults::IMDS_ENDPOINT.to_owned(),
+            imds_endpoint: crate::cloud::imds::DEFAULT_ENDPOINT.to_owned(),
         }
     }
 }
@@ -108,55 +108,7 @@ pub struct EniState {
     pub failures: u32,
 }
 
-/// Use of one ENI (`podnetctl ipam`, `podnet_ipam_eni_addresses`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EniUsage {
-    /// `eni-...`.
-    pub eni: String,
-    /// Attachment slot.
-    pub device_index: u32,
-    /// Kernel link.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub link: Option<String>,
-    /// Whether podnet created it.
-    pub managed: bool,
-    /// Primary address.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub primary_ip: Option<Ipv4Addr>,
-    /// Secondary addresses.
-    pub addresses: u64,
-    /// Of which allocated to pods.
-    pub allocated: u64,
-    /// Of which cooling down.
-    pub cooldown: u64,
-    /// Of which free.
-    pub free: u64,
-}
-
-/// What `ipam.status` adds in ENI mode.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EniStatus {
-    /// Instance id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance_id: Option<String>,
-    /// Instance type.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub instance_type: Option<String>,
-    /// Subnet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subnet: Option<String>,
-    /// Interfaces the instance type can attach.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_enis: Option<u32>,
-    /// Pods the instance can hold (ENIs × (addresses per ENI − 1)).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_pods: Option<u32>,
-    /// Per ENI.
-    pub enis: Vec<EniUsage>,
-    /// The last cloud error, while it lasts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-}
+pub use podnet_api::ipam::{EniStatus, EniUsage};
 
 #[derive(Default)]
 pub(crate) struct Shared {

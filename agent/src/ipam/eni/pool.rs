@@ -9,7 +9,7 @@ use std::{
     sync::{Arc, PoisonError, RwLock},
 };
 
-use crate::ipam::{cidr::Cidr, source::AddressSource};
+use crate::{ipam::source::AddressSource, net::Cidr};
 
 #[derive(Debug, Default)]
 struct Inner {

@@ -16,7 +16,7 @@ use super::{
 use crate::{
     cloud::{CloudError, CloudProvider, EniInfo, InstanceIdentity, InstanceLimits},
     ipam::source::AddressSource,
-    routing::eni::MacAddr,
+    net::MacAddr,
 };
 
 #[derive(Default)]

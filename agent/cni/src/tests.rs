@@ -5,14 +5,15 @@ use std::{cell::RefCell, collections::HashMap};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use super::{
+use podnet_api::{
+    client::ClientError,
+    protocol::{ApiError, ErrorCode},
+};
+
+use crate::{
     entry::{execute, Outcome},
     plugin::AgentApi,
     spec::{self, parse_netconf, Role},
-};
-use crate::api::{
-    client::ClientError,
-    protocol::{ApiError, ErrorCode},
 };
 
 /// Records calls; answers from a closure.
@@ -270,7 +271,7 @@ proptest! {
     #[test]
     fn parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = parse_netconf(&bytes);
-        let _ = super::plugin::version_request(&bytes);
+        let _ = crate::plugin::version_request(&bytes);
     }
 
     /// Structured near-misses of a real configuration.

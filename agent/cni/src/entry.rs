@@ -8,14 +8,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use podnet_api::client::{self, ClientError};
 use serde_json::Value;
 
-use super::{
+use crate::{
     env::{self, Command},
     plugin::{self, AgentApi},
     spec::{self, CniError, PodnetKeys},
 };
-use crate::api::client::{self, ClientError};
 
 /// The agent behind a Unix socket.
 #[derive(Clone, Debug)]

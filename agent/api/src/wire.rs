@@ -3,8 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::record::EndpointRecord;
-use crate::ipam::allocator::{Allocation, AttachmentKey, Cooldown, PoolUsage};
+use crate::{
+    endpoint::{AttachmentKey, EndpointRecord},
+    ipam::{Allocation, Cooldown, EniStatus, PoolUsage},
+};
 
 /// The CNI command a call is made for (a metrics label); `podnetctl` and
 /// other callers leave it empty.
@@ -132,7 +134,7 @@ pub struct IpamStatus {
     pub allocation: Option<Allocation>,
     /// ENI mode: the instance and each ENI's use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eni: Option<crate::ipam::eni::EniStatus>,
+    pub eni: Option<EniStatus>,
 }
 
 /// Result of `ipam.release`, `endpoint.del`, and the GCs.

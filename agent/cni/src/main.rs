@@ -5,7 +5,7 @@
 
 use std::{io::Read as _, process::ExitCode};
 
-use podnet::cni::{
+use podnet_cni::{
     entry::{self, SocketAgent},
     spec::MAX_STDIN_BYTES,
 };

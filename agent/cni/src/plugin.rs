@@ -2,20 +2,18 @@
 
 use std::{collections::BTreeSet, net::IpAddr};
 
-use serde_json::{json, Value};
-
-use super::{
-    env::{CniEnv, Command},
-    record::EndpointRecord,
-    spec::{self, CniError, CniResult, Code, NetConf, Role},
+use podnet_api::{
+    client::ClientError,
+    endpoint::{AttachmentKey, EndpointRecord},
+    ipam::Allocation,
+    protocol::{method, ErrorCode},
     wire::{AddParams, CheckParams, GcParams, IpamStatus, KeyParams, StatusParams},
 };
+use serde_json::{json, Value};
+
 use crate::{
-    api::{
-        client::ClientError,
-        protocol::{method, ErrorCode},
-    },
-    ipam::allocator::{Allocation, AttachmentKey},
+    env::{CniEnv, Command},
+    spec::{self, CniError, CniResult, Code, NetConf, Role},
 };
 
 /// The agent as the plugin sees it: one call per method.

@@ -186,33 +186,13 @@ fn keys(section: &serde_json::Map<String, Value>) -> Result<PodnetKeys, CniError
         keys.log_file = s;
     }
     if let Some(s) = string_key(section, "timeout")? {
-        keys.timeout = parse_duration(&s).ok_or_else(|| {
+        keys.timeout = podnet_api::duration::parse(&s).ok_or_else(|| {
             bad_config(format!(
                 "\"timeout\" {s:?} is not a duration like \"2s\" or \"500ms\" (between 1ms and 60s)"
             ))
         })?;
     }
     Ok(keys)
-}
-
-/// Parses `"2s"`, `"500ms"`, `"1.5s"`; between 1 ms and 60 s.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let (number, unit_ms) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1000.0)
-    } else {
-        return None;
-    };
-    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
-        return None;
-    }
-    let ms: f64 = number.parse::<f64>().ok()? * unit_ms;
-    // In range, so the cast below is exact enough and never negative.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    (1.0..=60_000.0)
-        .contains(&ms)
-        .then(|| Duration::from_micros((ms * 1000.0).round() as u64))
 }
 
 /// Decodes stdin into a [`NetConf`].

@@ -3,12 +3,7 @@
 
 use std::{collections::HashMap, path::Path};
 
-use super::spec::{CniError, Code};
-
-/// Longest container id accepted.
-pub const MAX_CONTAINER_ID: usize = 255;
-/// Longest interface name (IFNAMSIZ - 1).
-pub const MAX_IFNAME: usize = 15;
+use crate::spec::{CniError, Code};
 
 /// A CNI command.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,31 +79,14 @@ fn invalid(details: impl Into<String>) -> CniError {
     CniError::new(Code::InvalidEnv, "invalid CNI environment", details)
 }
 
-/// Checks a container id: `[A-Za-z0-9][A-Za-z0-9_.-]*`, at most 255 bytes.
+/// Checks a container id (see [`podnet_api::endpoint::validate_container_id`]).
 pub fn validate_container_id(id: &str) -> Result<(), CniError> {
-    let mut bytes = id.bytes();
-    let ok_first = bytes.next().is_some_and(|b| b.is_ascii_alphanumeric());
-    let ok_rest = bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if !ok_first || !ok_rest || id.len() > MAX_CONTAINER_ID {
-        return Err(invalid(format!(
-            "CNI_CONTAINERID {id:?} must match [A-Za-z0-9][A-Za-z0-9_.-]* and be at most {MAX_CONTAINER_ID} characters"
-        )));
-    }
-    Ok(())
+    podnet_api::endpoint::validate_container_id(id).map_err(invalid)
 }
 
-/// Checks an interface name: 1 to 15 bytes, not `.` or `..`, no `/`, `:`,
-/// whitespace or NUL.
+/// Checks an interface name (see [`podnet_api::endpoint::validate_if_name`]).
 pub fn validate_if_name(name: &str) -> Result<(), CniError> {
-    let bad_char = name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace());
-    if name.is_empty() || name.len() > MAX_IFNAME || name == "." || name == ".." || bad_char {
-        return Err(invalid(format!(
-            "CNI_IFNAME {name:?} is not a valid interface name (1-{MAX_IFNAME} characters, not \".\" or \"..\", no '/', ':', whitespace or NUL)"
-        )));
-    }
-    Ok(())
+    podnet_api::endpoint::validate_if_name(name).map_err(invalid)
 }
 
 /// `NSFS_MAGIC` from include/uapi/linux/magic.h: the filesystem of
@@ -128,7 +106,7 @@ pub fn validate_netns(netns: &str) -> Result<(), CniError> {
     if !path.exists() {
         return Err(invalid(format!("CNI_NETNS {netns:?} does not exist")));
     }
-    if crate::bpf::fs::filesystem_magic(path) != Some(NSFS_MAGIC) {
+    if podnet_api::sys::filesystem_magic(path) != Some(NSFS_MAGIC) {
         return Err(invalid(format!(
             "CNI_NETNS {netns:?} is not a network namespace file"
         )));

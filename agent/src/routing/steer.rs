@@ -41,7 +41,8 @@ use crate::{
         tc::{self, TcMode},
         BpfError,
     },
-    routing::{cidr::Ipv4Cidr, desired::Desired},
+    net::Ipv4Cidr,
+    routing::desired::Desired,
 };
 
 /// Sub-directory of `--bpffs` holding the fast path's maps and links.

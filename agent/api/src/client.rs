@@ -14,7 +14,7 @@ use std::{
 use serde_json::Value;
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use super::protocol::{ApiError, Request, Response, MAX_RESPONSE_BYTES};
+use crate::protocol::{ApiError, Request, Response, MAX_RESPONSE_BYTES};
 
 /// How long a call waits for the agent when the caller has no better idea.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -118,7 +118,7 @@ pub fn call(
 
 /// Connects to `socket` within `timeout`; used by the server to tell a live
 /// agent from a stale socket file.
-pub(crate) fn connect(socket: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
+pub fn connect(socket: &Path, timeout: Duration) -> Result<UnixStream, ClientError> {
     Call {
         path: socket,
         timeout,

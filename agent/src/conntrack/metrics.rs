@@ -9,10 +9,15 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 
-use super::text::{Encoder, MetricType};
-use crate::conntrack::stats::{ConntrackStats, TableFill};
-use crate::conntrack::{proto_name, DropKind, TracerSnapshot};
-use crate::endpoint::{PodRef, Registry};
+use super::{
+    proto_name,
+    stats::{ConntrackStats, TableFill},
+    DropKind, TracerSnapshot,
+};
+use crate::{
+    endpoint::{PodRef, Registry},
+    metrics::text::{Encoder, MetricType},
+};
 
 /// At most this many (destination, proto) series get their own
 /// `destination` label; the rest are summed under `destination="other"`.

@@ -8,22 +8,33 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use podnet_common::dns::{scope, BUCKETS, BUCKET_BOUNDS_NS};
+use podnet_common::dns::{scope, BUCKET_BOUNDS_NS};
 
-use super::text::{Encoder, Family, MetricType};
-use crate::dns::{qtype_name, rcode_name, top::peer_addrs, DnsCounters, DnsSnapshot};
-use crate::endpoint::{PodRef, Registry};
+use super::{qtype_name, rcode_name, top::peer_addrs, DnsCounters, DnsSnapshot};
+use crate::{
+    endpoint::{PodRef, Registry},
+    metrics::{
+        text::{Encoder, Family, MetricType},
+        Histogram,
+    },
+};
 
 /// The `program` label value of the DNS programs.
 pub const PROGRAM: &str = "dns";
 
 type Series = (PodRef, IpAddr, String);
 
-#[derive(Default)]
-struct Histogram {
-    buckets: [u64; BUCKETS],
-    sum_ns: u64,
-}
+/// [`BUCKET_BOUNDS_NS`] in seconds, the bounds of the latency histograms.
+#[allow(clippy::cast_precision_loss)] // the bounds are exact in f64
+const BUCKET_BOUNDS_SECONDS: [f64; BUCKET_BOUNDS_NS.len()] = {
+    let mut seconds = [0.0; BUCKET_BOUNDS_NS.len()];
+    let mut i = 0;
+    while i < BUCKET_BOUNDS_NS.len() {
+        seconds[i] = BUCKET_BOUNDS_NS[i] as f64 / 1e9;
+        i += 1;
+    }
+    seconds
+};
 
 /// Groups `(key, value)` by (pod, server, label); `None` labels skip.
 fn series_of(
@@ -55,11 +66,9 @@ fn histograms(snapshot: &DnsSnapshot, registry: &Registry) -> BTreeMap<Series, H
     for l in &snapshot.latency {
         let rcode = u8::try_from(l.key.code).unwrap_or(u8::MAX);
         if let Some(k) = series_of(registry, &l.key, rcode_name(rcode)) {
-            let h = hist.entry(k).or_default();
-            for (sum, b) in h.buckets.iter_mut().zip(l.buckets) {
-                *sum += b;
-            }
-            h.sum_ns += l.sum_ns;
+            hist.entry(k)
+                .or_insert_with(|| Histogram::new(&BUCKET_BOUNDS_SECONDS))
+                .add_counts(&l.buckets, l.sum_ns);
         }
     }
     hist
@@ -73,29 +82,14 @@ fn render_histograms(enc: &mut Encoder, hist: &BTreeMap<Series, Histogram>) {
     );
     for ((pod, server, rcode), h) in hist {
         let server = server.to_string();
-        let mut cumulative = 0;
-        let buckets: Vec<(f64, u64)> = BUCKET_BOUNDS_NS
-            .iter()
-            .zip(h.buckets)
-            .map(|(&bound, n)| {
-                cumulative += n;
-                #[allow(clippy::cast_precision_loss)] // bounds are exact in f64
-                (bound as f64 / 1e9, cumulative)
-            })
-            .collect();
-        let count: u64 = h.buckets.iter().sum();
-        #[allow(clippy::cast_precision_loss)] // sums far below 2^52 ns
-        let sum = h.sum_ns as f64 / 1e9;
-        family.histogram(
+        h.write(
+            &mut family,
             &[
                 ("namespace", &pod.namespace),
                 ("pod", &pod.pod),
                 ("server", &server),
                 ("rcode", rcode),
             ],
-            &buckets,
-            sum,
-            count,
         );
     }
 }
@@ -139,7 +133,7 @@ fn render_responses(enc: &mut Encoder, hist: &BTreeMap<Series, Histogram>) {
                 ("server", &server.to_string()),
                 ("rcode", rcode),
             ],
-            h.buckets.iter().sum::<u64>(),
+            h.count(),
         );
     }
 }
@@ -245,7 +239,7 @@ mod tests {
                 if_name: None,
             }],
         );
-        let mut buckets = [0; BUCKETS];
+        let mut buckets = [0; podnet_common::dns::BUCKETS];
         buckets[6] = 2; // (25 ms, 50 ms]
         let snapshot = DnsSnapshot {
             latency: vec![

@@ -11,19 +11,26 @@ use std::{
 
 use serde_json::{json, Value};
 
-use super::wire::{AddParams, CheckParams, GcParams, IpamStatus, KeyParams, Removed, StatusParams};
+use podnet_api::{
+    endpoint::{validate_container_id, validate_if_name, EndpointRecord},
+    wire::{AddParams, CheckParams, GcParams, IpamStatus, KeyParams, Removed, StatusParams},
+};
+
 use crate::{
     api::protocol::{self as p, method, ApiError, ErrorCode},
-    endpoint::{Registry, Source},
+    endpoint::{Endpoint, Registry, Source},
     ipam::{
         allocator::PoolUsage,
-        cidr::Cidr,
         source::{AddressSource, NodeCidr},
         state::NodeState,
         store::{RealFs, StateLock, Store},
         Clock, IpamError, IpamMode, SystemClock, DEFAULT_COOLDOWN,
     },
-    metrics::text::{Encoder, MetricType},
+    metrics::{
+        text::{Encoder, MetricType},
+        Histogram,
+    },
+    net::Cidr,
 };
 
 /// Upper bounds of the CNI request duration histogram, in seconds.
@@ -56,25 +63,6 @@ impl Default for IpamConfig {
 }
 
 #[derive(Debug, Default)]
-struct Histogram {
-    buckets: [u64; DURATION_BUCKETS.len()],
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (bound, n) in DURATION_BUCKETS.iter().zip(self.buckets.iter_mut()) {
-            if seconds <= *bound {
-                *n += 1;
-            }
-        }
-        self.sum += seconds;
-        self.count += 1;
-    }
-}
-
-#[derive(Debug, Default)]
 struct Counters {
     requests: BTreeMap<(String, String), u64>,
     durations: BTreeMap<String, Histogram>,
@@ -83,7 +71,7 @@ struct Counters {
 
 /// The endpoint and IPAM service.
 #[derive(Debug)]
-pub struct CniService {
+pub struct IpamService {
     mode: IpamMode,
     state: Arc<Mutex<NodeState>>,
     eni: Option<crate::ipam::eni::EniIpam>,
@@ -92,7 +80,7 @@ pub struct CniService {
     _lock: StateLock,
 }
 
-impl CniService {
+impl IpamService {
     /// Locks `state_dir`, restores the checkpoint and fills the registry's
     /// CNI source from it.
     pub fn open(
@@ -103,7 +91,7 @@ impl CniService {
         Self::open_with(state_dir, config, registry, Arc::new(SystemClock))
     }
 
-    /// Like [`CniService::open`] with another clock.
+    /// Like [`IpamService::open`] with another clock.
     pub fn open_with(
         state_dir: &Path,
         config: &IpamConfig,
@@ -175,10 +163,7 @@ impl CniService {
     fn sync_registry(&self, state: &NodeState) {
         self.registry.replace_source(
             Source::Cni,
-            state
-                .endpoints()
-                .map(super::record::EndpointRecord::to_endpoint)
-                .collect(),
+            state.endpoints().map(Endpoint::from_record).collect(),
         );
     }
 
@@ -205,8 +190,8 @@ impl CniService {
             *c.requests.entry((command.clone(), outcome)).or_default() += 1;
             c.durations
                 .entry(command)
-                .or_default()
-                .observe(started.elapsed().as_secs_f64());
+                .or_insert_with(|| Histogram::new(&DURATION_BUCKETS))
+                .observe(started.elapsed());
         }
         result
     }
@@ -285,9 +270,9 @@ impl CniService {
             method::ENDPOINT_ADD => {
                 let a: AddParams = strict(m, params)?;
                 let ep = a.endpoint;
-                super::env::validate_container_id(&ep.container_id)
-                    .and_then(|()| super::env::validate_if_name(&ep.if_name))
-                    .map_err(|e| ApiError::invalid_params(m, e.details))?;
+                validate_container_id(&ep.container_id)
+                    .and_then(|()| validate_if_name(&ep.if_name))
+                    .map_err(|e| ApiError::invalid_params(m, e))?;
                 if ep.ips.is_empty() {
                     return Err(ApiError::invalid_params(
                         m,
@@ -420,9 +405,7 @@ impl CniService {
             "Time the agent took to serve a podnet-cni call, by CNI command.",
         );
         for (command, h) in &c.durations {
-            let buckets: Vec<(f64, u64)> =
-                DURATION_BUCKETS.iter().copied().zip(h.buckets).collect();
-            fam.histogram(&[("command", command)], &buckets, h.sum, h.count);
+            h.write(&mut fam, &[("command", command)]);
         }
     }
 }
@@ -441,13 +424,13 @@ fn ipam_error(e: IpamError) -> ApiError {
     let code = match &e {
         IpamError::Exhausted { .. } => ErrorCode::ResourceExhausted,
         e if e.is_transient() => ErrorCode::Unavailable,
-        IpamError::NoSources | IpamError::ModeNotSupported => ErrorCode::Unavailable,
+        IpamError::NoSources => ErrorCode::Unavailable,
         _ => ErrorCode::Internal,
     };
     ApiError::new(code, e.to_string())
 }
 
-fn check_endpoint(ep: &super::record::EndpointRecord, c: &CheckParams) -> Result<(), ApiError> {
+fn check_endpoint(ep: &EndpointRecord, c: &CheckParams) -> Result<(), ApiError> {
     let mismatch = |msg: String| Err(ApiError::new(ErrorCode::Mismatch, msg));
     let mut want = ep.ips.clone();
     let mut have = c.ips.clone();

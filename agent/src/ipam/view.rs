@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use super::{record::EndpointRecord, wire::IpamStatus};
+use podnet_api::{endpoint::EndpointRecord, wire::IpamStatus};
 
 /// One line per endpoint: pod, container/ifname, host interface, addresses.
 pub fn endpoints_table(endpoints: &[EndpointRecord]) -> String {
