@@ -109,7 +109,8 @@ impl Cluster {
     /// # Panics
     /// If the status file cannot be read.
     pub fn from_env_or_skip() -> Option<Self> {
-        let cluster = Self::from_env().expect("reading the cluster status");
+        let cluster =
+            Self::from_env().unwrap_or_else(|e| panic!("reading the cluster status: {e}"));
         if cluster.is_none() {
             crate::util::unavailable(
                 "no cluster: run through `cargo xtask test`, or set PODNET_CLUSTER_STATUS \

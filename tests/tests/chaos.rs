@@ -20,6 +20,9 @@
 //! operations and kill points (the moment a kill lands inside a call is a
 //! wall-clock delay, so it is replayed as closely as timing allows).
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,

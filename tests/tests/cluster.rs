@@ -12,6 +12,9 @@
 //! with what each pod sent, insert races with the node's `insert_failed`, API calls with the
 //! API server's audit log.
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     sync::OnceLock,

@@ -3,6 +3,9 @@
 //! `podnet-agent --cleanup` on every node. Nothing of podnet may remain on a node: no pin, no
 //! TC attachment, no rule or route with podnet's protocol, no iptables chain, no CNI file.
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use podnet_tests::{

@@ -2,6 +2,9 @@
 //! `cargo xtask test` after the `cluster` suite): the datapath stays while each agent is
 //! replaced, so pods keep talking, DNS keeps being counted, and pods created meanwhile start.
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     process::{Child, Stdio},
     time::{Duration, Instant},

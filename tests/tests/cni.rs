@@ -1,6 +1,9 @@
 //! podnet-cni end to end: chains of Debian's reference plugins run through
 //! libcni (as container runtimes run them), the real agent behind the socket.
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{net::IpAddr, time::Duration};
 
 use podnet_tests::{

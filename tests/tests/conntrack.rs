@@ -2,6 +2,9 @@
 //! agent. Every count is compared with the kernel's own counter
 //! (`insert_failed` in `/proc/net/stat/nf_conntrack` of the node namespace).
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
     sync::atomic::{AtomicU32, Ordering},

@@ -7,6 +7,9 @@
 //! `promtool` (Debian's `prometheus`), bash and dash, `setpriv` (util-linux). A missing tool
 //! is reported loudly and fails the test under `CI=true`.
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr, UdpSocket},

@@ -4,6 +4,9 @@
 //! the pod (exact ids, retransmits, client-side timing), dig, and glibc's
 //! `getaddrinfo` (the parallel A/AAAA resolver). Every count is exact.
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},

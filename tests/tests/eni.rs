@@ -6,6 +6,9 @@
 //! Every cloud call count is the agent's own `podnet_cloud_api_calls_total`;
 //! every address and ENI is checked against what moto holds.
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::{bail, Context as _, Result};

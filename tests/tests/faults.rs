@@ -8,6 +8,9 @@
 //! `PODNET_SOAK=1` runs longer variants (more throttled calls, more events
 //! while the consumer is stopped).
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     collections::BTreeSet,
     net::SocketAddr,

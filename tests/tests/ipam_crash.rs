@@ -2,6 +2,9 @@
 //! agent's API while the agent is killed twice and restarted; afterwards no
 //! address is given twice and, after GC, none leaks.
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     collections::{BTreeMap, HashSet},
     path::Path,

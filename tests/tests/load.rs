@@ -8,6 +8,9 @@
 //! (`PODNET_SOAK=1`, `cargo xtask soak`) runs 120 s and also asserts that the
 //! agent's memory stays flat.
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use podnet_tests::{

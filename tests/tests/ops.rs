@@ -1,6 +1,9 @@
 //! Operations: `podnet-agent --cleanup` removes exactly what podnet installed,
 //! and the self-metrics (map fill, program run statistics) match the kernel.
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},

@@ -5,6 +5,9 @@
 //! packet counts, iptables rule counters, conntrack statistics, and the fast
 //! path's per-CPU map behind `podnet_steer_packets_total`.
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{
     net::{Ipv4Addr, SocketAddr, UdpSocket},
     path::PathBuf,

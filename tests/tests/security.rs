@@ -6,6 +6,9 @@
 //! (`daemonset_is_not_privileged_and_has_exactly_three_capabilities` and its
 //! neighbours); it is not repeated here.
 
+// Test code: a step that fails fails the test, with the step in the message.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::{net::SocketAddr, os::unix::fs::PermissionsExt as _, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result};

@@ -8,6 +8,7 @@ mod build;
 mod cluster;
 mod cmd;
 mod demo;
+mod lint;
 mod setup;
 mod soak;
 mod test;
@@ -42,6 +43,9 @@ enum Task {
     Build(build::BuildArgs),
     /// Show podnet's main job on simulated nodes (runs setup if anything is missing).
     Demo(demo::DemoArgs),
+    /// Formatting, clippy over every crate (kernel programs included) and the agent's
+    /// layers (docs/ARCHITECTURE.md); the first step of `test`.
+    Lint(lint::LintArgs),
     /// Build everything and run all tests, the privileged ones included (runs setup if
     /// anything is missing).
     Test(test::TestArgs),
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Task::Build(args) => build::run(&args),
         Task::Cluster(args) => cluster::run(&args),
         Task::Demo(args) => demo::run(&args),
+        Task::Lint(args) => lint::run(&args),
         Task::Test(args) => test::run(&args),
         Task::Soak(args) => soak::run(&args),
     };

@@ -3,7 +3,7 @@
 use anyhow::Result;
 use clap::Args;
 
-use crate::{cluster, cmd, setup, vmtest};
+use crate::{cluster, cmd, lint, setup, vmtest};
 
 /// Test threads per test binary. The privileged tests create namespaces with unique names and
 /// can run in parallel; two matches the two cores of the reference machines.
@@ -28,12 +28,13 @@ pub struct TestArgs {
     cargo_args: Vec<String>,
 }
 
-/// Runs setup if anything is missing, builds everything, then runs `cargo test` over the
-/// workspace (all but the kernel-side crate, which only builds for the BPF target).
+/// Runs setup if anything is missing, the lint checks, builds everything, then runs
+/// `cargo test` over the workspace (all but the kernel-side crate, which only builds for the BPF target).
 ///
 /// The test runner's output goes through unchanged; a failing test makes this fail.
 pub fn run(args: &TestArgs) -> Result<()> {
     setup::ensure()?;
+    lint::run(&lint::LintArgs {})?;
     cmd::run(cmd::cargo().arg("build"))?;
     cmd::run(&mut test_command(args))?;
     if args.no_cluster {

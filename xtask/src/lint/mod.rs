@@ -1,0 +1,56 @@
+//! `cargo xtask lint`: the checks that keep the tree's shape, run first by
+//! `cargo xtask test`: formatting, clippy at `-D warnings` over every crate
+//! (the kernel programs included, checked for the host with `panic=abort`),
+//! and the agent's layers ([`layers`]).
+
+pub mod layers;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use crate::cmd;
+
+/// Options of `cargo xtask lint` (none yet).
+#[derive(Debug, Args)]
+pub struct LintArgs {}
+
+/// Runs every check; fails on the first that fails.
+pub fn run(_args: &LintArgs) -> Result<()> {
+    cmd::run(cmd::cargo().args(["fmt", "--all", "--check"]))?;
+    cmd::run(cmd::cargo().args([
+        "clippy",
+        "--workspace",
+        "--exclude",
+        "podnet-ebpf",
+        "--all-targets",
+        "--features",
+        "podnet-tests/cluster-e2e",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The kernel programs are `no_std` binaries for bpfel-unknown-none; clippy
+    // checks them for the host, where only `panic=abort` lets them compile.
+    cmd::run(cmd::cargo().env("CARGO_PROFILE_DEV_PANIC", "abort").args([
+        "clippy",
+        "-p",
+        "podnet-ebpf",
+        "--bins",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let src = cmd::workspace_root().join("agent/src");
+    println!("+ layers of {}", src.display());
+    let violations = layers::check(&src, layers::LAYERS)?;
+    if !violations.is_empty() {
+        for v in &violations {
+            eprintln!("{v}");
+        }
+        bail!(
+            "{} import(s) against the agent's layers (docs/ARCHITECTURE.md)",
+            violations.len()
+        );
+    }
+    Ok(())
+}
