@@ -18,3 +18,4 @@ pub mod memory;
 pub mod metrics;
 pub mod net;
 pub mod routing;
+pub mod subsystem;

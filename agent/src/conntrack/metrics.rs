@@ -107,7 +107,8 @@ pub struct Sources<'a> {
     pub fill: Option<TableFill>,
 }
 
-/// Renders every conntrack family into `enc`. Pods are looked up in
+/// Renders every conntrack family into `enc` (its samples of the shared
+/// `podnet_bpf_*` families are added by the subsystem). Pods are looked up in
 /// `registry` (an address no pod owns is host traffic: empty `namespace` and
 /// `pod`); `top` is the sticky destination set held across scrapes.
 pub fn render(
@@ -115,18 +116,6 @@ pub fn render(
     sources: &Sources<'_>,
     registry: &Registry,
     top: &mut TopDestinations,
-) {
-    render_with_events_lost(enc, sources, registry, top, &[]);
-}
-
-/// Like [`render`], adding other programs' `(program, lost)` samples to
-/// `podnet_bpf_events_lost_total`, so the family is written once.
-pub fn render_with_events_lost(
-    enc: &mut Encoder,
-    sources: &Sources<'_>,
-    registry: &Registry,
-    top: &mut TopDestinations,
-    other_events_lost: &[(&str, u64)],
 ) {
     let snapshot = sources.snapshot;
     render_drops(enc, snapshot, registry);
@@ -159,15 +148,6 @@ pub fn render_with_events_lost(
     }
 
     let counters = &snapshot.counters;
-    let mut lost = enc.family(
-        "podnet_bpf_events_lost_total",
-        MetricType::Counter,
-        "Events a kernel program could not deliver because its ring buffer was full; counts stay exact.",
-    );
-    lost.sample(&[("program", PROGRAM)], counters.events_lost);
-    for (program, n) in other_events_lost {
-        lost.sample(&[("program", program)], *n);
-    }
     enc.family(
         "podnet_bpf_events_sampled_total",
         MetricType::Counter,
@@ -432,9 +412,6 @@ podnet_conntrack_entries 42
 # HELP podnet_conntrack_max Size limit of the conntrack table (nf_conntrack_max).
 # TYPE podnet_conntrack_max gauge
 podnet_conntrack_max 262144
-# HELP podnet_bpf_events_lost_total Events a kernel program could not deliver because its ring buffer was full; counts stay exact.
-# TYPE podnet_bpf_events_lost_total counter
-podnet_bpf_events_lost_total{program=\"conntrack\"} 9
 # HELP podnet_bpf_events_sampled_total Events a kernel program did not send above its per-CPU rate budget; counts stay exact while detail is sampled.
 # TYPE podnet_bpf_events_sampled_total counter
 podnet_bpf_events_sampled_total{program=\"conntrack\"} 11
@@ -446,7 +423,7 @@ podnet_bpf_events_sampled_total{program=\"conntrack\"} 11
         ));
         // Every family appears exactly once.
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE")).collect();
-        assert_eq!(types.len(), 8);
+        assert_eq!(types.len(), 7);
     }
 
     #[test]
@@ -463,7 +440,7 @@ podnet_bpf_events_sampled_total{program=\"conntrack\"} 11
             &mut TopDestinations::new(),
         );
         assert!(text.contains("# TYPE podnet_conntrack_insert_races_total counter\n"));
-        assert!(text.contains("podnet_bpf_events_lost_total{program=\"conntrack\"} 0\n"));
+        assert!(text.contains("podnet_bpf_events_sampled_total{program=\"conntrack\"} 0\n"));
     }
 
     /// 60 destinations: 10.1.0.N:53 with N races, N = 1..=60.

@@ -11,6 +11,7 @@ pub mod events;
 pub mod log;
 pub mod metrics;
 pub mod stats;
+mod subsystem;
 pub mod tracer;
 pub mod view;
 
@@ -78,3 +79,4 @@ pub struct TracerSnapshot {
 }
 
 pub use crate::net::{kernel_addr, proto_name};
+pub use subsystem::{Conntrack, ConntrackError, ConntrackSettings, ConntrackStatus, METHODS};

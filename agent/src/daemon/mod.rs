@@ -1,16 +1,12 @@
 //! The running agent: owns the subsystems and answers for them.
 //!
-//! [`Daemon::start`] brings the datapath up (endpoint registry, conntrack
-//! tracer, event thread); the binary then serves [`Daemon`] through the
-//! metrics endpoint and the local API. Stopping the daemon stops user space
+//! [`Daemon::start`] fills the endpoint registry and starts each subsystem
+//! (ipam, conntrack, routing, dns) with its own settings; the binary then
+//! serves [`Daemon`] through the metrics endpoint and the local API, which
+//! loop over [`Daemon::subsystems`]. Stopping the daemon stops user space
 //! only: pinned programs and maps stay in the kernel and keep counting.
 
-use std::{
-    path::PathBuf,
-    sync::{atomic::Ordering, Arc, Mutex, PoisonError},
-    thread::JoinHandle,
-    time::Instant,
-};
+use std::{path::PathBuf, sync::Arc, time::Instant};
 
 pub mod cleanup;
 pub mod handler;
@@ -18,17 +14,14 @@ pub mod handler;
 use serde::Serialize;
 
 use crate::{
-    bpf::{self, link::Attachment, tc::TcMode, BpfError},
+    bpf::{self, tc::TcMode, BpfError},
     config::{defaults, AgentConfig},
-    conntrack::{
-        ctnetlink::NetlinkConntrack,
-        events::Enricher,
-        log::RaceLog,
-        stats,
-        tracer::{self, EventThreadHandle, Tracer, TracerConfig},
-        TracerCounters,
-    },
+    conntrack::{Conntrack, ConntrackError, ConntrackSettings},
+    dns::Dns,
     endpoint::{self, Registry, Source},
+    ipam::service::{IpamConfig, IpamService},
+    routing::Routing,
+    subsystem::Subsystem,
 };
 
 /// Errors starting the daemon.
@@ -40,12 +33,9 @@ pub enum DaemonError {
     /// The kernel side could not be set up.
     #[error(transparent)]
     Bpf(#[from] BpfError),
-    /// The agent's own network namespace could not be identified.
-    #[error("reading the agent's network namespace: {0}")]
-    Netns(std::io::Error),
-    /// The event thread could not be started.
-    #[error("starting the race event thread: {0}")]
-    Thread(std::io::Error),
+    /// Conntrack could not be started.
+    #[error(transparent)]
+    Conntrack(#[from] ConntrackError),
     /// IPAM or the CNI endpoint state could not be opened.
     #[error(transparent)]
     Ipam(#[from] crate::ipam::IpamError),
@@ -57,20 +47,18 @@ pub enum DaemonError {
     Routing(#[from] crate::routing::RoutingError),
 }
 
-/// The running agent.
+/// The running agent: the subsystems, started in order, and what they share.
 pub struct Daemon {
     config: AgentConfig,
     registry: Registry,
-    tracer: Mutex<Tracer>,
-    races: RaceLog,
-    events: EventThreadHandle,
-    event_thread: Mutex<Option<JoinHandle<()>>>,
-    netns_inode: u32,
     started: Instant,
     tc_mode: TcMode,
-    cni: crate::ipam::service::IpamService,
-    dns: crate::dns::Dns,
-    routing: crate::routing::Routing,
+    ipam: Arc<IpamService>,
+    routing: Arc<Routing>,
+    dns: Arc<Dns>,
+    conntrack: Arc<Conntrack>,
+    /// The same four, in the order their metric families are written.
+    subsystems: Vec<Arc<dyn Subsystem>>,
 }
 
 /// What `podnetctl status` shows.
@@ -85,7 +73,7 @@ pub struct Status {
     /// How the DNS and fast-path programs attach: `tcx` or `tc` (classic).
     pub tc_attach: TcMode,
     /// How the tracer was put in place on this start.
-    pub tracer_attachment: Attachment,
+    pub tracer_attachment: crate::bpf::link::Attachment,
     /// Kernel program id of the tracer loaded by this agent.
     pub tracer_program_id: u32,
     /// Pin directory of the tracer.
@@ -95,7 +83,7 @@ pub struct Status {
     /// Endpoints known.
     pub endpoints: usize,
     /// The tracer's kernel counters.
-    pub counters: TracerCounters,
+    pub counters: crate::conntrack::TracerCounters,
     /// Race events received by user space since start.
     pub events_received: u64,
     /// Race events that could not be decoded.
@@ -130,7 +118,8 @@ pub struct IpamSummary {
 }
 
 impl Daemon {
-    /// Loads endpoints, puts the tracer in place and starts the event thread.
+    /// Loads endpoints, then starts IPAM (a bad checkpoint or a second agent
+    /// stops the start before anything is loaded), conntrack, routing and DNS.
     pub fn start(config: AgentConfig) -> Result<Arc<Self>, DaemonError> {
         let registry = Registry::new();
         if let Some(path) = &config.endpoints {
@@ -138,30 +127,25 @@ impl Daemon {
             tracing::info!(path = %path.display(), count = endpoints.len(), "endpoints loaded");
             registry.replace_source(Source::File, endpoints);
         }
-        // Before anything is loaded: a bad checkpoint or a second agent stops the start.
-        let cni = crate::ipam::service::IpamService::open(
+        let ipam = Arc::new(IpamService::open(
             &config.state_dir,
-            &crate::ipam::service::IpamConfig {
+            &IpamConfig {
                 mode: config.ipam_mode,
                 node_cidrs: config.node_cidrs.clone(),
                 eni: config.eni.clone(),
                 ..Default::default()
             },
             registry.clone(),
-        )?;
-        let netns_inode = bpf::current_netns_inode().map_err(DaemonError::Netns)?;
-        let mut tracer = Tracer::start(&TracerConfig {
-            bpffs: config.bpffs.clone(),
-            netns_inode,
-            event_budget_per_cpu: config.race_event_budget,
-            race_hook: config.race_hook,
-        })?;
-        let races = RaceLog::with_capacity(defaults::RACE_LOG_CAPACITY);
-        let events = EventThreadHandle::default();
-        let event_thread = match tracer.take_events() {
-            Some(ring) => Some(spawn_event_thread(ring, &registry, &races, &events)?),
-            None => None,
-        };
+        )?);
+        let conntrack = Arc::new(Conntrack::start(
+            &ConntrackSettings {
+                bpffs: config.bpffs.clone(),
+                event_budget_per_cpu: config.race_event_budget,
+                race_hook: config.race_hook,
+                race_log_capacity: defaults::RACE_LOG_CAPACITY,
+            },
+            registry.clone(),
+        )?);
         let tc_mode = bpf::tc::resolve(config.tc_attach)?;
         tracing::info!(
             mode = %tc_mode,
@@ -172,7 +156,7 @@ impl Daemon {
                 TcMode::Tc => "classic tc filters (clsact qdisc, direct-action bpf filter)",
             }
         );
-        let routing = crate::routing::Routing::start(
+        let routing = Arc::new(Routing::start(
             crate::routing::RoutingConfig {
                 enis_file: config.enis.clone(),
                 vpc_cidrs: config.vpc_cidrs.clone(),
@@ -184,9 +168,9 @@ impl Daemon {
                 tc_mode,
             },
             registry.clone(),
-        )?;
-        cni.publish_enis_to(routing.enis().clone());
-        let dns = crate::dns::Dns::start(
+        )?);
+        ipam.publish_enis_to(routing.enis().clone());
+        let dns = Arc::new(Dns::start(
             crate::dns::DnsSettings {
                 bpffs: config.bpffs.clone(),
                 timeout: config.dns_timeout,
@@ -196,20 +180,23 @@ impl Daemon {
                 tc_mode,
             },
             registry.clone(),
-        )?;
+        )?);
+        let subsystems: Vec<Arc<dyn Subsystem>> = vec![
+            ipam.clone(),
+            routing.clone(),
+            dns.clone(),
+            conntrack.clone(),
+        ];
         Ok(Arc::new(Self {
-            cni,
-            dns,
-            routing,
             config,
             registry,
-            tracer: Mutex::new(tracer),
-            races,
-            events,
-            event_thread: Mutex::new(event_thread),
-            netns_inode,
             started: Instant::now(),
             tc_mode,
+            ipam,
+            routing,
+            dns,
+            conntrack,
+            subsystems,
         }))
     }
 
@@ -223,23 +210,14 @@ impl Daemon {
         &self.registry
     }
 
-    /// Recent races.
-    pub fn races(&self) -> &RaceLog {
-        &self.races
+    /// The running subsystems, in the order their metric families are written.
+    pub fn subsystems(&self) -> &[Arc<dyn Subsystem>] {
+        &self.subsystems
     }
 
-    /// Reads the tracer's kernel maps.
-    pub fn snapshot(&self) -> Result<crate::conntrack::TracerSnapshot, BpfError> {
-        self.tracer().snapshot()
-    }
-
-    fn tracer(&self) -> std::sync::MutexGuard<'_, Tracer> {
-        self.tracer.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The hook that counts insert races, by name.
-    pub fn status_race_hook(&self) -> &'static str {
-        tracer::hook_name(self.tracer().hook())
+    /// Conntrack insert races.
+    pub fn conntrack(&self) -> &Conntrack {
+        &self.conntrack
     }
 
     /// How the DNS and fast-path programs attach.
@@ -247,31 +225,33 @@ impl Daemon {
         self.tc_mode
     }
 
-    /// The agent's status.
+    /// The agent's status, each subsystem's part in its place.
     pub fn status(&self) -> Status {
-        let tracer = self.tracer();
-        let counters = tracer.snapshot().map(|s| s.counters).unwrap_or_default();
+        let conntrack = self.conntrack.status();
         let dns = self.dns.status();
         let events_lost = [
-            (crate::conntrack::metrics::PROGRAM, counters.events_lost),
+            (
+                crate::conntrack::metrics::PROGRAM,
+                conntrack.counters.events_lost,
+            ),
             (crate::dns::metrics::PROGRAM, dns.counters.events_lost),
         ]
         .into_iter()
         .collect();
-        let (allocated, free, cooldown) = self.cni.address_counts();
+        let (allocated, free, cooldown) = self.ipam.address_counts();
         Status {
             version: env!("CARGO_PKG_VERSION"),
             kernel: kernel_release(),
-            race_hook: tracer::hook_name(tracer.hook()),
+            race_hook: conntrack.race_hook,
             tc_attach: self.tc_mode,
-            tracer_attachment: tracer.attachment(),
-            tracer_program_id: tracer.program_id(),
-            tracer_pins: tracer.pin_dir().to_owned(),
-            netns_inode: self.netns_inode,
+            tracer_attachment: conntrack.tracer_attachment,
+            tracer_program_id: conntrack.tracer_program_id,
+            tracer_pins: conntrack.tracer_pins,
+            netns_inode: conntrack.netns_inode,
             endpoints: self.registry.endpoints().len(),
-            counters,
-            events_received: self.events.stats.received.load(Ordering::Relaxed),
-            events_decode_errors: self.events.stats.decode_errors.load(Ordering::Relaxed),
+            counters: conntrack.counters,
+            events_received: conntrack.events_received,
+            events_decode_errors: conntrack.events_decode_errors,
             uptime_seconds: self.started.elapsed().as_secs(),
             dns,
             bpffs: self.config.bpffs.clone(),
@@ -290,74 +270,19 @@ impl Daemon {
         }
     }
 
-    /// The kernel's conntrack statistics and table fill for this namespace.
-    pub fn kernel_stats(&self) -> (Option<stats::ConntrackStats>, Option<stats::TableFill>) {
-        let s = stats::read()
-            .map_err(|e| tracing::warn!(error = %e, "conntrack statistics unavailable"))
-            .ok();
-        let f = stats::read_table_fill()
-            .map_err(|e| tracing::debug!(error = %e, "conntrack table fill unavailable"))
-            .ok();
-        (s, f)
-    }
-
-    /// The DNS subsystem.
-    pub fn dns(&self) -> &crate::dns::Dns {
-        &self.dns
-    }
-
-    /// Native pod routing (policy routing, SNAT, fast path).
-    pub fn routing(&self) -> &crate::routing::Routing {
-        &self.routing
-    }
-
-    /// The CNI endpoint and IPAM service.
-    pub fn cni(&self) -> &crate::ipam::service::IpamService {
-        &self.cni
-    }
-
-    /// Stops user-space work. Pinned programs and maps stay in place.
+    /// Stops user-space work, subsystem by subsystem in start order. Pinned
+    /// programs and maps stay in place.
     pub fn stop(&self) {
-        self.cni.stop();
-        self.dns.stop();
-        self.routing.stop();
-        self.events.stop.store(true, Ordering::Relaxed);
-        let handle = self
-            .event_thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                tracing::error!("race event thread panicked");
-            }
+        for subsystem in [
+            self.ipam.clone() as Arc<dyn Subsystem>,
+            self.dns.clone(),
+            self.routing.clone(),
+            self.conntrack.clone(),
+        ] {
+            tracing::debug!(subsystem = subsystem.name(), "stopping");
+            subsystem.stop();
         }
     }
-}
-
-fn spawn_event_thread(
-    ring: aya::maps::RingBuf<aya::maps::MapData>,
-    registry: &Registry,
-    races: &RaceLog,
-    events: &EventThreadHandle,
-) -> Result<JoinHandle<()>, DaemonError> {
-    let (registry, races, events) = (registry.clone(), races.clone(), events.clone());
-    std::thread::Builder::new()
-        .name("podnet-races".into())
-        .spawn(move || {
-            // The thread inherits the agent's network namespace, so ctnetlink
-            // sees the same conntrack table the tracer filters on.
-            let table = match NetlinkConntrack::open() {
-                Ok(table) => table,
-                Err(e) => {
-                    tracing::error!(error = %e, "ctnetlink unavailable; races are counted but winners are not looked up");
-                    return;
-                }
-            };
-            let enricher = Enricher::new(registry, table);
-            tracer::run_event_loop(ring, enricher, &races, &events.stats, &events.stop);
-        })
-        .map_err(DaemonError::Thread)
 }
 
 /// `uname -r`.

@@ -14,7 +14,8 @@ use super::{qtype_name, rcode_name, top::peer_addrs, DnsCounters, DnsSnapshot};
 use crate::{
     endpoint::{PodRef, Registry},
     metrics::{
-        text::{Encoder, Family, MetricType},
+        shared::SharedFamilies,
+        text::{Encoder, MetricType},
         Histogram,
     },
 };
@@ -172,37 +173,20 @@ fn render_peer_counts(enc: &mut Encoder, snapshot: &DnsSnapshot, registry: &Regi
     }
 }
 
-/// The DNS samples of `podnet_bpf_skipped_packets_total` (family shared with
-/// other programs): malformed (truncated, bad label, compression pointer in a
-/// question, name over 255 bytes, wrong counts or flags), `tcp_continuation`
-/// (TCP segment not starting a message), unsupported (IP fragment), unmatched
-/// (an answer without a pending query).
-pub fn skipped_samples(family: &mut Family<'_>, c: &DnsCounters) {
-    family
-        .sample(
-            &[("program", PROGRAM), ("reason", "malformed")],
-            c.malformed,
-        )
-        .sample(
-            &[("program", PROGRAM), ("reason", "tcp_continuation")],
-            c.tcp_skipped,
-        )
-        .sample(
-            &[("program", PROGRAM), ("reason", "unsupported")],
-            c.unsupported,
-        )
-        .sample(
-            &[("program", PROGRAM), ("reason", "unmatched")],
-            c.unmatched,
-        );
-}
-
-/// The DNS samples of `podnet_bpf_map_full_total` (family shared with other
-/// programs).
-pub fn map_full_samples(family: &mut Family<'_>, c: &DnsCounters) {
-    family
-        .sample(&[("map", "dns_stats")], c.stats_full)
-        .sample(&[("map", "dns_pending")], c.pending_failed);
+/// The DNS samples of the shared `podnet_bpf_*` families: events lost;
+/// full maps; packets skipped as malformed (truncated, bad label, compression
+/// pointer in a question, name over 255 bytes, wrong counts or flags),
+/// `tcp_continuation` (TCP segment not starting a message), unsupported (IP
+/// fragment) or unmatched (an answer without a pending query).
+pub fn shared_samples(shared: &mut SharedFamilies, c: &DnsCounters) {
+    shared
+        .events_lost(PROGRAM, c.events_lost)
+        .map_full("dns_stats", c.stats_full)
+        .map_full("dns_pending", c.pending_failed)
+        .skipped(PROGRAM, "malformed", c.malformed)
+        .skipped(PROGRAM, "tcp_continuation", c.tcp_skipped)
+        .skipped(PROGRAM, "unsupported", c.unsupported)
+        .skipped(PROGRAM, "unmatched", c.unmatched);
 }
 
 #[cfg(test)]

@@ -32,7 +32,13 @@ use std::{
 use podnet_common::dns::{Latency, PeerKey, BUCKETS};
 use serde::Serialize;
 
-use crate::{bpf::BpfError, endpoint::Registry};
+use crate::{
+    api::protocol::{self as p, method, ApiError},
+    bpf::BpfError,
+    endpoint::Registry,
+    metrics::{shared::SharedFamilies, text::Encoder},
+    subsystem::{to_json, Subsystem},
+};
 use attach::{Attacher, ReconcileReport, Role};
 use decode::QueryRecord;
 /// Names of the kernel programs.
@@ -336,9 +342,48 @@ impl Dns {
             last_reconcile: lock(&self.last_reconcile).clone(),
         }
     }
+}
+
+/// The API methods DNS serves.
+pub const METHODS: &[&str] = &[method::DNS_TOP, method::DNS_SLOW];
+
+impl Subsystem for Dns {
+    fn name(&self) -> &'static str {
+        "dns"
+    }
+
+    fn methods(&self) -> &'static [&'static str] {
+        METHODS
+    }
+
+    fn handle(&self, m: &str, params: serde_json::Value) -> Result<serde_json::Value, ApiError> {
+        match m {
+            method::DNS_TOP => self
+                .top()
+                .map_err(|e| ApiError::internal(e.to_string()))
+                .and_then(|rows| to_json(&rows)),
+            method::DNS_SLOW => {
+                let params: p::DnsSlowParams = p::parse_params(m, params)?;
+                to_json(&self.slow(params.limit))
+            }
+            _ => Err(ApiError::unknown_method(m)),
+        }
+    }
+
+    fn render_metrics(&self, enc: &mut Encoder, shared: &mut SharedFamilies) {
+        match self.snapshot() {
+            Ok(snapshot) => {
+                metrics::render(enc, &snapshot, &self.registry);
+                metrics::shared_samples(shared, &snapshot.counters);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the DNS maps failed; DNS metrics omitted");
+            }
+        }
+    }
 
     /// Stops the DNS threads. Links and maps stay pinned and keep counting.
-    pub fn stop(&self) {
+    fn stop(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         let threads = std::mem::take(&mut *lock(&self.threads));
         for handle in threads {

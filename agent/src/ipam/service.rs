@@ -27,10 +27,12 @@ use crate::{
         Clock, IpamError, IpamMode, SystemClock, DEFAULT_COOLDOWN,
     },
     metrics::{
+        shared::SharedFamilies,
         text::{Encoder, MetricType},
         Histogram,
     },
     net::Cidr,
+    subsystem::Subsystem,
 };
 
 /// Upper bounds of the CNI request duration histogram, in seconds.
@@ -165,35 +167,6 @@ impl IpamService {
             Source::Cni,
             state.endpoints().map(Endpoint::from_record).collect(),
         );
-    }
-
-    /// Whether this service serves `method`.
-    pub fn serves(method: &str) -> bool {
-        method.starts_with("endpoint.") || method.starts_with("ipam.")
-    }
-
-    /// Serves one API call, counting it by the CNI command it was made for.
-    pub fn handle(&self, m: &str, params: Value) -> Result<Value, ApiError> {
-        let started = Instant::now();
-        let command = params
-            .get("command")
-            .and_then(Value::as_str)
-            .filter(|c| !c.is_empty())
-            .map(str::to_owned);
-        let result = self.dispatch(m, params);
-        if let Some(command) = command.filter(|c| is_cni_command(c)) {
-            let outcome = match &result {
-                Ok(_) => "success".to_owned(),
-                Err(e) => e.code.as_str().to_owned(),
-            };
-            let mut c = self.counters();
-            *c.requests.entry((command.clone(), outcome)).or_default() += 1;
-            c.durations
-                .entry(command)
-                .or_insert_with(|| Histogram::new(&DURATION_BUCKETS))
-                .observe(started.elapsed());
-        }
-        result
     }
 
     #[allow(clippy::too_many_lines)] // one short arm per method
@@ -346,13 +319,6 @@ impl IpamService {
         }
     }
 
-    /// Stops background work (the ENI thread); addresses stay as they are.
-    pub fn stop(&self) {
-        if let Some(eni) = &self.eni {
-            eni.stop();
-        }
-    }
-
     /// Pod addresses of this node's pools: (allocated, free, cooldown).
     pub fn address_counts(&self) -> (u64, u64, u64) {
         let (mut allocated, mut free, mut cooldown) = (0u64, 0u64, 0u64);
@@ -363,9 +329,57 @@ impl IpamService {
         }
         (allocated, free, cooldown)
     }
+}
+
+/// The API methods the IPAM service serves (podnet-cni's calls, and
+/// podnetctl's `endpoints` and `ipam`).
+pub const METHODS: &[&str] = &[
+    method::ENDPOINT_ADD,
+    method::ENDPOINT_DEL,
+    method::ENDPOINT_CHECK,
+    method::ENDPOINT_LIST,
+    method::ENDPOINT_GC,
+    method::IPAM_ALLOCATE,
+    method::IPAM_RELEASE,
+    method::IPAM_GC,
+    method::IPAM_STATUS,
+];
+
+impl Subsystem for IpamService {
+    fn name(&self) -> &'static str {
+        "ipam"
+    }
+
+    fn methods(&self) -> &'static [&'static str] {
+        METHODS
+    }
+
+    /// Serves one API call, counting it by the CNI command it was made for.
+    fn handle(&self, m: &str, params: Value) -> Result<Value, ApiError> {
+        let started = Instant::now();
+        let command = params
+            .get("command")
+            .and_then(Value::as_str)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned);
+        let result = self.dispatch(m, params);
+        if let Some(command) = command.filter(|c| is_cni_command(c)) {
+            let outcome = match &result {
+                Ok(_) => "success".to_owned(),
+                Err(e) => e.code.as_str().to_owned(),
+            };
+            let mut c = self.counters();
+            *c.requests.entry((command.clone(), outcome)).or_default() += 1;
+            c.durations
+                .entry(command)
+                .or_insert_with(|| Histogram::new(&DURATION_BUCKETS))
+                .observe(started.elapsed());
+        }
+        result
+    }
 
     /// Writes the IPAM and CNI metric families.
-    pub fn render_metrics(&self, enc: &mut Encoder) {
+    fn render_metrics(&self, enc: &mut Encoder, _shared: &mut SharedFamilies) {
         if let Some(eni) = &self.eni {
             let (allocated, cooling) = crate::ipam::eni::busy(self.state().allocator());
             eni.render_metrics(enc, &allocated, &cooling);
@@ -406,6 +420,13 @@ impl IpamService {
         );
         for (command, h) in &c.durations {
             h.write(&mut fam, &[("command", command)]);
+        }
+    }
+
+    /// Stops background work (the ENI thread); addresses stay as they are.
+    fn stop(&self) {
+        if let Some(eni) = &self.eni {
+            eni.stop();
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod histogram;
 pub mod process;
 pub mod selfstats;
 pub mod server;
+pub mod shared;
 pub mod text;
 
 pub use histogram::Histogram;

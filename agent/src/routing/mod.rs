@@ -46,14 +46,17 @@ use self::{
     watch::Watcher,
 };
 use crate::{
+    api::protocol::{method, ApiError},
     bpf::BpfError,
     endpoint::{Endpoint, Registry},
     metrics::{
         selfstats::RECONCILE_BUCKETS,
+        shared::SharedFamilies,
         text::{Encoder, MetricType},
         Histogram,
     },
     net::Ipv4Cidr,
+    subsystem::{to_json, Subsystem},
 };
 
 /// Full reconcile (and SNAT check, and fast-path link re-check) period.
@@ -213,8 +216,53 @@ impl Routing {
             .clone()
     }
 
+    /// The last reconcile, for `podnetctl status`.
+    pub fn last_reconcile(&self) -> LastReconcile {
+        let view = self.show();
+        let s = &self.shared.stats;
+        LastReconcile {
+            unix_ms: view.reconciled_unix_ms,
+            result: if view.reconciled_unix_ms == 0 {
+                "pending"
+            } else if view.errors.is_empty() {
+                "success"
+            } else {
+                "error"
+            },
+            duration_seconds: self
+                .shared
+                .durations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .last()
+                .map_or(0.0, |d| d.as_secs_f64()),
+            repairs: Kind::ALL.iter().map(|k| s.repairs(*k)).sum(),
+            errors: view.errors.len(),
+        }
+    }
+}
+
+/// The API methods routing serves.
+pub const METHODS: &[&str] = &[method::ROUTES_SHOW];
+
+impl Subsystem for Routing {
+    fn name(&self) -> &'static str {
+        "routing"
+    }
+
+    fn methods(&self) -> &'static [&'static str] {
+        METHODS
+    }
+
+    fn handle(&self, m: &str, _params: serde_json::Value) -> Result<serde_json::Value, ApiError> {
+        match m {
+            method::ROUTES_SHOW => to_json(&self.show()),
+            _ => Err(ApiError::unknown_method(m)),
+        }
+    }
+
     /// Writes the routing and fast-path metric families.
-    pub fn render_metrics(&self, enc: &mut Encoder) {
+    fn render_metrics(&self, enc: &mut Encoder, _shared: &mut SharedFamilies) {
         let s = &self.shared.stats;
         enc.family(
             "podnet_route_reconciles_total",
@@ -272,33 +320,8 @@ impl Routing {
         }
     }
 
-    /// The last reconcile, for `podnetctl status`.
-    pub fn last_reconcile(&self) -> LastReconcile {
-        let view = self.show();
-        let s = &self.shared.stats;
-        LastReconcile {
-            unix_ms: view.reconciled_unix_ms,
-            result: if view.reconciled_unix_ms == 0 {
-                "pending"
-            } else if view.errors.is_empty() {
-                "success"
-            } else {
-                "error"
-            },
-            duration_seconds: self
-                .shared
-                .durations
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .last()
-                .map_or(0.0, |d| d.as_secs_f64()),
-            repairs: Kind::ALL.iter().map(|k| s.repairs(*k)).sum(),
-            errors: view.errors.len(),
-        }
-    }
-
     /// Stops the reconcile thread; routes, rules, SNAT and the fast path stay.
-    pub fn stop(&self) {
+    fn stop(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         let handle = self
             .thread

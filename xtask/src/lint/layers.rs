@@ -20,6 +20,8 @@ pub const LAYERS: &[&[&str]] = &[
     &["net", "memory", "endpoint", "bpf", "api"],
     // Telemetry: the encoder, one histogram, the metrics server.
     &["metrics"],
+    // The shape of a subsystem, as the daemon sees it.
+    &["subsystem"],
     // Subsystems, each owning its state, threads, metrics and views.
     &["conntrack", "dns", "routing", "cloud", "kube"],
     // IPAM builds on routing (ENI links) and the cloud.

@@ -1,0 +1,243 @@
+//! The running conntrack subsystem: the tracer in the kernel, the thread that
+//! turns its race events into named pods and winning flows, the recent-race
+//! log, and what it exposes (`conntrack.races`, the conntrack families).
+
+use std::{
+    path::PathBuf,
+    sync::{atomic::Ordering, Mutex, MutexGuard, PoisonError},
+    thread::JoinHandle,
+};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::{
+    ctnetlink::NetlinkConntrack,
+    events::Enricher,
+    log::RaceLog,
+    metrics::{self as render, Sources, TopDestinations, PROGRAM},
+    stats,
+    tracer::{self, EventThreadHandle, RaceHookChoice, Tracer, TracerConfig},
+    TracerCounters, TracerSnapshot,
+};
+use crate::{
+    api::protocol::{self as p, method, ApiError},
+    bpf::{self, link::Attachment, BpfError},
+    endpoint::Registry,
+    metrics::{shared::SharedFamilies, text::Encoder},
+    subsystem::{to_json, Subsystem},
+};
+
+/// The API methods conntrack serves.
+pub const METHODS: &[&str] = &[method::CONNTRACK_RACES];
+
+/// What conntrack needs from the agent's configuration.
+#[derive(Clone, Debug)]
+pub struct ConntrackSettings {
+    /// `--bpffs`.
+    pub bpffs: PathBuf,
+    /// `--race-event-budget`: race events per CPU per second (0: unlimited).
+    pub event_budget_per_cpu: u32,
+    /// `--race-hook`.
+    pub race_hook: RaceHookChoice,
+    /// Recent races kept for `podnetctl conntrack races`.
+    pub race_log_capacity: usize,
+}
+
+/// Errors starting conntrack.
+#[derive(Debug, thiserror::Error)]
+pub enum ConntrackError {
+    /// The tracer could not be put in place.
+    #[error(transparent)]
+    Bpf(#[from] BpfError),
+    /// The agent's own network namespace could not be identified.
+    #[error("reading the agent's network namespace: {0}")]
+    Netns(std::io::Error),
+    /// The event thread could not be started.
+    #[error("starting the race event thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What `podnetctl status` shows of conntrack.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConntrackStatus {
+    /// Which hook catches insert races.
+    pub race_hook: &'static str,
+    /// How the tracer was put in place on this start.
+    pub tracer_attachment: Attachment,
+    /// Kernel program id of the tracer loaded by this agent.
+    pub tracer_program_id: u32,
+    /// Pin directory of the tracer.
+    pub tracer_pins: PathBuf,
+    /// Inode of the observed network namespace.
+    pub netns_inode: u32,
+    /// The tracer's kernel counters.
+    pub counters: TracerCounters,
+    /// Race events received by user space since start.
+    pub events_received: u64,
+    /// Race events that could not be decoded.
+    pub events_decode_errors: u64,
+}
+
+/// Conntrack insert races, running.
+pub struct Conntrack {
+    registry: Registry,
+    tracer: Mutex<Tracer>,
+    races: RaceLog,
+    events: EventThreadHandle,
+    event_thread: Mutex<Option<JoinHandle<()>>>,
+    netns_inode: u32,
+    top: Mutex<TopDestinations>,
+}
+
+impl Conntrack {
+    /// Puts the tracer in place (or adopts its pins) for the agent's network
+    /// namespace and starts the race event thread.
+    pub fn start(settings: &ConntrackSettings, registry: Registry) -> Result<Self, ConntrackError> {
+        let netns_inode = bpf::current_netns_inode().map_err(ConntrackError::Netns)?;
+        let mut tracer = Tracer::start(&TracerConfig {
+            bpffs: settings.bpffs.clone(),
+            netns_inode,
+            event_budget_per_cpu: settings.event_budget_per_cpu,
+            race_hook: settings.race_hook,
+        })?;
+        let races = RaceLog::with_capacity(settings.race_log_capacity);
+        let events = EventThreadHandle::default();
+        let event_thread = match tracer.take_events() {
+            Some(ring) => Some(spawn_event_thread(ring, &registry, &races, &events)?),
+            None => None,
+        };
+        Ok(Self {
+            registry,
+            tracer: Mutex::new(tracer),
+            races,
+            events,
+            event_thread: Mutex::new(event_thread),
+            netns_inode,
+            top: Mutex::new(TopDestinations::new()),
+        })
+    }
+
+    fn tracer(&self) -> MutexGuard<'_, Tracer> {
+        self.tracer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Recent races.
+    pub fn races(&self) -> &RaceLog {
+        &self.races
+    }
+
+    /// Reads the tracer's kernel maps.
+    pub fn snapshot(&self) -> Result<TracerSnapshot, BpfError> {
+        self.tracer().snapshot()
+    }
+
+    /// The hook that counts insert races, by name.
+    pub fn race_hook(&self) -> &'static str {
+        tracer::hook_name(self.tracer().hook())
+    }
+
+    /// What `podnetctl status` shows of conntrack.
+    pub fn status(&self) -> ConntrackStatus {
+        let tracer = self.tracer();
+        ConntrackStatus {
+            race_hook: tracer::hook_name(tracer.hook()),
+            tracer_attachment: tracer.attachment(),
+            tracer_program_id: tracer.program_id(),
+            tracer_pins: tracer.pin_dir().to_owned(),
+            netns_inode: self.netns_inode,
+            counters: tracer.snapshot().map(|s| s.counters).unwrap_or_default(),
+            events_received: self.events.stats.received.load(Ordering::Relaxed),
+            events_decode_errors: self.events.stats.decode_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Subsystem for Conntrack {
+    fn name(&self) -> &'static str {
+        "conntrack"
+    }
+
+    fn methods(&self) -> &'static [&'static str] {
+        METHODS
+    }
+
+    fn handle(&self, m: &str, params: Value) -> Result<Value, ApiError> {
+        match m {
+            method::CONNTRACK_RACES => {
+                let params: p::RacesParams = p::parse_params(m, params)?;
+                to_json(&self.races.recent(params.limit))
+            }
+            _ => Err(ApiError::unknown_method(m)),
+        }
+    }
+
+    fn render_metrics(&self, enc: &mut Encoder, shared: &mut SharedFamilies) {
+        let snapshot = match self.snapshot() {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the tracer's maps failed; conntrack metrics omitted");
+                return;
+            }
+        };
+        let stats = stats::read()
+            .map_err(|e| tracing::warn!(error = %e, "conntrack statistics unavailable"))
+            .ok();
+        let fill = stats::read_table_fill()
+            .map_err(|e| tracing::debug!(error = %e, "conntrack table fill unavailable"))
+            .ok();
+        let mut top = self.top.lock().unwrap_or_else(PoisonError::into_inner);
+        let sources = Sources {
+            snapshot: &snapshot,
+            stats: stats.as_ref(),
+            fill,
+        };
+        render::render(enc, &sources, &self.registry, &mut top);
+        let c = snapshot.counters;
+        shared
+            .events_lost(PROGRAM, c.events_lost)
+            .map_full("conntrack_drops", c.drop_keys_full)
+            .map_full("conntrack_race_destinations", c.dest_keys_full)
+            .skipped(PROGRAM, "read_error", c.read_errors)
+            .skipped(PROGRAM, "not_ip", c.not_ip);
+    }
+
+    fn stop(&self) {
+        self.events.stop.store(true, Ordering::Relaxed);
+        let handle = self
+            .event_thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("race event thread panicked");
+            }
+        }
+    }
+}
+
+fn spawn_event_thread(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    registry: &Registry,
+    races: &RaceLog,
+    events: &EventThreadHandle,
+) -> Result<JoinHandle<()>, ConntrackError> {
+    let (registry, races, events) = (registry.clone(), races.clone(), events.clone());
+    std::thread::Builder::new()
+        .name("podnet-races".into())
+        .spawn(move || {
+            // The thread inherits the agent's network namespace, so ctnetlink
+            // sees the same conntrack table the tracer filters on.
+            let table = match NetlinkConntrack::open() {
+                Ok(table) => table,
+                Err(e) => {
+                    tracing::error!(error = %e, "ctnetlink unavailable; races are counted but winners are not looked up");
+                    return;
+                }
+            };
+            let enricher = Enricher::new(registry, table);
+            tracer::run_event_loop(ring, enricher, &races, &events.stats, &events.stop);
+        })
+        .map_err(ConntrackError::Thread)
+}
