@@ -10,6 +10,7 @@ pub mod btf;
 pub mod fs;
 pub mod inventory;
 pub mod link;
+pub mod ring;
 pub mod tc;
 
 /// The conntrack race tracer object, built by agent/build.rs.

@@ -8,7 +8,6 @@
 
 pub mod ctnetlink;
 pub mod events;
-pub mod log;
 pub mod metrics;
 pub mod stats;
 mod subsystem;
@@ -79,4 +78,7 @@ pub struct TracerSnapshot {
 }
 
 pub use crate::net::{kernel_addr, proto_name};
+
+/// Recent races, for `podnetctl conntrack races`.
+pub type RaceLog = crate::recent::Recent<events::RaceRecord>;
 pub use subsystem::{Conntrack, ConntrackError, ConntrackSettings, ConntrackStatus, METHODS};

@@ -14,11 +14,10 @@ use serde_json::Value;
 use super::{
     ctnetlink::NetlinkConntrack,
     events::Enricher,
-    log::RaceLog,
     metrics::{self as render, Sources, TopDestinations, PROGRAM},
     stats,
     tracer::{self, EventThreadHandle, RaceHookChoice, Tracer, TracerConfig},
-    TracerCounters, TracerSnapshot,
+    RaceLog, TracerCounters, TracerSnapshot,
 };
 use crate::{
     api::protocol::{self as p, method, ApiError},

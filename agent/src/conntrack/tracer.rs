@@ -2,7 +2,6 @@
 //! maps, and deliver its race events.
 
 use std::{
-    os::fd::{AsRawFd as _, RawFd},
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -27,11 +26,9 @@ use podnet_common::conntrack::{
 use super::{
     ctnetlink::ConntrackTable,
     events::{decode, Enricher},
-    kernel_addr,
-    log::RaceLog,
-    DestinationCount, DropCount, DropKind, TracerCounters, TracerSnapshot,
+    kernel_addr, DestinationCount, DropCount, DropKind, RaceLog, TracerCounters, TracerSnapshot,
 };
-use crate::bpf::{self, btf::KernelBtf, link::Attachment, BpfError};
+use crate::bpf::{self, btf::KernelBtf, link::Attachment, ring::RingReader, BpfError};
 
 /// Sub-directory of `--bpffs` holding the tracer's maps and links.
 pub const PIN_SUBDIR: &str = "conntrack";
@@ -328,18 +325,17 @@ pub struct EventStats {
 /// Reads race events until `stop` is set, enriching each into the race log.
 /// Runs on its own OS thread: winner lookups are blocking netlink calls.
 pub fn run_event_loop<T: ConntrackTable>(
-    mut ring: RingBuf<MapData>,
+    ring: RingBuf<MapData>,
     mut enricher: Enricher<T>,
     log: &RaceLog,
     stats: &EventStats,
     stop: &AtomicBool,
 ) {
-    let fd: RawFd = ring.as_raw_fd();
+    let mut reader = RingReader::new(ring, EVENT_POLL_INTERVAL);
     while !stop.load(Ordering::Relaxed) {
-        wait_readable(fd, EVENT_POLL_INTERVAL);
-        while let Some(item) = ring.next() {
+        reader.read(|item| {
             stats.received.fetch_add(1, Ordering::Relaxed);
-            let record = decode(&item).and_then(|event| enricher.enrich(&event));
+            let record = decode(item).and_then(|event| enricher.enrich(&event));
             match record {
                 Ok(record) => log.push(record),
                 Err(e) => {
@@ -347,19 +343,8 @@ pub fn run_event_loop<T: ConntrackTable>(
                     tracing::debug!(error = %e, "skipping race event");
                 }
             }
-        }
+        });
     }
-}
-
-fn wait_readable(fd: RawFd, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: pfd is a valid pollfd array of length 1 for the call's duration.
-    unsafe { libc::poll(&raw mut pfd, 1, ms) };
 }
 
 /// Shares the stop flag and stats between the agent and the event thread.

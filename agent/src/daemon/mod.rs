@@ -286,14 +286,4 @@ impl Daemon {
 }
 
 /// `uname -r`.
-pub fn kernel_release() -> String {
-    // SAFETY: utsname is plain data; uname fills it.
-    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: uts is a valid, writable utsname.
-    if unsafe { libc::uname(&raw mut uts) } != 0 {
-        return "unknown".into();
-    }
-    // SAFETY: uname NUL-terminates release within the array.
-    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
-    release.to_string_lossy().into_owned()
-}
+pub use crate::sys::kernel_release;

@@ -6,11 +6,10 @@
 //! maps; user space only reads them ([`tracer`]), keeps the attachments equal
 //! to the endpoint registry ([`attach`]), turns unanswered queries into
 //! timeouts ([`sweep`]), and keeps recent slow, failed and unanswered
-//! queries with their names ([`log`], fed by [`decode`]).
+//! queries with their names ([`QueryLog`], fed by [`decode`]).
 
 pub mod attach;
 pub mod decode;
-pub mod log;
 pub mod metrics;
 pub mod sweep;
 pub mod top;
@@ -41,6 +40,10 @@ use crate::{
 };
 use attach::{Attacher, ReconcileReport, Role};
 use decode::QueryRecord;
+
+/// Recent slow, failed and unanswered queries with their names, for
+/// `podnetctl dns slow`.
+pub type QueryLog = crate::recent::Recent<QueryRecord>;
 /// Names of the kernel programs.
 pub use podnet_common::dns::programs;
 use tracer::{DnsTracer, ProgramSettings};
@@ -201,7 +204,7 @@ pub struct Dns {
     tracer: Arc<Mutex<DnsTracer>>,
     attacher: Arc<Mutex<Attacher>>,
     registry: Registry,
-    log: log::QueryLog,
+    log: QueryLog,
     history: Arc<Mutex<top::History>>,
     last_reconcile: Arc<Mutex<ReconcileReport>>,
     shared: Arc<Shared>,
@@ -272,7 +275,7 @@ impl Dns {
             tracer: Arc::new(Mutex::new(tracer)),
             attacher: Arc::new(Mutex::new(attacher)),
             registry,
-            log: log::QueryLog::with_capacity(LOG_CAPACITY),
+            log: QueryLog::with_capacity(LOG_CAPACITY),
             history: Arc::new(Mutex::new(history)),
             last_reconcile: Arc::new(Mutex::new(report)),
             shared: Arc::new(Shared::default()),

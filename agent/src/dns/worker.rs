@@ -2,7 +2,6 @@
 //! keeps attachments equal to the registry, and samples totals for `top`.
 
 use std::{
-    os::fd::AsRawFd as _,
     sync::{atomic::Ordering, Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -11,11 +10,11 @@ use aya::maps::{MapData, RingBuf};
 
 use super::{
     attach::{Attacher, ReconcileReport},
-    decode, desired_interfaces, lock, log, sweep, top,
+    decode, desired_interfaces, lock, sweep, top,
     tracer::DnsTracer,
-    DnsSettings, Shared,
+    DnsSettings, QueryLog, Shared,
 };
-use crate::endpoint::Registry;
+use crate::{bpf::ring::RingReader, endpoint::Registry};
 
 /// How often the attachments are compared with the registry even when it
 /// did not change (interfaces may appear after their endpoint).
@@ -36,7 +35,7 @@ pub(super) struct Worker {
     pub(super) tracer: Arc<Mutex<DnsTracer>>,
     pub(super) attacher: Arc<Mutex<Attacher>>,
     pub(super) registry: Registry,
-    pub(super) log: log::QueryLog,
+    pub(super) log: QueryLog,
     pub(super) history: Arc<Mutex<top::History>>,
     pub(super) last_reconcile: Arc<Mutex<ReconcileReport>>,
     pub(super) shared: Arc<Shared>,
@@ -46,12 +45,12 @@ pub(super) struct Worker {
 impl Worker {
     /// Drains the ring buffer until stopped: woken by the kernel when 64 KiB
     /// are pending, and at least every [`EVENT_POLL`].
-    pub(super) fn run_events(self, mut ring: RingBuf<MapData>) {
+    pub(super) fn run_events(self, ring: RingBuf<MapData>) {
+        let mut reader = RingReader::new(ring, EVENT_POLL);
         while !self.shared.stop.load(Ordering::Relaxed) {
-            wait_readable(ring.as_raw_fd(), EVENT_POLL);
-            self.drain(&mut ring);
+            reader.read(|item| self.on_event(item));
         }
-        self.drain(&mut ring);
+        reader.drain(|item| self.on_event(item));
     }
 
     /// Sweeps timeouts, reconciles attachments and samples until stopped.
@@ -85,15 +84,13 @@ impl Worker {
         }
     }
 
-    fn drain(&self, ring: &mut RingBuf<MapData>) {
-        while let Some(item) = ring.next() {
-            self.shared.received.fetch_add(1, Ordering::Relaxed);
-            match decode::decode(&item) {
-                Ok(event) => self.log_event(&event),
-                Err(e) => {
-                    self.shared.decode_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(error = %e, "skipping DNS event");
-                }
+    fn on_event(&self, item: &[u8]) {
+        self.shared.received.fetch_add(1, Ordering::Relaxed);
+        match decode::decode(item) {
+            Ok(event) => self.log_event(&event),
+            Err(e) => {
+                self.shared.decode_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(error = %e, "skipping DNS event");
             }
         }
     }
@@ -149,15 +146,4 @@ impl Worker {
             Err(e) => tracing::warn!(error = %e, "reconciling DNS attachments failed"),
         }
     }
-}
-
-fn wait_readable(fd: std::os::fd::RawFd, timeout: Duration) {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: pfd is a valid pollfd array of length 1 for the call's duration.
-    unsafe { libc::poll(&raw mut pfd, 1, ms) };
 }

@@ -6,11 +6,7 @@
 //! proxy-neighbour change, any link appearing or going. Ordinary neighbour
 //! churn (ARP state changes) is ignored, so it cannot cause reconcile storms.
 
-use std::{
-    io,
-    os::fd::{AsRawFd as _, RawFd},
-    time::Duration,
-};
+use std::{io, os::fd::AsRawFd as _, time::Duration};
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{neighbour::NeighbourFlags, RouteNetlinkMessage};
@@ -60,7 +56,7 @@ impl Watcher {
     /// Waits up to `timeout` for notifications and drains them; returns
     /// whether any was relevant (or notifications were lost).
     pub fn wait(&self, timeout: Duration) -> bool {
-        if !wait_readable(self.socket.as_raw_fd(), timeout) {
+        if !crate::sys::wait_readable(self.socket.as_raw_fd(), timeout) {
             return false;
         }
         let mut relevant = false;
@@ -118,18 +114,6 @@ pub fn is_relevant(msg: &RouteNetlinkMessage) -> bool {
         }
         _ => false,
     }
-}
-
-fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: pfd is a valid pollfd array of length 1 for the call's duration.
-    let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
-    rc > 0
 }
 
 #[cfg(test)]

@@ -1,0 +1,60 @@
+//! The system calls the agent makes from more than one subsystem.
+
+use std::{os::fd::RawFd, time::Duration};
+
+/// Waits until `fd` is readable or `timeout` passes; true when readable.
+pub fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: pfd is a valid pollfd array of length 1 for the call's duration.
+    let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+    rc > 0
+}
+
+/// The running kernel's release (`uname -r`), or `unknown`.
+pub fn kernel_release() -> String {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: uts is a valid, writable utsname.
+    if unsafe { libc::uname(&raw mut uts) } != 0 {
+        return "unknown".into();
+    }
+    // SAFETY: uname NUL-terminates release within the array.
+    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) };
+    release.to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pipe_is_readable_once_written() {
+        let mut fds = [0; 2];
+        // SAFETY: fds is a writable array of two descriptors.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        assert!(!wait_readable(fds[0], Duration::from_millis(1)));
+        // SAFETY: fds[1] is the pipe's open write end; the buffer is one byte.
+        assert_eq!(unsafe { libc::write(fds[1], [1u8].as_ptr().cast(), 1) }, 1);
+        assert!(wait_readable(fds[0], Duration::from_millis(1)));
+        for fd in fds {
+            // SAFETY: fd is open and closed once.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    #[test]
+    fn the_release_is_the_kernels() {
+        let release = kernel_release();
+        assert_eq!(
+            release,
+            std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap()
+                .trim()
+        );
+    }
+}
