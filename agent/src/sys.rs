@@ -4,14 +4,23 @@ use std::{os::fd::RawFd, time::Duration};
 
 /// Waits until `fd` is readable or `timeout` passes; true when readable.
 pub fn wait_readable(fd: RawFd, timeout: Duration) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    wait_readable_any(&[fd], timeout)
+}
+
+/// Waits until one of `fds` is readable or `timeout` passes; true when one is.
+pub fn wait_readable_any(fds: &[RawFd], timeout: Duration) -> bool {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
     let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: pfd is a valid pollfd array of length 1 for the call's duration.
-    let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+    let count = libc::nfds_t::try_from(pfds.len()).unwrap_or(libc::nfds_t::MAX);
+    // SAFETY: pfds is a valid pollfd array of `count` entries for the call's duration.
+    let rc = unsafe { libc::poll(pfds.as_mut_ptr(), count, ms) };
     rc > 0
 }
 

@@ -224,6 +224,9 @@ pub enum DnsError {
     /// A DNS thread could not be started.
     #[error("starting the DNS thread: {0}")]
     Thread(std::io::Error),
+    /// The registry's change notifications could not be set up.
+    #[error("subscribing to endpoint changes: {0}")]
+    Subscribe(std::io::Error),
 }
 
 /// The interfaces the programs should watch: every endpoint's `interface`
@@ -299,9 +302,10 @@ impl Dns {
                 .map_err(DnsError::Thread)?;
             lock(&dns.threads).push(handle);
         }
+        let changes = dns.registry.subscribe().map_err(DnsError::Subscribe)?;
         let handle = std::thread::Builder::new()
             .name("podnet-dns".into())
-            .spawn(move || worker.run_upkeep())
+            .spawn(move || worker.run_upkeep(&changes))
             .map_err(DnsError::Thread)?;
         lock(&dns.threads).push(handle);
         Ok(dns)

@@ -14,11 +14,17 @@ use super::{
     tracer::DnsTracer,
     DnsSettings, QueryLog, Shared,
 };
-use crate::{bpf::ring::RingReader, endpoint::Registry};
+use crate::{
+    bpf::ring::RingReader,
+    endpoint::{Changes, Registry},
+};
 
 /// How often the attachments are compared with the registry even when it
 /// did not change (interfaces may appear after their endpoint).
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+/// Endpoint changes closer together than this are one reconcile (pod churn
+/// on a busy node must not keep the thread listing interfaces).
+const CHANGE_COALESCE: Duration = Duration::from_millis(20);
 /// How often per-(pod, server) totals are sampled for `dns.top`.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// Longest wait between two drains of the ring buffer.
@@ -53,24 +59,30 @@ impl Worker {
         reader.drain(|item| self.on_event(item));
     }
 
-    /// Sweeps timeouts, reconciles attachments and samples until stopped.
-    pub(super) fn run_upkeep(self) {
+    /// Sweeps timeouts, reconciles attachments and samples until stopped;
+    /// reconciles at once when the registry changes.
+    pub(super) fn run_upkeep(self, changes: &Changes) {
         // Sweep four times per timeout (at most every second), so a timeout
         // is counted at most a quarter late.
         let sweep_every =
             (self.settings.timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        let mut generation = self.registry.generation();
         let (mut last_sweep, mut last_reconcile, mut last_sample) =
             (Instant::now(), Instant::now(), Instant::now());
+        let mut pending = false;
         while !self.shared.stop.load(Ordering::Relaxed) {
-            std::thread::sleep(sweep_every.min(Duration::from_millis(100)));
+            let wait = if pending {
+                CHANGE_COALESCE.saturating_sub(last_reconcile.elapsed())
+            } else {
+                sweep_every.min(Duration::from_millis(100))
+            };
+            pending |= changes.wait(wait);
             if last_sweep.elapsed() >= sweep_every {
                 last_sweep = Instant::now();
                 self.sweep();
             }
-            let g = self.registry.generation();
-            if g != generation || last_reconcile.elapsed() >= RECONCILE_EVERY {
-                generation = g;
+            let since = last_reconcile.elapsed();
+            if (pending && since >= CHANGE_COALESCE) || since >= RECONCILE_EVERY {
+                pending = false;
                 last_reconcile = Instant::now();
                 self.reconcile();
             }

@@ -6,7 +6,10 @@
 //! Addresses that no endpoint owns are host traffic: they are labelled with
 //! empty namespace and pod, never dropped from counts.
 
+mod changes;
 pub mod file;
+
+pub use changes::Changes;
 
 use std::{
     collections::HashMap,
@@ -108,7 +111,7 @@ pub enum Source {
 struct Inner {
     endpoints: Vec<(Source, Endpoint)>,
     by_ip: HashMap<IpAddr, PodRef>,
-    generation: u64,
+    subscribers: Vec<std::sync::Weak<std::os::fd::OwnedFd>>,
 }
 
 impl Inner {
@@ -119,7 +122,7 @@ impl Inner {
                 self.by_ip.insert(*ip, ep.pod_ref());
             }
         }
-        self.generation += 1;
+        changes::notify(&mut self.subscribers);
     }
 }
 
@@ -156,9 +159,11 @@ impl Registry {
         self.read(|inner| inner.endpoints.clone())
     }
 
-    /// Increases on every change; lets caches know when to refresh.
-    pub fn generation(&self) -> u64 {
-        self.read(|inner| inner.generation)
+    /// A subscription that becomes readable on every later change.
+    pub fn subscribe(&self) -> std::io::Result<Changes> {
+        let (changes, weak) = Changes::new()?;
+        self.write(|inner| inner.subscribers.push(weak));
+        Ok(changes)
     }
 
     fn read<T>(&self, f: impl FnOnce(&Inner) -> T) -> T {
@@ -219,6 +224,21 @@ mod tests {
         assert_eq!(r.endpoints().len(), 1);
         assert_eq!(r.pod_for("10.0.0.5".parse().unwrap()).pod, "cni-pod");
         assert!(r.pod_for("10.0.0.6".parse().unwrap()).is_host());
-        assert_eq!(r.generation(), 3);
+    }
+
+    #[test]
+    fn subscribers_learn_of_each_change_and_unsubscribe_by_dropping() {
+        let r = Registry::new();
+        let changes = r.subscribe().unwrap();
+        let dropped = r.subscribe().unwrap();
+        assert!(!changes.take());
+        r.replace_source(Source::Cni, vec![ep("a", "p", &["10.0.0.5"])]);
+        r.replace_source(Source::Cni, vec![]);
+        assert!(changes.wait(std::time::Duration::from_millis(1)));
+        assert!(!changes.take(), "two changes are one wake-up");
+        drop(dropped);
+        r.replace_source(Source::File, vec![]);
+        assert!(changes.take());
+        assert_eq!(r.read(|inner| inner.subscribers.len()), 1);
     }
 }

@@ -48,7 +48,7 @@ use self::{
 use crate::{
     api::protocol::{method, ApiError},
     bpf::BpfError,
-    endpoint::{Endpoint, Registry},
+    endpoint::{Changes, Endpoint, Registry},
     metrics::{
         selfstats::RECONCILE_BUCKETS,
         shared::SharedFamilies,
@@ -61,6 +61,8 @@ use crate::{
 
 /// Full reconcile (and SNAT check, and fast-path link re-check) period.
 pub const RESYNC_PERIOD: Duration = Duration::from_secs(30);
+/// Endpoint changes closer together than this are one reconcile.
+const CHANGE_COALESCE: Duration = Duration::from_millis(20);
 /// Longest wait for a kernel notification before inputs are looked at again.
 const POLL: Duration = Duration::from_millis(200);
 /// How soon a reconcile that found a conflict is repeated (the foreign
@@ -120,6 +122,9 @@ pub enum RoutingError {
     /// The routing thread could not be started.
     #[error("starting the routing thread: {0}")]
     Thread(std::io::Error),
+    /// The registry's change notifications could not be set up.
+    #[error("subscribing to endpoint changes: {0}")]
+    Subscribe(std::io::Error),
 }
 
 struct Shared {
@@ -169,6 +174,7 @@ impl Routing {
             stop: AtomicBool::new(false),
             durations: Mutex::new(Histogram::new(&RECONCILE_BUCKETS)),
         });
+        let changes = registry.subscribe().map_err(RoutingError::Subscribe)?;
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("podnet-routing".into())
@@ -181,7 +187,7 @@ impl Routing {
                     match opened {
                         Ok((nl, watcher)) => {
                             let _ = ready_tx.send(Ok(()));
-                            Loop::new(config, registry, enis, shared, watcher).run(nl);
+                            Loop::new(config, registry, changes, enis, shared, watcher).run(nl);
                         }
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -358,6 +364,7 @@ fn proxies_drifted(
 struct Loop {
     config: RoutingConfig,
     registry: Registry,
+    changes: Changes,
     enis: EniStore,
     shared: Arc<Shared>,
     watcher: Watcher,
@@ -369,6 +376,7 @@ impl Loop {
     fn new(
         config: RoutingConfig,
         registry: Registry,
+        changes: Changes,
         enis: EniStore,
         shared: Arc<Shared>,
         watcher: Watcher,
@@ -377,6 +385,7 @@ impl Loop {
         Self {
             config,
             registry,
+            changes,
             enis,
             shared,
             watcher,
@@ -387,25 +396,37 @@ impl Loop {
 
     fn run(mut self, netlink: RtNetlink) {
         let mut reconciler = Reconciler::new(netlink);
-        let mut last_inputs = None;
+        let mut last_enis = None;
         let mut next_resync = Instant::now();
         let mut proxies = std::collections::BTreeSet::new();
+        let (mut endpoints_changed, mut last_reconcile) = (false, Instant::now());
         while !self.shared.stop.load(Ordering::Relaxed) {
-            let mut event = self.watcher.wait(POLL);
+            // Woken at once by a kernel notification or an endpoint change;
+            // changes closer together than CHANGE_COALESCE are one reconcile.
+            let wait = if endpoints_changed {
+                CHANGE_COALESCE.saturating_sub(last_reconcile.elapsed())
+            } else {
+                POLL
+            };
+            let mut event = self.watcher.wait(wait, self.changes.fd());
             if !event && !proxies.is_empty() {
                 event = proxies_drifted(reconciler.netlink(), &proxies);
             }
+            endpoints_changed |= self.changes.take();
             self.reload_enis();
-            let inputs = (self.registry.generation(), self.enis.generation());
+            let enis_generation = self.enis.generation();
             let periodic = Instant::now() >= next_resync;
-            let changed = last_inputs != Some(inputs);
+            let changed = (endpoints_changed && last_reconcile.elapsed() >= CHANGE_COALESCE)
+                || last_enis != Some(enis_generation);
             if !(event || periodic || changed) {
                 continue;
             }
+            endpoints_changed = false;
+            last_reconcile = Instant::now();
             if periodic {
                 next_resync = Instant::now() + RESYNC_PERIOD;
             }
-            last_inputs = Some(inputs);
+            last_enis = Some(enis_generation);
             let endpoints: Vec<Endpoint> = self
                 .registry
                 .endpoints()

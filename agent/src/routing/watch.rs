@@ -6,7 +6,11 @@
 //! proxy-neighbour change, any link appearing or going. Ordinary neighbour
 //! churn (ARP state changes) is ignored, so it cannot cause reconcile storms.
 
-use std::{io, os::fd::AsRawFd as _, time::Duration};
+use std::{
+    io,
+    os::fd::{AsRawFd as _, RawFd},
+    time::Duration,
+};
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{neighbour::NeighbourFlags, RouteNetlinkMessage};
@@ -53,10 +57,12 @@ impl Watcher {
         Ok(Self { socket })
     }
 
-    /// Waits up to `timeout` for notifications and drains them; returns
-    /// whether any was relevant (or notifications were lost).
-    pub fn wait(&self, timeout: Duration) -> bool {
-        if !crate::sys::wait_readable(self.socket.as_raw_fd(), timeout) {
+    /// Waits up to `timeout` for notifications, or for `also` (another
+    /// descriptor the caller listens to) to become readable, and drains the
+    /// notifications; returns whether any was relevant (or notifications
+    /// were lost).
+    pub fn wait(&self, timeout: Duration, also: RawFd) -> bool {
+        if !crate::sys::wait_readable_any(&[self.socket.as_raw_fd(), also], timeout) {
             return false;
         }
         let mut relevant = false;
