@@ -17,6 +17,7 @@ pub mod kube;
 pub mod memory;
 pub mod metrics;
 pub mod net;
+pub mod options;
 pub mod recent;
 pub mod routing;
 pub mod subsystem;

@@ -137,8 +137,13 @@ async fn learn_pod_cidrs(
     mut config: AgentConfig,
     readiness: &Readiness,
 ) -> anyhow::Result<AgentConfig> {
-    let Some(node) = config.node_to_ask_for_pod_cidrs().map(ToOwned::to_owned) else {
-        if config.ipam_mode == podnet::ipam::IpamMode::NodeCidr && config.node_cidrs.is_empty() {
+    let Some(node) = config
+        .ipam
+        .node_to_ask_for_pod_cidrs()
+        .map(ToOwned::to_owned)
+    else {
+        if config.ipam.mode == podnet::ipam::IpamMode::NodeCidr && config.ipam.node_cidrs.is_empty()
+        {
             tracing::warn!(
                 "node-cidr mode without --node-cidr or --node-name: no pod addresses to give"
             );
@@ -162,7 +167,7 @@ async fn learn_pod_cidrs(
     .await
     .context("reading the node's pod CIDRs panicked")?;
     tracing::info!(node = %node, cidrs = ?cidrs.iter().map(ToString::to_string).collect::<Vec<_>>(), "pod CIDRs from the Node object");
-    config.node_cidrs = cidrs;
+    config.ipam.node_cidrs = cidrs;
     Ok(config)
 }
 

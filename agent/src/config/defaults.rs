@@ -1,4 +1,5 @@
-//! Default paths, ports and limits, in one place.
+//! Default paths, ports and limits, in one place (a subsystem's own defaults
+//! are declared beside its options and listed here).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -11,9 +12,9 @@ pub const STATE_DIR: &str = "/var/lib/podnet";
 /// `--bpffs`.
 pub const BPFFS: &str = "/sys/fs/bpf/podnet";
 /// `--race-event-budget`.
-pub const RACE_EVENT_BUDGET_PER_CPU: u32 = 20_000;
+pub use crate::conntrack::RACE_EVENT_BUDGET_PER_CPU;
 /// Recent races kept for `podnetctl conntrack races`.
-pub const RACE_LOG_CAPACITY: usize = 1024;
+pub use crate::conntrack::RACE_LOG_CAPACITY;
 /// How long the agent waits for its tasks to drain on SIGTERM.
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often the agent hands freed heap back to the kernel (see
@@ -24,16 +25,16 @@ pub const HEAP_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_mi
 pub const METRICS_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(15);
 /// How often the agent checks that its `--bpffs` directory is still on bpffs.
 pub const PIN_DIR_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
-/// `--dns-timeout`.
-pub const DNS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-/// `--dns-ports`.
-pub const DNS_PORTS: &[u16] = &[53];
-/// `--dns-slow-threshold`.
-pub const DNS_SLOW_THRESHOLD: std::time::Duration = std::time::Duration::from_millis(200);
-/// `--warm-eni-target` (as the AWS VPC CNI).
-pub const WARM_ENI_TARGET: u32 = 1;
 /// `--imds-endpoint`.
-pub const IMDS_ENDPOINT: &str = crate::cloud::imds::DEFAULT_ENDPOINT;
+pub use crate::cloud::imds::DEFAULT_ENDPOINT as IMDS_ENDPOINT;
+/// `--dns-ports`.
+pub use crate::dns::DEFAULT_PORTS as DNS_PORTS;
+/// `--dns-slow-threshold`.
+pub use crate::dns::DEFAULT_SLOW_THRESHOLD as DNS_SLOW_THRESHOLD;
+/// `--dns-timeout`.
+pub use crate::dns::DEFAULT_TIMEOUT as DNS_TIMEOUT;
+/// `--warm-eni-target` (as the AWS VPC CNI).
+pub use crate::ipam::service::DEFAULT_WARM_ENI_TARGET as WARM_ENI_TARGET;
 /// `--cni-conf-dir`.
 pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 /// `--cni-bin-dir`.

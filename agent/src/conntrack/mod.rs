@@ -81,4 +81,7 @@ pub use crate::net::{kernel_addr, proto_name};
 
 /// Recent races, for `podnetctl conntrack races`.
 pub type RaceLog = crate::recent::Recent<events::RaceRecord>;
-pub use subsystem::{Conntrack, ConntrackError, ConntrackSettings, ConntrackStatus, METHODS};
+pub use subsystem::{
+    Conntrack, ConntrackError, ConntrackOptions, ConntrackSettings, ConntrackStatus, METHODS,
+    RACE_EVENT_BUDGET_PER_CPU, RACE_LOG_CAPACITY,
+};

@@ -24,14 +24,48 @@ use crate::{
     bpf::{self, link::Attachment, BpfError},
     endpoint::Registry,
     metrics::{shared::SharedFamilies, text::Encoder},
+    options::options,
     subsystem::{to_json, Subsystem},
 };
 
 /// The API methods conntrack serves.
 pub const METHODS: &[&str] = &[method::CONNTRACK_RACES];
 
+options! {
+    /// Conntrack's section of the configuration.
+    pub struct ConntrackOptions {
+        /// Race events per CPU per second sent to user space with full detail;
+        /// counts stay exact above it [default: 20000; 0 = unlimited].
+        #[arg(long, env = "PODNET_RACE_EVENT_BUDGET")]
+        pub race_event_budget: Option<u32>,
+        /// Hook that counts insert races: `tracepoint` (the drop tracepoint),
+        /// `probe` (adds a kretprobe on `__nf_conntrack_confirm`, where the kernel
+        /// has kprobes), or `auto`: the probe where kprobes exist, else the
+        /// tracepoint [default: auto].
+        #[arg(long, env = "PODNET_RACE_HOOK", value_enum)]
+        pub race_hook: Option<RaceHookChoice>,
+    }
+}
+
+/// `--race-event-budget`.
+pub const RACE_EVENT_BUDGET_PER_CPU: u32 = 20_000;
+/// Recent races kept for `podnetctl conntrack races`.
+pub const RACE_LOG_CAPACITY: usize = 1024;
+
+impl ConntrackOptions {
+    /// The settings, defaults filled in; the tracer pins below `bpffs`.
+    pub fn settings(self, bpffs: &std::path::Path) -> ConntrackSettings {
+        ConntrackSettings {
+            bpffs: bpffs.to_owned(),
+            event_budget_per_cpu: self.race_event_budget.unwrap_or(RACE_EVENT_BUDGET_PER_CPU),
+            race_hook: self.race_hook.unwrap_or_default(),
+            race_log_capacity: RACE_LOG_CAPACITY,
+        }
+    }
+}
+
 /// What conntrack needs from the agent's configuration.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConntrackSettings {
     /// `--bpffs`.
     pub bpffs: PathBuf,

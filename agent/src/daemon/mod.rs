@@ -15,11 +15,11 @@ use serde::Serialize;
 
 use crate::{
     bpf::{self, tc::TcMode, BpfError},
-    config::{defaults, AgentConfig},
-    conntrack::{Conntrack, ConntrackError, ConntrackSettings},
+    config::AgentConfig,
+    conntrack::{Conntrack, ConntrackError},
     dns::Dns,
     endpoint::{self, Registry, Source},
-    ipam::service::{IpamConfig, IpamService},
+    ipam::service::IpamService,
     routing::Routing,
     subsystem::Subsystem,
 };
@@ -129,23 +129,10 @@ impl Daemon {
         }
         let ipam = Arc::new(IpamService::open(
             &config.state_dir,
-            &IpamConfig {
-                mode: config.ipam_mode,
-                node_cidrs: config.node_cidrs.clone(),
-                eni: config.eni.clone(),
-                ..Default::default()
-            },
+            &config.ipam,
             registry.clone(),
         )?);
-        let conntrack = Arc::new(Conntrack::start(
-            &ConntrackSettings {
-                bpffs: config.bpffs.clone(),
-                event_budget_per_cpu: config.race_event_budget,
-                race_hook: config.race_hook,
-                race_log_capacity: defaults::RACE_LOG_CAPACITY,
-            },
-            registry.clone(),
-        )?);
+        let conntrack = Arc::new(Conntrack::start(&config.conntrack, registry.clone())?);
         let tc_mode = bpf::tc::resolve(config.tc_attach)?;
         tracing::info!(
             mode = %tc_mode,
@@ -157,30 +144,12 @@ impl Daemon {
             }
         );
         let routing = Arc::new(Routing::start(
-            crate::routing::RoutingConfig {
-                enis_file: config.enis.clone(),
-                vpc_cidrs: config.vpc_cidrs.clone(),
-                service_cidrs: config.service_cidrs.clone(),
-                snat: config.snat,
-                fast_path: config.fast_path,
-                bpffs: config.bpffs.clone(),
-                dns_ports: config.dns_ports.clone(),
-                tc_mode,
-            },
+            config.routing.clone(),
+            tc_mode,
             registry.clone(),
         )?);
         ipam.publish_enis_to(routing.enis().clone());
-        let dns = Arc::new(Dns::start(
-            crate::dns::DnsSettings {
-                bpffs: config.bpffs.clone(),
-                timeout: config.dns_timeout,
-                ports: config.dns_ports.clone(),
-                slow_threshold: config.dns_slow_threshold,
-                uplinks: config.uplinks.clone(),
-                tc_mode,
-            },
-            registry.clone(),
-        )?);
+        let dns = Arc::new(Dns::start(config.dns.clone(), tc_mode, registry.clone())?);
         let subsystems: Vec<Arc<dyn Subsystem>> = vec![
             ipam.clone(),
             routing.clone(),
@@ -258,7 +227,7 @@ impl Daemon {
             kernel_objects: crate::bpf::inventory::read(&self.config.bpffs),
             events_lost,
             ipam: IpamSummary {
-                mode: match self.config.ipam_mode {
+                mode: match self.config.ipam.mode {
                     crate::ipam::IpamMode::NodeCidr => "node-cidr",
                     crate::ipam::IpamMode::Eni => "eni",
                 },

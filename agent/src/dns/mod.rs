@@ -36,6 +36,7 @@ use crate::{
     bpf::BpfError,
     endpoint::Registry,
     metrics::{shared::SharedFamilies, text::Encoder},
+    options::{duration_arg, duration_key, options},
     subsystem::{to_json, Subsystem},
 };
 use attach::{Attacher, ReconcileReport, Role};
@@ -158,6 +159,57 @@ pub fn qtype_name(qtype: u16) -> String {
     name.into()
 }
 
+options! {
+    /// DNS's section of the configuration.
+    pub struct DnsOptions {
+        /// A DNS query with no answer by then is a timeout (e.g. `5s`, `500ms`)
+        /// [default: 5s].
+        #[arg(long, env = "PODNET_DNS_TIMEOUT", value_parser = duration_arg)]
+        #[serde(default, deserialize_with = "duration_key")]
+        pub dns_timeout: Option<Duration>,
+        /// Host interfaces whose DNS traffic is traced too (host-network pods),
+        /// comma-separated.
+        #[arg(long, env = "PODNET_UPLINKS", value_delimiter = ',')]
+        pub uplinks: Option<Vec<String>>,
+        /// DNS server ports, comma-separated, at most 8 [default: 53].
+        #[arg(long, env = "PODNET_DNS_PORTS", value_delimiter = ',')]
+        pub dns_ports: Option<Vec<u16>>,
+        /// DNS answers slower than this are logged with their query name
+        /// (`podnetctl dns slow`) [default: 200ms].
+        #[arg(long, env = "PODNET_DNS_SLOW_THRESHOLD", value_parser = duration_arg)]
+        #[serde(default, deserialize_with = "duration_key")]
+        pub dns_slow_threshold: Option<Duration>,
+    }
+}
+
+/// `--dns-timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `--dns-ports`.
+pub const DEFAULT_PORTS: &[u16] = &[53];
+/// `--dns-slow-threshold`.
+pub const DEFAULT_SLOW_THRESHOLD: Duration = Duration::from_millis(200);
+
+impl DnsOptions {
+    /// The settings, defaults filled in and checked against what the kernel
+    /// programs can hold; the programs pin below `bpffs`.
+    pub fn settings(self, bpffs: &std::path::Path) -> Result<DnsSettings, String> {
+        let ports = self.dns_ports.unwrap_or_else(|| DEFAULT_PORTS.to_vec());
+        let max = podnet_common::dns::MAX_PORTS;
+        if ports.is_empty() || ports.len() > max || ports.contains(&0) {
+            return Err(format!(
+                "--dns-ports must list 1 to {max} ports other than 0, not {ports:?}"
+            ));
+        }
+        Ok(DnsSettings {
+            bpffs: bpffs.to_owned(),
+            timeout: self.dns_timeout.unwrap_or(DEFAULT_TIMEOUT),
+            ports,
+            slow_threshold: self.dns_slow_threshold.unwrap_or(DEFAULT_SLOW_THRESHOLD),
+            uplinks: self.uplinks.unwrap_or_default(),
+        })
+    }
+}
+
 /// How the DNS subsystem runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnsSettings {
@@ -171,8 +223,6 @@ pub struct DnsSettings {
     pub slow_threshold: Duration,
     /// `--uplinks`.
     pub uplinks: Vec<String>,
-    /// tcx links or classic tc filters.
-    pub tc_mode: crate::bpf::tc::TcMode,
 }
 
 /// What `status` shows about DNS.
@@ -246,8 +296,13 @@ pub fn desired_interfaces(registry: &Registry, uplinks: &[String]) -> BTreeMap<S
 
 impl Dns {
     /// Loads the programs, attaches them to the registry's interfaces and the
-    /// uplinks (adopting pinned links), and starts the DNS threads.
-    pub fn start(settings: DnsSettings, registry: Registry) -> Result<Self, DnsError> {
+    /// uplinks (adopting pinned links) as tcx links or classic tc filters,
+    /// and starts the DNS threads.
+    pub fn start(
+        settings: DnsSettings,
+        tc_mode: crate::bpf::tc::TcMode,
+        registry: Registry,
+    ) -> Result<Self, DnsError> {
         let mut tracer = DnsTracer::load(
             &settings.bpffs,
             &ProgramSettings {
@@ -255,7 +310,7 @@ impl Dns {
                 slow_threshold: settings.slow_threshold,
             },
         )?;
-        let mut attacher = Attacher::new(tracer.pin_dir(), settings.tc_mode)?;
+        let mut attacher = Attacher::new(tracer.pin_dir(), tc_mode)?;
         let report = attacher.reconcile(
             &mut tracer,
             &desired_interfaces(&registry, &settings.uplinks),

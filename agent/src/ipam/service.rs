@@ -31,7 +31,8 @@ use crate::{
         text::{Encoder, MetricType},
         Histogram,
     },
-    net::Cidr,
+    net::{Cidr, CidrList},
+    options::options,
     subsystem::Subsystem,
 };
 
@@ -40,27 +41,97 @@ pub const DURATION_BUCKETS: [f64; 12] = [
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
+options! {
+    /// IPAM's section of the configuration.
+    pub struct IpamOptions {
+        /// IPAM mode: `node-cidr` (the node's pod CIDR) or `eni` (secondary
+        /// addresses of ENIs, from a warm pool) [default: node-cidr].
+        #[arg(long, env = "PODNET_IPAM_MODE", value_enum)]
+        pub ipam_mode: Option<IpamMode>,
+        /// Pod CIDR(s) of this node in node-cidr mode, comma-separated (at most
+        /// one address per family per pod, e.g. `10.244.1.0/24,fd00:10:244:1::/64`).
+        #[arg(long, env = "PODNET_NODE_CIDR")]
+        pub node_cidr: Option<CidrList>,
+        /// This node's name: in node-cidr mode without --node-cidr, the agent reads the pod
+        /// CIDRs of this Node (one GET of `spec.podCIDRs` through the in-cluster service
+        /// account) before it serves pods. The DaemonSet sets it from `spec.nodeName`.
+        #[arg(long, env = "PODNET_NODE_NAME")]
+        pub node_name: Option<String>,
+        /// ENI mode: free addresses to keep ready; with --minimum-ip-target it
+        /// takes precedence over --warm-eni-target [default: unset].
+        #[arg(long, env = "PODNET_WARM_IP_TARGET")]
+        pub warm_ip_target: Option<u32>,
+        /// ENI mode: addresses to hold at least, free or not [default: unset].
+        #[arg(long, env = "PODNET_MINIMUM_IP_TARGET")]
+        pub minimum_ip_target: Option<u32>,
+        /// ENI mode: whole ENIs' worth of free addresses to keep when no IP
+        /// target is set [default: 1].
+        #[arg(long, env = "PODNET_WARM_ENI_TARGET")]
+        pub warm_eni_target: Option<u32>,
+        /// ENI mode: EC2 API endpoint, e.g. a local emulator
+        /// [default: `https://ec2.<region>.amazonaws.com`].
+        #[arg(long, env = "PODNET_CLOUD_ENDPOINT")]
+        pub cloud_endpoint: Option<String>,
+        /// ENI mode: instance metadata endpoint [default: `http://169.254.169.254`].
+        #[arg(long, env = "PODNET_IMDS_ENDPOINT")]
+        pub imds_endpoint: Option<String>,
+    }
+}
+
+/// `--warm-eni-target` (as the AWS VPC CNI).
+pub const DEFAULT_WARM_ENI_TARGET: u32 = 1;
+
+impl IpamOptions {
+    /// The settings, defaults filled in.
+    pub fn settings(self) -> IpamSettings {
+        IpamSettings {
+            mode: self.ipam_mode.unwrap_or_default(),
+            node_cidrs: self.node_cidr.unwrap_or_default().0,
+            node_name: self.node_name,
+            cooldown: DEFAULT_COOLDOWN,
+            eni: crate::ipam::eni::EniSettings {
+                targets: crate::ipam::eni::warm::Targets {
+                    warm_ip: self.warm_ip_target,
+                    minimum_ip: self.minimum_ip_target,
+                    warm_eni: self.warm_eni_target.unwrap_or(DEFAULT_WARM_ENI_TARGET),
+                },
+                cloud_endpoint: self.cloud_endpoint,
+                imds_endpoint: self
+                    .imds_endpoint
+                    .unwrap_or_else(|| crate::cloud::imds::DEFAULT_ENDPOINT.to_owned()),
+            },
+        }
+    }
+}
+
 /// What the service needs from the agent's configuration.
-#[derive(Clone, Debug)]
-pub struct IpamConfig {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpamSettings {
     /// `--ipam-mode`.
     pub mode: IpamMode,
     /// `--node-cidr`.
     pub node_cidrs: Vec<Cidr>,
+    /// `--node-name`: whose Node gives the pod CIDRs when none are set.
+    pub node_name: Option<String>,
     /// Cooldown of released addresses.
     pub cooldown: Duration,
     /// ENI mode settings.
     pub eni: crate::ipam::eni::EniSettings,
 }
 
-impl Default for IpamConfig {
+impl Default for IpamSettings {
     fn default() -> Self {
-        Self {
-            mode: IpamMode::NodeCidr,
-            node_cidrs: Vec::new(),
-            cooldown: DEFAULT_COOLDOWN,
-            eni: crate::ipam::eni::EniSettings::default(),
-        }
+        IpamOptions::default().settings()
+    }
+}
+
+impl IpamSettings {
+    /// The Node whose `spec.podCIDRs` the agent must read before it can give
+    /// addresses: node-cidr mode, no CIDR configured, and a node name known.
+    pub fn node_to_ask_for_pod_cidrs(&self) -> Option<&str> {
+        (self.mode == IpamMode::NodeCidr && self.node_cidrs.is_empty())
+            .then_some(self.node_name.as_deref())
+            .flatten()
     }
 }
 
@@ -87,7 +158,7 @@ impl IpamService {
     /// CNI source from it.
     pub fn open(
         state_dir: &Path,
-        config: &IpamConfig,
+        config: &IpamSettings,
         registry: Registry,
     ) -> Result<Self, IpamError> {
         Self::open_with(state_dir, config, registry, Arc::new(SystemClock))
@@ -96,7 +167,7 @@ impl IpamService {
     /// Like [`IpamService::open`] with another clock.
     pub fn open_with(
         state_dir: &Path,
-        config: &IpamConfig,
+        config: &IpamSettings,
         registry: Registry,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, IpamError> {

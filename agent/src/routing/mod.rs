@@ -56,6 +56,7 @@ use crate::{
         Histogram,
     },
     net::Ipv4Cidr,
+    options::options,
     subsystem::{to_json, Subsystem},
 };
 
@@ -69,9 +70,52 @@ const POLL: Duration = Duration::from_millis(200);
 /// object's removal is not among the notifications podnet reacts to).
 pub const CONFLICT_RECHECK: Duration = Duration::from_secs(1);
 
+options! {
+    /// Routing's section of the configuration.
+    pub struct RoutingOptions {
+        /// YAML list of this node's ENIs (`name`, `mac`, `table`, `subnet`,
+        /// `gateway`, `ips`: the secondary addresses given to pods); re-read when
+        /// it changes.
+        #[arg(long, env = "PODNET_ENIS")]
+        pub enis: Option<PathBuf>,
+        /// Destinations that are not masqueraded and that the fast path may steer
+        /// to, comma-separated [default: the ENIs' subnets].
+        #[arg(long, env = "PODNET_VPC_CIDRS", value_delimiter = ',')]
+        pub vpc_cidrs: Option<Vec<Ipv4Cidr>>,
+        /// Service CIDRs, comma-separated: the fast path leaves them to the
+        /// kernel (kube-proxy translates them).
+        #[arg(long, env = "PODNET_SERVICE_CIDRS", value_delimiter = ',')]
+        pub service_cidrs: Option<Vec<Ipv4Cidr>>,
+        /// Masquerade pod traffic leaving the VPC (`--snat=true|false`)
+        /// [default: true when ENIs are configured].
+        #[arg(long, env = "PODNET_SNAT", num_args = 0..=1, default_missing_value = "true")]
+        pub snat: Option<bool>,
+        /// Steer pod traffic to its ENI in eBPF, past netfilter and conntrack
+        /// [default: false].
+        #[arg(long, env = "PODNET_FAST_PATH", num_args = 0..=1, default_missing_value = "true")]
+        pub fast_path: Option<bool>,
+    }
+}
+
+impl RoutingOptions {
+    /// The settings, defaults filled in: the fast path pins below `bpffs` and
+    /// never steers traffic to `dns_ports` (DNS's own setting).
+    pub fn settings(self, bpffs: &std::path::Path, dns_ports: &[u16]) -> RoutingSettings {
+        RoutingSettings {
+            enis_file: self.enis,
+            vpc_cidrs: self.vpc_cidrs.unwrap_or_default(),
+            service_cidrs: self.service_cidrs.unwrap_or_default(),
+            snat: self.snat,
+            fast_path: self.fast_path.unwrap_or(false),
+            bpffs: bpffs.to_owned(),
+            dns_ports: dns_ports.to_vec(),
+        }
+    }
+}
+
 /// How routing is set up.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RoutingConfig {
+pub struct RoutingSettings {
     /// `--enis`: static ENI description.
     pub enis_file: Option<PathBuf>,
     /// `--vpc-cidrs`: destinations not masqueraded and steerable; empty means
@@ -88,8 +132,6 @@ pub struct RoutingConfig {
     pub bpffs: PathBuf,
     /// `--dns-ports`: DNS traffic is never steered (the DNS tracer sees it).
     pub dns_ports: Vec<u16>,
-    /// How the fast path's programs attach (tcx or classic tc).
-    pub tc_mode: crate::bpf::tc::TcMode,
 }
 
 /// The last routing reconcile, as `podnetctl status` shows it.
@@ -145,7 +187,12 @@ pub struct Routing {
 impl Routing {
     /// Loads the ENI description, prepares (or removes) the fast path, and
     /// starts the reconcile thread; returns once netlink is open.
-    pub fn start(config: RoutingConfig, registry: Registry) -> Result<Self, RoutingError> {
+    /// The fast path attaches as tcx links or classic tc filters (`tc_mode`).
+    pub fn start(
+        config: RoutingSettings,
+        tc_mode: crate::bpf::tc::TcMode,
+        registry: Registry,
+    ) -> Result<Self, RoutingError> {
         let enis = EniStore::new();
         if let Some(path) = &config.enis_file {
             let list = eni::load(path)?;
@@ -153,11 +200,7 @@ impl Routing {
             enis.replace(list);
         }
         let steer = if config.fast_path {
-            Some(Steer::load(
-                &config.bpffs,
-                &config.dns_ports,
-                config.tc_mode,
-            )?)
+            Some(Steer::load(&config.bpffs, &config.dns_ports, tc_mode)?)
         } else {
             if Steer::remove(&config.bpffs)? {
                 tracing::info!("fast path off: removed its pinned links and maps");
@@ -362,7 +405,7 @@ fn proxies_drifted(
 
 /// The reconcile thread's state.
 struct Loop {
-    config: RoutingConfig,
+    config: RoutingSettings,
     registry: Registry,
     changes: Changes,
     enis: EniStore,
@@ -374,7 +417,7 @@ struct Loop {
 
 impl Loop {
     fn new(
-        config: RoutingConfig,
+        config: RoutingSettings,
         registry: Registry,
         changes: Changes,
         enis: EniStore,

@@ -17,7 +17,9 @@ use anyhow::{bail, Context as _};
 /// The floors, lowest first. Keep docs/ARCHITECTURE.md in step.
 pub const LAYERS: &[&[&str]] = &[
     // Ground floor: types and plumbing that know no subsystem.
-    &["net", "memory", "sys", "recent", "endpoint", "bpf", "api"],
+    &[
+        "net", "memory", "sys", "recent", "options", "endpoint", "bpf", "api",
+    ],
     // Telemetry: the encoder, one histogram, the metrics server.
     &["metrics"],
     // The shape of a subsystem, as the daemon sees it.
