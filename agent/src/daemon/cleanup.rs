@@ -186,37 +186,10 @@ fn remove_file(path: &Path, report: &mut CleanupReport) {
 mod tests {
     use super::*;
     use crate::routing::{
-        desired::{Link, ProxyNeigh, Route, Rule, PRIORITY_FROM_POD},
-        diff::{ObservedProxy, ObservedRoute, ObservedRule},
+        desired::{ProxyNeigh, Route, Rule, PRIORITY_FROM_POD},
+        diff::{Change, ObservedProxy, ObservedRoute, ObservedRule},
+        fake::FakeKernel,
     };
-
-    /// A kernel in memory that applies deletions.
-    #[derive(Default)]
-    struct Fake(Observed);
-
-    impl Netlink for Fake {
-        fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
-            Ok(Vec::new())
-        }
-        fn routes(&mut self) -> Result<Vec<ObservedRoute>, NetlinkError> {
-            Ok(self.0.routes.clone())
-        }
-        fn rules(&mut self) -> Result<Vec<ObservedRule>, NetlinkError> {
-            Ok(self.0.rules.clone())
-        }
-        fn proxies(&mut self) -> Result<Vec<ObservedProxy>, NetlinkError> {
-            Ok(self.0.proxies.clone())
-        }
-        fn apply(&mut self, change: &Change) -> Result<(), NetlinkError> {
-            match *change {
-                Change::Delete(Object::Route(r)) => self.0.routes.retain(|o| o.route != r),
-                Change::Delete(Object::Rule(r)) => self.0.rules.retain(|o| o.rule != r),
-                Change::Delete(Object::Neigh(n)) => self.0.proxies.retain(|o| o.proxy != n),
-                _ => panic!("cleanup only deletes: {change:?}"),
-            }
-            Ok(())
-        }
-    }
 
     #[test]
     fn removes_owned_routing_objects_only_and_twice_is_a_no_op() {
@@ -245,42 +218,53 @@ mod tests {
             priority: 1000,
             ..rule
         };
-        let mut kernel = Fake(Observed {
-            routes: vec![
-                ObservedRoute {
-                    route,
+        let mut kernel = FakeKernel {
+            observed: Observed {
+                routes: vec![
+                    ObservedRoute {
+                        route,
+                        protocol: RTPROT_PODNET,
+                    },
+                    ObservedRoute {
+                        route: foreign_route,
+                        protocol: 4,
+                    },
+                ],
+                rules: vec![
+                    ObservedRule {
+                        rule,
+                        protocol: RTPROT_PODNET,
+                    },
+                    // Inside the owned range but another protocol: not ours.
+                    ObservedRule {
+                        rule: foreign_rule,
+                        protocol: 4,
+                    },
+                ],
+                proxies: vec![ObservedProxy {
+                    proxy,
                     protocol: RTPROT_PODNET,
-                },
-                ObservedRoute {
-                    route: foreign_route,
-                    protocol: 4,
-                },
-            ],
-            rules: vec![
-                ObservedRule {
-                    rule,
-                    protocol: RTPROT_PODNET,
-                },
-                // Inside the owned range but another protocol: not ours.
-                ObservedRule {
-                    rule: foreign_rule,
-                    protocol: 4,
-                },
-            ],
-            proxies: vec![ObservedProxy {
-                proxy,
-                protocol: RTPROT_PODNET,
-            }],
-        });
+                }],
+            },
+            ..FakeKernel::default()
+        };
         let mut report = CleanupReport::default();
         remove_routing(&mut kernel, &mut report);
+        assert!(
+            kernel
+                .applied
+                .iter()
+                .all(|c| matches!(c, Change::Delete(_))),
+            "cleanup only deletes: {:?}",
+            kernel.applied
+        );
         assert_eq!(report.removed.len(), 3, "{report:?}");
         assert!(report.errors.is_empty());
-        assert_eq!(kernel.0.routes.len(), 1);
-        assert_eq!(kernel.0.routes[0].route, foreign_route);
-        assert_eq!(kernel.0.rules.len(), 1);
-        assert_eq!(kernel.0.rules[0].rule, foreign_rule);
-        assert!(kernel.0.proxies.is_empty());
+        assert_eq!(kernel.observed.routes.len(), 1);
+        assert_eq!(kernel.observed.routes[0].route, foreign_route);
+        assert_eq!(kernel.observed.rules.len(), 1);
+        assert_eq!(kernel.observed.rules[0].rule, foreign_rule);
+        assert!(kernel.observed.proxies.is_empty());
         let mut again = CleanupReport::default();
         remove_routing(&mut kernel, &mut again);
         assert_eq!(again, CleanupReport::default());

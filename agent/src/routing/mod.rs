@@ -17,6 +17,8 @@
 pub mod desired;
 pub mod diff;
 pub mod eni;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod netlink;
 pub mod reconcile;
 pub mod show;

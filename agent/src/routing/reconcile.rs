@@ -195,80 +195,9 @@ fn link_gone(change: &Change, e: &NetlinkError) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{
-        desired::tests::{endpoint, enis, links},
-        desired::RTPROT_PODNET,
-        diff::{ObservedProxy, ObservedRoute, ObservedRule},
-    };
+    use super::super::desired::tests::{endpoint, enis, links};
     use super::*;
-
-    /// A kernel in memory: applies changes to its tables.
-    #[derive(Default)]
-    struct FakeKernel {
-        links: Vec<Link>,
-        observed: Observed,
-        fail_rules: bool,
-        /// Deletes find the object gone already (its link went first).
-        deletes_race_link_removal: bool,
-    }
-
-    impl Netlink for FakeKernel {
-        fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
-            Ok(self.links.clone())
-        }
-        fn routes(&mut self) -> Result<Vec<ObservedRoute>, NetlinkError> {
-            Ok(self.observed.routes.clone())
-        }
-        fn rules(&mut self) -> Result<Vec<ObservedRule>, NetlinkError> {
-            Ok(self.observed.rules.clone())
-        }
-        fn proxies(&mut self) -> Result<Vec<ObservedProxy>, NetlinkError> {
-            Ok(self.observed.proxies.clone())
-        }
-        fn apply(&mut self, change: &Change) -> Result<(), NetlinkError> {
-            if self.deletes_race_link_removal {
-                if let Change::Delete(Object::Route(route)) = *change {
-                    self.observed.routes.retain(|r| r.route != route);
-                    return Err(NetlinkError::Kernel {
-                        what: "delete route".into(),
-                        source: std::io::Error::from_raw_os_error(libc::ESRCH),
-                    });
-                }
-            }
-            let o = &mut self.observed;
-            match *change {
-                Change::Add(Object::Rule(_)) if self.fail_rules => {
-                    return Err(NetlinkError::Kernel {
-                        what: "add rule".into(),
-                        source: std::io::Error::from_raw_os_error(libc::EPERM),
-                    })
-                }
-                Change::Add(Object::Route(route)) | Change::Replace(Object::Route(route)) => {
-                    o.routes.retain(|r| r.route.key() != route.key());
-                    o.routes.push(ObservedRoute {
-                        route,
-                        protocol: RTPROT_PODNET,
-                    });
-                }
-                Change::Delete(Object::Route(route)) => o.routes.retain(|r| r.route != route),
-                Change::Add(Object::Rule(rule)) | Change::Replace(Object::Rule(rule)) => {
-                    o.rules.push(ObservedRule {
-                        rule,
-                        protocol: RTPROT_PODNET,
-                    });
-                }
-                Change::Delete(Object::Rule(rule)) => o.rules.retain(|r| r.rule != rule),
-                Change::Add(Object::Neigh(proxy)) | Change::Replace(Object::Neigh(proxy)) => {
-                    o.proxies.push(ObservedProxy {
-                        proxy,
-                        protocol: RTPROT_PODNET,
-                    });
-                }
-                Change::Delete(Object::Neigh(proxy)) => o.proxies.retain(|p| p.proxy != proxy),
-            }
-            Ok(())
-        }
-    }
+    use crate::routing::fake::FakeKernel;
 
     #[test]
     fn installs_then_repairs_and_counts_by_kind() {
