@@ -83,6 +83,41 @@ pub fn from_u128(family: Family, value: u128) -> IpAddr {
 }
 
 impl Cidr {
+    /// `0.0.0.0/0`, the destination of the IPv4 default route.
+    pub const ANY_V4: Cidr = Cidr {
+        network: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        len: 0,
+    };
+
+    /// The prefix of `len` bits that holds `ip`, host bits cleared (the
+    /// kernel reports rules and routes as they were written).
+    pub fn containing(ip: IpAddr, len: u8) -> Result<Self, CidrError> {
+        let family = Family::of(ip);
+        if len > family.bits() {
+            return Err(CidrError::Length(format!("{ip}/{len}")));
+        }
+        Ok(Self {
+            network: from_u128(family, to_u128(ip) & mask(family, len)),
+            len,
+        })
+    }
+
+    /// The one-address prefix of `ip` (`/32` or `/128`).
+    pub fn host(ip: IpAddr) -> Self {
+        Self {
+            network: ip,
+            len: Family::of(ip).bits(),
+        }
+    }
+
+    /// The network address, when the prefix is IPv4.
+    pub fn network_v4(&self) -> Option<Ipv4Addr> {
+        match self.network {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        }
+    }
+
     /// A prefix from its network address and length; fails on host bits.
     pub fn new(network: IpAddr, len: u8) -> Result<Self, CidrError> {
         let input = format!("{network}/{len}");
@@ -256,6 +291,25 @@ impl<'de> Deserialize<'de> for CidrList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_prefixes_hosts_and_the_default_route() {
+        let c = Cidr::containing("10.0.1.7".parse().unwrap(), 24).unwrap();
+        assert_eq!(c.to_string(), "10.0.1.0/24");
+        assert!(Cidr::containing("10.0.1.7".parse().unwrap(), 33).is_err());
+        assert_eq!(
+            Cidr::host("10.0.1.7".parse().unwrap()).to_string(),
+            "10.0.1.7/32"
+        );
+        assert_eq!(
+            Cidr::host("fd00::7".parse().unwrap()).to_string(),
+            "fd00::7/128"
+        );
+        assert_eq!(Cidr::ANY_V4.to_string(), "0.0.0.0/0");
+        assert!(Cidr::ANY_V4.contains("192.0.2.1".parse().unwrap()));
+        assert_eq!(c.network_v4(), Some("10.0.1.0".parse().unwrap()));
+        assert_eq!("fd00::/64".parse::<Cidr>().unwrap().network_v4(), None);
+    }
 
     #[test]
     fn parses_and_rejects() {

@@ -123,10 +123,16 @@ impl Imds {
         let mac = mac_text.parse().map_err(|e| bad("mac", e))?;
         let iface = format!("network/interfaces/macs/{mac_text}");
         let cidr_path = format!("{iface}/subnet-ipv4-cidr-block");
-        let subnet_cidr = self
+        let subnet_cidr: crate::net::Cidr = self
             .get(&cidr_path)?
             .parse()
-            .map_err(|e: crate::net::Ipv4CidrError| bad(&cidr_path, e.to_string()))?;
+            .map_err(|e: crate::net::CidrError| bad(&cidr_path, e.to_string()))?;
+        if subnet_cidr.network_v4().is_none() {
+            return Err(bad(
+                &cidr_path,
+                format!("{subnet_cidr} is not an IPv4 prefix"),
+            ));
+        }
         let security_groups = self
             .get(&format!("{iface}/security-group-ids"))?
             .lines()

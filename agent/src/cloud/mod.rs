@@ -20,7 +20,7 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
-use crate::net::{Ipv4Cidr, MacAddr};
+use crate::net::{Cidr, MacAddr};
 
 /// Tag key podnet puts on the interfaces it creates; only those are ever
 /// detached or deleted.
@@ -40,7 +40,7 @@ pub struct InstanceIdentity {
     /// Subnet of the primary interface; new interfaces go there too.
     pub subnet_id: String,
     /// The subnet's IPv4 CIDR.
-    pub subnet_cidr: Ipv4Cidr,
+    pub subnet_cidr: Cidr,
     /// Security groups of the primary interface; new interfaces get them too.
     pub security_groups: Vec<String>,
 }

@@ -300,7 +300,11 @@ impl AgentConfig {
                 .unwrap_or_else(|| PathBuf::from(defaults::CNI_BIN_DIR)),
             cleanup: args.cleanup,
             conntrack: args.conntrack.or(file.conntrack).settings(&bpffs),
-            routing: args.routing.or(file.routing).settings(&bpffs, &dns.ports),
+            routing: args
+                .routing
+                .or(file.routing)
+                .settings(&bpffs, &dns.ports)
+                .map_err(ConfigError::Invalid)?,
             ipam: args.ipam.or(file.ipam).settings(),
             dns,
             bpffs,
@@ -366,6 +370,18 @@ mod tests {
         assert_eq!((c.routing.fast_path, c.routing.snat), (true, Some(true)));
         assert_eq!(c.routing.service_cidrs[0].to_string(), "10.96.0.0/12");
         assert!(AgentArgs::try_parse_from(["podnet-agent", "--vpc-cidrs", "10.0.0.0"]).is_err());
+        // One Cidr type for every prefix: host bits are refused, IPv6 is not routed.
+        let e = AgentArgs::try_parse_from(["podnet-agent", "--vpc-cidrs", "10.0.1.7/24"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean 10.0.1.0/24?"), "{e}");
+        let e = AgentConfig::resolve_with(
+            args(&["--service-cidrs", "fd00::/108"]),
+            ConfigFile::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "--service-cidrs takes IPv4 prefixes, not fd00::/108");
     }
 
     #[test]

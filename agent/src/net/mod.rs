@@ -1,13 +1,11 @@
-//! The ground floor of addresses: prefixes (one [`Cidr`] for IPv4 and IPv6),
-//! the IPv4 prefixes routing writes into the kernel, MAC addresses, and the
-//! kernel's own address and protocol encodings. Imports no subsystem.
+//! The ground floor of addresses: prefixes (one [`Cidr`] for IPv4 and IPv6,
+//! from podnet-api), MAC addresses, and the kernel's own address and protocol
+//! encodings. Imports no subsystem.
 
-mod ipv4;
 mod mac;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-pub use ipv4::{CidrError as Ipv4CidrError, Ipv4Cidr};
 pub use mac::MacAddr;
 pub use podnet_api::net::{from_u128, parse_list, to_u128, Cidr, CidrError, CidrList, Family};
 use podnet_common::family;

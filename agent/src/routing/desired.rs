@@ -22,7 +22,7 @@ use serde::Serialize;
 use super::eni::{eni_for, Eni};
 use crate::{
     endpoint::Endpoint,
-    net::{Ipv4Cidr, MacAddr},
+    net::{Cidr, MacAddr},
 };
 
 /// Route and rule protocol id that marks what podnet installed
@@ -58,7 +58,7 @@ pub struct Route {
     /// Routing table.
     pub table: u32,
     /// Destination prefix.
-    pub dst: Ipv4Cidr,
+    pub dst: Cidr,
     /// Output interface index.
     pub oif: u32,
     /// Gateway, for routes via a next hop.
@@ -69,7 +69,7 @@ pub struct Route {
 
 impl Route {
     /// What identifies the route in the kernel (with tos and metric 0).
-    pub fn key(&self) -> (u32, Ipv4Cidr) {
+    pub fn key(&self) -> (u32, Cidr) {
         (self.table, self.dst)
     }
 }
@@ -80,9 +80,9 @@ pub struct Rule {
     /// Priority (`pref`).
     pub priority: u32,
     /// Source selector.
-    pub src: Option<Ipv4Cidr>,
+    pub src: Option<Cidr>,
     /// Destination selector.
-    pub dst: Option<Ipv4Cidr>,
+    pub dst: Option<Cidr>,
     /// Table to look up.
     pub table: u32,
 }
@@ -152,14 +152,14 @@ pub fn build(endpoints: &[Endpoint], enis: &[Eni], links: &[Link]) -> Desired {
         d.eni_links.insert(link.name.clone(), link.index);
         d.routes.insert(Route {
             table: eni.table,
-            dst: eni.subnet.network(),
+            dst: eni.subnet,
             oif: link.index,
             gateway: None,
             scope_link: true,
         });
         d.routes.insert(Route {
             table: eni.table,
-            dst: Ipv4Cidr::ANY,
+            dst: Cidr::ANY_V4,
             oif: link.index,
             gateway: Some(eni.gateway),
             scope_link: false,
@@ -183,7 +183,7 @@ pub fn build(endpoints: &[Endpoint], enis: &[Eni], links: &[Link]) -> Desired {
         }
         for ip in &ep.ips {
             let IpAddr::V4(ip) = *ip else { continue };
-            let pod = Ipv4Cidr::host(ip);
+            let pod = Cidr::host(IpAddr::V4(ip));
             d.routes.insert(Route {
                 table: MAIN_TABLE,
                 dst: pod,

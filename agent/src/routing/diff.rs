@@ -473,7 +473,7 @@ mod tests {
         let host = d
             .routes
             .iter()
-            .find(|r| r.gateway.is_none() && r.dst.prefix() == 32)
+            .find(|r| r.gateway.is_none() && r.dst.prefix_len() == 32)
             .copied()
             .unwrap();
         for r in &mut o.routes {

@@ -12,7 +12,7 @@
 
 use std::{
     collections::HashSet,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
     sync::{Arc, PoisonError, RwLock},
     time::SystemTime,
@@ -20,7 +20,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::net::{Ipv4Cidr, MacAddr};
+use crate::net::{Cidr, MacAddr};
 
 /// Tables the kernel reserves (`unspec`, `compat`, `default`, `main`, `local`).
 const RESERVED_TABLES: [u32; 5] = [0, 252, 253, 254, 255];
@@ -37,7 +37,7 @@ pub struct Eni {
     /// Routing table of the ENI (not one the kernel reserves).
     pub table: u32,
     /// The ENI's subnet.
-    pub subnet: Ipv4Cidr,
+    pub subnet: Cidr,
     /// The subnet's gateway (the VPC router).
     pub gateway: Ipv4Addr,
     /// Secondary addresses given to pods on this ENI.
@@ -49,7 +49,7 @@ impl Eni {
     /// Whether the pod address `ip` leaves through this ENI: it is one of
     /// its secondary addresses, or lies in its subnet.
     pub fn owns(&self, ip: Ipv4Addr) -> bool {
-        self.ips.contains(&ip) || self.subnet.contains(ip)
+        self.ips.contains(&ip) || self.subnet.contains(IpAddr::V4(ip))
     }
 }
 
@@ -58,7 +58,7 @@ impl Eni {
 pub fn eni_for(enis: &[Eni], ip: Ipv4Addr) -> Option<&Eni> {
     enis.iter()
         .find(|e| e.ips.contains(&ip))
-        .or_else(|| enis.iter().find(|e| e.subnet.contains(ip)))
+        .or_else(|| enis.iter().find(|e| e.subnet.contains(IpAddr::V4(ip))))
 }
 
 /// Errors reading the ENI description.
@@ -108,13 +108,17 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Eni>, EnisFileError> {
         if !tables.insert(eni.table) {
             return Err(at(format!("table {} used twice", eni.table)));
         }
-        if !eni.subnet.contains(eni.gateway) {
+        if !eni.subnet.contains(IpAddr::V4(eni.gateway)) {
             return Err(at(format!(
                 "gateway {} is outside subnet {}",
                 eni.gateway, eni.subnet
             )));
         }
-        if let Some(ip) = eni.ips.iter().find(|ip| !eni.subnet.contains(**ip)) {
+        if let Some(ip) = eni
+            .ips
+            .iter()
+            .find(|ip| !eni.subnet.contains(IpAddr::V4(**ip)))
+        {
             return Err(at(format!("address {ip} is outside subnet {}", eni.subnet)));
         }
     }

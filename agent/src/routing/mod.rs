@@ -57,7 +57,7 @@ use crate::{
         text::{Encoder, MetricType},
         Histogram,
     },
-    net::Ipv4Cidr,
+    net::Cidr,
     options::options,
     subsystem::{to_json, Subsystem},
 };
@@ -83,11 +83,11 @@ options! {
         /// Destinations that are not masqueraded and that the fast path may steer
         /// to, comma-separated [default: the ENIs' subnets].
         #[arg(long, env = "PODNET_VPC_CIDRS", value_delimiter = ',')]
-        pub vpc_cidrs: Option<Vec<Ipv4Cidr>>,
+        pub vpc_cidrs: Option<Vec<Cidr>>,
         /// Service CIDRs, comma-separated: the fast path leaves them to the
         /// kernel (kube-proxy translates them).
         #[arg(long, env = "PODNET_SERVICE_CIDRS", value_delimiter = ',')]
-        pub service_cidrs: Option<Vec<Ipv4Cidr>>,
+        pub service_cidrs: Option<Vec<Cidr>>,
         /// Masquerade pod traffic leaving the VPC (`--snat=true|false`)
         /// [default: true when ENIs are configured].
         #[arg(long, env = "PODNET_SNAT", num_args = 0..=1, default_missing_value = "true")]
@@ -100,18 +100,30 @@ options! {
 }
 
 impl RoutingOptions {
-    /// The settings, defaults filled in: the fast path pins below `bpffs` and
+    /// The settings, defaults filled in and the prefixes checked to be IPv4
+    /// (routing and SNAT are IPv4 today): the fast path pins below `bpffs` and
     /// never steers traffic to `dns_ports` (DNS's own setting).
-    pub fn settings(self, bpffs: &std::path::Path, dns_ports: &[u16]) -> RoutingSettings {
-        RoutingSettings {
+    pub fn settings(
+        self,
+        bpffs: &std::path::Path,
+        dns_ports: &[u16],
+    ) -> Result<RoutingSettings, String> {
+        let ipv4 = |flag: &str, cidrs: Option<Vec<Cidr>>| {
+            let cidrs = cidrs.unwrap_or_default();
+            match cidrs.iter().find(|c| c.network_v4().is_none()) {
+                Some(c) => Err(format!("--{flag} takes IPv4 prefixes, not {c}")),
+                None => Ok(cidrs),
+            }
+        };
+        Ok(RoutingSettings {
             enis_file: self.enis,
-            vpc_cidrs: self.vpc_cidrs.unwrap_or_default(),
-            service_cidrs: self.service_cidrs.unwrap_or_default(),
+            vpc_cidrs: ipv4("vpc-cidrs", self.vpc_cidrs)?,
+            service_cidrs: ipv4("service-cidrs", self.service_cidrs)?,
             snat: self.snat,
             fast_path: self.fast_path.unwrap_or(false),
             bpffs: bpffs.to_owned(),
             dns_ports: dns_ports.to_vec(),
-        }
+        })
     }
 }
 
@@ -122,10 +134,10 @@ pub struct RoutingSettings {
     pub enis_file: Option<PathBuf>,
     /// `--vpc-cidrs`: destinations not masqueraded and steerable; empty means
     /// the ENIs' subnets.
-    pub vpc_cidrs: Vec<Ipv4Cidr>,
+    pub vpc_cidrs: Vec<Cidr>,
     /// `--service-cidrs`: destinations the fast path leaves to the kernel
     /// (kube-proxy translates them).
-    pub service_cidrs: Vec<Ipv4Cidr>,
+    pub service_cidrs: Vec<Cidr>,
     /// `--snat`: `None` means on when ENIs are configured.
     pub snat: Option<bool>,
     /// `--fast-path`.
@@ -525,9 +537,9 @@ impl Loop {
         }
     }
 
-    fn vpc_cidrs(&self, enis: &[Eni]) -> Vec<Ipv4Cidr> {
+    fn vpc_cidrs(&self, enis: &[Eni]) -> Vec<Cidr> {
         if self.config.vpc_cidrs.is_empty() {
-            enis.iter().map(|e| e.subnet.network()).collect()
+            enis.iter().map(|e| e.subnet).collect()
         } else {
             self.config.vpc_cidrs.clone()
         }
@@ -541,12 +553,12 @@ impl Loop {
                     .iter()
                     .flat_map(|e| &e.ips)
                     .filter_map(|ip| match ip {
-                        IpAddr::V4(v4) => Some(Ipv4Cidr::host(*v4)),
+                        IpAddr::V4(v4) => Some(Cidr::host(IpAddr::V4(*v4))),
                         IpAddr::V6(_) => None,
                     })
                     .collect()
             } else {
-                enis.iter().map(|e| e.subnet.network()).collect()
+                enis.iter().map(|e| e.subnet).collect()
             };
             let spec = SnatSpec {
                 vpc_cidrs: self.vpc_cidrs(enis),

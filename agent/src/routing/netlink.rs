@@ -25,7 +25,7 @@ use super::{
     desired::{Link, ProxyNeigh, Route, Rule, RTPROT_PODNET},
     diff::{Change, Object, ObservedProxy, ObservedRoute, ObservedRule},
 };
-use crate::net::{Ipv4Cidr, MacAddr};
+use crate::net::{Cidr, MacAddr};
 
 /// A failed netlink request.
 #[derive(Debug, thiserror::Error)]
@@ -326,7 +326,7 @@ fn parse_route(r: &RouteMessage) -> Option<ObservedRoute> {
     Some(ObservedRoute {
         route: Route {
             table,
-            dst: Ipv4Cidr::new(dst, r.header.destination_prefix_length)?,
+            dst: Cidr::containing(IpAddr::V4(dst), r.header.destination_prefix_length).ok()?,
             oif,
             gateway,
             scope_link: r.header.scope == RouteScope::Link,
@@ -338,7 +338,7 @@ fn parse_route(r: &RouteMessage) -> Option<ObservedRoute> {
 fn route_message(r: &Route) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header.address_family = AddressFamily::Inet;
-    m.header.destination_prefix_length = r.dst.prefix();
+    m.header.destination_prefix_length = r.dst.prefix_len();
     m.header.table = u8::try_from(r.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
     m.header.protocol = RTPROT_PODNET.into();
     m.header.scope = if r.scope_link {
@@ -347,11 +347,9 @@ fn route_message(r: &Route) -> RouteMessage {
         RouteScope::Universe
     };
     m.header.kind = RouteType::Unicast;
-    if r.dst.prefix() > 0 {
+    if let Some(dst) = r.dst.network_v4().filter(|_| r.dst.prefix_len() > 0) {
         m.attributes
-            .push(RouteAttribute::Destination(RouteAddress::Inet(
-                r.dst.network().addr(),
-            )));
+            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
     }
     m.attributes.push(RouteAttribute::Table(r.table));
     m.attributes.push(RouteAttribute::Oif(r.oif));
@@ -380,10 +378,10 @@ fn parse_rule(r: &RuleMessage) -> Option<ObservedRule> {
             RuleAttribute::Priority(p) => rule.priority = *p,
             RuleAttribute::Table(t) => rule.table = *t,
             RuleAttribute::Source(IpAddr::V4(a)) => {
-                rule.src = Some(Ipv4Cidr::new(*a, r.header.src_len)?);
+                rule.src = Some(Cidr::containing(IpAddr::V4(*a), r.header.src_len).ok()?);
             }
             RuleAttribute::Destination(IpAddr::V4(a)) => {
-                rule.dst = Some(Ipv4Cidr::new(*a, r.header.dst_len)?);
+                rule.dst = Some(Cidr::containing(IpAddr::V4(*a), r.header.dst_len).ok()?);
             }
             RuleAttribute::Protocol(p) => protocol = (*p).into(),
             RuleAttribute::SuppressPrefixLen(_)
@@ -409,14 +407,12 @@ fn rule_message(r: &Rule) -> RuleMessage {
     m.attributes
         .push(RuleAttribute::Protocol(RTPROT_PODNET.into()));
     if let Some(src) = r.src {
-        m.header.src_len = src.prefix();
-        m.attributes
-            .push(RuleAttribute::Source(IpAddr::V4(src.network().addr())));
+        m.header.src_len = src.prefix_len();
+        m.attributes.push(RuleAttribute::Source(src.network()));
     }
     if let Some(dst) = r.dst {
-        m.header.dst_len = dst.prefix();
-        m.attributes
-            .push(RuleAttribute::Destination(IpAddr::V4(dst.network().addr())));
+        m.header.dst_len = dst.prefix_len();
+        m.attributes.push(RuleAttribute::Destination(dst.network()));
     }
     m
 }
@@ -475,7 +471,7 @@ mod tests {
     fn route_messages_round_trip() {
         let r = Route {
             table: 101,
-            dst: Ipv4Cidr::ANY,
+            dst: Cidr::ANY_V4,
             oif: 7,
             gateway: Some("10.0.1.1".parse().unwrap()),
             scope_link: false,

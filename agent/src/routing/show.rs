@@ -74,12 +74,12 @@ impl Names {
     }
 
     fn route(&self, r: &Route) -> String {
-        let mut s = if r.dst.prefix() == 0 {
+        let mut s = if r.dst.prefix_len() == 0 {
             "default".to_owned()
-        } else if r.dst.prefix() == 32 {
-            r.dst.addr().to_string()
-        } else {
+        } else if r.dst.prefix_len() == 32 {
             r.dst.network().to_string()
+        } else {
+            r.dst.to_string()
         };
         if let Some(gw) = r.gateway {
             let _ = write!(s, " via {gw}");
@@ -94,11 +94,11 @@ impl Names {
 
     fn rule(r: &Rule) -> String {
         let mut s = format!("{}:", r.priority);
-        let host = |c: &crate::net::Ipv4Cidr| {
-            if c.prefix() == 32 {
-                c.addr().to_string()
-            } else {
+        let host = |c: &crate::net::Cidr| {
+            if c.prefix_len() == 32 {
                 c.network().to_string()
+            } else {
+                c.to_string()
             }
         };
         if let Some(src) = &r.src {

@@ -9,7 +9,7 @@
 
 use std::process::Command;
 
-use crate::net::Ipv4Cidr;
+use crate::net::Cidr;
 
 /// podnet's chain in the nat table.
 pub const CHAIN: &str = "PODNET-SNAT";
@@ -22,9 +22,9 @@ const IPTABLES: &str = "iptables";
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SnatSpec {
     /// Destinations that are not masqueraded.
-    pub vpc_cidrs: Vec<Ipv4Cidr>,
+    pub vpc_cidrs: Vec<Cidr>,
     /// Pod sources that are masqueraded towards anything else.
-    pub pod_sources: Vec<Ipv4Cidr>,
+    pub pod_sources: Vec<Cidr>,
 }
 
 /// An iptables invocation failed.
@@ -41,7 +41,7 @@ pub fn chain_rules(spec: &SnatSpec) -> Vec<Vec<String>> {
     for cidr in &spec.vpc_cidrs {
         rules.push(vec![
             "-d".into(),
-            cidr.network().to_string(),
+            cidr.to_string(),
             "-j".into(),
             "RETURN".into(),
         ]);
@@ -49,7 +49,7 @@ pub fn chain_rules(spec: &SnatSpec) -> Vec<Vec<String>> {
     for src in &spec.pod_sources {
         rules.push(vec![
             "-s".into(),
-            src.network().to_string(),
+            src.to_string(),
             "-j".into(),
             "MASQUERADE".into(),
             "--random-fully".into(),
@@ -183,7 +183,7 @@ mod tests {
     fn rules_return_for_the_vpc_then_masquerade_pods() {
         let spec = SnatSpec {
             vpc_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
-            pod_sources: vec!["10.0.1.7/24".parse().unwrap()],
+            pod_sources: vec!["10.0.1.0/24".parse().unwrap()],
         };
         let rules: Vec<String> = chain_rules(&spec).iter().map(|r| r.join(" ")).collect();
         assert_eq!(

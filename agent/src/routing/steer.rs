@@ -41,7 +41,7 @@ use crate::{
         tc::{self, TcMode},
         BpfError,
     },
-    net::Ipv4Cidr,
+    net::Cidr,
     routing::desired::Desired,
 };
 
@@ -175,8 +175,8 @@ impl Steer {
     pub fn sync(
         &mut self,
         desired: &Desired,
-        steer_dests: &[Ipv4Cidr],
-        kernel_dests: &[Ipv4Cidr],
+        steer_dests: &[Cidr],
+        kernel_dests: &[Cidr],
     ) -> SyncReport {
         let mut report = SyncReport::default();
         if let Err(e) = self.sync_maps(desired, steer_dests, kernel_dests) {
@@ -294,8 +294,8 @@ impl Steer {
     fn sync_maps(
         &mut self,
         desired: &Desired,
-        steer_dests: &[Ipv4Cidr],
-        kernel_dests: &[Ipv4Cidr],
+        steer_dests: &[Cidr],
+        kernel_dests: &[Cidr],
     ) -> Result<(), BpfError> {
         let pods: BTreeMap<u32, PodRoute> = desired
             .steer
@@ -334,7 +334,7 @@ impl Steer {
             .iter()
             .map(|c| (c, action::STEER))
             .chain(kernel_dests.iter().map(|c| (c, action::KERNEL)))
-            .map(|(c, a)| ((u32::from(c.prefix()), c.network().addr().octets()), a))
+            .filter_map(|(c, a)| Some(((u32::from(c.prefix_len()), c.network_v4()?.octets()), a)))
             .collect();
         for ((prefix, addr), value) in &dests {
             let key = Key::new(*prefix, DestAddr { addr: *addr });

@@ -17,7 +17,6 @@ use super::{
 };
 use crate::{
     cloud::{CloudError, CloudProvider, EniInfo, InstanceIdentity, InstanceLimits},
-    net::Cidr,
     routing::eni::Eni,
 };
 
@@ -159,13 +158,7 @@ impl Worker {
     fn init(&self) -> Result<(InstanceIdentity, InstanceLimits), CloudError> {
         let identity = self.cloud.identity()?;
         let limits = self.cloud.limits(&identity.instance_type)?;
-        let subnet = identity.subnet_cidr.network();
-        let cidr = Cidr::new(IpAddr::V4(subnet.addr()), subnet.prefix()).map_err(|e| {
-            CloudError::Decode {
-                action: "IMDS subnet-ipv4-cidr-block".into(),
-                message: e.to_string(),
-            }
-        })?;
+        let cidr = identity.subnet_cidr;
         // The VPC router is the subnet's first address.
         self.pool.set_subnet(cidr, cidr.nth(1));
         tracing::info!(
@@ -389,8 +382,9 @@ impl Worker {
             .clone();
         let Some(store) = store else { return };
         let s = self.shared.state();
-        let subnet = identity.subnet_cidr.network();
-        let gateway = u32::from(subnet.addr()).wrapping_add(1);
+        let subnet = identity.subnet_cidr;
+        // The VPC router is the subnet's first address (IMDS gives IPv4 subnets only).
+        let gateway = subnet.network_v4().map_or(0, u32::from).wrapping_add(1);
         let list = enis
             .iter()
             .filter(|e| !is_foreign(e))
