@@ -107,10 +107,10 @@ pub struct StatusParams {
     #[serde(default)]
     pub command: CommandName,
     /// Return this attachment's allocation too.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
     /// With `container_id`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub if_name: Option<String>,
 }
 

@@ -3,10 +3,11 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use podnet_api::{
+    call::Call,
     client::ClientError,
     endpoint::{AttachmentKey, EndpointRecord},
     ipam::Allocation,
-    protocol::{method, ErrorCode},
+    protocol::ErrorCode,
     wire::{AddParams, CheckParams, GcParams, IpamStatus, KeyParams, StatusParams},
 };
 use serde_json::{json, Value};
@@ -50,19 +51,15 @@ pub fn agent_error(e: ClientError) -> CniError {
     }
 }
 
-fn call<T: serde::de::DeserializeOwned>(
-    agent: &dyn AgentApi,
-    method: &str,
-    params: &impl serde::Serialize,
-) -> Result<T, CniError> {
-    let params = serde_json::to_value(params)
-        .map_err(|e| CniError::new(Code::AgentFailed, "encoding a request", e.to_string()))?;
-    let value = agent.call(method, params).map_err(agent_error)?;
+fn call<T: serde::de::DeserializeOwned>(agent: &dyn AgentApi, call: &Call) -> Result<T, CniError> {
+    let value = agent
+        .call(call.method(), call.params())
+        .map_err(agent_error)?;
     serde_json::from_value(value).map_err(|e| {
         CniError::new(
             Code::AgentFailed,
             "unexpected answer from the podnet agent",
-            format!("{method}: {e}"),
+            format!("{}: {e}", call.method()),
         )
     })
 }
@@ -80,7 +77,7 @@ pub fn run(env: &CniEnv, conf: &NetConf, agent: &dyn AgentApi) -> Result<Output,
     match (env.command, conf.role) {
         (Command::Version, _) => Ok(Some(spec::version_json(&conf.cni_version))),
         (Command::Add, Role::Ipam) => {
-            let a: Allocation = call(agent, method::IPAM_ALLOCATE, &key())?;
+            let a: Allocation = call(agent, &Call::IpamAllocate(key()))?;
             Ok(Some(ipam_result(&conf.cni_version, &a).to_string()))
         }
         (Command::Add, Role::Chained) => {
@@ -106,20 +103,19 @@ pub fn run(env: &CniEnv, conf: &NetConf, agent: &dyn AgentApi) -> Result<Output,
             };
             let _: Value = call(
                 agent,
-                method::ENDPOINT_ADD,
-                &AddParams {
+                &Call::EndpointAdd(AddParams {
                     command,
                     endpoint: record,
-                },
+                }),
             )?;
             Ok(Some(raw.to_string()))
         }
         (Command::Del, Role::Ipam) => {
-            let _: Value = call(agent, method::IPAM_RELEASE, &key())?;
+            let _: Value = call(agent, &Call::IpamRelease(key()))?;
             Ok(None)
         }
         (Command::Del, Role::Chained) => {
-            let _: Value = call(agent, method::ENDPOINT_DEL, &key())?;
+            let _: Value = call(agent, &Call::EndpointDel(key()))?;
             Ok(None)
         }
         (Command::Check, Role::Chained) => {
@@ -127,26 +123,24 @@ pub fn run(env: &CniEnv, conf: &NetConf, agent: &dyn AgentApi) -> Result<Output,
             let att = spec::attachment(&prev, &env.if_name);
             let _: Value = call(
                 agent,
-                method::ENDPOINT_CHECK,
-                &CheckParams {
+                &Call::EndpointCheck(CheckParams {
                     command,
                     container_id: env.container_id.clone(),
                     if_name: env.if_name.clone(),
                     ips: att.ips,
                     interface: att.host_interface,
-                },
+                }),
             )?;
             Ok(None)
         }
         (Command::Check, Role::Ipam) => {
             let status: IpamStatus = call(
                 agent,
-                method::IPAM_STATUS,
-                &StatusParams {
+                &Call::IpamStatus(StatusParams {
                     command,
                     container_id: Some(env.container_id.clone()),
                     if_name: Some(env.if_name.clone()),
-                },
+                }),
             )?;
             check_allocation(conf, env, status.allocation.as_ref())?;
             Ok(None)
@@ -170,14 +164,18 @@ pub fn run(env: &CniEnv, conf: &NetConf, agent: &dyn AgentApi) -> Result<Output,
                     .collect(),
             };
             if role == Role::Chained {
-                let _: Value = call(agent, method::ENDPOINT_GC, &params)?;
+                let _: Value = call(agent, &Call::EndpointGc(params.clone()))?;
             }
-            let _: Value = call(agent, method::IPAM_GC, &params)?;
+            let _: Value = call(agent, &Call::IpamGc(params))?;
             Ok(None)
         }
         (Command::Status, _) => {
+            let status_call = Call::IpamStatus(StatusParams {
+                command,
+                ..StatusParams::default()
+            });
             let status: IpamStatus = agent
-                .call(method::IPAM_STATUS, json!({"command": command}))
+                .call(status_call.method(), status_call.params())
                 .map_err(|e| match agent_error(e) {
                     e if e.code == Code::AgentUnreachable as u32 => CniError::new(
                         Code::NotAvailableDegraded,

@@ -6,7 +6,7 @@
 //! [`server::Handler`], [`client`] is the blocking client of both tools, and
 //! [`view`] renders results for people.
 
-pub use podnet_api::{client, protocol};
+pub use podnet_api::{call, client, protocol};
 pub mod server;
 pub mod status_view;
 pub mod view;

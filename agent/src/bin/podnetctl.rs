@@ -10,12 +10,14 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use podnet::{
     api::{
+        call::Call,
         client::{self, DEFAULT_TIMEOUT},
-        protocol::{method, RacesParams, DEFAULT_RACES_LIMIT},
+        protocol::{DnsSlowParams, RacesParams, DEFAULT_RACES_LIMIT},
     },
     config::defaults,
     conntrack::{events::RaceRecord, view::races_table},
 };
+use podnet_api::wire::StatusParams;
 use serde_json::Value;
 
 /// podnetctl: inspect the podnet agent on this node (run as root).
@@ -115,37 +117,35 @@ fn main() -> ExitCode {
 
 /// Runs the command and returns what to print.
 fn run(args: &Args) -> anyhow::Result<String> {
-    let call =
-        |method: &str, params: Value| client::call(&args.socket, method, params, DEFAULT_TIMEOUT);
+    let send = |c: &Call| client::call(&args.socket, c.method(), c.params(), DEFAULT_TIMEOUT);
     match &args.command {
         Command::Conntrack {
             command: ConntrackCommand::Races { limit },
         } => {
-            let params = serde_json::to_value(RacesParams { limit: *limit })?;
-            let result = call(method::CONNTRACK_RACES, params)?;
+            let c = Call::ConntrackRaces(RacesParams { limit: *limit });
+            let result = send(&c)?;
             if args.json {
                 return json(&result);
             }
-            let races: Vec<RaceRecord> = serde_json::from_value(result)
-                .with_context(|| format!("unexpected answer to {}", method::CONNTRACK_RACES))?;
+            let races: Vec<RaceRecord> = answer(&c, result)?;
             Ok(races_table(&races))
         }
         Command::Endpoints => {
-            let result = call(method::ENDPOINT_LIST, Value::Null)?;
+            let c = Call::EndpointList;
+            let result = send(&c)?;
             if args.json {
                 return json(&result);
             }
-            let eps: Vec<podnet_api::endpoint::EndpointRecord> = serde_json::from_value(result)
-                .with_context(|| format!("unexpected answer to {}", method::ENDPOINT_LIST))?;
+            let eps: Vec<podnet_api::endpoint::EndpointRecord> = answer(&c, result)?;
             Ok(podnet::ipam::view::endpoints_table(&eps))
         }
         Command::Ipam => {
-            let result = call(method::IPAM_STATUS, Value::Null)?;
+            let c = Call::IpamStatus(StatusParams::default());
+            let result = send(&c)?;
             if args.json {
                 return json(&result);
             }
-            let status: podnet_api::wire::IpamStatus = serde_json::from_value(result)
-                .with_context(|| format!("unexpected answer to {}", method::IPAM_STATUS))?;
+            let status: podnet_api::wire::IpamStatus = answer(&c, result)?;
             Ok(podnet::ipam::view::ipam_text(&status))
         }
         Command::Plan {
@@ -170,44 +170,48 @@ fn run(args: &Args) -> anyhow::Result<String> {
         Command::Dns {
             command: DnsCommand::Top,
         } => {
-            let result = call(method::DNS_TOP, Value::Null)?;
+            let c = Call::DnsTop;
+            let result = send(&c)?;
             if args.json {
                 return json(&result);
             }
-            let rows: Vec<podnet::dns::top::TopRow> = serde_json::from_value(result)
-                .with_context(|| format!("unexpected answer to {}", method::DNS_TOP))?;
+            let rows: Vec<podnet::dns::top::TopRow> = answer(&c, result)?;
             Ok(podnet::dns::view::top_table(&rows))
         }
         Command::Dns {
             command: DnsCommand::Slow { limit },
         } => {
-            let params =
-                serde_json::to_value(podnet::api::protocol::DnsSlowParams { limit: *limit })?;
-            let result = call(method::DNS_SLOW, params)?;
+            let c = Call::DnsSlow(DnsSlowParams { limit: *limit });
+            let result = send(&c)?;
             if args.json {
                 return json(&result);
             }
-            let records: Vec<podnet::dns::decode::QueryRecord> = serde_json::from_value(result)
-                .with_context(|| format!("unexpected answer to {}", method::DNS_SLOW))?;
+            let records: Vec<podnet::dns::decode::QueryRecord> = answer(&c, result)?;
             Ok(podnet::dns::view::slow_table(&records))
         }
         Command::Routes => {
-            let result = call(method::ROUTES_SHOW, Value::Null)?;
+            let c = Call::RoutesShow;
+            let result = send(&c)?;
             if args.json {
                 return json(&result);
             }
-            let routes: podnet::routing::show::RoutesView = serde_json::from_value(result)
-                .with_context(|| format!("unexpected answer to {}", method::ROUTES_SHOW))?;
+            let routes: podnet::routing::show::RoutesView = answer(&c, result)?;
             Ok(podnet::routing::show::table(&routes))
         }
         Command::Status => {
-            let result = call(method::STATUS, Value::Null)?;
+            let result = send(&Call::Status)?;
             if args.json {
                 return json(&result);
             }
             Ok(podnet::api::status_view::status_text(&result))
         }
     }
+}
+
+/// Decodes the answer to `call`.
+fn answer<T: serde::de::DeserializeOwned>(call: &Call, result: Value) -> anyhow::Result<T> {
+    serde_json::from_value(result)
+        .with_context(|| format!("unexpected answer to {}", call.method()))
 }
 
 /// The error and its causes on one line. Errors here often repeat their

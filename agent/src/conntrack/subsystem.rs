@@ -20,7 +20,10 @@ use super::{
     RaceLog, TracerCounters, TracerSnapshot,
 };
 use crate::{
-    api::protocol::{self as p, method, ApiError},
+    api::{
+        call::Call,
+        protocol::{method, ApiError},
+    },
     bpf::{self, link::Attachment, BpfError},
     endpoint::Registry,
     metrics::{shared::SharedFamilies, text::Encoder},
@@ -196,12 +199,9 @@ impl Subsystem for Conntrack {
     }
 
     fn handle(&self, m: &str, params: Value) -> Result<Value, ApiError> {
-        match m {
-            method::CONNTRACK_RACES => {
-                let params: p::RacesParams = p::parse_params(m, params)?;
-                to_json(&self.races.recent(params.limit))
-            }
-            _ => Err(ApiError::unknown_method(m)),
+        match Call::decode(m, params)? {
+            Call::ConntrackRaces(params) => to_json(&self.races.recent(params.limit)),
+            other => Err(ApiError::unknown_method(other.method())),
         }
     }
 

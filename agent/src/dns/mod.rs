@@ -32,7 +32,10 @@ use podnet_common::dns::{Latency, PeerKey, BUCKETS};
 use serde::Serialize;
 
 use crate::{
-    api::protocol::{self as p, method, ApiError},
+    api::{
+        call::Call,
+        protocol::{method, ApiError},
+    },
     bpf::BpfError,
     endpoint::Registry,
     metrics::{shared::SharedFamilies, text::Encoder},
@@ -419,16 +422,13 @@ impl Subsystem for Dns {
     }
 
     fn handle(&self, m: &str, params: serde_json::Value) -> Result<serde_json::Value, ApiError> {
-        match m {
-            method::DNS_TOP => self
+        match Call::decode(m, params)? {
+            Call::DnsTop => self
                 .top()
                 .map_err(|e| ApiError::internal(e.to_string()))
                 .and_then(|rows| to_json(&rows)),
-            method::DNS_SLOW => {
-                let params: p::DnsSlowParams = p::parse_params(m, params)?;
-                to_json(&self.slow(params.limit))
-            }
-            _ => Err(ApiError::unknown_method(m)),
+            Call::DnsSlow(params) => to_json(&self.slow(params.limit)),
+            other => Err(ApiError::unknown_method(other.method())),
         }
     }
 

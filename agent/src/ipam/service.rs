@@ -12,12 +12,13 @@ use std::{
 use serde_json::{json, Value};
 
 use podnet_api::{
+    call::Call,
     endpoint::{validate_container_id, validate_if_name, EndpointRecord},
-    wire::{AddParams, CheckParams, GcParams, IpamStatus, KeyParams, Removed, StatusParams},
+    wire::{CheckParams, IpamStatus, Removed},
 };
 
 use crate::{
-    api::protocol::{self as p, method, ApiError, ErrorCode},
+    api::protocol::{method, ApiError, ErrorCode},
     endpoint::{Endpoint, Registry, Source},
     ipam::{
         allocator::PoolUsage,
@@ -241,12 +242,11 @@ impl IpamService {
     }
 
     #[allow(clippy::too_many_lines)] // one short arm per method
-    fn dispatch(&self, m: &str, params: Value) -> Result<Value, ApiError> {
+    fn dispatch(&self, call: Call) -> Result<Value, ApiError> {
         let to_json =
             |v: serde_json::Result<Value>| v.map_err(|e| ApiError::internal(e.to_string()));
-        match m {
-            method::IPAM_ALLOCATE => {
-                let k: KeyParams = strict(m, params)?;
+        match call {
+            Call::IpamAllocate(k) => {
                 let result = self.state().allocate(&k.key(), &k.network);
                 let label = match &result {
                     Ok(_) => "success",
@@ -259,8 +259,7 @@ impl IpamService {
                 tracing::info!(attachment = %k.key(), ips = ?a.ips.iter().map(|x| x.ip).collect::<Vec<_>>(), "allocated");
                 to_json(serde_json::to_value(a))
             }
-            method::IPAM_RELEASE => {
-                let k: KeyParams = strict(m, params)?;
+            Call::IpamRelease(k) => {
                 let released = self.state().release(&k.key()).map_err(ipam_error)?;
                 self.wake_eni();
                 if let Some(a) = &released {
@@ -270,8 +269,7 @@ impl IpamService {
                     removed: usize::from(released.is_some()),
                 }))
             }
-            method::IPAM_GC => {
-                let g: GcParams = p::parse_params(m, params)?;
+            Call::IpamGc(g) => {
                 let valid: BTreeSet<_> = g.valid.into_iter().collect();
                 let network = (!g.network.is_empty()).then_some(g.network.as_str());
                 let freed = self
@@ -284,8 +282,7 @@ impl IpamService {
                     removed: freed.len(),
                 }))
             }
-            method::IPAM_STATUS => {
-                let s: StatusParams = p::parse_params(m, params)?;
+            Call::IpamStatus(s) => {
                 let state = self.state();
                 let alloc = state.allocator();
                 let allocation = match (&s.container_id, &s.if_name) {
@@ -311,15 +308,14 @@ impl IpamService {
                 };
                 to_json(serde_json::to_value(status))
             }
-            method::ENDPOINT_ADD => {
-                let a: AddParams = strict(m, params)?;
+            Call::EndpointAdd(a) => {
                 let ep = a.endpoint;
                 validate_container_id(&ep.container_id)
                     .and_then(|()| validate_if_name(&ep.if_name))
-                    .map_err(|e| ApiError::invalid_params(m, e))?;
+                    .map_err(|e| ApiError::invalid_params(method::ENDPOINT_ADD, e))?;
                 if ep.ips.is_empty() {
                     return Err(ApiError::invalid_params(
-                        m,
+                        method::ENDPOINT_ADD,
                         "an endpoint needs at least one address",
                     ));
                 }
@@ -330,8 +326,7 @@ impl IpamService {
                 self.sync_registry(&state);
                 Ok(json!({}))
             }
-            method::ENDPOINT_DEL => {
-                let k: KeyParams = strict(m, params)?;
+            Call::EndpointDel(k) => {
                 let mut state = self.state();
                 let removed = state.remove_endpoint(&k.key()).map_err(ipam_error)?;
                 if removed.is_some() {
@@ -342,8 +337,7 @@ impl IpamService {
                     removed: usize::from(removed.is_some()),
                 }))
             }
-            method::ENDPOINT_CHECK => {
-                let c: CheckParams = strict(m, params)?;
+            Call::EndpointCheck(c) => {
                 let key = crate::ipam::allocator::AttachmentKey::new(&c.container_id, &c.if_name);
                 let state = self.state();
                 let ep = state.endpoint(&key).ok_or_else(|| {
@@ -355,12 +349,11 @@ impl IpamService {
                 check_endpoint(ep, &c)?;
                 Ok(json!({}))
             }
-            method::ENDPOINT_LIST => {
+            Call::EndpointList => {
                 let state = self.state();
                 to_json(serde_json::to_value(state.endpoints().collect::<Vec<_>>()))
             }
-            method::ENDPOINT_GC => {
-                let g: GcParams = p::parse_params(m, params)?;
+            Call::EndpointGc(g) => {
                 let valid: BTreeSet<_> = g.valid.into_iter().collect();
                 let network = (!g.network.is_empty()).then_some(g.network.as_str());
                 let mut state = self.state();
@@ -373,7 +366,7 @@ impl IpamService {
                     removed: removed.len(),
                 }))
             }
-            _ => Err(ApiError::unknown_method(m)),
+            other => Err(ApiError::unknown_method(other.method())),
         }
     }
 
@@ -433,7 +426,7 @@ impl Subsystem for IpamService {
             .and_then(Value::as_str)
             .filter(|c| !c.is_empty())
             .map(str::to_owned);
-        let result = self.dispatch(m, params);
+        let result = Call::decode(m, params).and_then(|call| self.dispatch(call));
         if let Some(command) = command.filter(|c| is_cni_command(c)) {
             let outcome = match &result {
                 Ok(_) => "success".to_owned(),
@@ -504,11 +497,6 @@ impl Subsystem for IpamService {
 
 fn is_cni_command(c: &str) -> bool {
     matches!(c, "ADD" | "DEL" | "CHECK" | "GC" | "STATUS")
-}
-
-/// Parameters that must be present (no default for a missing object).
-fn strict<T: serde::de::DeserializeOwned>(m: &str, params: Value) -> Result<T, ApiError> {
-    serde_json::from_value(params).map_err(|e| ApiError::invalid_params(m, e))
 }
 
 #[allow(clippy::needless_pass_by_value)] // a `map_err` adapter

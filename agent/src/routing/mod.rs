@@ -48,7 +48,10 @@ use self::{
     watch::Watcher,
 };
 use crate::{
-    api::protocol::{method, ApiError},
+    api::{
+        call::Call,
+        protocol::{method, ApiError},
+    },
     bpf::BpfError,
     endpoint::{Changes, Endpoint, Registry},
     metrics::{
@@ -317,10 +320,10 @@ impl Subsystem for Routing {
         METHODS
     }
 
-    fn handle(&self, m: &str, _params: serde_json::Value) -> Result<serde_json::Value, ApiError> {
-        match m {
-            method::ROUTES_SHOW => to_json(&self.show()),
-            _ => Err(ApiError::unknown_method(m)),
+    fn handle(&self, m: &str, params: serde_json::Value) -> Result<serde_json::Value, ApiError> {
+        match Call::decode(m, params)? {
+            Call::RoutesShow => to_json(&self.show()),
+            other => Err(ApiError::unknown_method(other.method())),
         }
     }
 

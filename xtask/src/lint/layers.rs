@@ -16,10 +16,10 @@ use anyhow::{bail, Context as _};
 
 /// The floors, lowest first. Keep docs/ARCHITECTURE.md in step.
 pub const LAYERS: &[&[&str]] = &[
-    // Ground floor: types and plumbing that know no subsystem.
-    &[
-        "net", "memory", "sys", "recent", "options", "endpoint", "bpf", "api",
-    ],
+    // Ground floor: types and helpers that know no other module.
+    &["net", "memory", "sys", "recent", "options"],
+    // Plumbing that knows no subsystem: the registry, kernel objects, the API server.
+    &["endpoint", "bpf", "api"],
     // Telemetry: the encoder, one histogram, the metrics server.
     &["metrics"],
     // The shape of a subsystem, as the daemon sees it.
