@@ -22,16 +22,15 @@ use aya::programs::{
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     ProgramError, SchedClassifier, TcAttachType,
 };
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NetlinkMessage, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_route::{
     tc::{TcAttribute, TcFilterBpfOption, TcMessage, TcOption},
     RouteNetlinkMessage,
 };
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use netlink_sys::protocols::NETLINK_ROUTE;
 
 use super::{link::Attachment, BpfError};
+use crate::sys::netlink::{NetlinkSocket, DEFAULT_RECV_TIMEOUT};
 
 /// Priority (`tc filter ... pref`) of the DNS programs' classic filters.
 pub const DNS_PRIORITY: u16 = 28_760;
@@ -121,58 +120,27 @@ fn netlink_error(context: &str, e: impl std::fmt::Display) -> BpfError {
 /// The `bpf` filters on a hook of interface `ifindex`, in the calling
 /// thread's network namespace. A hook without a `clsact` qdisc has none.
 pub fn filters(ifindex: u32, direction: TcAttachType) -> Result<Vec<Filter>, BpfError> {
-    let mut socket = Socket::new(NETLINK_ROUTE).map_err(|e| netlink_error("socket", e))?;
-    socket.bind_auto().map_err(|e| netlink_error("bind", e))?;
-    socket
-        .connect(&SocketAddr::new(0, 0))
-        .map_err(|e| netlink_error("connect", e))?;
+    let mut socket = NetlinkSocket::open(NETLINK_ROUTE, DEFAULT_RECV_TIMEOUT)
+        .map_err(|e| netlink_error("socket", e))?;
     let mut tc =
         TcMessage::with_index(i32::try_from(ifindex).map_err(|e| netlink_error("ifindex", e))?);
     tc.header.parent = direction_parent(direction).into();
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = 1;
-    let mut request = NetlinkMessage::new(
-        header,
-        NetlinkPayload::from(RouteNetlinkMessage::GetTrafficFilter(tc)),
-    );
-    request.finalize();
-    let mut buf = vec![0; request.buffer_len()];
-    request.serialize(&mut buf);
-    socket
-        .send(&buf, 0)
-        .map_err(|e| netlink_error("send filter dump", e))?;
+    let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetTrafficFilter(tc));
+    request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     let mut out = Vec::new();
-    let mut recv = vec![0u8; 64 * 1024];
-    loop {
-        let n = socket
-            .recv(&mut &mut recv[..], 0)
-            .map_err(|e| netlink_error("receive filter dump", e))?;
-        let mut offset = 0;
-        while offset < n.min(recv.len()) {
-            let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&recv[offset..n])
-                .map_err(|e| netlink_error("decode filter dump", e))?;
-            let len = msg.header.length as usize;
-            match msg.payload {
-                NetlinkPayload::Done(_) => return Ok(out),
-                NetlinkPayload::Error(e) => {
-                    // No clsact qdisc on the hook: no filters.
-                    if e.code.map(|c| -c.get()) == Some(libc::EINVAL) {
-                        return Ok(out);
-                    }
-                    return Err(netlink_error("filter dump", e));
-                }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m)) => {
+    socket
+        .request(
+            request,
+            |answer| {
+                if let RouteNetlinkMessage::NewTrafficFilter(m) = answer {
                     out.extend(bpf_filter(&m));
                 }
-                _ => {}
-            }
-            if len == 0 {
-                break;
-            }
-            offset += len;
-        }
-    }
+            },
+            // No clsact qdisc on the hook: no filters.
+            |e| e.raw_os_error() == Some(libc::EINVAL),
+        )
+        .map_err(|e| netlink_error("filter dump", e))?;
+    Ok(out)
 }
 
 /// The parent handle of a clsact hook (`ffff:fff2` ingress, `ffff:fff3` egress).

@@ -19,7 +19,6 @@
 use std::io;
 use std::net::IpAddr;
 use std::num::NonZeroI32;
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use netlink_packet_core::{
@@ -178,7 +177,7 @@ impl NetlinkConntrack {
         socket
             .connect(&SocketAddr::new(0, 0))
             .map_err(CtnetlinkError::Open)?;
-        set_recv_timeout(&socket, timeout).map_err(CtnetlinkError::Open)?;
+        crate::sys::netlink::set_recv_timeout(&socket, timeout).map_err(CtnetlinkError::Open)?;
         Ok(Self {
             socket,
             seq: 0,
@@ -231,36 +230,6 @@ impl ConntrackTable for NetlinkConntrack {
                 return Err(CtnetlinkError::Timeout(self.timeout));
             }
         }
-    }
-}
-
-/// Sets `SO_RCVTIMEO` so a kernel that never answers cannot block the lookup thread forever.
-fn set_recv_timeout(socket: &Socket, timeout: Duration) -> io::Result<()> {
-    // A zero timeval would mean "block forever".
-    let timeout = timeout.max(Duration::from_micros(1));
-    let tv = libc::timeval {
-        tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
-    };
-    // SAFETY: the fd is an open socket owned by `socket`; `tv` is a valid timeval that outlives
-    // the call, and the length passed is its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&raw const tv).cast::<libc::c_void>(),
-            // A timeval is 16 bytes; the cast cannot truncate.
-            #[allow(clippy::cast_possible_truncation)]
-            {
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t
-            },
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 
@@ -1194,7 +1163,7 @@ mod tests {
         let file = std::fs::File::open(path).unwrap();
         // SAFETY: the fd is open for the duration of the call; setns only changes the
         // network namespace of this thread, which the test owns.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        let rc = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
         assert_eq!(rc, 0, "setns {path}: {}", io::Error::last_os_error());
     }
 

@@ -3,15 +3,13 @@
 //!
 //! The reconciler sees only the [`Netlink`] trait, so its logic is tested with
 //! a fake; [`RtNetlink`] is the real implementation, tested as root in
-//! `tests/`. It runs its own single-threaded tokio runtime and is meant to be
-//! owned by one OS thread, which stays in the agent's network namespace.
+//! `tests/`. Its requests block (no async runtime); it is meant to be owned by
+//! one OS thread, which stays in the agent's network namespace.
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use futures_util::StreamExt as _;
 use netlink_packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
-    NLM_F_REQUEST,
+    NetlinkMessage, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::{
     link::{LinkAttribute, LinkFlags, LinkMessage},
@@ -20,17 +18,21 @@ use netlink_packet_route::{
     rule::{RuleAction, RuleAttribute, RuleMessage},
     AddressFamily, RouteNetlinkMessage,
 };
+use netlink_sys::protocols::NETLINK_ROUTE;
 
 use super::{
     desired::{Link, ProxyNeigh, Route, Rule, RTPROT_PODNET},
     diff::{Change, Object, ObservedProxy, ObservedRoute, ObservedRule},
 };
-use crate::net::{Cidr, MacAddr};
+use crate::{
+    net::{Cidr, MacAddr},
+    sys::netlink::{NetlinkSocket, RequestError, DEFAULT_RECV_TIMEOUT},
+};
 
 /// A failed netlink request.
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
-    /// The socket or runtime could not be set up.
+    /// The socket could not be set up.
     #[error("rtnetlink setup: {0}")]
     Setup(std::io::Error),
     /// The kernel refused a request.
@@ -65,26 +67,17 @@ pub trait Netlink {
     fn apply(&mut self, change: &Change) -> Result<(), NetlinkError>;
 }
 
-/// [`Netlink`] over an rtnetlink socket.
+/// [`Netlink`] over a blocking `NETLINK_ROUTE` socket.
 pub struct RtNetlink {
-    runtime: tokio::runtime::Runtime,
-    handle: rtnetlink::Handle,
+    socket: NetlinkSocket,
 }
 
 impl RtNetlink {
     /// Opens a `NETLINK_ROUTE` socket in the calling thread's network namespace.
     pub fn open() -> Result<Self, NetlinkError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
+        let socket = NetlinkSocket::open(NETLINK_ROUTE, DEFAULT_RECV_TIMEOUT)
             .map_err(NetlinkError::Setup)?;
-        let handle = runtime.block_on(async {
-            let (connection, handle, _) =
-                rtnetlink::new_connection().map_err(NetlinkError::Setup)?;
-            tokio::spawn(connection);
-            Ok::<_, NetlinkError>(handle)
-        })?;
-        Ok(Self { runtime, handle })
+        Ok(Self { socket })
     }
 
     /// Sends one request and collects the answers; an error answer fails.
@@ -96,29 +89,20 @@ impl RtNetlink {
     ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
         let mut req = NetlinkMessage::from(message);
         req.header.flags = flags;
-        let handle = &mut self.handle;
-        self.runtime.block_on(async {
-            let mut answers = handle.request(req).map_err(|e| NetlinkError::Transport {
-                what: what(),
-                message: e.to_string(),
-            })?;
-            let mut out = Vec::new();
-            let mut failure = None;
-            while let Some(answer) = answers.next().await {
-                match answer.payload {
-                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
-                    NetlinkPayload::Error(e) if e.code.is_some() => failure = Some(e.to_io()),
-                    _ => {}
-                }
-            }
-            match failure {
-                Some(source) => Err(NetlinkError::Kernel {
+        let mut out = Vec::new();
+        self.socket
+            .request(req, |answer| out.push(answer), |_| false)
+            .map_err(|e| match e {
+                RequestError::Kernel(source) => NetlinkError::Kernel {
                     what: what(),
                     source,
-                }),
-                None => Ok(out),
-            }
-        })
+                },
+                RequestError::Transport(message) => NetlinkError::Transport {
+                    what: what(),
+                    message,
+                },
+            })?;
+        Ok(out)
     }
 
     fn dump(

@@ -14,7 +14,7 @@ use std::{
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::{neighbour::NeighbourFlags, RouteNetlinkMessage};
-use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use super::desired::RTPROT_PODNET;
 

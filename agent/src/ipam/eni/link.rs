@@ -27,8 +27,7 @@ pub trait Links: Send + Sync {
 }
 
 /// Links through rtnetlink in the agent's network namespace (no `ip` binary: the image
-/// has none). A socket per call: the ENI thread calls rarely, and the socket's runtime must
-/// not live inside the agent's.
+/// has none). A socket per call: the ENI thread calls rarely.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NetlinkLinks;
 

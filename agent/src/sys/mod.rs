@@ -1,4 +1,7 @@
-//! The system calls the agent makes from more than one subsystem.
+//! The system calls the agent makes from more than one subsystem, and one
+//! blocking netlink request loop ([`netlink`]).
+
+pub mod netlink;
 
 use std::{os::fd::RawFd, time::Duration};
 
