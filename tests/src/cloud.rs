@@ -52,6 +52,12 @@ fn helper() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/eni/ec2.py")
 }
 
+/// moto's server behind a launcher that hands out each private address once,
+/// as EC2 does (`fixtures/eni/moto_server.py` says why).
+fn launcher() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/eni/moto_server.py")
+}
+
 /// moto running in a namespace; killed by PID on drop.
 #[derive(Debug)]
 pub struct Moto {
@@ -62,10 +68,18 @@ pub struct Moto {
 impl Moto {
     /// Starts moto on `127.0.0.1:port` in `node` and waits until it answers.
     pub fn start(node: &Netns, port: u16) -> Result<Self> {
+        let launcher = launcher();
         let moto = Self {
             child: Some(spawn_in(
                 node,
-                &[MOTO, "-H", "127.0.0.1", "-p", &port.to_string()],
+                &[
+                    PYTHON,
+                    launcher.to_str().unwrap_or_default(),
+                    "-H",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                ],
             )?),
             port,
         };
