@@ -13,13 +13,15 @@ use std::{
 };
 
 use libfuzzer_sys::fuzz_target;
-use podnet::ipam::{
-    allocator::AttachmentKey,
-    cidr::Cidr,
-    source::{AddressSource, NodeCidr},
-    state::NodeState,
-    store::{self, StateFs, Store},
-    Clock,
+use podnet::{
+    ipam::{
+        allocator::AttachmentKey,
+        source::{AddressSource, NodeCidr},
+        state::NodeState,
+        store::{self, StateFs, Store},
+        Clock,
+    },
+    net::Cidr,
 };
 
 /// A state directory in memory: one file, shared with the fuzz target.

@@ -30,6 +30,6 @@ fuzz_target!(|data: &[u8]| {
         let _ = env::parse_args(text);
         let _ = env::validate_container_id(text);
         let _ = env::validate_if_name(text);
-        let _ = spec::parse_duration(text);
+        let _ = podnet_api::duration::parse(text);
     }
 });

@@ -1,7 +1,7 @@
 //! `cargo xtask lint`: the checks that keep the tree's shape, run first by
 //! `cargo xtask test`: formatting, clippy at `-D warnings` over every crate
 //! (the kernel programs included, checked for the host with `panic=abort`),
-//! and the agent's layers ([`layers`]).
+//! the fuzz targets compiling, and the agent's layers ([`layers`]).
 
 pub mod layers;
 
@@ -39,6 +39,17 @@ pub fn run(_args: &LintArgs) -> Result<()> {
         "--",
         "-D",
         "warnings",
+    ]))?;
+    // The fuzz targets live outside the workspace (cargo fuzz builds them with its own
+    // flags); they must still compile against today's API.
+    cmd::run(cmd::cargo().args([
+        "check",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+        "--bins",
+        "--locked",
+        "--target-dir",
+        "target/fuzz-check",
     ]))?;
     let src = cmd::workspace_root().join("agent/src");
     println!("+ layers of {}", src.display());
