@@ -5,8 +5,6 @@
 //! stops the agent by PID and removes its pins (which detaches its programs).
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     sync::atomic::{AtomicU32, Ordering},
     time::Duration,
@@ -17,7 +15,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use crate::{
     netns::{in_netns, Netns},
     process::{spawn_in_with_env, NsChild},
-    util::wait_for,
+    util::{http_exchange, wait_for},
 };
 
 /// The metrics address inside the node namespace (each namespace has its own
@@ -383,21 +381,12 @@ pub fn http_get(node: &Netns, path: &str) -> Result<(u16, String)> {
 /// `node` and reads the answer to its end: (status code, body).
 pub fn http_request(node: &Netns, request: String) -> Result<(u16, String)> {
     in_netns(node, move || -> Result<(u16, String)> {
-        let addr: SocketAddr = METRICS_ADDR.parse()?;
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(request.as_bytes())?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response)?;
-        let (head, body) = response
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow!("malformed HTTP response"))?;
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .ok_or_else(|| anyhow!("no status code in {head:?}"))?;
-        Ok((code, body.to_owned()))
+        http_exchange(
+            METRICS_ADDR.parse()?,
+            &request,
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+        )
     })?
 }
 

@@ -3,8 +3,7 @@
 //! kubectl, commands in a node's network namespace, and podnet's metrics on each node.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    io::Write as _,
     path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -13,7 +12,7 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde_json::Value;
 
-use crate::{agent::Metrics, netfilter::ConntrackStats};
+use crate::{agent::Metrics, netfilter::ConntrackStats, util::http_exchange};
 
 /// The environment variable that points the suite at the status file of `cluster up`.
 pub const STATUS_ENV: &str = "PODNET_CLUSTER_STATUS";
@@ -280,19 +279,16 @@ impl Cluster {
 
 /// `GET path` from `addr` (`host:port`) over HTTP/1.0; the body of a 200 answer.
 fn http_get(addr: &str, path: &str) -> Result<String> {
-    let addr: SocketAddr = addr.parse()?;
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no HTTP header from {addr}"))?;
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        bail!("GET {addr}{path}: {}", head.lines().next().unwrap_or(""));
+    let (code, body) = http_exchange(
+        addr.parse()?,
+        &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+        Duration::from_secs(3),
+        Duration::from_secs(10),
+    )?;
+    if code != 200 {
+        bail!("GET {addr}{path}: HTTP {code}");
     }
-    Ok(body.to_owned())
+    Ok(body)
 }
 
 /// Percent-encodes everything but unreserved characters (RFC 3986).

@@ -1,10 +1,12 @@
-//! Small helpers: privilege checks, polling, free ports.
+//! Small helpers: privilege checks, polling, free ports, one HTTP exchange.
 
 use std::{
-    io::Write as _,
-    net::{Ipv4Addr, TcpListener},
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
+
+use anyhow::{anyhow, Result};
 
 /// How often [`wait_for`] polls its condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
@@ -62,4 +64,29 @@ pub fn free_tcp_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port())
+}
+
+/// Sends `request` (raw HTTP/1.0, as given) to `addr` in the calling thread's network
+/// namespace and reads the answer to its end: (status code, body). Connecting may take
+/// `connect`, each read `read`.
+pub fn http_exchange(
+    addr: SocketAddr,
+    request: &str,
+    connect: Duration,
+    read: Duration,
+) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, connect)?;
+    stream.set_read_timeout(Some(read))?;
+    stream.write_all(request.as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("malformed HTTP response from {addr}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no status code in {head:?}"))?;
+    Ok((code, body.to_owned()))
 }

@@ -62,7 +62,6 @@ impl ConntrackOptions {
             bpffs: bpffs.to_owned(),
             event_budget_per_cpu: self.race_event_budget.unwrap_or(RACE_EVENT_BUDGET_PER_CPU),
             race_hook: self.race_hook.unwrap_or_default(),
-            race_log_capacity: RACE_LOG_CAPACITY,
         }
     }
 }
@@ -76,8 +75,6 @@ pub struct ConntrackSettings {
     pub event_budget_per_cpu: u32,
     /// `--race-hook`.
     pub race_hook: RaceHookChoice,
-    /// Recent races kept for `podnetctl conntrack races`.
-    pub race_log_capacity: usize,
 }
 
 /// Errors starting conntrack.
@@ -137,7 +134,7 @@ impl Conntrack {
             event_budget_per_cpu: settings.event_budget_per_cpu,
             race_hook: settings.race_hook,
         })?;
-        let races = RaceLog::with_capacity(settings.race_log_capacity);
+        let races = RaceLog::with_capacity(RACE_LOG_CAPACITY);
         let events = EventThreadHandle::default();
         let event_thread = match tracer.take_events() {
             Some(ring) => Some(spawn_event_thread(ring, &registry, &races, &events)?),

@@ -48,7 +48,7 @@ impl MetricsRenderer {
     pub fn new(daemon: Arc<Daemon>) -> Self {
         Self {
             daemon,
-            kernel: super::kernel_release(),
+            kernel: crate::sys::kernel_release(),
         }
     }
 }

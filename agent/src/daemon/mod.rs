@@ -210,7 +210,7 @@ impl Daemon {
         let (allocated, free, cooldown) = self.ipam.address_counts();
         Status {
             version: env!("CARGO_PKG_VERSION"),
-            kernel: kernel_release(),
+            kernel: crate::sys::kernel_release(),
             race_hook: conntrack.race_hook,
             tc_attach: self.tc_mode,
             tracer_attachment: conntrack.tracer_attachment,
@@ -239,20 +239,12 @@ impl Daemon {
         }
     }
 
-    /// Stops user-space work, subsystem by subsystem in start order. Pinned
-    /// programs and maps stay in place.
+    /// Stops user-space work, subsystem by subsystem (none depends on
+    /// another's threads). Pinned programs and maps stay in place.
     pub fn stop(&self) {
-        for subsystem in [
-            self.ipam.clone() as Arc<dyn Subsystem>,
-            self.dns.clone(),
-            self.routing.clone(),
-            self.conntrack.clone(),
-        ] {
+        for subsystem in &self.subsystems {
             tracing::debug!(subsystem = subsystem.name(), "stopping");
             subsystem.stop();
         }
     }
 }
-
-/// `uname -r`.
-pub use crate::sys::kernel_release;

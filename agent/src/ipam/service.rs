@@ -34,7 +34,7 @@ use crate::{
     },
     net::{Cidr, CidrList},
     options::options,
-    subsystem::Subsystem,
+    subsystem::{to_json, Subsystem},
 };
 
 /// Upper bounds of the CNI request duration histogram, in seconds.
@@ -243,8 +243,6 @@ impl IpamService {
 
     #[allow(clippy::too_many_lines)] // one short arm per method
     fn dispatch(&self, call: Call) -> Result<Value, ApiError> {
-        let to_json =
-            |v: serde_json::Result<Value>| v.map_err(|e| ApiError::internal(e.to_string()));
         match call {
             Call::IpamAllocate(k) => {
                 let result = self.state().allocate(&k.key(), &k.network);
@@ -257,7 +255,7 @@ impl IpamService {
                 self.wake_eni();
                 let a = result.map_err(ipam_error)?;
                 tracing::info!(attachment = %k.key(), ips = ?a.ips.iter().map(|x| x.ip).collect::<Vec<_>>(), "allocated");
-                to_json(serde_json::to_value(a))
+                to_json(&a)
             }
             Call::IpamRelease(k) => {
                 let released = self.state().release(&k.key()).map_err(ipam_error)?;
@@ -265,9 +263,9 @@ impl IpamService {
                 if let Some(a) = &released {
                     tracing::info!(attachment = %a.key, "released");
                 }
-                to_json(serde_json::to_value(Removed {
+                to_json(&Removed {
                     removed: usize::from(released.is_some()),
-                }))
+                })
             }
             Call::IpamGc(g) => {
                 let valid: BTreeSet<_> = g.valid.into_iter().collect();
@@ -278,9 +276,9 @@ impl IpamService {
                     .map_err(ipam_error)?;
                 tracing::info!(released = freed.len(), "IPAM garbage collected");
                 self.wake_eni();
-                to_json(serde_json::to_value(Removed {
+                to_json(&Removed {
                     removed: freed.len(),
-                }))
+                })
             }
             Call::IpamStatus(s) => {
                 let state = self.state();
@@ -306,7 +304,7 @@ impl IpamService {
                         e.status(&allocated, &cooling)
                     }),
                 };
-                to_json(serde_json::to_value(status))
+                to_json(&status)
             }
             Call::EndpointAdd(a) => {
                 let ep = a.endpoint;
@@ -333,9 +331,9 @@ impl IpamService {
                     tracing::info!(attachment = %k.key(), "endpoint removed");
                     self.sync_registry(&state);
                 }
-                to_json(serde_json::to_value(Removed {
+                to_json(&Removed {
                     removed: usize::from(removed.is_some()),
-                }))
+                })
             }
             Call::EndpointCheck(c) => {
                 let key = crate::ipam::allocator::AttachmentKey::new(&c.container_id, &c.if_name);
@@ -351,7 +349,7 @@ impl IpamService {
             }
             Call::EndpointList => {
                 let state = self.state();
-                to_json(serde_json::to_value(state.endpoints().collect::<Vec<_>>()))
+                to_json(&state.endpoints().collect::<Vec<_>>())
             }
             Call::EndpointGc(g) => {
                 let valid: BTreeSet<_> = g.valid.into_iter().collect();
@@ -362,9 +360,9 @@ impl IpamService {
                     self.sync_registry(&state);
                 }
                 tracing::info!(removed = removed.len(), "endpoints garbage collected");
-                to_json(serde_json::to_value(Removed {
+                to_json(&Removed {
                     removed: removed.len(),
-                }))
+                })
             }
             other => Err(ApiError::unknown_method(other.method())),
         }

@@ -41,7 +41,7 @@ where
 
 /// Writes `podnet_build_info{version,kernel,race_hook,tc_attach} 1`;
 /// `kernel` is the running kernel's release (`uname -r`, e.g. from
-/// `daemon::kernel_release`), `race_hook` the hook that counts insert races,
+/// `sys::kernel_release`), `race_hook` the hook that counts insert races,
 /// `tc_attach` how the TC programs attach (`tcx` or `tc`).
 pub fn render_build_info(enc: &mut Encoder, kernel: &str, race_hook: &str, tc_attach: &str) {
     enc.family(
