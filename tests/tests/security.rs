@@ -278,3 +278,143 @@ fn cni_path_tricks_are_refused_and_allocate_nothing() -> Result<()> {
     );
     Ok(())
 }
+
+/// Chained podnet-cni ADD for `container_id` whose `prevResult` gives the pod
+/// `address` with host interface `host_if`; `K8S_POD_NAME` is `pod`.
+fn chained_add(
+    agent: &Agent,
+    pod_netns: &Netns,
+    container_id: &str,
+    pod: &str,
+    host_if: &str,
+    address: &str,
+) -> Result<(bool, String)> {
+    let netns = pod_netns.path().display().to_string();
+    let log = agent.socket().with_extension("cni.log");
+    let conf = json!({
+        "cniVersion": "1.0.0", "name": "n", "type": "podnet-cni",
+        "socket": agent.socket(), "logFile": log,
+        "prevResult": {
+            "cniVersion": "1.0.0",
+            "interfaces": [{"name": host_if}, {"name": "eth0", "sandbox": netns}],
+            "ips": [{"address": address, "interface": 1}],
+        },
+    });
+    let args = format!("K8S_POD_NAMESPACE=shop;K8S_POD_NAME={pod}");
+    let mut env = cni::runtime_env("ADD", container_id, &netns);
+    env.push(("CNI_ARGS", &args));
+    cni::invoke_plugin(&env, conf.to_string().as_bytes())
+}
+
+/// `ip route` lines in the node's main table for `dst`.
+fn routes_to(node: &Netns, dst: &str) -> Result<Vec<String>> {
+    let out = node.run_ok(&["ip", "-4", "route", "show", "table", "main", dst])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+/// A second pod registering an address another pod holds is refused with CNI
+/// error 104 naming the holder; the holder's route stays where it is, and no
+/// reconcile pass follows (a duplicate once made the reconciler swap the
+/// route between the two interfaces on every pass). An endpoints-file entry
+/// claiming the same address (a source the CNI check does not see) does not
+/// move the route either: the first owner keeps it.
+#[test]
+fn a_duplicate_address_is_refused_and_no_route_flaps() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let topo = Topology::builder().name("secdup").pods(0).build()?;
+    let node = topo.node();
+    let agent = Agent::start_with(node, &[], &["--node-cidr", "10.244.9.0/24"])?;
+    let first = Netns::new("secdupa")?;
+    let second = Netns::new("secdupb")?;
+    podnet_tests::veth(&first, "eth0", &["10.244.9.5/24"], node, "dupa0", &[])?;
+    podnet_tests::veth(&second, "eth0", &["10.244.9.5/24"], node, "dupb0", &[])?;
+
+    let (ok, out) = chained_add(&agent, &first, "dup1", "cart-1", "dupa0", "10.244.9.5/24")?;
+    assert!(ok, "{out}");
+    let route = "10.244.9.5 dev dupa0 proto 176 scope link ";
+    assert!(
+        wait_for(
+            || routes_to(node, "10.244.9.5").is_ok_and(|r| r == [route]),
+            Duration::from_secs(5)
+        ),
+        "{:?}",
+        routes_to(node, "10.244.9.5")
+    );
+
+    let (ok, out) = chained_add(&agent, &second, "dup2", "cart-2", "dupb0", "10.244.9.5/24")?;
+    assert!(!ok, "the duplicate must fail: {out}");
+    let error: Value = serde_json::from_str(out.trim())?;
+    assert_eq!(error["code"], json!(104), "{error}");
+    assert_eq!(
+        error["details"],
+        json!(
+            "10.244.9.5 is already registered to shop/cart-1 (dup1/eth0); refusing a second owner"
+        )
+    );
+    let endpoints = agent.api("endpoint.list", Value::Null)?;
+    assert_eq!(
+        endpoints
+            .as_array()
+            .map(|e| e.iter().map(|e| e["pod"].clone()).collect::<Vec<_>>()),
+        Some(vec![json!("cart-1")])
+    );
+
+    // Settled: over two seconds, the route stays and no pass runs.
+    let passes = |agent: &Agent| -> Result<u64> {
+        Ok(agent
+            .metrics(node)?
+            .count("podnet_route_reconciles_total", &[("result", "success")]))
+    };
+    let before = passes(&agent)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let m = agent.metrics(node)?;
+    assert_eq!(
+        passes(&agent)?,
+        before,
+        "reconcile passes ran with nothing to do"
+    );
+    assert_eq!(m.count_sum("podnet_route_repairs_total"), 0);
+    assert_eq!(routes_to(node, "10.244.9.5")?, [route]);
+
+    // The endpoints file claims the address for the second interface.
+    let file_claim = EndpointSpec {
+        interface: Some("dupb0".into()),
+        ..EndpointSpec::new("shop", "file-pod", &["10.244.9.5".parse()?])
+    };
+    std::fs::write(
+        agent.endpoints_file(),
+        podnet_tests::agent::endpoints_yaml(&[file_claim]),
+    )?;
+    let problem = "pod shop/file-pod: 10.244.9.5 is already routed to shop/cart-1";
+    assert!(
+        wait_for(
+            || agent
+                .api("routes.show", Value::Null)
+                .is_ok_and(|s| s["problems"]
+                    .as_array()
+                    .is_some_and(|p| p.contains(&json!(problem)))),
+            Duration::from_secs(5)
+        ),
+        "{:?}",
+        agent.api("routes.show", Value::Null)
+    );
+    let before = passes(&agent)?;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        passes(&agent)?,
+        before,
+        "reconcile passes ran with nothing to do"
+    );
+    assert_eq!(
+        agent.metrics(node)?.count_sum("podnet_route_repairs_total"),
+        0
+    );
+    assert_eq!(routes_to(node, "10.244.9.5")?, [route]);
+    println!("duplicate address: CNI error 104, route stays on dupa0, 0 repairs, 0 passes in 2 s");
+    Ok(())
+}

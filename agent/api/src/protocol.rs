@@ -181,6 +181,9 @@ pub enum ErrorCode {
     NotFound,
     /// The object exists but differs from what the caller expected.
     Mismatch,
+    /// The request collides with what another object holds (e.g. an address
+    /// another endpoint is registered with).
+    Conflict,
     /// A code this build does not know (sent by a newer agent).
     #[serde(other)]
     Unknown,
@@ -202,6 +205,7 @@ impl ErrorCode {
             Self::ResourceExhausted => "resource_exhausted",
             Self::NotFound => "not_found",
             Self::Mismatch => "mismatch",
+            Self::Conflict => "conflict",
             Self::Unknown => "unknown",
         }
     }

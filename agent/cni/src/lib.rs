@@ -12,7 +12,8 @@
 //! network configuration, 11 try again later, 50 cannot serve ADD — IPAM
 //! exhausted, 51 cannot serve ADD and existing pods may be degraded — agent
 //! unreachable) and podnet's: 100 agent unreachable, 101 IPAM exhausted,
-//! 102 the agent refused or failed the request, 103 CHECK found a mismatch.
+//! 102 the agent refused or failed the request, 103 CHECK found a mismatch,
+//! 104 an address of the attachment is registered to another pod.
 
 pub mod entry;
 pub mod env;

@@ -35,6 +35,7 @@ pub fn agent_error(e: ClientError) -> CniError {
                 ErrorCode::Unavailable | ErrorCode::Timeout => Code::TryAgainLater,
                 ErrorCode::NotFound => Code::UnknownContainer,
                 ErrorCode::Mismatch => Code::CheckFailed,
+                ErrorCode::Conflict => Code::AddressConflict,
                 _ => Code::AgentFailed,
             };
             CniError::new(

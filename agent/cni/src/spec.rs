@@ -54,6 +54,8 @@ pub enum Code {
     AgentFailed = 102,
     /// podnet: CHECK found the attachment differs from what was set up.
     CheckFailed = 103,
+    /// podnet: an address of the attachment is registered to another pod.
+    AddressConflict = 104,
 }
 
 /// A CNI error, printed as JSON on stdout.

@@ -73,6 +73,14 @@ pub enum IpamError {
     /// The configuration is unusable.
     #[error("{0}")]
     Config(String),
+    /// An endpoint asks for an address another endpoint is registered with.
+    #[error("{ip} is already registered to {holder}; refusing a second owner")]
+    AddressConflict {
+        /// The contested address.
+        ip: std::net::IpAddr,
+        /// The endpoint holding it: `namespace/pod (container id/interface)`.
+        holder: String,
+    },
 }
 
 impl IpamError {

@@ -503,6 +503,7 @@ fn ipam_error(e: IpamError) -> ApiError {
         IpamError::Exhausted { .. } => ErrorCode::ResourceExhausted,
         e if e.is_transient() => ErrorCode::Unavailable,
         IpamError::NoSources => ErrorCode::Unavailable,
+        IpamError::AddressConflict { .. } => ErrorCode::Conflict,
         _ => ErrorCode::Internal,
     };
     ApiError::new(code, e.to_string())

@@ -112,10 +112,24 @@ impl NodeState {
         })
     }
 
-    /// Registers (or replaces) an endpoint.
+    /// Registers (or replaces) an endpoint. An address another attachment is
+    /// registered with is refused: two owners would make the routing
+    /// reconciler swap the pod's route between their interfaces.
     pub fn add_endpoint(&mut self, record: EndpointRecord) -> Result<(), IpamError> {
         self.transact(|_, eps| {
             let key = record.key();
+            if let Some((ip, holder)) = eps.values().filter(|e| e.key() != key).find_map(|e| {
+                record
+                    .ips
+                    .iter()
+                    .find(|ip| e.ips.contains(ip))
+                    .map(|ip| (*ip, e))
+            }) {
+                return Err(IpamError::AddressConflict {
+                    ip,
+                    holder: format!("{}/{} ({})", holder.namespace, holder.pod, holder.key()),
+                });
+            }
             let changed = eps.get(&key) != Some(&record);
             eps.insert(key, record);
             Ok(((), changed))

@@ -351,3 +351,51 @@ proptest! {
         }
     }
 }
+
+fn endpoint_record(i: usize, pod: &str, ip: &str) -> podnet_api::endpoint::EndpointRecord {
+    podnet_api::endpoint::EndpointRecord {
+        container_id: format!("c{i}"),
+        if_name: "eth0".into(),
+        network: "net".into(),
+        netns: format!("/var/run/netns/p{i}"),
+        namespace: "shop".into(),
+        pod: pod.into(),
+        pod_uid: String::new(),
+        interface: Some(format!("veth{i}")),
+        ips: vec![ip.parse().unwrap()],
+    }
+}
+
+#[test]
+fn a_second_owner_of_an_address_is_refused_and_nothing_is_written() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    let mut s = open(&["10.244.1.0/24"], &clock, &fs).unwrap();
+    s.add_endpoint(endpoint_record(1, "cart-1", "10.244.1.7"))
+        .unwrap();
+    let written = fs.files.lock().unwrap().clone();
+    let err = s
+        .add_endpoint(endpoint_record(2, "cart-2", "10.244.1.7"))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "10.244.1.7 is already registered to shop/cart-1 (c1/eth0); refusing a second owner"
+    );
+    assert_eq!(s.endpoints().count(), 1);
+    assert_eq!(
+        *fs.files.lock().unwrap(),
+        written,
+        "the checkpoint is unchanged"
+    );
+    // The holder may re-register itself (kubelet retries ADD), with the address.
+    s.add_endpoint(endpoint_record(1, "cart-1", "10.244.1.7"))
+        .unwrap();
+    // Once the holder is gone, the address is free for the next pod.
+    s.remove_endpoint(&key(1)).unwrap();
+    s.add_endpoint(endpoint_record(2, "cart-2", "10.244.1.7"))
+        .unwrap();
+    assert_eq!(
+        s.endpoints().map(|e| e.pod.clone()).collect::<Vec<_>>(),
+        ["cart-2"]
+    );
+}

@@ -136,9 +136,13 @@ pub fn eni_link<'a>(eni: &Eni, links: &'a [Link]) -> Option<&'a Link> {
 }
 
 /// Builds the desired state. Endpoints without a host interface are not
-/// routed by podnet; IPv6 addresses are left to the kernel for now.
+/// routed by podnet; IPv6 addresses are left to the kernel for now. An address
+/// two endpoints claim is routed to the first of them only (the other is a
+/// problem): two routes with one destination would replace each other in the
+/// kernel on every pass.
 pub fn build(endpoints: &[Endpoint], enis: &[Eni], links: &[Link]) -> Desired {
     let mut d = Desired::default();
+    let mut owners: BTreeMap<Ipv4Addr, &Endpoint> = BTreeMap::new();
     let mut eni_index = BTreeMap::new();
     for eni in enis {
         let Some(link) = eni_link(eni, links) else {
@@ -183,6 +187,14 @@ pub fn build(endpoints: &[Endpoint], enis: &[Eni], links: &[Link]) -> Desired {
         }
         for ip in &ep.ips {
             let IpAddr::V4(ip) = *ip else { continue };
+            if let Some(owner) = owners.get(&ip) {
+                d.problems.push(format!(
+                    "pod {}/{}: {ip} is already routed to {}/{}",
+                    ep.namespace, ep.pod, owner.namespace, owner.pod
+                ));
+                continue;
+            }
+            owners.insert(ip, ep);
             let pod = Cidr::host(IpAddr::V4(ip));
             d.routes.insert(Route {
                 table: MAIN_TABLE,
@@ -343,5 +355,27 @@ pub(crate) mod tests {
         assert_eq!(d.proxies.len(), 2);
         assert_eq!(d.steer.len(), 2);
         assert_eq!(d.pod_links.len(), 2);
+    }
+
+    #[test]
+    fn an_address_two_endpoints_claim_is_routed_to_the_first_only() {
+        let eps = [
+            endpoint("first", "10.0.1.10", Some("vpod0")),
+            endpoint("second", "10.0.1.10", Some("vpod1")),
+        ];
+        let d = build(&eps, &enis(), &links());
+        let host_routes: Vec<(Cidr, u32)> = d
+            .routes
+            .iter()
+            .filter(|r| r.table == MAIN_TABLE)
+            .map(|r| (r.dst, r.oif))
+            .collect();
+        assert_eq!(host_routes, [("10.0.1.10/32".parse().unwrap(), 10)]);
+        assert_eq!(d.steer.len(), 1);
+        assert_eq!(d.steer.first().map(|s| s.host_ifindex), Some(10));
+        assert_eq!(
+            d.problems.last().map(String::as_str),
+            Some("pod ns/second: 10.0.1.10 is already routed to ns/first")
+        );
     }
 }
