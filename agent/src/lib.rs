@@ -12,6 +12,7 @@ pub mod conntrack;
 pub mod daemon;
 pub mod dns;
 pub mod endpoint;
+pub mod heartbeat;
 pub mod ipam;
 pub mod kube;
 pub mod memory;

@@ -115,6 +115,7 @@ pub struct Agent {
     bpffs: PathBuf,
     state: PathBuf,
     extra_args: Vec<String>,
+    extra_env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -130,6 +131,16 @@ impl Agent {
         node: &Netns,
         endpoints: &[EndpointSpec],
         extra_args: &[&str],
+    ) -> Result<Self> {
+        Self::start_with_env(node, endpoints, extra_args, &[])
+    }
+
+    /// Like [`Agent::start_with`], with extra environment variables.
+    pub fn start_with_env(
+        node: &Netns,
+        endpoints: &[EndpointSpec],
+        extra_args: &[&str],
+        extra_env: &[(&str, &str)],
     ) -> Result<Self> {
         let id = format!(
             "{}-{}",
@@ -162,6 +173,10 @@ impl Agent {
             bpffs,
             state,
             extra_args: extra,
+            extra_env: extra_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         agent.launch(node)?;
         Ok(agent)
@@ -198,7 +213,9 @@ impl Agent {
                 cmd.extend(pair.iter().copied());
             }
         }
-        self.child = Some(spawn_in_with_env(node, &cmd, &[("PODNET_LOG", "info")])?);
+        let mut env = vec![("PODNET_LOG", "info")];
+        env.extend(self.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.child = Some(spawn_in_with_env(node, &cmd, &env)?);
         let timeout = ready_timeout();
         let ready = wait_for(
             || http_get(node, "/readyz").is_ok_and(|(code, _)| code == 200),
@@ -264,6 +281,15 @@ impl Agent {
     /// The agent's bpffs pin directory.
     pub fn bpffs(&self) -> &Path {
         &self.bpffs
+    }
+
+    /// The agent's exit status once it exited on its own (`None` while it
+    /// runs, and after [`Agent::kill`] or [`Agent::stop`]).
+    pub fn exited(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait(),
+            None => Ok(None),
+        }
     }
 
     /// The running agent's process id (`None` after [`Agent::kill`] or [`Agent::stop`]).

@@ -881,3 +881,172 @@ fn a_full_state_disk_refuses_allocations_cleanly() -> Result<()> {
     );
     Ok(())
 }
+
+// 7. Worker threads that die
+
+/// Every file below `dir` (pins), sorted.
+fn pins(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Waits up to 2 s for `/readyz` to answer 503 with exactly `reason`;
+/// returns how long it took.
+fn not_ready_within_2s(node: &Netns, agent: &Agent, reason: &str) -> Result<Duration> {
+    let t0 = Instant::now();
+    let want = (503, format!("not ready: {reason}\n"));
+    let seen = wait_for(
+        || http_get(node, "/readyz").is_ok_and(|r| r == want),
+        Duration::from_secs(2),
+    );
+    ensure!(
+        seen,
+        "/readyz is {:?}, not {want:?}\n{}",
+        http_get(node, "/readyz"),
+        agent.log()
+    );
+    Ok(t0.elapsed())
+}
+
+/// A worker thread whose work ends (the fault hook makes its loop return)
+/// turns `/readyz` to 503 naming it within 2 s, and `podnet_thread_up` to 0;
+/// a thread that panics aborts the process, whose pinned programs stay.
+#[test]
+fn dead_threads_make_the_agent_unready_and_a_panic_aborts() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let threads = ["podnet-routing", "podnet-dns-ev", "podnet-dns"];
+    let faults = "end:podnet-routing,end:podnet-dns-ev,end:podnet-dns,panic:podnet-races";
+    let topo = Topology::builder().name("fthread").pods(2).build()?;
+    let node = topo.node();
+    let mut agent = Agent::start_with_env(
+        node,
+        &shop_endpoints(&topo),
+        &[],
+        &[("PODNET_FAULTS_ON_SIGUSR1", faults)],
+    )?;
+    let pid = agent_pid(&agent)?;
+    let m = agent.metrics(node)?;
+    for thread in threads.iter().chain(&["podnet-races"]) {
+        assert_eq!(
+            m.count("podnet_thread_up", &[("thread", thread)]),
+            1,
+            "{thread}"
+        );
+    }
+    let mut took = Vec::new();
+    for (i, thread) in threads.iter().enumerate() {
+        signal(pid, libc::SIGUSR1)?;
+        // Named in the order of their names.
+        let mut ended = threads[..=i].to_vec();
+        ended.sort_unstable();
+        let reason = ended
+            .iter()
+            .map(|t| format!("thread {t} ended"))
+            .collect::<Vec<_>>()
+            .join("; ");
+        took.push(not_ready_within_2s(node, &agent, &reason)?);
+        assert_eq!(
+            agent
+                .metrics(node)?
+                .count("podnet_thread_up", &[("thread", thread)]),
+            0,
+            "{thread}"
+        );
+    }
+    assert_same_process(&agent, pid);
+
+    // A panic: the process aborts; the datapath stays pinned.
+    let pinned = pins(agent.bpffs())?;
+    let t0 = Instant::now();
+    signal(pid, libc::SIGUSR1)?;
+    let mut status = None;
+    while status.is_none() && t0.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+        status = agent.exited()?;
+    }
+    let aborted_after = t0.elapsed();
+    let status = status.with_context(|| format!("still running after a panic\n{}", agent.log()))?;
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGABRT),
+        "{status}"
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("fault hook: this thread was told to panic")
+            && log.contains("thread=\"podnet-races\"")
+            && log.contains("aborting (the datapath stays pinned)"),
+        "{log}"
+    );
+    assert_eq!(pins(agent.bpffs())?, pinned);
+    println!(
+        "dead threads: /readyz 503 after {took:?} (routing, dns events, dns upkeep); \
+         a panic in podnet-races aborted the agent after {aborted_after:?} with SIGABRT, \
+         {} pins kept",
+        pinned.len()
+    );
+    Ok(())
+}
+
+/// The ENI thread (ENI mode only) is watched like the others: once its work
+/// ends, `/readyz` answers 503 naming it within 2 s.
+#[test]
+fn the_eni_thread_ending_makes_the_agent_unready() -> Result<()> {
+    if !require_root() || !moto_available() {
+        return Ok(());
+    }
+    let node = Netns::new("fenith")?;
+    let moto = Moto::start(&node, MOTO_PORT)?;
+    let id = moto.ec2(&node, &["setup"])?;
+    let instance = id["instance_id"].as_str().unwrap_or_default().to_owned();
+    let imds = FakeImds::start(&node, &id)?;
+    moto.plug_links(&node, &instance)?;
+    let (cloud, imds_ep) = (moto.endpoint(), imds.endpoint());
+    let agent = Agent::start_with_env(
+        &node,
+        &[],
+        &[
+            "--ipam-mode",
+            "eni",
+            "--warm-ip-target",
+            "1",
+            "--cloud-endpoint",
+            &cloud,
+            "--imds-endpoint",
+            &imds_ep,
+        ],
+        &[("PODNET_FAULTS_ON_SIGUSR1", "end:podnet-eni")],
+    )?;
+    let pid = agent_pid(&agent)?;
+    assert_eq!(
+        agent
+            .metrics(&node)?
+            .count("podnet_thread_up", &[("thread", "podnet-eni")]),
+        1
+    );
+    signal(pid, libc::SIGUSR1)?;
+    let took = not_ready_within_2s(&node, &agent, "thread podnet-eni ended")?;
+    assert_eq!(
+        agent
+            .metrics(&node)?
+            .count("podnet_thread_up", &[("thread", "podnet-eni")]),
+        0
+    );
+    assert_same_process(&agent, pid);
+    println!("ENI thread ended: /readyz 503 after {took:?}");
+    Ok(())
+}

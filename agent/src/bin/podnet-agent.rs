@@ -15,6 +15,7 @@ use podnet::{
         handler::{ApiHandler, MetricsRenderer},
         Daemon,
     },
+    heartbeat,
     metrics::{
         continuity::Continuous,
         server::{MetricsServer, Readiness},
@@ -43,7 +44,45 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// A panic anywhere ends the process: a worker thread that died quietly
+/// would leave the node half-served behind a healthy-looking agent. The
+/// pinned datapath keeps working while the pod restarts.
+fn abort_on_panic() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print(info);
+        let thread = std::thread::current();
+        tracing::error!(
+            thread = thread.name().unwrap_or("unnamed"),
+            "{info}; aborting (the datapath stays pinned)"
+        );
+        std::process::abort();
+    }));
+}
+
+/// Tests' fault hook ([`heartbeat::FAULTS_ENV`]): each SIGUSR1 applies the
+/// next fault of the list. Without the variable, nothing is installed.
+fn arm_fault_hook() -> anyhow::Result<()> {
+    let Ok(list) = std::env::var(heartbeat::FAULTS_ENV) else {
+        return Ok(());
+    };
+    let faults = heartbeat::parse_faults(&list).map_err(anyhow::Error::msg)?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
+    tracing::warn!(faults = %list, "fault hook armed: SIGUSR1 ends or panics a thread");
+    tokio::spawn(async move {
+        for (thread, fault) in faults {
+            if usr1.recv().await.is_none() {
+                return;
+            }
+            let found = heartbeat::registry().inject(&thread, fault);
+            tracing::warn!(%thread, ?fault, found, "fault hook");
+        }
+    });
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    abort_on_panic();
     // Before the runtime's threads exist: each would otherwise get an arena.
     podnet::memory::limit_arenas();
     tokio::runtime::Builder::new_multi_thread()
@@ -60,7 +99,8 @@ async fn run() -> anyhow::Result<()> {
     if config.cleanup {
         return cleanup(&config);
     }
-    let readiness = Readiness::new();
+    arm_fault_hook()?;
+    let readiness = Readiness::watching(heartbeat::registry().clone());
     // Bind the endpoints first: a busy port or socket fails fast, and
     // /healthz answers while the datapath loads.
     let source = Arc::new(LateSource::default());

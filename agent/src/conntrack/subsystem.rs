@@ -255,7 +255,7 @@ fn spawn_event_thread(
 ) -> Result<JoinHandle<()>, ConntrackError> {
     let (registry, races, events) = (registry.clone(), races.clone(), events.clone());
     std::thread::Builder::new()
-        .name("podnet-races".into())
+        .name(tracer::EVENTS_THREAD.into())
         .spawn(move || {
             // The thread inherits the agent's network namespace, so ctnetlink
             // sees the same conntrack table the tracer filters on.

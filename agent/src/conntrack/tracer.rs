@@ -28,7 +28,10 @@ use super::{
     events::{decode, Enricher},
     kernel_addr, DestinationCount, DropCount, DropKind, RaceLog, TracerCounters, TracerSnapshot,
 };
-use crate::bpf::{self, btf::KernelBtf, link::Attachment, ring::RingReader, BpfError};
+use crate::{
+    bpf::{self, btf::KernelBtf, link::Attachment, ring::RingReader, BpfError},
+    heartbeat,
+};
 
 /// Sub-directory of `--bpffs` holding the tracer's maps and links.
 pub const PIN_SUBDIR: &str = "conntrack";
@@ -308,6 +311,8 @@ impl Tracer {
     }
 }
 
+/// The race event thread's name (and its heartbeat's).
+pub const EVENTS_THREAD: &str = "podnet-races";
 /// How often the event thread looks at the ring buffer when the kernel did
 /// not wake it: the kernel wakes it only once 64 KiB of events are pending,
 /// so this bounds how late a race shows up in the race log.
@@ -331,8 +336,9 @@ pub fn run_event_loop<T: ConntrackTable>(
     stats: &EventStats,
     stop: &AtomicBool,
 ) {
+    let heartbeat = heartbeat::registry().register(EVENTS_THREAD, heartbeat::SILENCE_LIMIT);
     let mut reader = RingReader::new(ring, EVENT_POLL_INTERVAL);
-    while !stop.load(Ordering::Relaxed) {
+    while !stop.load(Ordering::Relaxed) && heartbeat.beat() {
         reader.read(|item| {
             stats.received.fetch_add(1, Ordering::Relaxed);
             let record = decode(item).and_then(|event| enricher.enrich(&event));
@@ -344,6 +350,9 @@ pub fn run_event_loop<T: ConntrackTable>(
                 }
             }
         });
+    }
+    if stop.load(Ordering::Relaxed) {
+        heartbeat.retire();
     }
 }
 

@@ -67,6 +67,7 @@ impl metrics::MetricsSource for MetricsRenderer {
             &mut enc,
             &crate::bpf::inventory::read(&self.daemon.config().bpffs),
         );
+        metrics::selfstats::render_threads(&mut enc, &crate::heartbeat::registry().health());
         let mut shared = SharedFamilies::default();
         for subsystem in self.daemon.subsystems() {
             subsystem.render_metrics(&mut enc, &mut shared);

@@ -355,14 +355,14 @@ impl Dns {
         if let Some(ring) = ring {
             let events = worker.clone();
             let handle = std::thread::Builder::new()
-                .name("podnet-dns-ev".into())
+                .name(worker::EVENTS_THREAD.into())
                 .spawn(move || events.run_events(ring))
                 .map_err(DnsError::Thread)?;
             lock(&dns.threads).push(handle);
         }
         let changes = dns.registry.subscribe().map_err(DnsError::Subscribe)?;
         let handle = std::thread::Builder::new()
-            .name("podnet-dns".into())
+            .name(worker::UPKEEP_THREAD.into())
             .spawn(move || worker.run_upkeep(&changes))
             .map_err(DnsError::Thread)?;
         lock(&dns.threads).push(handle);

@@ -17,6 +17,7 @@ use super::{
 use crate::{
     bpf::ring::RingReader,
     endpoint::{Changes, Registry},
+    heartbeat::{self, Heartbeat},
 };
 
 /// How often the attachments are compared with the registry even when it
@@ -28,6 +29,10 @@ const CHANGE_COALESCE: Duration = Duration::from_millis(20);
 /// How often per-(pod, server) totals are sampled for `dns.top`.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// Longest wait between two drains of the ring buffer.
+/// The DNS event thread's name (and its heartbeat's).
+pub const EVENTS_THREAD: &str = "podnet-dns-ev";
+/// The DNS upkeep thread's name (and its heartbeat's).
+pub const UPKEEP_THREAD: &str = "podnet-dns";
 const EVENT_POLL: Duration = Duration::from_millis(100);
 
 /// The DNS threads' shared state: one thread drains events, the other
@@ -52,11 +57,20 @@ impl Worker {
     /// Drains the ring buffer until stopped: woken by the kernel when 64 KiB
     /// are pending, and at least every [`EVENT_POLL`].
     pub(super) fn run_events(self, ring: RingBuf<MapData>) {
+        let heartbeat = heartbeat::registry().register(EVENTS_THREAD, heartbeat::SILENCE_LIMIT);
         let mut reader = RingReader::new(ring, EVENT_POLL);
-        while !self.shared.stop.load(Ordering::Relaxed) {
+        while !self.shared.stop.load(Ordering::Relaxed) && heartbeat.beat() {
             reader.read(|item| self.on_event(item));
         }
         reader.drain(|item| self.on_event(item));
+        self.retire_on_stop(heartbeat);
+    }
+
+    /// A requested stop is not a dead thread.
+    fn retire_on_stop(&self, heartbeat: Heartbeat) {
+        if self.shared.stop.load(Ordering::Relaxed) {
+            heartbeat.retire();
+        }
     }
 
     /// Sweeps timeouts, reconciles attachments and samples until stopped;
@@ -69,7 +83,8 @@ impl Worker {
         let (mut last_sweep, mut last_reconcile, mut last_sample) =
             (Instant::now(), Instant::now(), Instant::now());
         let mut pending = false;
-        while !self.shared.stop.load(Ordering::Relaxed) {
+        let heartbeat = heartbeat::registry().register(UPKEEP_THREAD, heartbeat::SILENCE_LIMIT);
+        while !self.shared.stop.load(Ordering::Relaxed) && heartbeat.beat() {
             let wait = if pending {
                 CHANGE_COALESCE.saturating_sub(last_reconcile.elapsed())
             } else {
@@ -94,6 +109,7 @@ impl Worker {
                 }
             }
         }
+        self.retire_on_stop(heartbeat);
     }
 
     fn on_event(&self, item: &[u8]) {

@@ -3,7 +3,7 @@
 //! reconciles take.
 
 use super::text::{Encoder, MetricType};
-use crate::bpf::inventory::Inventory;
+use crate::{bpf::inventory::Inventory, heartbeat::ThreadHealth};
 
 /// Upper bounds (seconds) of `podnet_route_reconcile_duration_seconds`.
 pub const RECONCILE_BUCKETS: [f64; 11] = [
@@ -61,6 +61,27 @@ pub fn render(enc: &mut Encoder, inv: &Inventory) {
     );
     for (name, _, n) in &by_name {
         runs.sample(&[("program", name)], *n);
+    }
+}
+
+/// Writes each worker thread's health: `podnet_thread_up` (0 once it ended
+/// or went silent past its limit) and the age of its last heartbeat.
+pub fn render_threads(enc: &mut Encoder, threads: &[ThreadHealth]) {
+    let mut up = enc.family(
+        "podnet_thread_up",
+        MetricType::Gauge,
+        "1 while the agent's worker thread runs and beats within its limit; 0 once it ended or hangs (then /readyz answers 503 naming it).",
+    );
+    for t in threads {
+        up.sample(&[("thread", t.name)], u64::from(t.problem().is_none()));
+    }
+    let mut age = enc.family(
+        "podnet_thread_heartbeat_age_seconds",
+        MetricType::Gauge,
+        "Seconds since the worker thread's last heartbeat; it beats at least every second while it waits.",
+    );
+    for t in threads {
+        age.sample(&[("thread", t.name)], t.silent_for.as_secs_f64());
     }
 }
 
@@ -125,5 +146,37 @@ mod tests {
         let text = enc.finish();
         assert!(text.contains("podnet_bpf_map_entries{"), "{text}");
         assert!(!text.contains("podnet_bpf_program_run"), "{text}");
+    }
+
+    #[test]
+    fn threads_are_up_until_they_end_or_hang() {
+        let thread = |name, silent_ms, ended| ThreadHealth {
+            name,
+            silent_for: std::time::Duration::from_millis(silent_ms),
+            limit: std::time::Duration::from_secs(30),
+            ended,
+        };
+        let mut enc = Encoder::new();
+        render_threads(
+            &mut enc,
+            &[
+                thread("podnet-dns", 250, false),
+                thread("podnet-eni", 31_000, false),
+                thread("podnet-routing", 5, true),
+            ],
+        );
+        let text = enc.finish();
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples,
+            [
+                "podnet_thread_up{thread=\"podnet-dns\"} 1",
+                "podnet_thread_up{thread=\"podnet-eni\"} 0",
+                "podnet_thread_up{thread=\"podnet-routing\"} 0",
+                "podnet_thread_heartbeat_age_seconds{thread=\"podnet-dns\"} 0.25",
+                "podnet_thread_heartbeat_age_seconds{thread=\"podnet-eni\"} 31",
+                "podnet_thread_heartbeat_age_seconds{thread=\"podnet-routing\"} 0.005",
+            ]
+        );
     }
 }

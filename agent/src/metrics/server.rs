@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
 use super::{text, MetricsSource};
+use crate::heartbeat::Heartbeats;
 
 /// A client must send its request headers within this time.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,15 +35,19 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Whether the agent is ready, shared between the agent and `/readyz`.
 /// Cloning shares the same state. Starts not ready, with reason `starting`.
+/// Once set ready, it is still not ready while a watched worker thread has
+/// ended or hangs ([`Readiness::watching`]).
 #[derive(Clone, Debug)]
 pub struct Readiness {
     state: Arc<Mutex<Result<(), String>>>,
+    threads: Option<Heartbeats>,
 }
 
 impl Default for Readiness {
     fn default() -> Self {
         Self {
             state: Arc::new(Mutex::new(Err("starting".to_owned()))),
+            threads: None,
         }
     }
 }
@@ -51,6 +56,15 @@ impl Readiness {
     /// Not ready yet, reason `starting`.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Not ready yet; once ready, not ready while one of `threads` has ended
+    /// or hangs.
+    pub fn watching(threads: Heartbeats) -> Self {
+        Self {
+            threads: Some(threads),
+            ..Self::default()
+        }
     }
 
     /// Marks the agent ready: `/readyz` answers 200.
@@ -63,9 +77,13 @@ impl Readiness {
         *self.lock() = Err(reason.into());
     }
 
-    /// `Ok` when ready, else why not.
+    /// `Ok` when ready, else why not (each dead thread named).
     pub fn check(&self) -> Result<(), String> {
-        self.lock().clone()
+        self.lock().clone()?;
+        match self.threads.as_ref().map(Heartbeats::problems) {
+            Some(problems) if !problems.is_empty() => Err(problems.join("; ")),
+            _ => Ok(()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Result<(), String>> {
@@ -292,7 +310,8 @@ mod tests {
 
     #[tokio::test]
     async fn serves_metrics_health_and_readiness() {
-        let readiness = Readiness::new();
+        let threads = Heartbeats::new();
+        let readiness = Readiness::watching(threads.clone());
         let source: Arc<dyn MetricsSource> = Arc::new(|| "podnet_up 1\n".to_owned());
         let server = MetricsServer::bind("127.0.0.1:0".parse().unwrap(), source, readiness.clone())
             .await
@@ -327,6 +346,18 @@ mod tests {
         assert_eq!(
             get(addr, "GET", "/readyz").await.2,
             "not ready: tracer detached\n"
+        );
+        readiness.set_ready();
+        let routing = threads.register("podnet-routing", Duration::from_secs(30));
+        assert_eq!(get(addr, "GET", "/readyz").await.2, "ok\n");
+        drop(routing);
+        let (status, _, body) = get(addr, "GET", "/readyz").await;
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            (
+                "HTTP/1.0 503 Service Unavailable",
+                "not ready: thread podnet-routing ended\n"
+            )
         );
 
         assert_eq!(

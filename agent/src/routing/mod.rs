@@ -54,6 +54,7 @@ use crate::{
     },
     bpf::BpfError,
     endpoint::{Changes, Endpoint, Registry},
+    heartbeat::{self, Heartbeat},
     metrics::{
         selfstats::RECONCILE_BUCKETS,
         shared::SharedFamilies,
@@ -69,6 +70,8 @@ use crate::{
 pub const RESYNC_PERIOD: Duration = Duration::from_secs(30);
 /// Endpoint changes closer together than this are one reconcile.
 const CHANGE_COALESCE: Duration = Duration::from_millis(20);
+/// The routing thread's name (and its heartbeat's).
+pub const THREAD_NAME: &str = "podnet-routing";
 /// Longest wait for a kernel notification before inputs are looked at again.
 const POLL: Duration = Duration::from_millis(200);
 /// How soon a reconcile that found a conflict is repeated (the foreign
@@ -237,7 +240,7 @@ impl Routing {
         let changes = registry.subscribe().map_err(RoutingError::Subscribe)?;
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
-            .name("podnet-routing".into())
+            .name(THREAD_NAME.into())
             .spawn({
                 let (shared, enis) = (shared.clone(), enis.clone());
                 move || {
@@ -247,7 +250,10 @@ impl Routing {
                     match opened {
                         Ok((nl, watcher)) => {
                             let _ = ready_tx.send(Ok(()));
-                            Loop::new(config, registry, changes, enis, shared, watcher).run(nl);
+                            let heartbeat = heartbeat::registry()
+                                .register(THREAD_NAME, heartbeat::SILENCE_LIMIT);
+                            Loop::new(config, registry, changes, enis, shared, watcher)
+                                .run(nl, heartbeat);
                         }
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -454,13 +460,13 @@ impl Loop {
         }
     }
 
-    fn run(mut self, netlink: RtNetlink) {
+    fn run(mut self, netlink: RtNetlink, heartbeat: Heartbeat) {
         let mut reconciler = Reconciler::new(netlink);
         let mut last_enis = None;
         let mut next_resync = Instant::now();
         let mut proxies = std::collections::BTreeSet::new();
         let (mut endpoints_changed, mut last_reconcile) = (false, Instant::now());
-        while !self.shared.stop.load(Ordering::Relaxed) {
+        while !self.shared.stop.load(Ordering::Relaxed) && heartbeat.beat() {
             // Woken at once by a kernel notification or an endpoint change;
             // changes closer together than CHANGE_COALESCE are one reconcile.
             let wait = if endpoints_changed {
@@ -519,6 +525,9 @@ impl Loop {
                 next_resync = next_resync.min(Instant::now() + CONFLICT_RECHECK);
             }
             self.publish(&outcome, errors);
+        }
+        if self.shared.stop.load(Ordering::Relaxed) {
+            heartbeat.retire();
         }
     }
 

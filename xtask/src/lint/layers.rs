@@ -17,7 +17,7 @@ use anyhow::{bail, Context as _};
 /// The floors, lowest first. Keep docs/ARCHITECTURE.md in step.
 pub const LAYERS: &[&[&str]] = &[
     // Ground floor: types and helpers that know no other module.
-    &["net", "memory", "sys", "recent", "options"],
+    &["net", "memory", "sys", "recent", "options", "heartbeat"],
     // Plumbing that knows no subsystem: the registry, kernel objects, the API server.
     &["endpoint", "bpf", "api"],
     // Telemetry: the encoder, one histogram, the metrics server.

@@ -17,6 +17,7 @@ use super::{
 };
 use crate::{
     cloud::{CloudError, CloudProvider, EniInfo, InstanceIdentity, InstanceLimits},
+    heartbeat::{self, Heartbeat},
     routing::eni::Eni,
 };
 
@@ -90,6 +91,16 @@ pub(crate) struct Worker {
 
 impl Worker {
     pub(crate) fn run(self) {
+        let heartbeat =
+            heartbeat::registry().register(super::THREAD_NAME, heartbeat::CLOUD_SILENCE_LIMIT);
+        self.run_rounds(&heartbeat);
+        if self.shared.stop.load(Ordering::Relaxed) {
+            heartbeat.retire();
+        }
+    }
+
+    /// Rounds until stopped (or ended by the fault hook).
+    fn run_rounds(&self, heartbeat: &Heartbeat) {
         let mut backoff = Backoff::default();
         let (identity, limits) = loop {
             match self.init() {
@@ -97,7 +108,7 @@ impl Worker {
                 Err(e) => {
                     let wait = backoff.next_wait();
                     self.failed(&e.to_string(), wait);
-                    if self.shared.sleep(wait, false) {
+                    if self.shared.sleep(wait, false, heartbeat) {
                         return;
                     }
                 }
@@ -129,13 +140,14 @@ impl Worker {
                 Err(e) => {
                     let wait = backoff.next_wait();
                     self.failed(&e.to_string(), wait);
-                    if self.shared.sleep(wait, false) {
+                    if self.shared.sleep(wait, false, heartbeat) {
                         return;
                     }
                     continue;
                 }
             };
-            if self.shared.stop.load(Ordering::Relaxed) || self.shared.sleep(wait, true) {
+            if self.shared.stop.load(Ordering::Relaxed) || self.shared.sleep(wait, true, heartbeat)
+            {
                 return;
             }
         }

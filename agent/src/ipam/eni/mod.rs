@@ -30,6 +30,7 @@ use serde::{Deserialize, Serialize};
 use self::{link::Links, pool::EniPool, warm::Targets};
 use crate::{
     cloud::{ApiCalls, CloudProvider},
+    heartbeat::{self, Heartbeat},
     metrics::text::{Encoder, MetricType},
     routing::eni::EniStore,
 };
@@ -40,6 +41,8 @@ pub const RESYNC_PERIOD: Duration = Duration::from_secs(30);
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest wait between attempts while the cloud fails.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(16);
+/// The ENI thread's name (and its heartbeat's).
+pub const THREAD_NAME: &str = "podnet-eni";
 /// Wait while an ENI's kernel link has not appeared yet.
 pub const LINK_WAIT: Duration = Duration::from_millis(500);
 
@@ -121,12 +124,13 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Sleeps up to `timeout`, returning early on a wake-up (when
-    /// `wakeable`) or a stop. Returns whether to stop.
-    pub(crate) fn sleep(&self, timeout: Duration, wakeable: bool) -> bool {
+    /// `wakeable`) or a stop, beating `heartbeat` at least every
+    /// [`heartbeat::BEAT_EVERY`]. Returns whether to stop.
+    pub(crate) fn sleep(&self, timeout: Duration, wakeable: bool, heartbeat: &Heartbeat) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         let mut woken = self.woken.lock().unwrap_or_else(PoisonError::into_inner);
         loop {
-            if self.stop.load(Ordering::Relaxed) {
+            if self.stop.load(Ordering::Relaxed) || !heartbeat.beat() {
                 return true;
             }
             if wakeable && *woken {
@@ -139,7 +143,7 @@ impl Shared {
             }
             woken = self
                 .wake
-                .wait_timeout(woken, deadline - now)
+                .wait_timeout(woken, (deadline - now).min(heartbeat::BEAT_EVERY))
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
@@ -200,7 +204,7 @@ impl EniIpam {
             shared: self.shared.clone(),
         };
         let handle = std::thread::Builder::new()
-            .name("podnet-eni".into())
+            .name(THREAD_NAME.into())
             .spawn(move || worker.run())?;
         *self.thread.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
         Ok(())
