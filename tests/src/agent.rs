@@ -189,10 +189,13 @@ impl Agent {
         let endpoints = self.endpoints_file().to_string_lossy().into_owned();
         let bpffs = self.bpffs.to_string_lossy().into_owned();
         let state = self.state.to_string_lossy().into_owned();
-        let mut cmd = vec![
-            bin.as_str(),
-            "--metrics-addr",
-            METRICS_ADDR,
+        let mut cmd = vec![bin.as_str()];
+        // A test may listen elsewhere too (e.g. 0.0.0.0, for pods); the
+        // harness still scrapes METRICS_ADDR, which that covers.
+        if !self.extra_args.iter().any(|a| a == "--metrics-addr") {
+            cmd.extend(["--metrics-addr", METRICS_ADDR]);
+        }
+        cmd.extend([
             "--socket",
             &socket,
             "--endpoints",
@@ -201,7 +204,7 @@ impl Agent {
             &bpffs,
             "--state-dir",
             &state,
-        ];
+        ]);
         cmd.extend(self.extra_args.iter().map(String::as_str));
         // Extra flags for every agent of a run (e.g. `--race-hook tracepoint`
         // to run the suite once per race hook).

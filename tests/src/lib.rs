@@ -37,7 +37,7 @@ pub use traffic::{
     tcp_connect, tcp_echo_server, udp_echo_server, udp_send, udp_send_paced, TcpEchoServer,
     UdpEchoServer,
 };
-pub use util::{free_tcp_port, require_root, unavailable, wait_for};
+pub use util::{free_tcp_port, http_exchange, require_root, unavailable, wait_for};
 
 #[cfg(test)]
 mod selftest;

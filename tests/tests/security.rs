@@ -9,12 +9,17 @@
 // Test code: a step that fails fails the test, with the step in the message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::{net::SocketAddr, os::unix::fs::PermissionsExt as _, process::Command, time::Duration};
+use std::{
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt as _,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result};
 use podnet_tests::{
     agent::{binary, http_request},
-    cni, require_root, udp_send, wait_for, Agent, EndpointSpec, Netns, Topology,
+    cni, in_netns, require_root, udp_send, wait_for, Agent, EndpointSpec, Netns, Topology,
 };
 use serde_json::{json, Value};
 
@@ -416,5 +421,230 @@ fn a_duplicate_address_is_refused_and_no_route_flaps() -> Result<()> {
     );
     assert_eq!(routes_to(node, "10.244.9.5")?, [route]);
     println!("duplicate address: CNI error 104, route stays on dupa0, 0 repairs, 0 passes in 2 s");
+    Ok(())
+}
+
+/// `(open fds, VmRSS KiB)` of process `pid`.
+fn fds_and_rss(pid: u32) -> Result<(usize, u64)> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")?;
+    Ok((fds, rss))
+}
+
+/// Raises this process's open-file limit to `n` (the flood below holds
+/// 2,000 sockets).
+fn raise_nofile(n: u64) -> Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: plain syscall with a valid, initialised struct.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const limit) };
+    anyhow::ensure!(rc == 0, "setrlimit: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+/// The agent's RSS limit (docs/PERFORMANCE.md's target).
+const RSS_LIMIT_KIB: u64 = 40 * 1024;
+
+/// A pod floods the metrics port (on the host network, so any pod reaches
+/// it) with 2,000 idle connections and 200 parallel scrapes while 50 CNI ADDs
+/// run: every ADD succeeds within its 2 s timeout; the pod holds exactly
+/// `MAX_CONNECTIONS_PER_PEER` (16) connections and every other one is closed
+/// at once and counted; the node's own scraper is served throughout; the
+/// agent's descriptors stay bounded and its RSS under its limit.
+#[test]
+#[allow(clippy::too_many_lines)] // one scenario, step by step
+fn a_metrics_flood_from_a_pod_is_bounded_and_cni_adds_go_on() -> Result<()> {
+    const FLOOD: usize = 2_000;
+    const SCRAPES: usize = 200;
+    const ADDS: usize = 50;
+    const PER_PEER: usize = 16;
+    if !require_root() {
+        return Ok(());
+    }
+    raise_nofile(8_192)?;
+    let topo = Topology::builder().name("secflood").pods(1).build()?;
+    let node = topo.node();
+    let agent = Agent::start_with(
+        node,
+        &[],
+        &[
+            "--node-cidr",
+            "10.244.12.0/24",
+            "--metrics-addr",
+            "0.0.0.0:9965",
+        ],
+    )?;
+    let pid = agent.pid().context("agent not running")?;
+    let (fds_before, rss_before) = fds_and_rss(pid)?;
+    let refused_before = agent
+        .metrics(node)?
+        .count_sum("podnet_metrics_connections_refused_total");
+    let target = SocketAddr::new(topo.pod(0).gateway_ipv4().into(), 9965);
+    let pod = topo.pod(0).netns();
+    let log = agent.socket().with_extension("cni.log");
+    let conf = format!(
+        r#"{{"cniVersion":"1.0.0","name":"n","type":"ptp","ipam":{{"type":"podnet-cni","socket":"{}","logFile":"{}","timeout":"2s"}}}}"#,
+        agent.socket().display(),
+        log.display()
+    );
+    let netns = pod.path().display().to_string();
+    let done = std::sync::atomic::AtomicBool::new(false);
+
+    let (flood, scrapes, adds, samples, node_scrapes) = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut taken = Vec::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(sample) = fds_and_rss(pid) {
+                    taken.push(sample);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            taken
+        });
+        // The flood: connect, send nothing; then see which stayed open.
+        let flood = s.spawn(|| {
+            in_netns(
+                pod,
+                || -> Result<(usize, usize, Vec<std::net::TcpStream>)> {
+                    let mut streams = Vec::with_capacity(FLOOD);
+                    for _ in 0..FLOOD {
+                        streams.push(std::net::TcpStream::connect_timeout(
+                            &target,
+                            Duration::from_secs(2),
+                        )?);
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                    let (mut open, mut closed) = (0, 0);
+                    for stream in &streams {
+                        stream.set_nonblocking(true)?;
+                        let mut byte = [0u8; 1];
+                        match std::io::Read::read(&mut &*stream, &mut byte) {
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open += 1,
+                            _ => closed += 1,
+                        }
+                    }
+                    Ok((open, closed, streams))
+                },
+            )
+        });
+        // Parallel scrapes from the same pod: each answered or closed at once.
+        let scrapes = s.spawn(|| {
+            in_netns(pod, || {
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = (0..SCRAPES)
+                        .map(|_| {
+                            s.spawn(|| {
+                                podnet_tests::http_exchange(
+                                    target,
+                                    &request("GET", "/metrics"),
+                                    Duration::from_secs(2),
+                                    Duration::from_secs(10),
+                                )
+                                .is_ok_and(|(code, _)| code == 200)
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or(false))
+                        .filter(|ok| *ok)
+                        .count()
+                })
+            })
+        });
+        // Prometheus, from the node, meanwhile.
+        let node_scrapes = s.spawn(|| {
+            (0..10)
+                .map(|_| {
+                    let t0 = Instant::now();
+                    let ok = agent.metrics(node).is_ok();
+                    std::thread::sleep(Duration::from_millis(100));
+                    (ok, t0.elapsed())
+                })
+                .collect::<Vec<_>>()
+        });
+        // 50 CNI ADDs in parallel, each with the plugin's 2 s timeout.
+        let adds: Vec<(bool, Duration, String)> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..ADDS)
+                .map(|i| {
+                    let (conf, netns) = (&conf, &netns);
+                    s.spawn(move || {
+                        let id = format!("flood{i}");
+                        let env = cni::runtime_env("ADD", &id, netns);
+                        let t0 = Instant::now();
+                        let (ok, out) = cni::invoke_plugin(&env, conf.as_bytes())
+                            .unwrap_or((false, String::new()));
+                        (ok, t0.elapsed(), out)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or((false, Duration::ZERO, String::new())))
+                .collect()
+        });
+        let flood = flood
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let scrapes = scrapes
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        let node_scrapes = node_scrapes
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p));
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        let taken = sampler.join().unwrap_or_default();
+        (flood, scrapes, adds, taken, node_scrapes)
+    });
+    let (open, closed, streams) = flood??;
+    let scrapes_ok = scrapes?;
+
+    for (ok, took, out) in &adds {
+        assert!(ok, "an ADD failed during the flood: {out}");
+        assert!(*took < Duration::from_secs(2), "an ADD took {took:?}");
+    }
+    assert_eq!(
+        agent.api("ipam.status", Value::Null)?["allocations"],
+        json!(ADDS)
+    );
+    assert!(
+        node_scrapes.iter().all(|(ok, _)| *ok),
+        "the node's scraper was refused: {node_scrapes:?}"
+    );
+    // The pod held its 16 places (some may have gone to its scrapes first).
+    assert!(open <= PER_PEER, "{open} idle connections stayed open");
+    let refused = agent
+        .metrics(node)?
+        .count_sum("podnet_metrics_connections_refused_total")
+        - refused_before;
+    let scrape_refusals = u64::try_from(SCRAPES - scrapes_ok)?;
+    assert_eq!(
+        refused,
+        u64::try_from(closed)? + scrape_refusals,
+        "refused connections: the server's count against what the pod saw"
+    );
+    let max_fds = samples.iter().map(|(f, _)| *f).max().unwrap_or(0);
+    let max_rss = samples.iter().map(|(_, r)| *r).max().unwrap_or(0);
+    assert!(
+        max_fds <= fds_before + PER_PEER + 2 + ADDS,
+        "agent fds peaked at {max_fds} (before: {fds_before})"
+    );
+    assert!(max_rss < RSS_LIMIT_KIB, "agent RSS peaked at {max_rss} KiB");
+    drop(streams);
+    println!(
+        "metrics flood: {FLOOD} idle connections -> {open} held, {closed} closed at once; \
+         {SCRAPES} scrapes from the pod -> {scrapes_ok} answered; {ADDS} ADDs all ok, slowest {:?}; \
+         node scrapes slowest {:?}; agent fds {fds_before} -> max {max_fds}, RSS {rss_before} -> max {max_rss} KiB; \
+         refused counter +{refused}",
+        adds.iter().map(|a| a.1).max().unwrap_or_default(),
+        node_scrapes.iter().map(|n| n.1).max().unwrap_or_default(),
+    );
     Ok(())
 }

@@ -68,6 +68,7 @@ impl metrics::MetricsSource for MetricsRenderer {
             &crate::bpf::inventory::read(&self.daemon.config().bpffs),
         );
         metrics::selfstats::render_threads(&mut enc, &crate::heartbeat::registry().health());
+        metrics::server::render_stats(&mut enc);
         let mut shared = SharedFamilies::default();
         for subsystem in self.daemon.subsystems() {
             subsystem.render_metrics(&mut enc, &mut shared);
