@@ -443,6 +443,31 @@ impl Metrics {
         self.value(name, labels).unwrap_or(0.0)
     }
 
+    /// Every sample of `name`: its sorted labels and value.
+    pub fn samples(&self, name: &str) -> Vec<(Vec<(String, String)>, f64)> {
+        self.0
+            .lines()
+            .filter_map(parse_sample)
+            .filter(|(n, _, _)| n == name)
+            .map(|(_, labels, v)| (labels, v))
+            .collect()
+    }
+
+    /// The sum of every sample of `name` whose labels include all of `labels`.
+    pub fn count_matching(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let sum = self
+            .samples(name)
+            .iter()
+            .filter(|(have, _)| {
+                labels
+                    .iter()
+                    .all(|(k, v)| have.iter().any(|(hk, hv)| hk == k && hv == v))
+            })
+            .map(|(_, v)| v)
+            .sum();
+        exact(name, sum)
+    }
+
     /// The sum of every sample of `name`.
     pub fn sum(&self, name: &str) -> f64 {
         self.0

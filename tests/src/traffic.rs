@@ -25,6 +25,78 @@ const SERVER_MAX_LIFETIME: Duration = Duration::from_secs(300);
 /// Read timeout of one TCP echo connection.
 const TCP_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// A DNS query message with one question (`name` dotted, class IN).
+pub fn dns_query_message(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        let label = &label.as_bytes()[..label.len().min(63)];
+        m.push(u8::try_from(label.len()).unwrap_or(63));
+        m.extend_from_slice(label);
+    }
+    m.push(0);
+    m.extend_from_slice(&qtype.to_be_bytes());
+    m.extend_from_slice(&[0, 1]);
+    m
+}
+
+/// Sends `count` UDP datagrams from `netns` to `dst` with forged IPv4 source
+/// addresses (`source(i)` for the i-th), through a raw socket.
+pub fn udp_send_spoofed(
+    netns: &Netns,
+    source: impl Fn(usize) -> std::net::Ipv4Addr + Send + Sync,
+    dst: std::net::SocketAddrV4,
+    count: usize,
+) -> Result<()> {
+    in_netns(netns, || -> Result<()> {
+        // SAFETY: plain syscall; the descriptor is owned right below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("raw socket");
+        }
+        // SAFETY: `fd` was just returned by socket(2) and nothing else owns it.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let to = libc::sockaddr_in {
+            sin_family: libc::sa_family_t::try_from(libc::AF_INET)?,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let to_len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>())?;
+        for i in 0..count {
+            let mut packet = [0u8; 36];
+            // IPv4 header: the kernel fills in the total length, id and checksum.
+            packet[0] = 0x45;
+            packet[8] = 64;
+            packet[9] = 17;
+            packet[12..16].copy_from_slice(&source(i).octets());
+            packet[16..20].copy_from_slice(&dst.ip().octets());
+            // UDP header (checksum 0: none, allowed over IPv4), then 8 bytes.
+            packet[20..22].copy_from_slice(&40_000u16.to_be_bytes());
+            packet[22..24].copy_from_slice(&dst.port().to_be_bytes());
+            packet[24..26].copy_from_slice(&16u16.to_be_bytes());
+            // SAFETY: `packet` and `to` are valid for the lengths given.
+            let sent = unsafe {
+                libc::sendto(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&raw const to).cast(),
+                    to_len,
+                )
+            };
+            if sent < 0 {
+                return Err(std::io::Error::last_os_error()).context("sendto (raw)");
+            }
+        }
+        Ok(())
+    })?
+}
+
 /// Sends exactly `count` UDP datagrams from `src` (bound, so the source port is fixed) to
 /// `dst`, back to back, from inside `netns`.
 pub fn udp_send(netns: &Netns, src: SocketAddr, dst: SocketAddr, count: usize) -> Result<()> {

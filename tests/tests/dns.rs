@@ -194,17 +194,7 @@ fn peer(server: &str) -> [(&str, &str); 3] {
 
 /// A DNS query message with one question.
 fn query_message(id: u16, name: &str, qtype: u16) -> Vec<u8> {
-    let mut m = Vec::new();
-    m.extend_from_slice(&id.to_be_bytes());
-    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
-    for label in name.split('.').filter(|l| !l.is_empty()) {
-        m.push(u8::try_from(label.len()).unwrap());
-        m.extend_from_slice(label.as_bytes());
-    }
-    m.push(0);
-    m.extend_from_slice(&qtype.to_be_bytes());
-    m.extend_from_slice(&[0, 1]);
-    m
+    podnet_tests::dns_query_message(id, name, qtype)
 }
 
 /// What the stub resolver saw.

@@ -7,6 +7,7 @@
 //! program is unchanged, and replaces it when the program changed.
 
 pub mod btf;
+pub mod endpoints;
 pub mod fs;
 pub mod inventory;
 pub mod link;

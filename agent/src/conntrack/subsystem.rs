@@ -136,6 +136,7 @@ impl Conntrack {
         })?;
         let races = RaceLog::with_capacity(RACE_LOG_CAPACITY);
         let events = EventThreadHandle::default();
+        list_endpoints(tracer.take_endpoints(), &registry);
         let event_thread = match tracer.take_events() {
             Some(ring) => Some(spawn_event_thread(ring, &registry, &races, &events)?),
             None => None,
@@ -245,6 +246,24 @@ impl Subsystem for Conntrack {
             }
         }
     }
+}
+
+/// Keeps `CT_ENDPOINTS` listing the registry's addresses, synchronously with
+/// every change: drops from any other source count under one unknown key.
+fn list_endpoints(
+    map: Option<aya::maps::HashMap<aya::maps::MapData, podnet_common::AddrKey, u8>>,
+    registry: &Registry,
+) {
+    let Some(map) = map else {
+        return;
+    };
+    let map = Mutex::new(map);
+    registry.watch_addresses(move |ips| {
+        let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Err(e) = bpf::endpoints::sync(&mut map, ips) {
+            tracing::warn!(error = %e, "listing endpoint addresses for the drop tracer");
+        }
+    });
 }
 
 fn spawn_event_thread(

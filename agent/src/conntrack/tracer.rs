@@ -121,6 +121,7 @@ pub struct Tracer {
     destinations: PerCpuHashMap<MapData, DestKey, u64>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
+    endpoints: Option<aya::maps::HashMap<MapData, podnet_common::AddrKey, u8>>,
     attachment: Attachment,
     program_id: u32,
     hook: RaceHook,
@@ -215,6 +216,7 @@ impl Tracer {
         let destinations = bpf::take_map(&mut ebpf, m::RACE_DESTS)?;
         let counters = bpf::take_map(&mut ebpf, m::COUNTERS)?;
         let events = bpf::take_map(&mut ebpf, m::EVENTS)?;
+        let endpoints = bpf::take_map(&mut ebpf, m::ENDPOINTS)?;
         tracing::info!(%attachment, hook = hook_name(hook), pins = %pin_dir.display(), netns = config.netns_inode, "conntrack tracer in place");
         Ok(Self {
             _ebpf: ebpf,
@@ -223,6 +225,7 @@ impl Tracer {
             destinations,
             counters,
             events: Some(events),
+            endpoints: Some(endpoints),
             attachment,
             program_id,
             hook,
@@ -253,6 +256,14 @@ impl Tracer {
     /// Takes the ring buffer, to hand it to the event thread (once).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// Takes the endpoint address map, to hand it to the thread that keeps it
+    /// in step with the registry (once).
+    pub fn take_endpoints(
+        &mut self,
+    ) -> Option<aya::maps::HashMap<MapData, podnet_common::AddrKey, u8>> {
+        self.endpoints.take()
     }
 
     /// Reads every count from the kernel maps, summed over CPUs.

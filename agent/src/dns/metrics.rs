@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use podnet_common::dns::{scope, BUCKET_BOUNDS_NS};
+use podnet_common::dns::{scope, BUCKET_BOUNDS_NS, OTHER_SERVER};
 
 use super::{qtype_name, rcode_name, top::peer_addrs, DnsCounters, DnsSnapshot};
 use crate::{
@@ -24,6 +24,20 @@ use crate::{
 pub const PROGRAM: &str = "dns";
 
 type Series = (PodRef, IpAddr, String);
+
+/// The `server` label: the address, or `other` for the servers a client's
+/// series fold into beyond `podnet_common::dns::SERVERS_PER_CLIENT`.
+fn server_label(server: &IpAddr) -> String {
+    let other = match server {
+        IpAddr::V4(v4) => v4.octets() == [0xff; 4],
+        IpAddr::V6(v6) => v6.octets() == OTHER_SERVER,
+    };
+    if other {
+        "other".to_owned()
+    } else {
+        server.to_string()
+    }
+}
 
 /// [`BUCKET_BOUNDS_NS`] in seconds, the bounds of the latency histograms.
 #[allow(clippy::cast_precision_loss)] // the bounds are exact in f64
@@ -59,6 +73,31 @@ pub fn render(enc: &mut Encoder, snapshot: &DnsSnapshot, registry: &Registry) {
     render_requests(enc, snapshot, registry);
     render_responses(enc, &hist);
     render_peer_counts(enc, snapshot, registry);
+    render_untracked(enc, snapshot, registry);
+}
+
+/// `podnet_dns_queries_untracked_total`: queries a pod sent while it had
+/// `PENDING_PER_CLIENT` queries in flight; sources that are no endpoint count
+/// under the host's labels.
+fn render_untracked(enc: &mut Encoder, snapshot: &DnsSnapshot, registry: &Registry) {
+    let mut per_pod: BTreeMap<PodRef, u64> = BTreeMap::new();
+    for (client, n) in &snapshot.untracked {
+        let pod = crate::net::kernel_addr(&client.addr, client.family)
+            .map(|ip| registry.pod_for(ip))
+            .unwrap_or_default();
+        if client._pad[0] == scope::UPLINK && !pod.is_host() {
+            continue;
+        }
+        *per_pod.entry(pod).or_default() += n;
+    }
+    let mut family = enc.family(
+        "podnet_dns_queries_untracked_total",
+        MetricType::Counter,
+        "DNS queries not timed because the pod already had 1024 queries waiting for an answer (so one pod cannot push out another's); they count in no other DNS family.",
+    );
+    for (pod, n) in &per_pod {
+        family.sample(&[("namespace", &pod.namespace), ("pod", &pod.pod)], *n);
+    }
 }
 
 /// Latency histograms per (pod, server, rcode).
@@ -82,7 +121,7 @@ fn render_histograms(enc: &mut Encoder, hist: &BTreeMap<Series, Histogram>) {
         "Time from a DNS query's first transmission to its answer, measured in the kernel on the pod's interface, by answer rcode.",
     );
     for ((pod, server, rcode), h) in hist {
-        let server = server.to_string();
+        let server = server_label(server);
         h.write(
             &mut family,
             &[
@@ -112,7 +151,7 @@ fn render_requests(enc: &mut Encoder, snapshot: &DnsSnapshot, registry: &Registr
             &[
                 ("namespace", &pod.namespace),
                 ("pod", &pod.pod),
-                ("server", &server.to_string()),
+                ("server", &server_label(server)),
                 ("qtype", qtype),
             ],
             *n,
@@ -131,7 +170,7 @@ fn render_responses(enc: &mut Encoder, hist: &BTreeMap<Series, Histogram>) {
             &[
                 ("namespace", &pod.namespace),
                 ("pod", &pod.pod),
-                ("server", &server.to_string()),
+                ("server", &server_label(server)),
                 ("rcode", rcode),
             ],
             h.count(),
@@ -165,7 +204,7 @@ fn render_peer_counts(enc: &mut Encoder, snapshot: &DnsSnapshot, registry: &Regi
                 &[
                     ("namespace", &pod.namespace),
                     ("pod", &pod.pod),
-                    ("server", &server.to_string()),
+                    ("server", &server_label(server)),
                 ],
                 *n,
             );

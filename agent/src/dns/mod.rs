@@ -111,6 +111,9 @@ pub struct DnsSnapshot {
     pub retransmits: Vec<PeerCount>,
     /// Timeouts per (client, server, scope).
     pub timeouts: Vec<PeerCount>,
+    /// Queries not tracked because their client had its share of pending
+    /// queries in flight, per counted client (address, family, scope).
+    pub untracked: Vec<(podnet_common::AddrKey, u64)>,
     /// The programs' counters.
     pub counters: DnsCounters,
 }
@@ -157,6 +160,8 @@ pub fn qtype_name(qtype: u16) -> String {
         252 => "AXFR",
         255 => "ANY",
         257 => "CAA",
+        // Types outside podnet_common::dns::COUNTED_QTYPES count as 0.
+        0 => "other",
         n => return n.to_string(),
     };
     name.into()
@@ -313,6 +318,16 @@ impl Dns {
                 slow_threshold: settings.slow_threshold,
             },
         )?;
+        // Addresses first: a pod's queries count under its name from the
+        // first one its interface's programs see.
+        if let Some(map) = tracer.take_endpoints() {
+            let map = Mutex::new(map);
+            registry.watch_addresses(move |ips| {
+                if let Err(e) = crate::bpf::endpoints::sync(&mut lock(&map), ips) {
+                    tracing::warn!(error = %e, "listing endpoint addresses for the DNS programs");
+                }
+            });
+        }
         let mut attacher = Attacher::new(tracer.pin_dir(), tc_mode)?;
         let report = attacher.reconcile(
             &mut tracer,

@@ -10,7 +10,10 @@
 use std::time::Duration;
 
 use aya::maps::{HashMap, MapData};
-use podnet_common::dns::{event_kind, DnsEvent, PeerKey, Pending, PendingKey};
+use podnet_common::{
+    dns::{event_kind, DnsEvent, PeerKey, Pending, PendingKey},
+    AddrKey,
+};
 
 /// What the sweep needs from the pending map and the timeout counts; a trait
 /// so the sweep logic is tested without the kernel.
@@ -21,6 +24,8 @@ pub trait SweepMaps {
     fn delete(&mut self, key: &PendingKey) -> bool;
     /// Adds `n` to the timeout count of `peer`.
     fn add_timeouts(&mut self, peer: &PeerKey, n: u64);
+    /// Adds `n` to the queries of `client` that left its pending share.
+    fn add_expired(&mut self, client: &AddrKey, n: u64);
 }
 
 /// The real maps.
@@ -29,6 +34,8 @@ pub struct KernelMaps<'a> {
     pub pending: &'a mut HashMap<MapData, PendingKey, Pending>,
     /// `DNS_TIMEOUTS`.
     pub timeouts: &'a mut HashMap<MapData, PeerKey, u64>,
+    /// `DNS_CLIENT_EXPIRED`.
+    pub expired: &'a mut HashMap<MapData, AddrKey, u64>,
 }
 
 impl SweepMaps for KernelMaps<'_> {
@@ -50,6 +57,14 @@ impl SweepMaps for KernelMaps<'_> {
             tracing::warn!(error = %e, "recording DNS timeouts failed");
         }
     }
+
+    fn add_expired(&mut self, client: &AddrKey, n: u64) {
+        // User space is this map's only writer: read, add, write is exact.
+        let old = self.expired.get(client, 0).unwrap_or(0);
+        if let Err(e) = self.expired.insert(client, old + n, 0) {
+            tracing::warn!(error = %e, "recording expired DNS queries failed");
+        }
+    }
 }
 
 /// Expires every entry older than `timeout` at monotonic time `now_ns`;
@@ -62,14 +77,10 @@ pub fn sweep(maps: &mut impl SweepMaps, now_ns: u64, timeout: Duration) -> Vec<D
         if waited < timeout_ns || !maps.delete(&key) {
             continue;
         }
-        let peer = PeerKey {
-            client: key.client,
-            server: key.server,
-            family: key.family,
-            scope: value.scope,
-            code: 0,
-        };
-        maps.add_timeouts(&peer, 1);
+        // Counted as the query was: its client and server as the program
+        // folded them, and out of its client's pending share.
+        maps.add_timeouts(&value.counted_peer(&key, 0), 1);
+        maps.add_expired(&value.counted_client(&key), 1);
         events.push(DnsEvent {
             timestamp_ns: now_ns,
             latency_ns: waited,
@@ -105,6 +116,7 @@ mod tests {
     struct Fake {
         pending: Map<PendingKey, Pending>,
         timeouts: BTreeMap<PeerKey, u64>,
+        expired: BTreeMap<AddrKey, u64>,
         /// Keys the "kernel" answers between the read and the delete.
         answered_meanwhile: Vec<PendingKey>,
     }
@@ -122,6 +134,9 @@ mod tests {
         }
         fn add_timeouts(&mut self, peer: &PeerKey, n: u64) {
             *self.timeouts.entry(*peer).or_default() += n;
+        }
+        fn add_expired(&mut self, client: &AddrKey, n: u64) {
+            *self.expired.entry(*client).or_default() += n;
         }
     }
 
@@ -170,5 +185,41 @@ mod tests {
         assert_eq!(events[0].key.id, 1);
         assert_eq!(events[0].kind, event_kind::TIMEOUT);
         assert_eq!(f.timeouts.values().sum::<u64>(), 1);
+    }
+
+    #[test]
+    fn a_timeout_counts_as_its_query_did() {
+        use podnet_common::dns::{client_key, pending_flags, OTHER_SERVER};
+        let mut f = Fake::default();
+        let mut spoofed = key(1);
+        spoofed.client[..4].copy_from_slice(&[192, 0, 2, 9]);
+        spoofed.server[..4].copy_from_slice(&[198, 51, 100, 1]);
+        f.pending.insert(
+            spoofed,
+            Pending {
+                flags: pending_flags::UNKNOWN_CLIENT | pending_flags::OTHER_SERVER,
+                ..pending(0)
+            },
+        );
+        let mut pod = key(2);
+        pod.client[..4].copy_from_slice(&[10, 244, 1, 7]);
+        f.pending.insert(pod, pending(0));
+        sweep(&mut f, 10_000_000_000, Duration::from_secs(1));
+        let unknown = client_key([0; 16], 2, 1);
+        let mut pod_client = [0; 16];
+        pod_client[..4].copy_from_slice(&[10, 244, 1, 7]);
+        assert_eq!(
+            f.expired,
+            BTreeMap::from([(unknown, 1), (client_key(pod_client, 2, 1), 1)])
+        );
+        let folded = PeerKey {
+            client: [0; 16],
+            server: OTHER_SERVER,
+            family: 2,
+            scope: 1,
+            code: 0,
+        };
+        assert_eq!(f.timeouts.get(&folded), Some(&1));
+        assert_eq!(f.timeouts.len(), 2);
     }
 }

@@ -8,8 +8,12 @@ use aya::{
     programs::SchedClassifier,
     Ebpf, EbpfLoader,
 };
-use podnet_common::dns::{
-    counter, maps as m, programs, DnsConfig, Latency, PeerKey, Pending, PendingKey, MAX_PORTS,
+use podnet_common::{
+    dns::{
+        counter, maps as m, programs, ClientPending, DnsConfig, Latency, PeerKey, Pending,
+        PendingKey, MAX_PORTS,
+    },
+    AddrKey,
 };
 
 use super::{DnsCounters, DnsSnapshot, LatencyCount, PeerCount};
@@ -37,6 +41,9 @@ pub struct DnsTracer {
     timeouts: HashMap<MapData, PeerKey, u64>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
+    endpoints: Option<HashMap<MapData, AddrKey, u8>>,
+    client_pending: HashMap<MapData, AddrKey, ClientPending>,
+    client_expired: HashMap<MapData, AddrKey, u64>,
     pin_dir: PathBuf,
 }
 
@@ -79,6 +86,9 @@ impl DnsTracer {
             timeouts: bpf::take_map(&mut ebpf, m::TIMEOUTS)?,
             counters: bpf::take_map(&mut ebpf, m::COUNTERS)?,
             events: Some(bpf::take_map(&mut ebpf, m::EVENTS)?),
+            endpoints: Some(bpf::take_map(&mut ebpf, m::ENDPOINTS)?),
+            client_pending: bpf::take_map(&mut ebpf, m::CLIENT_PENDING)?,
+            client_expired: bpf::take_map(&mut ebpf, m::CLIENT_EXPIRED)?,
             ebpf,
             pin_dir,
         };
@@ -124,14 +134,19 @@ impl DnsTracer {
         &mut self.pending
     }
 
-    /// The pending map and the timeout counts together (the sweep needs both).
-    pub fn sweep_maps(
-        &mut self,
-    ) -> (
-        &mut HashMap<MapData, PendingKey, Pending>,
-        &mut HashMap<MapData, PeerKey, u64>,
-    ) {
-        (&mut self.pending, &mut self.timeouts)
+    /// The maps the timeout sweep reads and writes.
+    pub fn sweep_maps(&mut self) -> super::sweep::KernelMaps<'_> {
+        super::sweep::KernelMaps {
+            pending: &mut self.pending,
+            timeouts: &mut self.timeouts,
+            expired: &mut self.client_expired,
+        }
+    }
+
+    /// Takes the endpoint address map, to hand it to the registry's address
+    /// watcher (once).
+    pub fn take_endpoints(&mut self) -> Option<HashMap<MapData, AddrKey, u8>> {
+        self.endpoints.take()
     }
 
     /// Reads every count from the kernel maps, summed over CPUs.
@@ -166,6 +181,13 @@ impl DnsTracer {
             let (key, count) = item.map_err(|e| BpfError::map(m::TIMEOUTS, e))?;
             timeouts.push(PeerCount { key, count });
         }
+        let mut untracked = Vec::new();
+        for item in &self.client_pending {
+            let (client, counts) = item.map_err(|e| BpfError::map(m::CLIENT_PENDING, e))?;
+            if counts.refused > 0 {
+                untracked.push((client, counts.refused));
+            }
+        }
         let count = |index: u32| -> Result<u64, BpfError> {
             let values = self
                 .counters
@@ -178,6 +200,7 @@ impl DnsTracer {
             requests,
             retransmits,
             timeouts,
+            untracked,
             counters: DnsCounters {
                 queries: count(counter::QUERIES)?,
                 responses: count(counter::RESPONSES)?,

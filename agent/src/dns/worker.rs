@@ -141,9 +141,11 @@ impl Worker {
     fn sweep(&self) {
         let events = {
             let mut tracer = lock(&self.tracer);
-            let (pending, timeouts) = tracer.sweep_maps();
-            let mut maps = sweep::KernelMaps { pending, timeouts };
-            sweep::sweep(&mut maps, sweep::monotonic_ns(), self.settings.timeout)
+            sweep::sweep(
+                &mut tracer.sweep_maps(),
+                sweep::monotonic_ns(),
+                self.settings.timeout,
+            )
         };
         for event in &events {
             self.log_event(event);

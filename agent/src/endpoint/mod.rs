@@ -107,11 +107,25 @@ pub enum Source {
     Cni,
 }
 
-#[derive(Debug, Default)]
+/// A function told the registry's addresses on every change, synchronously.
+type AddressWatcher = Box<dyn Fn(&mut dyn Iterator<Item = IpAddr>) + Send + Sync>;
+
+#[derive(Default)]
 struct Inner {
     endpoints: Vec<(Source, Endpoint)>,
     by_ip: HashMap<IpAddr, PodRef>,
     subscribers: Vec<std::sync::Weak<std::os::fd::OwnedFd>>,
+    address_watchers: Vec<AddressWatcher>,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("endpoints", &self.endpoints)
+            .field("subscribers", &self.subscribers.len())
+            .field("address_watchers", &self.address_watchers.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Inner {
@@ -121,6 +135,9 @@ impl Inner {
             for ip in &ep.ips {
                 self.by_ip.insert(*ip, ep.pod_ref());
             }
+        }
+        for watcher in &self.address_watchers {
+            watcher(&mut self.by_ip.keys().copied());
         }
         changes::notify(&mut self.subscribers);
     }
@@ -157,6 +174,20 @@ impl Registry {
     /// A copy of all endpoints, in insertion order.
     pub fn endpoints(&self) -> Vec<(Source, Endpoint)> {
         self.read(|inner| inner.endpoints.clone())
+    }
+
+    /// Calls `watcher` with every endpoint address now and after every
+    /// change, before the change returns: the kernel's lists of endpoint
+    /// addresses are in place before a CNI ADD answers. `watcher` must not
+    /// call back into the registry.
+    pub fn watch_addresses(
+        &self,
+        watcher: impl Fn(&mut dyn Iterator<Item = IpAddr>) + Send + Sync + 'static,
+    ) {
+        self.write(|inner| {
+            watcher(&mut inner.by_ip.keys().copied());
+            inner.address_watchers.push(Box::new(watcher));
+        });
     }
 
     /// A subscription that becomes readable on every later change.
@@ -224,6 +255,31 @@ mod tests {
         assert_eq!(r.endpoints().len(), 1);
         assert_eq!(r.pod_for("10.0.0.5".parse().unwrap()).pod, "cni-pod");
         assert!(r.pod_for("10.0.0.6".parse().unwrap()).is_host());
+    }
+
+    #[test]
+    fn address_watchers_see_every_address_at_once() {
+        use std::sync::Mutex;
+        let r = Registry::new();
+        r.replace_source(Source::File, vec![ep("a", "p", &["10.0.0.5"])]);
+        let seen: Arc<Mutex<Vec<Vec<IpAddr>>>> = Arc::default();
+        r.watch_addresses({
+            let seen = seen.clone();
+            move |ips| {
+                let mut ips: Vec<IpAddr> = ips.collect();
+                ips.sort_unstable();
+                seen.lock().unwrap().push(ips);
+            }
+        });
+        r.replace_source(Source::Cni, vec![ep("b", "q", &["10.0.0.6", "fd00::6"])]);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                vec![ip("10.0.0.5")],
+                vec![ip("10.0.0.5"), ip("10.0.0.6"), ip("fd00::6")]
+            ]
+        );
     }
 
     #[test]

@@ -239,6 +239,10 @@ pub mod maps {
     pub const COUNTERS: &str = "CT_COUNTERS";
     /// Per-CPU array: event budget window per CPU.
     pub const BUDGET: &str = "CT_BUDGET";
+    /// Hash written by user space: the node's endpoint addresses
+    /// ([`crate::AddrKey`] → 1). Drops from other sources count under
+    /// [`crate::AddrKey::UNKNOWN`].
+    pub const ENDPOINTS: &str = "CT_ENDPOINTS";
     /// Capacity of `CT_DROPS`.
     pub const DROPS_CAPACITY: u32 = 16_384;
     /// Capacity of `CT_RACE_DESTS`.

@@ -103,11 +103,132 @@ pub struct Pending {
     pub name_len: u16,
     /// [`scope`] of the attachment that saw the query.
     pub scope: u8,
+    /// [`pending_flags`]: how the query's client and server were counted,
+    /// so its answer or timeout counts the same way.
+    pub flags: u8,
     /// Explicit padding.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
     /// The query name in wire format (length-prefixed labels).
     pub name: [u8; NAME_BUF_LEN],
 }
+
+impl Pending {
+    /// The client the query counts under: its address, or
+    /// [`crate::AddrKey::UNKNOWN`] when it is not an endpoint; the scope is
+    /// part of the key (a pod's query forwarded out of an uplink is counted
+    /// apart from the same query on the pod's interface).
+    #[inline(always)]
+    pub fn counted_client(&self, key: &PendingKey) -> crate::AddrKey {
+        client_key(
+            if self.flags & pending_flags::UNKNOWN_CLIENT != 0 {
+                crate::AddrKey::UNKNOWN
+            } else {
+                key.client
+            },
+            key.family,
+            self.scope,
+        )
+    }
+
+    /// The statistics key of the query's answer (`code` = rcode) or timeout
+    /// (`code` 0): client and server as the query counted them.
+    #[inline(always)]
+    pub fn counted_peer(&self, key: &PendingKey, code: u16) -> PeerKey {
+        PeerKey {
+            client: self.counted_client(key).addr,
+            server: if self.flags & pending_flags::OTHER_SERVER != 0 {
+                OTHER_SERVER
+            } else {
+                key.server
+            },
+            family: key.family,
+            scope: self.scope,
+            code,
+        }
+    }
+}
+
+/// The key of a client in the per-client maps (`DNS_CLIENT_*`): the counted
+/// address, its family, and the scope in the first padding byte.
+#[inline(always)]
+pub const fn client_key(addr: [u8; 16], family: u8, scope: u8) -> crate::AddrKey {
+    crate::AddrKey {
+        addr,
+        family,
+        _pad: [scope, 0, 0],
+    }
+}
+
+/// Bits of [`Pending::flags`].
+pub mod pending_flags {
+    /// The client is not one of the node's endpoints: its query counts
+    /// under [`crate::AddrKey::UNKNOWN`] (statistics and pending share).
+    pub const UNKNOWN_CLIENT: u8 = 1;
+    /// The client had used up its [`super::SERVERS_PER_CLIENT`]: the server
+    /// counts as [`super::OTHER_SERVER`].
+    pub const OTHER_SERVER: u8 = 2;
+}
+
+/// Distinct servers a client's statistics name; queries to further servers
+/// count under [`OTHER_SERVER`], so one pod cannot fill the statistics maps.
+pub const SERVERS_PER_CLIENT: u64 = 16;
+
+/// The server address of series folded by [`SERVERS_PER_CLIENT`] (all ones:
+/// no real server has it); user space labels it `other`.
+pub const OTHER_SERVER: [u8; 16] = [0xff; 16];
+
+/// Pending queries one client may have at a time; further queries are not
+/// tracked (counted in [`ClientPending::refused`]) until some are answered or
+/// time out, so one pod cannot evict another's queries.
+pub const PENDING_PER_CLIENT: u64 = 1_024;
+
+/// The query types counted by name; any other counts as 0 (`other`), so a
+/// pod cannot create a series per type number.
+pub const COUNTED_QTYPES: [u16; 17] = [
+    1, 2, 5, 6, 12, 15, 16, 28, 33, 35, 43, 46, 48, 64, 65, 255, 257,
+];
+
+/// Whether `qtype` is in [`COUNTED_QTYPES`].
+#[inline(always)]
+pub fn counted_qtype(qtype: u16) -> bool {
+    let mut i = 0;
+    while i < COUNTED_QTYPES.len() {
+        if COUNTED_QTYPES[i] == qtype {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// One client's pending queries, counted by the programs (atomically, all
+/// CPUs share the value): in flight = `added − answered − expired`, with
+/// `expired` from user space's `DNS_CLIENT_EXPIRED`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientPending {
+    /// Queries recorded as pending.
+    pub added: u64,
+    /// Pending queries matched by their answer.
+    pub answered: u64,
+    /// Queries not tracked because the client had [`PENDING_PER_CLIENT`] in flight.
+    pub refused: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<ClientPending>() == 24);
+
+/// A (client, server) pair whose series are counted by their own server
+/// address (`DNS_CLIENT_SERVERS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientServer {
+    /// The client, as counted ([`crate::AddrKey::UNKNOWN`] for non-endpoints).
+    pub client: crate::AddrKey,
+    /// The server address.
+    pub server: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<ClientServer>() == 36);
 
 impl Default for Pending {
     fn default() -> Self {
@@ -116,7 +237,8 @@ impl Default for Pending {
             qtype: 0,
             name_len: 0,
             scope: 0,
-            _pad: [0; 3],
+            flags: 0,
+            _pad: [0; 2],
             name: [0; NAME_BUF_LEN],
         }
     }
@@ -258,6 +380,20 @@ pub mod maps {
     pub const CONFIG: &str = "DNS_CONFIG";
     /// Ring buffer of [`super::DnsEvent`].
     pub const EVENTS: &str = "DNS_EVENTS";
+    /// Hash written by user space: the node's endpoint addresses
+    /// ([`crate::AddrKey`] → 1).
+    pub const ENDPOINTS: &str = "DNS_ENDPOINTS";
+    /// Hash: client ([`crate::AddrKey`]) → [`super::ClientPending`].
+    pub const CLIENT_PENDING: &str = "DNS_CLIENT_PENDING";
+    /// Hash written by user space only: client → queries it found timed out.
+    pub const CLIENT_EXPIRED: &str = "DNS_CLIENT_EXPIRED";
+    /// Hash: [`super::ClientServer`] → 1, the servers each client's series name.
+    pub const CLIENT_SERVERS: &str = "DNS_CLIENT_SERVERS";
+    /// Hash: client → how many servers it has in `DNS_CLIENT_SERVERS`.
+    pub const CLIENT_SERVER_COUNT: &str = "DNS_CLIENT_SERVER_COUNT";
+    /// Capacity of `DNS_CLIENT_SERVERS`: every endpoint's servers, and the
+    /// unknown client's.
+    pub const CLIENT_SERVERS_CAPACITY: u32 = 16_384;
     /// Capacity of `DNS_PENDING`.
     pub const PENDING_CAPACITY: u32 = 16_384;
     /// Capacity of each statistics map.
@@ -286,4 +422,13 @@ pub mod programs {
     pub const BASELINE: &str = "podnet_dns_baseline";
 }
 
-impl_pod!(PendingKey, Pending, PeerKey, Latency, DnsConfig, DnsEvent);
+impl_pod!(
+    PendingKey,
+    Pending,
+    PeerKey,
+    Latency,
+    DnsConfig,
+    DnsEvent,
+    ClientPending,
+    ClientServer
+);

@@ -32,3 +32,32 @@ macro_rules! impl_pod {
         )*
     };
 }
+
+/// A pod address, as the agent lists the node's endpoints for the programs
+/// (`CT_ENDPOINTS`, `DNS_ENDPOINTS`): a packet's source counts per pod only
+/// when it is one of them; any other source (the host, a spoofed address)
+/// counts under the one [`AddrKey::UNKNOWN`] key, so what a pod sends cannot
+/// grow a map. IPv4 uses the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrKey {
+    /// The address.
+    pub addr: [u8; 16],
+    /// [`family`].
+    pub family: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
+}
+
+impl AddrKey {
+    /// The key every address that is not an endpoint's folds into (all zero:
+    /// user space labels it like host traffic).
+    pub const UNKNOWN: [u8; 16] = [0; 16];
+}
+
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 20);
+
+/// Capacity of each endpoint address map: addresses of the pods on one node.
+pub const ENDPOINTS_CAPACITY: u32 = 4_096;
+
+impl_pod!(AddrKey);

@@ -13,7 +13,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::{btf_tracepoint, kretprobe, map},
-    maps::{PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePointContext, RetProbeContext},
 };
 use podnet_common::{
@@ -21,7 +21,7 @@ use podnet_common::{
         classify, counter, maps as m, BudgetWindow, DestKey, DropKey, DropKind, KernelOffsets,
         RaceEvent, RaceHook, Tuple, NF_DROP,
     },
-    family,
+    family, AddrKey, ENDPOINTS_CAPACITY,
 };
 use podnet_ebpf::read;
 
@@ -54,6 +54,11 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
 
 #[map(name = "CT_DROPS")]
 static CT_DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::pinned(m::DROPS_CAPACITY, 0);
+
+/// The node's endpoint addresses, written by the agent: drops from any other
+/// source (the host, a spoofed address) count under one unknown key.
+#[map(name = "CT_ENDPOINTS")]
+static CT_ENDPOINTS: HashMap<AddrKey, u8> = HashMap::pinned(ENDPOINTS_CAPACITY, 0);
 
 #[map(name = "CT_RACE_DESTS")]
 static CT_RACE_DESTS: PerCpuHashMap<DestKey, u64> =
@@ -223,8 +228,14 @@ fn tuple(off: &KernelOffsets, ct: usize, dir: u32) -> Option<Tuple> {
 
 #[inline(always)]
 fn count_drop(addr: &[u8; 16], fam: u8, proto: u8, kind: DropKind) {
-    let key = DropKey {
+    let source = AddrKey {
         addr: *addr,
+        family: fam,
+        _pad: [0; 3],
+    };
+    let known = CT_ENDPOINTS.get_ptr(&source).is_some();
+    let key = DropKey {
+        addr: if known { *addr } else { AddrKey::UNKNOWN },
         family: fam,
         proto,
         kind: kind as u8,

@@ -17,20 +17,27 @@
 //! Every program always lets the packet through (`TCX_NEXT`).
 #![no_std]
 #![no_main]
+// Atomic adds on map values shared by all CPUs: core's AtomicU64 has no
+// read-modify-write methods on the BPF target, the intrinsic lowers to BPF's
+// atomic add (the kernel programs are built with RUSTC_BOOTSTRAP=1, see build.rs).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 use aya_ebpf::{
     bindings::tcx_action_base::TCX_NEXT,
     helpers::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, map},
-    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TcContext,
 };
 use podnet_common::{
     dns::{
-        counter, event_kind, maps as m, proto, scope, DnsConfig, DnsEvent, Latency, PeerKey,
-        Pending, PendingKey, BUCKETS, BUCKET_BOUNDS_NS, MAX_LABELS, MAX_NAME_LEN, NAME_BUF_LEN,
+        counted_qtype, counter, event_kind, maps as m, pending_flags, proto, scope, ClientPending,
+        ClientServer, DnsConfig, DnsEvent, Latency, PeerKey, Pending, PendingKey, BUCKETS,
+        BUCKET_BOUNDS_NS, MAX_LABELS, MAX_NAME_LEN, NAME_BUF_LEN, PENDING_PER_CLIENT,
+        SERVERS_PER_CLIENT,
     },
-    family,
+    family, AddrKey, ENDPOINTS_CAPACITY,
 };
 
 #[map(name = "DNS_PENDING")]
@@ -69,6 +76,32 @@ static DNS_CONFIG: Array<DnsConfig> = Array::pinned(1, 0);
 
 #[map(name = "DNS_EVENTS")]
 static DNS_EVENTS: RingBuf = RingBuf::pinned(m::EVENTS_BYTES, 0);
+
+/// The node's endpoint addresses, written by the agent: queries from other
+/// sources count under one unknown client.
+#[map(name = "DNS_ENDPOINTS")]
+static DNS_ENDPOINTS: HashMap<AddrKey, u8> = HashMap::pinned(ENDPOINTS_CAPACITY, 0);
+
+/// Keys of the per-client maps: every endpoint address per scope, and the
+/// unknown client per scope.
+const CLIENTS_CAPACITY: u32 = 2 * ENDPOINTS_CAPACITY + 2;
+
+#[map(name = "DNS_CLIENT_PENDING")]
+static DNS_CLIENT_PENDING: HashMap<AddrKey, ClientPending> =
+    HashMap::pinned(CLIENTS_CAPACITY, STATS_MAP_FLAGS);
+
+/// Written by user space only (its timeout sweep).
+#[map(name = "DNS_CLIENT_EXPIRED")]
+static DNS_CLIENT_EXPIRED: HashMap<AddrKey, u64> =
+    HashMap::pinned(CLIENTS_CAPACITY, STATS_MAP_FLAGS);
+
+#[map(name = "DNS_CLIENT_SERVERS")]
+static DNS_CLIENT_SERVERS: HashMap<ClientServer, u8> =
+    HashMap::pinned(m::CLIENT_SERVERS_CAPACITY, STATS_MAP_FLAGS);
+
+#[map(name = "DNS_CLIENT_SERVER_COUNT")]
+static DNS_CLIENT_SERVER_COUNT: HashMap<AddrKey, u64> =
+    HashMap::pinned(CLIENTS_CAPACITY, STATS_MAP_FLAGS);
 
 /// Scratch space for the query being parsed (too large for the stack).
 #[map(name = "DNS_SCRATCH")]
@@ -354,25 +387,54 @@ fn on_query(ctx: &TcContext, flow: &Flow, id: u16, scope: u8) {
         family: flow.family,
         proto: flow.proto,
     };
-    let peer = PeerKey {
-        client: flow.src,
-        server: flow.dst,
+    if let Some(first) = DNS_PENDING.get_ptr(&key) {
+        // The same query again before an answer: the entry (and its first
+        // send time) stays; the retransmit counts like the query did.
+        // SAFETY: a map value pointer stays valid for the program's run.
+        let peer = unsafe { (*first).counted_peer(&key, 0) };
+        increment(&DNS_RETRANSMITS, &peer);
+        return;
+    }
+    let endpoint = AddrKey {
+        addr: flow.src,
         family: flow.family,
-        scope,
-        code: 0,
+        _pad: [0; 3],
     };
+    let mut flags = 0;
+    if DNS_ENDPOINTS.get_ptr(&endpoint).is_none() {
+        flags |= pending_flags::UNKNOWN_CLIENT;
+    }
+    p.scope = scope;
+    p.flags = flags;
+    let client = p.counted_client(&key);
+    let Some(share) = client_pending(&client) else {
+        bump(counter::PENDING_FAILED);
+        return;
+    };
+    // SAFETY: the value is copied at once; only user space writes this map.
+    let expired = unsafe { DNS_CLIENT_EXPIRED.get(&client) }
+        .copied()
+        .unwrap_or(0);
+    // SAFETY: `share` is a live map value; other CPUs add to its fields atomically.
+    let (added, answered) = unsafe { ((*share).added, (*share).answered) };
+    if added.saturating_sub(answered.saturating_add(expired)) >= PENDING_PER_CLIENT {
+        // SAFETY: `refused` is a u64 inside a live map value.
+        unsafe { atomic_add(&raw mut (*share).refused) };
+        return;
+    }
+    if !server_counted(&client, &flow.dst) {
+        p.flags |= pending_flags::OTHER_SERVER;
+    }
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     p.start_ns = unsafe { bpf_ktime_get_ns() };
     p.qtype = qtype;
     p.name_len = name_len;
-    p.scope = scope;
-    p._pad = [0; 3];
+    p._pad = [0; 2];
     match DNS_PENDING.insert(&key, &*p, BPF_NOEXIST) {
         Ok(()) => {}
         Err(EEXIST) => {
-            // The same query again before an answer: the entry (and its
-            // first send time) stays.
-            increment(&DNS_RETRANSMITS, &peer);
+            // Another CPU recorded the same query in between.
+            increment(&DNS_RETRANSMITS, &p.counted_peer(&key, 0));
             return;
         }
         Err(_) => {
@@ -380,14 +442,76 @@ fn on_query(ctx: &TcContext, flow: &Flow, id: u16, scope: u8) {
             return;
         }
     }
+    // SAFETY: `added` is a u64 inside a live map value.
+    unsafe { atomic_add(&raw mut (*share).added) };
     bump(counter::QUERIES);
-    increment(
-        &DNS_REQUESTS,
-        &PeerKey {
-            code: qtype,
-            ..peer
-        },
-    );
+    let code = if counted_qtype(qtype) { qtype } else { 0 };
+    increment(&DNS_REQUESTS, &p.counted_peer(&key, code));
+}
+
+/// The pending-query counts of `client`, created at zero on its first query.
+#[inline(always)]
+fn client_pending(client: &AddrKey) -> Option<*mut ClientPending> {
+    if let Some(share) = DNS_CLIENT_PENDING.get_ptr_mut(client) {
+        return Some(share);
+    }
+    // Another CPU may create it in between: either way it exists after.
+    let _ = DNS_CLIENT_PENDING.insert(client, &ClientPending::default(), BPF_NOEXIST);
+    DNS_CLIENT_PENDING.get_ptr_mut(client)
+}
+
+/// Whether `client`'s series may name `server`: yes for the servers it
+/// already has, and for new ones while it has fewer than
+/// [`SERVERS_PER_CLIENT`] (CPUs adding at the same moment may each add one
+/// more). Otherwise the server counts as [`OTHER_SERVER`].
+#[inline(always)]
+fn server_counted(client: &AddrKey, server: &[u8; 16]) -> bool {
+    let pair = ClientServer {
+        client: *client,
+        server: *server,
+    };
+    if DNS_CLIENT_SERVERS.get_ptr(&pair).is_some() {
+        return true;
+    }
+    let count = match DNS_CLIENT_SERVER_COUNT.get_ptr_mut(client) {
+        Some(c) => c,
+        None => {
+            let _ = DNS_CLIENT_SERVER_COUNT.insert(client, &0, BPF_NOEXIST);
+            match DNS_CLIENT_SERVER_COUNT.get_ptr_mut(client) {
+                Some(c) => c,
+                None => return false,
+            }
+        }
+    };
+    // SAFETY: a live map value; other CPUs add to it atomically.
+    if unsafe { *count } >= SERVERS_PER_CLIENT {
+        return false;
+    }
+    match DNS_CLIENT_SERVERS.insert(&pair, &1, BPF_NOEXIST) {
+        Ok(()) => {
+            // SAFETY: as above.
+            unsafe { atomic_add(count) };
+            true
+        }
+        // Another CPU added the same pair in between.
+        Err(EEXIST) => true,
+        Err(_) => false,
+    }
+}
+
+/// Adds one to a u64 shared by every CPU (a map value of a plain hash).
+///
+/// # Safety
+/// `counter` points into a live map value.
+#[inline(always)]
+unsafe fn atomic_add(counter: *mut u64) {
+    // SAFETY: the caller passes a live, 8-byte aligned map value field;
+    // BPF's atomic add is the only write any CPU makes to it.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            counter, 1,
+        )
+    };
 }
 
 /// Copies the question name (wire format) into `p.name` and walks its labels
@@ -470,8 +594,16 @@ fn on_answer(ctx: &TcContext, flow: &Flow, id: u16, rcode: u8, scope: u8, slow_n
     };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    // SAFETY: a map value pointer stays valid for the program's run.
-    let (start, qtype) = unsafe { ((*pending).start_ns, (*pending).qtype) };
+    // SAFETY: a map value pointer stays valid for the program's run; the
+    // fields are copied before the delete below frees the entry.
+    let (start, qtype, peer, client) = unsafe {
+        (
+            (*pending).start_ns,
+            (*pending).qtype,
+            (*pending).counted_peer(&key, u16::from(rcode)),
+            (*pending).counted_client(&key),
+        )
+    };
     let latency = now.saturating_sub(start);
     let wanted = latency >= slow_ns
         || rcode == RCODE_SERVFAIL
@@ -522,14 +654,11 @@ fn on_answer(ctx: &TcContext, flow: &Flow, id: u16, rcode: u8, scope: u8, slow_n
     if let Some(e) = entry {
         e.submit(podnet_ebpf::submit_flags(&DNS_EVENTS));
     }
+    if let Some(share) = DNS_CLIENT_PENDING.get_ptr_mut(&client) {
+        // SAFETY: `answered` is a u64 inside a live map value.
+        unsafe { atomic_add(&raw mut (*share).answered) };
+    }
     bump(counter::RESPONSES);
-    let peer = PeerKey {
-        client: flow.dst,
-        server: flow.src,
-        family: flow.family,
-        scope,
-        code: u16::from(rcode),
-    };
     observe(&peer, latency);
 }
 

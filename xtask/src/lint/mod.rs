@@ -31,15 +31,22 @@ pub fn run(_args: &LintArgs) -> Result<()> {
     ]))?;
     // The kernel programs are `no_std` binaries for bpfel-unknown-none; clippy
     // checks them for the host, where only `panic=abort` lets them compile.
-    cmd::run(cmd::cargo().env("CARGO_PROFILE_DEV_PANIC", "abort").args([
-        "clippy",
-        "-p",
-        "podnet-ebpf",
-        "--bins",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    // RUSTC_BOOTSTRAP=1 as in the real build (agent/build.rs): the DNS program
+    // uses core's atomic intrinsic.
+    cmd::run(
+        cmd::cargo()
+            .env("CARGO_PROFILE_DEV_PANIC", "abort")
+            .env("RUSTC_BOOTSTRAP", "1")
+            .args([
+                "clippy",
+                "-p",
+                "podnet-ebpf",
+                "--bins",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+    )?;
     // The fuzz targets live outside the workspace (cargo fuzz builds them with its own
     // flags); they must still compile against today's API.
     cmd::run(cmd::cargo().args([
