@@ -71,7 +71,7 @@ pub struct EniInfo {
     /// Attachment slot; 0 is the primary interface.
     pub device_index: u32,
     /// `eni-attach-...`, needed to detach.
-    pub attachment_id: Option<String>,
+    pub attachment_id: String,
     /// Its subnet.
     pub subnet_id: String,
     /// Its security groups.

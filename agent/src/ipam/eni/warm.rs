@@ -53,7 +53,7 @@ pub struct EniView {
     /// Whether podnet created it.
     pub managed: bool,
     /// `eni-attach-...`.
-    pub attachment_id: Option<String>,
+    pub attachment_id: String,
     /// Secondary addresses.
     pub ips: Vec<Ipv4Addr>,
     /// How many of `ips` are allocated to pods or cooling down.
@@ -230,14 +230,12 @@ fn shrink_ips(enis: &[EniView], surplus: u32) -> Vec<Action> {
     for e in &order {
         let n = count(e.ips.len());
         if deletable(e) && n <= left {
-            if let Some(att) = &e.attachment_id {
-                actions.push(Action::DeleteEni {
-                    eni: e.id.clone(),
-                    attachment_id: att.clone(),
-                });
-                left -= n;
-                deleted.push(e.id.clone());
-            }
+            actions.push(Action::DeleteEni {
+                eni: e.id.clone(),
+                attachment_id: e.attachment_id.clone(),
+            });
+            left -= n;
+            deleted.push(e.id.clone());
         }
     }
     for e in &order {
@@ -269,13 +267,11 @@ fn shrink_enis(enis: &[EniView], free: u32, want_free: u32) -> Vec<Action> {
     for e in order {
         let n = count(e.ips.len());
         if deletable(e) && free.saturating_sub(n) >= want_free {
-            if let Some(att) = &e.attachment_id {
-                actions.push(Action::DeleteEni {
-                    eni: e.id.clone(),
-                    attachment_id: att.clone(),
-                });
-                free -= n;
-            }
+            actions.push(Action::DeleteEni {
+                eni: e.id.clone(),
+                attachment_id: e.attachment_id.clone(),
+            });
+            free -= n;
         }
     }
     actions
@@ -304,7 +300,7 @@ mod tests {
             id: id.into(),
             device_index,
             managed,
-            attachment_id: Some(format!("att-{id}")),
+            attachment_id: format!("att-{id}"),
             ips: ips.iter().map(|n| ip(*n)).collect(),
             busy: count(busy.len()),
             idle: ips
