@@ -305,7 +305,11 @@ impl AgentConfig {
                 .or(file.routing)
                 .settings(&bpffs, &dns.ports)
                 .map_err(ConfigError::Invalid)?,
-            ipam: args.ipam.or(file.ipam).settings(),
+            ipam: args
+                .ipam
+                .or(file.ipam)
+                .settings()
+                .map_err(ConfigError::Invalid)?,
             dns,
             bpffs,
         })
@@ -460,6 +464,52 @@ mod tests {
             assert!(err.starts_with("config file c.yaml: "), "{err}");
             assert!(err.contains(key), "{err}");
         }
+    }
+
+    #[test]
+    fn warm_pool_targets_out_of_range_name_the_key() {
+        for (flag, max) in [
+            ("--warm-ip-target", 65_536),
+            ("--minimum-ip-target", 65_536),
+            ("--warm-eni-target", 1024),
+        ] {
+            let at_max = format!("{flag}={max}");
+            assert!(
+                AgentConfig::resolve_with(args(&[&at_max]), ConfigFile::default()).is_ok(),
+                "{at_max}"
+            );
+            for n in [max + 1, u32::MAX] {
+                let e = AgentConfig::resolve_with(
+                    args(&[&format!("{flag}={n}")]),
+                    ConfigFile::default(),
+                )
+                .unwrap_err()
+                .to_string();
+                assert_eq!(e, format!("{flag} {n} is out of range (at most {max})"));
+                // The same key in the file.
+                let file = parse_config_file(
+                    Path::new("c.yaml"),
+                    &format!("{}: {n}\n", flag.trim_start_matches('-')),
+                )
+                .unwrap();
+                let e = AgentConfig::resolve_with(args(&[]), file)
+                    .unwrap_err()
+                    .to_string();
+                assert_eq!(e, format!("{flag} {n} is out of range (at most {max})"));
+            }
+        }
+        let c = merged(
+            args(&["--warm-ip-target=65536", "--minimum-ip-target=0"]),
+            ConfigFile::default(),
+        );
+        assert_eq!(c.ipam.eni.targets.warm_ip, Some(65_536));
+        assert_eq!(c.ipam.eni.targets.minimum_ip, Some(0));
+        assert_eq!(c.ipam.eni.targets.warm_eni, 1);
+        // Past u32 in the file: serde's error, naming the key.
+        let e = parse_config_file(Path::new("c.yaml"), "warm-eni-target: 4294967296\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("warm-eni-target"), "{e}");
     }
 
     #[test]
