@@ -3,7 +3,7 @@
 
 use std::{
     collections::HashMap,
-    io::Write as _,
+    io::Write,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -41,6 +41,8 @@ pub struct Outcome {
     pub exit_code: i32,
     /// The error, if the call failed.
     pub error: Option<CniError>,
+    /// The log file of the call (the configuration's, else the default).
+    pub log_file: String,
 }
 
 /// Runs one call. `agent_for` builds the agent client from the
@@ -69,16 +71,19 @@ pub fn execute<S: std::hash::BuildHasher>(
     let elapsed = started.elapsed();
     let command = vars.get("CNI_COMMAND").map_or("", String::as_str);
     let container = vars.get("CNI_CONTAINERID").map_or("", String::as_str);
+    let log_file = log_file.unwrap_or_else(|| spec::DEFAULT_LOG_FILE.to_owned());
     let outcome = match result {
         Ok((_, out)) => Outcome {
             stdout: out.unwrap_or_default(),
             exit_code: 0,
             error: None,
+            log_file,
         },
         Err(e) => Outcome {
             stdout: e.to_json(&version),
             exit_code: 1,
             error: Some(e),
+            log_file,
         },
     };
     let line = format!(
@@ -90,8 +95,36 @@ pub fn execute<S: std::hash::BuildHasher>(
             |e| format!("error code={} msg={:?}", e.code, e.to_string())
         ),
     );
-    log(log_file.as_deref().unwrap_or(spec::DEFAULT_LOG_FILE), &line);
+    log(&outcome.log_file, &line);
     outcome
+}
+
+/// Writes the call's stdout text, a newline after it, to `out`. An error
+/// means the runtime never got the result (it closed the pipe, or the write
+/// failed): the binary logs it with [`log_undelivered`] and fails the call.
+pub fn write_stdout(out: &mut impl Write, outcome: &Outcome) -> std::io::Result<()> {
+    if outcome.stdout.is_empty() {
+        return Ok(());
+    }
+    out.write_all(outcome.stdout.as_bytes())?;
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
+/// Logs that the result of the call in `vars` could not be written.
+pub fn log_undelivered<S: std::hash::BuildHasher>(
+    vars: &HashMap<String, String, S>,
+    outcome: &Outcome,
+    error: &std::io::Error,
+) {
+    let command = vars.get("CNI_COMMAND").map_or("", String::as_str);
+    let container = vars.get("CNI_CONTAINERID").map_or("", String::as_str);
+    let line = format!(
+        "{} command={command} container={container} result=undelivered msg={:?}\n",
+        unix_seconds(),
+        format!("writing the result to stdout: {error}"),
+    );
+    log(&outcome.log_file, &line);
 }
 
 fn unix_seconds() -> String {
