@@ -29,7 +29,7 @@ pub const PROMETHEUS_ADDR: &str = "10.200.0.1:9090";
 const PROMETHEUS_NAMESPACE: &str = "monitoring";
 const PROMETHEUS_NAME: &str = "podnet";
 /// How long the operator and the server may take.
-const TIMEOUT: Duration = Duration::from_secs(120);
+const TIMEOUT: Duration = Duration::from_mins(2);
 
 fn dir() -> PathBuf {
     layout::cluster_path("prometheus")

@@ -24,7 +24,7 @@ use crate::{cmd, setup};
 /// Debian's runc, which containerd runs containers with.
 const RUNC: &str = "/usr/sbin/runc";
 /// How long the control plane, a node or podnet may take to come up.
-const START_TIMEOUT: Duration = Duration::from_secs(180);
+const START_TIMEOUT: Duration = Duration::from_mins(3);
 /// How long `down` waits for the cluster's processes to end after SIGKILL.
 const KILL_TIMEOUT: Duration = Duration::from_secs(30);
 
