@@ -737,8 +737,8 @@ fn prometheus_keeps_podnets_labels_and_names_the_node() {
 fn alerts_are_quiet_at_rest() {
     let Some(cluster) = cluster() else { return };
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheusrule.yaml");
-    let shipped: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(path).expect("the rules"))
+    let shipped: serde_norway::Value =
+        serde_norway::from_str(&std::fs::read_to_string(path).expect("the rules"))
             .expect("rules YAML");
     let mut shipped: Vec<&str> = shipped["spec"]["groups"]
         .as_sequence()

@@ -194,8 +194,8 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigEr
         path: path.to_owned(),
         message,
     };
-    let document: serde_yaml::Mapping =
-        serde_yaml::from_str(text).map_err(|e| parse(e.to_string()))?;
+    let document: serde_norway::Mapping =
+        serde_norway::from_str(text).map_err(|e| parse(e.to_string()))?;
     let sections: [(&str, Vec<String>); 5] = [
         ("agent", AgentOptions::keys().collect()),
         ("conntrack", ConntrackOptions::keys().collect()),
@@ -203,7 +203,7 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigEr
         ("routing", RoutingOptions::keys().collect()),
         ("ipam", IpamOptions::keys().collect()),
     ];
-    let mut split: [serde_yaml::Mapping; 5] = Default::default();
+    let mut split: [serde_norway::Mapping; 5] = Default::default();
     for (key, value) in document {
         let Some(name) = key.as_str() else {
             return Err(parse(format!("key {key:?} is not a string")));
@@ -236,13 +236,13 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigEr
 /// Reads one section from its keys; an error names the key whose value
 /// fails (serde names it in type errors, but not in the errors a value's own
 /// parser raises: a prefix with host bits, a bad duration).
-fn section<S: serde::de::DeserializeOwned>(keys: serde_yaml::Mapping) -> Result<S, String> {
-    serde_yaml::from_value(serde_yaml::Value::Mapping(keys.clone())).map_err(|e| {
+fn section<S: serde::de::DeserializeOwned>(keys: serde_norway::Mapping) -> Result<S, String> {
+    serde_norway::from_value(serde_norway::Value::Mapping(keys.clone())).map_err(|e| {
         let message = e.to_string();
         let failing = keys.into_iter().find_map(|(key, value)| {
             let name = key.as_str()?.to_owned();
-            let alone = serde_yaml::Mapping::from_iter([(key, value)]);
-            serde_yaml::from_value::<S>(serde_yaml::Value::Mapping(alone))
+            let alone = serde_norway::Mapping::from_iter([(key, value)]);
+            serde_norway::from_value::<S>(serde_norway::Value::Mapping(alone))
                 .is_err()
                 .then_some(name)
         });
@@ -451,7 +451,7 @@ mod tests {
 
     #[test]
     fn a_value_its_own_parser_rejects_names_the_key() {
-        // Found by fuzzing: serde_yaml adds the key to type errors only, not
+        // Found by fuzzing: serde_norway adds the key to type errors only, not
         // to errors raised by a value's own parser.
         for (text, key) in [
             ("node-cidr: 10.244.1.4/24\n", "node-cidr"),
