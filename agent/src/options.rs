@@ -89,7 +89,8 @@ mod tests {
         let flags = Args::try_parse_from(["x", "--sample-ports", "53,5353"])
             .unwrap()
             .sample;
-        let file: Sample = serde_yaml::from_str("sample-ports: [1]\nsample-wait: 250ms\n").unwrap();
+        let file: Sample =
+            serde_norway::from_str("sample-ports: [1]\nsample-wait: 250ms\n").unwrap();
         assert_eq!(
             flags.or(file),
             Sample {
@@ -101,7 +102,7 @@ mod tests {
             Sample::keys().collect::<Vec<_>>(),
             ["sample-ports", "sample-wait"]
         );
-        let unknown = serde_yaml::from_str::<Sample>("sample-port: [1]\n").unwrap_err();
+        let unknown = serde_norway::from_str::<Sample>("sample-port: [1]\n").unwrap_err();
         assert!(unknown.to_string().contains("unknown field `sample-port`"));
     }
 }

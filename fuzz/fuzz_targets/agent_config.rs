@@ -14,7 +14,7 @@ const PATH: &str = "/etc/podnet/config.yaml";
 
 /// The keys of the top-level mapping when they are all strings.
 fn top_level_keys(text: &str) -> Option<Vec<String>> {
-    let serde_yaml::Value::Mapping(map) = serde_yaml::from_str(text).ok()? else {
+    let serde_norway::Value::Mapping(map) = serde_norway::from_str(text).ok()? else {
         return None;
     };
     map.keys()

@@ -206,7 +206,7 @@ pub const JSON_ENV: &str = "PODNET_BENCH_JSON";
 pub fn write_json_figures(figures: &serde_json::Value) -> Result<()> {
     if let Some(path) = std::env::var_os(JSON_ENV) {
         let text = serde_json::to_string_pretty(figures)? + "\n";
-        std::fs::write(&path, text).with_context(|| format!("writing {path:?}"))?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ const PAYLOAD: &[u8] = b"podnet-test";
 const SERVER_POLL: Duration = Duration::from_millis(50);
 /// Echo servers stop by themselves after this long, so a leaked guard cannot keep a thread
 /// (and its namespace) alive for the rest of the test run.
-const SERVER_MAX_LIFETIME: Duration = Duration::from_secs(300);
+const SERVER_MAX_LIFETIME: Duration = Duration::from_mins(5);
 /// Read timeout of one TCP echo connection.
 const TCP_READ_TIMEOUT: Duration = Duration::from_secs(2);
 

@@ -120,7 +120,7 @@ fn workload(cluster: &Cluster) -> &'static [ListedPod] {
     PODS_CELL.get_or_init(|| {
         cluster.apply(WORKLOAD).expect("applying the workload");
         cluster
-            .rollout(NAMESPACE, "deployment/echo", Duration::from_secs(180))
+            .rollout(NAMESPACE, "deployment/echo", Duration::from_mins(3))
             .expect("the workload rolls out");
         let pods = workload_pods(cluster);
         assert_eq!(pods.len(), PODS, "{pods:?}");
@@ -263,7 +263,7 @@ fn each_agent_takes_its_pod_cidr_from_its_own_node_with_one_get() {
         ])
         .expect("deleting two pods");
     cluster
-        .rollout(NAMESPACE, "deployment/echo", Duration::from_secs(120))
+        .rollout(NAMESPACE, "deployment/echo", Duration::from_mins(2))
         .expect("replacements roll out");
     assert_eq!(
         events().len(),
@@ -737,8 +737,8 @@ fn prometheus_keeps_podnets_labels_and_names_the_node() {
 fn alerts_are_quiet_at_rest() {
     let Some(cluster) = cluster() else { return };
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheusrule.yaml");
-    let shipped: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(path).expect("the rules"))
+    let shipped: serde_norway::Value =
+        serde_norway::from_str(&std::fs::read_to_string(path).expect("the rules"))
             .expect("rules YAML");
     let mut shipped: Vec<&str> = shipped["spec"]["groups"]
         .as_sequence()
@@ -822,7 +822,7 @@ fn prometheus_alerts_on_insert_races_and_dns_timeouts() {
         let expr =
             format!(r#"ALERTS{{alertname="{alert}", alertstate=~"pending|firing", {labels}}}"#);
         cluster
-            .wait(&format!("{alert} active"), Duration::from_secs(60), || {
+            .wait(&format!("{alert} active"), Duration::from_mins(1), || {
                 Ok(!cluster.query(&expr)?.is_empty())
             })
             .unwrap_or_else(|e| panic!("{e:#}; active: {:?}", cluster.query("ALERTS")));

@@ -28,7 +28,7 @@ fn uninstall_with_the_documented_steps_leaves_nothing() {
         .kubectl(&["delete", "-k", &overlay, "--wait=true", "--timeout=120s"])
         .expect("kubectl delete -k");
     cluster
-        .wait("podnet's pods are gone", Duration::from_secs(120), || {
+        .wait("podnet's pods are gone", Duration::from_mins(2), || {
             Ok(cluster
                 .pods("kube-system", "app.kubernetes.io/name=podnet")?
                 .is_empty())

@@ -118,7 +118,7 @@ fn rolling_update_keeps_traffic_counters_and_new_pods() {
     };
     cluster.apply(PODS_YAML).expect("applying the pods");
     cluster
-        .rollout(NAMESPACE, "deployment/sleeper", Duration::from_secs(120))
+        .rollout(NAMESPACE, "deployment/sleeper", Duration::from_mins(2))
         .expect("pods ready");
     let pods = cluster.pods(NAMESPACE, "app=sleeper").expect("pods");
     assert_eq!(pods.len(), PODS);
@@ -229,11 +229,11 @@ fn roll_to_next_image_while_scaling_up(cluster: &Cluster) -> Duration {
         ])
         .expect("scaling up");
     cluster
-        .rollout("kube-system", "daemonset/podnet", Duration::from_secs(180))
+        .rollout("kube-system", "daemonset/podnet", Duration::from_mins(3))
         .expect("the DaemonSet rolls out");
     let rollout = started.elapsed();
     cluster
-        .rollout(NAMESPACE, "deployment/sleeper", Duration::from_secs(180))
+        .rollout(NAMESPACE, "deployment/sleeper", Duration::from_mins(3))
         .expect("pods created during the rollout start");
     assert_eq!(
         cluster.pods(NAMESPACE, "app=sleeper").expect("pods").len(),

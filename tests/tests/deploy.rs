@@ -76,9 +76,9 @@ fn read(path: &Path) -> String {
 
 /// Every YAML document of `text`, as JSON values.
 fn yaml_docs(text: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(text)
+    serde_norway::Deserializer::from_str(text)
         .map(|doc| {
-            let value = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).unwrap();
+            let value = <serde_norway::Value as serde::Deserialize>::deserialize(doc).unwrap();
             serde_json::to_value(value).unwrap()
         })
         .filter(|v| !v.is_null())
@@ -629,7 +629,8 @@ fn config_map_is_a_valid_agent_config() {
     podnet::config::parse_config_file(Path::new("config.yaml"), config)
         .unwrap_or_else(|e| panic!("the agent rejects the ConfigMap: {e}"));
     let values: Value =
-        serde_json::to_value(serde_yaml::from_str::<serde_yaml::Value>(config).unwrap()).unwrap();
+        serde_json::to_value(serde_norway::from_str::<serde_norway::Value>(config).unwrap())
+            .unwrap();
     let values = values.as_object().unwrap();
     for key in values.keys() {
         assert!(
@@ -735,7 +736,7 @@ fn rules_file_without_annotations() -> String {
             r.as_object_mut().unwrap().remove("annotations");
         }
     }
-    serde_yaml::to_string(&json!({"groups": rule["spec"]["groups"]})).unwrap()
+    serde_norway::to_string(&json!({"groups": rule["spec"]["groups"]})).unwrap()
 }
 
 /// promtool parses every expression (`check rules`) and the alerts fire exactly on the
@@ -753,7 +754,7 @@ fn alert_rules_parse_and_fire_at_their_thresholds() {
     let full = dir.path().join("full.yaml");
     std::fs::write(
         &full,
-        serde_yaml::to_string(&json!({"groups": rule["spec"]["groups"].take()})).unwrap(),
+        serde_norway::to_string(&json!({"groups": rule["spec"]["groups"].take()})).unwrap(),
     )
     .unwrap();
     let out = run(Command::new(&promtool).args(["check", "rules"]).arg(&full));

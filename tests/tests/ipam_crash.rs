@@ -26,7 +26,7 @@ const ORPHANS: usize = 5;
 
 /// Calls until the agent answers (it may be down for a restart).
 fn call_retrying(socket: &Path, method: &str, params: &Value) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_mins(1);
     loop {
         match client::call(socket, method, params.clone(), Duration::from_secs(2)) {
             Ok(v) => return v,

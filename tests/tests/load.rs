@@ -44,7 +44,7 @@ fn races_and_dns_at_target_rates_lose_nothing() {
     let _dns = dns_server(&topo).expect("dnsmasq");
     let all = endpoints(&topo, PODS);
     let agent = Agent::start_with(topo.node(), &all, &["--dns-timeout", "1s"]).expect("agent");
-    set_endpoints(&agent, &all, Duration::from_secs(120)).expect("500 DNS links");
+    set_endpoints(&agent, &all, Duration::from_mins(2)).expect("500 DNS links");
 
     let report = run_load(
         &topo,

@@ -573,6 +573,9 @@ fn fast_path_steers_past_netfilter_and_conntrack() -> Result<()> {
 
     let m = agent.metrics(vpc.node())?;
     assert_eq!(steer(&m, "egress", "fib_miss"), 0);
+    // Every redirect the helpers were asked for was set up.
+    assert_eq!(steer(&m, "egress", "redirect_failed"), 0);
+    assert_eq!(steer(&m, "ingress", "redirect_failed"), 0);
     let view = agent.podnetctl(&["routes"])?;
     assert!(view.contains("fast-path: on"), "{view}");
     Ok(())

@@ -3,7 +3,10 @@
 //! out addresses from the agent's IPAM. Synchronous: no async runtime.
 //! Results and errors go to stdout, logs to the configured file.
 
-use std::{io::Read as _, process::ExitCode};
+use std::{
+    io::{Read as _, Write as _},
+    process::ExitCode,
+};
 
 use podnet_cni::{
     entry::{self, SocketAgent},
@@ -19,7 +22,8 @@ fn main() -> ExitCode {
     let limit = u64::try_from(MAX_STDIN_BYTES + 1).unwrap_or(u64::MAX);
     if let Err(e) = std::io::stdin().take(limit).read_to_end(&mut stdin) {
         stdin.clear();
-        eprintln!("podnet-cni: reading stdin: {e}");
+        // Not eprintln!: it panics when stderr is closed.
+        let _ = writeln!(std::io::stderr(), "podnet-cni: reading stdin: {e}");
     }
     let outcome = entry::execute(&vars, &stdin, &|keys| {
         Box::new(SocketAgent {
@@ -27,8 +31,12 @@ fn main() -> ExitCode {
             timeout: keys.timeout,
         })
     });
-    if !outcome.stdout.is_empty() {
-        println!("{}", outcome.stdout);
+    // Not println!: it panics when the runtime has closed stdout (EPIPE).
+    if let Err(e) = entry::write_stdout(&mut std::io::stdout().lock(), &outcome) {
+        // The runtime never sees the result: the call fails whatever it did.
+        entry::log_undelivered(&vars, &outcome, &e);
+        let _ = writeln!(std::io::stderr(), "podnet-cni: writing stdout: {e}");
+        return ExitCode::FAILURE;
     }
     if outcome.exit_code == 0 {
         ExitCode::SUCCESS

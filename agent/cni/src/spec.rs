@@ -16,6 +16,10 @@ pub const PLUGIN_TYPE: &str = "podnet-cni";
 pub const DEFAULT_SOCKET: &str = "/run/podnet/agent.sock";
 /// Default log file.
 pub const DEFAULT_LOG_FILE: &str = "/var/log/podnet/cni.log";
+/// Size at which the log file is renamed to `<log file>.1` (replacing the
+/// previous one) before the next line: the log keeps at most two files of
+/// about this size.
+pub const MAX_LOG_BYTES: u64 = 5 * 1024 * 1024;
 /// Default timeout of one agent call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest stdin accepted.

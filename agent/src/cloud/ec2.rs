@@ -179,55 +179,70 @@ fn p(k: impl Into<String>, v: impl Into<String>) -> (String, String) {
     (k.into(), v.into())
 }
 
-/// Reads one `networkInterfaceSet` item.
+/// The non-empty text at `path` of interface `id`'s item, or an error naming
+/// the field.
+fn required<'a>(item: &'a Element, id: &str, path: &str) -> Result<&'a str, String> {
+    item.text_at(path)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| format!("{id}: no {path}"))
+}
+
+/// Reads one `networkInterfaceSet` item. A field podnet relies on that is
+/// absent or malformed is an error naming it, never a default.
 pub fn parse_eni(item: &Element) -> Result<EniInfo, String> {
-    let id = item
-        .text_at("networkInterfaceId")
-        .ok_or("no networkInterfaceId")?
-        .to_owned();
-    let mac = item
-        .text_at("macAddress")
-        .ok_or_else(|| format!("{id}: no macAddress"))?
+    let id = required(item, "interface", "networkInterfaceId")?.to_owned();
+    let mac = required(item, &id, "macAddress")?
         .parse()
-        .map_err(|e| format!("{id}: {e}"))?;
-    let primary_ip: Ipv4Addr = item
-        .text_at("privateIpAddress")
-        .ok_or_else(|| format!("{id}: no privateIpAddress"))?
+        .map_err(|e| format!("{id}: macAddress: {e}"))?;
+    let primary_ip: Ipv4Addr = required(item, &id, "privateIpAddress")?
         .parse()
         .map_err(|e| format!("{id}: privateIpAddress: {e}"))?;
     let mut secondary_ips = Vec::new();
     for a in item.items("privateIpAddressesSet") {
-        let Some(ip) = a.text_at("privateIpAddress") else {
-            continue;
-        };
-        let ip: Ipv4Addr = ip.parse().map_err(|e| format!("{id}: {ip}: {e}"))?;
+        let ip = a
+            .text_at("privateIpAddress")
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                format!("{id}: no privateIpAddress in an item of privateIpAddressesSet")
+            })?;
+        let ip: Ipv4Addr = ip
+            .parse()
+            .map_err(|e| format!("{id}: privateIpAddressesSet: {ip}: {e}"))?;
         if a.text_at("primary") != Some("true") && ip != primary_ip {
             secondary_ips.push(ip);
         }
     }
     secondary_ips.sort_unstable();
     secondary_ips.dedup();
-    let device_index = item
-        .text_at("attachment/deviceIndex")
-        .and_then(|d| d.parse().ok())
-        .unwrap_or(u32::MAX);
+    // Listed by `attachment.instance-id`, every interface is attached: an
+    // answer without its slot or attachment is not one podnet can act on.
+    let device_index = required(item, &id, "attachment/deviceIndex")?
+        .parse::<u32>()
+        .map_err(|e| format!("{id}: attachment/deviceIndex: {e}"))?;
+    let attachment_id = required(item, &id, "attachment/attachmentId")?.to_owned();
+    let subnet_id = required(item, &id, "subnetId")?.to_owned();
+    let security_groups = item
+        .items("groupSet")
+        .map(|g| {
+            g.text_at("groupId")
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .ok_or_else(|| format!("{id}: no groupId in an item of groupSet"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let managed = item
         .items("tagSet")
         .any(|t| t.text_at("key") == Some(MANAGED_TAG) && t.text_at("value") == Some("true"));
     Ok(EniInfo {
+        id,
         mac,
         device_index,
-        attachment_id: item.text_at("attachment/attachmentId").map(str::to_owned),
-        subnet_id: item.text_at("subnetId").unwrap_or_default().to_owned(),
-        security_groups: item
-            .items("groupSet")
-            .filter_map(|g| g.text_at("groupId"))
-            .map(str::to_owned)
-            .collect(),
+        attachment_id,
+        subnet_id,
+        security_groups,
         primary_ip,
         secondary_ips,
         managed,
-        id,
     })
 }
 
@@ -369,9 +384,8 @@ impl CloudProvider for Ec2 {
 mod tests {
     use super::*;
 
-    #[test]
-    fn parses_a_network_interface() {
-        let doc = r#"<DescribeNetworkInterfacesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
+    /// A `DescribeNetworkInterfaces` answer as EC2 gives it.
+    const ANSWER: &str = r#"<DescribeNetworkInterfacesResponse xmlns="http://ec2.amazonaws.com/doc/2016-11-15/">
  <networkInterfaceSet><item>
   <networkInterfaceId>eni-1</networkInterfaceId><subnetId>subnet-1</subnetId>
   <macAddress>02:00:00:00:01:01</macAddress><privateIpAddress>10.0.1.5</privateIpAddress>
@@ -384,11 +398,103 @@ mod tests {
    <item><privateIpAddress>10.0.1.7</privateIpAddress><primary>false</primary></item>
   </privateIpAddressesSet>
  </item></networkInterfaceSet></DescribeNetworkInterfacesResponse>"#;
-        let root = xml::parse(doc).unwrap();
+
+    /// [`parse_eni`] of [`ANSWER`] with `from` replaced by `to`.
+    fn parse_changed(from: &str, to: &str) -> Result<EniInfo, String> {
+        assert!(ANSWER.contains(from), "{from}");
+        let root = xml::parse(&ANSWER.replacen(from, to, 1)).unwrap();
+        let eni = parse_eni(root.items("networkInterfaceSet").next().unwrap());
+        eni
+    }
+
+    #[test]
+    fn a_missing_or_malformed_field_is_an_error_naming_it() {
+        for (from, to, error) in [
+            (
+                "<deviceIndex>1</deviceIndex>",
+                "",
+                "eni-1: no attachment/deviceIndex",
+            ),
+            (
+                "<deviceIndex>1</deviceIndex>",
+                "<deviceIndex></deviceIndex>",
+                "eni-1: no attachment/deviceIndex",
+            ),
+            (
+                "<deviceIndex>1</deviceIndex>",
+                "<deviceIndex>4294967396</deviceIndex>",
+                "eni-1: attachment/deviceIndex: number too large to fit in target type",
+            ),
+            (
+                "<deviceIndex>1</deviceIndex>",
+                "<deviceIndex>-1</deviceIndex>",
+                "eni-1: attachment/deviceIndex: invalid digit found in string",
+            ),
+            (
+                "<attachmentId>eni-attach-1</attachmentId>",
+                "",
+                "eni-1: no attachment/attachmentId",
+            ),
+            (
+                "<attachment><attachmentId>eni-attach-1</attachmentId><deviceIndex>1</deviceIndex></attachment>",
+                "",
+                "eni-1: no attachment/deviceIndex",
+            ),
+            ("<subnetId>subnet-1</subnetId>", "", "eni-1: no subnetId"),
+            (
+                "<groupId>sg-1</groupId>",
+                "",
+                "eni-1: no groupId in an item of groupSet",
+            ),
+            (
+                "<networkInterfaceId>eni-1</networkInterfaceId>",
+                "",
+                "interface: no networkInterfaceId",
+            ),
+            (
+                "<macAddress>02:00:00:00:01:01</macAddress>",
+                "",
+                "eni-1: no macAddress",
+            ),
+            (
+                // The first one is the interface's own.
+                "<privateIpAddress>10.0.1.5</privateIpAddress>",
+                "<privateIpAddress>10.0.1</privateIpAddress>",
+                "eni-1: privateIpAddress: invalid IPv4 address syntax",
+            ),
+            (
+                "<item><privateIpAddress>10.0.1.9</privateIpAddress>",
+                "<item>",
+                "eni-1: no privateIpAddress in an item of privateIpAddressesSet",
+            ),
+            (
+                "<privateIpAddress>10.0.1.9</privateIpAddress>",
+                "<privateIpAddress>10.0.1.999</privateIpAddress>",
+                "eni-1: privateIpAddressesSet: 10.0.1.999: invalid IPv4 address syntax",
+            ),
+        ] {
+            assert_eq!(parse_changed(from, to), Err(error.to_owned()), "{from} -> {to:?}");
+        }
+    }
+
+    #[test]
+    fn every_device_index_ec2_can_report_is_kept_as_is() {
+        let eni = parse_changed(
+            "<deviceIndex>1</deviceIndex>",
+            "<deviceIndex>4294967295</deviceIndex>",
+        )
+        .unwrap();
+        assert_eq!(eni.device_index, u32::MAX);
+    }
+
+    #[test]
+    fn parses_a_network_interface() {
+        let root = xml::parse(ANSWER).unwrap();
         let eni = parse_eni(root.items("networkInterfaceSet").next().unwrap()).unwrap();
         assert_eq!(eni.id, "eni-1");
         assert_eq!(eni.device_index, 1);
-        assert_eq!(eni.attachment_id.as_deref(), Some("eni-attach-1"));
+        assert_eq!(eni.attachment_id, "eni-attach-1");
+        assert_eq!(eni.subnet_id, "subnet-1");
         assert_eq!(eni.security_groups, ["sg-1"]);
         assert_eq!(eni.primary_ip.to_string(), "10.0.1.5");
         assert_eq!(

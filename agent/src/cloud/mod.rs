@@ -55,9 +55,11 @@ pub struct InstanceLimits {
 }
 
 impl InstanceLimits {
-    /// Pods the instance can hold: every address but each interface's primary.
+    /// Pods the instance can hold: every address but each interface's primary
+    /// (`u32::MAX` when the product does not fit).
     pub fn max_pods(&self) -> u32 {
-        self.max_enis * self.ips_per_eni.saturating_sub(1)
+        self.max_enis
+            .saturating_mul(self.ips_per_eni.saturating_sub(1))
     }
 }
 
@@ -71,7 +73,7 @@ pub struct EniInfo {
     /// Attachment slot; 0 is the primary interface.
     pub device_index: u32,
     /// `eni-attach-...`, needed to detach.
-    pub attachment_id: Option<String>,
+    pub attachment_id: String,
     /// Its subnet.
     pub subnet_id: String,
     /// Its security groups.

@@ -3,6 +3,12 @@
 
 use quick_xml::{events::Event, Reader};
 
+/// Deepest element nesting accepted. EC2 answers nest fewer than ten
+/// levels; the tree is dropped, compared and searched recursively, so an
+/// answer nested without bound (a broken or hostile endpoint) would exhaust
+/// the stack.
+pub const MAX_DEPTH: usize = 64;
+
 /// One element: its local name, its text and its children.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Element {
@@ -47,13 +53,25 @@ impl Element {
     }
 }
 
-/// Parses a document into its root element.
+/// Parses a document into its root element; elements nested deeper than
+/// [`MAX_DEPTH`] are an error.
 pub fn parse(text: &str) -> Result<Element, String> {
     let mut reader = Reader::from_str(text);
     reader.config_mut().trim_text(true);
+    // The document node, then each open element: a new element's depth is
+    // the stack's length (the root element's is 1).
     let mut stack: Vec<Element> = vec![Element::default()];
+    let too_deep = |reader: &Reader<&[u8]>| {
+        format!(
+            "at byte {}: elements nested deeper than {MAX_DEPTH} levels",
+            reader.buffer_position()
+        )
+    };
     loop {
         match reader.read_event() {
+            Ok(Event::Start(_) | Event::Empty(_)) if stack.len() > MAX_DEPTH => {
+                return Err(too_deep(&reader));
+            }
             Ok(Event::Start(e)) => stack.push(Element {
                 name: String::from_utf8_lossy(e.local_name().as_ref()).into_owned(),
                 ..Element::default()
@@ -119,6 +137,34 @@ mod tests {
         let mut all = Vec::new();
         root.find_all("id", &mut all);
         assert_eq!(all.len(), 2);
+    }
+
+    #[test]
+    fn nesting_is_limited() {
+        let nested = |depth: usize, leaf: &str| {
+            format!("{}{leaf}{}", "<a>".repeat(depth), "</a>".repeat(depth))
+        };
+        let mut at = parse(&nested(MAX_DEPTH, "")).unwrap();
+        for _ in 1..MAX_DEPTH {
+            at = at.children.remove(0);
+        }
+        assert_eq!((at.name.as_str(), at.children.len()), ("a", 0));
+        assert!(parse(&nested(MAX_DEPTH - 1, "<b/>")).is_ok());
+        // The reader stands after the tag that goes too deep: 65 "<a>" are
+        // 195 bytes, 64 "<a>" and "<b/>" 196.
+        assert_eq!(
+            parse(&nested(MAX_DEPTH + 1, "")),
+            Err("at byte 195: elements nested deeper than 64 levels".to_owned())
+        );
+        assert_eq!(
+            parse(&nested(MAX_DEPTH, "<b/>")),
+            Err("at byte 196: elements nested deeper than 64 levels".to_owned())
+        );
+        // Far deeper than any stack could hold as a tree.
+        assert_eq!(
+            parse(&nested(100_000, "")),
+            Err("at byte 195: elements nested deeper than 64 levels".to_owned())
+        );
     }
 
     #[test]

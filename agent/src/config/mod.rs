@@ -194,8 +194,8 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigEr
         path: path.to_owned(),
         message,
     };
-    let document: serde_yaml::Mapping =
-        serde_yaml::from_str(text).map_err(|e| parse(e.to_string()))?;
+    let document: serde_norway::Mapping =
+        serde_norway::from_str(text).map_err(|e| parse(e.to_string()))?;
     let sections: [(&str, Vec<String>); 5] = [
         ("agent", AgentOptions::keys().collect()),
         ("conntrack", ConntrackOptions::keys().collect()),
@@ -203,7 +203,7 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigEr
         ("routing", RoutingOptions::keys().collect()),
         ("ipam", IpamOptions::keys().collect()),
     ];
-    let mut split: [serde_yaml::Mapping; 5] = Default::default();
+    let mut split: [serde_norway::Mapping; 5] = Default::default();
     for (key, value) in document {
         let Some(name) = key.as_str() else {
             return Err(parse(format!("key {key:?} is not a string")));
@@ -236,13 +236,13 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigEr
 /// Reads one section from its keys; an error names the key whose value
 /// fails (serde names it in type errors, but not in the errors a value's own
 /// parser raises: a prefix with host bits, a bad duration).
-fn section<S: serde::de::DeserializeOwned>(keys: serde_yaml::Mapping) -> Result<S, String> {
-    serde_yaml::from_value(serde_yaml::Value::Mapping(keys.clone())).map_err(|e| {
+fn section<S: serde::de::DeserializeOwned>(keys: serde_norway::Mapping) -> Result<S, String> {
+    serde_norway::from_value(serde_norway::Value::Mapping(keys.clone())).map_err(|e| {
         let message = e.to_string();
         let failing = keys.into_iter().find_map(|(key, value)| {
             let name = key.as_str()?.to_owned();
-            let alone = serde_yaml::Mapping::from_iter([(key, value)]);
-            serde_yaml::from_value::<S>(serde_yaml::Value::Mapping(alone))
+            let alone = serde_norway::Mapping::from_iter([(key, value)]);
+            serde_norway::from_value::<S>(serde_norway::Value::Mapping(alone))
                 .is_err()
                 .then_some(name)
         });
@@ -305,7 +305,11 @@ impl AgentConfig {
                 .or(file.routing)
                 .settings(&bpffs, &dns.ports)
                 .map_err(ConfigError::Invalid)?,
-            ipam: args.ipam.or(file.ipam).settings(),
+            ipam: args
+                .ipam
+                .or(file.ipam)
+                .settings()
+                .map_err(ConfigError::Invalid)?,
             dns,
             bpffs,
         })
@@ -447,7 +451,7 @@ mod tests {
 
     #[test]
     fn a_value_its_own_parser_rejects_names_the_key() {
-        // Found by fuzzing: serde_yaml adds the key to type errors only, not
+        // Found by fuzzing: serde_norway adds the key to type errors only, not
         // to errors raised by a value's own parser.
         for (text, key) in [
             ("node-cidr: 10.244.1.4/24\n", "node-cidr"),
@@ -460,6 +464,52 @@ mod tests {
             assert!(err.starts_with("config file c.yaml: "), "{err}");
             assert!(err.contains(key), "{err}");
         }
+    }
+
+    #[test]
+    fn warm_pool_targets_out_of_range_name_the_key() {
+        for (flag, max) in [
+            ("--warm-ip-target", 65_536),
+            ("--minimum-ip-target", 65_536),
+            ("--warm-eni-target", 1024),
+        ] {
+            let at_max = format!("{flag}={max}");
+            assert!(
+                AgentConfig::resolve_with(args(&[&at_max]), ConfigFile::default()).is_ok(),
+                "{at_max}"
+            );
+            for n in [max + 1, u32::MAX] {
+                let e = AgentConfig::resolve_with(
+                    args(&[&format!("{flag}={n}")]),
+                    ConfigFile::default(),
+                )
+                .unwrap_err()
+                .to_string();
+                assert_eq!(e, format!("{flag} {n} is out of range (at most {max})"));
+                // The same key in the file.
+                let file = parse_config_file(
+                    Path::new("c.yaml"),
+                    &format!("{}: {n}\n", flag.trim_start_matches('-')),
+                )
+                .unwrap();
+                let e = AgentConfig::resolve_with(args(&[]), file)
+                    .unwrap_err()
+                    .to_string();
+                assert_eq!(e, format!("{flag} {n} is out of range (at most {max})"));
+            }
+        }
+        let c = merged(
+            args(&["--warm-ip-target=65536", "--minimum-ip-target=0"]),
+            ConfigFile::default(),
+        );
+        assert_eq!(c.ipam.eni.targets.warm_ip, Some(65_536));
+        assert_eq!(c.ipam.eni.targets.minimum_ip, Some(0));
+        assert_eq!(c.ipam.eni.targets.warm_eni, 1);
+        // Past u32 in the file: serde's error, naming the key.
+        let e = parse_config_file(Path::new("c.yaml"), "warm-eni-target: 4294967296\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("warm-eni-target"), "{e}");
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Endpoint>, EndpointsFileErro
         return Ok(Vec::new());
     }
     let endpoints: Vec<Endpoint> =
-        serde_yaml::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        serde_norway::from_str(text).map_err(|e| parse_err(e.to_string()))?;
     for (i, ep) in endpoints.iter().enumerate() {
         if ep.namespace.is_empty() || ep.pod.is_empty() {
             return Err(parse_err(format!(

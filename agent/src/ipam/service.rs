@@ -59,14 +59,15 @@ options! {
         #[arg(long, env = "PODNET_NODE_NAME")]
         pub node_name: Option<String>,
         /// ENI mode: free addresses to keep ready; with --minimum-ip-target it
-        /// takes precedence over --warm-eni-target [default: unset].
+        /// takes precedence over --warm-eni-target (at most 65536) [default: unset].
         #[arg(long, env = "PODNET_WARM_IP_TARGET")]
         pub warm_ip_target: Option<u32>,
-        /// ENI mode: addresses to hold at least, free or not [default: unset].
+        /// ENI mode: addresses to hold at least, free or not (at most 65536)
+        /// [default: unset].
         #[arg(long, env = "PODNET_MINIMUM_IP_TARGET")]
         pub minimum_ip_target: Option<u32>,
         /// ENI mode: whole ENIs' worth of free addresses to keep when no IP
-        /// target is set [default: 1].
+        /// target is set (at most 1024) [default: 1].
         #[arg(long, env = "PODNET_WARM_ENI_TARGET")]
         pub warm_eni_target: Option<u32>,
         /// ENI mode: EC2 API endpoint, e.g. a local emulator
@@ -82,9 +83,33 @@ options! {
 /// `--warm-eni-target` (as the AWS VPC CNI).
 pub const DEFAULT_WARM_ENI_TARGET: u32 = 1;
 
+/// Largest `--warm-ip-target` and `--minimum-ip-target`: the addresses of the
+/// largest subnet a VPC allows (/16). An instance cannot hold more, so a
+/// larger target is a typo, not a wish.
+pub const MAX_IP_TARGET: u32 = 1 << 16;
+
+/// Largest `--warm-eni-target`: more network interfaces than any instance
+/// type attaches (`maximumNetworkInterfaces` of `DescribeInstanceTypes`).
+pub const MAX_WARM_ENI_TARGET: u32 = 1 << 10;
+
 impl IpamOptions {
-    /// The settings, defaults filled in.
-    pub fn settings(self) -> IpamSettings {
+    /// The settings, defaults filled in; an error names the flag whose value
+    /// is out of range.
+    pub fn settings(self) -> Result<IpamSettings, String> {
+        for (flag, value, max) in [
+            ("warm-ip-target", self.warm_ip_target, MAX_IP_TARGET),
+            ("minimum-ip-target", self.minimum_ip_target, MAX_IP_TARGET),
+            ("warm-eni-target", self.warm_eni_target, MAX_WARM_ENI_TARGET),
+        ] {
+            if let Some(n) = value.filter(|n| *n > max) {
+                return Err(format!("--{flag} {n} is out of range (at most {max})"));
+            }
+        }
+        Ok(self.resolved())
+    }
+
+    /// The settings, defaults filled in, values unchecked.
+    fn resolved(self) -> IpamSettings {
         IpamSettings {
             mode: self.ipam_mode.unwrap_or_default(),
             node_cidrs: self.node_cidr.unwrap_or_default().0,
@@ -122,7 +147,8 @@ pub struct IpamSettings {
 
 impl Default for IpamSettings {
     fn default() -> Self {
-        IpamOptions::default().settings()
+        // The defaults are in range.
+        IpamOptions::default().resolved()
     }
 }
 

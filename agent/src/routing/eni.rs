@@ -92,7 +92,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Eni>, EnisFileError> {
     if text.trim().is_empty() {
         return Ok(Vec::new());
     }
-    let enis: Vec<Eni> = serde_yaml::from_str(text).map_err(|e| err(e.to_string()))?;
+    let enis: Vec<Eni> = serde_norway::from_str(text).map_err(|e| err(e.to_string()))?;
     let (mut names, mut tables) = (HashSet::new(), HashSet::new());
     for (i, eni) in enis.iter().enumerate() {
         let at = |m: String| err(format!("entry {i} ({}): {m}", eni.name));

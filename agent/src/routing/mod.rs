@@ -44,7 +44,7 @@ use self::{
     reconcile::{Outcome, Reconciler, Stats},
     show::{Names, RoutesView},
     snat::SnatSpec,
-    steer::{Steer, DIRECTION_LABELS, RESULT_LABELS},
+    steer::Steer,
     watch::Watcher,
 };
 use crate::{
@@ -373,18 +373,13 @@ impl Subsystem for Routing {
         let mut family = enc.family(
             "podnet_steer_packets_total",
             MetricType::Counter,
-            "Packets seen by the ENI fast path, by direction (egress: pod to ENI, ingress: ENI to pod) and result (redirected past the kernel path, or left to it: no_neighbour, fib_miss, passed).",
+            "Packets seen by the ENI fast path, by direction (egress: pod to ENI, ingress: ENI to pod) and result (redirected past the kernel path; left to it: no_neighbour, fib_miss, passed; or redirect_failed: the redirect helper refused the packet, which is dropped).",
         );
         if let Some(steer) = steer.as_ref() {
             match steer.counts() {
                 Ok(counts) => {
-                    for (d, dir) in DIRECTION_LABELS.iter().enumerate() {
-                        for (r, res) in RESULT_LABELS.iter().enumerate() {
-                            family.sample(
-                                &[("direction", dir), ("result", res)],
-                                counts.packets[d][r],
-                            );
-                        }
+                    for (dir, res, n) in counts.samples() {
+                        family.sample(&[("direction", dir), ("result", res)], n);
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "reading fast path counters failed"),

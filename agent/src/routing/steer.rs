@@ -30,7 +30,7 @@ use aya::{
 };
 use podnet_common::steer::{
     action, counter_index, direction, fib, maps as m, result, DestAddr, PodRoute, SteerConfig,
-    CONFIG_GLOBAL, ENI_PROGRAM, POD_PROGRAM,
+    CONFIG_GLOBAL, COUNTERS, ENI_PROGRAM, POD_PROGRAM,
 };
 use serde::Serialize;
 
@@ -69,9 +69,30 @@ pub struct SteerCounts {
 
 /// Label values of the counters.
 pub const DIRECTION_LABELS: [&str; direction::COUNT as usize] = ["egress", "ingress"];
-/// Label values of the results.
-pub const RESULT_LABELS: [&str; result::COUNT as usize] =
-    ["redirected", "no_neighbour", "fib_miss", "passed"];
+/// Label values of the results, indexed by `podnet_common::steer::result`.
+pub const RESULT_LABELS: [&str; result::COUNT as usize] = [
+    "redirected",
+    "no_neighbour",
+    "fib_miss",
+    "passed",
+    "redirect_failed",
+];
+
+impl SteerCounts {
+    /// Every count with its direction and result labels, direction by
+    /// direction in the order of the indices.
+    pub fn samples(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + '_ {
+        DIRECTION_LABELS
+            .iter()
+            .zip(&self.packets)
+            .flat_map(|(dir, row)| {
+                RESULT_LABELS
+                    .iter()
+                    .zip(row)
+                    .map(|(res, n)| (*dir, *res, *n))
+            })
+    }
+}
 
 /// What one sync did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -107,6 +128,7 @@ impl Steer {
     /// steered.
     pub fn load(bpffs: &Path, dns_ports: &[u16], mode: TcMode) -> Result<Self, BpfError> {
         let pin_dir = bpf::fs::prepare_pin_dir(&bpffs.join(PIN_SUBDIR))?;
+        unpin_resized_counters(&pin_dir)?;
         let mut config = SteerConfig::default();
         for (slot, port) in config.dns_ports.iter_mut().zip(dns_ports) {
             *slot = *port;
@@ -404,6 +426,36 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassif
     bpf::program_mut(ebpf, name)
 }
 
+/// Removes the pinned counter map when an earlier podnet pinned it with
+/// another number of counters, so the loader creates one of today's size.
+///
+/// The loader reuses a pinned map as it is (aya checks no sizes), and the
+/// counters are indexed `direction * result::COUNT + result`: with a map of
+/// the old size, today's programs would count under the wrong labels or
+/// miss the slots past its end, and reading them would fail. The programs
+/// still attached keep the old map until they are replaced; the counts
+/// start again from zero, which counter continuity covers for `/metrics`.
+fn unpin_resized_counters(pin_dir: &Path) -> Result<(), BpfError> {
+    let pin = pin_dir.join(m::COUNTERS);
+    if !pin.exists() {
+        return Ok(());
+    }
+    let entries = MapData::from_pin(&pin)
+        .and_then(|map| map.info())
+        .map_err(|e| BpfError::map(m::COUNTERS, format!("pinned map: {e}")))?
+        .max_entries();
+    if entries != COUNTERS {
+        std::fs::remove_file(&pin)
+            .map_err(|e| BpfError::map(m::COUNTERS, format!("unpin {}: {e}", pin.display())))?;
+        tracing::info!(
+            pinned = entries,
+            counters = COUNTERS,
+            "fast path counters changed layout: their pinned map starts anew"
+        );
+    }
+    Ok(())
+}
+
 /// Attaches `program` at the tcx ingress of `ifname` through a link pinned
 /// at `pin`, or adopts the pinned link when it is still attached to this
 /// interface. An adopted link that runs another program (a previous agent's
@@ -485,5 +537,38 @@ mod tests {
         assert_eq!(link_pin_name("eth0.100"), "ingress_eth0:100");
         assert_eq!(pin_ifname("ingress_eth0:100").as_deref(), Some("eth0.100"));
         assert_eq!(pin_ifname("STEER_PODS"), None);
+    }
+
+    #[test]
+    fn failed_redirects_are_a_result_of_their_own() {
+        let mut counts = SteerCounts::default();
+        for (i, slot) in counts.packets.iter_mut().flatten().enumerate() {
+            *slot = 10 + u64::try_from(i).unwrap();
+        }
+        assert_eq!(
+            counts.samples().collect::<Vec<_>>(),
+            [
+                ("egress", "redirected", 10),
+                ("egress", "no_neighbour", 11),
+                ("egress", "fib_miss", 12),
+                ("egress", "passed", 13),
+                ("egress", "redirect_failed", 14),
+                ("ingress", "redirected", 15),
+                ("ingress", "no_neighbour", 16),
+                ("ingress", "fib_miss", 17),
+                ("ingress", "passed", 18),
+                ("ingress", "redirect_failed", 19),
+            ]
+        );
+        // The labels sit at the kernel's indices.
+        assert_eq!(
+            RESULT_LABELS[result::REDIRECT_FAILED as usize],
+            "redirect_failed"
+        );
+        assert_eq!(RESULT_LABELS[result::REDIRECTED as usize], "redirected");
+        assert_eq!(
+            usize::try_from(COUNTERS).unwrap(),
+            DIRECTION_LABELS.len() * RESULT_LABELS.len()
+        );
     }
 }

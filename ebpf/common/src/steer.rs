@@ -112,8 +112,31 @@ pub mod result {
     /// known pod, destination not in the VPC or excluded, DNS, TTL expiring):
     /// left to the kernel.
     pub const PASSED: u32 = 3;
+    /// The redirect helper refused the packet (it returned `TC_ACT_SHOT`, not
+    /// `TC_ACT_REDIRECT`): the program returns its verdict and the packet is
+    /// dropped.
+    pub const REDIRECT_FAILED: u32 = 4;
     /// Number of results.
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
+}
+
+/// `TC_ACT_REDIRECT` (include/uapi/linux/pkt_cls.h): what `bpf_redirect_neigh`
+/// and `bpf_redirect_peer` return once the redirect is set up.
+pub const TC_ACT_REDIRECT: i64 = 7;
+
+/// The result to count for the return value of `bpf_redirect_neigh` or
+/// `bpf_redirect_peer`: [`result::REDIRECTED`] for `TC_ACT_REDIRECT`, else
+/// [`result::REDIRECT_FAILED`]. Both helpers return `TC_ACT_SHOT` when they
+/// refuse their arguments (flags, or a nexthop shorter than
+/// `struct bpf_redir_neigh`): `bpf_redirect_neigh` and `bpf_redirect_peer`
+/// in net/core/filter.c, Linux 6.18.
+#[inline(always)]
+pub const fn redirect_result(rc: i64) -> u32 {
+    if rc == TC_ACT_REDIRECT {
+        result::REDIRECTED
+    } else {
+        result::REDIRECT_FAILED
+    }
 }
 
 /// Number of counters.
@@ -126,3 +149,32 @@ pub const fn counter_index(direction: u32, result: u32) -> u32 {
 }
 
 impl_pod!(PodRoute, DestAddr, SteerConfig);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `TC_ACT_OK` and `TC_ACT_SHOT` (include/uapi/linux/pkt_cls.h).
+    const TC_ACT_OK: i64 = 0;
+    const TC_ACT_SHOT: i64 = 2;
+
+    #[test]
+    fn only_tc_act_redirect_counts_as_redirected() {
+        assert_eq!(redirect_result(TC_ACT_REDIRECT), result::REDIRECTED);
+        assert_eq!(redirect_result(TC_ACT_SHOT), result::REDIRECT_FAILED);
+        assert_eq!(redirect_result(TC_ACT_OK), result::REDIRECT_FAILED);
+        assert_eq!(redirect_result(-1), result::REDIRECT_FAILED);
+    }
+
+    #[test]
+    fn every_counter_has_its_own_slot() {
+        assert_eq!(COUNTERS, 10);
+        assert_eq!(counter_index(direction::EGRESS, result::REDIRECTED), 0);
+        assert_eq!(counter_index(direction::EGRESS, result::REDIRECT_FAILED), 4);
+        assert_eq!(counter_index(direction::INGRESS, result::REDIRECTED), 5);
+        assert_eq!(
+            counter_index(direction::INGRESS, result::REDIRECT_FAILED),
+            COUNTERS - 1
+        );
+    }
+}

@@ -20,7 +20,9 @@
 //! — the DNS tracer on the pod's interface must see both directions —, unknown
 //! pod, destination not steerable, TTL about to expire, FIB lookup not
 //! `BPF_FIB_LKUP_RET_SUCCESS`, egress without a neighbour entry) returns `TCX_NEXT` unchanged: the next program or the
-//! kernel handles it. Every decision is counted per CPU.
+//! kernel handles it. Every decision is counted per CPU; a redirect counts as
+//! redirected only when the helper returned `TC_ACT_REDIRECT`, as failed
+//! otherwise.
 //!
 //! Both programs decrement the TTL like `ip_forward` does
 //! (`ip_decrease_ttl` in include/net/ip.h, Linux 6.18).
@@ -34,7 +36,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use podnet_common::steer::{
-    action, counter_index, direction, maps as m, result, DestAddr, PodRoute, SteerConfig, COUNTERS,
+    action, counter_index, direction, maps as m, redirect_result, result, DestAddr, PodRoute,
+    SteerConfig, COUNTERS,
 };
 
 /// Settings from the loader (DNS ports).
@@ -293,7 +296,14 @@ pub fn podnet_steer_pod(ctx: TcContext) -> i32 {
             0,
         )
     };
-    count(direction::EGRESS, result::REDIRECTED);
+    redirected(direction::EGRESS, rc)
+}
+
+/// Counts a redirect helper's outcome and returns its verdict: on failure
+/// (`TC_ACT_SHOT`) the packet is dropped, its TTL already decremented.
+#[inline(always)]
+fn redirected(dir: u32, rc: i64) -> i32 {
+    count(dir, redirect_result(rc));
     rc as i32
 }
 
@@ -329,12 +339,11 @@ pub fn podnet_steer_eni(ctx: TcContext) -> i32 {
         return TCX_NEXT;
     }
     decrease_ttl(hdr);
-    count(direction::INGRESS, result::REDIRECTED);
     if rc == FIB_NO_NEIGH {
         // SAFETY: a null nexthop makes the helper resolve the packet's own
         // destination, the on-link pod.
-        return unsafe { bpf_redirect_neigh(route.host_ifindex, core::ptr::null_mut(), 0, 0) }
-            as i32;
+        let rc = unsafe { bpf_redirect_neigh(route.host_ifindex, core::ptr::null_mut(), 0, 0) };
+        return redirected(direction::INGRESS, rc);
     }
     // SAFETY: `hdr` passed the bounds check in `headers` and no helper that
     // moves packet data ran since.
@@ -343,8 +352,9 @@ pub fn podnet_steer_eni(ctx: TcContext) -> i32 {
         (*hdr).src_mac = params.smac;
     }
     // SAFETY: plain helper call; the target is a veth whose peer is the pod.
-    // It returns TC_ACT_REDIRECT (or TC_ACT_SHOT for bad flags, never here).
-    unsafe { bpf_redirect_peer(route.host_ifindex, 0) as i32 }
+    // It returns TC_ACT_REDIRECT (or TC_ACT_SHOT for bad flags).
+    let rc = unsafe { bpf_redirect_peer(route.host_ifindex, 0) };
+    redirected(direction::INGRESS, rc)
 }
 
 #[cfg(not(test))]

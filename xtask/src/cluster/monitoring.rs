@@ -12,7 +12,7 @@
 use std::{fs, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use super::{
     components::{PROMETHEUS, PROMETHEUS_OPERATOR},
@@ -29,7 +29,7 @@ pub const PROMETHEUS_ADDR: &str = "10.200.0.1:9090";
 const PROMETHEUS_NAMESPACE: &str = "monitoring";
 const PROMETHEUS_NAME: &str = "podnet";
 /// How long the operator and the server may take.
-const TIMEOUT: Duration = Duration::from_secs(120);
+const TIMEOUT: Duration = Duration::from_mins(2);
 
 fn dir() -> PathBuf {
     layout::cluster_path("prometheus")
@@ -143,11 +143,11 @@ fn runnable_config(generated: &str, rules: &std::path::Path) -> Result<String> {
     let expanded = generated
         .replace("$(SHARD)", "0")
         .replace("$(POD_NAME)", &format!("prometheus-{PROMETHEUS_NAME}-0"));
-    let mut config: Value = serde_yaml::from_str(&expanded)?;
+    let mut config: Value = serde_norway::from_str(&expanded)?;
     config["rule_files"] = Value::Sequence(vec![Value::from(
         rules.join("*.yaml").display().to_string(),
     )]);
-    let tls: Value = serde_yaml::from_str(&format!(
+    let tls: Value = serde_norway::from_str(&format!(
         "{{ca_file: {}, cert_file: {}, key_file: {}}}",
         pki::file("ca.crt").display(),
         pki::file("admin.crt").display(),
@@ -167,7 +167,7 @@ fn runnable_config(generated: &str, rules: &std::path::Path) -> Result<String> {
             sd["tls_config"] = tls.clone();
         }
     }
-    Ok(serde_yaml::to_string(&config)?)
+    Ok(serde_norway::to_string(&config)?)
 }
 
 /// An instant query; the answer's JSON text.
@@ -229,7 +229,7 @@ mod tests {
                          kubernetes_sd_configs:\n  - role: pod\n  relabel_configs:\n  \
                          - regex: $(SHARD);|.+;.+\n    action: keep\n";
         let text = runnable_config(generated, std::path::Path::new("/r")).unwrap();
-        let config: Value = serde_yaml::from_str(&text).unwrap();
+        let config: Value = serde_norway::from_str(&text).unwrap();
         assert_eq!(
             config["global"]["external_labels"]["prometheus_replica"],
             "prometheus-podnet-0"

@@ -24,7 +24,7 @@ use crate::{cmd, setup};
 /// Debian's runc, which containerd runs containers with.
 const RUNC: &str = "/usr/sbin/runc";
 /// How long the control plane, a node or podnet may take to come up.
-const START_TIMEOUT: Duration = Duration::from_secs(180);
+const START_TIMEOUT: Duration = Duration::from_mins(3);
 /// How long `down` waits for the cluster's processes to end after SIGKILL.
 const KILL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -536,13 +536,13 @@ pub fn install_podnet(tag: &str) -> Result<()> {
 fn shipped_image_name(deploy: &Path) -> Result<String> {
     let path = deploy.join("kustomization.yaml");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let doc: serde_yaml::Value = serde_yaml::from_str(&text)?;
+    let doc: serde_norway::Value = serde_norway::from_str(&text)?;
     doc.get("images")
-        .and_then(serde_yaml::Value::as_sequence)
+        .and_then(serde_norway::Value::as_sequence)
         .into_iter()
         .flatten()
-        .find(|image| image.get("name").and_then(serde_yaml::Value::as_str) == Some("podnet"))
-        .and_then(|image| image.get("newName").and_then(serde_yaml::Value::as_str))
+        .find(|image| image.get("name").and_then(serde_norway::Value::as_str) == Some("podnet"))
+        .and_then(|image| image.get("newName").and_then(serde_norway::Value::as_str))
         .map(ToOwned::to_owned)
         .with_context(|| {
             format!(

@@ -34,6 +34,12 @@ const MAX_CHANGING_ROUNDS: u32 = 5;
 /// First routing table of ENIs: table = base + device index.
 pub const TABLE_BASE: u32 = 100;
 
+/// The routing table of the ENI at `device_index`; `None` past the last
+/// table number (the cloud reports the index, podnet does not choose it).
+pub fn table_of(device_index: u32) -> Option<u32> {
+    TABLE_BASE.checked_add(device_index)
+}
+
 /// Exponential backoff.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
@@ -402,10 +408,14 @@ impl Worker {
             .filter(|e| !is_foreign(e))
             .filter_map(|e| {
                 let link = s.enis.iter().find(|r| r.id == e.id)?.link.clone()?;
+                let Some(table) = table_of(e.device_index) else {
+                    tracing::warn!(eni = %e.id, device_index = e.device_index, "no routing table for this device index; its addresses are not routed");
+                    return None;
+                };
                 Some(Eni {
                     name: link,
                     mac: Some(e.mac),
-                    table: TABLE_BASE + e.device_index,
+                    table,
                     subnet,
                     gateway: Ipv4Addr::from(gateway),
                     ips: e.secondary_ips.clone(),

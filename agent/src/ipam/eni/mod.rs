@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use self::{link::Links, pool::EniPool, warm::Targets};
 use crate::{
-    cloud::{ApiCalls, CloudProvider},
+    cloud::{ApiCalls, CloudProvider, InstanceLimits},
     heartbeat::{self, Heartbeat},
     metrics::text::{Encoder, MetricType},
     routing::eni::EniStore,
@@ -283,7 +283,13 @@ impl EniIpam {
             max_pods: s
                 .max_enis
                 .zip(s.ips_per_eni)
-                .map(|(e, i)| e * i.saturating_sub(1)),
+                .map(|(max_enis, ips_per_eni)| {
+                    InstanceLimits {
+                        max_enis,
+                        ips_per_eni,
+                    }
+                    .max_pods()
+                }),
             enis,
             last_error: s.last_error,
         }

@@ -39,7 +39,7 @@ impl FakeCloud {
             id: "eni-0".into(),
             mac: mac(0),
             device_index: 0,
-            attachment_id: Some("att-0".into()),
+            attachment_id: "att-0".into(),
             subnet_id: "subnet-1".into(),
             security_groups: vec!["sg-1".into()],
             primary_ip: Ipv4Addr::new(10, 0, 1, 5),
@@ -120,7 +120,7 @@ impl CloudProvider for FakeCloud {
             id: id.clone(),
             mac: mac(u8::try_from(device_index).unwrap()),
             device_index,
-            attachment_id: Some(format!("att-{device_index}")),
+            attachment_id: format!("att-{device_index}"),
             subnet_id: subnet_id.into(),
             security_groups: security_groups.to_vec(),
             primary_ip: primary,
@@ -326,4 +326,36 @@ fn backoff_doubles_to_the_cap() {
     assert_eq!(waits, [1, 2, 4, 8, 16, 16, 16]);
     b.reset();
     assert_eq!(b.next_wait().as_secs(), 1);
+}
+
+#[test]
+fn an_eni_past_the_last_routing_table_is_not_published() {
+    let (worker, cloud, _, busy, _) = setup(Targets::default());
+    let far = Ipv4Addr::new(10, 0, 1, 200);
+    cloud.enis.lock().unwrap().push(EniInfo {
+        id: "eni-far".into(),
+        mac: mac(9),
+        device_index: u32::MAX,
+        attachment_id: "att-far".into(),
+        subnet_id: "subnet-1".into(),
+        security_groups: vec!["sg-1".into()],
+        primary_ip: Ipv4Addr::new(10, 0, 1, 199),
+        secondary_ips: vec![far],
+        managed: true,
+    });
+    // In use, so the plan keeps the interface.
+    busy.lock().unwrap().0.insert(IpAddr::V4(far));
+    let store = crate::routing::eni::EniStore::new();
+    *worker.shared.routing.lock().unwrap() = Some(store.clone());
+    let id = worker.cloud.identity().unwrap();
+    let limits = worker.cloud.limits("t3.medium").unwrap();
+    worker.reconcile(&id, limits).unwrap();
+    let published: Vec<(String, u32)> = store
+        .enis()
+        .into_iter()
+        .map(|e| (e.name, e.table))
+        .collect();
+    assert_eq!(published, [("eth0".to_owned(), 100)]);
+    assert_eq!(super::manager::table_of(u32::MAX), None);
+    assert_eq!(super::manager::table_of(1), Some(101));
 }

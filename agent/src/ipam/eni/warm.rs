@@ -53,7 +53,7 @@ pub struct EniView {
     /// Whether podnet created it.
     pub managed: bool,
     /// `eni-attach-...`.
-    pub attachment_id: Option<String>,
+    pub attachment_id: String,
     /// Secondary addresses.
     pub ips: Vec<Ipv4Addr>,
     /// How many of `ips` are allocated to pods or cooling down.
@@ -110,9 +110,12 @@ pub fn plan(targets: &Targets, limits: &InstanceLimits, all: &[EniView]) -> Vec<
             .saturating_sub(slots_taken - count(enis.len())),
         ..*limits
     };
+    // Targets and limits may be as large as u32 allows (config caps the
+    // targets, EC2 the limits): every sum and product saturates, so a huge
+    // value asks for as much as the limits allow instead of wrapping.
     let per_eni = limits.ips_per_eni.saturating_sub(1);
-    let total: u32 = enis.iter().map(|e| count(e.ips.len())).sum();
-    let busy: u32 = enis.iter().map(|e| e.busy).sum();
+    let total = sum(enis.iter().map(|e| count(e.ips.len())));
+    let busy = sum(enis.iter().map(|e| e.busy));
     let free = total.saturating_sub(busy);
     if targets.ip_mode() {
         let warm = targets.warm_ip.unwrap_or(0);
@@ -124,24 +127,23 @@ pub fn plan(targets: &Targets, limits: &InstanceLimits, all: &[EniView]) -> Vec<
         let surplus = free.saturating_sub(warm).min(total.saturating_sub(minimum));
         return shrink_ips(enis, surplus);
     }
-    let want_free = targets.warm_eni * per_eni;
+    let want_free = targets.warm_eni.saturating_mul(per_eni);
     // Surplus ENIs go first: filling one about to be deleted wastes calls.
     let deletions = shrink_enis(enis, free, want_free);
     if !deletions.is_empty() {
         return deletions;
     }
     // Fill every ENI, then add whole ENIs while the free addresses fall short.
-    let slots: u32 = enis
+    let slots = sum(enis
         .iter()
-        .map(|e| per_eni.saturating_sub(count(e.ips.len())))
-        .sum();
-    let short = want_free.saturating_sub(free + slots);
+        .map(|e| per_eni.saturating_sub(count(e.ips.len()))));
+    let short = want_free.saturating_sub(free.saturating_add(slots));
     let mut actions = grow(*limits, enis, slots, true);
     if short > 0 {
         let more = grow_new(
             *limits,
             enis,
-            short.div_ceil(per_eni.max(1)) * per_eni,
+            short.div_ceil(per_eni.max(1)).saturating_mul(per_eni),
             true,
         );
         actions.extend(more);
@@ -149,22 +151,35 @@ pub fn plan(targets: &Targets, limits: &InstanceLimits, all: &[EniView]) -> Vec<
     with_indexes(actions, all)
 }
 
-/// Moves new ENIs off device indexes foreign interfaces hold.
-fn with_indexes(mut actions: Vec<Action>, all: &[EniView]) -> Vec<Action> {
+/// Moves new ENIs off device indexes foreign interfaces hold, to the next
+/// free one; an ENI with no free index above its own is not created.
+fn with_indexes(actions: Vec<Action>, all: &[EniView]) -> Vec<Action> {
     let mut taken: Vec<u32> = all.iter().map(|e| e.device_index).collect();
-    for a in &mut actions {
-        if let Action::CreateEni { device_index, .. } = a {
-            while taken.contains(device_index) {
-                *device_index += 1;
-            }
-            taken.push(*device_index);
-        }
-    }
     actions
+        .into_iter()
+        .filter_map(|mut a| {
+            if let Action::CreateEni { device_index, .. } = &mut a {
+                *device_index = free_index(*device_index, |i| taken.contains(&i))?;
+                taken.push(*device_index);
+            }
+            Some(a)
+        })
+        .collect()
+}
+
+/// The first index from `from` up that is not `taken`; `None` when every
+/// one up to `u32::MAX` is.
+fn free_index(from: u32, taken: impl Fn(u32) -> bool) -> Option<u32> {
+    (from..=u32::MAX).find(|i| !taken(*i))
 }
 
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The sum of `values`, `u32::MAX` when it does not fit.
+fn sum(values: impl Iterator<Item = u32>) -> u32 {
+    values.fold(0, u32::saturating_add)
 }
 
 /// Assigns `need` addresses to attached ENIs with free slots (device order),
@@ -201,13 +216,16 @@ fn grow_new(limits: InstanceLimits, enis: &[EniView], need: u32, whole: bool) ->
     let mut attached = count(enis.len());
     let mut index = 0;
     while left > 0 && attached < limits.max_enis && per_eni > 0 {
-        while enis.iter().any(|e| e.device_index == index)
-            || actions.iter().any(
-                |a| matches!(a, Action::CreateEni { device_index, .. } if *device_index == index),
-            )
-        {
-            index += 1;
-        }
+        let used = |i: u32| {
+            enis.iter().any(|e| e.device_index == i)
+                || actions.iter().any(
+                    |a| matches!(a, Action::CreateEni { device_index, .. } if *device_index == i),
+                )
+        };
+        let Some(free) = free_index(index, used) else {
+            break;
+        };
+        index = free;
         let n = if whole { per_eni } else { left.min(per_eni) };
         actions.push(Action::CreateEni {
             device_index: index,
@@ -230,14 +248,12 @@ fn shrink_ips(enis: &[EniView], surplus: u32) -> Vec<Action> {
     for e in &order {
         let n = count(e.ips.len());
         if deletable(e) && n <= left {
-            if let Some(att) = &e.attachment_id {
-                actions.push(Action::DeleteEni {
-                    eni: e.id.clone(),
-                    attachment_id: att.clone(),
-                });
-                left -= n;
-                deleted.push(e.id.clone());
-            }
+            actions.push(Action::DeleteEni {
+                eni: e.id.clone(),
+                attachment_id: e.attachment_id.clone(),
+            });
+            left -= n;
+            deleted.push(e.id.clone());
         }
     }
     for e in &order {
@@ -269,13 +285,11 @@ fn shrink_enis(enis: &[EniView], free: u32, want_free: u32) -> Vec<Action> {
     for e in order {
         let n = count(e.ips.len());
         if deletable(e) && free.saturating_sub(n) >= want_free {
-            if let Some(att) = &e.attachment_id {
-                actions.push(Action::DeleteEni {
-                    eni: e.id.clone(),
-                    attachment_id: att.clone(),
-                });
-                free -= n;
-            }
+            actions.push(Action::DeleteEni {
+                eni: e.id.clone(),
+                attachment_id: e.attachment_id.clone(),
+            });
+            free = free.saturating_sub(n);
         }
     }
     actions
@@ -304,7 +318,7 @@ mod tests {
             id: id.into(),
             device_index,
             managed,
-            attachment_id: Some(format!("att-{id}")),
+            attachment_id: format!("att-{id}"),
             ips: ips.iter().map(|n| ip(*n)).collect(),
             busy: count(busy.len()),
             idle: ips
@@ -314,6 +328,96 @@ mod tests {
                 .collect(),
             foreign: false,
         }
+    }
+
+    #[test]
+    fn huge_targets_and_limits_saturate_instead_of_wrapping() {
+        let huge = InstanceLimits {
+            max_enis: u32::MAX,
+            ips_per_eni: u32::MAX,
+        };
+        let primary = eni("eni-0", 0, false, &[], &[]);
+        let per_eni = u32::MAX - 1;
+        // warm_eni * per_eni does not fit u32: as many as the limits allow.
+        let targets = Targets {
+            warm_ip: None,
+            minimum_ip: None,
+            warm_eni: u32::MAX,
+        };
+        assert_eq!(
+            plan(&targets, &huge, std::slice::from_ref(&primary)),
+            [
+                Action::Assign {
+                    eni: "eni-0".into(),
+                    count: per_eni,
+                },
+                Action::CreateEni {
+                    device_index: 1,
+                    secondary: per_eni,
+                },
+            ]
+        );
+        // IP targets at u32::MAX stop at the instance's three ENIs.
+        assert_eq!(
+            plan(
+                &ip_target(Some(u32::MAX), Some(u32::MAX)),
+                &T3_MEDIUM,
+                std::slice::from_ref(&primary)
+            ),
+            [
+                Action::Assign {
+                    eni: "eni-0".into(),
+                    count: 5,
+                },
+                Action::CreateEni {
+                    device_index: 1,
+                    secondary: 5,
+                },
+                Action::CreateEni {
+                    device_index: 2,
+                    secondary: 5,
+                },
+            ]
+        );
+        // Busy counts whose sum does not fit u32.
+        let mut a = eni("eni-0", 0, false, &[], &[]);
+        let mut b = eni("eni-1", 1, true, &[], &[]);
+        a.busy = u32::MAX;
+        b.busy = u32::MAX;
+        assert_eq!(
+            plan(&Targets::default(), &T3_MEDIUM, &[a, b]),
+            [
+                Action::Assign {
+                    eni: "eni-0".into(),
+                    count: 5,
+                },
+                Action::Assign {
+                    eni: "eni-1".into(),
+                    count: 5,
+                },
+            ]
+        );
+        assert_eq!(huge.max_pods(), u32::MAX);
+        assert_eq!(T3_MEDIUM.max_pods(), 15);
+    }
+
+    #[test]
+    fn a_new_eni_with_no_free_device_index_is_not_created() {
+        let mut last = eni("eni-x", u32::MAX, false, &[], &[]);
+        last.foreign = true;
+        let create = |device_index| Action::CreateEni {
+            device_index,
+            secondary: 5,
+        };
+        assert_eq!(
+            with_indexes(vec![create(u32::MAX), create(7)], &[last.clone()]),
+            [create(7)]
+        );
+        last.device_index = u32::MAX - 1;
+        assert_eq!(
+            with_indexes(vec![create(u32::MAX - 1)], &[last]),
+            [create(u32::MAX)]
+        );
     }
 
     fn ip_target(warm: Option<u32>, minimum: Option<u32>) -> Targets {

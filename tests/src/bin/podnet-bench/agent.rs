@@ -110,7 +110,7 @@ fn proc_json(p: &ProcSummary) -> Value {
 /// per non-DNS packet.
 fn endpoint_step(topo: &Topology, agent: &Agent, pid: u32, n: usize) -> Result<Value> {
     let specs: Vec<_> = endpoints(topo, n).into_iter().take(n).collect();
-    let attach = set_endpoints(agent, &specs, Duration::from_secs(120))?;
+    let attach = set_endpoints(agent, &specs, Duration::from_mins(2))?;
     std::thread::sleep(Duration::from_secs(2));
     let rest = summarise(&sample_process(
         pid,
