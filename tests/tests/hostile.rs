@@ -246,6 +246,36 @@ fn a_hostile_pod_cannot_fill_the_maps_or_push_out_another_pods_counts() -> Resul
         after <= baseline + 120,
         "/metrics grew from {baseline} to {after} samples"
     );
+
+    // Both pods leave: their keys leave the kernel maps, their counts move
+    // to the host's series, and no total goes back.
+    let totals = |m: &Metrics| [REQUESTS, TIMEOUTS, UNTRACKED, DROPS].map(|name| m.count_sum(name));
+    let before = totals(&m);
+    std::fs::write(agent.endpoints_file(), "[]\n")?;
+    let host = [("namespace", ""), ("pod", "")];
+    let moved = wait_for(
+        || {
+            agent.metrics(node).is_ok_and(|m| {
+                m.count("podnet_bpf_map_entries", &[("map", "DNS_REQUESTS")]) == 0
+                    && m.count_matching(REQUESTS, &host) == 50 + SHARE
+            })
+        },
+        Duration::from_secs(10),
+    );
+    let gone = agent.metrics(node)?;
+    assert!(moved, "{}", gone.0);
+    assert_eq!(totals(&gone), before, "a total went back");
+    assert_eq!(gone.count_matching(TIMEOUTS, &host), SHARE);
+    assert_eq!(gone.count(UNTRACKED, &host), SPRAY as u64 - SHARE);
+    assert_eq!(
+        gone.count(DROPS, &[("namespace", ""), ("pod", ""), ("kind", "other")]),
+        SPOOFED as u64 + 30
+    );
+    assert_eq!(
+        gone.count("podnet_bpf_map_entries", &[("map", "CT_DROPS")]),
+        1
+    );
+    assert_eq!(gone.count_matching(REQUESTS, &[("pod", "spray")]), 0);
     println!(
         "hostile pod: {SPRAY} servers sprayed in {spray_took:?} -> {SHARE} tracked (each one timeout), \
          {} untracked, {} server labels; {SPOOFED} forged sources -> 1 drop key; \

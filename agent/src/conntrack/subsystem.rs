@@ -161,9 +161,21 @@ impl Conntrack {
         &self.races
     }
 
-    /// Reads the tracer's kernel maps.
+    /// Reads the tracer's kernel maps; counts of pods that left are moved to
+    /// the unknown source first.
     pub fn snapshot(&self) -> Result<TracerSnapshot, BpfError> {
-        self.tracer().snapshot()
+        let live = self
+            .registry
+            .endpoints()
+            .into_iter()
+            .flat_map(|(_, e)| e.ips)
+            .map(bpf::endpoints::addr_key)
+            .collect();
+        let mut tracer = self.tracer();
+        if let Err(e) = tracer.fold_departed(&live) {
+            tracing::warn!(error = %e, "moving the drop counts of departed pods");
+        }
+        tracer.snapshot()
     }
 
     /// The hook that counts insert races, by name.

@@ -122,6 +122,9 @@ pub struct Tracer {
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     endpoints: Option<aya::maps::HashMap<MapData, podnet_common::AddrKey, u8>>,
+    /// Drops of sources that left (moved out of `CT_DROPS`), by (family,
+    /// protocol, kind): they count under the unknown source from then on.
+    departed: std::collections::BTreeMap<(u8, u8, u8), u64>,
     attachment: Attachment,
     program_id: u32,
     hook: RaceHook,
@@ -226,6 +229,7 @@ impl Tracer {
             counters,
             events: Some(events),
             endpoints: Some(endpoints),
+            departed: std::collections::BTreeMap::new(),
             attachment,
             program_id,
             hook,
@@ -266,9 +270,59 @@ impl Tracer {
         self.endpoints.take()
     }
 
+    /// Moves the drop counts of sources that are no endpoint any more (pods
+    /// that left) out of `CT_DROPS`, into the unknown source's counts kept
+    /// here: the map holds only live pods' keys, and no counter goes back.
+    /// Returns how many keys were moved.
+    pub fn fold_departed(
+        &mut self,
+        live: &std::collections::BTreeSet<podnet_common::AddrKey>,
+    ) -> Result<usize, BpfError> {
+        let keys: Vec<DropKey> = self.drops.keys().filter_map(Result::ok).collect();
+        let mut moved = 0;
+        for key in keys {
+            let source = podnet_common::AddrKey {
+                addr: key.addr,
+                family: key.family,
+                _pad: [0; 3],
+            };
+            if key.addr == podnet_common::AddrKey::UNKNOWN || live.contains(&source) {
+                continue;
+            }
+            let Ok(values) = self.drops.get(&key, 0) else {
+                continue;
+            };
+            // A pod's interface is gone before its address leaves the
+            // registry, so nothing adds to the key between read and delete.
+            self.drops
+                .remove(&key)
+                .map_err(|e| BpfError::map(m::DROPS, e))?;
+            *self
+                .departed
+                .entry((key.family, key.proto, key.kind))
+                .or_default() += values.iter().sum::<u64>();
+            moved += 1;
+        }
+        Ok(moved)
+    }
+
     /// Reads every count from the kernel maps, summed over CPUs.
     pub fn snapshot(&self) -> Result<TracerSnapshot, BpfError> {
         let mut drops = Vec::new();
+        for (&(family, proto, kind), &packets) in &self.departed {
+            let (Some(source), Some(kind)) = (
+                kernel_addr(&podnet_common::AddrKey::UNKNOWN, family),
+                DropKind::from_u8(kind),
+            ) else {
+                continue;
+            };
+            drops.push(DropCount {
+                source,
+                proto,
+                kind,
+                packets,
+            });
+        }
         for item in &self.drops {
             let (key, values) = item.map_err(|e| BpfError::map(m::DROPS, e))?;
             let (Some(source), Some(kind)) = (

@@ -1,7 +1,10 @@
 //! The DNS programs in the kernel: load them with their pinned maps, write
 //! their settings, and read their counts.
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+};
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -10,8 +13,8 @@ use aya::{
 };
 use podnet_common::{
     dns::{
-        counter, maps as m, programs, ClientPending, DnsConfig, Latency, PeerKey, Pending,
-        PendingKey, MAX_PORTS,
+        counter, maps as m, programs, ClientPending, ClientServer, DnsConfig, Latency, PeerKey,
+        Pending, PendingKey, MAX_PORTS,
     },
     AddrKey,
 };
@@ -44,7 +47,39 @@ pub struct DnsTracer {
     endpoints: Option<HashMap<MapData, AddrKey, u8>>,
     client_pending: HashMap<MapData, AddrKey, ClientPending>,
     client_expired: HashMap<MapData, AddrKey, u64>,
+    client_servers: HashMap<MapData, ClientServer, u8>,
+    client_server_count: HashMap<MapData, AddrKey, u64>,
+    departed: Departed,
     pin_dir: PathBuf,
+}
+
+/// Counts of clients that left (moved out of the kernel maps), each keyed
+/// as the unknown client's: they keep counting in the host's series.
+#[derive(Debug, Default)]
+struct Departed {
+    latency: BTreeMap<PeerKey, Latency>,
+    requests: BTreeMap<PeerKey, u64>,
+    retransmits: BTreeMap<PeerKey, u64>,
+    timeouts: BTreeMap<PeerKey, u64>,
+    untracked: BTreeMap<AddrKey, u64>,
+}
+
+/// `key` with its client replaced by the unknown client.
+fn as_unknown(key: PeerKey) -> PeerKey {
+    PeerKey {
+        client: AddrKey::UNKNOWN,
+        ..key
+    }
+}
+
+/// Whether `addr` (of `family`) is a client that left: not unknown, not live.
+fn departed(addr: &[u8; 16], family: u8, live: &BTreeSet<AddrKey>) -> bool {
+    *addr != AddrKey::UNKNOWN
+        && !live.contains(&AddrKey {
+            addr: *addr,
+            family,
+            _pad: [0; 3],
+        })
 }
 
 /// Settings of the programs.
@@ -89,6 +124,9 @@ impl DnsTracer {
             endpoints: Some(bpf::take_map(&mut ebpf, m::ENDPOINTS)?),
             client_pending: bpf::take_map(&mut ebpf, m::CLIENT_PENDING)?,
             client_expired: bpf::take_map(&mut ebpf, m::CLIENT_EXPIRED)?,
+            client_servers: bpf::take_map(&mut ebpf, m::CLIENT_SERVERS)?,
+            client_server_count: bpf::take_map(&mut ebpf, m::CLIENT_SERVER_COUNT)?,
+            departed: Departed::default(),
             ebpf,
             pin_dir,
         };
@@ -149,9 +187,103 @@ impl DnsTracer {
         self.endpoints.take()
     }
 
-    /// Reads every count from the kernel maps, summed over CPUs.
+    /// Moves every count of clients that are no endpoint any more (pods that
+    /// left) out of the kernel maps into the unknown client's counts kept
+    /// here, and forgets their per-client entries: the maps hold live pods'
+    /// keys only, and no counter goes back. Returns the keys moved.
+    pub fn fold_departed(&mut self, live: &BTreeSet<AddrKey>) -> usize {
+        let mut moved = 0;
+        let gone = |k: &PeerKey| departed(&k.client, k.family, live);
+        for key in keys_where(&self.latency, gone) {
+            if let Ok(values) = self.latency.get(&key, 0) {
+                let sum = super::sum_latency(&values);
+                if self.latency.remove(&key).is_ok() {
+                    let acc = self.departed.latency.entry(as_unknown(key)).or_default();
+                    for (a, b) in acc.buckets.iter_mut().zip(sum.buckets) {
+                        *a += b;
+                    }
+                    acc.sum_ns += sum.sum_ns;
+                    moved += 1;
+                }
+            }
+        }
+        for (map, acc) in [
+            (&mut self.requests, &mut self.departed.requests),
+            (&mut self.retransmits, &mut self.departed.retransmits),
+        ] {
+            for key in keys_where(map, gone) {
+                if let Ok(values) = map.get(&key, 0) {
+                    if map.remove(&key).is_ok() {
+                        *acc.entry(as_unknown(key)).or_default() += values.iter().sum::<u64>();
+                        moved += 1;
+                    }
+                }
+            }
+        }
+        let stale: Vec<PeerKey> = self
+            .timeouts
+            .keys()
+            .filter_map(Result::ok)
+            .filter(gone)
+            .collect();
+        for key in stale {
+            if let Ok(n) = self.timeouts.get(&key, 0) {
+                if self.timeouts.remove(&key).is_ok() {
+                    *self.departed.timeouts.entry(as_unknown(key)).or_default() += n;
+                    moved += 1;
+                }
+            }
+        }
+        let gone_client = |k: &AddrKey| departed(&k.addr, k.family, live);
+        let clients: Vec<AddrKey> = self
+            .client_pending
+            .keys()
+            .filter_map(Result::ok)
+            .filter(gone_client)
+            .collect();
+        for client in clients {
+            if let Ok(counts) = self.client_pending.get(&client, 0) {
+                if counts.refused > 0 {
+                    *self
+                        .departed
+                        .untracked
+                        .entry(AddrKey {
+                            addr: AddrKey::UNKNOWN,
+                            ..client
+                        })
+                        .or_default() += counts.refused;
+                }
+            }
+            let _ = self.client_pending.remove(&client);
+            let _ = self.client_expired.remove(&client);
+            let _ = self.client_server_count.remove(&client);
+            moved += 1;
+        }
+        let pairs: Vec<ClientServer> = self
+            .client_servers
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|p| gone_client(&p.client))
+            .collect();
+        for pair in pairs {
+            let _ = self.client_servers.remove(&pair);
+        }
+        moved
+    }
+
+    /// Reads every count from the kernel maps, summed over CPUs, with the
+    /// counts of clients that left under the unknown client.
     pub fn snapshot(&self) -> Result<DnsSnapshot, BpfError> {
-        let mut latency = Vec::new();
+        let mut latency: Vec<LatencyCount> = self
+            .departed
+            .latency
+            .iter()
+            .map(|(key, l)| LatencyCount {
+                key: *key,
+                buckets: l.buckets,
+                sum_ns: l.sum_ns,
+            })
+            .collect();
         for item in &self.latency {
             let (key, values) = item.map_err(|e| BpfError::map(m::LATENCY, e))?;
             let sum = super::sum_latency(&values);
@@ -174,14 +306,29 @@ impl DnsTracer {
             }
             Ok(out)
         };
-        let requests = per_cpu(&self.requests, m::REQUESTS)?;
-        let retransmits = per_cpu(&self.retransmits, m::RETRANSMITS)?;
-        let mut timeouts = Vec::new();
+        let departed = |acc: &BTreeMap<PeerKey, u64>| {
+            acc.iter()
+                .map(|(key, count)| PeerCount {
+                    key: *key,
+                    count: *count,
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut requests = departed(&self.departed.requests);
+        requests.extend(per_cpu(&self.requests, m::REQUESTS)?);
+        let mut retransmits = departed(&self.departed.retransmits);
+        retransmits.extend(per_cpu(&self.retransmits, m::RETRANSMITS)?);
+        let mut timeouts = departed(&self.departed.timeouts);
         for item in &self.timeouts {
             let (key, count) = item.map_err(|e| BpfError::map(m::TIMEOUTS, e))?;
             timeouts.push(PeerCount { key, count });
         }
-        let mut untracked = Vec::new();
+        let mut untracked: Vec<(AddrKey, u64)> = self
+            .departed
+            .untracked
+            .iter()
+            .map(|(k, n)| (*k, *n))
+            .collect();
         for item in &self.client_pending {
             let (client, counts) = item.map_err(|e| BpfError::map(m::CLIENT_PENDING, e))?;
             if counts.refused > 0 {
@@ -227,4 +374,15 @@ pub fn config_value(settings: &ProgramSettings) -> DnsConfig {
         *slot = *port;
     }
     cfg
+}
+
+/// The keys of `map` for which `pred` holds (read first: the map changes).
+fn keys_where<V: aya::Pod>(
+    map: &PerCpuHashMap<MapData, PeerKey, V>,
+    pred: impl Fn(&PeerKey) -> bool,
+) -> Vec<PeerKey> {
+    map.keys()
+        .filter_map(Result::ok)
+        .filter(|k| pred(k))
+        .collect()
 }

@@ -154,8 +154,22 @@ impl Worker {
 
     fn reconcile(&self) {
         let desired = desired_interfaces(&self.registry, &self.settings.uplinks);
+        let live = self
+            .registry
+            .endpoints()
+            .into_iter()
+            .flat_map(|(_, e)| e.ips)
+            .map(crate::bpf::endpoints::addr_key)
+            .collect();
         let result = {
             let mut tracer = lock(&self.tracer);
+            let moved = tracer.fold_departed(&live);
+            if moved > 0 {
+                tracing::debug!(
+                    keys = moved,
+                    "DNS counts of departed pods moved to the host's"
+                );
+            }
             lock(&self.attacher).reconcile(&mut tracer, &desired)
         };
         match result {
