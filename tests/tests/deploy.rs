@@ -765,7 +765,7 @@ fn alert_rules_parse_and_fire_at_their_thresholds() {
         text(&out.stderr)
     );
     assert!(
-        text(&out.stdout).contains("SUCCESS: 8 rules found"),
+        text(&out.stdout).contains("SUCCESS: 11 rules found"),
         "{}",
         text(&out.stdout)
     );
@@ -867,7 +867,7 @@ fn every_alert_links_an_existing_runbook_section() {
             count += 1;
         }
     }
-    assert_eq!(count, 8);
+    assert_eq!(count, 11);
 }
 
 /// Every string the dashboard sends to Prometheus: panel targets and variable queries.
