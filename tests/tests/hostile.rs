@@ -241,6 +241,16 @@ fn a_hostile_pod_cannot_fill_the_maps_or_push_out_another_pods_counts() -> Resul
         2,
         "one key for the pod, one for every forged source"
     );
+    // The drop tracer ran for every drop: the kernel skipped none of its runs.
+    assert_eq!(
+        m.value(
+            "podnet_bpf_program_recursion_misses_total",
+            &[("program", "podnet_kfree_skb")]
+        ),
+        Some(0.0),
+        "{}",
+        m.0
+    );
     let after = series(&m);
     assert!(
         after <= baseline + 120,

@@ -64,6 +64,11 @@ pub struct PinnedProgram {
     pub run_time_ns: u64,
     /// Accumulated runs (0 unless bpf stats are on).
     pub run_count: u64,
+    /// Runs the kernel skipped because the program was already running on
+    /// the CPU (`recursion_misses`, counted always): events it never saw.
+    /// `None` when the kernel would not say (reading needs `CAP_SYS_ADMIN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recursion_misses: Option<u64>,
 }
 
 /// podnet's kernel objects.
@@ -128,6 +133,7 @@ pub fn read(bpffs: &Path) -> Inventory {
                         links: Vec::new(),
                         run_time_ns: 0,
                         run_count: 0,
+                        recursion_misses: None,
                     })
                     .links
                     .push(path);
@@ -147,6 +153,7 @@ pub fn read(bpffs: &Path) -> Inventory {
                 links: Vec::new(),
                 run_time_ns: 0,
                 run_count: 0,
+                recursion_misses: None,
             })
             .links
             .push(PathBuf::from(format!("tc:{}", f.place())));
@@ -158,6 +165,7 @@ pub fn read(bpffs: &Path) -> Inventory {
             }
             p.run_time_ns = u64::try_from(prog.run_time().as_nanos()).unwrap_or(u64::MAX);
             p.run_count = prog.run_count();
+            p.recursion_misses = prog.fd().ok().and_then(|fd| recursion_misses(fd.as_fd()));
         }
     }
     inv.programs = programs.into_values().collect();
@@ -317,6 +325,38 @@ fn count_keys(fd: std::os::fd::RawFd, key_size: u32, capacity: u32) -> u64 {
         std::mem::swap(&mut key, &mut next);
     }
     u64::from(capacity)
+}
+
+/// The program's `recursion_misses` (Linux 5.12+), which aya's program info
+/// does not expose: `BPF_OBJ_GET_INFO_BY_FD` into the UAPI struct.
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd as _;
+    /// The `info` member of `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // SAFETY: bpf_prog_info is a plain C struct of integers; all zeroes is valid.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoByFd {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).ok()?,
+        info_len: u32::try_from(std::mem::size_of_val(&info)).ok()?,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: `attr` is a valid prefix of `union bpf_attr` for this command
+    // (the kernel zero-extends the rest), `info` outlives the call and its
+    // length is given; `fd` is an open program descriptor.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            aya_obj::generated::bpf_cmd::BPF_OBJ_GET_INFO_BY_FD as libc::c_long,
+            (&raw mut attr),
+            std::mem::size_of::<InfoByFd>(),
+        )
+    };
+    (rc == 0).then_some(info.recursion_misses)
 }
 
 #[cfg(test)]

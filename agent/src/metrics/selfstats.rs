@@ -2,6 +2,8 @@
 //! its programs run (when the kernel collects that), and how long routing
 //! reconciles take.
 
+use std::collections::BTreeMap;
+
 use super::text::{Encoder, MetricType};
 use crate::{bpf::inventory::Inventory, heartbeat::ThreadHealth};
 
@@ -29,6 +31,7 @@ pub fn render(enc: &mut Encoder, inv: &Inventory) {
     for m in &inv.maps {
         capacity.sample(&[("map", &m.map)], u64::from(m.capacity));
     }
+    render_recursion_misses(enc, inv);
     if !inv.stats_enabled {
         return;
     }
@@ -61,6 +64,29 @@ pub fn render(enc: &mut Encoder, inv: &Inventory) {
     );
     for (name, _, n) in &by_name {
         runs.sample(&[("program", name)], *n);
+    }
+}
+
+/// `podnet_bpf_program_recursion_misses_total`: runs the kernel skipped
+/// because the program was already running on that CPU (a drop freed while
+/// the tracer ran): events podnet never saw. One series per program name.
+fn render_recursion_misses(enc: &mut Encoder, inv: &Inventory) {
+    let mut by_name: BTreeMap<&str, u64> = BTreeMap::new();
+    for p in &inv.programs {
+        if let Some(misses) = p.recursion_misses {
+            *by_name.entry(&p.name).or_default() += misses;
+        }
+    }
+    if by_name.is_empty() {
+        return;
+    }
+    let mut family = enc.family(
+        "podnet_bpf_program_recursion_misses_total",
+        MetricType::Counter,
+        "Runs of podnet's kernel programs the kernel skipped because the program was already running on that CPU: events never seen (kernel recursion_misses).",
+    );
+    for (name, misses) in by_name {
+        family.sample(&[("program", name)], misses);
     }
 }
 
@@ -98,6 +124,7 @@ mod tests {
             links: Vec::new(),
             run_time_ns: ns,
             run_count: runs,
+            recursion_misses: Some(id.into()),
         };
         Inventory {
             maps: vec![MapFill {
@@ -137,6 +164,13 @@ mod tests {
             ),
             "{text}"
         );
+        // Ids 7 and 9 stand for their misses here: summed per name.
+        assert!(
+            text.contains(
+                "podnet_bpf_program_recursion_misses_total{program=\"podnet_dns_pod_ingress\"} 16\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]
@@ -146,6 +180,11 @@ mod tests {
         let text = enc.finish();
         assert!(text.contains("podnet_bpf_map_entries{"), "{text}");
         assert!(!text.contains("podnet_bpf_program_run"), "{text}");
+        // Counted by the kernel whether stats are on or not.
+        assert!(
+            text.contains("podnet_bpf_program_recursion_misses_total{"),
+            "{text}"
+        );
     }
 
     #[test]
