@@ -53,9 +53,9 @@ const PROBED_FUNCTION: &str = "__nf_conntrack_confirm";
 const GUEST_READY_TIMEOUT: &str = "180";
 /// The integration test binaries run by default: the race tests (whose
 /// exact counts prove the BTF-resolved offsets on each kernel), the DNS
-/// programs and the fast path (tcx on 6.6+, classic tc before), and the CNI
-/// chains.
-const DEFAULT_SUITES: &[&str] = &["conntrack", "dns", "routing", "cni"];
+/// programs and the fast path (tcx on 6.6+, classic tc before), the CNI
+/// chains, and the hostile pod against the programs' bounded maps.
+const DEFAULT_SUITES: &[&str] = &["conntrack", "dns", "routing", "cni", "hostile"];
 /// Suites that run once per race hook; the others run once, with the
 /// agent's default hook (`auto`: the probe on these kernels).
 const HOOK_SUITES: &[&str] = &["conntrack"];
@@ -87,7 +87,7 @@ pub struct VmTestArgs {
     #[arg(long, value_enum, default_value = "all")]
     pub kernel: Kernel,
     /// Integration test binaries (tests/tests/<name>.rs) to run; default:
-    /// conntrack, dns, routing, cni.
+    /// conntrack, dns, routing, cni, hostile.
     #[arg(long = "suite")]
     pub suites: Vec<String>,
     /// Guest memory.
