@@ -22,8 +22,9 @@ use crate::{
     endpoint::{Endpoint, Registry, Source},
     ipam::{
         allocator::PoolUsage,
+        commit::GroupCommit,
         source::{AddressSource, NodeCidr},
-        state::NodeState,
+        state::{change, NodeState},
         store::{RealFs, StateLock, Store},
         Clock, IpamError, IpamMode, SystemClock, DEFAULT_COOLDOWN,
     },
@@ -147,9 +148,8 @@ struct Counters {
 #[derive(Debug)]
 pub struct IpamService {
     mode: IpamMode,
-    state: Arc<Mutex<NodeState>>,
+    commit: Arc<GroupCommit>,
     eni: Option<crate::ipam::eni::EniIpam>,
-    registry: Registry,
     counters: Mutex<Counters>,
     _lock: StateLock,
 }
@@ -193,59 +193,62 @@ impl IpamService {
         let lock = StateLock::acquire(state_dir)?;
         let state = NodeState::open(
             sources,
-            clock,
+            clock.clone(),
             config.cooldown,
-            Store::new(state_dir, Box::new(RealFs)),
+            Store::new(state_dir, Box::new(RealFs::from_env())),
         )?;
         let outside = state.allocator().outside_sources();
         if !outside.is_empty() {
             tracing::warn!(count = outside.len(), first = %outside[0], "allocations outside the configured --node-cidr are kept until released");
         }
+        sync_registry(&registry, &state);
+        let usage = state.allocator().usage();
+        tracing::info!(
+            endpoints = state.endpoints().count(),
+            allocations = state.allocator().allocations().count(),
+            pools = ?usage.iter().map(PoolUsage::describe).collect::<Vec<_>>(),
+            "IPAM state restored"
+        );
+        let on_durable = {
+            Box::new(
+                move |state: &NodeState, outcome: crate::ipam::commit::BatchOutcome| {
+                    if outcome.endpoints_changed {
+                        sync_registry(&registry, state);
+                    }
+                },
+            )
+        };
+        let commit = Arc::new(GroupCommit::new(state, clock, on_durable));
         let service = Self {
             mode: config.mode,
-            state: Arc::new(Mutex::new(state)),
+            commit,
             eni,
-            registry,
             counters: Mutex::new(Counters::default()),
             _lock: lock,
         };
-        {
-            let state = service.state();
-            service.sync_registry(&state);
-            let usage = state.allocator().usage();
-            tracing::info!(
-                endpoints = state.endpoints().count(),
-                allocations = state.allocator().allocations().count(),
-                pools = ?usage.iter().map(PoolUsage::describe).collect::<Vec<_>>(),
-                "IPAM state restored"
-            );
-        }
         if let Some(eni) = &service.eni {
-            crate::ipam::eni::start_ec2(eni, &config.eni, &service.state)?;
+            crate::ipam::eni::start_ec2(eni, &config.eni, service.commit.shared())?;
         }
         Ok(service)
     }
 
     fn state(&self) -> MutexGuard<'_, NodeState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.commit.state()
     }
 
     fn counters(&self) -> MutexGuard<'_, Counters> {
         self.counters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn sync_registry(&self, state: &NodeState) {
-        self.registry.replace_source(
-            Source::Cni,
-            state.endpoints().map(Endpoint::from_record).collect(),
-        );
-    }
-
     #[allow(clippy::too_many_lines)] // one short arm per method
-    fn dispatch(&self, call: Call) -> Result<Value, ApiError> {
+    fn dispatch(&self, call: Call, deadline: Option<u64>) -> Result<Value, ApiError> {
         match call {
             Call::IpamAllocate(k) => {
-                let result = self.state().allocate(&k.key(), &k.network);
+                let result = self.commit.run(
+                    deadline,
+                    Some(k.key()),
+                    change::allocate(k.key(), k.network.clone()),
+                );
                 let label = match &result {
                     Ok(_) => "success",
                     Err(IpamError::Exhausted { .. }) => "exhausted",
@@ -258,7 +261,10 @@ impl IpamService {
                 to_json(&a)
             }
             Call::IpamRelease(k) => {
-                let released = self.state().release(&k.key()).map_err(ipam_error)?;
+                let released = self
+                    .commit
+                    .run(deadline, Some(k.key()), change::release(k.key()))
+                    .map_err(ipam_error)?;
                 self.wake_eni();
                 if let Some(a) = &released {
                     tracing::info!(attachment = %a.key, "released");
@@ -269,10 +275,10 @@ impl IpamService {
             }
             Call::IpamGc(g) => {
                 let valid: BTreeSet<_> = g.valid.into_iter().collect();
-                let network = (!g.network.is_empty()).then_some(g.network.as_str());
+                let network = (!g.network.is_empty()).then_some(g.network);
                 let freed = self
-                    .state()
-                    .gc_allocations(network, &valid)
+                    .commit
+                    .run(deadline, None, change::gc_allocations(network, valid))
                     .map_err(ipam_error)?;
                 tracing::info!(released = freed.len(), "IPAM garbage collected");
                 self.wake_eni();
@@ -317,19 +323,22 @@ impl IpamService {
                         "an endpoint needs at least one address",
                     ));
                 }
-                let mut state = self.state();
                 let key = ep.key();
-                tracing::info!(attachment = %key, pod = %format!("{}/{}", ep.namespace, ep.pod), ips = ?ep.ips, interface = ?ep.interface, "endpoint added");
-                state.add_endpoint(ep).map_err(ipam_error)?;
-                self.sync_registry(&state);
+                let pod = format!("{}/{}", ep.namespace, ep.pod);
+                let (ips, interface) = (ep.ips.clone(), ep.interface.clone());
+                self.commit
+                    .run(deadline, Some(key.clone()), change::add_endpoint(ep))
+                    .map_err(ipam_error)?;
+                tracing::info!(attachment = %key, %pod, ?ips, ?interface, "endpoint added");
                 Ok(json!({}))
             }
             Call::EndpointDel(k) => {
-                let mut state = self.state();
-                let removed = state.remove_endpoint(&k.key()).map_err(ipam_error)?;
+                let removed = self
+                    .commit
+                    .run(deadline, Some(k.key()), change::remove_endpoint(k.key()))
+                    .map_err(ipam_error)?;
                 if removed.is_some() {
                     tracing::info!(attachment = %k.key(), "endpoint removed");
-                    self.sync_registry(&state);
                 }
                 to_json(&Removed {
                     removed: usize::from(removed.is_some()),
@@ -353,12 +362,11 @@ impl IpamService {
             }
             Call::EndpointGc(g) => {
                 let valid: BTreeSet<_> = g.valid.into_iter().collect();
-                let network = (!g.network.is_empty()).then_some(g.network.as_str());
-                let mut state = self.state();
-                let removed = state.gc_endpoints(network, &valid).map_err(ipam_error)?;
-                if !removed.is_empty() {
-                    self.sync_registry(&state);
-                }
+                let network = (!g.network.is_empty()).then_some(g.network);
+                let removed = self
+                    .commit
+                    .run(deadline, None, change::gc_endpoints(network, valid))
+                    .map_err(ipam_error)?;
                 tracing::info!(removed = removed.len(), "endpoints garbage collected");
                 to_json(&Removed {
                     removed: removed.len(),
@@ -416,15 +424,26 @@ impl Subsystem for IpamService {
         METHODS
     }
 
-    /// Serves one API call, counting it by the CNI command it was made for.
     fn handle(&self, m: &str, params: Value) -> Result<Value, ApiError> {
+        self.handle_by(m, params, None)
+    }
+
+    /// Serves one API call, counting it by the CNI command it was made for;
+    /// a change is refused or taken back when its caller's deadline passes
+    /// while it waits for the disk.
+    fn handle_by(
+        &self,
+        m: &str,
+        params: Value,
+        deadline_unix_ms: Option<u64>,
+    ) -> Result<Value, ApiError> {
         let started = Instant::now();
         let command = params
             .get("command")
             .and_then(Value::as_str)
             .filter(|c| !c.is_empty())
             .map(str::to_owned);
-        let result = Call::decode(m, params).and_then(|call| self.dispatch(call));
+        let result = Call::decode(m, params).and_then(|call| self.dispatch(call, deadline_unix_ms));
         if let Some(command) = command.filter(|c| is_cni_command(c)) {
             let outcome = match &result {
                 Ok(_) => "success".to_owned(),
@@ -455,6 +474,28 @@ impl Subsystem for IpamService {
         .sample(&[("state", "allocated")], allocated)
         .sample(&[("state", "free")], free)
         .sample(&[("state", "cooldown")], cooldown);
+        let stats = self.commit.stats();
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+        enc.family(
+            "podnet_ipam_checkpoint_writes_total",
+            MetricType::Counter,
+            "Writes of the IPAM checkpoint (each one fsync of the file and one of its directory), by result; concurrent changes share one write.",
+        )
+        .sample(&[("result", "ok")], load(&stats.writes_ok))
+        .sample(&[("result", "error")], load(&stats.writes_failed));
+        enc.family(
+            "podnet_ipam_checkpoint_changes_total",
+            MetricType::Counter,
+            "IPAM and endpoint changes made durable by the checkpoint writes.",
+        )
+        .sample(&[], load(&stats.changes));
+        enc.family(
+            "podnet_ipam_late_changes_total",
+            MetricType::Counter,
+            "Changes whose caller's deadline passed while they waited for the disk: refused before they were made, or undone after they were written.",
+        )
+        .sample(&[("outcome", "refused")], load(&stats.refused_late))
+        .sample(&[("outcome", "undone")], load(&stats.undone_late));
         let c = self.counters();
         let mut fam = enc.family(
             "podnet_ipam_allocations_total",
@@ -493,6 +534,14 @@ impl Subsystem for IpamService {
     }
 }
 
+/// Publishes the endpoints podnet-cni registered to the registry.
+fn sync_registry(registry: &Registry, state: &NodeState) {
+    registry.replace_source(
+        Source::Cni,
+        state.endpoints().map(Endpoint::from_record).collect(),
+    );
+}
+
 fn is_cni_command(c: &str) -> bool {
     matches!(c, "ADD" | "DEL" | "CHECK" | "GC" | "STATUS")
 }
@@ -501,6 +550,7 @@ fn is_cni_command(c: &str) -> bool {
 fn ipam_error(e: IpamError) -> ApiError {
     let code = match &e {
         IpamError::Exhausted { .. } => ErrorCode::ResourceExhausted,
+        IpamError::DeadlineExceeded { .. } => ErrorCode::DeadlineExceeded,
         e if e.is_transient() => ErrorCode::Unavailable,
         IpamError::NoSources => ErrorCode::Unavailable,
         IpamError::AddressConflict { .. } => ErrorCode::Conflict,

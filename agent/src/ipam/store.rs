@@ -21,6 +21,10 @@ pub const CHECKPOINT_VERSION: u32 = 1;
 pub const CHECKPOINT_FILE: &str = "ipam.json";
 /// File name of the lock inside the state directory.
 pub const LOCK_FILE: &str = "agent.lock";
+/// Test fault: milliseconds added to every fsync of the checkpoint (file
+/// and directory), as a slow disk would. Read once at start; unset in
+/// production.
+pub const FSYNC_DELAY_ENV: &str = "PODNET_FAULTS_FSYNC_DELAY_MS";
 
 /// Errors of the state directory.
 #[derive(Debug, thiserror::Error)]
@@ -98,7 +102,37 @@ pub trait StateFs: Send + Sync + std::fmt::Debug {
 
 /// The real file system.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct RealFs;
+pub struct RealFs {
+    /// Added to every fsync ([`FSYNC_DELAY_ENV`]); zero in production.
+    pub fsync_delay: std::time::Duration,
+}
+
+impl RealFs {
+    /// The real file system, slowed down as [`FSYNC_DELAY_ENV`] asks.
+    pub fn from_env() -> Self {
+        let ms = std::env::var(FSYNC_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if ms > 0 {
+            tracing::warn!(
+                ms,
+                "{FSYNC_DELAY_ENV} is set: every checkpoint fsync is delayed (a test fault)"
+            );
+        }
+        Self {
+            fsync_delay: std::time::Duration::from_millis(ms),
+        }
+    }
+
+    fn sync(&self, f: &File) -> io::Result<()> {
+        f.sync_all()?;
+        if !self.fsync_delay.is_zero() {
+            std::thread::sleep(self.fsync_delay);
+        }
+        Ok(())
+    }
+}
 
 impl StateFs for RealFs {
     fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
@@ -123,10 +157,10 @@ impl StateFs for RealFs {
                 .truncate(true)
                 .open(&tmp)?;
             f.write_all(bytes)?;
-            f.sync_all()?;
+            self.sync(&f)?;
             drop(f);
             fs::rename(&tmp, path)?;
-            File::open(dir)?.sync_all()
+            self.sync(&File::open(dir)?)
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -259,7 +293,7 @@ mod tests {
     #[test]
     fn round_trip_and_rejections() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(dir.path(), Box::new(RealFs));
+        let store = Store::new(dir.path(), Box::new(RealFs::default()));
         assert_eq!(store.load().unwrap(), None);
         let cp = Checkpoint {
             version: CHECKPOINT_VERSION,

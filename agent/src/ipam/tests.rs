@@ -41,11 +41,32 @@ impl Clock for FakeClock {
     }
 }
 
-/// An in-memory file system whose writes can be made to fail.
+/// An in-memory file system whose writes can be made to fail, counted, and
+/// held (as a slow disk holds an fsync) until the test lets them go.
 #[derive(Debug, Default, Clone)]
 struct FakeFs {
     files: Arc<Mutex<HashMap<PathBuf, Vec<u8>>>>,
     full: Arc<AtomicBool>,
+    /// Durable writes started.
+    writes: Arc<AtomicU64>,
+    /// The durable writes from this one on (1-based) fail; 0: none.
+    fail_from: Arc<AtomicU64>,
+    /// While true, durable writes wait.
+    hold: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl FakeFs {
+    fn set_hold(&self, hold: bool) {
+        *self.hold.0.lock().unwrap() = hold;
+        self.hold.1.notify_all();
+    }
+
+    fn insert(&self, path: &Path, bytes: &[u8]) {
+        self.files
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), bytes.to_vec());
+    }
 }
 
 impl StateFs for FakeFs {
@@ -54,13 +75,17 @@ impl StateFs for FakeFs {
     }
 
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
-        if self.full.load(Ordering::SeqCst) {
+        let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut held = self.hold.0.lock().unwrap();
+        while *held {
+            held = self.hold.1.wait(held).unwrap();
+        }
+        drop(held);
+        let fail_from = self.fail_from.load(Ordering::SeqCst);
+        if self.full.load(Ordering::SeqCst) || (fail_from > 0 && n >= fail_from) {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        self.files
-            .lock()
-            .unwrap()
-            .insert(path.to_owned(), bytes.to_vec());
+        self.insert(path, bytes);
         Ok(())
     }
 }
@@ -398,4 +423,167 @@ fn a_second_owner_of_an_address_is_refused_and_nothing_is_written() {
         s.endpoints().map(|e| e.pod.clone()).collect::<Vec<_>>(),
         ["cart-2"]
     );
+}
+
+const CHECKPOINT: &str = "/state/ipam.json";
+
+mod group_commit {
+    use super::*;
+    use crate::ipam::{commit::GroupCommit, state::change};
+
+    fn commit(fs: &FakeFs, clock: &Arc<FakeClock>) -> Arc<GroupCommit> {
+        let state = open(&["10.244.1.0/24"], clock, fs).unwrap();
+        Arc::new(GroupCommit::new(state, clock.clone(), Box::new(|_, _| {})))
+    }
+
+    fn allocate(
+        c: &Arc<GroupCommit>,
+        i: usize,
+        deadline: Option<u64>,
+    ) -> std::thread::JoinHandle<Result<String, IpamError>> {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            c.run(
+                deadline,
+                Some(key(i)),
+                change::allocate(key(i), "net".into()),
+            )
+            .map(|a| ips(&a)[0].clone())
+        })
+    }
+
+    fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < until, "waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn on_disk(fs: &FakeFs) -> usize {
+        let bytes = fs.read(Path::new(CHECKPOINT)).unwrap().unwrap();
+        crate::ipam::store::parse(Path::new(CHECKPOINT), &bytes)
+            .unwrap()
+            .ipam
+            .allocations
+            .len()
+    }
+
+    #[test]
+    fn changes_waiting_for_a_write_share_the_next_one() {
+        let clock = Arc::new(FakeClock::default());
+        let fs = FakeFs::default();
+        let c = commit(&fs, &clock);
+        fs.set_hold(true);
+        let first = allocate(&c, 0, None);
+        wait_until("the first write", || fs.writes.load(Ordering::SeqCst) == 1);
+        let rest: Vec<_> = (1..20).map(|i| allocate(&c, i, None)).collect();
+        wait_until("19 queued changes", || c.queued() == 19);
+        fs.set_hold(false);
+        let mut answered = vec![first.join().unwrap().unwrap()];
+        answered.extend(rest.into_iter().map(|t| t.join().unwrap().unwrap()));
+        let unique: BTreeSet<&String> = answered.iter().collect();
+        assert_eq!(unique.len(), 20);
+        // Two writes for twenty changes: the first alone, then the nineteen
+        // that queued behind it.
+        assert_eq!(fs.writes.load(Ordering::SeqCst), 2);
+        assert_eq!(c.stats().writes_ok.load(Ordering::SeqCst), 2);
+        assert_eq!(c.stats().changes.load(Ordering::SeqCst), 20);
+        assert_eq!(on_disk(&fs), 20);
+    }
+
+    #[test]
+    fn a_failed_write_fails_and_rolls_back_exactly_its_batch() {
+        let clock = Arc::new(FakeClock::default());
+        let fs = FakeFs::default();
+        let c = commit(&fs, &clock);
+        fs.fail_from.store(2, Ordering::SeqCst);
+        fs.set_hold(true);
+        let first = allocate(&c, 0, None);
+        wait_until("the first write", || fs.writes.load(Ordering::SeqCst) == 1);
+        let batch: Vec<_> = (1..5).map(|i| allocate(&c, i, None)).collect();
+        wait_until("4 queued changes", || c.queued() == 4);
+        fs.set_hold(false);
+        assert_eq!(first.join().unwrap().unwrap(), "10.244.1.2");
+        for t in batch {
+            assert_eq!(
+                t.join().unwrap().unwrap_err().to_string(),
+                "writing checkpoint /state/ipam.json: No space left on device (os error 28); the change was not applied, retry later"
+            );
+        }
+        assert_eq!(c.stats().writes_ok.load(Ordering::SeqCst), 1);
+        assert_eq!(c.stats().writes_failed.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            c.state().allocator().allocations().count(),
+            1,
+            "only the first batch's change stays"
+        );
+        fs.fail_from.store(0, Ordering::SeqCst);
+        // The failed batch took no address: the next one is .3.
+        assert_eq!(allocate(&c, 9, None).join().unwrap().unwrap(), "10.244.1.3");
+        assert_eq!(on_disk(&fs), 2);
+    }
+
+    #[test]
+    fn a_change_past_its_deadline_is_not_made() {
+        let clock = Arc::new(FakeClock::default());
+        clock.advance(Duration::from_secs(1000));
+        let fs = FakeFs::default();
+        let c = commit(&fs, &clock);
+        let now = clock.now_unix_ms();
+        let e = allocate(&c, 0, Some(now - 7)).join().unwrap().unwrap_err();
+        assert!(
+            matches!(e, IpamError::DeadlineExceeded { late_ms: 7 }),
+            "{e}"
+        );
+        assert_eq!(c.stats().refused_late.load(Ordering::SeqCst), 1);
+        assert_eq!(fs.writes.load(Ordering::SeqCst), 0);
+        // Queued behind a write during which its deadline passes: refused
+        // when its batch starts.
+        fs.set_hold(true);
+        let first = allocate(&c, 1, None);
+        wait_until("the first write", || fs.writes.load(Ordering::SeqCst) == 1);
+        let late = allocate(&c, 2, Some(now + 100));
+        wait_until("1 queued change", || c.queued() == 1);
+        clock.advance(Duration::from_millis(150));
+        fs.set_hold(false);
+        assert_eq!(first.join().unwrap().unwrap(), "10.244.1.2");
+        let e = late.join().unwrap().unwrap_err();
+        assert!(
+            matches!(e, IpamError::DeadlineExceeded { late_ms: 50 }),
+            "{e}"
+        );
+        assert_eq!(c.stats().refused_late.load(Ordering::SeqCst), 2);
+        assert_eq!(fs.writes.load(Ordering::SeqCst), 1);
+        assert!(c.state().allocator().get(&key(2)).is_none());
+    }
+
+    #[test]
+    fn an_allocation_written_after_its_callers_deadline_is_taken_back() {
+        let clock = Arc::new(FakeClock::default());
+        clock.advance(Duration::from_secs(1000));
+        let fs = FakeFs::default();
+        let c = commit(&fs, &clock);
+        let now = clock.now_unix_ms();
+        fs.set_hold(true);
+        let late = allocate(&c, 0, Some(now + 1000));
+        wait_until("the first write", || fs.writes.load(Ordering::SeqCst) == 1);
+        // The disk holds the write for longer than the caller waits.
+        clock.advance(Duration::from_millis(1500));
+        fs.set_hold(false);
+        let e = late.join().unwrap().unwrap_err();
+        assert!(
+            matches!(e, IpamError::DeadlineExceeded { late_ms: 500 }),
+            "{e}"
+        );
+        // One write for the change, one for taking it back.
+        assert_eq!(c.stats().writes_ok.load(Ordering::SeqCst), 2);
+        assert_eq!(c.stats().undone_late.load(Ordering::SeqCst), 1);
+        assert!(c.state().allocator().get(&key(0)).is_none());
+        assert_eq!(on_disk(&fs), 0);
+        // A caller that waits gets the next address (the taken-back one
+        // cools down like any released address).
+        assert_eq!(allocate(&c, 1, None).join().unwrap().unwrap(), "10.244.1.3");
+        assert_eq!(on_disk(&fs), 1);
+    }
 }
