@@ -1,21 +1,29 @@
-//! IPAM under a slow disk, with the real agent and podnet-cni: a burst of
-//! 110 parallel CNI ADDs (kubelet's default `--max-pods`) while every
-//! checkpoint fsync takes 20 ms more: all succeed within the plugin's
-//! default timeout, the checkpoint holds exactly those 110 allocations, and
-//! the changes shared far fewer checkpoint writes.
+//! IPAM under a slow disk and over a damaged checkpoint, with the real agent
+//! and podnet-cni.
+//!
+//! - A burst of 110 parallel CNI ADDs (kubelet's default `--max-pods`)
+//!   while every checkpoint fsync takes 20 ms more: all succeed within the
+//!   plugin's default timeout, the checkpoint holds exactly those 110
+//!   allocations, and the changes shared far fewer checkpoint writes.
+//! - 30 live pods, then the checkpoint truncated (or overwritten with
+//!   garbage) while the agent is down: the agent starts from the checkpoint's
+//!   copy, every live pod keeps its address, the pods whose namespace went
+//!   away meanwhile are released after the grace, and new pods never get a
+//!   live pod's address.
 
 // Test code: a step that fails fails the test, with the step in the message.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::Path,
     time::{Duration, Instant},
 };
 
 use podnet_tests::{
-    cni::{self, CniEnv},
-    Agent, Topology,
+    cni::{self, Attachment, CniEnv},
+    wait_for, Agent, Netns, Topology,
 };
 use serde_json::{json, Value};
 
@@ -213,4 +221,244 @@ fn a_burst_of_adds_on_a_slow_disk_shares_checkpoint_writes() {
     );
     assert_eq!(changes_after, 2 * BURST as u64);
     assert!(writes_after - writes < BURST as u64);
+}
+
+/// A pod as the runtime knows it.
+struct Pod {
+    netns: Netns,
+    att: Attachment,
+    ip: IpAddr,
+}
+
+fn ptp_list(env: &CniEnv, agent: &Agent) -> std::path::PathBuf {
+    let keys = env.keys(&agent.socket());
+    env.conflist(
+        "ipd",
+        &format!(
+            r#"{{"cniVersion": "1.0.0", "name": "ipd", "plugins": [
+                {{"type": "ptp", "ipMasq": false, "ipam": {{"type": "podnet-cni", {keys}}}}},
+                {{"type": "podnet-cni", {keys}}}
+            ]}}"#
+        ),
+    )
+    .unwrap()
+}
+
+fn add_pod(env: &CniEnv, node: &Netns, list: &Path, id: &str) -> Pod {
+    let netns = Netns::new("ipdpod").unwrap();
+    let att = Attachment::pod(id, &netns, "ipd", &format!("pod-{id}"));
+    let out = env.run(node, "ADD", list, &att, None).unwrap();
+    let result = out.json().unwrap();
+    let address = result["ips"][0]["address"].as_str().unwrap();
+    let ip = address.split('/').next().unwrap().parse().unwrap();
+    Pod { netns, att, ip }
+}
+
+/// container id → addresses, as `endpoint.list` has them.
+fn endpoints(agent: &Agent) -> BTreeMap<String, Vec<IpAddr>> {
+    agent
+        .api("endpoint.list", Value::Null)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["containerId"].as_str().unwrap().to_owned(),
+                serde_json::from_value(e["ips"].clone()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// container id → address, as `ipam.status` answers for each one.
+fn allocations(agent: &Agent, ids: &[&str]) -> BTreeMap<String, Option<IpAddr>> {
+    ids.iter()
+        .map(|id| {
+            let s = agent
+                .api("ipam.status", json!({"containerId": id, "ifName": "eth0"}))
+                .unwrap();
+            let ip = s["allocation"]["ips"][0]["ip"]
+                .as_str()
+                .map(|ip| ip.parse().unwrap());
+            ((*id).to_owned(), ip)
+        })
+        .collect()
+}
+
+/// The pod's address as its own namespace has it.
+fn address_in_pod(pod: &Pod) -> IpAddr {
+    let out = pod
+        .netns
+        .run_ok(&["ip", "-4", "-o", "addr", "show", "dev", "eth0"])
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let cidr = text
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .unwrap();
+    cidr.split('/').next().unwrap().parse().unwrap()
+}
+
+const LIVE_PODS: usize = 30;
+/// Pods whose namespace goes away while the agent is down.
+const GONE_PODS: usize = 2;
+const NEW_PODS: usize = 10;
+/// `--ipam-recovery-grace` for these tests.
+const GRACE: &str = "8s";
+
+#[allow(clippy::too_many_lines)] // one scenario, step by step
+fn recovers_from_a_damaged_checkpoint(name: &str, damage: impl Fn(&Path)) {
+    if !cni::ready() {
+        return;
+    }
+    let topo = Topology::builder().name(name).pods(0).build().unwrap();
+    let node = topo.node();
+    let mut agent = Agent::start_with(
+        node,
+        &[],
+        &[
+            "--node-cidr",
+            "10.252.0.0/24",
+            "--ipam-recovery-grace",
+            GRACE,
+        ],
+    )
+    .unwrap();
+    let env = CniEnv::new().unwrap();
+    let list = ptp_list(&env, &agent);
+    let live: Vec<Pod> = (0..LIVE_PODS)
+        .map(|i| add_pod(&env, node, &list, &format!("ipdlive{i:02}")))
+        .collect();
+    let gone: Vec<Pod> = (0..GONE_PODS)
+        .map(|i| add_pod(&env, node, &list, &format!("ipdgone{i}")))
+        .collect();
+    let before = endpoints(&agent);
+    assert_eq!(before.len(), LIVE_PODS + GONE_PODS);
+
+    // The agent stops; the checkpoint is damaged; two pods go away without
+    // a DEL (their runtime lost them too).
+    agent.stop().unwrap();
+    let state = agent.state_dir();
+    let good = std::fs::read(state.join("ipam.json")).unwrap();
+    assert_eq!(std::fs::read(state.join("ipam.json.prev")).unwrap(), good);
+    damage(&state.join("ipam.json"));
+    let damaged = std::fs::read(state.join("ipam.json")).unwrap();
+    assert_ne!(damaged, good);
+    let gone_ids: Vec<String> = gone.iter().map(|p| p.att.container_id.clone()).collect();
+    let released_ips: BTreeSet<IpAddr> = gone.iter().map(|p| p.ip).collect();
+    drop(gone);
+
+    agent.start_again(node).unwrap();
+    let started = Instant::now();
+    let log = agent.log();
+    let recovered = format!(
+        "IPAM checkpoint {} is damaged; state recovered from {}",
+        state.join("ipam.json").display(),
+        state.join("ipam.json.prev").display()
+    );
+    assert!(log.contains(&recovered), "{log}");
+    for line in log.lines().filter(|l| l.contains("recovered from")) {
+        eprintln!("ipam_durability: agent log: {line}");
+    }
+    assert!(
+        log.contains(&format!(
+            "live={LIVE_PODS} gone={GONE_PODS} without_netns=0 adopted=0"
+        )),
+        "{log}"
+    );
+    // The damaged file is kept for inspection.
+    assert_eq!(
+        std::fs::read(state.join("ipam.json.corrupt")).unwrap(),
+        damaged
+    );
+
+    // Within the grace, everything is as it was.
+    assert_eq!(endpoints(&agent), before);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "checked too late"
+    );
+    // After it, the two pods whose namespace is gone are released, and
+    // only they.
+    let live_ids: Vec<&str> = live.iter().map(|p| p.att.container_id.as_str()).collect();
+    let expected: BTreeMap<String, Vec<IpAddr>> = live
+        .iter()
+        .map(|p| (p.att.container_id.clone(), vec![p.ip]))
+        .collect();
+    assert!(
+        wait_for(|| endpoints(&agent) == expected, Duration::from_secs(20)),
+        "the gone pods were not released: {:?}",
+        endpoints(&agent)
+    );
+    let released = "IPAM recovery: released the pods whose network namespace is gone";
+    assert!(agent.log().contains(released), "{}", agent.log());
+    eprintln!(
+        "ipam_durability: released {:?} after the grace, {:?} after the start",
+        gone_ids,
+        started.elapsed()
+    );
+    assert!(
+        agent.log().contains(&format!(
+            "endpoints={GONE_PODS} allocations={GONE_PODS} kept=0"
+        )),
+        "{}",
+        agent.log()
+    );
+    let status = agent.api("ipam.status", Value::Null).unwrap();
+    assert_eq!(status["allocations"], json!(LIVE_PODS));
+    let mut ids: Vec<&str> = live_ids.clone();
+    ids.extend(gone_ids.iter().map(String::as_str));
+    let expected_allocations: BTreeMap<String, Option<IpAddr>> = live
+        .iter()
+        .map(|p| (p.att.container_id.clone(), Some(p.ip)))
+        .chain(gone_ids.iter().map(|id| (id.clone(), None)))
+        .collect();
+    assert_eq!(allocations(&agent, &ids), expected_allocations);
+    // Every live pod still has its address in its own namespace.
+    for pod in &live {
+        assert_eq!(address_in_pod(pod), pod.ip, "{}", pod.att.container_id);
+    }
+
+    // New pods: all succeed, none gets a live pod's address (nor a released
+    // one, which cools down).
+    let held_ips: BTreeSet<IpAddr> = live.iter().map(|p| p.ip).collect();
+    let new: Vec<Pod> = (0..NEW_PODS)
+        .map(|i| add_pod(&env, node, &list, &format!("ipdnew{i}")))
+        .collect();
+    let new_ips: BTreeSet<IpAddr> = new.iter().map(|p| p.ip).collect();
+    assert_eq!(new_ips.len(), NEW_PODS);
+    assert_eq!(held_ips.intersection(&new_ips).count(), 0);
+    assert_eq!(released_ips.intersection(&new_ips).count(), 0);
+    let cp = checkpoint(&state);
+    assert_eq!(
+        cp["allocations"].as_array().unwrap().len(),
+        LIVE_PODS + NEW_PODS
+    );
+    assert_eq!(
+        cp["endpoints"].as_array().unwrap().len(),
+        LIVE_PODS + NEW_PODS
+    );
+
+    for pod in live.iter().chain(&new) {
+        env.run(node, "DEL", &list, &pod.att, None).unwrap();
+    }
+    assert_eq!(endpoints(&agent), BTreeMap::new());
+}
+
+#[test]
+fn a_truncated_checkpoint_is_recovered_from_its_copy() {
+    recovers_from_a_damaged_checkpoint("ipdtrunc", |path| {
+        let len = std::fs::metadata(path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.set_len(len / 3).unwrap();
+    });
+}
+
+#[test]
+fn a_garbage_checkpoint_is_recovered_from_its_copy() {
+    recovers_from_a_damaged_checkpoint("ipdgarb", |path| {
+        std::fs::write(path, b"\x00\x17not json at all\xff\n").unwrap();
+    });
 }

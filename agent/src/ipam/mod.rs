@@ -5,7 +5,8 @@
 //! name), with a cooldown before a released address is reused. [`state`]
 //! joins the allocator, the endpoints podnet-cni registered and the
 //! crash-safe checkpoint of [`store`]; [`commit`] writes concurrent changes
-//! together; [`service`] serves podnet-cni's
+//! together; [`recovery`] checks a state restored from the checkpoint's copy
+//! against the pods that exist; [`service`] serves podnet-cni's
 //! `endpoint.*` and `ipam.*` calls over it; [`view`] renders its answers for
 //! podnetctl; [`plan`] computes addressing plans.
 
@@ -13,6 +14,7 @@ pub mod allocator;
 pub mod commit;
 pub mod eni;
 pub mod plan;
+pub mod recovery;
 pub mod service;
 pub mod source;
 pub mod state;

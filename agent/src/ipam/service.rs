@@ -23,6 +23,7 @@ use crate::{
     ipam::{
         allocator::PoolUsage,
         commit::GroupCommit,
+        recovery::{self, GraceRelease, NetnsProbe, NsfsProbe},
         source::{AddressSource, NodeCidr},
         state::{change, NodeState},
         store::{RealFs, StateLock, Store},
@@ -34,7 +35,7 @@ use crate::{
         Histogram,
     },
     net::{Cidr, CidrList},
-    options::options,
+    options::{duration_arg, duration_key, options},
     subsystem::{to_json, Subsystem},
 };
 
@@ -77,6 +78,12 @@ options! {
         /// ENI mode: instance metadata endpoint [default: `http://169.254.169.254`].
         #[arg(long, env = "PODNET_IMDS_ENDPOINT")]
         pub imds_endpoint: Option<String>,
+        /// After the IPAM checkpoint was found damaged and restored from its
+        /// copy: how long a pod whose network namespace is gone keeps its
+        /// address before it is released (e.g. `60s`) [default: 60s].
+        #[arg(long, env = "PODNET_IPAM_RECOVERY_GRACE", value_parser = duration_arg)]
+        #[serde(default, deserialize_with = "duration_key")]
+        pub ipam_recovery_grace: Option<Duration>,
     }
 }
 
@@ -91,6 +98,7 @@ impl IpamOptions {
             node_cidrs: self.node_cidr.unwrap_or_default().0,
             node_name: self.node_name,
             cooldown: DEFAULT_COOLDOWN,
+            recovery_grace: self.ipam_recovery_grace.unwrap_or(recovery::DEFAULT_GRACE),
             eni: crate::ipam::eni::EniSettings {
                 targets: crate::ipam::eni::warm::Targets {
                     warm_ip: self.warm_ip_target,
@@ -117,6 +125,8 @@ pub struct IpamSettings {
     pub node_name: Option<String>,
     /// Cooldown of released addresses.
     pub cooldown: Duration,
+    /// `--ipam-recovery-grace`.
+    pub recovery_grace: Duration,
     /// ENI mode settings.
     pub eni: crate::ipam::eni::EniSettings,
 }
@@ -151,6 +161,7 @@ pub struct IpamService {
     commit: Arc<GroupCommit>,
     eni: Option<crate::ipam::eni::EniIpam>,
     counters: Mutex<Counters>,
+    grace: Option<GraceRelease>,
     _lock: StateLock,
 }
 
@@ -191,7 +202,7 @@ impl IpamService {
             sources.push(Arc::new(eni.pool().clone()));
         }
         let lock = StateLock::acquire(state_dir)?;
-        let state = NodeState::open(
+        let mut state = NodeState::open(
             sources,
             clock.clone(),
             config.cooldown,
@@ -201,6 +212,8 @@ impl IpamService {
         if !outside.is_empty() {
             tracing::warn!(count = outside.len(), first = %outside[0], "allocations outside the configured --node-cidr are kept until released");
         }
+        let probe: Arc<dyn NetnsProbe> = Arc::new(NsfsProbe);
+        let gone = recover(&mut state, probe.as_ref(), config.recovery_grace)?;
         sync_registry(&registry, &state);
         let usage = state.allocator().usage();
         tracing::info!(
@@ -219,11 +232,21 @@ impl IpamService {
             )
         };
         let commit = Arc::new(GroupCommit::new(state, clock, on_durable));
+        let grace = if gone.is_empty() {
+            None
+        } else {
+            Some(
+                GraceRelease::start(&commit, probe, gone, config.recovery_grace).map_err(|e| {
+                    IpamError::Config(format!("starting the IPAM recovery thread: {e}"))
+                })?,
+            )
+        };
         let service = Self {
             mode: config.mode,
             commit,
             eni,
             counters: Mutex::new(Counters::default()),
+            grace,
             _lock: lock,
         };
         if let Some(eni) = &service.eni {
@@ -526,10 +549,14 @@ impl Subsystem for IpamService {
         }
     }
 
-    /// Stops background work (the ENI thread); addresses stay as they are.
+    /// Stops background work (the ENI thread, a recovery's grace thread);
+    /// addresses stay as they are.
     fn stop(&self) {
         if let Some(eni) = &self.eni {
             eni.stop();
+        }
+        if let Some(grace) = &self.grace {
+            grace.stop();
         }
     }
 }
@@ -540,6 +567,45 @@ fn sync_registry(registry: &Registry, state: &NodeState) {
         Source::Cni,
         state.endpoints().map(Endpoint::from_record).collect(),
     );
+}
+
+/// After the state was restored from the checkpoint's copy: checks it
+/// against the pods that exist ([`recovery::check`]), writes what that
+/// changed, and logs what was recovered from which file. Returns the
+/// endpoints whose network namespace is gone, with it, for the grace release.
+fn recover(
+    state: &mut NodeState,
+    probe: &dyn NetnsProbe,
+    grace: Duration,
+) -> Result<Vec<(crate::ipam::allocator::AttachmentKey, String)>, IpamError> {
+    let Some(r) = state.recovery().cloned() else {
+        return Ok(Vec::new());
+    };
+    let findings = recovery::check(state, probe);
+    if findings.adopted > 0 {
+        state.flush()?;
+    }
+    tracing::warn!(
+        from = %r.from.display(),
+        damaged = %r.damaged.display(),
+        kept_as = %r.kept_as.as_ref().map_or_else(|| "-".to_owned(), |p| p.display().to_string()),
+        error = %r.error,
+        endpoints = state.endpoints().count(),
+        allocations = state.allocator().allocations().count(),
+        live = findings.live.len(),
+        gone = findings.gone.len(),
+        without_netns = findings.unknown.len(),
+        adopted = findings.adopted,
+        grace_s = grace.as_secs_f64(),
+        "IPAM checkpoint {} is damaged; state recovered from {}",
+        r.damaged.display(),
+        r.from.display(),
+    );
+    Ok(findings
+        .gone
+        .into_iter()
+        .filter_map(|k| state.endpoint(&k).map(|e| (k, e.netns.clone())))
+        .collect())
 }
 
 fn is_cni_command(c: &str) -> bool {

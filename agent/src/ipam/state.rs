@@ -8,6 +8,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
 };
@@ -15,7 +16,7 @@ use std::{
 use super::{
     allocator::{Allocation, Allocator, AllocatorState, AttachmentKey},
     source::AddressSource,
-    store::{Checkpoint, Store, CHECKPOINT_VERSION},
+    store::{Checkpoint, Store, StoreError, CHECKPOINT_VERSION},
     Clock, IpamError,
 };
 use podnet_api::endpoint::EndpointRecord;
@@ -198,6 +199,23 @@ pub mod change {
             Ok((removed, effect))
         }
     }
+
+    /// Releases the endpoints (and their attachments' allocations) of `keys`.
+    pub fn release_attachments(
+        keys: Vec<AttachmentKey>,
+    ) -> impl FnOnce(&mut Allocator, &mut Endpoints) -> Result<((usize, usize), Effect), IpamError>
+    {
+        move |alloc, eps| {
+            let endpoints = keys.iter().filter(|k| eps.remove(*k).is_some()).count();
+            let allocations = keys.iter().filter(|k| alloc.release(k).is_some()).count();
+            let effect = if endpoints + allocations == 0 {
+                Effect::Unchanged
+            } else {
+                Effect::Changed
+            };
+            Ok(((endpoints, allocations), effect))
+        }
+    }
 }
 
 /// The memory state as it was at one moment, to roll back to.
@@ -207,41 +225,115 @@ pub struct Snapshot {
     endpoints: Endpoints,
 }
 
+/// How the state was restored at start when the checkpoint was damaged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
+    /// The file the state came from (the checkpoint's copy).
+    pub from: PathBuf,
+    /// The damaged checkpoint.
+    pub damaged: PathBuf,
+    /// Where the damaged checkpoint was moved for inspection, if it could be.
+    pub kept_as: Option<PathBuf>,
+    /// What was wrong with it.
+    pub error: String,
+}
+
 /// Allocations, cooldowns and registered endpoints, persisted.
 #[derive(Debug)]
 pub struct NodeState {
     alloc: Allocator,
     endpoints: Endpoints,
     store: Store,
+    recovery: Option<Recovery>,
 }
 
 impl NodeState {
-    /// Opens the state, restoring the checkpoint when there is one. A corrupt
-    /// or unknown-version checkpoint is an error (and stays on disk).
+    /// Opens the state, restoring the checkpoint when there is one. A
+    /// checkpoint that is corrupt, contradicts itself or is missing while
+    /// its copy exists is replaced by its copy ([`NodeState::recovery`]
+    /// says so); when the copy is unusable too, or the checkpoint has an
+    /// unknown version, opening fails and the files stay on disk.
     pub fn open(
         sources: Vec<Arc<dyn AddressSource>>,
         clock: Arc<dyn Clock>,
         cooldown: Duration,
         store: Store,
     ) -> Result<Self, IpamError> {
-        let mut alloc = Allocator::new(sources, clock, cooldown);
-        let mut endpoints = BTreeMap::new();
-        if let Some(cp) = store.load()? {
-            alloc.restore(cp.ipam).map_err(|e| {
-                IpamError::Config(format!(
-                    "checkpoint {}: {e}; the file is kept",
-                    store.path().display()
-                ))
-            })?;
-            for ep in cp.endpoints {
-                endpoints.insert(ep.key(), ep);
-            }
-        }
-        Ok(Self {
-            alloc,
-            endpoints,
+        let mut state = Self {
+            alloc: Allocator::new(sources, clock, cooldown),
+            endpoints: BTreeMap::new(),
             store,
-        })
+            recovery: None,
+        };
+        // Why the checkpoint cannot be used: `None` when it does not exist.
+        let path = state.store.path().to_owned();
+        // Why the checkpoint cannot be used: `None` when it does not exist.
+        let damage = match state.store.load() {
+            Ok(None) => None,
+            Ok(Some(cp)) => match state.restore_checkpoint(cp) {
+                Ok(()) => return Ok(state),
+                Err(e) => Some(e.to_string()),
+            },
+            Err(StoreError::Corrupt { message, .. }) => Some(format!("corrupt: {message}")),
+            // A newer format is not damage (its copy has the same format), and
+            // a file that cannot be read is the operator's to look at.
+            Err(e) => return Err(e.into()),
+        };
+        let previous_path = state.store.previous_path().to_owned();
+        let previous = match state.store.load_previous() {
+            // A first start: neither file exists.
+            Ok(None) if damage.is_none() => return Ok(state),
+            Ok(None) => Err("it does not exist".to_owned()),
+            Ok(Some(cp)) => state.restore_checkpoint(cp).map_err(|e| e.to_string()),
+            Err(StoreError::Corrupt { message, .. }) => Err(format!("corrupt: {message}")),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(previous) = previous {
+            return Err(StoreError::BothUnusable {
+                path,
+                current: damage.unwrap_or_else(|| "it does not exist".to_owned()),
+                previous_path,
+                previous,
+            }
+            .into());
+        }
+        let damaged = state.store.path().to_owned();
+        let kept_as = match damage {
+            None => None,
+            Some(_) => match state.store.set_aside_corrupt() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot move the damaged checkpoint aside; it is replaced");
+                    None
+                }
+            },
+        };
+        // The recovered state becomes the checkpoint again.
+        state.flush()?;
+        state.recovery = Some(Recovery {
+            from: previous_path,
+            damaged,
+            kept_as,
+            error: damage.unwrap_or_else(|| "it does not exist".to_owned()),
+        });
+        Ok(state)
+    }
+
+    /// Restores memory from `cp`; on error memory is as it was.
+    fn restore_checkpoint(&mut self, cp: Checkpoint) -> Result<(), IpamError> {
+        self.alloc.restore(cp.ipam)?;
+        self.endpoints = cp.endpoints.into_iter().map(|ep| (ep.key(), ep)).collect();
+        Ok(())
+    }
+
+    /// How the state was recovered at start, if the checkpoint was damaged.
+    pub fn recovery(&self) -> Option<&Recovery> {
+        self.recovery.as_ref()
+    }
+
+    /// The checkpoint's path.
+    pub fn checkpoint_path(&self) -> &Path {
+        self.store.path()
     }
 
     /// The allocator (read-only).
@@ -317,6 +409,13 @@ impl NodeState {
             network.map(str::to_owned),
             valid.clone(),
         ))
+    }
+
+    /// Allocates to a live endpoint the addresses it has, when its
+    /// attachment has no allocation (in memory only; see
+    /// [`Allocator::adopt`]).
+    pub fn adopt(&mut self, ep: &EndpointRecord) -> Result<bool, IpamError> {
+        self.alloc.adopt(&ep.key(), &ep.network, &ep.ips)
     }
 
     /// Writes the checkpoint as memory has it (e.g. to retry after a failure).

@@ -88,6 +88,23 @@ impl StateFs for FakeFs {
         self.insert(path, bytes);
         Ok(())
     }
+
+    fn write_copy(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.insert(path, bytes);
+        Ok(())
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut files = self.files.lock().unwrap();
+        let bytes = files
+            .remove(from)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        files.insert(to.to_owned(), bytes);
+        Ok(())
+    }
 }
 
 fn sources(cidrs: &[&str]) -> Vec<Arc<dyn AddressSource>> {
@@ -243,9 +260,9 @@ fn bad_checkpoints_stop_the_start() {
         .unwrap()
         .insert(path.clone(), b"garbage".to_vec());
     let e = open(&["10.0.0.0/24"], &clock, &fs).unwrap_err().to_string();
-    assert!(
-        e.starts_with("checkpoint /state/ipam.json is corrupt (expected value"),
-        "{e}"
+    assert_eq!(
+        e,
+        "checkpoint /state/ipam.json is unusable (corrupt: expected value at line 1 column 1) and so is its copy /state/ipam.json.prev (it does not exist); the agent will not start over them. Both files are kept as they are: inspect them, and move both away only if every pod on this node is gone"
     );
     let dup = r#"{"version":1,"allocations":[
         {"containerId":"a","ifName":"eth0","network":"n","ips":[{"ip":"10.0.0.2","prefix":"10.0.0.0/24"}],"allocatedUnixMs":0},
@@ -258,7 +275,7 @@ fn bad_checkpoints_stop_the_start() {
     let e = open(&["10.0.0.0/24"], &clock, &fs).unwrap_err().to_string();
     assert_eq!(
         e,
-        "checkpoint /state/ipam.json: inconsistent IPAM state: 10.0.0.2 is given to both a/eth0 and b/eth0; the file is kept"
+        "checkpoint /state/ipam.json is unusable (inconsistent IPAM state: 10.0.0.2 is given to both a/eth0 and b/eth0) and so is its copy /state/ipam.json.prev (it does not exist); the agent will not start over them. Both files are kept as they are: inspect them, and move both away only if every pod on this node is gone"
     );
     assert_eq!(fs.files.lock().unwrap().get(&path).unwrap(), dup.as_bytes());
 }
@@ -426,6 +443,137 @@ fn a_second_owner_of_an_address_is_refused_and_nothing_is_written() {
 }
 
 const CHECKPOINT: &str = "/state/ipam.json";
+const COPY: &str = "/state/ipam.json.prev";
+
+#[test]
+fn a_damaged_checkpoint_is_replaced_by_its_copy() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    let mut s = open(&["10.244.1.0/24"], &clock, &fs).unwrap();
+    for i in 0..3 {
+        let a = s.allocate(&key(i), "net").unwrap();
+        s.add_endpoint(endpoint_record(i, &format!("p{i}"), &ips(&a)[0]))
+            .unwrap();
+    }
+    let before = s.checkpoint();
+    drop(s);
+    let good = fs.read(Path::new(CHECKPOINT)).unwrap().unwrap();
+    assert_eq!(fs.read(Path::new(COPY)).unwrap().unwrap(), good);
+    // Truncated, overwritten with garbage, removed: each time the copy is used.
+    let truncated = &good[..good.len() / 2];
+    for (damaged, error_start) in [
+        (Some(truncated), "corrupt: EOF while parsing"),
+        (Some(&b"\x00garbage\xff"[..]), "corrupt: expected value"),
+        (None, "it does not exist"),
+    ] {
+        match damaged {
+            Some(bytes) => fs.insert(Path::new(CHECKPOINT), bytes),
+            None => {
+                fs.files.lock().unwrap().remove(Path::new(CHECKPOINT));
+            }
+        }
+        let s = open(&["10.244.1.0/24"], &clock, &fs).unwrap();
+        assert_eq!(s.checkpoint(), before);
+        let r = s.recovery().unwrap();
+        assert_eq!(r.from, Path::new(COPY));
+        assert_eq!(r.damaged, Path::new(CHECKPOINT));
+        assert!(r.error.starts_with(error_start), "{}", r.error);
+        // The damaged file is kept aside; the checkpoint is whole again.
+        assert_eq!(
+            r.kept_as.as_deref(),
+            damaged.map(|_| Path::new("/state/ipam.json.corrupt"))
+        );
+        if let Some(bytes) = damaged {
+            assert_eq!(
+                fs.read(Path::new("/state/ipam.json.corrupt"))
+                    .unwrap()
+                    .unwrap(),
+                bytes
+            );
+        }
+        assert_eq!(fs.read(Path::new(CHECKPOINT)).unwrap().unwrap(), good);
+        drop(s);
+        // A start over a whole checkpoint recovers nothing.
+        assert_eq!(
+            open(&["10.244.1.0/24"], &clock, &fs).unwrap().recovery(),
+            None
+        );
+    }
+}
+
+#[test]
+fn both_files_damaged_stop_the_start_naming_both() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    fs.insert(Path::new(CHECKPOINT), b"{\"version\":1,\"allocations\":[{");
+    fs.insert(Path::new(COPY), b"garbage");
+    let e = open(&["10.244.1.0/24"], &clock, &fs)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "checkpoint /state/ipam.json is unusable (corrupt: EOF while parsing an object at line 1 column 29) and so is its copy /state/ipam.json.prev (corrupt: expected value at line 1 column 1); the agent will not start over them. Both files are kept as they are: inspect them, and move both away only if every pod on this node is gone"
+    );
+    // Both are left as they were.
+    assert_eq!(
+        fs.read(Path::new(CHECKPOINT)).unwrap().unwrap(),
+        b"{\"version\":1,\"allocations\":[{"
+    );
+    assert_eq!(fs.read(Path::new(COPY)).unwrap().unwrap(), b"garbage");
+    assert_eq!(fs.writes.load(Ordering::SeqCst), 0);
+}
+
+#[derive(Debug)]
+struct LivePaths(BTreeSet<String>);
+
+impl super::recovery::NetnsProbe for LivePaths {
+    fn exists(&self, netns: &str) -> bool {
+        self.0.contains(netns)
+    }
+}
+
+#[test]
+fn recovery_keeps_live_pods_and_finds_the_gone() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    let mut s = open(&["10.244.1.0/24"], &clock, &fs).unwrap();
+    // c0, c1: allocated and registered; c2: registered with an address the
+    // state has no allocation for; c3: registered without a namespace.
+    for i in 0..2 {
+        let a = s.allocate(&key(i), "net").unwrap();
+        s.add_endpoint(endpoint_record(i, &format!("p{i}"), &ips(&a)[0]))
+            .unwrap();
+    }
+    s.add_endpoint(endpoint_record(2, "p2", "10.244.1.9"))
+        .unwrap();
+    let mut no_netns = endpoint_record(3, "p3", "10.244.1.10");
+    no_netns.netns = String::new();
+    s.add_endpoint(no_netns).unwrap();
+    let probe = LivePaths(
+        ["/var/run/netns/p0", "/var/run/netns/p2"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    );
+    let found = super::recovery::check(&mut s, &probe);
+    assert_eq!(
+        found,
+        super::recovery::Findings {
+            live: vec![key(0), key(2)],
+            gone: vec![key(1)],
+            unknown: vec![key(3)],
+            adopted: 1,
+        }
+    );
+    // The live pod's address is now allocated to it and never handed out.
+    assert_eq!(ips(s.allocator().get(&key(2)).unwrap()), ["10.244.1.9"]);
+    let handed: BTreeSet<String> = (10..250)
+        .map(|i| ips(&s.allocate(&key(i), "net").unwrap())[0].clone())
+        .collect();
+    assert_eq!(handed.len(), 240);
+    assert!(!handed.contains("10.244.1.9"));
+    assert!(!handed.contains("10.244.1.2") && !handed.contains("10.244.1.3"));
+}
 
 mod group_commit {
     use super::*;
