@@ -28,6 +28,19 @@ pub trait Subsystem: Send + Sync {
         Err(ApiError::unknown_method(method))
     }
 
+    /// Serves one of [`Subsystem::methods`] for a client that gives up at
+    /// `deadline_unix_ms` (see `api::server::Handler::handle_by`); a
+    /// subsystem whose calls can wait overrides it.
+    fn handle_by(
+        &self,
+        method: &str,
+        params: Value,
+        deadline_unix_ms: Option<u64>,
+    ) -> Result<Value, ApiError> {
+        let _ = deadline_unix_ms;
+        self.handle(method, params)
+    }
+
     /// Writes its own metric families into `enc`, and its samples of the
     /// families several subsystems share into `shared`.
     fn render_metrics(&self, enc: &mut Encoder, shared: &mut SharedFamilies);

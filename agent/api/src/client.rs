@@ -14,7 +14,7 @@ use std::{
 use serde_json::Value;
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::protocol::{ApiError, Request, Response, MAX_RESPONSE_BYTES};
+use crate::protocol::{now_unix_ms, ApiError, Request, Response, MAX_RESPONSE_BYTES};
 
 /// How long a call waits for the agent when the caller has no better idea.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -89,7 +89,9 @@ pub enum ClientError {
 
 /// Calls `method` with `params` on the agent listening on `socket` and
 /// returns the result. The whole call (connect, write, read) takes at most
-/// about `timeout`.
+/// about `timeout`; the request carries the moment it gives up
+/// ([`Request::deadline_unix_ms`]), so the agent does not start, or keep,
+/// work nobody waits for.
 pub fn call(
     socket: &Path,
     method: &str,
@@ -101,8 +103,10 @@ pub fn call(
         timeout,
         deadline: Instant::now() + timeout,
     };
+    let deadline_unix_ms =
+        now_unix_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
     let mut stream = call.connect()?;
-    let request = Request::new(method, params);
+    let request = Request::new(method, params).with_deadline(deadline_unix_ms);
     // Serializing a struct of a number, a string and a JSON value cannot fail.
     let mut line = serde_json::to_vec(&request).map_err(|e| call.protocol(e.to_string()))?;
     line.push(b'\n');

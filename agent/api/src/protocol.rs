@@ -78,6 +78,10 @@ pub const METHODS: &[&str] = &[
 ];
 
 /// One request.
+///
+/// Unknown fields are ignored, so a client may send `deadline_unix_ms` to an
+/// agent that predates it, and a request without it (an older client) has no
+/// deadline.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Request {
     /// Protocol version; must be [`VERSION`].
@@ -87,17 +91,40 @@ pub struct Request {
     /// Method parameters; `null` when absent.
     #[serde(default)]
     pub params: Value,
+    /// When the client stops waiting for the answer, in milliseconds since
+    /// the Unix epoch (client and agent share the node's clock). The agent
+    /// refuses work it would start after this moment
+    /// ([`ErrorCode::DeadlineExceeded`]) and does not leave behind a change it
+    /// made for a client that is gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_unix_ms: Option<u64>,
 }
 
 impl Request {
-    /// A request of this protocol version.
+    /// A request of this protocol version, without a deadline.
     pub fn new(method: impl Into<String>, params: Value) -> Self {
         Self {
             version: VERSION,
             method: method.into(),
             params,
+            deadline_unix_ms: None,
         }
     }
+
+    /// The same request with a deadline.
+    #[must_use]
+    pub fn with_deadline(mut self, deadline_unix_ms: u64) -> Self {
+        self.deadline_unix_ms = Some(deadline_unix_ms);
+        self
+    }
+}
+
+/// Milliseconds since the Unix epoch now, the clock of
+/// [`Request::deadline_unix_ms`] (0 if the clock is before 1970).
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// One response: `result` when `ok`, else `error`.
@@ -184,6 +211,9 @@ pub enum ErrorCode {
     /// The request collides with what another object holds (e.g. an address
     /// another endpoint is registered with).
     Conflict,
+    /// The request's deadline passed before the agent could serve it; nothing
+    /// was changed, the call may be retried.
+    DeadlineExceeded,
     /// A code this build does not know (sent by a newer agent).
     #[serde(other)]
     Unknown,
@@ -206,6 +236,7 @@ impl ErrorCode {
             Self::NotFound => "not_found",
             Self::Mismatch => "mismatch",
             Self::Conflict => "conflict",
+            Self::DeadlineExceeded => "deadline_exceeded",
             Self::Unknown => "unknown",
         }
     }
@@ -343,6 +374,26 @@ mod tests {
             )))
             .unwrap(),
             r#"{"version":1,"ok":false,"error":{"code":"unknown_method","message":"no"}}"#
+        );
+    }
+
+    #[test]
+    fn a_deadline_is_sent_only_when_set_and_old_requests_have_none() {
+        let req = Request::new(method::STATUS, Value::Null).with_deadline(1_700_000_000_123);
+        assert_eq!(
+            serde_json::to_string(&req).unwrap(),
+            r#"{"version":1,"method":"status","params":null,"deadline_unix_ms":1700000000123}"#
+        );
+        let old: Request =
+            serde_json::from_str(r#"{"version":1,"method":"status","params":null}"#).unwrap();
+        assert_eq!(old.deadline_unix_ms, None);
+        assert_eq!(
+            serde_json::to_string(&Response::failure(ApiError::new(
+                ErrorCode::DeadlineExceeded,
+                "late"
+            )))
+            .unwrap(),
+            r#"{"version":1,"ok":false,"error":{"code":"deadline_exceeded","message":"late"}}"#
         );
     }
 

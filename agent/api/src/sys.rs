@@ -3,6 +3,10 @@
 
 use std::path::Path;
 
+/// `NSFS_MAGIC` from include/uapi/linux/magic.h: the filesystem of
+/// namespace files (`/proc/<pid>/ns/*` and their bind mounts).
+pub const NSFS_MAGIC: i64 = 0x6e73_6673;
+
 /// The magic number (`statfs`'s `f_type`, as in include/uapi/linux/magic.h)
 /// of the filesystem `path` is on, or `None` when `path` cannot be statted.
 pub fn filesystem_magic(path: &Path) -> Option<i64> {

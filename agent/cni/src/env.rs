@@ -89,10 +89,6 @@ pub fn validate_if_name(name: &str) -> Result<(), CniError> {
     podnet_api::endpoint::validate_if_name(name).map_err(invalid)
 }
 
-/// `NSFS_MAGIC` from include/uapi/linux/magic.h: the filesystem of
-/// namespace files (`/proc/<pid>/ns/net` and their bind mounts).
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-
 /// Checks `CNI_NETNS`: an absolute path to an existing network namespace
 /// file (a relative path or any other file is refused, so a path trick cannot
 /// point the plugin at something else).
@@ -106,7 +102,7 @@ pub fn validate_netns(netns: &str) -> Result<(), CniError> {
     if !path.exists() {
         return Err(invalid(format!("CNI_NETNS {netns:?} does not exist")));
     }
-    if podnet_api::sys::filesystem_magic(path) != Some(NSFS_MAGIC) {
+    if podnet_api::sys::filesystem_magic(path) != Some(podnet_api::sys::NSFS_MAGIC) {
         return Err(invalid(format!(
             "CNI_NETNS {netns:?} is not a network namespace file"
         )));

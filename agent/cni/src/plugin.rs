@@ -32,7 +32,9 @@ pub fn agent_error(e: ClientError) -> CniError {
         ClientError::Remote { ref error, .. } => {
             let code = match error.code {
                 ErrorCode::ResourceExhausted => Code::IpamExhausted,
-                ErrorCode::Unavailable | ErrorCode::Timeout => Code::TryAgainLater,
+                ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::DeadlineExceeded => {
+                    Code::TryAgainLater
+                }
                 ErrorCode::NotFound => Code::UnknownContainer,
                 ErrorCode::Mismatch => Code::CheckFailed,
                 ErrorCode::Conflict => Code::AddressConflict,

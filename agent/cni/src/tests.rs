@@ -132,6 +132,21 @@ fn errors_map_to_cni_codes() {
         .unwrap()
         .contains("1/1 addresses allocated"));
 
+    // The agent could not make the change before the plugin's deadline:
+    // nothing was changed, try again later.
+    let late = leak(Fake {
+        calls: RefCell::new(Vec::new()),
+        answer: |m: &str, _: &Value| {
+            Err(ClientError::Remote {
+                method: m.to_owned(),
+                error: ApiError::new(ErrorCode::DeadlineExceeded, "the caller's deadline passed 3 ms ago while the change waited for the disk; nothing was changed, retry later"),
+            })
+        },
+    });
+    let e: Value = serde_json::from_str(&run(late, "ADD", conf).stdout).unwrap();
+    assert_eq!(e["code"], json!(11));
+    assert_eq!(e["details"], json!("the caller's deadline passed 3 ms ago while the change waited for the disk; nothing was changed, retry later"));
+
     let down = leak(Fake {
         calls: RefCell::new(Vec::new()),
         answer: |_: &str, _: &Value| {

@@ -45,6 +45,38 @@ pub trait Handler: Send + Sync {
     /// Answers `method` (always one of [`METHODS`]) with `params` (`null`
     /// when the request had none).
     fn handle(&self, method: &str, params: Value) -> Result<Value, ApiError>;
+
+    /// Like [`Handler::handle`] for a request whose client gives up at
+    /// `deadline_unix_ms` (`None`: no deadline). A handler that can wait
+    /// (e.g. for the disk) overrides it to refuse or undo work nobody waits
+    /// for; the server has already refused requests whose deadline passed
+    /// before they reached the handler.
+    fn handle_by(
+        &self,
+        method: &str,
+        params: Value,
+        deadline_unix_ms: Option<u64>,
+    ) -> Result<Value, ApiError> {
+        let _ = deadline_unix_ms;
+        self.handle(method, params)
+    }
+}
+
+/// The error of a request whose deadline passed `late_ms` ago before the
+/// agent started it: nothing was done, and the client is told to retry.
+pub fn deadline_exceeded(method: &str, late_ms: u64) -> ApiError {
+    ApiError::new(
+        ErrorCode::DeadlineExceeded,
+        format!(
+            "{method} was not started: the caller's deadline passed {late_ms} ms ago (the agent is busy); nothing was changed, retry later"
+        ),
+    )
+}
+
+/// How far past its deadline a request is now (`None`: not yet, or no deadline).
+fn past_deadline(deadline_unix_ms: Option<u64>) -> Option<u64> {
+    let now = super::protocol::now_unix_ms();
+    deadline_unix_ms.filter(|d| now >= *d).map(|d| now - d)
 }
 
 /// Errors setting up the socket.
@@ -361,8 +393,19 @@ async fn dispatch(handler: Arc<dyn Handler>, request: Request) -> Response {
         return Response::failure(ApiError::unknown_method(&request.method));
     }
     let method = request.method.clone();
-    match tokio::task::spawn_blocking(move || handler.handle(&request.method, request.params)).await
-    {
+    let deadline = request.deadline_unix_ms;
+    if let Some(late_ms) = past_deadline(deadline) {
+        return Response::failure(deadline_exceeded(&method, late_ms));
+    }
+    let served = tokio::task::spawn_blocking(move || {
+        // The blocking pool may have queued the call behind others.
+        if let Some(late_ms) = past_deadline(deadline) {
+            return Err(deadline_exceeded(&request.method, late_ms));
+        }
+        handler.handle_by(&request.method, request.params, deadline)
+    })
+    .await;
+    match served {
         Ok(Ok(result)) => Response::success(result),
         Ok(Err(error)) => Response::failure(error),
         Err(error) => {
@@ -501,6 +544,39 @@ mod tests {
         // Shutdown removes the socket file.
         server.stop();
         assert!(!server.path.exists());
+    }
+
+    #[test]
+    fn a_request_past_its_deadline_is_refused_before_the_handler() {
+        let server = Running::start(|s| s);
+        let now = crate::api::protocol::now_unix_ms();
+        let late = format!(
+            "{{\"version\":1,\"method\":\"dns.top\",\"deadline_unix_ms\":{}}}\n",
+            now - 1000
+        );
+        let answer: Response = serde_json::from_str(&server.raw(late.as_bytes())).unwrap();
+        let error = answer.error.unwrap();
+        assert_eq!(error.code, ErrorCode::DeadlineExceeded);
+        assert!(
+            error
+                .message
+                .starts_with("dns.top was not started: the caller's deadline passed "),
+            "{}",
+            error.message
+        );
+        // In time, or without a deadline (an older client): served.
+        for deadline in [
+            format!(",\"deadline_unix_ms\":{}", now + 60_000),
+            String::new(),
+        ] {
+            let request = format!("{{\"version\":1,\"method\":\"dns.top\"{deadline}}}\n");
+            let answer: Response = serde_json::from_str(&server.raw(request.as_bytes())).unwrap();
+            assert_eq!(
+                answer.result,
+                Some(json!({"method": "dns.top", "params": null})),
+                "{request}"
+            );
+        }
     }
 
     #[test]

@@ -22,6 +22,15 @@ pub struct ApiHandler(pub Arc<Daemon>);
 
 impl Handler for ApiHandler {
     fn handle(&self, m: &str, params: Value) -> Result<Value, p::ApiError> {
+        self.handle_by(m, params, None)
+    }
+
+    fn handle_by(
+        &self,
+        m: &str,
+        params: Value,
+        deadline_unix_ms: Option<u64>,
+    ) -> Result<Value, p::ApiError> {
         if m == method::STATUS {
             return to_json(&self.0.status());
         }
@@ -31,7 +40,7 @@ impl Handler for ApiHandler {
             .iter()
             .find(|s| s.methods().contains(&m))
         {
-            Some(subsystem) => subsystem.handle(m, params),
+            Some(subsystem) => subsystem.handle_by(m, params, deadline_unix_ms),
             None => Err(p::ApiError::unknown_method(m)),
         }
     }

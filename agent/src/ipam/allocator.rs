@@ -225,6 +225,54 @@ impl Allocator {
         }
     }
 
+    /// Allocates to `key` exactly the addresses of `ips` that lie in a
+    /// source (a live pod's, found without an allocation), unless `key` has
+    /// an allocation already. Returns whether it allocated; an address
+    /// another attachment holds is an error and nothing is allocated.
+    pub fn adopt(
+        &mut self,
+        key: &AttachmentKey,
+        network: &str,
+        ips: &[IpAddr],
+    ) -> Result<bool, IpamError> {
+        if self.allocations.contains_key(key) {
+            return Ok(false);
+        }
+        let mut assigned = Vec::new();
+        for ip in ips {
+            let Some(source) = self.sources.iter().find(|s| s.is_usable(*ip)) else {
+                continue;
+            };
+            if let Some(other) = self.used.get(ip) {
+                return Err(IpamError::Inconsistent(format!(
+                    "{ip} of {key} is allocated to {other}"
+                )));
+            }
+            assigned.push(Assigned {
+                ip: *ip,
+                prefix: source.prefix(),
+                gateway: source.gateway(),
+            });
+        }
+        if assigned.is_empty() {
+            return Ok(false);
+        }
+        for a in &assigned {
+            self.cooldowns.remove(&a.ip);
+            self.used.insert(a.ip, key.clone());
+        }
+        self.allocations.insert(
+            key.clone(),
+            Allocation {
+                key: key.clone(),
+                network: network.to_owned(),
+                ips: assigned,
+                allocated_unix_ms: self.clock.now_unix_ms(),
+            },
+        );
+        Ok(true)
+    }
+
     /// Releases the addresses of `key` into cooldown. `None` when it had none
     /// (DEL is idempotent).
     pub fn release(&mut self, key: &AttachmentKey) -> Option<Allocation> {

@@ -4,13 +4,17 @@
 //! or the ENI warm pool of [`eni`]), keyed by (container id, interface
 //! name), with a cooldown before a released address is reused. [`state`]
 //! joins the allocator, the endpoints podnet-cni registered and the
-//! crash-safe checkpoint of [`store`]; [`service`] serves podnet-cni's
+//! crash-safe checkpoint of [`store`]; [`commit`] writes concurrent changes
+//! together; [`recovery`] checks a state restored from the checkpoint's copy
+//! against the pods that exist; [`service`] serves podnet-cni's
 //! `endpoint.*` and `ipam.*` calls over it; [`view`] renders its answers for
 //! podnetctl; [`plan`] computes addressing plans.
 
 pub mod allocator;
+pub mod commit;
 pub mod eni;
 pub mod plan;
+pub mod recovery;
 pub mod service;
 pub mod source;
 pub mod state;
@@ -81,6 +85,13 @@ pub enum IpamError {
         /// The endpoint holding it: `namespace/pod (container id/interface)`.
         holder: String,
     },
+    /// The caller's deadline passed before its change could be made, or
+    /// while it was written (then it was taken back).
+    #[error("the caller's deadline passed {late_ms} ms ago while the change waited for the disk; nothing was changed, retry later")]
+    DeadlineExceeded {
+        /// How long ago the deadline passed.
+        late_ms: u64,
+    },
 }
 
 impl IpamError {
@@ -88,7 +99,9 @@ impl IpamError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            Self::Store(store::StoreError::Write { .. }) | Self::Exhausted { .. }
+            Self::Store(store::StoreError::Write { .. })
+                | Self::Exhausted { .. }
+                | Self::DeadlineExceeded { .. }
         )
     }
 }

@@ -22,8 +22,10 @@ use crate::{
     endpoint::{Endpoint, Registry, Source},
     ipam::{
         allocator::PoolUsage,
+        commit::GroupCommit,
+        recovery::{self, GraceRelease, NetnsProbe, NsfsProbe},
         source::{AddressSource, NodeCidr},
-        state::NodeState,
+        state::{change, NodeState},
         store::{RealFs, StateLock, Store},
         Clock, IpamError, IpamMode, SystemClock, DEFAULT_COOLDOWN,
     },
@@ -33,7 +35,7 @@ use crate::{
         Histogram,
     },
     net::{Cidr, CidrList},
-    options::options,
+    options::{duration_arg, duration_key, options},
     subsystem::{to_json, Subsystem},
 };
 
@@ -77,6 +79,12 @@ options! {
         /// ENI mode: instance metadata endpoint [default: `http://169.254.169.254`].
         #[arg(long, env = "PODNET_IMDS_ENDPOINT")]
         pub imds_endpoint: Option<String>,
+        /// After the IPAM checkpoint was found damaged and restored from its
+        /// copy: how long a pod whose network namespace is gone keeps its
+        /// address before it is released (e.g. `60s`) [default: 60s].
+        #[arg(long, env = "PODNET_IPAM_RECOVERY_GRACE", value_parser = duration_arg)]
+        #[serde(default, deserialize_with = "duration_key")]
+        pub ipam_recovery_grace: Option<Duration>,
     }
 }
 
@@ -115,6 +123,7 @@ impl IpamOptions {
             node_cidrs: self.node_cidr.unwrap_or_default().0,
             node_name: self.node_name,
             cooldown: DEFAULT_COOLDOWN,
+            recovery_grace: self.ipam_recovery_grace.unwrap_or(recovery::DEFAULT_GRACE),
             eni: crate::ipam::eni::EniSettings {
                 targets: crate::ipam::eni::warm::Targets {
                     warm_ip: self.warm_ip_target,
@@ -141,6 +150,8 @@ pub struct IpamSettings {
     pub node_name: Option<String>,
     /// Cooldown of released addresses.
     pub cooldown: Duration,
+    /// `--ipam-recovery-grace`.
+    pub recovery_grace: Duration,
     /// ENI mode settings.
     pub eni: crate::ipam::eni::EniSettings,
 }
@@ -173,10 +184,10 @@ struct Counters {
 #[derive(Debug)]
 pub struct IpamService {
     mode: IpamMode,
-    state: Arc<Mutex<NodeState>>,
+    commit: Arc<GroupCommit>,
     eni: Option<crate::ipam::eni::EniIpam>,
-    registry: Registry,
     counters: Mutex<Counters>,
+    grace: Option<GraceRelease>,
     _lock: StateLock,
 }
 
@@ -217,61 +228,76 @@ impl IpamService {
             sources.push(Arc::new(eni.pool().clone()));
         }
         let lock = StateLock::acquire(state_dir)?;
-        let state = NodeState::open(
+        let mut state = NodeState::open(
             sources,
-            clock,
+            clock.clone(),
             config.cooldown,
-            Store::new(state_dir, Box::new(RealFs)),
+            Store::new(state_dir, Box::new(RealFs::from_env())),
         )?;
         let outside = state.allocator().outside_sources();
         if !outside.is_empty() {
             tracing::warn!(count = outside.len(), first = %outside[0], "allocations outside the configured --node-cidr are kept until released");
         }
+        let probe: Arc<dyn NetnsProbe> = Arc::new(NsfsProbe);
+        let gone = recover(&mut state, probe.as_ref(), config.recovery_grace)?;
+        sync_registry(&registry, &state);
+        let usage = state.allocator().usage();
+        tracing::info!(
+            endpoints = state.endpoints().count(),
+            allocations = state.allocator().allocations().count(),
+            pools = ?usage.iter().map(PoolUsage::describe).collect::<Vec<_>>(),
+            "IPAM state restored"
+        );
+        let on_durable = {
+            Box::new(
+                move |state: &NodeState, outcome: crate::ipam::commit::BatchOutcome| {
+                    if outcome.endpoints_changed {
+                        sync_registry(&registry, state);
+                    }
+                },
+            )
+        };
+        let commit = Arc::new(GroupCommit::new(state, clock, on_durable));
+        let grace = if gone.is_empty() {
+            None
+        } else {
+            Some(
+                GraceRelease::start(&commit, probe, gone, config.recovery_grace).map_err(|e| {
+                    IpamError::Config(format!("starting the IPAM recovery thread: {e}"))
+                })?,
+            )
+        };
         let service = Self {
             mode: config.mode,
-            state: Arc::new(Mutex::new(state)),
+            commit,
             eni,
-            registry,
             counters: Mutex::new(Counters::default()),
+            grace,
             _lock: lock,
         };
-        {
-            let state = service.state();
-            service.sync_registry(&state);
-            let usage = state.allocator().usage();
-            tracing::info!(
-                endpoints = state.endpoints().count(),
-                allocations = state.allocator().allocations().count(),
-                pools = ?usage.iter().map(PoolUsage::describe).collect::<Vec<_>>(),
-                "IPAM state restored"
-            );
-        }
         if let Some(eni) = &service.eni {
-            crate::ipam::eni::start_ec2(eni, &config.eni, &service.state)?;
+            crate::ipam::eni::start_ec2(eni, &config.eni, service.commit.shared())?;
         }
         Ok(service)
     }
 
     fn state(&self) -> MutexGuard<'_, NodeState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.commit.state()
     }
 
     fn counters(&self) -> MutexGuard<'_, Counters> {
         self.counters.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn sync_registry(&self, state: &NodeState) {
-        self.registry.replace_source(
-            Source::Cni,
-            state.endpoints().map(Endpoint::from_record).collect(),
-        );
-    }
-
     #[allow(clippy::too_many_lines)] // one short arm per method
-    fn dispatch(&self, call: Call) -> Result<Value, ApiError> {
+    fn dispatch(&self, call: Call, deadline: Option<u64>) -> Result<Value, ApiError> {
         match call {
             Call::IpamAllocate(k) => {
-                let result = self.state().allocate(&k.key(), &k.network);
+                let result = self.commit.run(
+                    deadline,
+                    Some(k.key()),
+                    change::allocate(k.key(), k.network.clone()),
+                );
                 let label = match &result {
                     Ok(_) => "success",
                     Err(IpamError::Exhausted { .. }) => "exhausted",
@@ -284,7 +310,10 @@ impl IpamService {
                 to_json(&a)
             }
             Call::IpamRelease(k) => {
-                let released = self.state().release(&k.key()).map_err(ipam_error)?;
+                let released = self
+                    .commit
+                    .run(deadline, Some(k.key()), change::release(k.key()))
+                    .map_err(ipam_error)?;
                 self.wake_eni();
                 if let Some(a) = &released {
                     tracing::info!(attachment = %a.key, "released");
@@ -295,10 +324,10 @@ impl IpamService {
             }
             Call::IpamGc(g) => {
                 let valid: BTreeSet<_> = g.valid.into_iter().collect();
-                let network = (!g.network.is_empty()).then_some(g.network.as_str());
+                let network = (!g.network.is_empty()).then_some(g.network);
                 let freed = self
-                    .state()
-                    .gc_allocations(network, &valid)
+                    .commit
+                    .run(deadline, None, change::gc_allocations(network, valid))
                     .map_err(ipam_error)?;
                 tracing::info!(released = freed.len(), "IPAM garbage collected");
                 self.wake_eni();
@@ -343,19 +372,22 @@ impl IpamService {
                         "an endpoint needs at least one address",
                     ));
                 }
-                let mut state = self.state();
                 let key = ep.key();
-                tracing::info!(attachment = %key, pod = %format!("{}/{}", ep.namespace, ep.pod), ips = ?ep.ips, interface = ?ep.interface, "endpoint added");
-                state.add_endpoint(ep).map_err(ipam_error)?;
-                self.sync_registry(&state);
+                let pod = format!("{}/{}", ep.namespace, ep.pod);
+                let (ips, interface) = (ep.ips.clone(), ep.interface.clone());
+                self.commit
+                    .run(deadline, Some(key.clone()), change::add_endpoint(ep))
+                    .map_err(ipam_error)?;
+                tracing::info!(attachment = %key, %pod, ?ips, ?interface, "endpoint added");
                 Ok(json!({}))
             }
             Call::EndpointDel(k) => {
-                let mut state = self.state();
-                let removed = state.remove_endpoint(&k.key()).map_err(ipam_error)?;
+                let removed = self
+                    .commit
+                    .run(deadline, Some(k.key()), change::remove_endpoint(k.key()))
+                    .map_err(ipam_error)?;
                 if removed.is_some() {
                     tracing::info!(attachment = %k.key(), "endpoint removed");
-                    self.sync_registry(&state);
                 }
                 to_json(&Removed {
                     removed: usize::from(removed.is_some()),
@@ -379,12 +411,11 @@ impl IpamService {
             }
             Call::EndpointGc(g) => {
                 let valid: BTreeSet<_> = g.valid.into_iter().collect();
-                let network = (!g.network.is_empty()).then_some(g.network.as_str());
-                let mut state = self.state();
-                let removed = state.gc_endpoints(network, &valid).map_err(ipam_error)?;
-                if !removed.is_empty() {
-                    self.sync_registry(&state);
-                }
+                let network = (!g.network.is_empty()).then_some(g.network);
+                let removed = self
+                    .commit
+                    .run(deadline, None, change::gc_endpoints(network, valid))
+                    .map_err(ipam_error)?;
                 tracing::info!(removed = removed.len(), "endpoints garbage collected");
                 to_json(&Removed {
                     removed: removed.len(),
@@ -442,15 +473,26 @@ impl Subsystem for IpamService {
         METHODS
     }
 
-    /// Serves one API call, counting it by the CNI command it was made for.
     fn handle(&self, m: &str, params: Value) -> Result<Value, ApiError> {
+        self.handle_by(m, params, None)
+    }
+
+    /// Serves one API call, counting it by the CNI command it was made for;
+    /// a change is refused or taken back when its caller's deadline passes
+    /// while it waits for the disk.
+    fn handle_by(
+        &self,
+        m: &str,
+        params: Value,
+        deadline_unix_ms: Option<u64>,
+    ) -> Result<Value, ApiError> {
         let started = Instant::now();
         let command = params
             .get("command")
             .and_then(Value::as_str)
             .filter(|c| !c.is_empty())
             .map(str::to_owned);
-        let result = Call::decode(m, params).and_then(|call| self.dispatch(call));
+        let result = Call::decode(m, params).and_then(|call| self.dispatch(call, deadline_unix_ms));
         if let Some(command) = command.filter(|c| is_cni_command(c)) {
             let outcome = match &result {
                 Ok(_) => "success".to_owned(),
@@ -481,6 +523,28 @@ impl Subsystem for IpamService {
         .sample(&[("state", "allocated")], allocated)
         .sample(&[("state", "free")], free)
         .sample(&[("state", "cooldown")], cooldown);
+        let stats = self.commit.stats();
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+        enc.family(
+            "podnet_ipam_checkpoint_writes_total",
+            MetricType::Counter,
+            "Writes of the IPAM checkpoint (each one fsync of the file and one of its directory), by result; concurrent changes share one write.",
+        )
+        .sample(&[("result", "ok")], load(&stats.writes_ok))
+        .sample(&[("result", "error")], load(&stats.writes_failed));
+        enc.family(
+            "podnet_ipam_checkpoint_changes_total",
+            MetricType::Counter,
+            "IPAM and endpoint changes made durable by the checkpoint writes.",
+        )
+        .sample(&[], load(&stats.changes));
+        enc.family(
+            "podnet_ipam_late_changes_total",
+            MetricType::Counter,
+            "Changes whose caller's deadline passed while they waited for the disk: refused before they were made, or undone after they were written.",
+        )
+        .sample(&[("outcome", "refused")], load(&stats.refused_late))
+        .sample(&[("outcome", "undone")], load(&stats.undone_late));
         let c = self.counters();
         let mut fam = enc.family(
             "podnet_ipam_allocations_total",
@@ -511,12 +575,63 @@ impl Subsystem for IpamService {
         }
     }
 
-    /// Stops background work (the ENI thread); addresses stay as they are.
+    /// Stops background work (the ENI thread, a recovery's grace thread);
+    /// addresses stay as they are.
     fn stop(&self) {
         if let Some(eni) = &self.eni {
             eni.stop();
         }
+        if let Some(grace) = &self.grace {
+            grace.stop();
+        }
     }
+}
+
+/// Publishes the endpoints podnet-cni registered to the registry.
+fn sync_registry(registry: &Registry, state: &NodeState) {
+    registry.replace_source(
+        Source::Cni,
+        state.endpoints().map(Endpoint::from_record).collect(),
+    );
+}
+
+/// After the state was restored from the checkpoint's copy: checks it
+/// against the pods that exist ([`recovery::check`]), writes what that
+/// changed, and logs what was recovered from which file. Returns the
+/// endpoints whose network namespace is gone, with it, for the grace release.
+fn recover(
+    state: &mut NodeState,
+    probe: &dyn NetnsProbe,
+    grace: Duration,
+) -> Result<Vec<(crate::ipam::allocator::AttachmentKey, String)>, IpamError> {
+    let Some(r) = state.recovery().cloned() else {
+        return Ok(Vec::new());
+    };
+    let findings = recovery::check(state, probe);
+    if findings.adopted > 0 {
+        state.flush()?;
+    }
+    tracing::warn!(
+        from = %r.from.display(),
+        damaged = %r.damaged.display(),
+        kept_as = %r.kept_as.as_ref().map_or_else(|| "-".to_owned(), |p| p.display().to_string()),
+        error = %r.error,
+        endpoints = state.endpoints().count(),
+        allocations = state.allocator().allocations().count(),
+        live = findings.live.len(),
+        gone = findings.gone.len(),
+        without_netns = findings.unknown.len(),
+        adopted = findings.adopted,
+        grace_s = grace.as_secs_f64(),
+        "IPAM checkpoint {} is damaged; state recovered from {}",
+        r.damaged.display(),
+        r.from.display(),
+    );
+    Ok(findings
+        .gone
+        .into_iter()
+        .filter_map(|k| state.endpoint(&k).map(|e| (k, e.netns.clone())))
+        .collect())
 }
 
 fn is_cni_command(c: &str) -> bool {
@@ -527,6 +642,7 @@ fn is_cni_command(c: &str) -> bool {
 fn ipam_error(e: IpamError) -> ApiError {
     let code = match &e {
         IpamError::Exhausted { .. } => ErrorCode::ResourceExhausted,
+        IpamError::DeadlineExceeded { .. } => ErrorCode::DeadlineExceeded,
         e if e.is_transient() => ErrorCode::Unavailable,
         IpamError::NoSources => ErrorCode::Unavailable,
         IpamError::AddressConflict { .. } => ErrorCode::Conflict,

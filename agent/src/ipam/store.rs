@@ -1,7 +1,8 @@
 //! The checkpoint in `--state-dir`: allocations, cooldowns and the endpoints
 //! podnet-cni registered, as one versioned JSON document written atomically
-//! (temp file, fsync, rename, directory fsync), and the lock file that keeps a
-//! second agent away from it.
+//! (temp file, fsync, rename, directory fsync), a second copy of it to fall
+//! back on when the first is damaged, and the lock file that keeps a second
+//! agent away from them.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -19,6 +20,16 @@ use podnet_api::endpoint::EndpointRecord;
 pub const CHECKPOINT_VERSION: u32 = 1;
 /// File name of the checkpoint inside the state directory.
 pub const CHECKPOINT_FILE: &str = "ipam.json";
+/// File name of the copy of the last checkpoint written, read only when
+/// [`CHECKPOINT_FILE`] is damaged.
+pub const PREVIOUS_FILE: &str = "ipam.json.prev";
+/// Where a damaged checkpoint is moved once the state was recovered from
+/// [`PREVIOUS_FILE`], kept for inspection (replaced by the next damaged one).
+pub const CORRUPT_FILE: &str = "ipam.json.corrupt";
+/// Test fault: milliseconds added to every fsync of the checkpoint (file
+/// and directory), as a slow disk would. Read once at start; unset in
+/// production.
+pub const FSYNC_DELAY_ENV: &str = "PODNET_FAULTS_FSYNC_DELAY_MS";
 /// File name of the lock inside the state directory.
 pub const LOCK_FILE: &str = "agent.lock";
 
@@ -34,7 +45,7 @@ pub enum StoreError {
         source: io::Error,
     },
     /// The checkpoint is not valid JSON of the expected shape.
-    #[error("checkpoint {path} is corrupt ({message}); the agent will not start over it. The file is kept as it is: inspect it, and move it away only if every pod on this node is gone")]
+    #[error("checkpoint {path} is corrupt ({message}); the agent will not start over it. The file is kept as it is: inspect it, and move it away (with {PREVIOUS_FILE} beside it) only if every pod on this node is gone")]
     Corrupt {
         /// The file.
         path: PathBuf,
@@ -65,6 +76,18 @@ pub enum StoreError {
         /// Why.
         source: io::Error,
     },
+    /// The checkpoint and its copy are both unusable.
+    #[error("checkpoint {path} is unusable ({current}) and so is its copy {previous_path} ({previous}); the agent will not start over them. Both files are kept as they are: inspect them, and move both away only if every pod on this node is gone")]
+    BothUnusable {
+        /// The checkpoint.
+        path: PathBuf,
+        /// What is wrong with it.
+        current: String,
+        /// The copy.
+        previous_path: PathBuf,
+        /// What is wrong with the copy (or that it does not exist).
+        previous: String,
+    },
     /// Another agent holds the lock.
     #[error("another podnet-agent holds {path}; only one agent may use a state directory")]
     Locked {
@@ -92,24 +115,54 @@ pub trait StateFs: Send + Sync + std::fmt::Debug {
     /// The file's bytes, `None` when it does not exist.
     fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>>;
     /// Replaces the file with `bytes` so that a crash leaves either the old
-    /// or the new content.
+    /// or the new content, and the new content is on disk when it returns.
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()>;
+    /// Replaces the file with `bytes` so that a crash leaves either the old
+    /// or the new content, without waiting for the disk: for a copy whose
+    /// original [`StateFs::write_atomic`] already made durable.
+    fn write_copy(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        self.write_atomic(path, bytes)
+    }
+    /// Renames `from` to `to`, replacing `to`.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
 }
 
 /// The real file system.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct RealFs;
+pub struct RealFs {
+    /// Added to every fsync ([`FSYNC_DELAY_ENV`]); zero in production.
+    pub fsync_delay: std::time::Duration,
+}
 
-impl StateFs for RealFs {
-    fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
-        match fs::read(path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
+impl RealFs {
+    /// The real file system, slowed down as [`FSYNC_DELAY_ENV`] asks.
+    pub fn from_env() -> Self {
+        let ms = std::env::var(FSYNC_DELAY_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if ms > 0 {
+            tracing::warn!(
+                ms,
+                "{FSYNC_DELAY_ENV} is set: every checkpoint fsync is delayed (a test fault)"
+            );
+        }
+        Self {
+            fsync_delay: std::time::Duration::from_millis(ms),
         }
     }
 
-    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+    fn sync(&self, f: &File) -> io::Result<()> {
+        f.sync_all()?;
+        if !self.fsync_delay.is_zero() {
+            std::thread::sleep(self.fsync_delay);
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` to a temp file beside `path` and renames it over
+    /// `path`, with fsyncs of the file and the directory when `durable`.
+    fn replace(&self, path: &Path, bytes: &[u8], durable: bool) -> io::Result<()> {
         let dir = path.parent().unwrap_or_else(|| Path::new("."));
         let name = path
             .file_name()
@@ -123,10 +176,15 @@ impl StateFs for RealFs {
                 .truncate(true)
                 .open(&tmp)?;
             f.write_all(bytes)?;
-            f.sync_all()?;
+            if durable {
+                self.sync(&f)?;
+            }
             drop(f);
             fs::rename(&tmp, path)?;
-            File::open(dir)?.sync_all()
+            if durable {
+                self.sync(&File::open(dir)?)?;
+            }
+            Ok(())
         })();
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -135,10 +193,37 @@ impl StateFs for RealFs {
     }
 }
 
+impl StateFs for RealFs {
+    fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        match fs::read(path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        self.replace(path, bytes, true)
+    }
+
+    /// The copy is not fsynced: on ext4 (data=ordered) the next checkpoint's
+    /// journal commit writes its data before its rename, and it matters only
+    /// when the fsynced original is damaged, so it costs no disk wait.
+    fn write_copy(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        self.replace(path, bytes, false)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+}
+
 /// Reads and writes the checkpoint.
 #[derive(Debug)]
 pub struct Store {
     path: PathBuf,
+    previous: PathBuf,
+    corrupt: PathBuf,
     fs: Box<dyn StateFs>,
 }
 
@@ -147,6 +232,8 @@ impl Store {
     pub fn new(dir: &Path, fs: Box<dyn StateFs>) -> Self {
         Self {
             path: dir.join(CHECKPOINT_FILE),
+            previous: dir.join(PREVIOUS_FILE),
+            corrupt: dir.join(CORRUPT_FILE),
             fs,
         }
     }
@@ -156,22 +243,34 @@ impl Store {
         &self.path
     }
 
+    /// The path of the checkpoint's copy.
+    pub fn previous_path(&self) -> &Path {
+        &self.previous
+    }
+
     /// The checkpoint, or `None` on a first start.
     pub fn load(&self) -> Result<Option<Checkpoint>, StoreError> {
-        let Some(bytes) = self
-            .fs
-            .read(&self.path)
-            .map_err(|source| StoreError::Read {
-                path: self.path.clone(),
-                source,
-            })?
+        self.load_file(&self.path)
+    }
+
+    /// The checkpoint's copy, or `None` when there is none.
+    pub fn load_previous(&self) -> Result<Option<Checkpoint>, StoreError> {
+        self.load_file(&self.previous)
+    }
+
+    fn load_file(&self, path: &Path) -> Result<Option<Checkpoint>, StoreError> {
+        let Some(bytes) = self.fs.read(path).map_err(|source| StoreError::Read {
+            path: path.to_owned(),
+            source,
+        })?
         else {
             return Ok(None);
         };
-        parse(&self.path, &bytes).map(Some)
+        parse(path, &bytes).map(Some)
     }
 
-    /// Writes `checkpoint` atomically.
+    /// Writes `checkpoint` atomically and durably, then its copy. A copy
+    /// that cannot be written is logged, not an error: the checkpoint is.
     pub fn save(&self, checkpoint: &Checkpoint) -> Result<(), StoreError> {
         let write_error = |source| StoreError::Write {
             path: self.path.clone(),
@@ -182,7 +281,22 @@ impl Store {
         bytes.push(b'\n');
         self.fs
             .write_atomic(&self.path, &bytes)
-            .map_err(write_error)
+            .map_err(write_error)?;
+        if let Err(error) = self.fs.write_copy(&self.previous, &bytes) {
+            tracing::warn!(%error, path = %self.previous.display(), "cannot write the checkpoint's copy; the checkpoint itself is written");
+        }
+        Ok(())
+    }
+
+    /// Moves the damaged checkpoint to [`CORRUPT_FILE`] for inspection.
+    pub fn set_aside_corrupt(&self) -> Result<PathBuf, StoreError> {
+        self.fs
+            .rename(&self.path, &self.corrupt)
+            .map_err(|source| StoreError::Write {
+                path: self.corrupt.clone(),
+                source,
+            })?;
+        Ok(self.corrupt.clone())
     }
 }
 
@@ -259,7 +373,7 @@ mod tests {
     #[test]
     fn round_trip_and_rejections() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::new(dir.path(), Box::new(RealFs));
+        let store = Store::new(dir.path(), Box::new(RealFs::default()));
         assert_eq!(store.load().unwrap(), None);
         let cp = Checkpoint {
             version: CHECKPOINT_VERSION,

@@ -41,11 +41,32 @@ impl Clock for FakeClock {
     }
 }
 
-/// An in-memory file system whose writes can be made to fail.
+/// An in-memory file system whose writes can be made to fail, counted, and
+/// held (as a slow disk holds an fsync) until the test lets them go.
 #[derive(Debug, Default, Clone)]
 struct FakeFs {
     files: Arc<Mutex<HashMap<PathBuf, Vec<u8>>>>,
     full: Arc<AtomicBool>,
+    /// Durable writes started.
+    writes: Arc<AtomicU64>,
+    /// The durable writes from this one on (1-based) fail; 0: none.
+    fail_from: Arc<AtomicU64>,
+    /// While true, durable writes wait.
+    hold: Arc<(Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl FakeFs {
+    fn set_hold(&self, hold: bool) {
+        *self.hold.0.lock().unwrap() = hold;
+        self.hold.1.notify_all();
+    }
+
+    fn insert(&self, path: &Path, bytes: &[u8]) {
+        self.files
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), bytes.to_vec());
+    }
 }
 
 impl StateFs for FakeFs {
@@ -54,13 +75,34 @@ impl StateFs for FakeFs {
     }
 
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
+        let n = self.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut held = self.hold.0.lock().unwrap();
+        while *held {
+            held = self.hold.1.wait(held).unwrap();
+        }
+        drop(held);
+        let fail_from = self.fail_from.load(Ordering::SeqCst);
+        if self.full.load(Ordering::SeqCst) || (fail_from > 0 && n >= fail_from) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.insert(path, bytes);
+        Ok(())
+    }
+
+    fn write_copy(&self, path: &Path, bytes: &[u8]) -> io::Result<()> {
         if self.full.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(libc::ENOSPC));
         }
-        self.files
-            .lock()
-            .unwrap()
-            .insert(path.to_owned(), bytes.to_vec());
+        self.insert(path, bytes);
+        Ok(())
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut files = self.files.lock().unwrap();
+        let bytes = files
+            .remove(from)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        files.insert(to.to_owned(), bytes);
         Ok(())
     }
 }
@@ -218,9 +260,9 @@ fn bad_checkpoints_stop_the_start() {
         .unwrap()
         .insert(path.clone(), b"garbage".to_vec());
     let e = open(&["10.0.0.0/24"], &clock, &fs).unwrap_err().to_string();
-    assert!(
-        e.starts_with("checkpoint /state/ipam.json is corrupt (expected value"),
-        "{e}"
+    assert_eq!(
+        e,
+        "checkpoint /state/ipam.json is unusable (corrupt: expected value at line 1 column 1) and so is its copy /state/ipam.json.prev (it does not exist); the agent will not start over them. Both files are kept as they are: inspect them, and move both away only if every pod on this node is gone"
     );
     let dup = r#"{"version":1,"allocations":[
         {"containerId":"a","ifName":"eth0","network":"n","ips":[{"ip":"10.0.0.2","prefix":"10.0.0.0/24"}],"allocatedUnixMs":0},
@@ -233,7 +275,7 @@ fn bad_checkpoints_stop_the_start() {
     let e = open(&["10.0.0.0/24"], &clock, &fs).unwrap_err().to_string();
     assert_eq!(
         e,
-        "checkpoint /state/ipam.json: inconsistent IPAM state: 10.0.0.2 is given to both a/eth0 and b/eth0; the file is kept"
+        "checkpoint /state/ipam.json is unusable (inconsistent IPAM state: 10.0.0.2 is given to both a/eth0 and b/eth0) and so is its copy /state/ipam.json.prev (it does not exist); the agent will not start over them. Both files are kept as they are: inspect them, and move both away only if every pod on this node is gone"
     );
     assert_eq!(fs.files.lock().unwrap().get(&path).unwrap(), dup.as_bytes());
 }
@@ -398,4 +440,298 @@ fn a_second_owner_of_an_address_is_refused_and_nothing_is_written() {
         s.endpoints().map(|e| e.pod.clone()).collect::<Vec<_>>(),
         ["cart-2"]
     );
+}
+
+const CHECKPOINT: &str = "/state/ipam.json";
+const COPY: &str = "/state/ipam.json.prev";
+
+#[test]
+fn a_damaged_checkpoint_is_replaced_by_its_copy() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    let mut s = open(&["10.244.1.0/24"], &clock, &fs).unwrap();
+    for i in 0..3 {
+        let a = s.allocate(&key(i), "net").unwrap();
+        s.add_endpoint(endpoint_record(i, &format!("p{i}"), &ips(&a)[0]))
+            .unwrap();
+    }
+    let before = s.checkpoint();
+    drop(s);
+    let good = fs.read(Path::new(CHECKPOINT)).unwrap().unwrap();
+    assert_eq!(fs.read(Path::new(COPY)).unwrap().unwrap(), good);
+    // Truncated, overwritten with garbage, removed: each time the copy is used.
+    let truncated = &good[..good.len() / 2];
+    for (damaged, error_start) in [
+        (Some(truncated), "corrupt: EOF while parsing"),
+        (Some(&b"\x00garbage\xff"[..]), "corrupt: expected value"),
+        (None, "it does not exist"),
+    ] {
+        match damaged {
+            Some(bytes) => fs.insert(Path::new(CHECKPOINT), bytes),
+            None => {
+                fs.files.lock().unwrap().remove(Path::new(CHECKPOINT));
+            }
+        }
+        let s = open(&["10.244.1.0/24"], &clock, &fs).unwrap();
+        assert_eq!(s.checkpoint(), before);
+        let r = s.recovery().unwrap();
+        assert_eq!(r.from, Path::new(COPY));
+        assert_eq!(r.damaged, Path::new(CHECKPOINT));
+        assert!(r.error.starts_with(error_start), "{}", r.error);
+        // The damaged file is kept aside; the checkpoint is whole again.
+        assert_eq!(
+            r.kept_as.as_deref(),
+            damaged.map(|_| Path::new("/state/ipam.json.corrupt"))
+        );
+        if let Some(bytes) = damaged {
+            assert_eq!(
+                fs.read(Path::new("/state/ipam.json.corrupt"))
+                    .unwrap()
+                    .unwrap(),
+                bytes
+            );
+        }
+        assert_eq!(fs.read(Path::new(CHECKPOINT)).unwrap().unwrap(), good);
+        drop(s);
+        // A start over a whole checkpoint recovers nothing.
+        assert_eq!(
+            open(&["10.244.1.0/24"], &clock, &fs).unwrap().recovery(),
+            None
+        );
+    }
+}
+
+#[test]
+fn both_files_damaged_stop_the_start_naming_both() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    fs.insert(Path::new(CHECKPOINT), b"{\"version\":1,\"allocations\":[{");
+    fs.insert(Path::new(COPY), b"garbage");
+    let e = open(&["10.244.1.0/24"], &clock, &fs)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "checkpoint /state/ipam.json is unusable (corrupt: EOF while parsing an object at line 1 column 29) and so is its copy /state/ipam.json.prev (corrupt: expected value at line 1 column 1); the agent will not start over them. Both files are kept as they are: inspect them, and move both away only if every pod on this node is gone"
+    );
+    // Both are left as they were.
+    assert_eq!(
+        fs.read(Path::new(CHECKPOINT)).unwrap().unwrap(),
+        b"{\"version\":1,\"allocations\":[{"
+    );
+    assert_eq!(fs.read(Path::new(COPY)).unwrap().unwrap(), b"garbage");
+    assert_eq!(fs.writes.load(Ordering::SeqCst), 0);
+}
+
+#[derive(Debug)]
+struct LivePaths(BTreeSet<String>);
+
+impl super::recovery::NetnsProbe for LivePaths {
+    fn exists(&self, netns: &str) -> bool {
+        self.0.contains(netns)
+    }
+}
+
+#[test]
+fn recovery_keeps_live_pods_and_finds_the_gone() {
+    let clock = Arc::new(FakeClock::default());
+    let fs = FakeFs::default();
+    let mut s = open(&["10.244.1.0/24"], &clock, &fs).unwrap();
+    // c0, c1: allocated and registered; c2: registered with an address the
+    // state has no allocation for; c3: registered without a namespace.
+    for i in 0..2 {
+        let a = s.allocate(&key(i), "net").unwrap();
+        s.add_endpoint(endpoint_record(i, &format!("p{i}"), &ips(&a)[0]))
+            .unwrap();
+    }
+    s.add_endpoint(endpoint_record(2, "p2", "10.244.1.9"))
+        .unwrap();
+    let mut no_netns = endpoint_record(3, "p3", "10.244.1.10");
+    no_netns.netns = String::new();
+    s.add_endpoint(no_netns).unwrap();
+    let probe = LivePaths(
+        ["/var/run/netns/p0", "/var/run/netns/p2"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+    );
+    let found = super::recovery::check(&mut s, &probe);
+    assert_eq!(
+        found,
+        super::recovery::Findings {
+            live: vec![key(0), key(2)],
+            gone: vec![key(1)],
+            unknown: vec![key(3)],
+            adopted: 1,
+        }
+    );
+    // The live pod's address is now allocated to it and never handed out.
+    assert_eq!(ips(s.allocator().get(&key(2)).unwrap()), ["10.244.1.9"]);
+    let handed: BTreeSet<String> = (10..250)
+        .map(|i| ips(&s.allocate(&key(i), "net").unwrap())[0].clone())
+        .collect();
+    assert_eq!(handed.len(), 240);
+    assert!(!handed.contains("10.244.1.9"));
+    assert!(!handed.contains("10.244.1.2") && !handed.contains("10.244.1.3"));
+}
+
+mod group_commit {
+    use super::*;
+    use crate::ipam::{commit::GroupCommit, state::change};
+
+    fn commit(fs: &FakeFs, clock: &Arc<FakeClock>) -> Arc<GroupCommit> {
+        let state = open(&["10.244.1.0/24"], clock, fs).unwrap();
+        Arc::new(GroupCommit::new(state, clock.clone(), Box::new(|_, _| {})))
+    }
+
+    fn allocate(
+        c: &Arc<GroupCommit>,
+        i: usize,
+        deadline: Option<u64>,
+    ) -> std::thread::JoinHandle<Result<String, IpamError>> {
+        let c = c.clone();
+        std::thread::spawn(move || {
+            c.run(
+                deadline,
+                Some(key(i)),
+                change::allocate(key(i), "net".into()),
+            )
+            .map(|a| ips(&a)[0].clone())
+        })
+    }
+
+    fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < until, "waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn on_disk(fs: &FakeFs) -> usize {
+        let bytes = fs.read(Path::new(CHECKPOINT)).unwrap().unwrap();
+        crate::ipam::store::parse(Path::new(CHECKPOINT), &bytes)
+            .unwrap()
+            .ipam
+            .allocations
+            .len()
+    }
+
+    #[test]
+    fn changes_waiting_for_a_write_share_the_next_one() {
+        let clock = Arc::new(FakeClock::default());
+        let fs = FakeFs::default();
+        let c = commit(&fs, &clock);
+        fs.set_hold(true);
+        let first = allocate(&c, 0, None);
+        wait_until("the first write", || fs.writes.load(Ordering::SeqCst) == 1);
+        let rest: Vec<_> = (1..20).map(|i| allocate(&c, i, None)).collect();
+        wait_until("19 queued changes", || c.queued() == 19);
+        fs.set_hold(false);
+        let mut answered = vec![first.join().unwrap().unwrap()];
+        answered.extend(rest.into_iter().map(|t| t.join().unwrap().unwrap()));
+        let unique: BTreeSet<&String> = answered.iter().collect();
+        assert_eq!(unique.len(), 20);
+        // Two writes for twenty changes: the first alone, then the nineteen
+        // that queued behind it.
+        assert_eq!(fs.writes.load(Ordering::SeqCst), 2);
+        assert_eq!(c.stats().writes_ok.load(Ordering::SeqCst), 2);
+        assert_eq!(c.stats().changes.load(Ordering::SeqCst), 20);
+        assert_eq!(on_disk(&fs), 20);
+    }
+
+    #[test]
+    fn a_failed_write_fails_and_rolls_back_exactly_its_batch() {
+        let clock = Arc::new(FakeClock::default());
+        let fs = FakeFs::default();
+        let c = commit(&fs, &clock);
+        fs.fail_from.store(2, Ordering::SeqCst);
+        fs.set_hold(true);
+        let first = allocate(&c, 0, None);
+        wait_until("the first write", || fs.writes.load(Ordering::SeqCst) == 1);
+        let batch: Vec<_> = (1..5).map(|i| allocate(&c, i, None)).collect();
+        wait_until("4 queued changes", || c.queued() == 4);
+        fs.set_hold(false);
+        assert_eq!(first.join().unwrap().unwrap(), "10.244.1.2");
+        for t in batch {
+            assert_eq!(
+                t.join().unwrap().unwrap_err().to_string(),
+                "writing checkpoint /state/ipam.json: No space left on device (os error 28); the change was not applied, retry later"
+            );
+        }
+        assert_eq!(c.stats().writes_ok.load(Ordering::SeqCst), 1);
+        assert_eq!(c.stats().writes_failed.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            c.state().allocator().allocations().count(),
+            1,
+            "only the first batch's change stays"
+        );
+        fs.fail_from.store(0, Ordering::SeqCst);
+        // The failed batch took no address: the next one is .3.
+        assert_eq!(allocate(&c, 9, None).join().unwrap().unwrap(), "10.244.1.3");
+        assert_eq!(on_disk(&fs), 2);
+    }
+
+    #[test]
+    fn a_change_past_its_deadline_is_not_made() {
+        let clock = Arc::new(FakeClock::default());
+        clock.advance(Duration::from_secs(1000));
+        let fs = FakeFs::default();
+        let c = commit(&fs, &clock);
+        let now = clock.now_unix_ms();
+        let e = allocate(&c, 0, Some(now - 7)).join().unwrap().unwrap_err();
+        assert!(
+            matches!(e, IpamError::DeadlineExceeded { late_ms: 7 }),
+            "{e}"
+        );
+        assert_eq!(c.stats().refused_late.load(Ordering::SeqCst), 1);
+        assert_eq!(fs.writes.load(Ordering::SeqCst), 0);
+        // Queued behind a write during which its deadline passes: refused
+        // when its batch starts.
+        fs.set_hold(true);
+        let first = allocate(&c, 1, None);
+        wait_until("the first write", || fs.writes.load(Ordering::SeqCst) == 1);
+        let late = allocate(&c, 2, Some(now + 100));
+        wait_until("1 queued change", || c.queued() == 1);
+        clock.advance(Duration::from_millis(150));
+        fs.set_hold(false);
+        assert_eq!(first.join().unwrap().unwrap(), "10.244.1.2");
+        let e = late.join().unwrap().unwrap_err();
+        assert!(
+            matches!(e, IpamError::DeadlineExceeded { late_ms: 50 }),
+            "{e}"
+        );
+        assert_eq!(c.stats().refused_late.load(Ordering::SeqCst), 2);
+        assert_eq!(fs.writes.load(Ordering::SeqCst), 1);
+        assert!(c.state().allocator().get(&key(2)).is_none());
+    }
+
+    #[test]
+    fn an_allocation_written_after_its_callers_deadline_is_taken_back() {
+        let clock = Arc::new(FakeClock::default());
+        clock.advance(Duration::from_secs(1000));
+        let fs = FakeFs::default();
+        let c = commit(&fs, &clock);
+        let now = clock.now_unix_ms();
+        fs.set_hold(true);
+        let late = allocate(&c, 0, Some(now + 1000));
+        wait_until("the first write", || fs.writes.load(Ordering::SeqCst) == 1);
+        // The disk holds the write for longer than the caller waits.
+        clock.advance(Duration::from_millis(1500));
+        fs.set_hold(false);
+        let e = late.join().unwrap().unwrap_err();
+        assert!(
+            matches!(e, IpamError::DeadlineExceeded { late_ms: 500 }),
+            "{e}"
+        );
+        // One write for the change, one for taking it back.
+        assert_eq!(c.stats().writes_ok.load(Ordering::SeqCst), 2);
+        assert_eq!(c.stats().undone_late.load(Ordering::SeqCst), 1);
+        assert!(c.state().allocator().get(&key(0)).is_none());
+        assert_eq!(on_disk(&fs), 0);
+        // A caller that waits gets the next address (the taken-back one
+        // cools down like any released address).
+        assert_eq!(allocate(&c, 1, None).join().unwrap().unwrap(), "10.244.1.3");
+        assert_eq!(on_disk(&fs), 1);
+    }
 }

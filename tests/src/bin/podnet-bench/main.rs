@@ -197,7 +197,7 @@ fn checkpoint_write_ms(path: &std::path::Path, bytes: &[u8]) -> Result<f64> {
         .ok_or_else(|| anyhow!("checkpoint without a directory"))?
         .join("bench-scratch");
     std::fs::create_dir_all(&dir)?;
-    let store = Store::new(&dir, Box::new(RealFs));
+    let store = Store::new(&dir, Box::new(RealFs::default()));
     let start = std::time::Instant::now();
     for _ in 0..CHECKPOINT_WRITES {
         store.save(&checkpoint).map_err(|e| anyhow!("{e}"))?;
