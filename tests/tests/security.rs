@@ -512,7 +512,8 @@ fn a_metrics_flood_from_a_pod_is_bounded_and_cni_adds_go_on() -> Result<()> {
         let flood = s.spawn(|| {
             in_netns(
                 pod,
-                || -> Result<(usize, usize, Vec<std::net::TcpStream>)> {
+                || -> Result<(usize, usize, Duration, Vec<std::net::TcpStream>)> {
+                    let t0 = Instant::now();
                     let mut streams = Vec::with_capacity(FLOOD);
                     for _ in 0..FLOOD {
                         streams.push(std::net::TcpStream::connect_timeout(
@@ -520,6 +521,7 @@ fn a_metrics_flood_from_a_pod_is_bounded_and_cni_adds_go_on() -> Result<()> {
                             Duration::from_secs(2),
                         )?);
                     }
+                    let took = t0.elapsed();
                     std::thread::sleep(Duration::from_millis(500));
                     let (mut open, mut closed) = (0, 0);
                     for stream in &streams {
@@ -530,7 +532,7 @@ fn a_metrics_flood_from_a_pod_is_bounded_and_cni_adds_go_on() -> Result<()> {
                             _ => closed += 1,
                         }
                     }
-                    Ok((open, closed, streams))
+                    Ok((open, closed, took, streams))
                 },
             )
         });
@@ -603,7 +605,7 @@ fn a_metrics_flood_from_a_pod_is_bounded_and_cni_adds_go_on() -> Result<()> {
         let taken = sampler.join().unwrap_or_default();
         (flood, scrapes, adds, taken, node_scrapes)
     });
-    let (open, closed, streams) = flood??;
+    let (open, closed, flood_took, streams) = flood??;
     let scrapes_ok = scrapes?;
 
     for (ok, took, out) in &adds {
@@ -625,10 +627,15 @@ fn a_metrics_flood_from_a_pod_is_bounded_and_cni_adds_go_on() -> Result<()> {
         .count_sum("podnet_metrics_connections_refused_total")
         - refused_before;
     let scrape_refusals = u64::try_from(SCRAPES - scrapes_ok)?;
-    assert_eq!(
-        refused,
-        u64::try_from(closed)? + scrape_refusals,
-        "refused connections: the server's count against what the pod saw"
+    let seen_closed = u64::try_from(closed)? + scrape_refusals;
+    // The pod sees a held connection closed too once its header timeout
+    // (5 s) passes: exact when the flood and the look took less, else at
+    // most 16 more per 5 s the flood lasted.
+    let windows = u64::try_from((flood_took + Duration::from_millis(500)).as_secs() / 5)?;
+    assert!(
+        refused <= seen_closed && seen_closed - refused <= windows * PER_PEER as u64,
+        "refused connections: the server counted {refused}, the pod saw {seen_closed} closed \
+         (flood {flood_took:?})"
     );
     let max_fds = samples.iter().map(|(f, _)| *f).max().unwrap_or(0);
     let max_rss = samples.iter().map(|(_, r)| *r).max().unwrap_or(0);
@@ -639,7 +646,7 @@ fn a_metrics_flood_from_a_pod_is_bounded_and_cni_adds_go_on() -> Result<()> {
     assert!(max_rss < RSS_LIMIT_KIB, "agent RSS peaked at {max_rss} KiB");
     drop(streams);
     println!(
-        "metrics flood: {FLOOD} idle connections -> {open} held, {closed} closed at once; \
+        "metrics flood: {FLOOD} idle connections in {flood_took:?} -> {open} held, {closed} closed; \
          {SCRAPES} scrapes from the pod -> {scrapes_ok} answered; {ADDS} ADDs all ok, slowest {:?}; \
          node scrapes slowest {:?}; agent fds {fds_before} -> max {max_fds}, RSS {rss_before} -> max {max_rss} KiB; \
          refused counter +{refused}",
