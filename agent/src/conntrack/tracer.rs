@@ -122,9 +122,9 @@ pub struct Tracer {
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     endpoints: Option<aya::maps::HashMap<MapData, podnet_common::AddrKey, u8>>,
-    /// Drops of sources that left (moved out of `CT_DROPS`), by (family,
-    /// protocol, kind): they count under the unknown source from then on.
-    departed: std::collections::BTreeMap<(u8, u8, u8), u64>,
+    /// `CT_DEPARTED`: drops of sources that left, under the unknown source
+    /// (written by user space only; pinned, so they outlive the agent).
+    departed: aya::maps::HashMap<MapData, DropKey, u64>,
     attachment: Attachment,
     program_id: u32,
     hook: RaceHook,
@@ -220,6 +220,7 @@ impl Tracer {
         let counters = bpf::take_map(&mut ebpf, m::COUNTERS)?;
         let events = bpf::take_map(&mut ebpf, m::EVENTS)?;
         let endpoints = bpf::take_map(&mut ebpf, m::ENDPOINTS)?;
+        let departed = bpf::take_map(&mut ebpf, m::DEPARTED)?;
         tracing::info!(%attachment, hook = hook_name(hook), pins = %pin_dir.display(), netns = config.netns_inode, "conntrack tracer in place");
         Ok(Self {
             _ebpf: ebpf,
@@ -229,7 +230,7 @@ impl Tracer {
             counters,
             events: Some(events),
             endpoints: Some(endpoints),
-            departed: std::collections::BTreeMap::new(),
+            departed,
             attachment,
             program_id,
             hook,
@@ -271,9 +272,9 @@ impl Tracer {
     }
 
     /// Moves the drop counts of sources that are no endpoint any more (pods
-    /// that left) out of `CT_DROPS`, into the unknown source's counts kept
-    /// here: the map holds only live pods' keys, and no counter goes back.
-    /// Returns how many keys were moved.
+    /// that left) out of `CT_DROPS`, into the unknown source's counts in
+    /// `CT_DEPARTED`: the map holds only live pods' keys, and no counter goes
+    /// back, across agent restarts too. Returns how many keys were moved.
     pub fn fold_departed(
         &mut self,
         live: &std::collections::BTreeSet<podnet_common::AddrKey>,
@@ -292,15 +293,18 @@ impl Tracer {
             let Ok(values) = self.drops.get(&key, 0) else {
                 continue;
             };
-            // A pod's interface is gone before its address leaves the
-            // registry, so nothing adds to the key between read and delete.
+            let unknown = DropKey {
+                addr: podnet_common::AddrKey::UNKNOWN,
+                ..key
+            };
+            // User space alone writes CT_DEPARTED: read, add, write is exact.
+            let old = self.departed.get(&unknown, 0).unwrap_or(0);
+            self.departed
+                .insert(unknown, old + values.iter().sum::<u64>(), 0)
+                .map_err(|e| BpfError::map(m::DEPARTED, e))?;
             self.drops
                 .remove(&key)
                 .map_err(|e| BpfError::map(m::DROPS, e))?;
-            *self
-                .departed
-                .entry((key.family, key.proto, key.kind))
-                .or_default() += values.iter().sum::<u64>();
             moved += 1;
         }
         Ok(moved)
@@ -309,16 +313,17 @@ impl Tracer {
     /// Reads every count from the kernel maps, summed over CPUs.
     pub fn snapshot(&self) -> Result<TracerSnapshot, BpfError> {
         let mut drops = Vec::new();
-        for (&(family, proto, kind), &packets) in &self.departed {
+        for item in &self.departed {
+            let (key, packets) = item.map_err(|e| BpfError::map(m::DEPARTED, e))?;
             let (Some(source), Some(kind)) = (
-                kernel_addr(&podnet_common::AddrKey::UNKNOWN, family),
-                DropKind::from_u8(kind),
+                kernel_addr(&key.addr, key.family),
+                DropKind::from_u8(key.kind),
             ) else {
                 continue;
             };
             drops.push(DropCount {
                 source,
-                proto,
+                proto: key.proto,
                 kind,
                 packets,
             });

@@ -2,7 +2,7 @@
 //! their settings, and read their counts.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     path::{Path, PathBuf},
 };
 
@@ -13,8 +13,8 @@ use aya::{
 };
 use podnet_common::{
     dns::{
-        counter, maps as m, programs, ClientPending, ClientServer, DnsConfig, Latency, PeerKey,
-        Pending, PendingKey, MAX_PORTS,
+        counter, departed_kind, maps as m, programs, ClientPending, ClientServer, DepartedKey,
+        DnsConfig, Latency, PeerKey, Pending, PendingKey, MAX_PORTS, OTHER_SERVER,
     },
     AddrKey,
 };
@@ -49,19 +49,9 @@ pub struct DnsTracer {
     client_expired: HashMap<MapData, AddrKey, u64>,
     client_servers: HashMap<MapData, ClientServer, u8>,
     client_server_count: HashMap<MapData, AddrKey, u64>,
-    departed: Departed,
+    departed: HashMap<MapData, DepartedKey, u64>,
+    departed_latency: HashMap<MapData, PeerKey, Latency>,
     pin_dir: PathBuf,
-}
-
-/// Counts of clients that left (moved out of the kernel maps), each keyed
-/// as the unknown client's: they keep counting in the host's series.
-#[derive(Debug, Default)]
-struct Departed {
-    latency: BTreeMap<PeerKey, Latency>,
-    requests: BTreeMap<PeerKey, u64>,
-    retransmits: BTreeMap<PeerKey, u64>,
-    timeouts: BTreeMap<PeerKey, u64>,
-    untracked: BTreeMap<AddrKey, u64>,
 }
 
 /// `key` with its client replaced by the unknown client.
@@ -126,7 +116,8 @@ impl DnsTracer {
             client_expired: bpf::take_map(&mut ebpf, m::CLIENT_EXPIRED)?,
             client_servers: bpf::take_map(&mut ebpf, m::CLIENT_SERVERS)?,
             client_server_count: bpf::take_map(&mut ebpf, m::CLIENT_SERVER_COUNT)?,
-            departed: Departed::default(),
+            departed: bpf::take_map(&mut ebpf, m::DEPARTED)?,
+            departed_latency: bpf::take_map(&mut ebpf, m::DEPARTED_LATENCY)?,
             ebpf,
             pin_dir,
         };
@@ -188,35 +179,40 @@ impl DnsTracer {
     }
 
     /// Moves every count of clients that are no endpoint any more (pods that
-    /// left) out of the kernel maps into the unknown client's counts kept
-    /// here, and forgets their per-client entries: the maps hold live pods'
-    /// keys only, and no counter goes back. Returns the keys moved.
+    /// left) out of the kernel maps into the unknown client's, in pinned maps
+    /// only user space writes (`DNS_DEPARTED*`, and `DNS_TIMEOUTS`), and
+    /// forgets their per-client entries: the maps hold live pods' keys only,
+    /// and no counter goes back, across agent restarts too. Returns the keys
+    /// moved.
     pub fn fold_departed(&mut self, live: &BTreeSet<AddrKey>) -> usize {
         let mut moved = 0;
         let gone = |k: &PeerKey| departed(&k.client, k.family, live);
         for key in keys_where(&self.latency, gone) {
-            if let Ok(values) = self.latency.get(&key, 0) {
-                let sum = super::sum_latency(&values);
-                if self.latency.remove(&key).is_ok() {
-                    let acc = self.departed.latency.entry(as_unknown(key)).or_default();
-                    for (a, b) in acc.buckets.iter_mut().zip(sum.buckets) {
-                        *a += b;
-                    }
-                    acc.sum_ns += sum.sum_ns;
-                    moved += 1;
-                }
+            let Ok(values) = self.latency.get(&key, 0) else {
+                continue;
+            };
+            let sum = super::sum_latency(&values);
+            if self.latency.remove(&key).is_ok() {
+                add_latency(&mut self.departed_latency, as_unknown(key), &sum);
+                moved += 1;
             }
         }
-        for (map, acc) in [
-            (&mut self.requests, &mut self.departed.requests),
-            (&mut self.retransmits, &mut self.departed.retransmits),
+        for (kind, map) in [
+            (departed_kind::REQUESTS, &mut self.requests),
+            (departed_kind::RETRANSMITS, &mut self.retransmits),
         ] {
             for key in keys_where(map, gone) {
-                if let Ok(values) = map.get(&key, 0) {
-                    if map.remove(&key).is_ok() {
-                        *acc.entry(as_unknown(key)).or_default() += values.iter().sum::<u64>();
-                        moved += 1;
-                    }
+                let Ok(values) = map.get(&key, 0) else {
+                    continue;
+                };
+                if map.remove(&key).is_ok() {
+                    add_departed(
+                        &mut self.departed,
+                        kind,
+                        as_unknown(key),
+                        values.iter().sum(),
+                    );
+                    moved += 1;
                 }
             }
         }
@@ -227,11 +223,16 @@ impl DnsTracer {
             .filter(gone)
             .collect();
         for key in stale {
-            if let Ok(n) = self.timeouts.get(&key, 0) {
-                if self.timeouts.remove(&key).is_ok() {
-                    *self.departed.timeouts.entry(as_unknown(key)).or_default() += n;
-                    moved += 1;
-                }
+            let Ok(n) = self.timeouts.get(&key, 0) else {
+                continue;
+            };
+            // User space alone writes this map: read, add, write is exact.
+            let unknown = as_unknown(key);
+            let old = self.timeouts.get(&unknown, 0).unwrap_or(0);
+            if self.timeouts.insert(unknown, old + n, 0).is_ok()
+                && self.timeouts.remove(&key).is_ok()
+            {
+                moved += 1;
             }
         }
         let gone_client = |k: &AddrKey| departed(&k.addr, k.family, live);
@@ -244,14 +245,19 @@ impl DnsTracer {
         for client in clients {
             if let Ok(counts) = self.client_pending.get(&client, 0) {
                 if counts.refused > 0 {
-                    *self
-                        .departed
-                        .untracked
-                        .entry(AddrKey {
-                            addr: AddrKey::UNKNOWN,
-                            ..client
-                        })
-                        .or_default() += counts.refused;
+                    let peer = PeerKey {
+                        client: AddrKey::UNKNOWN,
+                        server: [0; 16],
+                        family: client.family,
+                        scope: client._pad[0],
+                        code: 0,
+                    };
+                    add_departed(
+                        &mut self.departed,
+                        departed_kind::UNTRACKED,
+                        peer,
+                        counts.refused,
+                    );
                 }
             }
             let _ = self.client_pending.remove(&client);
@@ -274,16 +280,15 @@ impl DnsTracer {
     /// Reads every count from the kernel maps, summed over CPUs, with the
     /// counts of clients that left under the unknown client.
     pub fn snapshot(&self) -> Result<DnsSnapshot, BpfError> {
-        let mut latency: Vec<LatencyCount> = self
-            .departed
-            .latency
-            .iter()
-            .map(|(key, l)| LatencyCount {
-                key: *key,
+        let mut latency = Vec::new();
+        for item in &self.departed_latency {
+            let (key, l) = item.map_err(|e| BpfError::map(m::DEPARTED_LATENCY, e))?;
+            latency.push(LatencyCount {
+                key,
                 buckets: l.buckets,
                 sum_ns: l.sum_ns,
-            })
-            .collect();
+            });
+        }
         for item in &self.latency {
             let (key, values) = item.map_err(|e| BpfError::map(m::LATENCY, e))?;
             let sum = super::sum_latency(&values);
@@ -306,29 +311,35 @@ impl DnsTracer {
             }
             Ok(out)
         };
-        let departed = |acc: &BTreeMap<PeerKey, u64>| {
-            acc.iter()
-                .map(|(key, count)| PeerCount {
-                    key: *key,
-                    count: *count,
-                })
-                .collect::<Vec<_>>()
-        };
-        let mut requests = departed(&self.departed.requests);
+        let (mut requests, mut retransmits) = (Vec::new(), Vec::new());
+        let mut untracked: Vec<(AddrKey, u64)> = Vec::new();
+        for item in &self.departed {
+            let (key, count) = item.map_err(|e| BpfError::map(m::DEPARTED, e))?;
+            let peer = PeerCount {
+                key: key.peer,
+                count,
+            };
+            match key.kind {
+                departed_kind::REQUESTS => requests.push(peer),
+                departed_kind::RETRANSMITS => retransmits.push(peer),
+                departed_kind::UNTRACKED => untracked.push((
+                    podnet_common::dns::client_key(
+                        AddrKey::UNKNOWN,
+                        key.peer.family,
+                        key.peer.scope,
+                    ),
+                    count,
+                )),
+                _ => {}
+            }
+        }
         requests.extend(per_cpu(&self.requests, m::REQUESTS)?);
-        let mut retransmits = departed(&self.departed.retransmits);
         retransmits.extend(per_cpu(&self.retransmits, m::RETRANSMITS)?);
-        let mut timeouts = departed(&self.departed.timeouts);
+        let mut timeouts = Vec::new();
         for item in &self.timeouts {
             let (key, count) = item.map_err(|e| BpfError::map(m::TIMEOUTS, e))?;
             timeouts.push(PeerCount { key, count });
         }
-        let mut untracked: Vec<(AddrKey, u64)> = self
-            .departed
-            .untracked
-            .iter()
-            .map(|(k, n)| (*k, *n))
-            .collect();
         for item in &self.client_pending {
             let (client, counts) = item.map_err(|e| BpfError::map(m::CLIENT_PENDING, e))?;
             if counts.refused > 0 {
@@ -385,4 +396,38 @@ fn keys_where<V: aya::Pod>(
         .filter_map(Result::ok)
         .filter(|k| pred(k))
         .collect()
+}
+
+/// Adds `n` to `kind` of `peer` in `DNS_DEPARTED` (user space alone writes
+/// it); a full map takes the count under [`OTHER_SERVER`].
+fn add_departed(map: &mut HashMap<MapData, DepartedKey, u64>, kind: u8, peer: PeerKey, n: u64) {
+    for server in [peer.server, OTHER_SERVER] {
+        let key = DepartedKey {
+            peer: PeerKey { server, ..peer },
+            kind,
+            _pad: [0; 3],
+        };
+        let old = map.get(&key, 0).unwrap_or(0);
+        if map.insert(key, old + n, 0).is_ok() {
+            return;
+        }
+    }
+    tracing::warn!(kind, "DNS_DEPARTED is full; counts of departed pods lost");
+}
+
+/// Adds `sum` to `peer`'s histogram in `DNS_DEPARTED_LATENCY`, as
+/// [`add_departed`] does.
+fn add_latency(map: &mut HashMap<MapData, PeerKey, Latency>, peer: PeerKey, sum: &Latency) {
+    for server in [peer.server, OTHER_SERVER] {
+        let key = PeerKey { server, ..peer };
+        let mut acc = map.get(&key, 0).unwrap_or_default();
+        for (a, b) in acc.buckets.iter_mut().zip(sum.buckets) {
+            *a += b;
+        }
+        acc.sum_ns += sum.sum_ns;
+        if map.insert(key, acc, 0).is_ok() {
+            return;
+        }
+    }
+    tracing::warn!("DNS_DEPARTED_LATENCY is full; latencies of departed pods lost");
 }

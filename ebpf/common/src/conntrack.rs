@@ -243,6 +243,10 @@ pub mod maps {
     /// ([`crate::AddrKey`] → 1). Drops from other sources count under
     /// [`crate::AddrKey::UNKNOWN`].
     pub const ENDPOINTS: &str = "CT_ENDPOINTS";
+    /// Hash written by user space only: drops of sources that left
+    /// ([`super::DropKey`] with the unknown address → packets); pinned, so
+    /// they outlive the agent.
+    pub const DEPARTED: &str = "CT_DEPARTED";
     /// Capacity of `CT_DROPS`.
     pub const DROPS_CAPACITY: u32 = 16_384;
     /// Capacity of `CT_RACE_DESTS`.

@@ -217,6 +217,31 @@ pub struct ClientPending {
 
 const _: () = assert!(core::mem::size_of::<ClientPending>() == 24);
 
+/// What a [`DepartedKey`] counts.
+pub mod departed_kind {
+    /// Queries (`code` = qtype).
+    pub const REQUESTS: u8 = 1;
+    /// Retransmits.
+    pub const RETRANSMITS: u8 = 2;
+    /// Untracked queries (server and code 0).
+    pub const UNTRACKED: u8 = 3;
+}
+
+/// Key of `DNS_DEPARTED`: the counts of clients that left, as the unknown
+/// client's (written by user space only; pinned, so they outlive the agent).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DepartedKey {
+    /// The series, client [`crate::AddrKey::UNKNOWN`].
+    pub peer: PeerKey,
+    /// [`departed_kind`].
+    pub kind: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 3],
+}
+
+const _: () = assert!(core::mem::size_of::<DepartedKey>() == 40);
+
 /// A (client, server) pair whose series are counted by their own server
 /// address (`DNS_CLIENT_SERVERS`).
 #[repr(C)]
@@ -391,6 +416,14 @@ pub mod maps {
     pub const CLIENT_SERVERS: &str = "DNS_CLIENT_SERVERS";
     /// Hash: client → how many servers it has in `DNS_CLIENT_SERVERS`.
     pub const CLIENT_SERVER_COUNT: &str = "DNS_CLIENT_SERVER_COUNT";
+    /// Hash written by user space only: [`super::DepartedKey`] → count.
+    pub const DEPARTED: &str = "DNS_DEPARTED";
+    /// Hash written by user space only: [`super::PeerKey`] (client unknown,
+    /// code = rcode) → [`super::Latency`] of clients that left.
+    pub const DEPARTED_LATENCY: &str = "DNS_DEPARTED_LATENCY";
+    /// Capacity of each departed map; beyond it, servers fold into
+    /// [`super::OTHER_SERVER`].
+    pub const DEPARTED_CAPACITY: u32 = 4_096;
     /// Capacity of `DNS_CLIENT_SERVERS`: every endpoint's servers, and the
     /// unknown client's.
     pub const CLIENT_SERVERS_CAPACITY: u32 = 16_384;
@@ -430,5 +463,6 @@ impl_pod!(
     DnsConfig,
     DnsEvent,
     ClientPending,
-    ClientServer
+    ClientServer,
+    DepartedKey
 );

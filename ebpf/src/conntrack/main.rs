@@ -60,6 +60,11 @@ static CT_DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::pinned(m::DROPS_CA
 #[map(name = "CT_ENDPOINTS")]
 static CT_ENDPOINTS: HashMap<AddrKey, u8> = HashMap::pinned(ENDPOINTS_CAPACITY, 0);
 
+/// Drops of sources that left, moved here by user space (which alone writes
+/// it); declared here so that it is created and pinned.
+#[map(name = "CT_DEPARTED")]
+static CT_DEPARTED: HashMap<DropKey, u64> = HashMap::pinned(64, 0);
+
 #[map(name = "CT_RACE_DESTS")]
 static CT_RACE_DESTS: PerCpuHashMap<DestKey, u64> =
     PerCpuHashMap::pinned(m::RACE_DESTS_CAPACITY, 0);

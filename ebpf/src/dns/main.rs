@@ -33,8 +33,8 @@ use aya_ebpf::{
 use podnet_common::{
     dns::{
         counted_qtype, counter, event_kind, maps as m, pending_flags, proto, scope, ClientPending,
-        ClientServer, DnsConfig, DnsEvent, Latency, PeerKey, Pending, PendingKey, BUCKETS,
-        BUCKET_BOUNDS_NS, MAX_LABELS, MAX_NAME_LEN, NAME_BUF_LEN, PENDING_PER_CLIENT,
+        ClientServer, DepartedKey, DnsConfig, DnsEvent, Latency, PeerKey, Pending, PendingKey,
+        BUCKETS, BUCKET_BOUNDS_NS, MAX_LABELS, MAX_NAME_LEN, NAME_BUF_LEN, PENDING_PER_CLIENT,
         SERVERS_PER_CLIENT,
     },
     family, AddrKey, ENDPOINTS_CAPACITY,
@@ -67,6 +67,16 @@ static DNS_RETRANSMITS: PerCpuHashMap<PeerKey, u64> =
 #[map(name = "DNS_TIMEOUTS")]
 static DNS_TIMEOUTS: aya_ebpf::maps::HashMap<PeerKey, u64> =
     aya_ebpf::maps::HashMap::pinned(m::STATS_CAPACITY, STATS_MAP_FLAGS);
+
+/// Counts of clients that left, moved here by user space (which alone
+/// writes these); declared here so that they are created and pinned.
+#[map(name = "DNS_DEPARTED")]
+static DNS_DEPARTED: HashMap<DepartedKey, u64> =
+    HashMap::pinned(m::DEPARTED_CAPACITY, STATS_MAP_FLAGS);
+
+#[map(name = "DNS_DEPARTED_LATENCY")]
+static DNS_DEPARTED_LATENCY: HashMap<PeerKey, Latency> =
+    HashMap::pinned(m::DEPARTED_CAPACITY, STATS_MAP_FLAGS);
 
 #[map(name = "DNS_COUNTERS")]
 static DNS_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
