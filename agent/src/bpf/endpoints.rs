@@ -28,7 +28,7 @@ pub fn addr_key(ip: IpAddr) -> AddrKey {
     }
 }
 
-/// What a [`sync`] changed.
+/// What an [`AddressMap::sync`] changed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Synced {
     /// Addresses added.
@@ -37,28 +37,51 @@ pub struct Synced {
     pub removed: usize,
 }
 
-/// Makes `map` list exactly `ips` (at most the map's capacity: beyond it, the
-/// rest count as unknown sources and the error says so).
-pub fn sync(
-    map: &mut HashMap<MapData, AddrKey, u8>,
-    ips: impl IntoIterator<Item = IpAddr>,
-) -> Result<Synced, MapError> {
-    let want: BTreeSet<AddrKey> = ips.into_iter().map(addr_key).collect();
-    let have: BTreeSet<AddrKey> = map.keys().filter_map(Result::ok).collect();
-    let mut synced = Synced::default();
-    for stale in have.difference(&want) {
-        match map.remove(stale) {
-            Ok(()) => synced.removed += 1,
-            // Removed by another agent meanwhile: already as wanted.
-            Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(e),
+/// An endpoint address map and the keys it holds: the kernel's keys are
+/// listed once, then each change is diffed against what was written, so it
+/// costs its own updates only, not a walk of the map.
+pub struct AddressMap {
+    map: HashMap<MapData, AddrKey, u8>,
+    held: BTreeSet<AddrKey>,
+    name: &'static str,
+}
+
+impl AddressMap {
+    /// Takes `map` (named `name` in logs) with the keys it holds now.
+    pub fn new(map: HashMap<MapData, AddrKey, u8>, name: &'static str) -> Self {
+        let held = map.keys().filter_map(Result::ok).collect();
+        Self { map, held, name }
+    }
+
+    /// Makes the map list exactly `ips` (at most its capacity: beyond it,
+    /// the rest count as unknown sources and the error says so).
+    pub fn sync(&mut self, ips: impl IntoIterator<Item = IpAddr>) -> Result<Synced, MapError> {
+        let want: BTreeSet<AddrKey> = ips.into_iter().map(addr_key).collect();
+        let mut synced = Synced::default();
+        for stale in self.held.difference(&want).copied().collect::<Vec<_>>() {
+            match self.map.remove(&stale) {
+                // Removed by another agent meanwhile: already as wanted.
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(e),
+            }
+            self.held.remove(&stale);
+            synced.removed += 1;
+        }
+        for new in want.difference(&self.held).copied().collect::<Vec<_>>() {
+            self.map.insert(new, 1, 0)?;
+            self.held.insert(new);
+            synced.added += 1;
+        }
+        Ok(synced)
+    }
+
+    /// [`AddressMap::sync`], a failure logged (counts then fold into the
+    /// unknown source until the next change succeeds).
+    pub fn sync_or_warn(&mut self, ips: &mut dyn Iterator<Item = IpAddr>) {
+        if let Err(e) = self.sync(ips) {
+            tracing::warn!(error = %e, map = self.name, "listing endpoint addresses");
         }
     }
-    for new in want.difference(&have) {
-        map.insert(new, 1, 0)?;
-        synced.added += 1;
-    }
-    Ok(synced)
 }
 
 #[cfg(test)]

@@ -269,12 +269,14 @@ fn list_endpoints(
     let Some(map) = map else {
         return;
     };
-    let map = Mutex::new(map);
+    let map = Mutex::new(bpf::endpoints::AddressMap::new(
+        map,
+        podnet_common::conntrack::maps::ENDPOINTS,
+    ));
     registry.watch_addresses(move |ips| {
-        let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Err(e) = bpf::endpoints::sync(&mut map, ips) {
-            tracing::warn!(error = %e, "listing endpoint addresses for the drop tracer");
-        }
+        map.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .sync_or_warn(ips);
     });
 }
 

@@ -315,33 +315,11 @@ impl Tracer {
         let mut drops = Vec::new();
         for item in &self.departed {
             let (key, packets) = item.map_err(|e| BpfError::map(m::DEPARTED, e))?;
-            let (Some(source), Some(kind)) = (
-                kernel_addr(&key.addr, key.family),
-                DropKind::from_u8(key.kind),
-            ) else {
-                continue;
-            };
-            drops.push(DropCount {
-                source,
-                proto: key.proto,
-                kind,
-                packets,
-            });
+            drops.extend(drop_count(&key, packets));
         }
         for item in &self.drops {
             let (key, values) = item.map_err(|e| BpfError::map(m::DROPS, e))?;
-            let (Some(source), Some(kind)) = (
-                kernel_addr(&key.addr, key.family),
-                DropKind::from_u8(key.kind),
-            ) else {
-                continue;
-            };
-            drops.push(DropCount {
-                source,
-                proto: key.proto,
-                kind,
-                packets: values.iter().sum(),
-            });
+            drops.extend(drop_count(&key, values.iter().sum()));
         }
         let mut destinations = Vec::new();
         for item in &self.destinations {
@@ -395,6 +373,16 @@ pub struct EventStats {
     pub received: AtomicU64,
     /// Records that could not be decoded (skipped).
     pub decode_errors: AtomicU64,
+}
+
+/// The drop count of `key`, when its address family and kind are known.
+fn drop_count(key: &DropKey, packets: u64) -> Option<DropCount> {
+    Some(DropCount {
+        source: kernel_addr(&key.addr, key.family)?,
+        proto: key.proto,
+        kind: DropKind::from_u8(key.kind)?,
+        packets,
+    })
 }
 
 /// Reads race events until `stop` is set, enriching each into the race log.

@@ -321,12 +321,11 @@ impl Dns {
         // Addresses first: a pod's queries count under its name from the
         // first one its interface's programs see.
         if let Some(map) = tracer.take_endpoints() {
-            let map = Mutex::new(map);
-            registry.watch_addresses(move |ips| {
-                if let Err(e) = crate::bpf::endpoints::sync(&mut lock(&map), ips) {
-                    tracing::warn!(error = %e, "listing endpoint addresses for the DNS programs");
-                }
-            });
+            let map = Mutex::new(crate::bpf::endpoints::AddressMap::new(
+                map,
+                podnet_common::dns::maps::ENDPOINTS,
+            ));
+            registry.watch_addresses(move |ips| lock(&map).sync_or_warn(ips));
         }
         let mut attacher = Attacher::new(tracer.pin_dir(), tc_mode)?;
         let report = attacher.reconcile(
