@@ -29,6 +29,30 @@ const CHANGE_COALESCE: Duration = Duration::from_millis(20);
 /// How often per-(pod, server) totals are sampled for `dns.top`.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// Longest wait between two drains of the ring buffer.
+/// How often the maps are walked for departed clients while no pod left:
+/// timeouts of a departed pod's last queries arrive after it left.
+const FOLD_EVERY: Duration = Duration::from_secs(30);
+
+/// When the maps are next walked for clients that left: at once when the
+/// endpoint addresses changed, else every [`FOLD_EVERY`] (each walk lists
+/// six maps, too much for every reconcile).
+#[derive(Default)]
+struct Departures {
+    live: std::collections::BTreeSet<podnet_common::AddrKey>,
+    last: Option<Instant>,
+}
+
+impl Departures {
+    fn due(&mut self, live: std::collections::BTreeSet<podnet_common::AddrKey>) -> bool {
+        let due = live != self.live || self.last.is_none_or(|t| t.elapsed() >= FOLD_EVERY);
+        if due {
+            self.live = live;
+            self.last = Some(Instant::now());
+        }
+        due
+    }
+}
+
 /// The DNS event thread's name (and its heartbeat's).
 pub const EVENTS_THREAD: &str = "podnet-dns-ev";
 /// The DNS upkeep thread's name (and its heartbeat's).
@@ -83,6 +107,7 @@ impl Worker {
         let (mut last_sweep, mut last_reconcile, mut last_sample) =
             (Instant::now(), Instant::now(), Instant::now());
         let mut pending = false;
+        let mut departures = Departures::default();
         let heartbeat = heartbeat::registry().register(UPKEEP_THREAD, heartbeat::SILENCE_LIMIT);
         while !self.shared.stop.load(Ordering::Relaxed) && heartbeat.beat() {
             let wait = if pending {
@@ -99,7 +124,7 @@ impl Worker {
             if (pending && since >= CHANGE_COALESCE) || since >= RECONCILE_EVERY {
                 pending = false;
                 last_reconcile = Instant::now();
-                self.reconcile();
+                self.reconcile(&mut departures);
             }
             if last_sample.elapsed() >= SAMPLE_EVERY {
                 last_sample = Instant::now();
@@ -152,7 +177,7 @@ impl Worker {
         }
     }
 
-    fn reconcile(&self) {
+    fn reconcile(&self, departures: &mut Departures) {
         let desired = desired_interfaces(&self.registry, &self.settings.uplinks);
         let live = self
             .registry
@@ -163,7 +188,11 @@ impl Worker {
             .collect();
         let result = {
             let mut tracer = lock(&self.tracer);
-            let moved = tracer.fold_departed(&live);
+            let moved = if departures.due(live) {
+                tracer.fold_departed(&departures.live)
+            } else {
+                0
+            };
             if moved > 0 {
                 tracing::debug!(
                     keys = moved,
