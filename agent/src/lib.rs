@@ -19,6 +19,7 @@ pub mod memory;
 pub mod metrics;
 pub mod net;
 pub mod options;
+pub mod pods;
 pub mod recent;
 pub mod routing;
 pub mod subsystem;

@@ -35,6 +35,10 @@ pub use crate::dns::DEFAULT_SLOW_THRESHOLD as DNS_SLOW_THRESHOLD;
 pub use crate::dns::DEFAULT_TIMEOUT as DNS_TIMEOUT;
 /// `--warm-eni-target` (as the AWS VPC CNI).
 pub use crate::ipam::service::DEFAULT_WARM_ENI_TARGET as WARM_ENI_TARGET;
+/// `--cri-socket`.
+pub use crate::pods::DEFAULT_CRI_SOCKET as CRI_SOCKET;
+/// `--cri-refresh`.
+pub use crate::pods::DEFAULT_REFRESH as CRI_REFRESH;
 /// `--cni-conf-dir`.
 pub const CNI_CONF_DIR: &str = "/etc/cni/net.d";
 /// `--cni-bin-dir`.

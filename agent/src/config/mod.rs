@@ -4,7 +4,7 @@
 //!
 //! Each section is declared once, by its owner, with [`crate::options`]:
 //! [`AgentOptions`] here, and `ConntrackOptions`, `DnsOptions`,
-//! `RoutingOptions`, `IpamOptions` beside their subsystems. [`AgentArgs`]
+//! `RoutingOptions`, `IpamOptions`, `PodsOptions` beside their subsystems. [`AgentArgs`]
 //! flattens them into the command line, [`ConfigFile`] reads the same keys
 //! into the same sections, and [`AgentConfig`] composes each section's
 //! resolved settings.
@@ -25,6 +25,7 @@ use crate::{
     dns::{DnsOptions, DnsSettings},
     ipam::service::{IpamOptions, IpamSettings},
     options::options,
+    pods::{PodsOptions, PodsSettings},
     routing::{RoutingOptions, RoutingSettings},
 };
 
@@ -99,6 +100,9 @@ pub struct AgentArgs {
     /// IPAM's settings.
     #[command(flatten)]
     pub ipam: IpamOptions,
+    /// Pod metadata's settings.
+    #[command(flatten)]
+    pub pods: PodsOptions,
     /// One YAML file with the same keys as the flags (for a ConfigMap).
     #[arg(long, env = "PODNET_CONFIG")]
     pub config: Option<PathBuf>,
@@ -124,6 +128,8 @@ pub struct ConfigFile {
     pub routing: RoutingOptions,
     /// IPAM's keys.
     pub ipam: IpamOptions,
+    /// Pod metadata's keys.
+    pub pods: PodsOptions,
 }
 
 /// The effective configuration: the agent-wide settings and each
@@ -158,6 +164,8 @@ pub struct AgentConfig {
     pub routing: RoutingSettings,
     /// IPAM.
     pub ipam: IpamSettings,
+    /// Pod metadata and the labels of per-pod series.
+    pub pods: PodsSettings,
 }
 
 /// Errors building the configuration.
@@ -196,14 +204,15 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigEr
     };
     let document: serde_norway::Mapping =
         serde_norway::from_str(text).map_err(|e| parse(e.to_string()))?;
-    let sections: [(&str, Vec<String>); 5] = [
+    let sections: [(&str, Vec<String>); 6] = [
         ("agent", AgentOptions::keys().collect()),
         ("conntrack", ConntrackOptions::keys().collect()),
         ("dns", DnsOptions::keys().collect()),
         ("routing", RoutingOptions::keys().collect()),
         ("ipam", IpamOptions::keys().collect()),
+        ("pods", PodsOptions::keys().collect()),
     ];
-    let mut split: [serde_norway::Mapping; 5] = Default::default();
+    let mut split: [serde_norway::Mapping; 6] = Default::default();
     for (key, value) in document {
         let Some(name) = key.as_str() else {
             return Err(parse(format!("key {key:?} is not a string")));
@@ -223,13 +232,14 @@ pub fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, ConfigEr
         };
         split[section].insert(key, value);
     }
-    let [agent, conntrack, dns, routing, ipam] = split;
+    let [agent, conntrack, dns, routing, ipam, pods] = split;
     Ok(ConfigFile {
         agent: section(agent).map_err(parse)?,
         conntrack: section(conntrack).map_err(parse)?,
         dns: section(dns).map_err(parse)?,
         routing: section(routing).map_err(parse)?,
         ipam: section(ipam).map_err(parse)?,
+        pods: section(pods).map_err(parse)?,
     })
 }
 
@@ -310,6 +320,7 @@ impl AgentConfig {
                 .or(file.ipam)
                 .settings()
                 .map_err(ConfigError::Invalid)?,
+            pods: args.pods.or(file.pods).settings(),
             dns,
             bpffs,
         })

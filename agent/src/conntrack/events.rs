@@ -171,12 +171,15 @@ impl<T: ConntrackTable> Enricher<T> {
     pub fn enrich(&mut self, event: &RaceEvent) -> Result<RaceRecord, DecodeError> {
         let original = Flow::from_tuple(&event.original)?;
         let reply = Flow::from_tuple(&event.reply)?;
-        let winner = self.winner(&event.reply, reply);
         let time_ns = i128::from(event.timestamp_ns) + self.clock_offset_ns;
+        let time_unix_ms = u64::try_from(time_ns / 1_000_000).unwrap_or(0);
+        let winner = self.winner(&event.reply, reply, time_unix_ms);
         Ok(RaceRecord {
-            time_unix_ms: u64::try_from(time_ns / 1_000_000).unwrap_or(0),
+            time_unix_ms,
             proto: proto_name(original.proto),
-            loser: self.registry.pod_for(original.src.ip()),
+            // The pod that held the address when the packet was dropped, not
+            // the one that may hold it now.
+            loser: self.registry.pod_at(original.src.ip(), time_unix_ms),
             flow: original,
             destination: original.dst,
             snat: reply.dst,
@@ -184,7 +187,7 @@ impl<T: ConntrackTable> Enricher<T> {
         })
     }
 
-    fn winner(&mut self, key: &Tuple, reply: Flow) -> WinnerLookup {
+    fn winner(&mut self, key: &Tuple, reply: Flow, time_unix_ms: u64) -> WinnerLookup {
         let now = Instant::now();
         if let Some((at, found)) = self.cache.get(key) {
             if now.duration_since(*at) < WINNER_CACHE_TTL {
@@ -195,7 +198,7 @@ impl<T: ConntrackTable> Enricher<T> {
             Ok(Some(entry)) => {
                 let flow = Flow::from_ct_tuple(&entry.original);
                 WinnerLookup::Found(Winner {
-                    pod: self.registry.pod_for(flow.src.ip()),
+                    pod: self.registry.pod_at(flow.src.ip(), time_unix_ms),
                     flow,
                 })
             }
@@ -358,6 +361,39 @@ mod tests {
         // A second race on the same reply tuple is served from the cache.
         e.enrich(&race()).unwrap();
         assert_eq!(e.table.calls, 1);
+    }
+
+    #[test]
+    fn a_race_names_the_pod_that_held_the_address_then_not_its_successor() {
+        let table = Table {
+            calls: 0,
+            answer: None,
+        };
+        let r = Registry::new();
+        let mut e = Enricher::new(r.clone(), table);
+        // The race's wall-clock time, as the enricher computes it.
+        let at_ms =
+            u64::try_from((i128::from(race().timestamp_ns) + e.clock_offset_ns) / 1_000_000)
+                .unwrap();
+        let ep = |pod: &str| Endpoint {
+            namespace: "shop".into(),
+            pod: pod.into(),
+            ips: vec!["10.0.2.2".parse().unwrap()],
+            interface: None,
+            container_id: None,
+            if_name: None,
+        };
+        r.replace_source_at(Source::File, vec![ep("first")], at_ms - 10_000);
+        r.replace_source_at(Source::File, vec![], at_ms + 1_000);
+        r.replace_source_at(Source::File, vec![ep("successor")], at_ms + 2_000);
+        assert_eq!(r.pod_for("10.0.2.2".parse().unwrap()).pod, "successor");
+        let rec = e.enrich(&race()).unwrap();
+        assert_eq!(rec.time_unix_ms, at_ms);
+        assert_eq!(rec.loser.to_string(), "shop/first");
+        // The same race one second after the first pod left: nobody held it.
+        let mut later = race();
+        later.timestamp_ns += 1_500_000_000;
+        assert!(e.enrich(&later).unwrap().loser.is_host());
     }
 
     #[test]

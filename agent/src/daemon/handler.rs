@@ -12,7 +12,7 @@ use crate::{
         protocol::{self as p, method},
         server::Handler,
     },
-    metrics::{self, shared::SharedFamilies, text::Encoder},
+    metrics::{self, pods::RegistryPodLabels, shared::SharedFamilies, text::Encoder},
     subsystem::to_json,
 };
 
@@ -46,25 +46,33 @@ impl Handler for ApiHandler {
     }
 }
 
-/// Renders the whole exposition from kernel maps and `/proc` at each scrape.
+/// Renders the whole exposition from kernel maps and `/proc` at each scrape;
+/// per-pod series are labelled per workload, or per pod in the namespaces
+/// `--pod-metrics-namespaces` lists (`metrics::pods`).
 pub struct MetricsRenderer {
     daemon: Arc<Daemon>,
     kernel: String,
+    pod_labels: Arc<RegistryPodLabels>,
 }
 
 impl MetricsRenderer {
     /// A renderer for `daemon`.
     pub fn new(daemon: Arc<Daemon>) -> Self {
+        let pod_labels = Arc::new(RegistryPodLabels::new(
+            daemon.config().pods.pod_level.clone(),
+            daemon.registry().clone(),
+        ));
         Self {
             daemon,
             kernel: crate::sys::kernel_release(),
+            pod_labels,
         }
     }
 }
 
 impl metrics::MetricsSource for MetricsRenderer {
     fn render(&self) -> String {
-        let mut enc = Encoder::new();
+        let mut enc = Encoder::with_pod_labels(self.pod_labels.clone());
         metrics::render_build_info(
             &mut enc,
             &self.kernel,

@@ -1,7 +1,7 @@
 //! The running agent: owns the subsystems and answers for them.
 //!
 //! [`Daemon::start`] fills the endpoint registry and starts each subsystem
-//! (ipam, conntrack, routing, dns) with its own settings; the binary then
+//! (ipam, conntrack, routing, dns, pods) with its own settings; the binary then
 //! serves [`Daemon`] through the metrics endpoint and the local API, which
 //! loop over [`Daemon::subsystems`]. Stopping the daemon stops user space
 //! only: pinned programs and maps stay in the kernel and keep counting.
@@ -20,6 +20,7 @@ use crate::{
     dns::Dns,
     endpoint::{self, Registry, Source},
     ipam::service::IpamService,
+    pods::Pods,
     routing::Routing,
     subsystem::Subsystem,
 };
@@ -45,6 +46,9 @@ pub enum DaemonError {
     /// The routing subsystem could not be started.
     #[error(transparent)]
     Routing(#[from] crate::routing::RoutingError),
+    /// The pod metadata thread could not be started.
+    #[error(transparent)]
+    Pods(#[from] crate::pods::PodsError),
 }
 
 /// The running agent: the subsystems, started in order, and what they share.
@@ -57,7 +61,7 @@ pub struct Daemon {
     routing: Arc<Routing>,
     dns: Arc<Dns>,
     conntrack: Arc<Conntrack>,
-    /// The same four, in the order their metric families are written.
+    /// The same four and pod metadata, in the order their metric families are written.
     subsystems: Vec<Arc<dyn Subsystem>>,
 }
 
@@ -150,11 +154,13 @@ impl Daemon {
         )?);
         ipam.publish_enis_to(routing.enis().clone());
         let dns = Arc::new(Dns::start(config.dns.clone(), tc_mode, registry.clone())?);
+        let pods = Arc::new(Pods::start(config.pods.clone(), registry.clone())?);
         let subsystems: Vec<Arc<dyn Subsystem>> = vec![
             ipam.clone(),
             routing.clone(),
             dns.clone(),
             conntrack.clone(),
+            pods,
         ];
         Ok(Arc::new(Self {
             config,

@@ -124,7 +124,7 @@ pub fn record_of(
     Ok(QueryRecord {
         time_unix_ms,
         outcome,
-        pod: registry.pod_for(client.ip()),
+        pod: registry.pod_at(client.ip(), time_unix_ms),
         client,
         server,
         proto: proto_label(event.key.proto),

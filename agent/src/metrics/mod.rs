@@ -3,7 +3,8 @@
 //! and BPF figures ([`process`], [`selfstats`]), counter continuity across
 //! restarts ([`continuity`]) and the HTTP [`server`] for `/metrics`,
 //! `/healthz` and `/readyz`. Each subsystem renders its own families
-//! (`conntrack::metrics`, `dns::metrics`, ...).
+//! (`conntrack::metrics`, `dns::metrics`, ...); [`pods`] decides whether
+//! per-pod series name the pod or its workload.
 //!
 //! Values live in kernel maps and `/proc`; a scrape reads them and renders a
 //! fresh exposition through a [`MetricsSource`], so there is no second copy
@@ -11,6 +12,7 @@
 
 pub mod continuity;
 pub mod histogram;
+pub mod pods;
 pub mod process;
 pub mod selfstats;
 pub mod server;

@@ -8,8 +8,14 @@
 //! Escaping follows the format: in label values `\`, `"` and line feed become
 //! `\\`, `\"` and `\n`; in HELP text `\` and line feed are escaped.
 //! <https://prometheus.io/docs/instrumenting/exposition_formats/#text-based-format>
+//!
+//! Per-pod series are labelled in one place, here: subsystems write
+//! `namespace` and `pod`, and an encoder given [`PodLabels`] turns `pod`
+//! into `workload_kind` and `workload` where they say so, summing the
+//! samples of a workload's pods into one series (counters and histograms
+//! alike), so label cardinality follows workloads, not rollouts.
 
-use std::fmt::Write as _;
+use std::{collections::HashMap, fmt::Write as _, sync::Arc};
 
 /// The `Content-Type` of the text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -40,12 +46,22 @@ impl MetricType {
 pub trait SampleValue: Copy {
     /// Appends the value to `out`.
     fn write_to(&self, out: &mut String);
+    /// The value as a term of a workload's sum (integers stay exact).
+    fn term(&self) -> SumTerm;
 }
+
+/// One term of the sum of a workload's samples.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SumTerm(Sum);
 
 impl SampleValue for u64 {
     fn write_to(&self, out: &mut String) {
         // Writing to a String cannot fail.
         let _ = write!(out, "{self}");
+    }
+
+    fn term(&self) -> SumTerm {
+        SumTerm(Sum::Unsigned(*self))
     }
 }
 
@@ -53,12 +69,63 @@ impl SampleValue for i64 {
     fn write_to(&self, out: &mut String) {
         let _ = write!(out, "{self}");
     }
+
+    fn term(&self) -> SumTerm {
+        SumTerm(Sum::Signed(*self))
+    }
 }
 
 impl SampleValue for f64 {
     fn write_to(&self, out: &mut String) {
         write_float(out, *self);
     }
+
+    fn term(&self) -> SumTerm {
+        SumTerm(Sum::Float(*self))
+    }
+}
+
+/// A sample value kept for summing: integers stay exact.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Sum {
+    Unsigned(u64),
+    Signed(i64),
+    Float(f64),
+}
+
+impl Sum {
+    #[allow(clippy::cast_precision_loss)] // only a mix of integer and float sums, which no family writes
+    fn as_f64(self) -> f64 {
+        match self {
+            Self::Unsigned(v) => v as f64,
+            Self::Signed(v) => v as f64,
+            Self::Float(v) => v,
+        }
+    }
+
+    fn add(self, other: Self) -> Self {
+        match (self, other) {
+            (Self::Unsigned(a), Self::Unsigned(b)) => Self::Unsigned(a.saturating_add(b)),
+            (Self::Signed(a), Self::Signed(b)) => Self::Signed(a.saturating_add(b)),
+            (a, b) => Self::Float(a.as_f64() + b.as_f64()),
+        }
+    }
+
+    fn write_to(self, out: &mut String) {
+        match self {
+            Self::Unsigned(v) => v.write_to(out),
+            Self::Signed(v) => v.write_to(out),
+            Self::Float(v) => v.write_to(out),
+        }
+    }
+}
+
+/// Where the `pod` label of per-pod series stays, and the workload that
+/// replaces it elsewhere.
+pub trait PodLabels: Send + Sync {
+    /// `None` to keep the `pod` label of pod `pod` in `namespace`; else the
+    /// workload's (kind, name), written as `workload_kind` and `workload`.
+    fn workload(&self, namespace: &str, pod: &str) -> Option<(String, String)>;
 }
 
 fn write_float(out: &mut String, value: f64) {
@@ -74,15 +141,65 @@ fn write_float(out: &mut String, value: f64) {
 }
 
 /// Builds one exposition text.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Encoder {
     out: String,
+    pods: Option<Arc<dyn PodLabels>>,
+    merged: Merged,
+}
+
+/// The workload series of the family being written and their sums, in order
+/// of first appearance; written when the next family starts or at the end.
+#[derive(Debug, Default)]
+struct Merged {
+    series: Vec<(String, Sum)>,
+    index: HashMap<String, usize>,
+}
+
+impl Merged {
+    fn add(&mut self, series: String, term: Sum) {
+        if let Some(&i) = self.index.get(&series) {
+            self.series[i].1 = self.series[i].1.add(term);
+        } else {
+            self.index.insert(series.clone(), self.series.len());
+            self.series.push((series, term));
+        }
+    }
+
+    fn flush(&mut self, out: &mut String) {
+        self.index.clear();
+        for (series, sum) in self.series.drain(..) {
+            out.push_str(&series);
+            sum.write_to(out);
+            out.push('\n');
+        }
+    }
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("out", &self.out.len())
+            .field("pods", &self.pods.is_some())
+            .field("merged", &self.merged)
+            .finish()
+    }
 }
 
 impl Encoder {
-    /// An empty exposition.
+    /// An empty exposition; per-pod series keep their `pod` label.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty exposition whose per-pod series (those with `namespace` and
+    /// `pod` labels) are labelled as `pods` says.
+    pub fn with_pod_labels(pods: Arc<dyn PodLabels>) -> Self {
+        Self {
+            out: String::new(),
+            pods: Some(pods),
+            merged: Merged::default(),
+        }
     }
 
     /// Starts a family: writes its `# HELP` and `# TYPE` lines. Write its
@@ -91,6 +208,7 @@ impl Encoder {
     /// `name` and label names are code constants; they are checked in debug
     /// builds only.
     pub fn family(&mut self, name: &'static str, kind: MetricType, help: &str) -> Family<'_> {
+        self.merged.flush(&mut self.out);
         debug_assert!(is_valid_name(name), "invalid metric name {name:?}");
         debug_assert!(
             kind != MetricType::Counter || name.ends_with("_total"),
@@ -109,29 +227,75 @@ impl Encoder {
             out: &mut self.out,
             name,
             kind,
+            pods: self.pods.as_deref(),
+            merged: &mut self.merged,
         }
     }
 
-    /// The text written so far.
+    /// The text written so far (workload sums of the last family are written
+    /// when the next family starts, or by [`Encoder::finish`]).
     pub fn as_str(&self) -> &str {
         &self.out
     }
 
     /// The finished exposition.
-    pub fn finish(self) -> String {
+    pub fn finish(mut self) -> String {
+        self.merged.flush(&mut self.out);
         self.out
     }
 }
 
 /// The samples of one family, written right after its `# TYPE` line.
-#[derive(Debug)]
+/// Samples relabelled per workload are summed, and written after the others
+/// when the next family starts.
 pub struct Family<'a> {
     out: &'a mut String,
     name: &'static str,
     kind: MetricType,
+    pods: Option<&'a dyn PodLabels>,
+    merged: &'a mut Merged,
+}
+
+impl std::fmt::Debug for Family<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Family")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("merged", &self.merged.series.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Label pairs with `pod` replaced by `workload_kind` and `workload`.
+fn workload_labels<'l>(
+    labels: &[(&'l str, &'l str)],
+    workload: &'l (String, String),
+) -> Vec<(&'l str, &'l str)> {
+    let mut out = Vec::with_capacity(labels.len() + 1);
+    for &(key, value) in labels {
+        if key == "pod" {
+            out.push(("workload_kind", workload.0.as_str()));
+            out.push(("workload", workload.1.as_str()));
+        } else {
+            out.push((key, value));
+        }
+    }
+    out
 }
 
 impl Family<'_> {
+    /// The workload replacing the `pod` label of `labels`, if it is a
+    /// per-pod series and the encoder's [`PodLabels`] says so.
+    fn workload_of(&self, labels: &[(&str, &str)]) -> Option<(String, String)> {
+        let pods = self.pods?;
+        let label = |name: &str| labels.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        pods.workload(label("namespace")?, label("pod")?)
+    }
+
+    fn merge(&mut self, series: String, term: Sum) {
+        self.merged.add(series, term);
+    }
+
     /// Writes one sample of a counter or gauge. Label pairs are written in
     /// the order given; callers must not repeat a label set.
     pub fn sample(&mut self, labels: &[(&str, &str)], value: impl SampleValue) -> &mut Self {
@@ -140,6 +304,18 @@ impl Family<'_> {
             "{}: use histogram()",
             self.name
         );
+        if let Some(workload) = self.workload_of(labels) {
+            let mut series = String::new();
+            write_series(
+                &mut series,
+                self.name,
+                "",
+                &workload_labels(labels, &workload),
+                None,
+            );
+            self.merge(series, value.term().0);
+            return self;
+        }
         write_series(self.out, self.name, "", labels, None);
         value.write_to(self.out);
         self.out.push('\n');
@@ -162,6 +338,32 @@ impl Family<'_> {
             "{}: not a histogram",
             self.name
         );
+        if let Some(workload) = self.workload_of(labels) {
+            let labels = workload_labels(labels, &workload);
+            let mut le = String::new();
+            let mut buckets: Vec<(Option<f64>, u64)> = buckets
+                .iter()
+                .filter(|(b, _)| b.is_finite())
+                .map(|&(b, c)| (Some(b), c))
+                .collect();
+            buckets.push((None, count));
+            for (bound, cumulative) in buckets {
+                le.clear();
+                match bound {
+                    Some(bound) => write_float(&mut le, bound),
+                    None => le.push_str("+Inf"),
+                }
+                let mut series = String::new();
+                write_series(&mut series, self.name, "_bucket", &labels, Some(&le));
+                self.merge(series, Sum::Unsigned(cumulative));
+            }
+            for (suffix, term) in [("_sum", Sum::Float(sum)), ("_count", Sum::Unsigned(count))] {
+                let mut series = String::new();
+                write_series(&mut series, self.name, suffix, &labels, None);
+                self.merge(series, term);
+            }
+            return self;
+        }
         let mut le = String::new();
         for &(bound, cumulative) in buckets.iter().filter(|(b, _)| b.is_finite()) {
             le.clear();
@@ -262,6 +464,80 @@ mod tests {
              # TYPE podnet_x_total counter\n\
              podnet_x_total{namespace=\"shop\",pod=\"a\"} 5\n\
              podnet_x_total 0\n"
+        );
+    }
+
+    /// Pods `shop/cart-*` belong to Deployment `cart`; namespace `debug`
+    /// keeps its pods.
+    struct Cart;
+
+    impl PodLabels for Cart {
+        fn workload(&self, namespace: &str, pod: &str) -> Option<(String, String)> {
+            match (namespace, pod) {
+                ("debug", _) => None,
+                ("", "") => Some((String::new(), String::new())),
+                (_, p) if p.starts_with("cart-") => Some(("Deployment".into(), "cart".into())),
+                (_, p) => Some(("Pod".into(), p.into())),
+            }
+        }
+    }
+
+    #[test]
+    fn pod_series_are_summed_per_workload_where_pod_labels_say_so() {
+        let mut enc = Encoder::with_pod_labels(Arc::new(Cart));
+        enc.family("podnet_x_total", MetricType::Counter, "Things.")
+            .sample(
+                &[("namespace", "shop"), ("pod", "cart-1"), ("proto", "udp")],
+                5_u64,
+            )
+            .sample(
+                &[("namespace", "debug"), ("pod", "tool"), ("proto", "udp")],
+                1_u64,
+            )
+            .sample(
+                &[("namespace", "shop"), ("pod", "db"), ("proto", "udp")],
+                2_u64,
+            )
+            .sample(
+                &[("namespace", "shop"), ("pod", "cart-2"), ("proto", "udp")],
+                7_u64,
+            )
+            .sample(
+                &[("namespace", "shop"), ("pod", "cart-2"), ("proto", "tcp")],
+                1_u64,
+            )
+            .sample(&[("namespace", ""), ("pod", ""), ("proto", "udp")], 3_u64)
+            .sample(&[("stat", "drop")], 4_u64);
+        enc.family("podnet_y_seconds", MetricType::Histogram, "Latency.")
+            .histogram(
+                &[("namespace", "shop"), ("pod", "cart-1")],
+                &[(0.1, 1), (1.0, 2)],
+                0.5,
+                3,
+            )
+            .histogram(
+                &[("namespace", "shop"), ("pod", "cart-2")],
+                &[(0.1, 0), (1.0, 1)],
+                2.25,
+                4,
+            );
+        assert_eq!(
+            enc.finish(),
+            "# HELP podnet_x_total Things.\n\
+             # TYPE podnet_x_total counter\n\
+             podnet_x_total{namespace=\"debug\",pod=\"tool\",proto=\"udp\"} 1\n\
+             podnet_x_total{stat=\"drop\"} 4\n\
+             podnet_x_total{namespace=\"shop\",workload_kind=\"Deployment\",workload=\"cart\",proto=\"udp\"} 12\n\
+             podnet_x_total{namespace=\"shop\",workload_kind=\"Pod\",workload=\"db\",proto=\"udp\"} 2\n\
+             podnet_x_total{namespace=\"shop\",workload_kind=\"Deployment\",workload=\"cart\",proto=\"tcp\"} 1\n\
+             podnet_x_total{namespace=\"\",workload_kind=\"\",workload=\"\",proto=\"udp\"} 3\n\
+             # HELP podnet_y_seconds Latency.\n\
+             # TYPE podnet_y_seconds histogram\n\
+             podnet_y_seconds_bucket{namespace=\"shop\",workload_kind=\"Deployment\",workload=\"cart\",le=\"0.1\"} 1\n\
+             podnet_y_seconds_bucket{namespace=\"shop\",workload_kind=\"Deployment\",workload=\"cart\",le=\"1\"} 3\n\
+             podnet_y_seconds_bucket{namespace=\"shop\",workload_kind=\"Deployment\",workload=\"cart\",le=\"+Inf\"} 7\n\
+             podnet_y_seconds_sum{namespace=\"shop\",workload_kind=\"Deployment\",workload=\"cart\"} 2.75\n\
+             podnet_y_seconds_count{namespace=\"shop\",workload_kind=\"Deployment\",workload=\"cart\"} 7\n"
         );
     }
 

@@ -25,7 +25,7 @@ pub const LAYERS: &[&[&str]] = &[
     // The shape of a subsystem, as the daemon sees it.
     &["subsystem"],
     // Subsystems, each owning its state, threads, metrics and views.
-    &["conntrack", "dns", "routing", "cloud", "kube"],
+    &["conntrack", "dns", "routing", "cloud", "kube", "pods"],
     // IPAM builds on routing (ENI links) and the cloud.
     &["ipam"],
     // Configuration composes every subsystem's settings.
