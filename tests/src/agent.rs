@@ -46,6 +46,8 @@ pub struct EndpointSpec {
     pub ips: Vec<std::net::IpAddr>,
     /// Host-side interface.
     pub interface: Option<String>,
+    /// The pod's sandbox id in the container runtime (`containerId`).
+    pub container_id: Option<String>,
 }
 
 impl EndpointSpec {
@@ -56,7 +58,15 @@ impl EndpointSpec {
             pod: pod.into(),
             ips: ips.to_vec(),
             interface: None,
+            container_id: None,
         }
+    }
+
+    /// Sets the pod's sandbox id, which the agent looks up in the container runtime.
+    #[must_use]
+    pub fn container_id(mut self, id: &str) -> Self {
+        self.container_id = Some(id.into());
+        self
     }
 
     /// Sets the host-side interface.
@@ -82,6 +92,9 @@ pub fn endpoints_yaml(endpoints: &[EndpointSpec]) -> String {
         );
         if let Some(i) = &ep.interface {
             let _ = writeln!(out, "  interface: {i}");
+        }
+        if let Some(id) = &ep.container_id {
+            let _ = writeln!(out, "  containerId: {id}");
         }
     }
     out
@@ -194,6 +207,16 @@ impl Agent {
         // harness still scrapes METRICS_ADDR, which that covers.
         if !self.extra_args.iter().any(|a| a == "--metrics-addr") {
             cmd.extend(["--metrics-addr", METRICS_ADDR]);
+        }
+        // The suites assert per-pod series (`namespace`, `pod`): every
+        // namespace keeps its pods, unless a test chooses (the agent's
+        // default is per workload).
+        if !self
+            .extra_args
+            .iter()
+            .any(|a| a.starts_with("--pod-metrics-namespaces"))
+        {
+            cmd.extend(["--pod-metrics-namespaces", "*"]);
         }
         cmd.extend([
             "--socket",

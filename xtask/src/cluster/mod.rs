@@ -43,6 +43,12 @@ enum Action {
         #[arg(long)]
         json: bool,
     },
+    /// Write the pod sandbox image (`localhost/podnet-pause:e2e`) as an OCI
+    /// archive for `ctr images import`, for a containerd outside the cluster.
+    PauseImage {
+        /// The archive to write.
+        archive: std::path::PathBuf,
+    },
 }
 
 /// `cluster up` with its defaults (the debug build), for the test command.
@@ -76,5 +82,6 @@ pub fn run(args: &ClusterArgs) -> Result<()> {
         Action::Up(up) => up::run(up),
         Action::Down => up::down(),
         Action::Status { json } => state::print_status(*json),
+        Action::PauseImage { archive } => up::write_pause_image(archive),
     }
 }

@@ -178,23 +178,36 @@ fn archive(reference: &str) -> PathBuf {
     layout::cluster_path("images").join(format!("{name}.tar"))
 }
 
+/// An image of Debian's busybox with `entrypoint`.
+fn busybox_image(reference: &str, entrypoint: &[&str]) -> Result<Image> {
+    let mut rootfs = RootFs::default();
+    rootfs.busybox()?;
+    rootfs.dir("/tmp", 0o1777);
+    Ok(Image {
+        reference: reference.to_owned(),
+        rootfs,
+        entrypoint: entrypoint.iter().map(|s| (*s).to_owned()).collect(),
+        env: vec![IMAGE_PATH.to_owned()],
+    })
+}
+
+/// The pod sandbox: sleeps; containerd ends it with SIGKILL.
+fn pause_image() -> Result<Image> {
+    busybox_image(config::PAUSE_IMAGE, &["/bin/sleep", "2147483647"])
+}
+
+/// `cluster pause-image ARCHIVE`: the sandbox image alone, for tests that run
+/// a containerd of their own.
+pub(super) fn write_pause_image(archive: &Path) -> Result<()> {
+    pause_image()?.write_archive(archive)
+}
+
 fn write_images(binaries: &Path) -> Result<()> {
-    let mut images = vec![podnet_image(binaries, config::PODNET_TAG)?];
-    for (reference, entrypoint) in [
-        (config::TOOLBOX_IMAGE, vec!["/bin/sh"]),
-        // The pod sandbox: sleeps; containerd ends it with SIGKILL.
-        (config::PAUSE_IMAGE, vec!["/bin/sleep", "2147483647"]),
-    ] {
-        let mut rootfs = RootFs::default();
-        rootfs.busybox()?;
-        rootfs.dir("/tmp", 0o1777);
-        images.push(Image {
-            reference: reference.to_owned(),
-            rootfs,
-            entrypoint: entrypoint.into_iter().map(ToOwned::to_owned).collect(),
-            env: vec![IMAGE_PATH.to_owned()],
-        });
-    }
+    let mut images = vec![
+        podnet_image(binaries, config::PODNET_TAG)?,
+        busybox_image(config::TOOLBOX_IMAGE, &["/bin/sh"])?,
+        pause_image()?,
+    ];
     let mut rootfs = RootFs::default();
     rootfs.file(COREDNS.bin("coredns"), "/coredns", 0o755);
     images.push(Image {
