@@ -49,6 +49,26 @@ const DESIGN_FLAGS: &[&str] = &[
     "vpc-cidrs",
     "fast-path",
 ];
+/// Keys of the ConfigMap beyond DESIGN's flags, each in README.md's flag table.
+const README_FLAGS: &[&str] = &["cri-socket", "pod-metrics-namespaces"];
+/// The agent's host mounts: mount path → (host path, read-only, propagation).
+const AGENT_HOST_MOUNTS: &[(&str, &str, bool, Option<&str>)] = &[
+    ("/sys/fs/bpf", "/sys/fs/bpf", false, Some("HostToContainer")),
+    ("/opt/cni/bin", "/opt/cni/bin", true, None),
+    ("/etc/cni/net.d", "/etc/cni/net.d", true, None),
+    ("/run/netns", "/run/netns", true, Some("HostToContainer")),
+    ("/run/podnet", "/run/podnet", false, None),
+    ("/var/lib/podnet", "/var/lib/podnet", false, None),
+    ("/var/log/podnet", "/var/log/podnet", false, None),
+    ("/sys/kernel/btf", "/sys/kernel/btf", true, None),
+    ("/host/proc/sys/net", "/proc/sys/net", false, None),
+    (
+        "/run/containerd",
+        "/run/containerd",
+        true,
+        Some("HostToContainer"),
+    ),
+];
 /// The capabilities the agent container gets, as the kernel names them.
 const AGENT_CAPABILITIES: &[&str] = &["BPF", "PERFMON", "NET_ADMIN"];
 /// The process families the agent must export (agent-health panels, generic dashboards).
@@ -510,20 +530,8 @@ fn daemonset_runs_everywhere_with_the_documented_mounts() {
         json!({"requests": {"cpu": "50m", "memory": "48Mi"}, "limits": {"memory": "128Mi"}})
     );
 
-    // mount path → (host path, read-only, propagation)
-    let expected: &[(&str, &str, bool, Option<&str>)] = &[
-        ("/sys/fs/bpf", "/sys/fs/bpf", false, Some("HostToContainer")),
-        ("/opt/cni/bin", "/opt/cni/bin", true, None),
-        ("/etc/cni/net.d", "/etc/cni/net.d", true, None),
-        ("/run/netns", "/run/netns", true, Some("HostToContainer")),
-        ("/run/podnet", "/run/podnet", false, None),
-        ("/var/lib/podnet", "/var/lib/podnet", false, None),
-        ("/var/log/podnet", "/var/log/podnet", false, None),
-        ("/sys/kernel/btf", "/sys/kernel/btf", true, None),
-        ("/host/proc/sys/net", "/proc/sys/net", false, None),
-    ];
     let agent_mounts = mounts(agent);
-    for (path, host, read_only, propagation) in expected {
+    for (path, host, read_only, propagation) in AGENT_HOST_MOUNTS {
         let m = agent_mounts
             .get(*path)
             .unwrap_or_else(|| panic!("agent has no mount at {path}"));
@@ -634,14 +642,23 @@ fn config_map_is_a_valid_agent_config() {
     let values = values.as_object().unwrap();
     for key in values.keys() {
         assert!(
-            DESIGN_FLAGS.contains(&key.as_str()) || key == "log-format",
-            "{key} is not an agent flag in DESIGN.md"
+            DESIGN_FLAGS.contains(&key.as_str())
+                || README_FLAGS.contains(&key.as_str())
+                || key == "log-format",
+            "{key} is not an agent flag in DESIGN.md or README.md"
+        );
+    }
+    let readme = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"));
+    for key in README_FLAGS {
+        assert!(
+            readme.contains(&format!("| `--{key}` |")),
+            "README.md's flag table has no --{key}"
         );
     }
     assert_eq!(values["metrics-addr"], "0.0.0.0:9965");
     let ds = yaml_doc("daemonset.yaml");
     let agent_mounts = mounts(agent_container(&ds));
-    for key in ["socket", "state-dir", "bpffs"] {
+    for key in ["socket", "state-dir", "bpffs", "cri-socket"] {
         let path = values[key].as_str().unwrap();
         assert!(
             agent_mounts
@@ -695,6 +712,7 @@ fn readme_explains_every_capability_and_mount() {
         "/var/log/podnet",
         "/sys/kernel/btf",
         "/proc/sys/net",
+        "/run/containerd",
     ] {
         assert!(
             readme.contains(&format!("`{path}`")),
