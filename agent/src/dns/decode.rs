@@ -254,6 +254,32 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_query_names_the_pod_that_held_the_client_address_then() {
+        use crate::endpoint::{Endpoint, Source};
+        let ep = |pod: &str| Endpoint {
+            namespace: "shop".into(),
+            pod: pod.into(),
+            ips: vec!["10.99.0.2".parse().unwrap()],
+            interface: None,
+            container_id: None,
+            if_name: None,
+        };
+        let r = Registry::new();
+        r.replace_source_at(Source::File, vec![ep("first")], 1_000);
+        r.replace_source_at(Source::File, vec![ep("successor")], 5_000);
+        let mut ev = DnsEvent {
+            kind: event_kind::TIMEOUT,
+            ..DnsEvent::default()
+        };
+        ev.key.family = family::INET;
+        ev.key.proto = proto::UDP;
+        ev.key.client[..4].copy_from_slice(&[10, 99, 0, 2]);
+        ev.key.server[..4].copy_from_slice(&[10, 98, 0, 2]);
+        assert_eq!(record_of(&ev, &r, 4_999).unwrap().pod.pod, "first");
+        assert_eq!(record_of(&ev, &r, 5_000).unwrap().pod.pod, "successor");
+    }
+
+    #[test]
     fn wrong_sizes_are_errors() {
         assert!(matches!(
             decode(&[0; 3]),
