@@ -1,8 +1,11 @@
 //! `cargo xtask demo`: podnet's main job on a simulated node.
 //!
-//! Builds everything, then runs `podnet-demo` (tests/src/bin): a node made of
-//! network namespaces with pods, a server and SNAT to a few ports, the real
-//! agent attached, traffic that races for a bounded time, and a summary.
+//! Builds everything, then runs `podnet-demo` (tests/src/bin/podnet-demo): a
+//! node made of network namespaces with the real agent, pods created through
+//! the CNI chain (podnet's addresses and routing), insert races through SNAT
+//! to a few ports named with their winners, DNS latency per pod with its
+//! failed queries, and podnet's figures against the kernel's counters and the
+//! clients' own.
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -12,7 +15,7 @@ use crate::{cmd, setup};
 /// Options of `cargo xtask demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// How long to drive traffic, in seconds (1 to 600).
+    /// How long to drive the race traffic, in seconds (1 to 600).
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
 }
