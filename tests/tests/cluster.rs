@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use podnet_tests::cluster::{ipv4_in, Cluster, ClusterNode, ListedPod};
+use podnet_tests::cluster::{ipv4_in, Cluster, ListedPod, SnatToOnePort};
 use serde_json::Value;
 
 /// The namespace of the suite's workload.
@@ -436,71 +436,6 @@ fn dns_through_coredns_is_counted_per_pod_exactly() {
     }
 }
 
-/// An SNAT rule on a node that gives two pods' DNS flows to [`RACE_DESTINATION`] the node's
-/// one port 40000; removed on drop.
-struct SnatToOnePort<'a> {
-    cluster: &'a Cluster,
-    node: &'a ClusterNode,
-    rule: Vec<String>,
-}
-
-impl<'a> SnatToOnePort<'a> {
-    fn add(cluster: &'a Cluster, node: &'a ClusterNode, sources: [&str; 2]) -> Self {
-        let rule: Vec<String> = [
-            "POSTROUTING",
-            "-s",
-            &sources.join(","),
-            "-d",
-            RACE_DESTINATION,
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-j",
-            "SNAT",
-            "--to-source",
-            &format!("{}:40000-40000", node.address),
-        ]
-        .map(str::to_owned)
-        .to_vec();
-        let guard = Self {
-            cluster,
-            node,
-            rule,
-        };
-        guard.iptables("-I").expect("adding the SNAT rule");
-        // No earlier flow may hold the port (conntrack exits 1 when it deletes nothing).
-        let _ = cluster.on_node(
-            node,
-            &[
-                "conntrack",
-                "-D",
-                "-p",
-                "udp",
-                "-d",
-                RACE_DESTINATION,
-                "--dport",
-                "53",
-            ],
-        );
-        guard
-    }
-
-    fn iptables(&self, action: &str) -> anyhow::Result<String> {
-        let mut args = vec!["iptables", "-t", "nat", action];
-        args.extend(self.rule.iter().map(String::as_str));
-        self.cluster.on_node(self.node, &args)
-    }
-}
-
-impl Drop for SnatToOnePort<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.iptables("-D") {
-            eprintln!("removing the SNAT rule on {}: {e:#}", self.node.name);
-        }
-    }
-}
-
 #[test]
 fn insert_races_are_attributed_to_the_real_pods() {
     let Some(cluster) = cluster() else { return };
@@ -513,7 +448,8 @@ fn insert_races_are_attributed_to_the_real_pods() {
     // The holder's lookup keeps the port; each of the loser's lookups (a flow of its own)
     // fails to confirm. busybox nslookup with one try sends one query per lookup.
     let lookup = format!("nslookup -retry=1 -timeout=1 -type=a race.example. {RACE_DESTINATION}");
-    let snat = SnatToOnePort::add(cluster, node, [&holder.ip, &loser.ip]);
+    let snat = SnatToOnePort::add(cluster, node, &[&holder.ip, &loser.ip], RACE_DESTINATION)
+        .expect("the SNAT rule");
     let stats_before = cluster.conntrack_stats(node).expect("conntrack stats");
     let other_before = cluster.conntrack_stats(other).expect("conntrack stats");
     let metrics_before = cluster.metrics(node).expect("metrics");
@@ -792,7 +728,8 @@ fn prometheus_alerts_on_insert_races_and_dns_timeouts() {
     let answered = format!("nslookup -type=a echo.{NAMESPACE}.svc.cluster.local.");
     // Two bursts a scrape apart: a counter's first sample has no rate yet.
     for _ in 0..2 {
-        let _snat = SnatToOnePort::add(cluster, node, [&holder.ip, &loser.ip]);
+        let _snat = SnatToOnePort::add(cluster, node, &[&holder.ip, &loser.ip], RACE_DESTINATION)
+            .expect("the SNAT rule");
         for (pod, script) in [
             (&holder, format!("{lookup} >/dev/null 2>&1; true")),
             (

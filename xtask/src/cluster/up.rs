@@ -90,12 +90,7 @@ fn start(state: &mut State, binaries: &Path) -> Result<()> {
     wait_ready()?;
     println!("cluster: prometheus-operator and Prometheus");
     monitoring::start(state)?;
-    let status = state::status()?;
-    fs::write(
-        layout::cluster_path("status.json"),
-        serde_json::to_vec_pretty(&status)?,
-    )?;
-    Ok(())
+    super::write_status().map(drop)
 }
 
 /// Builds the podnet binaries (debug or release) and returns their directory.

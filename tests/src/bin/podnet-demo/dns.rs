@@ -187,7 +187,7 @@ fn print_latency(pods: &[DemoPod], metrics: &Metrics) {
                 &[who[0], who[1], ("rcode", r)],
             )
         };
-        let buckets = pod_buckets(metrics, pod);
+        let buckets = pod_buckets(metrics, pod.namespace, pod.name);
         println!(
             "  {:<22} {:>7} {:>9} {:>9} {:>8} {:>11} {:>9} {:>8}",
             format!("{}/{}", pod.namespace, pod.name),
@@ -203,11 +203,11 @@ fn print_latency(pods: &[DemoPod], metrics: &Metrics) {
 }
 
 /// The pod's cumulative latency buckets (upper bound in seconds, count), all rcodes summed.
-fn pod_buckets(metrics: &Metrics, pod: &DemoPod) -> Vec<(f64, f64)> {
+pub fn pod_buckets(metrics: &Metrics, namespace: &str, pod: &str) -> Vec<(f64, f64)> {
     let mut by_bound: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
     for (labels, value) in metrics.samples("podnet_dns_request_duration_seconds_bucket") {
         let label = |k: &str| labels.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        if label("namespace") != Some(pod.namespace) || label("pod") != Some(pod.name) {
+        if label("namespace") != Some(namespace) || label("pod") != Some(pod) {
             continue;
         }
         let bound = match label("le") {
@@ -224,7 +224,7 @@ fn pod_buckets(metrics: &Metrics, pod: &DemoPod) -> Vec<(f64, f64)> {
 
 /// The `q` quantile of cumulative buckets, interpolated inside the bucket
 /// as Prometheus' `histogram_quantile` does.
-fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     let total = buckets.last()?.1;
     if total == 0.0 {
         return None;
@@ -249,7 +249,8 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     None
 }
 
-fn milliseconds(seconds: Option<f64>) -> String {
+/// Seconds as milliseconds with one decimal; `-` for none.
+pub fn milliseconds(seconds: Option<f64>) -> String {
     seconds.map_or_else(|| "-".into(), |s| format!("{:.1} ms", s * 1e3))
 }
 

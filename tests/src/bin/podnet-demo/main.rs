@@ -10,11 +10,15 @@
 //!    behaviour (slow, NXDOMAIN, SERVFAIL, silent, first copy lost): latency
 //!    per pod, and the failed queries with what became of them.
 //!
+//! With `--cluster STATUS` (`cargo xtask demo --cluster`) the same jobs run
+//! on the real cluster of `cargo xtask cluster up` instead (see [`cluster`]).
+//!
 //! Each section ends with agreement lines: podnet's count against the
 //! kernel's own counter or what the clients themselves saw. Everything lives
 //! in network namespaces this program creates and removes, also on Ctrl-C;
 //! traffic goes only to addresses inside them.
 
+mod cluster;
 mod dns;
 mod node;
 mod races;
@@ -47,10 +51,13 @@ const SECONDS_RANGE: std::ops::RangeInclusive<u64> = 1..=600;
 
 struct Options {
     seconds: u64,
+    /// The status file of a running cluster, for the cluster demo.
+    cluster: Option<std::path::PathBuf>,
 }
 
 fn options() -> Result<Options> {
     let mut seconds = 20;
+    let mut cluster = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -61,8 +68,12 @@ fn options() -> Result<Options> {
                     .parse()
                     .context("--seconds: not a number")?;
             }
+            "--cluster" => {
+                cluster = Some(args.next().context("--cluster needs a status file")?.into());
+            }
             "-h" | "--help" => {
                 println!("podnet-demo [--seconds N]  (race traffic for N s; default 20, 1 to 600)");
+                println!("podnet-demo --cluster STATUS  (on the cluster `cargo xtask cluster status --json` describes)");
                 std::process::exit(0);
             }
             other => bail!("unknown argument {other:?} (try --help)"),
@@ -71,7 +82,7 @@ fn options() -> Result<Options> {
     if !SECONDS_RANGE.contains(&seconds) {
         bail!("--seconds must be between 1 and 600");
     }
-    Ok(Options { seconds })
+    Ok(Options { seconds, cluster })
 }
 
 fn main() -> std::process::ExitCode {
@@ -95,6 +106,15 @@ fn run() -> Result<()> {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     let started = Instant::now();
+    if let Some(status) = &options.cluster {
+        println!("podnet demo: the three jobs on the real cluster of `cargo xtask cluster up`");
+        let mut agreement = Agreement::default();
+        let outcome = cluster::run(status, &mut agreement);
+        agreement.print();
+        println!("done in {:.0} s.", started.elapsed().as_secs_f64());
+        outcome?;
+        return agreement.check();
+    }
     println!("podnet demo: one simulated node (network namespaces), the real agent, three jobs");
     let node = report::step(1, "building the node, a server and the agent", || {
         node::Node::build()
