@@ -241,8 +241,10 @@ impl Subsystem for Conntrack {
             .events_lost(PROGRAM, c.events_lost)
             .map_full("conntrack_drops", c.drop_keys_full)
             .map_full("conntrack_race_destinations", c.dest_keys_full)
-            .skipped(PROGRAM, "read_error", c.read_errors)
-            .skipped(PROGRAM, "not_ip", c.not_ip);
+            .map_full("conntrack_drop_reasons", c.reason_keys_full)
+            .skipped(PROGRAM, "read_error", c.read_errors + c.other_read_errors)
+            .skipped(PROGRAM, "not_ip", c.not_ip + c.other_not_ip)
+            .skipped(PROGRAM, "no_device", c.other_no_device);
     }
 
     fn stop(&self) {
