@@ -1066,6 +1066,32 @@ fn every_alert_links_an_existing_runbook_section() {
     assert!(orphans.is_empty(), "sections no alert links: {orphans:?}");
 }
 
+/// The dashboard panels the runbook sends the reader to (`Dashboard, "<title>"`) exist.
+#[test]
+fn runbook_names_existing_dashboard_panels() {
+    let dashboard: Value = serde_json::from_str(&read(&deploy("grafana/podnet.json"))).unwrap();
+    let titles: BTreeSet<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    let mut named = 0;
+    for line in read(&deploy("RUNBOOK.md")).lines() {
+        let Some((_, rest)) = line.split_once("Dashboard, ") else {
+            continue;
+        };
+        for title in rest.split('"').skip(1).step_by(2) {
+            assert!(
+                titles.contains(title),
+                "RUNBOOK.md names no panel {title:?}"
+            );
+            named += 1;
+        }
+    }
+    assert!(named >= 10, "{named} panels named");
+}
+
 #[test]
 fn anchors_follow_github() {
     assert_eq!(anchor("PodnetAgentDown"), "podnetagentdown");
@@ -1206,6 +1232,7 @@ fn dashboard_is_well_formed() {
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
         "sum(podnet_ready{",
+        "max by (instance, thread) (podnet_thread_heartbeat_age_seconds{",
         "max by (instance, map) (podnet_bpf_map_entries{cluster=\"$cluster\", instance=~\"$node\"} / (podnet_bpf_map_capacity{",
         "sum by (action, result) (rate(podnet_cloud_api_calls_total{",
         "sum by (instance, eni, state) (podnet_ipam_eni_addresses{",
