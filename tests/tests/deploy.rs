@@ -51,6 +51,21 @@ const DESIGN_FLAGS: &[&str] = &[
 ];
 /// The capabilities the agent container gets, as the kernel names them.
 const AGENT_CAPABILITIES: &[&str] = &["BPF", "PERFMON", "NET_ADMIN"];
+/// The alerts of deploy/prometheusrule.yaml.
+const ALERTS: usize = 22;
+/// Every alert's `runbook_url` is this prefix and the alert's name in lower case: the
+/// packaging may replace the prefix (one string), never the anchors.
+const RUNBOOK_URL: &str = "https://example.invalid/podnet/blob/main/deploy/RUNBOOK.md#";
+/// Families the dashboard or the alerts read that the agent exports only in some setups,
+/// so a node-cidr agent on a test kernel does not show them: ENI mode only, and only
+/// while `kernel.bpf_stats_enabled=1`. The agent's source declares them
+/// (`every_queried_family_is_declared_by_the_agent`).
+const CONDITIONAL_FAMILIES: &[&str] = &[
+    "podnet_cloud_api_calls_total",
+    "podnet_ipam_eni_addresses",
+    "podnet_bpf_program_run_seconds_total",
+    "podnet_bpf_program_runs_total",
+];
 /// The process families the agent must export (agent-health panels, generic dashboards).
 const PROCESS_FAMILIES: &[&str] = &[
     "process_resident_memory_bytes",
@@ -728,19 +743,35 @@ fn rule_exprs() -> Vec<String> {
         .collect()
 }
 
-/// The PrometheusRule's groups as a plain rules file, annotations left out.
-fn rules_file_without_annotations() -> String {
+/// Every alert rule of the PrometheusRule, in file order.
+fn alert_rules() -> Vec<Value> {
+    let rule = yaml_doc("prometheusrule.yaml");
+    rule["spec"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap().clone())
+        .collect()
+}
+
+/// The PrometheusRule's groups as a plain rules file for `promtool test rules`: each
+/// alert's description left out, so the unit tests pin labels, summary and `runbook_url`.
+fn rules_file_for_unit_tests() -> String {
     let mut rule = yaml_doc("prometheusrule.yaml");
     for group in rule["spec"]["groups"].as_array_mut().unwrap() {
         for r in group["rules"].as_array_mut().unwrap() {
-            r.as_object_mut().unwrap().remove("annotations");
+            r["annotations"]
+                .as_object_mut()
+                .unwrap()
+                .remove("description");
         }
     }
     serde_norway::to_string(&json!({"groups": rule["spec"]["groups"]})).unwrap()
 }
 
-/// promtool parses every expression (`check rules`) and the alerts fire exactly on the
-/// series of tests/fixtures/deploy/alerts.test.yaml and nowhere else (`test rules`).
+/// promtool parses every expression (`check rules`) and the alerts fire exactly as
+/// tests/fixtures/deploy/alerts.test.yaml says (`test rules`): with their labels, summary
+/// and `runbook_url`, and not below their ratio, their traffic guard or their `for:`.
 #[test]
 fn alert_rules_parse_and_fire_at_their_thresholds() {
     let Some(promtool) = tool(
@@ -765,16 +796,12 @@ fn alert_rules_parse_and_fire_at_their_thresholds() {
         text(&out.stderr)
     );
     assert!(
-        text(&out.stdout).contains("SUCCESS: 11 rules found"),
+        text(&out.stdout).contains(&format!("SUCCESS: {ALERTS} rules found")),
         "{}",
         text(&out.stdout)
     );
 
-    std::fs::write(
-        dir.path().join("rules.yaml"),
-        rules_file_without_annotations(),
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), rules_file_for_unit_tests()).unwrap();
     std::fs::copy(
         repo().join("tests/fixtures/deploy/alerts.test.yaml"),
         dir.path().join("alerts.test.yaml"),
@@ -789,20 +816,184 @@ fn alert_rules_parse_and_fire_at_their_thresholds() {
         text(&out.stdout),
         text(&out.stderr)
     );
-    // Every alert is exercised by the unit tests.
-    let tests = read(&repo().join("tests/fixtures/deploy/alerts.test.yaml"));
-    let mut alerts = Vec::new();
-    let rule = yaml_doc("prometheusrule.yaml");
-    find_key(&rule, "alert", &mut alerts);
-    for alert in alerts {
-        let alert = alert.as_str().unwrap();
-        assert!(
-            tests.contains(&format!(
-                "alertname: {alert}\n        exp_alerts:\n          - exp_labels"
-            )),
-            "{alert} never shown to fire"
-        );
+}
+
+/// Every alert has rule tests in tests/fixtures/deploy/alerts.test.yaml: one where it
+/// fires (each expected alert with the rule's severity, its summary and its exact
+/// `runbook_url`) and one where it must stay quiet; no test names an alert that does not
+/// exist.
+#[test]
+fn every_alert_has_a_rule_test_that_fires_and_one_that_does_not() {
+    let tests = yaml_docs(&read(
+        &repo().join("tests/fixtures/deploy/alerts.test.yaml"),
+    ));
+    let cases: Vec<&Value> = tests[0]["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_array().unwrap())
+        .collect();
+    let rules = alert_rules();
+    assert_eq!(rules.len(), ALERTS);
+    let names: BTreeSet<&str> = rules.iter().map(|r| r["alert"].as_str().unwrap()).collect();
+    for case in &cases {
+        let name = case["alertname"].as_str().unwrap();
+        assert!(names.contains(name), "a rule test names no alert: {name}");
     }
+    for rule in &rules {
+        let name = rule["alert"].as_str().unwrap();
+        let mine: Vec<&&Value> = cases.iter().filter(|c| c["alertname"] == name).collect();
+        let firing: Vec<&Value> = mine
+            .iter()
+            .flat_map(|c| c["exp_alerts"].as_array().unwrap())
+            .collect();
+        assert!(!firing.is_empty(), "{name}: no rule test where it fires");
+        assert!(
+            mine.iter()
+                .any(|c| c["exp_alerts"].as_array().unwrap().is_empty()),
+            "{name}: no rule test where it stays quiet"
+        );
+        for alert in firing {
+            assert_eq!(
+                alert["exp_labels"]["severity"], rule["labels"]["severity"],
+                "{name}"
+            );
+            assert_eq!(
+                alert["exp_annotations"]["runbook_url"], rule["annotations"]["runbook_url"],
+                "{name}"
+            );
+            assert!(
+                alert["exp_annotations"]["summary"].is_string(),
+                "{name}: the firing case states its summary"
+            );
+        }
+    }
+}
+
+/// Seconds of a Prometheus duration of one unit ("90s", "15m", "2h").
+fn duration_secs(duration: &str) -> u64 {
+    let split = duration
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or_else(|| panic!("{duration}: no unit"));
+    let (n, unit) = duration.split_at(split);
+    let n: u64 = n.parse().unwrap_or_else(|_| panic!("{duration}"));
+    n * match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => panic!("{duration}: unit {unit}"),
+    }
+}
+
+/// Whether `expr` has the identifier `word` at byte `i` (not part of a longer name).
+fn word_at(expr: &str, i: usize, word: &str) -> bool {
+    let name = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let b = expr.as_bytes();
+    expr[i..].starts_with(word)
+        && (i == 0 || !name(b[i - 1]))
+        && b.get(i + word.len()).is_none_or(|c| !name(*c))
+}
+
+/// The grouping of every aggregation in `expr`: the labels of its `by (...)`, or `None`
+/// for an aggregation over everything (a bare `sum (...)`) or one with `without`.
+fn aggregations(expr: &str) -> Vec<Option<Vec<String>>> {
+    const OPERATORS: &[&str] = &["sum", "max", "min", "count", "avg", "stddev", "group"];
+    let mut out = Vec::new();
+    for i in 0..expr.len() {
+        let Some(op) = OPERATORS.iter().find(|op| word_at(expr, i, op)) else {
+            continue;
+        };
+        let rest = expr[i + op.len()..].trim_start();
+        out.push(rest.strip_prefix("by").and_then(|by| {
+            let list = by.trim_start().strip_prefix('(')?;
+            let list = &list[..list.find(')')?];
+            Some(list.split(',').map(|l| l.trim().to_owned()).collect())
+        }));
+    }
+    out
+}
+
+/// The range of every `[...]` selector in `expr`, in seconds.
+fn windows(expr: &str) -> Vec<u64> {
+    expr.split('[')
+        .skip(1)
+        .map(|r| duration_secs(&r[..r.find(']').unwrap()]))
+        .collect()
+}
+
+/// Conventions of every alert: a `for:` longer than any window the expression reads, so
+/// a burst that is over does not fire; every aggregation keeps the node (`instance`);
+/// no rate or increase compared with `> 0`; a ratio of rates carries a minimum-traffic
+/// guard (`and ... increase(...) >= N`).
+#[test]
+fn every_alert_waits_keeps_the_node_and_guards_its_ratios() {
+    let rules = alert_rules();
+    assert_eq!(rules.len(), ALERTS);
+    for rule in &rules {
+        let name = rule["alert"].as_str().unwrap();
+        let expr = rule["expr"].as_str().unwrap();
+        let wait = duration_secs(
+            rule["for"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{name}: no for:")),
+        );
+        assert!(wait >= 120, "{name}: for: under 2 minutes");
+        for window in windows(expr) {
+            assert!(
+                window < wait,
+                "{name}: a {window} s window outlasts for: ({wait} s), so a burst fires"
+            );
+        }
+        for grouping in aggregations(expr) {
+            assert!(
+                grouping
+                    .as_ref()
+                    .is_some_and(|by| by.iter().any(|l| l == "instance")),
+                "{name}: an aggregation drops the node ({grouping:?}): {expr}"
+            );
+        }
+        for (at, _) in expr.match_indices("> 0") {
+            let after = expr[at + 3..].chars().next();
+            if after.is_some_and(|c| c.is_ascii_digit() || c == '.') {
+                continue;
+            }
+            let term = [" and ", " unless ", " or "]
+                .iter()
+                .filter_map(|sep| expr[..at].rfind(sep).map(|i| i + sep.len()))
+                .max()
+                .unwrap_or(0);
+            let left = &expr[term..at];
+            assert!(
+                !left.contains("rate(") && !left.contains("increase("),
+                "{name}: a counter compared with > 0: {left}"
+            );
+        }
+        if expr.contains("rate(") && expr.contains(" / ") {
+            let guard = expr
+                .split(" and ")
+                .skip(1)
+                .any(|g| g.contains("increase(") && g.contains(">="));
+            assert!(guard, "{name}: a ratio without a minimum-traffic guard");
+        }
+    }
+}
+
+#[test]
+fn alert_convention_parsers() {
+    assert_eq!(
+        aggregations("sum by (instance, pod) (x) / sum(y) and max by(instance)(z)"),
+        [
+            Some(vec!["instance".to_owned(), "pod".to_owned()]),
+            None,
+            Some(vec!["instance".to_owned()])
+        ]
+    );
+    assert_eq!(
+        aggregations("podnet_x_sum / podnet_x_count + podnet_conntrack_max"),
+        []
+    );
+    assert_eq!(windows("rate(a[5m]) / rate(b[90s])"), [300, 90]);
 }
 
 /// GitHub's heading anchor: lower case, spaces to dashes, punctuation dropped.
@@ -819,8 +1010,9 @@ fn anchor(heading: &str) -> String {
         .collect()
 }
 
-/// Every alert has a severity, summary, description and a `runbook_url` whose anchor is a
-/// section of deploy/RUNBOOK.md that names podnetctl commands.
+/// Every alert has a severity, summary, description and a `runbook_url` of
+/// [`RUNBOOK_URL`] and its own name, whose anchor is a section of deploy/RUNBOOK.md (by
+/// GitHub's anchor rules) that names podnetctl commands; every section is some alert's.
 #[test]
 fn every_alert_links_an_existing_runbook_section() {
     let runbook = read(&deploy("RUNBOOK.md"));
@@ -832,42 +1024,78 @@ fn every_alert_links_an_existing_runbook_section() {
             (anchor(heading), body.to_owned())
         })
         .collect();
-    let rule = yaml_doc("prometheusrule.yaml");
-    let mut count = 0;
-    for group in rule["spec"]["groups"].as_array().unwrap() {
-        for r in group["rules"].as_array().unwrap() {
-            let name = r["alert"].as_str().unwrap();
+    let mut linked = BTreeSet::new();
+    for r in alert_rules() {
+        let name = r["alert"].as_str().unwrap();
+        assert!(
+            matches!(
+                r["labels"]["severity"].as_str(),
+                Some("critical" | "warning" | "info")
+            ),
+            "{name}"
+        );
+        for key in ["summary", "description"] {
             assert!(
-                matches!(
-                    r["labels"]["severity"].as_str(),
-                    Some("critical" | "warning")
-                ),
-                "{name}"
+                r["annotations"][key].as_str().is_some_and(|s| s.len() > 10),
+                "{name}: {key}"
             );
-            for key in ["summary", "description"] {
-                assert!(
-                    r["annotations"][key].as_str().is_some_and(|s| s.len() > 10),
-                    "{name}: {key}"
-                );
-            }
-            let url = r["annotations"]["runbook_url"].as_str().unwrap();
-            let (_, fragment) = url
-                .split_once("/deploy/RUNBOOK.md#")
-                .unwrap_or_else(|| panic!("{name}: {url}"));
-            let body = sections.get(fragment).unwrap_or_else(|| {
-                panic!(
-                    "{name}: RUNBOOK.md has no section #{fragment}; has {:?}",
-                    sections.keys()
-                )
-            });
+        }
+        let url = r["annotations"]["runbook_url"].as_str().unwrap();
+        let fragment = url
+            .strip_prefix(RUNBOOK_URL)
+            .unwrap_or_else(|| panic!("{name}: {url} is not under {RUNBOOK_URL}"));
+        assert_eq!(
+            fragment,
+            anchor(name),
+            "{name}: links another alert's section"
+        );
+        let body = sections.get(fragment).unwrap_or_else(|| {
+            panic!(
+                "{name}: RUNBOOK.md has no section #{fragment}; has {:?}",
+                sections.keys()
+            )
+        });
+        assert!(
+            body.contains("podnetctl "),
+            "{name}: section #{fragment} names no podnetctl command"
+        );
+        linked.insert(fragment.to_owned());
+    }
+    assert_eq!(linked.len(), ALERTS);
+    let orphans: Vec<&String> = sections.keys().filter(|s| !linked.contains(*s)).collect();
+    assert!(orphans.is_empty(), "sections no alert links: {orphans:?}");
+}
+
+/// The dashboard panels the runbook sends the reader to (`Dashboard, "<title>"`) exist.
+#[test]
+fn runbook_names_existing_dashboard_panels() {
+    let dashboard: Value = serde_json::from_str(&read(&deploy("grafana/podnet.json"))).unwrap();
+    let titles: BTreeSet<&str> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["title"].as_str().unwrap())
+        .collect();
+    let mut named = 0;
+    for line in read(&deploy("RUNBOOK.md")).lines() {
+        let Some((_, rest)) = line.split_once("Dashboard, ") else {
+            continue;
+        };
+        for title in rest.split('"').skip(1).step_by(2) {
             assert!(
-                body.contains("podnetctl "),
-                "{name}: section #{fragment} names no podnetctl command"
+                titles.contains(title),
+                "RUNBOOK.md names no panel {title:?}"
             );
-            count += 1;
+            named += 1;
         }
     }
-    assert_eq!(count, 11);
+    assert!(named >= 10, "{named} panels named");
+}
+
+#[test]
+fn anchors_follow_github() {
+    assert_eq!(anchor("PodnetAgentDown"), "podnetagentdown");
+    assert_eq!(anchor(" What to do: now (v2) "), "what-to-do-now-v2");
 }
 
 /// Every string the dashboard sends to Prometheus: panel targets and variable queries.
@@ -953,8 +1181,12 @@ fn dashboard_is_well_formed() {
     assert_eq!(vars["datasource"]["type"], "datasource");
     assert_eq!(vars["datasource"]["query"], "prometheus");
     assert_eq!(
+        vars["cluster"]["query"]["query"],
+        "label_values(podnet_build_info, cluster)"
+    );
+    assert_eq!(
         vars["node"]["query"]["query"],
-        "label_values(podnet_build_info, instance)"
+        "label_values(podnet_build_info{cluster=\"$cluster\"}, instance)"
     );
     for var in ["namespace", "pod"] {
         assert_eq!(vars[var]["type"], "query");
@@ -984,7 +1216,7 @@ fn dashboard_is_well_formed() {
         "rate(podnet_conntrack_insert_races_total",
         "topk(10, sum by (destination, proto) (rate(podnet_conntrack_race_destinations_total",
         "sum by (kind) (rate(podnet_netfilter_drops_total",
-        "podnet_conntrack_stat_total{instance=~\"$node\", stat=\"insert_failed\"}",
+        "podnet_conntrack_stat_total{cluster=\"$cluster\", instance=~\"$node\", stat=\"insert_failed\"}",
         "histogram_quantile(0.99, sum by (le, namespace, pod) (rate(podnet_dns_request_duration_seconds_bucket",
         "podnet_dns_timeouts_total",
         "sum by (rcode) (rate(podnet_dns_responses_total",
@@ -999,6 +1231,13 @@ fn dashboard_is_well_formed() {
         "podnet_bpf_events_lost_total",
         "process_resident_memory_bytes",
         "process_cpu_seconds_total",
+        "sum(podnet_ready{",
+        "max by (instance, thread) (podnet_thread_heartbeat_age_seconds{",
+        "max by (instance, map) (podnet_bpf_map_entries{cluster=\"$cluster\", instance=~\"$node\"} / (podnet_bpf_map_capacity{",
+        "sum by (action, result) (rate(podnet_cloud_api_calls_total{",
+        "sum by (instance, eni, state) (podnet_ipam_eni_addresses{",
+        "sum by (le, instance) (rate(podnet_route_reconcile_duration_seconds_bucket{",
+        "sum by (instance, program) (rate(podnet_bpf_program_run_seconds_total{cluster=\"$cluster\", instance=~\"$node\"}[$__rate_interval])) / sum by (instance, program) (rate(podnet_bpf_program_runs_total{",
     ] {
         assert!(exprs.contains(needle), "no panel queries {needle}");
     }
@@ -1011,6 +1250,169 @@ fn dashboard_is_well_formed() {
         .as_str()
         .unwrap()
         .contains("podnet_dns_request_duration_seconds_bucket"));
+}
+
+/// The `PromQL` of every dashboard panel target.
+fn panel_exprs(dashboard: &Value) -> Vec<String> {
+    dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().into_iter().flatten())
+        .map(|t| t["expr"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Each series selector of `expr` (a `podnet_*`/`process_*` family or `up`): the name and
+/// what its braces hold (`None` without braces).
+fn selectors(expr: &str) -> Vec<(String, Option<String>)> {
+    let mut out = Vec::new();
+    for i in 0..expr.len() {
+        let rest = &expr[i..];
+        if !(word_at(expr, i, "up")
+            || (["podnet_", "process_"].iter().any(|p| rest.starts_with(p))
+                && (i == 0
+                    || !expr.as_bytes()[i - 1].is_ascii_alphanumeric()
+                        && expr.as_bytes()[i - 1] != b'_')))
+        {
+            continue;
+        }
+        let len = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        let matchers = rest[len..]
+            .strip_prefix('{')
+            .map(|m| m[..m.find('}').unwrap()].to_owned());
+        out.push((rest[..len].to_owned(), matchers));
+    }
+    out
+}
+
+/// Every panel query is scoped to the chosen cluster and nodes (every selector matches
+/// `cluster="$cluster"` and `instance=~"$node"`), and every per-pod panel shows the top
+/// pods only (`topk`), so a node with 100 pods stays readable.
+#[test]
+fn dashboard_scopes_every_query_and_tops_per_pod_panels() {
+    let dashboard: Value = serde_json::from_str(&read(&deploy("grafana/podnet.json"))).unwrap();
+    let exprs = panel_exprs(&dashboard);
+    let mut per_pod = 0;
+    for expr in &exprs {
+        let found = selectors(expr);
+        assert!(!found.is_empty(), "no selector in {expr}");
+        for (name, matchers) in found {
+            let matchers = matchers.unwrap_or_default();
+            for scope in ["cluster=\"$cluster\"", "instance=~\"$node\""] {
+                assert!(matchers.contains(scope), "{name} without {scope} in {expr}");
+            }
+        }
+        if aggregations(expr)
+            .iter()
+            .flatten()
+            .any(|by| by.iter().any(|l| l == "pod"))
+        {
+            assert!(
+                expr.starts_with("topk(10, "),
+                "a per-pod panel without topk: {expr}"
+            );
+            per_pod += 1;
+        }
+    }
+    assert_eq!(per_pod, 4, "per-pod panels");
+    assert_eq!(
+        selectors("sum by (x) (rate(podnet_a{b=\"c\"}[5m])) / up + xpodnet_b + podnet_c"),
+        [
+            ("podnet_a".to_owned(), Some("b=\"c\"".to_owned())),
+            ("up".to_owned(), None),
+            ("podnet_c".to_owned(), None)
+        ]
+    );
+}
+
+/// promtool parses every panel query (the dashboard's variables replaced by values).
+#[test]
+fn dashboard_queries_parse() {
+    let Some(promtool) = tool(
+        "promtool",
+        "Debian package prometheus; `cargo xtask setup` installs it",
+    ) else {
+        return;
+    };
+    let dashboard: Value = serde_json::from_str(&read(&deploy("grafana/podnet.json"))).unwrap();
+    let rules: Vec<Value> = panel_exprs(&dashboard)
+        .iter()
+        .enumerate()
+        .map(|(i, expr)| {
+            let expr = expr
+                .replace("$__rate_interval", "2m")
+                .replace("$cluster", "")
+                .replace("$node", ".*")
+                .replace("$namespace", ".*")
+                .replace("$pod", ".*");
+            json!({"record": format!("dashboard:query_{i}"), "expr": expr})
+        })
+        .collect();
+    let count = rules.len();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("dashboard.yaml");
+    std::fs::write(
+        &file,
+        serde_norway::to_string(&json!({"groups": [{"name": "dashboard", "rules": rules}]}))
+            .unwrap(),
+    )
+    .unwrap();
+    let out = run(Command::new(&promtool).args(["check", "rules"]).arg(&file));
+    assert!(
+        out.status.success()
+            && text(&out.stdout).contains(&format!("SUCCESS: {count} rules found")),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// Every `podnet_*`/`process_*` name written as a string literal in the agent's source.
+fn families_in_agent_source() -> BTreeSet<String> {
+    fn walk(dir: &Path, out: &mut BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let source = read(&path);
+                for literal in source.split('"').skip(1).step_by(2) {
+                    if (literal.starts_with("podnet_") || literal.starts_with("process_"))
+                        && literal
+                            .bytes()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_')
+                    {
+                        out.insert(literal.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(&repo().join("agent/src"), &mut out);
+    out
+}
+
+/// Without root or a kernel: every family the dashboard and the alerts read is one the
+/// agent's source declares, including those only some setups export
+/// ([`CONDITIONAL_FAMILIES`]). `every_queried_metric_family_is_exported` checks the
+/// others against a running agent.
+#[test]
+fn every_queried_family_is_declared_by_the_agent() {
+    let declared = families_in_agent_source();
+    assert!(declared.contains("podnet_ready"), "{declared:?}");
+    let (wanted, _) = queried_and_histogram_families();
+    let unknown: Vec<&String> = wanted.iter().filter(|f| !declared.contains(*f)).collect();
+    assert!(
+        unknown.is_empty(),
+        "queried by the dashboard or the alerts, declared nowhere in agent/src: {unknown:?}"
+    );
+    for family in CONDITIONAL_FAMILIES {
+        assert!(wanted.contains(*family), "{family} is no longer queried");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1634,7 +2036,10 @@ fn every_queried_metric_family_is_exported() {
     };
     let mut missing = Vec::new();
     let mut present = Vec::new();
-    for family in &wanted {
+    for family in wanted
+        .iter()
+        .filter(|f| !CONDITIONAL_FAMILIES.contains(&f.as_str()))
+    {
         match type_of(family) {
             None => missing.push(family.clone()),
             Some(kind) => {

@@ -12,7 +12,7 @@ use crate::{
         protocol::{self as p, method},
         server::Handler,
     },
-    metrics::{self, shared::SharedFamilies, text::Encoder},
+    metrics::{self, server::Readiness, shared::SharedFamilies, text::Encoder},
     subsystem::to_json,
 };
 
@@ -49,14 +49,17 @@ impl Handler for ApiHandler {
 /// Renders the whole exposition from kernel maps and `/proc` at each scrape.
 pub struct MetricsRenderer {
     daemon: Arc<Daemon>,
+    readiness: Readiness,
     kernel: String,
 }
 
 impl MetricsRenderer {
-    /// A renderer for `daemon`.
-    pub fn new(daemon: Arc<Daemon>) -> Self {
+    /// A renderer for `daemon`; `podnet_ready` follows `readiness`, the state
+    /// `/readyz` answers from.
+    pub fn new(daemon: Arc<Daemon>, readiness: Readiness) -> Self {
         Self {
             daemon,
+            readiness,
             kernel: crate::sys::kernel_release(),
         }
     }
@@ -77,6 +80,7 @@ impl metrics::MetricsSource for MetricsRenderer {
             &crate::bpf::inventory::read(&self.daemon.config().bpffs),
         );
         metrics::selfstats::render_threads(&mut enc, &crate::heartbeat::registry().health());
+        metrics::server::render_ready(&mut enc, &self.readiness);
         metrics::server::render_stats(&mut enc);
         let mut shared = SharedFamilies::default();
         for subsystem in self.daemon.subsystems() {
