@@ -301,7 +301,7 @@ fn kernel_parts<S: Sources>(
     );
     c.command("kernel/ip-link.txt", &[&["ip", "-d", "link"]]);
     c.command("kernel/ip-neigh.txt", &[&["ip", "neigh"]]);
-    let interfaces = pod_interfaces(endpoints);
+    let interfaces = pod_interfaces(status, endpoints);
     if interfaces.is_empty() {
         c.part(
             "kernel/tc-filters.txt",
@@ -333,15 +333,24 @@ fn kernel_parts<S: Sources>(
     );
 }
 
-/// The host-side interfaces of the endpoints the agent listed.
-fn pod_interfaces(endpoints: Option<&Value>) -> Vec<String> {
-    let mut out: Vec<String> = endpoints
+/// The host-side interfaces of the endpoints the agent listed (podnet-cni's)
+/// and of its DNS links (`<ifname>@<ifindex>@<role>@<direction>`), which
+/// cover endpoints from `--endpoints` too.
+fn pod_interfaces(status: Option<&Value>, endpoints: Option<&Value>) -> Vec<String> {
+    let registered = endpoints
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter_map(|e| e.get("interface").and_then(Value::as_str))
-        .map(str::to_owned)
-        .collect();
+        .filter_map(|e| e.get("interface").and_then(Value::as_str));
+    let linked = status
+        .and_then(|s| s.pointer("/dns/links"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .filter(|l| l.ends_with("@pod@ingress") || l.ends_with("@pod@egress"))
+        .filter_map(|l| l.split('@').next());
+    let mut out: Vec<String> = registered.chain(linked).map(str::to_owned).collect();
     out.sort();
     out.dedup();
     out
@@ -612,9 +621,10 @@ mod tests {
     impl Sources for Fake {
         fn api(&self, m: &str, _params: Value) -> Result<Value, String> {
             match m {
-                method::STATUS => {
-                    Ok(json!({"version": "0.1.0", "kernel": "6.18.0", "bpffs": "/pins"}))
-                }
+                method::STATUS => Ok(
+                    json!({"version": "0.1.0", "kernel": "6.18.0", "bpffs": "/pins",
+                        "dns": {"links": ["vpod2@9@pod@ingress", "eth0@2@uplink@egress"]}}),
+                ),
                 method::ENDPOINT_LIST => {
                     Ok(json!([{"interface": "vpod1"}, {"interface": "vpod0"}, {}]))
                 }
@@ -758,7 +768,9 @@ mod tests {
             "# tc filter show dev vpod0 ingress\ntc filter show dev vpod0 ingress\n\
              # tc filter show dev vpod0 egress\ntc filter show dev vpod0 egress\n\
              # tc filter show dev vpod1 ingress\ntc filter show dev vpod1 ingress\n\
-             # tc filter show dev vpod1 egress\ntc filter show dev vpod1 egress\n"
+             # tc filter show dev vpod1 egress\ntc filter show dev vpod1 egress\n\
+             # tc filter show dev vpod2 ingress\ntc filter show dev vpod2 ingress\n\
+             # tc filter show dev vpod2 egress\ntc filter show dev vpod2 egress\n"
         );
         assert_eq!(
             member("kernel/bpftool-pins.txt"),
