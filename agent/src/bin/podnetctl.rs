@@ -231,8 +231,9 @@ fn output_of(args: &Args) -> Output {
     }
 }
 
-/// Streams events until the agent stops, the output closes or podnetctl is
-/// interrupted. `causes` narrows the stream when no `--cause` is given.
+/// Streams events until the agent stops (an error: the stream is
+/// incomplete), the output closes or podnetctl is interrupted. `causes`
+/// narrows the stream when no `--cause` is given.
 fn follow(args: &Args, causes: Vec<&str>) -> anyhow::Result<()> {
     let mut filter = args.filter.to_filter()?;
     if filter.cause.is_empty() {
@@ -257,7 +258,7 @@ fn follow(args: &Args, causes: Vec<&str>) -> anyhow::Result<()> {
             Ok(()) => {}
         }
     }
-    Ok(())
+    anyhow::bail!("the agent ended the stream (it stopped or restarted)")
 }
 
 /// An answer printed as JSON or YAML, or through `table` / `wide`.
