@@ -128,7 +128,8 @@ async fn run() -> anyhow::Result<()> {
     // Start-up's BTF parsing is over: hand its freed memory back, and keep
     // doing so after bursts of work (endpoint churn, large scrapes).
     tokio::spawn(release_free_heap_periodically());
-    let api = ApiServer::bind(&config.socket, Arc::new(ApiHandler(daemon.clone())))?;
+    let api = ApiServer::bind(&config.socket, Arc::new(ApiHandler(daemon.clone())))?
+        .with_events(daemon.events().clone());
     let api = tokio::spawn(api.run(stopped(stop_rx.clone())));
     if let Some(path) = config.endpoints.clone() {
         tokio::spawn(podnet::endpoint::file::watch(

@@ -7,6 +7,7 @@
 //! every event not delivered is counted.
 
 pub mod ctnetlink;
+pub mod drops;
 pub mod events;
 pub mod metrics;
 pub mod stats;

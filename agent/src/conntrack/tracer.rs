@@ -493,12 +493,14 @@ fn drop_count(key: &DropKey, packets: u64) -> Option<DropCount> {
     })
 }
 
-/// Reads race events until `stop` is set, enriching each into the race log.
-/// Runs on its own OS thread: winner lookups are blocking netlink calls.
+/// Reads race events until `stop` is set, enriching each into the race log
+/// and publishing it to followers. Runs on its own OS thread: winner lookups
+/// are blocking netlink calls.
 pub fn run_event_loop<T: ConntrackTable>(
     ring: RingBuf<MapData>,
     mut enricher: Enricher<T>,
     log: &RaceLog,
+    hub: &crate::api::follow::EventHub,
     stats: &EventStats,
     stop: &AtomicBool,
 ) {
@@ -509,7 +511,10 @@ pub fn run_event_loop<T: ConntrackTable>(
             stats.received.fetch_add(1, Ordering::Relaxed);
             let record = decode(item).and_then(|event| enricher.enrich(&event));
             match record {
-                Ok(record) => log.push(record),
+                Ok(record) => {
+                    hub.publish(|| record.clone());
+                    log.push(record);
+                }
                 Err(e) => {
                     stats.decode_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %e, "skipping race event");

@@ -102,7 +102,10 @@ mod tests {
             dns::METHODS,
             routing::METHODS,
             ipam::service::METHODS,
-            &[crate::api::protocol::method::STATUS],
+            &[
+                crate::api::protocol::method::STATUS,
+                crate::api::protocol::method::FOLLOW,
+            ],
         ]
         .concat();
         let count = owned.len();
