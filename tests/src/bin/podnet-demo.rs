@@ -291,7 +291,7 @@ fn summarise(
     );
     println!("\n== Where to look");
     println!(
-        "  metrics:  nsenter --net={} curl -s http://127.0.0.1:9965/metrics",
+        "  metrics:  nsenter --net={} curl -s http://127.0.0.1:10310/metrics",
         topo.node().path().display()
     );
     println!(
