@@ -124,6 +124,11 @@ impl Cluster {
         cluster
     }
 
+    /// The kubeconfig of the cluster's admin (for tools other than kubectl, e.g. helm).
+    pub fn kubeconfig(&self) -> &std::path::Path {
+        &self.kubeconfig
+    }
+
     /// The node named `name`.
     ///
     /// # Panics

@@ -535,7 +535,10 @@ fn insert_races_are_attributed_to_the_real_pods() {
 /// `PromQL`) and Grafana's `$__rate_interval` (4 x the PodMonitor's 30 s) filled in for
 /// `node`, `namespace` and `pod` (regular expressions).
 fn dashboard_queries(node: &str, namespace: &str, pod: &str) -> Vec<String> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/podnet.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/helm/podnet/files/podnet.json"
+    );
     let dashboard: Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("the dashboard"))
             .expect("dashboard JSON");
@@ -672,7 +675,10 @@ fn prometheus_keeps_podnets_labels_and_names_the_node() {
 #[test]
 fn alerts_are_quiet_at_rest() {
     let Some(cluster) = cluster() else { return };
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheusrule.yaml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/manifests/prometheusrule.yaml"
+    );
     let shipped: serde_norway::Value =
         serde_norway::from_str(&std::fs::read_to_string(path).expect("the rules"))
             .expect("rules YAML");

@@ -19,6 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use podnet::config::defaults::METRICS_PORT;
 use podnet_tests::{
     agent::{binary, http_get},
     conntrack_stats, in_netns, iptables, require_root, spawn_in, udp_send, unavailable, wait_for,
@@ -51,7 +52,7 @@ const DESIGN_FLAGS: &[&str] = &[
 ];
 /// The capabilities the agent container gets, as the kernel names them.
 const AGENT_CAPABILITIES: &[&str] = &["BPF", "PERFMON", "NET_ADMIN"];
-/// The alerts of deploy/prometheusrule.yaml.
+/// The alerts of the PrometheusRule (deploy/helm/podnet/files/prometheusrule.yaml).
 const ALERTS: usize = 22;
 /// Every alert's `runbook_url` is this prefix and the alert's name in lower case: the
 /// packaging may replace the prefix (one string), never the anchors.
@@ -241,7 +242,7 @@ fn manifests_validate_against_the_kubernetes_schemas() {
     let broken = dir.path().join("broken.yaml");
     std::fs::write(
         &broken,
-        read(&deploy("daemonset.yaml")).replace("hostNetwork: true", "hostNetwrk: true"),
+        read(&deploy("manifests/daemonset.yaml")).replace("hostNetwork: true", "hostNetwrk: true"),
     )
     .unwrap();
     let out = run(Command::new(&validate).arg("--strict").arg(&broken));
@@ -263,10 +264,13 @@ fn custom_resources_match_their_json_schemas() {
     }
     let dir = tempfile::tempdir().unwrap();
     for (file, schema) in [
-        ("podmonitor.yaml", "podmonitor.schema.json"),
-        ("prometheusrule.yaml", "prometheusrule.schema.json"),
+        ("manifests/podmonitor.yaml", "podmonitor.schema.json"),
+        (
+            "manifests/prometheusrule.yaml",
+            "prometheusrule.schema.json",
+        ),
     ] {
-        let doc = dir.path().join(format!("{file}.json"));
+        let doc = dir.path().join("doc.json");
         std::fs::write(&doc, yaml_doc(file).to_string()).unwrap();
         let schema = repo().join("tests/fixtures/deploy").join(schema);
         let check = |doc: &Path| {
@@ -376,16 +380,21 @@ fn kustomize_renders_exactly_the_expected_objects() {
             "DaemonSet mounts ConfigMap {name}, rendered: {config_maps:?}"
         );
     }
-    assert!(config_maps
-        .iter()
-        .any(|n| n.starts_with("podnet-cni-conflist-")));
+    assert!(config_maps.contains("podnet-cni-conflist"));
+    // A changed configuration rolls the DaemonSet: its pods carry the checksums.
+    for annotation in ["checksum/config", "checksum/cni-conflist"] {
+        let sum = ds["spec"]["template"]["metadata"]["annotations"][annotation]
+            .as_str()
+            .unwrap_or_default();
+        assert_eq!(sum.len(), 64, "{annotation}: {sum:?}");
+    }
     let dashboard = by_kind("ConfigMap")
         .find(|c| c["metadata"]["name"] == "podnet-grafana-dashboard")
         .expect("dashboard ConfigMap with a stable name");
     assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
     assert_eq!(
         dashboard["data"]["podnet.json"].as_str().unwrap(),
-        read(&deploy("grafana/podnet.json"))
+        read(&deploy("helm/podnet/files/podnet.json"))
     );
     // The rendered stream validates too.
     if let Some(validate) = tool("kubernetes-validate", "run `cargo xtask setup`") {
@@ -400,6 +409,279 @@ fn kustomize_renders_exactly_the_expected_objects() {
 }
 
 // ---------------------------------------------------------------------------------------
+// The Helm chart (deploy/helm/podnet), the one source of the manifests
+// ---------------------------------------------------------------------------------------
+
+/// The helm `cargo xtask setup` builds from its release module (xtask's
+/// `cluster::components::HELM`).
+const HELM: &str = "/opt/podnet-tools/helm-v4.3.2/bin/helm";
+
+fn helm() -> Option<PathBuf> {
+    let helm = PathBuf::from(HELM);
+    if helm.is_file() {
+        Some(helm)
+    } else {
+        unavailable(&format!("{HELM} is missing: run `cargo xtask setup`"));
+        None
+    }
+}
+
+/// `helm template podnet deploy/helm/podnet -n kube-system` with `sets` (`--set` each),
+/// as objects.
+fn helm_template(helm: &Path, sets: &[&str]) -> Vec<Value> {
+    let mut command = Command::new(helm);
+    command
+        .args(["template", "podnet"])
+        .arg(deploy("helm/podnet"))
+        .args(["--namespace", "kube-system"]);
+    for set in sets {
+        command.args(["--set", set]);
+    }
+    let out = run(&mut command);
+    assert!(
+        out.status.success(),
+        "helm template {sets:?}: {}",
+        text(&out.stderr)
+    );
+    yaml_docs(&text(&out.stdout))
+}
+
+/// Objects by `kind/name`.
+fn by_name(docs: Vec<Value>) -> BTreeMap<String, Value> {
+    let mut objects = BTreeMap::new();
+    for doc in docs {
+        let key = format!(
+            "{}/{}",
+            doc["kind"].as_str().unwrap(),
+            doc["metadata"]["name"].as_str().unwrap()
+        );
+        assert!(objects.insert(key.clone(), doc).is_none(), "{key} twice");
+    }
+    objects
+}
+
+fn pod_annotation(docs: &[Value], annotation: &str) -> String {
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    ds["spec"]["template"]["metadata"]["annotations"][annotation]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// `helm lint --strict` passes (warnings are errors), and fails on a broken chart.
+#[test]
+fn helm_chart_lints() {
+    let Some(helm) = helm() else {
+        return;
+    };
+    let out = run(Command::new(&helm)
+        .args(["lint", "--strict"])
+        .arg(deploy("helm/podnet")));
+    assert!(
+        out.status.success(),
+        "helm lint: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("1 chart(s) linted, 0 chart(s) failed"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(Command::new(&helm)
+        .args(["lint", "--strict", "--set", "image=broken"])
+        .arg(deploy("helm/podnet")));
+    assert!(!out.status.success(), "a broken value must fail the lint");
+}
+
+/// The kustomize bundle is the chart's render: `helm template` with the default values and
+/// `kubectl kustomize deploy` give the same objects, each equal field by field.
+#[test]
+fn helm_template_equals_the_kustomize_render() {
+    let (Some(helm), Some(kubectl)) = (helm(), tool("kubectl", "run `cargo xtask setup`")) else {
+        return;
+    };
+    let from_helm = by_name(helm_template(&helm, &[]));
+    let out = run(Command::new(&kubectl)
+        .arg("kustomize")
+        .arg(repo().join("deploy")));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let from_kustomize = by_name(yaml_docs(&text(&out.stdout)));
+    assert_eq!(
+        from_helm.keys().collect::<Vec<_>>(),
+        from_kustomize.keys().collect::<Vec<_>>(),
+        "the same objects"
+    );
+    assert_eq!(from_helm.len(), 10);
+    for (key, object) in &from_helm {
+        assert!(
+            object == &from_kustomize[key],
+            "{key} differs between helm template and kubectl kustomize"
+        );
+    }
+}
+
+/// A config change changes the `checksum/config` annotation (the DaemonSet rolls) and not
+/// the conflist's; the same values give the same checksum.
+#[test]
+fn helm_config_change_rolls_the_daemonset() {
+    let Some(helm) = helm() else {
+        return;
+    };
+    let defaults = helm_template(&helm, &[]);
+    let changed = helm_template(&helm, &["config.dns-timeout=2s"]);
+    let (before, after) = (
+        pod_annotation(&defaults, "checksum/config"),
+        pod_annotation(&changed, "checksum/config"),
+    );
+    assert_ne!(before, after, "a config change rolls the DaemonSet");
+    assert_eq!(
+        pod_annotation(&defaults, "checksum/cni-conflist"),
+        pod_annotation(&changed, "checksum/cni-conflist")
+    );
+    let config = |docs: &[Value]| -> Value {
+        let cm = docs
+            .iter()
+            .find(|d| d["metadata"]["name"] == "podnet-config")
+            .unwrap();
+        serde_norway::from_str::<serde_json::Value>(cm["data"]["config.yaml"].as_str().unwrap())
+            .unwrap()
+    };
+    assert_eq!(config(&changed)["dns-timeout"], "2s");
+    assert_eq!(config(&defaults)["dns-timeout"], "5s");
+    // Nothing else of the pod template changes.
+    let template = |docs: &[Value]| -> Value {
+        let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+        let mut template = ds["spec"]["template"].clone();
+        template["metadata"]["annotations"]
+            .as_object_mut()
+            .unwrap()
+            .remove("checksum/config");
+        template
+    };
+    assert_eq!(template(&defaults), template(&changed));
+    // The same values give the same checksum (it is of the content, not of the run).
+    assert_eq!(
+        before,
+        pod_annotation(&helm_template(&helm, &[]), "checksum/config")
+    );
+}
+
+/// The image, IPAM mode, monitor and rule labels, runbook base, resources and metrics port
+/// reach the objects that use them; the rules are otherwise the file as written.
+#[test]
+fn helm_values_reach_the_objects() {
+    let Some(helm) = helm() else {
+        return;
+    };
+    let defaults = helm_template(&helm, &[]);
+    let docs = by_name(helm_template(
+        &helm,
+        &[
+            "image.repository=localhost/podnet",
+            "image.tag=e2e",
+            "ipam.mode=eni",
+            "monitoring.labels.release=kube-prometheus-stack",
+            "monitoring.runbookBaseURL=https://runbooks.example.com/podnet/",
+            "resources.limits.memory=224Mi",
+            "metrics.port=19999",
+        ],
+    ));
+    let ds = &docs["DaemonSet/podnet"];
+    let pod = &ds["spec"]["template"]["spec"];
+    for c in pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(pod["initContainers"].as_array().unwrap())
+    {
+        assert_eq!(c["image"], "localhost/podnet:e2e", "{}", c["name"]);
+    }
+    let agent = agent_container(ds);
+    assert_eq!(agent["resources"]["limits"]["memory"], "224Mi");
+    assert_eq!(agent["ports"][0]["containerPort"], 19999);
+    assert_eq!(agent["readinessProbe"]["httpGet"]["port"], 19999);
+    assert_eq!(docs["Service/podnet"]["spec"]["ports"][0]["port"], 19999);
+    let config: Value = serde_norway::from_str(
+        docs["ConfigMap/podnet-config"]["data"]["config.yaml"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["ipam-mode"], "eni");
+    assert_eq!(config["metrics-addr"], "0.0.0.0:19999");
+    for kind in ["PodMonitor/podnet", "PrometheusRule/podnet"] {
+        assert_eq!(
+            docs[kind]["metadata"]["labels"]["release"], "kube-prometheus-stack",
+            "{kind}"
+        );
+    }
+    let default_rule = by_name(defaults.clone())
+        .remove("PrometheusRule/podnet")
+        .unwrap();
+    let mut urls = Vec::new();
+    find_key(&docs["PrometheusRule/podnet"], "runbook_url", &mut urls);
+    let mut default_urls = Vec::new();
+    find_key(&default_rule, "runbook_url", &mut default_urls);
+    assert!(!urls.is_empty());
+    assert_eq!(urls.len(), default_urls.len());
+    for (url, default) in urls.iter().zip(&default_urls) {
+        let anchor = default.as_str().unwrap().split_once('#').unwrap().1;
+        assert_eq!(
+            url.as_str().unwrap(),
+            format!("https://runbooks.example.com/podnet#{anchor}")
+        );
+    }
+    // Everything else of the rules is the file as written.
+    let mut rule = docs["PrometheusRule/podnet"].clone();
+    rule["metadata"]["labels"]
+        .as_object_mut()
+        .unwrap()
+        .remove("release");
+    let mut default_rule_text = default_rule.to_string();
+    for url in &default_urls {
+        let anchor = url.as_str().unwrap().split_once('#').unwrap().1;
+        default_rule_text = default_rule_text.replace(
+            url.as_str().unwrap(),
+            &format!("https://runbooks.example.com/podnet#{anchor}"),
+        );
+    }
+    assert_eq!(rule.to_string(), default_rule_text);
+}
+
+/// The monitoring objects are optional, and the cleanup mode runs `podnet-agent --cleanup`
+/// instead of the agent.
+#[test]
+fn helm_optional_objects_and_the_cleanup_mode() {
+    let Some(helm) = helm() else {
+        return;
+    };
+    // Monitoring objects are optional.
+    let bare = by_name(helm_template(
+        &helm,
+        &[
+            "monitoring.podMonitor.enabled=false",
+            "monitoring.prometheusRule.enabled=false",
+            "monitoring.dashboard.enabled=false",
+        ],
+    ));
+    assert_eq!(bare.len(), 7, "{:?}", bare.keys());
+
+    // The cleanup mode: `podnet-agent --cleanup` on every node, then an idle container.
+    let cleanup = by_name(helm_template(&helm, &["cleanup.enabled=true"]));
+    let pod = &cleanup["DaemonSet/podnet"]["spec"]["template"]["spec"];
+    let init = &pod["initContainers"][0];
+    assert_eq!(init["name"], "cleanup");
+    assert_eq!(
+        init["args"],
+        json!(["--config", "/etc/podnet/config.yaml", "--cleanup"])
+    );
+    assert_eq!(pod["initContainers"].as_array().unwrap().len(), 1);
+    assert_eq!(pod["containers"][0]["name"], "idle");
+    assert_eq!(pod["containers"].as_array().unwrap().len(), 1);
+}
+
+// ---------------------------------------------------------------------------------------
 // The DaemonSet's contract
 // ---------------------------------------------------------------------------------------
 
@@ -407,8 +689,8 @@ fn kustomize_renders_exactly_the_expected_objects() {
 /// that says why; every container with a read-only root filesystem.
 #[test]
 fn daemonset_grants_only_justified_capabilities() {
-    let source = read(&deploy("daemonset.yaml"));
-    let ds = yaml_doc("daemonset.yaml");
+    let source = read(&deploy("manifests/daemonset.yaml"));
+    let ds = yaml_doc("manifests/daemonset.yaml");
     let mut privileged = Vec::new();
     find_key(&ds, "privileged", &mut privileged);
     assert!(
@@ -492,7 +774,7 @@ fn daemonset_grants_only_justified_capabilities() {
 /// The scheduling, update, probe, resource, mount and configuration contract.
 #[test]
 fn daemonset_runs_everywhere_with_the_documented_mounts() {
-    let ds = yaml_doc("daemonset.yaml");
+    let ds = yaml_doc("manifests/daemonset.yaml");
     assert_eq!(ds["metadata"]["namespace"], "kube-system");
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
@@ -515,10 +797,13 @@ fn daemonset_runs_everywhere_with_the_documented_mounts() {
     );
     assert_eq!(
         agent["ports"],
-        json!([{"name": "metrics", "containerPort": 9965, "protocol": "TCP"}])
+        json!([{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}])
     );
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
-        assert_eq!(agent[probe]["httpGet"], json!({"path": path, "port": 9965}));
+        assert_eq!(
+            agent[probe]["httpGet"],
+            json!({"path": path, "port": METRICS_PORT})
+        );
     }
     assert_eq!(
         agent["resources"],
@@ -578,18 +863,13 @@ fn daemonset_runs_everywhere_with_the_documented_mounts() {
     let conflist_dir = conflist.parent().unwrap().to_str().unwrap();
     let vol = volume(&ds, init_mounts[conflist_dir]["name"].as_str().unwrap());
     assert_eq!(vol["configMap"]["name"], "podnet-cni-conflist");
-    let generator = &yaml_doc("kustomization.yaml")["configMapGenerator"];
-    let files = generator
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|g| g["name"] == "podnet-cni-conflist")
-        .unwrap()["files"]
-        .to_string();
+    let conflist_map = yaml_doc("manifests/cni-conflist.yaml");
+    assert_eq!(conflist_map["metadata"]["name"], "podnet-cni-conflist");
     let key = conflist.file_name().unwrap().to_str().unwrap();
-    assert!(
-        files.contains(&format!("{key}=")),
-        "{key} not generated: {files}"
+    assert_eq!(
+        conflist_map["data"][key].as_str(),
+        Some(read(&deploy("helm/podnet/files/10-podnet.conflist")).as_str()),
+        "{key} is the chart's conflist"
     );
     assert_eq!(
         init["command"],
@@ -600,7 +880,7 @@ fn daemonset_runs_everywhere_with_the_documented_mounts() {
 /// The ServiceAccount carries no token by default and the role is one verb on nodes.
 #[test]
 fn rbac_is_one_get_on_nodes() {
-    let docs = yaml_docs(&read(&deploy("rbac.yaml")));
+    let docs = yaml_docs(&read(&deploy("manifests/rbac.yaml")));
     let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap();
     assert_eq!(
         kind("ServiceAccount")["automountServiceAccountToken"],
@@ -616,18 +896,18 @@ fn rbac_is_one_get_on_nodes() {
         binding["subjects"],
         json!([{"kind": "ServiceAccount", "name": "podnet", "namespace": "kube-system"}])
     );
-    let ds = yaml_doc("daemonset.yaml");
+    let ds = yaml_doc("manifests/daemonset.yaml");
     assert_eq!(
         ds["spec"]["template"]["spec"]["automountServiceAccountToken"],
         false
     );
-    let service = yaml_doc("service.yaml");
+    let service = yaml_doc("manifests/service.yaml");
     assert_eq!(service["spec"]["clusterIP"], "None");
     assert_eq!(
         service["spec"]["ports"],
-        json!([{"name": "metrics", "port": 9965, "targetPort": "metrics", "protocol": "TCP"}])
+        json!([{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}])
     );
-    let monitor = yaml_doc("podmonitor.yaml");
+    let monitor = yaml_doc("manifests/podmonitor.yaml");
     assert_eq!(monitor["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
     assert_eq!(
         monitor["spec"]["selector"]["matchLabels"],
@@ -639,7 +919,7 @@ fn rbac_is_one_get_on_nodes() {
 /// flag names, and agrees with the DaemonSet's ports and mounts and the conflist's socket.
 #[test]
 fn config_map_is_a_valid_agent_config() {
-    let cm = yaml_doc("configmap.yaml");
+    let cm = yaml_doc("manifests/configmap.yaml");
     let config = cm["data"]["config.yaml"].as_str().unwrap();
     podnet::config::parse_config_file(Path::new("config.yaml"), config)
         .unwrap_or_else(|e| panic!("the agent rejects the ConfigMap: {e}"));
@@ -653,8 +933,8 @@ fn config_map_is_a_valid_agent_config() {
             "{key} is not an agent flag in DESIGN.md"
         );
     }
-    assert_eq!(values["metrics-addr"], "0.0.0.0:9965");
-    let ds = yaml_doc("daemonset.yaml");
+    assert_eq!(values["metrics-addr"], format!("0.0.0.0:{METRICS_PORT}"));
+    let ds = yaml_doc("manifests/daemonset.yaml");
     let agent_mounts = mounts(agent_container(&ds));
     for key in ["socket", "state-dir", "bpffs"] {
         let path = values[key].as_str().unwrap();
@@ -665,14 +945,16 @@ fn config_map_is_a_valid_agent_config() {
             "{key} {path} is not on a host mount"
         );
     }
-    let conflist: Value = serde_json::from_str(&read(&deploy("cni/10-podnet.conflist"))).unwrap();
+    let conflist: Value =
+        serde_json::from_str(&read(&deploy("helm/podnet/files/10-podnet.conflist"))).unwrap();
     assert_eq!(conflist["plugins"][1]["socket"], values["socket"]);
 }
 
 /// The shipped conflist is DESIGN's chain: ptp with podnet IPAM, then podnet chained.
 #[test]
 fn conflist_is_the_documented_chain() {
-    let conflist: Value = serde_json::from_str(&read(&deploy("cni/10-podnet.conflist"))).unwrap();
+    let conflist: Value =
+        serde_json::from_str(&read(&deploy("helm/podnet/files/10-podnet.conflist"))).unwrap();
     assert_eq!(conflist["cniVersion"], "1.0.0");
     assert_eq!(conflist["name"], "podnet");
     let plugins = conflist["plugins"].as_array().unwrap();
@@ -734,7 +1016,7 @@ fn readme_explains_every_capability_and_mount() {
 
 /// Every alert expression of the PrometheusRule.
 fn rule_exprs() -> Vec<String> {
-    let rule = yaml_doc("prometheusrule.yaml");
+    let rule = yaml_doc("manifests/prometheusrule.yaml");
     let mut exprs = Vec::new();
     find_key(&rule["spec"], "expr", &mut exprs);
     exprs
@@ -745,7 +1027,7 @@ fn rule_exprs() -> Vec<String> {
 
 /// Every alert rule of the PrometheusRule, in file order.
 fn alert_rules() -> Vec<Value> {
-    let rule = yaml_doc("prometheusrule.yaml");
+    let rule = yaml_doc("manifests/prometheusrule.yaml");
     rule["spec"]["groups"]
         .as_array()
         .unwrap()
@@ -757,7 +1039,7 @@ fn alert_rules() -> Vec<Value> {
 /// The PrometheusRule's groups as a plain rules file for `promtool test rules`: each
 /// alert's description left out, so the unit tests pin labels, summary and `runbook_url`.
 fn rules_file_for_unit_tests() -> String {
-    let mut rule = yaml_doc("prometheusrule.yaml");
+    let mut rule = yaml_doc("manifests/prometheusrule.yaml");
     for group in rule["spec"]["groups"].as_array_mut().unwrap() {
         for r in group["rules"].as_array_mut().unwrap() {
             r["annotations"]
@@ -781,7 +1063,7 @@ fn alert_rules_parse_and_fire_at_their_thresholds() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut rule = yaml_doc("prometheusrule.yaml");
+    let mut rule = yaml_doc("manifests/prometheusrule.yaml");
     let full = dir.path().join("full.yaml");
     std::fs::write(
         &full,
@@ -1069,7 +1351,8 @@ fn every_alert_links_an_existing_runbook_section() {
 /// The dashboard panels the runbook sends the reader to (`Dashboard, "<title>"`) exist.
 #[test]
 fn runbook_names_existing_dashboard_panels() {
-    let dashboard: Value = serde_json::from_str(&read(&deploy("grafana/podnet.json"))).unwrap();
+    let dashboard: Value =
+        serde_json::from_str(&read(&deploy("helm/podnet/files/podnet.json"))).unwrap();
     let titles: BTreeSet<&str> = dashboard["panels"]
         .as_array()
         .unwrap()
@@ -1167,7 +1450,8 @@ fn family_extraction_strips_histogram_suffixes() {
 /// unique panel ids, and the panels the operators asked for.
 #[test]
 fn dashboard_is_well_formed() {
-    let dashboard: Value = serde_json::from_str(&read(&deploy("grafana/podnet.json"))).unwrap();
+    let dashboard: Value =
+        serde_json::from_str(&read(&deploy("helm/podnet/files/podnet.json"))).unwrap();
     assert!(dashboard["schemaVersion"].as_u64().unwrap() >= 36);
     assert!(dashboard["uid"]
         .as_str()
@@ -1293,7 +1577,8 @@ fn selectors(expr: &str) -> Vec<(String, Option<String>)> {
 /// pods only (`topk`), so a node with 100 pods stays readable.
 #[test]
 fn dashboard_scopes_every_query_and_tops_per_pod_panels() {
-    let dashboard: Value = serde_json::from_str(&read(&deploy("grafana/podnet.json"))).unwrap();
+    let dashboard: Value =
+        serde_json::from_str(&read(&deploy("helm/podnet/files/podnet.json"))).unwrap();
     let exprs = panel_exprs(&dashboard);
     let mut per_pod = 0;
     for expr in &exprs {
@@ -1337,7 +1622,8 @@ fn dashboard_queries_parse() {
     ) else {
         return;
     };
-    let dashboard: Value = serde_json::from_str(&read(&deploy("grafana/podnet.json"))).unwrap();
+    let dashboard: Value =
+        serde_json::from_str(&read(&deploy("helm/podnet/files/podnet.json"))).unwrap();
     let rules: Vec<Value> = panel_exprs(&dashboard)
         .iter()
         .enumerate()
@@ -1432,7 +1718,7 @@ impl CniHost {
         let host = Self { dir };
         host.set_plugin(b"\x7fELF podnet-cni v1\n");
         std::fs::copy(
-            deploy("cni/10-podnet.conflist"),
+            deploy("helm/podnet/files/10-podnet.conflist"),
             host.src("10-podnet.conflist"),
         )
         .unwrap();
@@ -1536,7 +1822,10 @@ fn install_cni_puts_the_plugin_first_and_the_conflist_last() {
             std::fs::read(&plugin).unwrap(),
             std::fs::read(host.src("podnet-cni")).unwrap()
         );
-        assert_eq!(read(&conflist), read(&deploy("cni/10-podnet.conflist")));
+        assert_eq!(
+            read(&conflist),
+            read(&deploy("helm/podnet/files/10-podnet.conflist"))
+        );
         assert_eq!(
             std::fs::metadata(&plugin).unwrap().permissions().mode() & 0o7777,
             0o755
@@ -1597,7 +1886,7 @@ fn install_cni_puts_the_plugin_first_and_the_conflist_last() {
 /// own copy is left as it is (same inode and mtime, content untouched).
 #[test]
 fn install_cni_adds_missing_reference_plugins_and_keeps_the_nodes_own() {
-    let ds = yaml_doc("daemonset.yaml");
+    let ds = yaml_doc("manifests/daemonset.yaml");
     let env = &init_container(&ds)["env"];
     let value = |name: &str| {
         env.as_array()
@@ -1692,7 +1981,7 @@ fn capability_bit(name: &str) -> u32 {
 
 /// The capabilities the DaemonSet adds to the agent container.
 fn daemonset_capabilities() -> Vec<String> {
-    let ds = yaml_doc("daemonset.yaml");
+    let ds = yaml_doc("manifests/daemonset.yaml");
     agent_container(&ds)["securityContext"]["capabilities"]["add"]
         .as_array()
         .unwrap()
@@ -1891,7 +2180,8 @@ fn dns_query(pod: &Netns, server: SocketAddr, id: u16, name: &str, copies: usize
 /// Every family the dashboard and the alert rules read, and those of them read as
 /// histograms (through `_bucket`).
 fn queried_and_histogram_families() -> (BTreeSet<String>, BTreeSet<String>) {
-    let dashboard: Value = serde_json::from_str(&read(&deploy("grafana/podnet.json"))).unwrap();
+    let dashboard: Value =
+        serde_json::from_str(&read(&deploy("helm/podnet/files/podnet.json"))).unwrap();
     let mut exprs = dashboard_queries(&dashboard);
     exprs.extend(rule_exprs());
     let mut wanted = queried_families(&exprs);

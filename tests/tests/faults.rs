@@ -594,7 +594,7 @@ fn bpffs_missing_fails_clearly_and_an_unmount_keeps_counting() -> Result<()> {
         &[
             &bin,
             "--metrics-addr",
-            "127.0.0.1:9965",
+            "127.0.0.1:10310",
             "--socket",
             &sock,
             "--state-dir",

@@ -678,7 +678,7 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
-            metrics_url: "http://127.0.0.1:9965/metrics".into(),
+            metrics_url: "http://127.0.0.1:10310/metrics".into(),
             cni_log: "/var/log/podnet/cni.log".into(),
             bpffs: "/sys/fs/bpf/podnet".into(),
             budget: Duration::from_mins(1),
