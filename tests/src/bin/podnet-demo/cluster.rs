@@ -127,7 +127,7 @@ fn print_pods(cluster: &Cluster, pods: &[ListedPod], agreement: &mut Agreement) 
         let inside = node.pod_cidrs.iter().any(|c| ipv4_in(&pod.ip, c));
         in_cidr += u64::from(inside);
         println!(
-            "  {:<34} {:<8} {:<15} node pod CIDR {}",
+            "  {:<40} {:<8} {:<15} node pod CIDR {}",
             format!("{NAMESPACE}/{}", pod.name),
             pod.node,
             pod.ip,
@@ -287,7 +287,7 @@ fn dns(cluster: &Cluster, pods: &[ListedPod], agreement: &mut Agreement) -> Resu
         Ok(counted(&now, "podnet_dns_requests_total", &[]) == queries)
     });
     report::section("DNS per pod, measured in the kernel (podnet_dns_*, since the demo started)");
-    println!("  {:<34} {:>7} {:>9} {:>9}", "pod", "queries", "p50", "p99");
+    println!("  {:<40} {:>7} {:>9} {:>9}", "pod", "queries", "p50", "p99");
     for pod in pods {
         let index = cluster
             .nodes
@@ -297,7 +297,7 @@ fn dns(cluster: &Cluster, pods: &[ListedPod], agreement: &mut Agreement) -> Resu
         let buckets = pod_buckets(&now[index], NAMESPACE, &pod.name);
         let labels = [("namespace", NAMESPACE), ("pod", pod.name.as_str())];
         println!(
-            "  {:<34} {:>7} {:>9} {:>9}",
+            "  {:<40} {:>7} {:>9} {:>9}",
             format!("{NAMESPACE}/{}", pod.name),
             grew(
                 &now[index],
@@ -309,6 +309,7 @@ fn dns(cluster: &Cluster, pods: &[ListedPod], agreement: &mut Agreement) -> Resu
             milliseconds(quantile(&buckets, 0.99)),
         );
     }
+    print_failures(cluster)?;
     agreement.exact(
         "DNS queries to CoreDNS",
         counted(&now, "podnet_dns_requests_total", &[]),
@@ -327,6 +328,31 @@ fn dns(cluster: &Cluster, pods: &[ListedPod], agreement: &mut Agreement) -> Resu
         "lookups of the missing name",
         pods.len() as u64,
     );
+    Ok(())
+}
+
+/// The demo pods' failed and slow queries, as `podnetctl dns slow` lists them on each node.
+fn print_failures(cluster: &Cluster) -> Result<()> {
+    report::section(
+        "Failed and slow queries of the demo's pods (podnetctl dns slow -n podnet-demo)",
+    );
+    for node in &cluster.nodes {
+        let records = cluster.podnetctl(
+            &node.name,
+            &["dns", "slow", "--namespace", NAMESPACE, "--limit", "4"],
+        )?;
+        for r in records.as_array().map_or(&[][..], Vec::as_slice) {
+            println!(
+                "  {:<8} {:<40} {} {:<40} {} {}",
+                node.name,
+                format!("{NAMESPACE}/{}", r["pod"]["pod"].as_str().unwrap_or("")),
+                r["qtype"].as_str().unwrap_or("?"),
+                r["name"].as_str().unwrap_or("?"),
+                r["outcome"].as_str().unwrap_or("?"),
+                r["rcode"].as_str().unwrap_or(""),
+            );
+        }
+    }
     Ok(())
 }
 
