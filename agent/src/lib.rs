@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod cloud;
 pub mod config;
 pub mod conntrack;
+pub mod ctl;
 pub mod daemon;
 pub mod dns;
 pub mod endpoint;

@@ -53,9 +53,21 @@ impl<T: Clone> Recent<T> {
 
     /// The newest `limit` records, oldest first.
     pub fn recent(&self, limit: usize) -> Vec<T> {
+        self.recent_matching(limit, |_| true)
+    }
+
+    /// The newest `limit` records that `keep` selects, oldest first.
+    pub fn recent_matching(&self, limit: usize, keep: impl Fn(&T) -> bool) -> Vec<T> {
         let log = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let skip = log.len().saturating_sub(limit);
-        log.iter().skip(skip).cloned().collect()
+        let mut out: Vec<T> = log
+            .iter()
+            .rev()
+            .filter(|r| keep(r))
+            .take(limit)
+            .cloned()
+            .collect();
+        out.reverse();
+        out
     }
 }
 
@@ -74,5 +86,7 @@ mod tests {
         assert_eq!(log.recent(2), [4, 5]);
         assert_eq!(log.recent(0), Vec::<i32>::new());
         assert_eq!(Recent::<u8>::with_capacity(0).capacity, 1);
+        assert_eq!(log.recent_matching(1, |n| n % 2 == 1), [5]);
+        assert_eq!(log.recent_matching(9, |n| n % 2 == 1), [3, 5]);
     }
 }

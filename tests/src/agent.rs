@@ -20,7 +20,7 @@ use crate::{
 
 /// The metrics address inside the node namespace (each namespace has its own
 /// loopback, so every simulated node can use the default port).
-pub const METRICS_ADDR: &str = "127.0.0.1:9965";
+pub const METRICS_ADDR: &str = "127.0.0.1:10310";
 /// How long an agent may take to become ready by default.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 

@@ -4,7 +4,7 @@
 
 use std::{
     io::Write as _,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -57,8 +57,13 @@ impl Cluster {
         let Some(path) = std::env::var_os(STATUS_ENV) else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", PathBuf::from(&path).display()))?;
+        Self::from_status_file(Path::new(&path)).map(Some)
+    }
+
+    /// The cluster a status file of `cargo xtask cluster status --json` describes.
+    pub fn from_status_file(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let status: Value = serde_json::from_str(&text)?;
         let string = |value: &Value, key: &str| -> Result<String> {
             value
@@ -89,7 +94,7 @@ impl Cluster {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Some(Self {
+        Ok(Self {
             kubectl: string(&status, "kubectl")?.into(),
             kubeconfig: string(&status, "kubeconfig")?.into(),
             vpc_netns: string(&status, "vpc_netns")?,
@@ -99,7 +104,7 @@ impl Cluster {
                 .trim_start_matches("http://")
                 .to_owned(),
             nodes,
-        }))
+        })
     }
 
     /// The cluster [`STATUS_ENV`] names; when it names none, says so (a failure with
@@ -117,6 +122,11 @@ impl Cluster {
             );
         }
         cluster
+    }
+
+    /// The kubeconfig of the cluster's admin (for tools other than kubectl, e.g. helm).
+    pub fn kubeconfig(&self) -> &std::path::Path {
+        &self.kubeconfig
     }
 
     /// The node named `name`.
@@ -380,6 +390,78 @@ impl Cluster {
         let timeout = format!("--timeout={}s", timeout.as_secs());
         self.kubectl(&["rollout", "status", object, "-n", namespace, &timeout])
             .map(drop)
+    }
+}
+
+/// An SNAT rule on a node that gives the UDP DNS flows of `sources` to `destination` the
+/// node's one port 40000, so that concurrent flows lose conntrack's insert race; removed
+/// on drop.
+pub struct SnatToOnePort<'a> {
+    cluster: &'a Cluster,
+    node: &'a ClusterNode,
+    rule: Vec<String>,
+}
+
+impl<'a> SnatToOnePort<'a> {
+    /// Inserts the rule and deletes the flows that could already hold the port.
+    pub fn add(
+        cluster: &'a Cluster,
+        node: &'a ClusterNode,
+        sources: &[&str],
+        destination: &str,
+    ) -> Result<Self> {
+        let rule = [
+            "POSTROUTING",
+            "-s",
+            &sources.join(","),
+            "-d",
+            destination,
+            "-p",
+            "udp",
+            "--dport",
+            "53",
+            "-j",
+            "SNAT",
+            "--to-source",
+            &format!("{}:40000-40000", node.address),
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let guard = Self {
+            cluster,
+            node,
+            rule,
+        };
+        guard.iptables("-I").context("adding the SNAT rule")?;
+        // No earlier flow may hold the port (conntrack exits 1 when it deletes nothing).
+        let _ = cluster.on_node(
+            node,
+            &[
+                "conntrack",
+                "-D",
+                "-p",
+                "udp",
+                "-d",
+                destination,
+                "--dport",
+                "53",
+            ],
+        );
+        Ok(guard)
+    }
+
+    fn iptables(&self, action: &str) -> Result<String> {
+        let mut args = vec!["iptables", "-t", "nat", action];
+        args.extend(self.rule.iter().map(String::as_str));
+        self.cluster.on_node(self.node, &args)
+    }
+}
+
+impl Drop for SnatToOnePort<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.iptables("-D") {
+            eprintln!("removing the SNAT rule on {}: {e:#}", self.node.name);
+        }
     }
 }
 

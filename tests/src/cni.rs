@@ -23,7 +23,10 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 static RUNNER: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
 
 /// Builds `tests/cni-runner` once per process, offline, against Debian's
-/// libcni sources (`GO111MODULE=off GOPATH=/usr/share/gocode`).
+/// libcni sources (`GO111MODULE=off GOPATH=/usr/share/gocode`). The binary is
+/// kept under the temporary directory by a hash of its source, with one Go
+/// build cache beside it, so later processes (test binaries, the demo) reuse
+/// it instead of compiling libcni again.
 pub fn runner() -> Result<PathBuf> {
     RUNNER
         .get_or_init(|| build_runner().map_err(|e| format!("{e:#}")))
@@ -32,23 +35,39 @@ pub fn runner() -> Result<PathBuf> {
 }
 
 fn build_runner() -> Result<PathBuf> {
+    use std::hash::{Hash as _, Hasher as _};
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("cni-runner/main.go");
-    let out_dir = std::env::temp_dir().join(format!("podnet-cni-runner-{}", std::process::id()));
-    std::fs::create_dir_all(&out_dir)?;
-    let out = out_dir.join("cni-runner");
+    let text = std::fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
+    // SipHash with fixed keys: the same source gives the same name in every process.
+    let mut hasher = std::hash::DefaultHasher::new();
+    text.hash(&mut hasher);
+    let cache = std::env::temp_dir().join("podnet-cni-runner");
+    let out = cache
+        .join(format!("{:016x}", hasher.finish()))
+        .join("cni-runner");
+    if out.exists() {
+        return Ok(out);
+    }
+    let dir = out.parent().unwrap_or(&cache);
+    std::fs::create_dir_all(dir)?;
+    // Built under a name of this process's own and renamed into place, so
+    // processes building at the same time never run a half-written binary.
+    let partial = dir.join(format!("cni-runner.{}", std::process::id()));
     let status = Command::new("go")
         .args(["build", "-o"])
-        .arg(&out)
+        .arg(&partial)
         .arg(&source)
         .env("GO111MODULE", "off")
         .env("GOPATH", "/usr/share/gocode")
-        .env("GOCACHE", out_dir.join("gocache"))
+        .env("GOCACHE", cache.join("gocache"))
         .env("GOFLAGS", "")
         .status()
         .context("running `go build` (install golang-go and golang-github-appc-cni-dev: cargo xtask setup)")?;
     if !status.success() {
+        let _ = std::fs::remove_file(&partial);
         bail!("go build of {} failed: {status}", source.display());
     }
+    std::fs::rename(&partial, &out)?;
     Ok(out)
 }
 

@@ -17,6 +17,7 @@ pub mod chaos;
 pub mod cloud;
 pub mod cluster;
 pub mod cni;
+pub mod dns_client;
 pub mod load;
 mod netfilter;
 mod netns;

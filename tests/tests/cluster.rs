@@ -21,7 +21,7 @@ use std::{
     time::Duration,
 };
 
-use podnet_tests::cluster::{ipv4_in, Cluster, ClusterNode, ListedPod};
+use podnet_tests::cluster::{ipv4_in, Cluster, ListedPod, SnatToOnePort};
 use serde_json::Value;
 
 /// The namespace of the suite's workload.
@@ -389,6 +389,116 @@ fn services_reach_pods_through_kube_proxy() {
     }
 }
 
+/// A namespace left at the shipped default (series per workload), with a Deployment whose pods
+/// look names up.
+const WORKLOAD_NAMESPACE: &str = "e2e-workload";
+const WORKLOAD_LOOKUPS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: e2e-workload
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: lookup
+  namespace: e2e-workload
+spec:
+  replicas: 2
+  selector:
+    matchLabels: {app: lookup}
+  template:
+    metadata:
+      labels: {app: lookup}
+    spec:
+      terminationGracePeriodSeconds: 1
+      topologySpreadConstraints:
+        - maxSkew: 1
+          topologyKey: kubernetes.io/hostname
+          whenUnsatisfiable: DoNotSchedule
+          labelSelector:
+            matchLabels: {app: lookup}
+      containers:
+        - name: lookup
+          image: localhost/podnet-toolbox:e2e
+          imagePullPolicy: Never
+          command: [sleep, "86400"]
+"#;
+
+/// Outside the namespaces opted into per-pod series, the shipped default: a Deployment's DNS
+/// series carry its workload, which each agent learned from its node's containerd (the pods'
+/// labels over CRI, no API-server call), and no `pod` label.
+#[test]
+fn dns_elsewhere_is_counted_per_workload_named_by_the_runtime() {
+    let Some(cluster) = cluster() else { return };
+    cluster
+        .apply(WORKLOAD_LOOKUPS)
+        .expect("applying the workload");
+    cluster
+        .rollout(
+            WORKLOAD_NAMESPACE,
+            "deployment/lookup",
+            Duration::from_mins(3),
+        )
+        .expect("the workload rolls out");
+    let pods = cluster
+        .pods(WORKLOAD_NAMESPACE, "app=lookup")
+        .expect("listing the workload");
+    assert_eq!(pods.len(), 2, "{pods:?}");
+    let name = format!("echo.{NAMESPACE}.svc.cluster.local.");
+    for pod in &pods {
+        let script = format!(
+            "for i in $(seq {LOOKUPS_PER_POD}); do nslookup -type=a {name} >/dev/null || exit 1; done"
+        );
+        cluster
+            .exec(WORKLOAD_NAMESPACE, &pod.name, None, &["sh", "-c", &script])
+            .unwrap_or_else(|e| panic!("{} resolving {name}: {e:#}", pod.name));
+    }
+    let workload = [
+        ("namespace", WORKLOAD_NAMESPACE),
+        ("workload_kind", "Deployment"),
+        ("workload", "lookup"),
+        ("server", DNS_SERVICE),
+    ];
+    let counted = || -> anyhow::Result<u64> {
+        let mut sum = 0;
+        for node in &cluster.nodes {
+            sum += cluster
+                .metrics(node)?
+                .count_matching("podnet_dns_requests_total", &workload);
+        }
+        Ok(sum)
+    };
+    let expected = LOOKUPS_PER_POD * pods.len() as u64;
+    cluster
+        .wait(
+            "podnet counts the workload's queries",
+            Duration::from_secs(15),
+            || Ok(counted()? == expected),
+        )
+        .unwrap_or_else(|e| panic!("{e:#}: counted {:?}", counted()));
+    for node in &cluster.nodes {
+        let metrics = cluster.metrics(node).expect("metrics");
+        let with_pod: Vec<_> = metrics
+            .samples("podnet_dns_requests_total")
+            .into_iter()
+            .filter(|(labels, _)| {
+                labels.contains(&("namespace".into(), WORKLOAD_NAMESPACE.into()))
+                    && labels.iter().any(|(k, _)| k == "pod")
+            })
+            .collect();
+        assert_eq!(
+            with_pod,
+            Vec::new(),
+            "{}: series with a pod label",
+            node.name
+        );
+    }
+    cluster
+        .kubectl(&["delete", "namespace", WORKLOAD_NAMESPACE, "--wait=false"])
+        .expect("deleting the namespace");
+}
+
 #[test]
 fn dns_through_coredns_is_counted_per_pod_exactly() {
     let Some(cluster) = cluster() else { return };
@@ -436,71 +546,6 @@ fn dns_through_coredns_is_counted_per_pod_exactly() {
     }
 }
 
-/// An SNAT rule on a node that gives two pods' DNS flows to [`RACE_DESTINATION`] the node's
-/// one port 40000; removed on drop.
-struct SnatToOnePort<'a> {
-    cluster: &'a Cluster,
-    node: &'a ClusterNode,
-    rule: Vec<String>,
-}
-
-impl<'a> SnatToOnePort<'a> {
-    fn add(cluster: &'a Cluster, node: &'a ClusterNode, sources: [&str; 2]) -> Self {
-        let rule: Vec<String> = [
-            "POSTROUTING",
-            "-s",
-            &sources.join(","),
-            "-d",
-            RACE_DESTINATION,
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-j",
-            "SNAT",
-            "--to-source",
-            &format!("{}:40000-40000", node.address),
-        ]
-        .map(str::to_owned)
-        .to_vec();
-        let guard = Self {
-            cluster,
-            node,
-            rule,
-        };
-        guard.iptables("-I").expect("adding the SNAT rule");
-        // No earlier flow may hold the port (conntrack exits 1 when it deletes nothing).
-        let _ = cluster.on_node(
-            node,
-            &[
-                "conntrack",
-                "-D",
-                "-p",
-                "udp",
-                "-d",
-                RACE_DESTINATION,
-                "--dport",
-                "53",
-            ],
-        );
-        guard
-    }
-
-    fn iptables(&self, action: &str) -> anyhow::Result<String> {
-        let mut args = vec!["iptables", "-t", "nat", action];
-        args.extend(self.rule.iter().map(String::as_str));
-        self.cluster.on_node(self.node, &args)
-    }
-}
-
-impl Drop for SnatToOnePort<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.iptables("-D") {
-            eprintln!("removing the SNAT rule on {}: {e:#}", self.node.name);
-        }
-    }
-}
-
 #[test]
 fn insert_races_are_attributed_to_the_real_pods() {
     let Some(cluster) = cluster() else { return };
@@ -513,7 +558,8 @@ fn insert_races_are_attributed_to_the_real_pods() {
     // The holder's lookup keeps the port; each of the loser's lookups (a flow of its own)
     // fails to confirm. busybox nslookup with one try sends one query per lookup.
     let lookup = format!("nslookup -retry=1 -timeout=1 -type=a race.example. {RACE_DESTINATION}");
-    let snat = SnatToOnePort::add(cluster, node, [&holder.ip, &loser.ip]);
+    let snat = SnatToOnePort::add(cluster, node, &[&holder.ip, &loser.ip], RACE_DESTINATION)
+        .expect("the SNAT rule");
     let stats_before = cluster.conntrack_stats(node).expect("conntrack stats");
     let other_before = cluster.conntrack_stats(other).expect("conntrack stats");
     let metrics_before = cluster.metrics(node).expect("metrics");
@@ -599,7 +645,10 @@ fn insert_races_are_attributed_to_the_real_pods() {
 /// `PromQL`) and Grafana's `$__rate_interval` (4 x the PodMonitor's 30 s) filled in for
 /// `node`, `namespace` and `pod` (regular expressions).
 fn dashboard_queries(node: &str, namespace: &str, pod: &str) -> Vec<String> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/podnet.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/helm/podnet/files/podnet.json"
+    );
     let dashboard: Value =
         serde_json::from_str(&std::fs::read_to_string(path).expect("the dashboard"))
             .expect("dashboard JSON");
@@ -736,7 +785,10 @@ fn prometheus_keeps_podnets_labels_and_names_the_node() {
 #[test]
 fn alerts_are_quiet_at_rest() {
     let Some(cluster) = cluster() else { return };
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/prometheusrule.yaml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/manifests/prometheusrule.yaml"
+    );
     let shipped: serde_norway::Value =
         serde_norway::from_str(&std::fs::read_to_string(path).expect("the rules"))
             .expect("rules YAML");
@@ -792,7 +844,8 @@ fn prometheus_alerts_on_insert_races_and_dns_timeouts() {
     let answered = format!("nslookup -type=a echo.{NAMESPACE}.svc.cluster.local.");
     // Two bursts a scrape apart: a counter's first sample has no rate yet.
     for _ in 0..2 {
-        let _snat = SnatToOnePort::add(cluster, node, [&holder.ip, &loser.ip]);
+        let _snat = SnatToOnePort::add(cluster, node, &[&holder.ip, &loser.ip], RACE_DESTINATION)
+            .expect("the SNAT rule");
         for (pod, script) in [
             (&holder, format!("{lookup} >/dev/null 2>&1; true")),
             (

@@ -605,3 +605,211 @@ fn race_hook_is_reported_and_probe_needs_kprobes() {
         assert!(err.contains("__nf_conntrack_confirm"), "{err}");
     }
 }
+
+const REASONS: &str = "podnet_drops_total";
+
+/// A counter of `/proc/net/snmp` (`Ip:` or `Udp:` rows) in `netns`.
+fn snmp(netns: &podnet_tests::Netns, row: &str, name: &str) -> u64 {
+    let out = netns.run_ok(&["cat", "/proc/net/snmp"]).unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut rows = text.lines().filter(|l| l.starts_with(&format!("{row}:")));
+    let (header, values) = (rows.next().unwrap(), rows.next().unwrap());
+    let column = header
+        .split_whitespace()
+        .position(|h| h == name)
+        .unwrap_or_else(|| panic!("no {row}:{name} in {header}"));
+    values
+        .split_whitespace()
+        .nth(column)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Datagrams sent from `netns` with IP TTL `ttl`.
+fn udp_send_ttl(netns: &podnet_tests::Netns, dst: SocketAddr, ttl: u32, count: usize) {
+    in_netns(netns, || {
+        let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+        socket.set_ttl(ttl).unwrap();
+        for _ in 0..count {
+            socket.send_to(b"podnet-test", dst).unwrap();
+        }
+    })
+    .unwrap();
+}
+
+/// Every drop on the node is counted by the kernel's own reason, per pod and
+/// direction, and agrees with the kernel's own count of the same drop: a
+/// datagram to a closed port of the node (`NO_SOCKET`, `Udp: NoPorts`), one
+/// forwarded to a pod with its TTL spent (ingress, `IP_INHDR`,
+/// `Ip: InHdrErrors`), the same to an address no pod holds (the unknown series), an
+/// iptables DROP (`NETFILTER_DROP`, the rule's counter), and datagrams into a
+/// blackhole route (no kernel counter: all those the pod sent, under the one
+/// reason this kernel gives).
+#[test]
+#[allow(clippy::too_many_lines)] // one scenario, step by step
+fn every_drop_is_counted_by_the_kernels_reason() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::builder().name("ctr").pods(2).build().unwrap();
+    let (a, b) = (topo.pod(0), topo.pod(1));
+    topo.node()
+        .run_ok(&["ip", "route", "add", "blackhole", "10.97.0.0/24"])
+        .unwrap();
+    let server = SocketAddr::new(topo.server_ipv4().into(), 7100);
+    iptables(
+        topo.node(),
+        &[
+            "-A",
+            "FORWARD",
+            "-s",
+            &b.ipv4().to_string(),
+            "-p",
+            "udp",
+            "--dport",
+            "7100",
+            "-j",
+            "DROP",
+        ],
+    )
+    .unwrap();
+    let agent = Agent::start(topo.node(), &endpoints(&topo)).unwrap();
+    let before = agent.metrics(topo.node()).unwrap();
+    let no_ports = snmp(topo.node(), "Udp", "NoPorts");
+    let hdr_errors = snmp(topo.node(), "Ip", "InHdrErrors");
+    // To the node's own address on b's link, where nothing listens.
+    udp_send(
+        b.netns(),
+        SocketAddr::new(b.ipv4().into(), 5002),
+        SocketAddr::new(b.gateway_ipv4().into(), 7001),
+        20,
+    )
+    .unwrap();
+    udp_send(
+        b.netns(),
+        SocketAddr::new(b.ipv4().into(), 5004),
+        server,
+        25,
+    )
+    .unwrap();
+    udp_send_ttl(topo.server(), SocketAddr::new(a.ipv4().into(), 7002), 1, 15);
+    let nobody = std::net::Ipv4Addr::from(u32::from(a.ipv4()) + 100);
+    udp_send_ttl(topo.server(), SocketAddr::new(nobody.into(), 7002), 1, 10);
+    udp_send(
+        a.netns(),
+        SocketAddr::new(a.ipv4().into(), 5003),
+        "10.97.0.5:7003".parse().unwrap(),
+        30,
+    )
+    .unwrap();
+    let rule_packets = {
+        let listing = iptables(topo.node(), &["-L", "FORWARD", "-v", "-x", "-n"]).unwrap();
+        let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+        listing
+            .lines()
+            .find(|l| l.contains("DROP"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|p| p.parse::<u64>().ok())
+            .unwrap()
+    };
+    let kernel_no_ports = snmp(topo.node(), "Udp", "NoPorts") - no_ports;
+    let kernel_hdr_errors = snmp(topo.node(), "Ip", "InHdrErrors") - hdr_errors;
+    assert_eq!(
+        (rule_packets, kernel_no_ports, kernel_hdr_errors),
+        (25, 20, 25)
+    );
+    // Every series of the two pods that grew, and the unknown series of IP_INHDR.
+    let grown = |m: &Metrics| -> Vec<(String, String, String, u64)> {
+        let mut grown: Vec<_> = m
+            .samples(REASONS)
+            .into_iter()
+            .filter_map(|(labels, v)| {
+                let label = |k: &str| {
+                    labels
+                        .iter()
+                        .find(|(n, _)| n == k)
+                        .map(|(_, v)| v.clone())
+                        .unwrap_or_default()
+                };
+                let refs: Vec<(&str, &str)> = labels
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let delta = v - before.value_or_zero(REASONS, &refs);
+                let series = (label("pod"), label("direction"), label("reason"));
+                let ours = !series.0.is_empty() || series.2 == "IP_INHDR";
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                (ours && delta > 0.0).then_some((series.0, series.1, series.2, delta as u64))
+            })
+            .collect();
+        grown.sort();
+        grown
+    };
+    let mut seen = Vec::new();
+    wait_for(
+        || {
+            seen = grown(&agent.metrics(topo.node()).unwrap());
+            seen.iter().map(|s| s.3).sum::<u64>() == 100
+        },
+        Duration::from_secs(5),
+    );
+    let blackhole = seen
+        .iter()
+        .find(|s| s.0 == "a" && s.1 == "egress")
+        .map_or_else(String::new, |s| s.2.clone());
+    println!("a datagram into a blackhole route is dropped with reason {blackhole}");
+    let row = |pod: &str, direction: &str, reason: &str, n: u64| {
+        (pod.to_owned(), direction.to_owned(), reason.to_owned(), n)
+    };
+    let mut expected = vec![
+        row("a", "egress", &blackhole, 30),
+        row("a", "ingress", "IP_INHDR", 15),
+        row("b", "egress", "NETFILTER_DROP", rule_packets),
+        row("b", "egress", "NO_SOCKET", kernel_no_ports),
+        row("", "unknown", "IP_INHDR", kernel_hdr_errors - 15),
+    ];
+    expected.sort();
+    assert_eq!(seen, expected);
+    assert!(!blackhole.is_empty() && blackhole != "NETFILTER_DROP");
+    // Netfilter's drop is also in the netfilter family; no race anywhere.
+    let m = agent.metrics(topo.node()).unwrap();
+    assert_eq!(
+        m.count(
+            DROPS,
+            &[("namespace", "shop"), ("pod", "b"), ("kind", "other")]
+        ),
+        25
+    );
+    assert_eq!(m.count_sum(RACES), 0);
+
+    // Both pods leave: their series move to the host's (the same direction
+    // and reason), and no total goes back, across the two maps.
+    let total = m.count_sum(REASONS);
+    std::fs::write(agent.endpoints_file(), "[]\n").unwrap();
+    let moved = wait_for(
+        || {
+            agent.metrics(topo.node()).is_ok_and(|m| {
+                m.count_matching(REASONS, &[("pod", "a")])
+                    + m.count_matching(REASONS, &[("pod", "b")])
+                    == 0
+            })
+        },
+        Duration::from_secs(10),
+    );
+    let gone = agent.metrics(topo.node()).unwrap();
+    assert!(moved, "{}", gone.0);
+    assert_eq!(gone.count_sum(REASONS), total);
+    let host = |direction: &str, reason: &str| {
+        gone.count_matching(
+            REASONS,
+            &[("pod", ""), ("direction", direction), ("reason", reason)],
+        ) - m.count_matching(
+            REASONS,
+            &[("pod", ""), ("direction", direction), ("reason", reason)],
+        )
+    };
+    assert_eq!(host("egress", "NO_SOCKET"), kernel_no_ports);
+    assert_eq!(host("ingress", "IP_INHDR"), 15);
+    assert_eq!(host("egress", &blackhole), 30);
+}

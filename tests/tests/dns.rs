@@ -10,11 +10,11 @@
 use std::{
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
-    sync::atomic::{AtomicU16, Ordering},
     time::{Duration, Instant, SystemTime},
 };
 
 use podnet_tests::{
+    dns_client::{next_query_id, udp_dns_query, DnsAnswer, DnsQuery},
     in_netns, require_root, spawn_in, wait_for, Agent, EndpointSpec, Metrics, Netns, NsChild,
     Topology,
 };
@@ -31,8 +31,6 @@ const QTYPE_AAAA: u16 = 28;
 const QTYPE_SRV: u16 = 33;
 /// The server address dnsmasq listens on (the responder has the topology's).
 const DNSMASQ_V4: &str = "10.98.0.3";
-
-static NEXT_ID: AtomicU16 = AtomicU16::new(0x1000);
 
 /// One pod (`shop/cart`), the agent, and the responder on port 53 of the
 /// server's IPv4 and IPv6 addresses.
@@ -198,34 +196,7 @@ fn query_message(id: u16, name: &str, qtype: u16) -> Vec<u8> {
 }
 
 /// What the stub resolver saw.
-#[derive(Debug, Clone, Copy)]
-struct Answer {
-    rcode: u8,
-    elapsed: Duration,
-}
-
-/// `SIOCGSTAMPNS`: the receive time of the last datagram read from a socket.
-const SIOCGSTAMPNS: libc::c_ulong = 0x8907;
-
-/// The kernel's receive timestamp of the last datagram read from `socket`
-/// (enabled by a first call before any datagram arrives), so that the client's
-/// measurement does not include its own wake-up delay on a busy machine.
-fn last_receive_time(socket: &UdpSocket) -> Option<SystemTime> {
-    use std::os::fd::AsRawFd as _;
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: SIOCGSTAMPNS writes one timespec into `ts`, a valid local.
-    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCGSTAMPNS, &raw mut ts) };
-    (rc == 0).then(|| {
-        SystemTime::UNIX_EPOCH
-            + Duration::new(
-                u64::try_from(ts.tv_sec).unwrap(),
-                u32::try_from(ts.tv_nsec).unwrap(),
-            )
-    })
-}
+type Answer = DnsAnswer;
 
 /// Sends one query over UDP from the pod (`copies` times, `gap` apart, same
 /// id and port) and waits up to `wait` for the answer.
@@ -238,45 +209,10 @@ fn udp_query(
     gap: Duration,
     wait: Duration,
 ) -> Option<Answer> {
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-    let msg = query_message(id, name, qtype);
-    in_netns(pod, move || {
-        let bind: SocketAddr = if server.is_ipv4() {
-            "0.0.0.0:0".parse().unwrap()
-        } else {
-            "[::]:0".parse().unwrap()
-        };
-        let socket = UdpSocket::bind(bind).unwrap();
-        socket.connect(server).unwrap();
-        // Turns receive timestamps on (no datagram yet: the call fails).
-        let _ = last_receive_time(&socket);
-        let start = Instant::now();
-        let sent_at = SystemTime::now();
-        for i in 0..copies {
-            if i > 0 {
-                std::thread::sleep(gap);
-            }
-            socket.send(&msg).unwrap();
-        }
-        let mut buf = [0u8; 4096];
-        let deadline = start + wait;
-        loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            socket
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
-                .unwrap();
-            let n = socket.recv(&mut buf).ok()?;
-            let elapsed = last_receive_time(&socket)
-                .and_then(|t| t.duration_since(sent_at).ok())
-                .unwrap_or_else(|| start.elapsed());
-            if n >= 12 && buf[..2] == id.to_be_bytes() {
-                return Some(Answer {
-                    rcode: buf[3] & 0x0f,
-                    elapsed,
-                });
-            }
-        }
-    })
+    udp_dns_query(
+        pod,
+        &DnsQuery::new(server, name, qtype, wait).retransmitted(copies, gap),
+    )
     .unwrap()
 }
 
@@ -335,7 +271,7 @@ fn tcp_recv_timed(stream: &TcpStream, buf: &mut [u8]) -> (usize, Option<SystemTi
 
 /// One query over TCP (length prefix and message in one segment).
 fn tcp_query(pod: &Netns, server: SocketAddr, name: &str, qtype: u16) -> Answer {
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let id = next_query_id();
     let msg = query_message(id, name, qtype);
     in_netns(pod, move || {
         let mut stream = TcpStream::connect_timeout(&server, Duration::from_secs(2)).unwrap();

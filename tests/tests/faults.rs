@@ -594,7 +594,7 @@ fn bpffs_missing_fails_clearly_and_an_unmount_keeps_counting() -> Result<()> {
         &[
             &bin,
             "--metrics-addr",
-            "127.0.0.1:9965",
+            "127.0.0.1:10310",
             "--socket",
             &sock,
             "--state-dir",
@@ -921,8 +921,9 @@ fn not_ready_within_2s(node: &Netns, agent: &Agent, reason: &str) -> Result<Dura
 }
 
 /// A worker thread whose work ends (the fault hook makes its loop return)
-/// turns `/readyz` to 503 naming it within 2 s, and `podnet_thread_up` to 0;
-/// a thread that panics aborts the process, whose pinned programs stay.
+/// turns `/readyz` to 503 naming it within 2 s, and `podnet_thread_up` and
+/// `podnet_ready` to 0; a thread that panics aborts the process, whose pinned
+/// programs stay.
 #[test]
 fn dead_threads_make_the_agent_unready_and_a_panic_aborts() -> Result<()> {
     if !require_root() {
@@ -940,6 +941,7 @@ fn dead_threads_make_the_agent_unready_and_a_panic_aborts() -> Result<()> {
     )?;
     let pid = agent_pid(&agent)?;
     let m = agent.metrics(node)?;
+    assert_eq!(m.count("podnet_ready", &[]), 1);
     for thread in threads.iter().chain(&["podnet-races"]) {
         assert_eq!(
             m.count("podnet_thread_up", &[("thread", thread)]),
@@ -959,13 +961,13 @@ fn dead_threads_make_the_agent_unready_and_a_panic_aborts() -> Result<()> {
             .collect::<Vec<_>>()
             .join("; ");
         took.push(not_ready_within_2s(node, &agent, &reason)?);
+        let m = agent.metrics(node)?;
         assert_eq!(
-            agent
-                .metrics(node)?
-                .count("podnet_thread_up", &[("thread", thread)]),
+            m.count("podnet_thread_up", &[("thread", thread)]),
             0,
             "{thread}"
         );
+        assert_eq!(m.count("podnet_ready", &[]), 0, "{thread}");
     }
     assert_same_process(&agent, pid);
 

@@ -17,6 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use podnet::config::defaults::METRICS_PORT;
 use podnet_tests::{
     agent::{binary, http_request},
     cni, in_netns, require_root, udp_send, wait_for, Agent, EndpointSpec, Netns, Topology,
@@ -471,6 +472,7 @@ fn a_metrics_flood_from_a_pod_is_bounded_and_cni_adds_go_on() -> Result<()> {
     raise_nofile(8_192)?;
     let topo = Topology::builder().name("secflood").pods(1).build()?;
     let node = topo.node();
+    let metrics_addr = format!("0.0.0.0:{METRICS_PORT}");
     let agent = Agent::start_with(
         node,
         &[],
@@ -478,7 +480,7 @@ fn a_metrics_flood_from_a_pod_is_bounded_and_cni_adds_go_on() -> Result<()> {
             "--node-cidr",
             "10.244.12.0/24",
             "--metrics-addr",
-            "0.0.0.0:9965",
+            &metrics_addr,
         ],
     )?;
     let pid = agent.pid().context("agent not running")?;
@@ -486,7 +488,7 @@ fn a_metrics_flood_from_a_pod_is_bounded_and_cni_adds_go_on() -> Result<()> {
     let refused_before = agent
         .metrics(node)?
         .count_sum("podnet_metrics_connections_refused_total");
-    let target = SocketAddr::new(topo.pod(0).gateway_ipv4().into(), 9965);
+    let target = SocketAddr::new(topo.pod(0).gateway_ipv4().into(), METRICS_PORT);
     let pod = topo.pod(0).netns();
     let log = agent.socket().with_extension("cni.log");
     let conf = format!(

@@ -14,6 +14,12 @@ pub fn workspace_root() -> PathBuf {
     xtask_dir.parent().map_or(xtask_dir.clone(), PathBuf::from)
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR` when set, else `target/` of the workspace.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
 /// A `cargo` command in the workspace root, using the cargo that runs this xtask.
 pub fn cargo() -> Command {
     // `cargo run` sets CARGO to the cargo binary it is; fall back to PATH.

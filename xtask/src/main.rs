@@ -8,6 +8,7 @@ mod build;
 mod cluster;
 mod cmd;
 mod demo;
+mod deploy;
 mod lint;
 mod setup;
 mod soak;
@@ -41,6 +42,9 @@ enum Task {
     /// Build the agent, CLI, CNI plugin and the kernel programs (runs setup if anything is
     /// missing).
     Build(build::BuildArgs),
+    /// The kustomize bundle from the Helm chart: `render [--check]` writes (or checks)
+    /// deploy/manifests/, the chart deploy/helm/podnet rendered with its default values.
+    Deploy(deploy::DeployArgs),
     /// Show podnet's main job on simulated nodes (runs setup if anything is missing).
     Demo(demo::DemoArgs),
     /// Formatting, clippy over every crate (kernel programs included) and the agent's
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
         Task::Build(args) => build::run(&args),
         Task::Cluster(args) => cluster::run(&args),
         Task::Demo(args) => demo::run(&args),
+        Task::Deploy(args) => deploy::run(&args),
         Task::Lint(args) => lint::run(&args),
         Task::Test(args) => test::run(&args),
         Task::Soak(args) => soak::run(&args),

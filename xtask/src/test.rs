@@ -54,14 +54,20 @@ pub fn run(args: &TestArgs) -> Result<()> {
 }
 
 /// The end-to-end suites (tests/tests/cluster*.rs), in the order they run on one cluster.
-const CLUSTER_SUITES: &[&str] = &["cluster", "cluster_upgrade", "cluster_uninstall"];
+const CLUSTER_SUITES: &[&str] = &[
+    "cluster",
+    "cluster_upgrade",
+    "cluster_uninstall",
+    "cluster_helm",
+];
 
 /// Brings the cluster up, runs the end-to-end suite on it (one test at a time: they share
 /// the cluster) and takes it down again, also when the suite fails.
 fn run_cluster_suite() -> Result<()> {
     println!("cluster suite: cargo xtask cluster up");
     let up = cluster::run_up();
-    // In this order: the suite, then a rolling update of podnet, then its uninstall.
+    // In this order: the suite, then a rolling update of podnet, then its uninstall, then
+    // podnet installed, cleaned up and uninstalled again with its Helm chart.
     let suite = up.and_then(|()| {
         CLUSTER_SUITES.iter().try_for_each(|suite| {
             cmd::run(

@@ -6,7 +6,7 @@
 use serde_json::Value;
 
 use crate::{
-    protocol::{method, parse_params, ApiError, DnsSlowParams, RacesParams},
+    protocol::{method, parse_params, ApiError, DnsSlowParams, FollowParams, RacesParams},
     wire::{AddParams, CheckParams, GcParams, KeyParams, StatusParams},
 };
 
@@ -41,6 +41,8 @@ pub enum Call {
     IpamStatus(StatusParams),
     /// `routes.show`.
     RoutesShow,
+    /// `follow`.
+    Follow(FollowParams),
 }
 
 impl Call {
@@ -61,6 +63,7 @@ impl Call {
             Self::IpamGc(_) => method::IPAM_GC,
             Self::IpamStatus(_) => method::IPAM_STATUS,
             Self::RoutesShow => method::ROUTES_SHOW,
+            Self::Follow(_) => method::FOLLOW,
         }
     }
 
@@ -76,6 +79,7 @@ impl Call {
             Self::EndpointCheck(p) => serde_json::to_value(p),
             Self::EndpointGc(p) | Self::IpamGc(p) => serde_json::to_value(p),
             Self::IpamStatus(p) => serde_json::to_value(p),
+            Self::Follow(p) => serde_json::to_value(p),
             Self::Status | Self::DnsTop | Self::EndpointList | Self::RoutesShow => Ok(Value::Null),
         };
         // Plain structs of strings, numbers and addresses always serialise.
@@ -102,6 +106,7 @@ impl Call {
             method::IPAM_GC => Self::IpamGc(parse_params(m, params)?),
             method::IPAM_STATUS => Self::IpamStatus(parse_params(m, params)?),
             method::ROUTES_SHOW => Self::RoutesShow,
+            method::FOLLOW => Self::Follow(parse_params(m, params)?),
             _ => return Err(ApiError::unknown_method(m)),
         })
     }
@@ -145,7 +150,11 @@ mod tests {
         });
         assert_eq!(status.params(), json!({"command": "STATUS"}));
         assert_eq!(
-            Call::ConntrackRaces(RacesParams { limit: 5 }).params(),
+            Call::ConntrackRaces(RacesParams {
+                limit: 5,
+                ..RacesParams::default()
+            })
+            .params(),
             json!({"limit": 5})
         );
         assert_eq!(Call::RoutesShow.params(), Value::Null);

@@ -2,10 +2,11 @@
 //! podnet-cni (which has no async runtime).
 //!
 //! Every step (connect, write, read) shares one deadline, so a stuck agent
-//! cannot hang a CNI call past its timeout.
+//! cannot hang a CNI call past its timeout. [`follow`] opens the one stream
+//! (`follow`): its answer has the same deadline, its events none.
 
 use std::{
-    io::{self, Read as _, Write as _},
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -14,7 +15,12 @@ use std::{
 use serde_json::Value;
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::protocol::{now_unix_ms, ApiError, Request, Response, MAX_RESPONSE_BYTES};
+use crate::protocol::{
+    method, now_unix_ms, ApiError, FollowAccepted, Request, Response, MAX_RESPONSE_BYTES,
+};
+
+/// Longest event line a follower reads, newline included.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 
 /// How long a call waits for the agent when the caller has no better idea.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -118,6 +124,121 @@ pub fn call(
         method: method.to_owned(),
         error,
     })
+}
+
+/// Opens `follow` with `params` on the agent listening on `socket`: the
+/// agent's answer must come within `timeout`, then events arrive as they
+/// happen, without a deadline. Dropping the stream closes the connection,
+/// which ends the follow in the agent.
+pub fn follow(
+    socket: &Path,
+    params: Value,
+    timeout: Duration,
+) -> Result<FollowStream, ClientError> {
+    let call = Call {
+        path: socket,
+        timeout,
+        deadline: Instant::now() + timeout,
+    };
+    let deadline_unix_ms =
+        now_unix_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+    let mut stream = call.connect()?;
+    let request = Request::new(method::FOLLOW, params).with_deadline(deadline_unix_ms);
+    let mut line = serde_json::to_vec(&request).map_err(|e| call.protocol(e.to_string()))?;
+    line.push(b'\n');
+    call.write(&mut stream, &line)?;
+    stream
+        .set_read_timeout(Some(call.remaining()?))
+        .map_err(|e| call.io(e))?;
+    let mut follow = FollowStream {
+        path: socket.to_owned(),
+        reader: BufReader::new(stream),
+        accepted: FollowAccepted {
+            follower: 0,
+            buffer: 0,
+        },
+    };
+    let answer = follow
+        .read_line()
+        .map_err(|e| call.io(e))?
+        .ok_or_else(|| call.protocol("the agent closed the connection without answering".into()))?;
+    let response: Response = serde_json::from_slice(&answer)
+        .map_err(|e| call.protocol(format!("not a response: {e}")))?;
+    let result = response
+        .into_result()
+        .map_err(|error| ClientError::Remote {
+            method: method::FOLLOW.to_owned(),
+            error,
+        })?;
+    follow.accepted = serde_json::from_value(result)
+        .map_err(|e| call.protocol(format!("not a follow answer: {e}")))?;
+    follow
+        .reader
+        .get_ref()
+        .set_read_timeout(None)
+        .map_err(|e| call.io(e))?;
+    Ok(follow)
+}
+
+/// An open `follow`: the agent's answer, then one event per line.
+#[derive(Debug)]
+pub struct FollowStream {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    accepted: FollowAccepted,
+}
+
+impl FollowStream {
+    /// What the agent answered: the follower's number and its buffer.
+    pub fn accepted(&self) -> FollowAccepted {
+        self.accepted
+    }
+
+    /// Waits for the next event; `None` when the agent ended the stream
+    /// (it stopped).
+    pub fn next_event(&mut self) -> Result<Option<Value>, ClientError> {
+        let read = self.read_line();
+        let Some(line) = read.map_err(|source| ClientError::Io {
+            path: self.path.clone(),
+            source,
+        })?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&line)
+            .map(Some)
+            .map_err(|e| ClientError::Protocol {
+                path: self.path.clone(),
+                message: format!("not an event: {e}"),
+            })
+    }
+
+    /// One line without its newline, at most [`MAX_EVENT_BYTES`]; `None` at
+    /// the end of the stream.
+    fn read_line(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut line = Vec::new();
+        let limit = u64::try_from(MAX_EVENT_BYTES).unwrap_or(u64::MAX);
+        loop {
+            match (&mut self.reader).take(limit).read_until(b'\n', &mut line) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+                Ok(_) => break,
+            }
+        }
+        if line.is_empty() {
+            return Ok(None);
+        }
+        if line.last() != Some(&b'\n') && line.len() >= MAX_EVENT_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("event line longer than {MAX_EVENT_BYTES} bytes"),
+            ));
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        Ok(Some(line))
+    }
 }
 
 /// Connects to `socket` within `timeout`; used by the server to tell a live

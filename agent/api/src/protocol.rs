@@ -9,6 +9,19 @@
 //! ← {"version":1,"ok":true,"result":[...]}
 //! ← {"version":1,"ok":false,"error":{"code":"unknown_method","message":"..."}}
 //! ```
+//!
+//! [`method::FOLLOW`] is the one stream: its answer line is followed by one
+//! JSON event per line, pushed by the agent as events happen, until the
+//! client closes the connection. A follower that does not keep up loses
+//! events, never the agent's time: it is told how many in a `lost` line.
+//!
+//! ```text
+//! → {"version":1,"method":"follow","params":{"filter":{"namespace":"shop"}}}
+//! ← {"version":1,"ok":true,"result":{"follower":1,"buffer":4096}}
+//! ← {"type":"race","time_unix_ms":...,"loser":{"namespace":"shop","pod":"b"},...}
+//! ← {"type":"dns","outcome":"timeout",...}
+//! ← {"type":"lost","events":311}
+//! ```
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -57,6 +70,10 @@ pub mod method {
     /// Routing state, desired versus actual, as of the last reconcile;
     /// result: `routing::show::RoutesView`.
     pub const ROUTES_SHOW: &str = "routes.show";
+    /// A stream of insert races, failed DNS queries and netfilter drops as
+    /// they happen. Params: [`super::FollowParams`]; the answer line is
+    /// followed by one event per line until the client closes.
+    pub const FOLLOW: &str = "follow";
 }
 
 /// Every method the agent serves; anything else is `unknown_method`.
@@ -75,6 +92,7 @@ pub const METHODS: &[&str] = &[
     method::IPAM_GC,
     method::IPAM_STATUS,
     method::ROUTES_SHOW,
+    method::FOLLOW,
 ];
 
 /// One request.
@@ -296,18 +314,22 @@ impl ApiError {
 pub const DEFAULT_RACES_LIMIT: usize = 100;
 
 /// Parameters of [`method::CONNTRACK_RACES`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RacesParams {
     /// Return at most this many of the newest races.
     #[serde(default = "default_races_limit")]
     pub limit: usize,
+    /// Only races that match, before the limit.
+    #[serde(default, skip_serializing_if = "EventFilter::is_empty")]
+    pub filter: EventFilter,
 }
 
 impl Default for RacesParams {
     fn default() -> Self {
         Self {
             limit: DEFAULT_RACES_LIMIT,
+            filter: EventFilter::default(),
         }
     }
 }
@@ -320,24 +342,108 @@ fn default_races_limit() -> usize {
 pub const DEFAULT_DNS_SLOW_LIMIT: usize = 100;
 
 /// Parameters of [`method::DNS_SLOW`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsSlowParams {
     /// Return at most this many of the newest queries.
     #[serde(default = "default_dns_slow_limit")]
     pub limit: usize,
+    /// Only queries that match, before the limit.
+    #[serde(default, skip_serializing_if = "EventFilter::is_empty")]
+    pub filter: EventFilter,
 }
 
 impl Default for DnsSlowParams {
     fn default() -> Self {
         Self {
             limit: DEFAULT_DNS_SLOW_LIMIT,
+            filter: EventFilter::default(),
         }
     }
 }
 
 fn default_dns_slow_limit() -> usize {
     DEFAULT_DNS_SLOW_LIMIT
+}
+
+/// Every cause an event can carry, as [`EventFilter::cause`] names it:
+/// an insert race, a DNS query that timed out, was slow, or failed with its
+/// response code (lower case), or another netfilter drop.
+pub const CAUSES: &[&str] = &[
+    "insert_race",
+    "timeout",
+    "slow",
+    "servfail",
+    "nxdomain",
+    "refused",
+    "netfilter_drop",
+];
+
+/// Which events and records a caller wants: every field that is set must
+/// match; an empty filter matches everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventFilter {
+    /// The pod's namespace (`""`: host traffic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The pod's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The DNS server, or the race's destination: an address, or an
+    /// address and port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// Any of these causes (one of [`CAUSES`]); empty: any cause.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cause: Vec<String>,
+}
+
+impl EventFilter {
+    /// True when the filter matches everything.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// Checks the causes and the server's form, so a typo is an error and
+    /// not a filter that never matches.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(unknown) = self.cause.iter().find(|c| !CAUSES.contains(&c.as_str())) {
+            return Err(format!(
+                "unknown cause {unknown:?}; known causes: {}",
+                CAUSES.join(", ")
+            ));
+        }
+        if let Some(server) = &self.server {
+            if server.parse::<std::net::IpAddr>().is_err()
+                && server.parse::<std::net::SocketAddr>().is_err()
+            {
+                return Err(format!(
+                    "server {server:?} is neither an address nor an address:port"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parameters of [`method::FOLLOW`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FollowParams {
+    /// Only events that match.
+    #[serde(default, skip_serializing_if = "EventFilter::is_empty")]
+    pub filter: EventFilter,
+}
+
+/// The answer line of [`method::FOLLOW`], before the events.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FollowAccepted {
+    /// The follower's number, as `status` lists it.
+    pub follower: u64,
+    /// Events the agent holds for a follower that falls behind; beyond them
+    /// the oldest are lost and counted.
+    pub buffer: usize,
 }
 
 /// Decodes a method's parameters; `null` (no params) decodes as `T::default()`.
@@ -414,6 +520,54 @@ mod tests {
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn filters_on_the_wire_and_their_checks() {
+        assert_eq!(
+            serde_json::to_value(RacesParams::default()).unwrap(),
+            json!({"limit": 100})
+        );
+        let params = FollowParams {
+            filter: EventFilter {
+                namespace: Some("shop".into()),
+                cause: vec!["timeout".into(), "insert_race".into()],
+                ..EventFilter::default()
+            },
+        };
+        let wire = serde_json::to_value(&params).unwrap();
+        assert_eq!(
+            wire,
+            json!({"filter": {"namespace": "shop", "cause": ["timeout", "insert_race"]}})
+        );
+        assert_eq!(
+            parse_params::<FollowParams>(method::FOLLOW, wire).unwrap(),
+            params
+        );
+        assert!(
+            parse_params::<FollowParams>(method::FOLLOW, json!({"filter": {"ns": "x"}})).is_err()
+        );
+        assert_eq!(params.filter.validate(), Ok(()));
+        let bad = EventFilter {
+            cause: vec!["timout".into()],
+            ..EventFilter::default()
+        };
+        assert_eq!(
+            bad.validate().unwrap_err(),
+            "unknown cause \"timout\"; known causes: insert_race, timeout, slow, servfail, nxdomain, refused, netfilter_drop"
+        );
+        for (server, ok) in [
+            ("10.0.0.1", true),
+            ("10.0.0.1:53", true),
+            ("[fd00::1]:53", true),
+            ("dns", false),
+        ] {
+            let f = EventFilter {
+                server: Some(server.into()),
+                ..EventFilter::default()
+            };
+            assert_eq!(f.validate().is_ok(), ok, "{server}");
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! [`view`] renders results for people.
 
 pub use podnet_api::{call, client, protocol};
+pub mod follow;
 pub mod server;
 pub mod status_view;
 pub mod view;

@@ -1,6 +1,7 @@
 //! The agent side of the socket API: a Unix listener (mode 0600, root peers
 //! only) that reads one request per connection and answers it through a
-//! [`Handler`].
+//! [`Handler`], or, for `follow`, streams events from an
+//! [`EventHub`] until the client closes.
 
 use std::{
     fs,
@@ -19,9 +20,13 @@ use tokio::{
     task::JoinSet,
 };
 
+use super::follow::{self, EventHub};
 use super::{
     client,
-    protocol::{ApiError, ErrorCode, Request, Response, MAX_REQUEST_BYTES, METHODS, VERSION},
+    protocol::{
+        method, parse_params, ApiError, ErrorCode, FollowParams, Request, Response,
+        MAX_REQUEST_BYTES, METHODS, VERSION,
+    },
 };
 
 /// Mode of the socket file: only root may connect.
@@ -125,6 +130,17 @@ pub struct ApiServer {
     identity: (u64, u64),
     handler: Arc<dyn Handler>,
     allowed_uid: u32,
+    events: Option<EventHub>,
+}
+
+/// What every connection shares.
+#[derive(Clone)]
+struct Shared {
+    handler: Arc<dyn Handler>,
+    allowed_uid: u32,
+    events: Option<EventHub>,
+    /// Becomes true when the server stops: ends the follows.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ApiServer {
@@ -173,7 +189,15 @@ impl ApiServer {
             identity: (meta.dev(), meta.ino()),
             handler,
             allowed_uid: ROOT_UID,
+            events: None,
         })
+    }
+
+    /// Serves `follow` from `hub`; without it `follow` is an unknown method.
+    #[must_use]
+    pub fn with_events(mut self, hub: EventHub) -> Self {
+        self.events = Some(hub);
+        self
     }
 
     /// The socket path.
@@ -187,13 +211,20 @@ impl ApiServer {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         tracing::info!(path = %self.path.display(), "serving the API socket");
         let mut connections = JoinSet::new();
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let shared = Shared {
+            handler: Arc::clone(&self.handler),
+            allowed_uid: self.allowed_uid,
+            events: self.events.clone(),
+            stopping,
+        };
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        connections.spawn(serve_connection(stream, Arc::clone(&self.handler), self.allowed_uid));
+                        connections.spawn(serve_connection(stream, shared.clone()));
                     }
                     Err(error) => {
                         tracing::warn!(%error, path = %self.path.display(), "API accept failed");
@@ -204,6 +235,8 @@ impl ApiServer {
             }
         }
         drop(self.listener);
+        // Follows end now; requests being answered get the drain time.
+        let _ = stop.send(true);
         if tokio::time::timeout(DRAIN_TIMEOUT, async {
             while connections.join_next().await.is_some() {}
         })
@@ -278,8 +311,8 @@ fn remove_stale(path: &Path) -> Result<(), ApiServerError> {
     }
 }
 
-async fn serve_connection(mut stream: UnixStream, handler: Arc<dyn Handler>, allowed_uid: u32) {
-    let response = match check_peer(&stream, allowed_uid) {
+async fn serve_connection(mut stream: UnixStream, shared: Shared) {
+    let response = match check_peer(&stream, shared.allowed_uid) {
         Err(error) => Response::failure(error),
         Ok(()) => match tokio::time::timeout(IO_TIMEOUT, read_request(&mut stream)).await {
             Err(_) => Response::failure(ApiError::new(
@@ -287,7 +320,22 @@ async fn serve_connection(mut stream: UnixStream, handler: Arc<dyn Handler>, all
                 format!("no complete request within {IO_TIMEOUT:?}"),
             )),
             Ok(Err(error)) => Response::failure(error),
-            Ok(Ok(request)) => dispatch(handler, request).await,
+            Ok(Ok(request)) => match (&shared.events, request.method.as_str()) {
+                (Some(hub), method::FOLLOW) => {
+                    match parse_params::<FollowParams>(method::FOLLOW, request.params) {
+                        Ok(params) => {
+                            let mut stopping = shared.stopping.clone();
+                            let stopped = async move {
+                                let _ = stopping.wait_for(|s| *s).await;
+                            };
+                            follow::serve(stream, hub, params, stopped).await;
+                            return;
+                        }
+                        Err(error) => Response::failure(error),
+                    }
+                }
+                _ => dispatch(shared.handler, request).await,
+            },
         },
     };
     if let Some(error) = &response.error {
@@ -647,6 +695,151 @@ mod tests {
             error.message,
             "uid 0 may not use the agent API; it is for root only"
         );
+    }
+
+    /// A published record of the follow tests.
+    #[derive(Debug, serde::Serialize)]
+    struct Rec {
+        namespace: &'static str,
+        n: u64,
+    }
+
+    impl follow::Followed for Rec {
+        fn matches(&self, filter: &crate::api::protocol::EventFilter) -> bool {
+            follow::matches_parts(filter, Some((self.namespace, "p")), None, "timeout")
+        }
+        fn to_line(&self) -> serde_json::Result<Vec<u8>> {
+            follow::tagged_line("rec", self)
+        }
+    }
+
+    /// Publishes until `done` says the followers saw enough (bounded).
+    fn wait_for(hub: &EventHub, mut done: impl FnMut(&follow::HubStatus) -> bool) {
+        for _ in 0..500 {
+            if done(&hub.status()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("gave up waiting: {:?}", hub.status());
+    }
+
+    #[test]
+    fn follow_streams_filtered_events_until_the_client_closes() {
+        let hub = EventHub::new(16, 2);
+        let server_hub = hub.clone();
+        let server = Running::start(move |s| s.with_events(server_hub));
+        let mut all = client::follow(&server.path, Value::Null, T).unwrap();
+        let mut shop =
+            client::follow(&server.path, json!({"filter": {"namespace": "shop"}}), T).unwrap();
+        assert_eq!(all.accepted().buffer, 16);
+        assert_ne!(all.accepted().follower, shop.accepted().follower);
+        // A third follower is refused, by kind.
+        let error = client::follow(&server.path, Value::Null, T).unwrap_err();
+        let ClientError::Remote { error, .. } = &error else {
+            panic!("{error:?}")
+        };
+        assert_eq!(error.code, ErrorCode::ResourceExhausted);
+        for (n, namespace) in [(1, "shop"), (2, "web"), (3, "shop")] {
+            hub.publish(|| Rec { namespace, n });
+        }
+        for n in 1..=3 {
+            assert_eq!(all.next_event().unwrap().unwrap()["n"], n);
+        }
+        for n in [1, 3] {
+            let event = shop.next_event().unwrap().unwrap();
+            assert_eq!(event, json!({"type": "rec", "namespace": "shop", "n": n}));
+        }
+        let ids = [all.accepted().follower, shop.accepted().follower];
+        wait_for(&hub, |s| {
+            s.followers.iter().map(|f| f.sent).sum::<u64>() == 5
+        });
+        assert_eq!(
+            hub.status().followers,
+            [
+                follow::FollowerStatus {
+                    id: ids[0],
+                    sent: 3,
+                    lost: 0
+                },
+                follow::FollowerStatus {
+                    id: ids[1],
+                    sent: 2,
+                    lost: 0
+                },
+            ]
+        );
+        // Closing ends the follow in the agent.
+        drop(all);
+        wait_for(&hub, |s| s.followers.len() == 1);
+        // A bad filter is refused before anything streams.
+        let error =
+            client::follow(&server.path, json!({"filter": {"cause": ["late"]}}), T).unwrap_err();
+        assert!(
+            error.to_string().contains("unknown cause \"late\""),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_follower_that_never_reads_loses_events_and_blocks_no_one() {
+        let hub = EventHub::new(64, 4);
+        let server_hub = hub.clone();
+        let server = Running::start(move |s| s.with_events(server_hub));
+        // The stuck follower: asks, then never reads.
+        let mut stuck = std::os::unix::net::UnixStream::connect(&server.path).unwrap();
+        stuck
+            .write_all(b"{\"version\":1,\"method\":\"follow\"}\n")
+            .unwrap();
+        wait_for(&hub, |s| s.followers.len() == 1);
+        let mut live = client::follow(&server.path, Value::Null, T).unwrap();
+        // Enough to fill the stuck socket's buffers many times over.
+        let total = 20_000;
+        let mut received = 0;
+        for n in 0..total {
+            hub.publish(|| Rec {
+                namespace: "shop",
+                n,
+            });
+            // The live follower keeps up: read as we go.
+            if n % 32 == 31 {
+                while received < n + 1 {
+                    let event = live.next_event().unwrap().unwrap();
+                    assert_eq!(event["n"], received, "{event}");
+                    received += 1;
+                }
+            }
+        }
+        while received < total {
+            assert_eq!(live.next_event().unwrap().unwrap()["n"], received);
+            received += 1;
+        }
+        // Other calls are served meanwhile.
+        call(&server.path, method::DNS_TOP, Value::Null, T).unwrap();
+        // Now the stuck follower reads everything: what it got and what it
+        // was told it lost add up to every event.
+        stuck.set_read_timeout(Some(T)).unwrap();
+        let mut reader = std::io::BufReader::new(stuck);
+        let mut text = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut text).unwrap();
+        assert!(text.starts_with("{\"version\":1,\"ok\":true,"), "{text}");
+        let (mut got, mut lost) = (0u64, 0u64);
+        while got + lost < total {
+            text.clear();
+            std::io::BufRead::read_line(&mut reader, &mut text).unwrap();
+            let event: Value = serde_json::from_str(&text).unwrap();
+            match event["type"].as_str() {
+                Some("lost") => lost += event["events"].as_u64().unwrap(),
+                _ => got += 1,
+            }
+        }
+        assert_eq!(got + lost, total);
+        let status = hub.status();
+        assert_eq!(status.published, total);
+        let stuck_status = &status.followers[0];
+        assert_eq!((stuck_status.lost, stuck_status.sent), (lost, got));
+        assert!(lost > 0 && got > 0, "got {got}, lost {lost}");
+        assert_eq!(status.followers[1].lost, 0);
     }
 
     #[test]

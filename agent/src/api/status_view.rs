@@ -113,6 +113,27 @@ fn tail_sections(out: &mut String, s: &Value) {
             lost.join("  ")
         }
     );
+    let follow = &s["follow"];
+    if follow.is_object() {
+        let followers = items(&follow["followers"]);
+        let _ = writeln!(
+            out,
+            "followed  {} published  {} of {} followers  buffer {}",
+            u(&follow["published"]),
+            followers.len(),
+            u(&follow["max_followers"]),
+            u(&follow["buffer"])
+        );
+        for f in followers {
+            let _ = writeln!(
+                out,
+                "  follower {}  sent {}  lost {}",
+                u(&f["id"]),
+                u(&f["sent"]),
+                u(&f["lost"])
+            );
+        }
+    }
 
     let ipam = &s["ipam"];
     out.push_str("\nIPAM\n");
@@ -201,6 +222,20 @@ last reconcile 01:02:03.004 UTC  result success  took 1.5 ms  errors 0  repairs 
 ENDPOINTS
 3
 "
+        );
+    }
+
+    #[test]
+    fn followers_are_listed_under_events() {
+        let text = status_text(
+            &json!({"follow": {"published": 12, "buffer": 4096, "max_followers": 8,
+            "followers": [{"id": 3, "sent": 12, "lost": 0}, {"id": 5, "sent": 2, "lost": 9}]}}),
+        );
+        assert!(
+            text.contains(
+                "followed  12 published  2 of 8 followers  buffer 4096\n  follower 3  sent 12  lost 0\n  follower 5  sent 2  lost 9\n"
+            ),
+            "{text}"
         );
     }
 

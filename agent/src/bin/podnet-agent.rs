@@ -103,7 +103,7 @@ async fn run() -> anyhow::Result<()> {
     let readiness = Readiness::watching(heartbeat::registry().clone());
     // Bind the endpoints first: a busy port or socket fails fast, and
     // /healthz answers while the datapath loads.
-    let source = Arc::new(LateSource::default());
+    let source = Arc::new(LateSource::new(readiness.clone()));
     let http = MetricsServer::bind(config.metrics_addr, source.clone(), readiness.clone()).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let http = tokio::spawn(http.run(stopped(stop_rx.clone())));
@@ -119,7 +119,7 @@ async fn run() -> anyhow::Result<()> {
     // Counters the new agent restarted from zero continue from what the previous one
     // exposed; decided at this first render, before they grow again.
     let metrics = Arc::new(Continuous::new(
-        MetricsRenderer::new(daemon.clone()),
+        MetricsRenderer::new(daemon.clone(), readiness.clone()),
         &config.state_dir,
     ));
     let _ = podnet::metrics::MetricsSource::render(metrics.as_ref());
@@ -128,7 +128,8 @@ async fn run() -> anyhow::Result<()> {
     // Start-up's BTF parsing is over: hand its freed memory back, and keep
     // doing so after bursts of work (endpoint churn, large scrapes).
     tokio::spawn(release_free_heap_periodically());
-    let api = ApiServer::bind(&config.socket, Arc::new(ApiHandler(daemon.clone())))?;
+    let api = ApiServer::bind(&config.socket, Arc::new(ApiHandler(daemon.clone())))?
+        .with_events(daemon.events().clone());
     let api = tokio::spawn(api.run(stopped(stop_rx.clone())));
     if let Some(path) = config.endpoints.clone() {
         tokio::spawn(podnet::endpoint::file::watch(
@@ -284,18 +285,33 @@ fn cleanup(config: &AgentConfig) -> anyhow::Result<()> {
     }
 }
 
-/// A metrics source set once the datapath is up; empty before.
-#[derive(Default)]
-struct LateSource(std::sync::OnceLock<Arc<dyn podnet::metrics::MetricsSource>>);
+/// A metrics source set once the datapath is up; before, only `podnet_ready`
+/// (0), so a start that hangs (waiting for the node's pod CIDRs) shows.
+struct LateSource {
+    source: std::sync::OnceLock<Arc<dyn podnet::metrics::MetricsSource>>,
+    readiness: Readiness,
+}
 
 impl LateSource {
+    fn new(readiness: Readiness) -> Self {
+        Self {
+            source: std::sync::OnceLock::new(),
+            readiness,
+        }
+    }
+
     fn set(&self, source: Arc<dyn podnet::metrics::MetricsSource>) {
-        let _ = self.0.set(source);
+        let _ = self.source.set(source);
     }
 }
 
 impl podnet::metrics::MetricsSource for LateSource {
     fn render(&self) -> String {
-        self.0.get().map(|s| s.render()).unwrap_or_default()
+        if let Some(source) = self.source.get() {
+            return source.render();
+        }
+        let mut enc = podnet::metrics::text::Encoder::new();
+        podnet::metrics::server::render_ready(&mut enc, &self.readiness);
+        enc.finish()
     }
 }

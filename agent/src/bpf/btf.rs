@@ -168,6 +168,39 @@ impl KernelBtf {
         })
     }
 
+    /// Every enumerator of `enum skb_drop_reason`, by value, with the
+    /// `SKB_DROP_REASON_` prefix taken off (`NETFILTER_DROP`, `NO_SOCKET`,
+    /// ...): the names and values differ between kernels, so they are read
+    /// from the running kernel.
+    pub fn drop_reason_names(&self) -> Result<std::collections::HashMap<u32, String>, BtfError> {
+        const TYPE: &str = "skb_drop_reason";
+        let (btf, found) = self
+            .find(TYPE, false)
+            .ok_or_else(|| BtfError::MissingType {
+                kind: "enum",
+                name: TYPE.to_owned(),
+            })?;
+        let entry = |name: Result<String, _>, value: u64| {
+            let name: String = name.ok()?;
+            let short = name.strip_prefix("SKB_DROP_REASON_").unwrap_or(&name);
+            Some((u32::try_from(value).ok()?, short.to_owned()))
+        };
+        let names = match &found {
+            Type::Enum(e) => e
+                .members
+                .iter()
+                .filter_map(|m| entry(btf.resolve_name(m), u64::from(m.val())))
+                .collect(),
+            Type::Enum64(e) => e
+                .members
+                .iter()
+                .filter_map(|m| entry(btf.resolve_name(m), m.val()))
+                .collect(),
+            _ => std::collections::HashMap::new(),
+        };
+        Ok(names)
+    }
+
     /// Resolves every offset the conntrack tracer needs. `netns_filter`,
     /// `event_budget_per_cpu` and `race_hook` are left for the caller.
     pub fn conntrack_offsets(&self) -> Result<KernelOffsets, BtfError> {
@@ -200,7 +233,7 @@ impl KernelBtf {
             netns_filter: 0,
             event_budget_per_cpu: 0,
             race_hook: 0,
-            _pad: 0,
+            skb_protocol: self.offset_of("sk_buff", "protocol")?,
         })
     }
 }

@@ -3,8 +3,15 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
+/// The port of `/metrics`, `/healthz` and `/readyz`. The agent runs in the host network, so
+/// the port is bound on every node: 10310 is free in Prometheus' default port allocations
+/// (its 9100–9999 exporter range is full; Hubble has 9965, the Cilium agent, operator and
+/// proxy 9962–9964) and clear of the defaults of kubelet and kube-proxy (10248–10259),
+/// Calico, the AWS VPC CNI and Retina (deploy/README.md, "Metrics port").
+pub const METRICS_PORT: u16 = 10310;
 /// `--metrics-addr`.
-pub const METRICS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9965);
+pub const METRICS_ADDR: SocketAddr =
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), METRICS_PORT);
 /// `--socket`.
 pub const SOCKET: &str = "/run/podnet/agent.sock";
 /// `--state-dir`.

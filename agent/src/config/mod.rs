@@ -44,7 +44,7 @@ options! {
     /// The agent-wide section of the configuration: its endpoints, its
     /// directories, how TC programs attach, logs, the CNI files it installed.
     pub struct AgentOptions {
-        /// Address of /metrics, /healthz and /readyz [default: 0.0.0.0:9965].
+        /// Address of /metrics, /healthz and /readyz [default: 0.0.0.0:10310].
         #[arg(long, env = "PODNET_METRICS_ADDR")]
         pub metrics_addr: Option<SocketAddr>,
         /// Unix socket of the local API for podnet-cni and podnetctl (mode 0600)
@@ -343,7 +343,7 @@ mod tests {
     #[test]
     fn defaults_apply() {
         let c = merged(args(&[]), ConfigFile::default());
-        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:9965");
+        assert_eq!(c.metrics_addr.to_string(), "0.0.0.0:10310");
         assert_eq!(c.socket, PathBuf::from("/run/podnet/agent.sock"));
         assert_eq!(c.bpffs, PathBuf::from("/sys/fs/bpf/podnet"));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/podnet"));

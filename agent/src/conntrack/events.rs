@@ -147,6 +147,25 @@ pub struct RaceRecord {
     pub winner: WinnerLookup,
 }
 
+/// The cause a race record is filtered by.
+pub const CAUSE: &str = "insert_race";
+
+impl crate::api::follow::Followed for RaceRecord {
+    /// The loser's pod, the destination as the server, cause `insert_race`.
+    fn matches(&self, filter: &crate::api::protocol::EventFilter) -> bool {
+        crate::api::follow::matches_parts(
+            filter,
+            Some((&self.loser.namespace, &self.loser.pod)),
+            Some(self.destination),
+            CAUSE,
+        )
+    }
+
+    fn to_line(&self) -> serde_json::Result<Vec<u8>> {
+        crate::api::follow::tagged_line("race", self)
+    }
+}
+
 /// Turns kernel race events into [`RaceRecord`]s, looking up the winner
 /// through a [`ConntrackTable`] and pods through the endpoint [`Registry`].
 pub struct Enricher<T> {

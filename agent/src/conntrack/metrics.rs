@@ -119,6 +119,7 @@ pub fn render(
 ) {
     let snapshot = sources.snapshot;
     render_drops(enc, snapshot, registry);
+    render_drop_reasons(enc, snapshot, registry);
     render_destinations(enc, snapshot, top);
 
     if let Some(stats) = sources.stats {
@@ -210,6 +211,58 @@ fn render_drops(enc: &mut Encoder, snapshot: &TracerSnapshot, registry: &Registr
     }
 }
 
+/// The reason label of netfilter's drops in `podnet_drops_total`: the
+/// kernel's own name for an `Other` drop, and `insert_race` for a race.
+fn netfilter_reason(kind: DropKind) -> &'static str {
+    match kind {
+        DropKind::InsertRace => "insert_race",
+        DropKind::Other => "NETFILTER_DROP",
+    }
+}
+
+/// `podnet_drops_total`: every drop the kernel made in the observed
+/// namespace, by endpoint, direction and the kernel's reason. Netfilter's
+/// drops come from `CT_DROPS` (counted under the flow's original source, so
+/// a pod's as `egress`), the others from `CT_DROP_REASONS`.
+fn render_drop_reasons(enc: &mut Encoder, snapshot: &TracerSnapshot, registry: &Registry) {
+    let mut counts: BTreeMap<(PodRef, &'static str, &str), u64> = BTreeMap::new();
+    for drop in &snapshot.drops {
+        let pod = registry.pod_for(drop.source);
+        let direction = if pod.pod.is_empty() {
+            "unknown"
+        } else {
+            "egress"
+        };
+        *counts
+            .entry((pod, direction, netfilter_reason(drop.kind)))
+            .or_default() += drop.packets;
+    }
+    for count in &snapshot.reasons {
+        let pod = count
+            .endpoint
+            .map_or_else(PodRef::default, |ip| registry.pod_for(ip));
+        *counts
+            .entry((pod, count.direction, count.reason.as_str()))
+            .or_default() += count.packets;
+    }
+    let mut family = enc.family(
+        "podnet_drops_total",
+        MetricType::Counter,
+        "Packets the kernel dropped on the node, by pod, direction (egress: the pod sent it; ingress: it was going to the pod) and the kernel's drop reason (enum skb_drop_reason; insert_race for conntrack insert races).",
+    );
+    for ((pod, direction, reason), packets) in &counts {
+        family.sample(
+            &[
+                ("namespace", &pod.namespace),
+                ("pod", &pod.pod),
+                ("direction", direction),
+                ("reason", reason),
+            ],
+            *packets,
+        );
+    }
+}
+
 /// `podnet_conntrack_race_destinations_total`.
 fn render_destinations(enc: &mut Encoder, snapshot: &TracerSnapshot, top: &mut TopDestinations) {
     let mut counts: HashMap<(SocketAddr, u8), u64> = HashMap::new();
@@ -257,7 +310,7 @@ fn render_destinations(enc: &mut Encoder, snapshot: &TracerSnapshot, top: &mut T
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conntrack::{DestinationCount, DropCount, TracerCounters};
+    use crate::conntrack::{DestinationCount, DropCount, ReasonCount, TracerCounters};
     use crate::endpoint::{Endpoint, Source};
 
     fn registry() -> Registry {
@@ -291,6 +344,20 @@ mod tests {
         }
     }
 
+    fn reason(
+        endpoint: Option<&str>,
+        direction: &'static str,
+        reason: &str,
+        packets: u64,
+    ) -> ReasonCount {
+        ReasonCount {
+            endpoint: endpoint.map(|e| e.parse().unwrap()),
+            direction,
+            reason: reason.into(),
+            packets,
+        }
+    }
+
     fn dest(destination: &str, proto: u8, races: u64) -> DestinationCount {
         DestinationCount {
             destination: destination.parse().unwrap(),
@@ -314,6 +381,12 @@ mod tests {
                 dest("10.98.0.2:7000", 17, 5),
                 dest("[fd00::53]:53", 17, 1),
                 dest("10.98.0.2:80", 6, 4),
+            ],
+            reasons: vec![
+                reason(Some("10.0.1.2"), "egress", "NO_SOCKET", 20),
+                reason(Some("10.0.1.2"), "ingress", "IP_INHDR", 15),
+                reason(None, "unknown", "IP_INHDR", 10),
+                reason(None, "egress", "NO_SOCKET", 4),
             ],
             counters: TracerCounters {
                 events_lost: 9,
@@ -366,6 +439,29 @@ mod tests {
                 r#"podnet_netfilter_drops_total{namespace="shop",pod="b",kind="insert_race"} 9"#,
                 r#"podnet_netfilter_drops_total{namespace="shop",pod="b",kind="other"} 7"#,
                 r#"podnet_netfilter_drops_total{namespace="we\"ird\\ns\n",pod="p",kind="other"} 1"#,
+            ]
+        );
+    }
+
+    /// Netfilter's drops (by kind) and the other reasons in one family; a
+    /// departed pod's drops (no endpoint) under the host's labels with their
+    /// direction kept.
+    #[test]
+    fn every_drop_by_pod_direction_and_reason() {
+        let text = render_text(&snapshot(), None, None, &mut TopDestinations::new());
+        let l = r#"podnet_drops_total{namespace="shop",pod="#;
+        assert_eq!(
+            samples(&text, "podnet_drops_total"),
+            [
+                r#"podnet_drops_total{namespace="",pod="",direction="egress",reason="NO_SOCKET"} 4"#.to_owned(),
+                r#"podnet_drops_total{namespace="",pod="",direction="unknown",reason="IP_INHDR"} 10"#.to_owned(),
+                r#"podnet_drops_total{namespace="",pod="",direction="unknown",reason="NETFILTER_DROP"} 2"#.to_owned(),
+                r#"podnet_drops_total{namespace="",pod="",direction="unknown",reason="insert_race"} 1"#.to_owned(),
+                format!(r#"{l}"a",direction="egress",reason="NO_SOCKET"}} 20"#),
+                format!(r#"{l}"a",direction="ingress",reason="IP_INHDR"}} 15"#),
+                format!(r#"{l}"b",direction="egress",reason="NETFILTER_DROP"}} 7"#),
+                format!(r#"{l}"b",direction="egress",reason="insert_race"}} 9"#),
+                r#"podnet_drops_total{namespace="we\"ird\\ns\n",pod="p",direction="egress",reason="NETFILTER_DROP"} 1"#.to_owned(),
             ]
         );
     }
@@ -423,7 +519,7 @@ podnet_bpf_events_sampled_total{program=\"conntrack\"} 11
         ));
         // Every family appears exactly once.
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE")).collect();
-        assert_eq!(types.len(), 7);
+        assert_eq!(types.len(), 8);
     }
 
     #[test]

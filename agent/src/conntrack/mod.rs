@@ -7,6 +7,7 @@
 //! every event not delivered is counted.
 
 pub mod ctnetlink;
+pub mod drops;
 pub mod events;
 pub mod metrics;
 pub mod stats;
@@ -28,6 +29,22 @@ pub struct DropCount {
     pub proto: u8,
     /// Insert race or other.
     pub kind: DropKind,
+    /// Packets, summed over CPUs.
+    pub packets: u64,
+}
+
+/// Packets the kernel dropped for a reason other than netfilter's, counted
+/// under one endpoint (or none), direction and reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReasonCount {
+    /// The endpoint's address; `None` for packets of no endpoint.
+    pub endpoint: Option<IpAddr>,
+    /// `egress` (the endpoint sent it), `ingress` (it was going to the
+    /// endpoint) or `unknown`.
+    pub direction: &'static str,
+    /// The kernel's `enum skb_drop_reason` name without its prefix
+    /// (`NO_SOCKET`, ...), or its number when this kernel has no name for it.
+    pub reason: String,
     /// Packets, summed over CPUs.
     pub packets: u64,
 }
@@ -64,6 +81,17 @@ pub struct TracerCounters {
     pub not_ip: u64,
     /// Confirm returns of `NF_DROP` the probe could not match to a call.
     pub probe_unmatched: u64,
+    /// Drops of IP packets with a reason other than netfilter's, in the
+    /// observed namespace.
+    pub other_drops: u64,
+    /// Such drops not counted per endpoint: the reason map was full.
+    pub reason_keys_full: u64,
+    /// Such drops skipped: not IPv4 or IPv6.
+    pub other_not_ip: u64,
+    /// Such drops skipped: the IP header could not be read.
+    pub other_read_errors: u64,
+    /// Such drops skipped: no device, so no known namespace.
+    pub other_no_device: u64,
 }
 
 /// Everything the tracer's kernel maps hold, at one moment.
@@ -73,6 +101,8 @@ pub struct TracerSnapshot {
     pub drops: Vec<DropCount>,
     /// Races per destination.
     pub destinations: Vec<DestinationCount>,
+    /// Drops with other reasons, per endpoint, direction and reason.
+    pub reasons: Vec<ReasonCount>,
     /// The tracer's counters.
     pub counters: TracerCounters,
 }

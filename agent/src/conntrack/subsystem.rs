@@ -4,7 +4,7 @@
 
 use std::{
     path::PathBuf,
-    sync::{atomic::Ordering, Mutex, MutexGuard, PoisonError},
+    sync::{atomic::Ordering, Arc, Mutex, MutexGuard, PoisonError},
     thread::JoinHandle,
 };
 
@@ -22,6 +22,7 @@ use super::{
 use crate::{
     api::{
         call::Call,
+        follow::{EventHub, Followed as _},
         protocol::{method, ApiError},
     },
     bpf::{self, link::Attachment, BpfError},
@@ -115,18 +116,24 @@ pub struct ConntrackStatus {
 /// Conntrack insert races, running.
 pub struct Conntrack {
     registry: Registry,
-    tracer: Mutex<Tracer>,
+    tracer: Arc<Mutex<Tracer>>,
     races: RaceLog,
     events: EventThreadHandle,
     event_thread: Mutex<Option<JoinHandle<()>>>,
+    drop_thread: Mutex<Option<JoinHandle<()>>>,
     netns_inode: u32,
     top: Mutex<TopDestinations>,
 }
 
 impl Conntrack {
     /// Puts the tracer in place (or adopts its pins) for the agent's network
-    /// namespace and starts the race event thread.
-    pub fn start(settings: &ConntrackSettings, registry: Registry) -> Result<Self, ConntrackError> {
+    /// namespace and starts the race event thread and the drop watcher, both
+    /// publishing to `hub`.
+    pub fn start(
+        settings: &ConntrackSettings,
+        registry: Registry,
+        hub: &EventHub,
+    ) -> Result<Self, ConntrackError> {
         let netns_inode = bpf::current_netns_inode().map_err(ConntrackError::Netns)?;
         let mut tracer = Tracer::start(&TracerConfig {
             bpffs: settings.bpffs.clone(),
@@ -138,15 +145,34 @@ impl Conntrack {
         let events = EventThreadHandle::default();
         list_endpoints(tracer.take_endpoints(), &registry);
         let event_thread = match tracer.take_events() {
-            Some(ring) => Some(spawn_event_thread(ring, &registry, &races, &events)?),
+            Some(ring) => Some(spawn_event_thread(ring, &registry, &races, hub, &events)?),
             None => None,
         };
+        let tracer = Arc::new(Mutex::new(tracer));
+        let drops = Arc::clone(&tracer);
+        let drop_thread = super::drops::spawn(
+            hub.clone(),
+            registry.clone(),
+            move || {
+                let snapshot = drops
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .snapshot();
+                snapshot
+                    .map_err(|e| tracing::debug!(error = %e, "reading the drop counters"))
+                    .ok()
+                    .map(|s| s.drops)
+            },
+            Arc::clone(&events.stop),
+        )
+        .map_err(ConntrackError::Thread)?;
         Ok(Self {
             registry,
-            tracer: Mutex::new(tracer),
+            tracer,
             races,
             events,
             event_thread: Mutex::new(event_thread),
+            drop_thread: Mutex::new(Some(drop_thread)),
             netns_inode,
             top: Mutex::new(TopDestinations::new()),
         })
@@ -210,7 +236,11 @@ impl Subsystem for Conntrack {
 
     fn handle(&self, m: &str, params: Value) -> Result<Value, ApiError> {
         match Call::decode(m, params)? {
-            Call::ConntrackRaces(params) => to_json(&self.races.recent(params.limit)),
+            Call::ConntrackRaces(params) => to_json(
+                &self
+                    .races
+                    .recent_matching(params.limit, |r| r.matches(&params.filter)),
+            ),
             other => Err(ApiError::unknown_method(other.method())),
         }
     }
@@ -241,8 +271,10 @@ impl Subsystem for Conntrack {
             .events_lost(PROGRAM, c.events_lost)
             .map_full("conntrack_drops", c.drop_keys_full)
             .map_full("conntrack_race_destinations", c.dest_keys_full)
-            .skipped(PROGRAM, "read_error", c.read_errors)
-            .skipped(PROGRAM, "not_ip", c.not_ip);
+            .map_full("conntrack_drop_reasons", c.reason_keys_full)
+            .skipped(PROGRAM, "read_error", c.read_errors + c.other_read_errors)
+            .skipped(PROGRAM, "not_ip", c.not_ip + c.other_not_ip)
+            .skipped(PROGRAM, "no_device", c.other_no_device);
     }
 
     fn stop(&self) {
@@ -255,6 +287,16 @@ impl Subsystem for Conntrack {
         if let Some(handle) = handle {
             if handle.join().is_err() {
                 tracing::error!("race event thread panicked");
+            }
+        }
+        let handle = self
+            .drop_thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("drop watcher thread panicked");
             }
         }
     }
@@ -284,9 +326,11 @@ fn spawn_event_thread(
     ring: aya::maps::RingBuf<aya::maps::MapData>,
     registry: &Registry,
     races: &RaceLog,
+    hub: &EventHub,
     events: &EventThreadHandle,
 ) -> Result<JoinHandle<()>, ConntrackError> {
-    let (registry, races, events) = (registry.clone(), races.clone(), events.clone());
+    let (registry, races, hub, events) =
+        (registry.clone(), races.clone(), hub.clone(), events.clone());
     std::thread::Builder::new()
         .name(tracer::EVENTS_THREAD.into())
         .spawn(move || {
@@ -300,7 +344,7 @@ fn spawn_event_thread(
                 }
             };
             let enricher = Enricher::new(registry, table);
-            tracer::run_event_loop(ring, enricher, &races, &events.stats, &events.stop);
+            tracer::run_event_loop(ring, enricher, &races, &hub, &events.stats, &events.stop);
         })
         .map_err(ConntrackError::Thread)
 }

@@ -2,6 +2,7 @@
 //! maps, and deliver its race events.
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -19,14 +20,15 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use podnet_common::conntrack::{
-    counter, maps as m, DestKey, DropKey, KernelOffsets, RaceHook, CONFIRM_EXIT_PROGRAM,
-    CONFIRM_FUNCTION, OFFSETS_GLOBAL, PROGRAM_NAME,
+    counter, direction, drop_counter, maps as m, DestKey, DropKey, KernelOffsets, RaceHook,
+    ReasonKey, CONFIRM_EXIT_PROGRAM, CONFIRM_FUNCTION, OFFSETS_GLOBAL, PROGRAM_NAME,
 };
 
 use super::{
     ctnetlink::ConntrackTable,
     events::{decode, Enricher},
-    kernel_addr, DestinationCount, DropCount, DropKind, RaceLog, TracerCounters, TracerSnapshot,
+    kernel_addr, DestinationCount, DropCount, DropKind, RaceLog, ReasonCount, TracerCounters,
+    TracerSnapshot,
 };
 use crate::{
     bpf::{self, btf::KernelBtf, link::Attachment, ring::RingReader, BpfError},
@@ -125,6 +127,13 @@ pub struct Tracer {
     /// `CT_DEPARTED`: drops of sources that left, under the unknown source
     /// (written by user space only; pinned, so they outlive the agent).
     departed: aya::maps::HashMap<MapData, DropKey, u64>,
+    /// `CT_DROP_REASONS`: drops with other reasons per endpoint.
+    reasons: PerCpuHashMap<MapData, ReasonKey, u64>,
+    /// `CT_REASONS_DEPARTED`: those of endpoints that left (user space only).
+    reasons_departed: aya::maps::HashMap<MapData, ReasonKey, u64>,
+    drop_counters: PerCpuArray<MapData, u64>,
+    /// `enum skb_drop_reason` of the running kernel: value → name.
+    reason_names: HashMap<u32, String>,
     attachment: Attachment,
     program_id: u32,
     hook: RaceHook,
@@ -136,12 +145,14 @@ impl Tracer {
     /// and attaches them (or adopts the pinned links of the same programs).
     pub fn start(config: &TracerConfig) -> Result<Self, BpfError> {
         let pin_dir = bpf::fs::prepare_pin_dir(&config.bpffs.join(PIN_SUBDIR))?;
-        let offsets = KernelBtf::load()?.conntrack_offsets()?;
+        let btf = KernelBtf::load()?;
+        let offsets = btf.conntrack_offsets()?;
+        let reason_names = btf.drop_reason_names()?;
         let (hook, fallback) =
             candidate_hooks(config.race_hook, kprobes_available()).map_err(|why| {
                 BpfError::program(CONFIRM_EXIT_PROGRAM, format!("--race-hook probe: {why}"))
             })?;
-        match (Self::start_with(config, &pin_dir, offsets, hook), fallback) {
+        let started = match (Self::start_with(config, &pin_dir, offsets, hook), fallback) {
             (Err(e), Some(fallback)) => {
                 tracing::warn!(
                     error = %e,
@@ -152,7 +163,11 @@ impl Tracer {
                 Self::start_with(config, &pin_dir, offsets, fallback)
             }
             (started, _) => started,
-        }
+        };
+        started.map(|tracer| Self {
+            reason_names,
+            ..tracer
+        })
     }
 
     fn start_with(
@@ -221,6 +236,9 @@ impl Tracer {
         let events = bpf::take_map(&mut ebpf, m::EVENTS)?;
         let endpoints = bpf::take_map(&mut ebpf, m::ENDPOINTS)?;
         let departed = bpf::take_map(&mut ebpf, m::DEPARTED)?;
+        let reasons = bpf::take_map(&mut ebpf, m::DROP_REASONS)?;
+        let reasons_departed = bpf::take_map(&mut ebpf, m::REASONS_DEPARTED)?;
+        let drop_counters = bpf::take_map(&mut ebpf, m::DROP_COUNTERS)?;
         tracing::info!(%attachment, hook = hook_name(hook), pins = %pin_dir.display(), netns = config.netns_inode, "conntrack tracer in place");
         Ok(Self {
             _ebpf: ebpf,
@@ -231,6 +249,10 @@ impl Tracer {
             events: Some(events),
             endpoints: Some(endpoints),
             departed,
+            reasons,
+            reasons_departed,
+            drop_counters,
+            reason_names: HashMap::new(),
             attachment,
             program_id,
             hook,
@@ -307,6 +329,42 @@ impl Tracer {
                 .map_err(|e| BpfError::map(m::DROPS, e))?;
             moved += 1;
         }
+        Ok(moved + self.fold_departed_reasons(live)?)
+    }
+
+    /// [`Tracer::fold_departed`] for the drops by reason.
+    fn fold_departed_reasons(
+        &mut self,
+        live: &std::collections::BTreeSet<podnet_common::AddrKey>,
+    ) -> Result<usize, BpfError> {
+        let keys: Vec<ReasonKey> = self.reasons.keys().filter_map(Result::ok).collect();
+        let mut moved = 0;
+        for key in keys {
+            let endpoint = podnet_common::AddrKey {
+                addr: key.addr,
+                family: key.family,
+                _pad: [0; 3],
+            };
+            if key.addr == podnet_common::AddrKey::UNKNOWN || live.contains(&endpoint) {
+                continue;
+            }
+            let Ok(values) = self.reasons.get(&key, 0) else {
+                continue;
+            };
+            let unknown = ReasonKey {
+                addr: podnet_common::AddrKey::UNKNOWN,
+                ..key
+            };
+            // User space alone writes CT_REASONS_DEPARTED: read, add, write is exact.
+            let old = self.reasons_departed.get(&unknown, 0).unwrap_or(0);
+            self.reasons_departed
+                .insert(unknown, old + values.iter().sum::<u64>(), 0)
+                .map_err(|e| BpfError::map(m::REASONS_DEPARTED, e))?;
+            self.reasons
+                .remove(&key)
+                .map_err(|e| BpfError::map(m::DROP_REASONS, e))?;
+            moved += 1;
+        }
         Ok(moved)
     }
 
@@ -333,11 +391,27 @@ impl Tracer {
                 races: values.iter().sum(),
             });
         }
+        let mut reasons = Vec::new();
+        for item in &self.reasons_departed {
+            let (key, packets) = item.map_err(|e| BpfError::map(m::REASONS_DEPARTED, e))?;
+            reasons.extend(self.reason_count(&key, packets));
+        }
+        for item in &self.reasons {
+            let (key, values) = item.map_err(|e| BpfError::map(m::DROP_REASONS, e))?;
+            reasons.extend(self.reason_count(&key, values.iter().sum()));
+        }
         let count = |index: u32| -> Result<u64, BpfError> {
             let values = self
                 .counters
                 .get(&index, 0)
                 .map_err(|e| BpfError::map(m::COUNTERS, e))?;
+            Ok(values.iter().sum())
+        };
+        let other = |index: u32| -> Result<u64, BpfError> {
+            let values = self
+                .drop_counters
+                .get(&index, 0)
+                .map_err(|e| BpfError::map(m::DROP_COUNTERS, e))?;
             Ok(values.iter().sum())
         };
         let counters = TracerCounters {
@@ -350,11 +424,36 @@ impl Tracer {
             read_errors: count(counter::READ_ERRORS)?,
             not_ip: count(counter::NOT_IP)?,
             probe_unmatched: count(counter::PROBE_UNMATCHED)?,
+            other_drops: other(drop_counter::COUNTED)?,
+            reason_keys_full: other(drop_counter::KEYS_FULL)?,
+            other_not_ip: other(drop_counter::NOT_IP)?,
+            other_read_errors: other(drop_counter::READ_ERRORS)?,
+            other_no_device: other(drop_counter::NO_DEVICE)?,
         };
         Ok(TracerSnapshot {
             drops,
             destinations,
+            reasons,
             counters,
+        })
+    }
+
+    /// The count of `key` with its reason named; `None` for an unknown family.
+    fn reason_count(&self, key: &ReasonKey, packets: u64) -> Option<ReasonCount> {
+        let endpoint = if key.addr == podnet_common::AddrKey::UNKNOWN {
+            None
+        } else {
+            Some(kernel_addr(&key.addr, key.family)?)
+        };
+        Some(ReasonCount {
+            endpoint,
+            direction: direction_label(key.direction),
+            reason: self
+                .reason_names
+                .get(&key.reason)
+                .cloned()
+                .unwrap_or_else(|| key.reason.to_string()),
+            packets,
         })
     }
 }
@@ -375,6 +474,15 @@ pub struct EventStats {
     pub decode_errors: AtomicU64,
 }
 
+/// The `direction` label of a [`ReasonKey`]'s direction byte.
+fn direction_label(value: u8) -> &'static str {
+    match value {
+        direction::EGRESS => "egress",
+        direction::INGRESS => "ingress",
+        _ => "unknown",
+    }
+}
+
 /// The drop count of `key`, when its address family and kind are known.
 fn drop_count(key: &DropKey, packets: u64) -> Option<DropCount> {
     Some(DropCount {
@@ -385,12 +493,14 @@ fn drop_count(key: &DropKey, packets: u64) -> Option<DropCount> {
     })
 }
 
-/// Reads race events until `stop` is set, enriching each into the race log.
-/// Runs on its own OS thread: winner lookups are blocking netlink calls.
+/// Reads race events until `stop` is set, enriching each into the race log
+/// and publishing it to followers. Runs on its own OS thread: winner lookups
+/// are blocking netlink calls.
 pub fn run_event_loop<T: ConntrackTable>(
     ring: RingBuf<MapData>,
     mut enricher: Enricher<T>,
     log: &RaceLog,
+    hub: &crate::api::follow::EventHub,
     stats: &EventStats,
     stop: &AtomicBool,
 ) {
@@ -401,7 +511,10 @@ pub fn run_event_loop<T: ConntrackTable>(
             stats.received.fetch_add(1, Ordering::Relaxed);
             let record = decode(item).and_then(|event| enricher.enrich(&event));
             match record {
-                Ok(record) => log.push(record),
+                Ok(record) => {
+                    hub.publish(|| record.clone());
+                    log.push(record);
+                }
                 Err(e) => {
                     stats.decode_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(error = %e, "skipping race event");

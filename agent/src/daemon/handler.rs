@@ -12,7 +12,9 @@ use crate::{
         protocol::{self as p, method},
         server::Handler,
     },
-    metrics::{self, pods::RegistryPodLabels, shared::SharedFamilies, text::Encoder},
+    metrics::{
+        self, pods::RegistryPodLabels, server::Readiness, shared::SharedFamilies, text::Encoder,
+    },
     subsystem::to_json,
 };
 
@@ -51,19 +53,22 @@ impl Handler for ApiHandler {
 /// `--pod-metrics-namespaces` lists (`metrics::pods`).
 pub struct MetricsRenderer {
     daemon: Arc<Daemon>,
+    readiness: Readiness,
     kernel: String,
     pod_labels: Arc<RegistryPodLabels>,
 }
 
 impl MetricsRenderer {
-    /// A renderer for `daemon`.
-    pub fn new(daemon: Arc<Daemon>) -> Self {
+    /// A renderer for `daemon`; `podnet_ready` follows `readiness`, the state
+    /// `/readyz` answers from.
+    pub fn new(daemon: Arc<Daemon>, readiness: Readiness) -> Self {
         let pod_labels = Arc::new(RegistryPodLabels::new(
             daemon.config().pods.pod_level.clone(),
             daemon.registry().clone(),
         ));
         Self {
             daemon,
+            readiness,
             kernel: crate::sys::kernel_release(),
             pod_labels,
         }
@@ -85,6 +90,7 @@ impl metrics::MetricsSource for MetricsRenderer {
             &crate::bpf::inventory::read(&self.daemon.config().bpffs),
         );
         metrics::selfstats::render_threads(&mut enc, &crate::heartbeat::registry().health());
+        metrics::server::render_ready(&mut enc, &self.readiness);
         metrics::server::render_stats(&mut enc);
         let mut shared = SharedFamilies::default();
         for subsystem in self.daemon.subsystems() {
@@ -106,7 +112,10 @@ mod tests {
             dns::METHODS,
             routing::METHODS,
             ipam::service::METHODS,
-            &[crate::api::protocol::method::STATUS],
+            &[
+                crate::api::protocol::method::STATUS,
+                crate::api::protocol::method::FOLLOW,
+            ],
         ]
         .concat();
         let count = owned.len();

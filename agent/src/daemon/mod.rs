@@ -14,6 +14,7 @@ pub mod handler;
 use serde::Serialize;
 
 use crate::{
+    api::follow::{EventHub, HubStatus},
     bpf::{self, tc::TcMode, BpfError},
     config::AgentConfig,
     conntrack::{Conntrack, ConntrackError},
@@ -61,6 +62,7 @@ pub struct Daemon {
     routing: Arc<Routing>,
     dns: Arc<Dns>,
     conntrack: Arc<Conntrack>,
+    hub: EventHub,
     /// The same four and pod metadata, in the order their metric families are written.
     subsystems: Vec<Arc<dyn Subsystem>>,
 }
@@ -106,6 +108,8 @@ pub struct Status {
     pub ipam: IpamSummary,
     /// The last routing reconcile.
     pub route_reconcile: crate::routing::LastReconcile,
+    /// Followers of `follow` and what each was sent and lost.
+    pub follow: HubStatus,
 }
 
 /// Pod addresses of this node, for `podnetctl status`.
@@ -136,7 +140,8 @@ impl Daemon {
             &config.ipam,
             registry.clone(),
         )?);
-        let conntrack = Arc::new(Conntrack::start(&config.conntrack, registry.clone())?);
+        let hub = EventHub::default();
+        let conntrack = Arc::new(Conntrack::start(&config.conntrack, registry.clone(), &hub)?);
         let tc_mode = bpf::tc::resolve(config.tc_attach)?;
         tracing::info!(
             mode = %tc_mode,
@@ -153,7 +158,12 @@ impl Daemon {
             registry.clone(),
         )?);
         ipam.publish_enis_to(routing.enis().clone());
-        let dns = Arc::new(Dns::start(config.dns.clone(), tc_mode, registry.clone())?);
+        let dns = Arc::new(Dns::start(
+            config.dns.clone(),
+            tc_mode,
+            registry.clone(),
+            &hub,
+        )?);
         let pods = Arc::new(Pods::start(config.pods.clone(), registry.clone())?);
         let subsystems: Vec<Arc<dyn Subsystem>> = vec![
             ipam.clone(),
@@ -171,6 +181,7 @@ impl Daemon {
             routing,
             dns,
             conntrack,
+            hub,
             subsystems,
         }))
     }
@@ -193,6 +204,11 @@ impl Daemon {
     /// Conntrack insert races.
     pub fn conntrack(&self) -> &Conntrack {
         &self.conntrack
+    }
+
+    /// The broadcast of races, DNS failures and drops that `follow` streams.
+    pub fn events(&self) -> &EventHub {
+        &self.hub
     }
 
     /// How the DNS and fast-path programs attach.
@@ -242,6 +258,7 @@ impl Daemon {
                 cooldown,
             },
             route_reconcile: self.routing.last_reconcile(),
+            follow: self.hub.status(),
         }
     }
 

@@ -88,6 +88,33 @@ pub struct QueryRecord {
     pub latency_us: u64,
 }
 
+impl QueryRecord {
+    /// What went wrong: `timeout`, `slow`, or the response code in lower
+    /// case (`servfail`, `nxdomain`, `refused`, ...).
+    pub fn cause(&self) -> String {
+        match self.outcome {
+            Outcome::Timeout => "timeout".to_owned(),
+            Outcome::Slow => "slow".to_owned(),
+            Outcome::Error => self.rcode.to_ascii_lowercase(),
+        }
+    }
+}
+
+impl crate::api::follow::Followed for QueryRecord {
+    fn matches(&self, filter: &crate::api::protocol::EventFilter) -> bool {
+        crate::api::follow::matches_parts(
+            filter,
+            Some((&self.pod.namespace, &self.pod.pod)),
+            Some(self.server),
+            &self.cause(),
+        )
+    }
+
+    fn to_line(&self) -> serde_json::Result<Vec<u8>> {
+        crate::api::follow::tagged_line("dns", self)
+    }
+}
+
 /// Client and server socket addresses of a pending-query key.
 pub fn endpoints_of(key: &PendingKey) -> Result<(SocketAddr, SocketAddr), DecodeError> {
     let client = kernel_addr(&key.client, key.family).ok_or(DecodeError::Family(key.family))?;

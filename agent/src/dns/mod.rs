@@ -310,6 +310,7 @@ impl Dns {
         settings: DnsSettings,
         tc_mode: crate::bpf::tc::TcMode,
         registry: Registry,
+        hub: &crate::api::follow::EventHub,
     ) -> Result<Self, DnsError> {
         let mut tracer = DnsTracer::load(
             &settings.bpffs,
@@ -361,6 +362,7 @@ impl Dns {
             attacher: dns.attacher.clone(),
             registry: dns.registry.clone(),
             log: dns.log.clone(),
+            hub: hub.clone(),
             history: dns.history.clone(),
             last_reconcile: dns.last_reconcile.clone(),
             shared: dns.shared.clone(),
@@ -388,9 +390,15 @@ impl Dns {
         lock(&self.tracer).snapshot()
     }
 
-    /// The newest `limit` slow, failed or unanswered queries, oldest first.
-    pub fn slow(&self, limit: usize) -> Vec<QueryRecord> {
-        self.log.recent(limit)
+    /// The newest `limit` slow, failed or unanswered queries that pass
+    /// `filter`, oldest first.
+    pub fn slow(
+        &self,
+        limit: usize,
+        filter: &crate::api::protocol::EventFilter,
+    ) -> Vec<QueryRecord> {
+        self.log
+            .recent_matching(limit, |r| crate::api::follow::Followed::matches(r, filter))
     }
 
     /// Per pod and server: rate, quantiles, timeouts and errors over about a minute.
@@ -441,7 +449,7 @@ impl Subsystem for Dns {
                 .top()
                 .map_err(|e| ApiError::internal(e.to_string()))
                 .and_then(|rows| to_json(&rows)),
-            Call::DnsSlow(params) => to_json(&self.slow(params.limit)),
+            Call::DnsSlow(params) => to_json(&self.slow(params.limit, &params.filter)),
             other => Err(ApiError::unknown_method(other.method())),
         }
     }

@@ -71,6 +71,7 @@ pub(super) struct Worker {
     pub(super) attacher: Arc<Mutex<Attacher>>,
     pub(super) registry: Registry,
     pub(super) log: QueryLog,
+    pub(super) hub: crate::api::follow::EventHub,
     pub(super) history: Arc<Mutex<top::History>>,
     pub(super) last_reconcile: Arc<Mutex<ReconcileReport>>,
     pub(super) shared: Arc<Shared>,
@@ -155,7 +156,10 @@ impl Worker {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         match decode::record_of(event, &self.registry, ms) {
-            Ok(record) => self.log.push(record),
+            Ok(record) => {
+                self.hub.publish(|| record.clone());
+                self.log.push(record);
+            }
             Err(e) => {
                 self.shared.decode_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "skipping DNS event");

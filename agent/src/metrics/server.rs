@@ -201,6 +201,19 @@ pub fn render_stats(enc: &mut Encoder) {
     .sample(&[], STATS.refused.load(Ordering::Relaxed));
 }
 
+/// Writes `podnet_ready`: 1 while `/readyz` answers 200, else 0 (starting,
+/// waiting for the node's pod CIDRs, a worker thread ended or hangs, the pin
+/// directory gone, shutting down). The reason stays on `/readyz` and in the
+/// log: as a label it would be free text.
+pub fn render_ready(enc: &mut Encoder, readiness: &Readiness) {
+    enc.family(
+        "podnet_ready",
+        MetricType::Gauge,
+        "1 while the agent is ready (/readyz answers 200); 0 while it is not (/readyz says why).",
+    )
+    .sample(&[], u64::from(readiness.check().is_ok()));
+}
+
 /// Open connections, in total and per peer address.
 #[derive(Debug, Default)]
 struct Connections {
@@ -463,6 +476,42 @@ mod tests {
             .unwrap_or_default()
             .to_owned();
         (status, content_type, body.to_owned())
+    }
+
+    fn ready_sample(readiness: &Readiness) -> String {
+        let mut enc = Encoder::new();
+        render_ready(&mut enc, readiness);
+        enc.finish()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn ready_gauge_follows_the_readiness_state() {
+        let threads = Heartbeats::new();
+        let readiness = Readiness::watching(threads.clone());
+        let mut enc = Encoder::new();
+        render_ready(&mut enc, &readiness);
+        assert_eq!(
+            enc.finish(),
+            "# HELP podnet_ready 1 while the agent is ready (/readyz answers 200); 0 while it is not (/readyz says why).\n\
+             # TYPE podnet_ready gauge\n\
+             podnet_ready 0\n"
+        );
+        readiness.set_ready();
+        assert_eq!(ready_sample(&readiness), "podnet_ready 1");
+        let routing = threads.register("podnet-routing", Duration::from_secs(30));
+        assert_eq!(ready_sample(&readiness), "podnet_ready 1");
+        drop(routing);
+        assert_eq!(ready_sample(&readiness), "podnet_ready 0");
+        threads
+            .register("podnet-routing", Duration::from_secs(30))
+            .retire();
+        assert_eq!(ready_sample(&readiness), "podnet_ready 1");
+        readiness.set_not_ready("shutting down");
+        assert_eq!(ready_sample(&readiness), "podnet_ready 0");
     }
 
     #[tokio::test]

@@ -55,8 +55,8 @@ pub struct KernelOffsets {
     /// [`RaceHook::ConfirmProbe`] the `kfree_skb` program counts only the
     /// other netfilter drops.
     pub race_hook: u32,
-    /// Explicit padding.
-    pub _pad: u32,
+    /// `sk_buff.protocol` (the L3 protocol, an ethertype in network order).
+    pub skb_protocol: u32,
 }
 
 impl KernelOffsets {
@@ -182,6 +182,55 @@ pub struct DestKey {
 
 const _: () = assert!(core::mem::size_of::<DestKey>() == 20);
 
+/// Which way a dropped packet was going, seen from the endpoint it is counted under.
+pub mod direction {
+    /// Neither address belongs to an endpoint of the node.
+    pub const UNKNOWN: u8 = 0;
+    /// The endpoint sent it (its address is the source).
+    pub const EGRESS: u8 = 1;
+    /// It was going to the endpoint (its address is the destination).
+    pub const INGRESS: u8 = 2;
+}
+
+/// Key of the per-CPU map of drops by the kernel's reason (`CT_DROP_REASONS`):
+/// the endpoint (or [`crate::AddrKey::UNKNOWN`]), the direction, and the
+/// `enum skb_drop_reason` value the kernel gave.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ReasonKey {
+    /// The endpoint's address (source for egress, destination for ingress).
+    pub addr: [u8; 16],
+    /// `enum skb_drop_reason` value; its name comes from the kernel's BTF.
+    pub reason: u32,
+    /// Address family.
+    pub family: u8,
+    /// A [`direction`] value.
+    pub direction: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<ReasonKey>() == 24);
+
+/// Indexes of the per-CPU counters of drops other than netfilter's
+/// (`CT_DROP_COUNTERS`).
+pub mod drop_counter {
+    /// Drops with a reason other than `NETFILTER_DROP`, of IPv4 or IPv6
+    /// packets, in the observed namespace.
+    pub const COUNTED: u32 = 0;
+    /// Such drops not counted per endpoint because `CT_DROP_REASONS` was full.
+    pub const KEYS_FULL: u32 = 1;
+    /// Such drops of packets that were not IPv4 or IPv6 (skipped).
+    pub const NOT_IP: u32 = 2;
+    /// Such drops whose IP header could not be read (skipped).
+    pub const READ_ERRORS: u32 = 3;
+    /// Such drops of packets without a device, so without a known network
+    /// namespace, while one namespace is observed (skipped).
+    pub const NO_DEVICE: u32 = 4;
+    /// Number of counters.
+    pub const COUNT: u32 = 5;
+}
+
 /// One insert race, sent to user space over the ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -247,6 +296,21 @@ pub mod maps {
     /// ([`super::DropKey`] with the unknown address → packets); pinned, so
     /// they outlive the agent.
     pub const DEPARTED: &str = "CT_DEPARTED";
+    /// Per-CPU hash: [`super::ReasonKey`] → packets dropped with a reason
+    /// other than `NETFILTER_DROP`.
+    pub const DROP_REASONS: &str = "CT_DROP_REASONS";
+    /// Hash written by user space only: drops by reason of endpoints that
+    /// left ([`super::ReasonKey`] with the unknown address → packets).
+    pub const REASONS_DEPARTED: &str = "CT_REASONS_DEPARTED";
+    /// Per-CPU array of counters, indexed by [`super::drop_counter`].
+    pub const DROP_COUNTERS: &str = "CT_DROP_COUNTERS";
+    /// Capacity of `CT_DROP_REASONS`: preallocated per CPU (a tracing
+    /// program's map), so kept small enough for the memory formula at 256
+    /// CPUs; a pod has a few reasons, and a full map is counted and alerted on.
+    pub const DROP_REASONS_CAPACITY: u32 = 2_048;
+    /// Capacity of `CT_REASONS_DEPARTED`: every reason, both families and
+    /// directions of the unknown key.
+    pub const REASONS_DEPARTED_CAPACITY: u32 = 2_048;
     /// Capacity of `CT_DROPS`.
     pub const DROPS_CAPACITY: u32 = 16_384;
     /// Capacity of `CT_RACE_DESTS`.
@@ -281,6 +345,7 @@ impl_pod!(
     Tuple,
     DropKey,
     DestKey,
+    ReasonKey,
     RaceEvent,
     BudgetWindow
 );

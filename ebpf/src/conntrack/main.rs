@@ -1,6 +1,8 @@
 //! `tp_btf/kfree_skb`: catches every packet netfilter drops, classifies
 //! conntrack insert races, counts them per source and destination in kernel
-//! maps, and sends race events (both tuples) to user space.
+//! maps, and sends race events (both tuples) to user space. Every other drop
+//! (any other `enum skb_drop_reason`) is counted per endpoint, direction and
+//! reason.
 //!
 //! Classification (see `__nf_conntrack_confirm` in net/netfilter/nf_conntrack_core.c,
 //! Linux 6.18): a packet dropped with `SKB_DROP_REASON_NETFILTER_DROP` whose
@@ -18,8 +20,8 @@ use aya_ebpf::{
 };
 use podnet_common::{
     conntrack::{
-        classify, counter, maps as m, BudgetWindow, DestKey, DropKey, DropKind, KernelOffsets,
-        RaceEvent, RaceHook, Tuple, NF_DROP,
+        classify, counter, direction, drop_counter, maps as m, BudgetWindow, DestKey, DropKey,
+        DropKind, KernelOffsets, RaceEvent, RaceHook, ReasonKey, Tuple, NF_DROP,
     },
     family, AddrKey, ENDPOINTS_CAPACITY,
 };
@@ -49,7 +51,7 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     netns_filter: 0,
     event_budget_per_cpu: 0,
     race_hook: RaceHook::DropTracepoint as u32,
-    _pad: 0,
+    skb_protocol: u32::MAX,
 };
 
 #[map(name = "CT_DROPS")]
@@ -64,6 +66,20 @@ static CT_ENDPOINTS: HashMap<AddrKey, u8> = HashMap::pinned(ENDPOINTS_CAPACITY, 
 /// it); declared here so that it is created and pinned.
 #[map(name = "CT_DEPARTED")]
 static CT_DEPARTED: HashMap<DropKey, u64> = HashMap::pinned(64, 0);
+
+/// Drops with any reason but `NETFILTER_DROP`, per endpoint, direction and reason.
+#[map(name = "CT_DROP_REASONS")]
+static CT_DROP_REASONS: PerCpuHashMap<ReasonKey, u64> =
+    PerCpuHashMap::pinned(m::DROP_REASONS_CAPACITY, 0);
+
+/// Drops by reason of endpoints that left, moved here by user space (which
+/// alone writes it); declared here so that it is created and pinned.
+#[map(name = "CT_REASONS_DEPARTED")]
+static CT_REASONS_DEPARTED: HashMap<ReasonKey, u64> =
+    HashMap::pinned(m::REASONS_DEPARTED_CAPACITY, 0);
+
+#[map(name = "CT_DROP_COUNTERS")]
+static CT_DROP_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(drop_counter::COUNT, 0);
 
 #[map(name = "CT_RACE_DESTS")]
 static CT_RACE_DESTS: PerCpuHashMap<DestKey, u64> =
@@ -98,10 +114,11 @@ pub fn podnet_kfree_skb(ctx: BtfTracePointContext) -> i32 {
     let off = unsafe { core::ptr::read_volatile(&KERNEL_OFFSETS) };
     // TP_PROTO(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
     let reason: u64 = ctx.arg(2);
+    let skb: usize = ctx.arg(0);
     if reason as u32 != off.drop_reason_netfilter {
+        on_other_drop(&off, skb, reason as u32);
         return 0;
     }
-    let skb: usize = ctx.arg(0);
     // Taken before any filtering, so a flag is never left for another drop.
     let confirm_dropped = off.race_hook == RaceHook::ConfirmProbe as u32 && take_confirm_drop();
     on_netfilter_drop(&off, skb, confirm_dropped);
@@ -152,6 +169,99 @@ fn on_netfilter_drop(off: &KernelOffsets, skb: usize, confirm_dropped: bool) {
         return;
     };
     send_event(off, netns, status, original, reply);
+}
+
+/// `ETH_P_IP` and `ETH_P_IPV6` as `skb->protocol` holds them (network order
+/// read on a little-endian CPU).
+const PROTOCOL_IPV4: u16 = 0x0800_u16.to_be();
+const PROTOCOL_IPV6: u16 = 0x86dd_u16.to_be();
+
+/// A drop for any reason but netfilter's: counted per endpoint (the source
+/// when it is one, else the destination when that is one, else the unknown
+/// key), direction and reason. Packets that are not IPv4 or IPv6, and, while
+/// one namespace is observed, packets without a device (whose namespace is
+/// unknown) are skipped and counted.
+#[inline(always)]
+fn on_other_drop(off: &KernelOffsets, skb: usize, reason: u32) {
+    let dev: usize = read::at(skb, off.skb_dev).unwrap_or(0);
+    if off.netns_filter != 0 {
+        if dev == 0 {
+            bump_drop(drop_counter::NO_DEVICE);
+            return;
+        }
+        let net: usize = read::at(dev, off.dev_nd_net).unwrap_or(0);
+        let netns: u32 = read::at(net, off.net_ns_inum).unwrap_or(0);
+        if netns != off.netns_filter {
+            return;
+        }
+    }
+    let protocol: u16 = read::at(skb, off.skb_protocol).unwrap_or(0);
+    if protocol != PROTOCOL_IPV4 && protocol != PROTOCOL_IPV6 {
+        bump_drop(drop_counter::NOT_IP);
+        return;
+    }
+    let Some((fam, src, dst)) = ip_addresses(off, skb) else {
+        bump_drop(drop_counter::READ_ERRORS);
+        return;
+    };
+    bump_drop(drop_counter::COUNTED);
+    let endpoint = |addr: [u8; 16]| {
+        let key = AddrKey {
+            addr,
+            family: fam,
+            _pad: [0; 3],
+        };
+        CT_ENDPOINTS.get_ptr(&key).is_some()
+    };
+    let (addr, dir) = if endpoint(src) {
+        (src, direction::EGRESS)
+    } else if endpoint(dst) {
+        (dst, direction::INGRESS)
+    } else {
+        (AddrKey::UNKNOWN, direction::UNKNOWN)
+    };
+    let key = ReasonKey {
+        addr,
+        reason,
+        family: fam,
+        direction: dir,
+        _pad: [0; 2],
+    };
+    if !increment(&CT_DROP_REASONS, &key) {
+        bump_drop(drop_counter::KEYS_FULL);
+    }
+}
+
+/// (family, source, destination) from the skb's IP header.
+#[inline(always)]
+fn ip_addresses(off: &KernelOffsets, skb: usize) -> Option<(u8, [u8; 16], [u8; 16])> {
+    let head: usize = read::at(skb, off.skb_head)?;
+    let nh: u16 = read::at(skb, off.skb_network_header)?;
+    let ip = head + nh as usize;
+    let first: u8 = read::at(ip, 0)?;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    match first >> 4 {
+        4 => {
+            src[..4].copy_from_slice(&read::at::<[u8; 4]>(ip, 12)?);
+            dst[..4].copy_from_slice(&read::at::<[u8; 4]>(ip, 16)?);
+            Some((family::INET, src, dst))
+        }
+        6 => {
+            src = read::at(ip, 8)?;
+            dst = read::at(ip, 24)?;
+            Some((family::INET6, src, dst))
+        }
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn bump_drop(index: u32) {
+    if let Some(v) = CT_DROP_COUNTERS.get_ptr_mut(index) {
+        // SAFETY: per-CPU array slot of this CPU; no other CPU writes it.
+        unsafe { *v += 1 };
+    }
 }
 
 /// A netfilter drop of a packet without a conntrack entry: counted as `Other`

@@ -17,6 +17,7 @@
 //! | cri-tools | v1.34.0 | crictl |
 //! | etcd | v3.6.5 (kubeadm's default for 1.34) | etcd |
 //! | CoreDNS | v1.12.1 (kubeadm's default for 1.34) | coredns (static: it runs in an image) |
+//! | Helm | v4.3.2 | helm (lints, renders and installs `deploy/helm/podnet`) |
 //!
 //! runc comes from Debian (`runc` 1.1), as do iptables, the CNI reference plugins and
 //! busybox-static for the toolbox image.
@@ -34,8 +35,8 @@ use crate::cmd;
 
 /// Everything the project installs beside Debian's packages lives below this directory.
 pub const TOOLS_ROOT: &str = "/opt/podnet-tools";
-/// The oldest Go that builds every component (containerd 2.2's go.mod says 1.25).
-const MIN_GO_MINOR: u32 = 25;
+/// The oldest Go that builds every component (Helm 4.3's go.mod says 1.26).
+const MIN_GO_MINOR: u32 = 26;
 /// Written into a component's directory once all its binaries are built.
 const COMPLETE_STAMP: &str = ".complete";
 
@@ -183,6 +184,23 @@ pub const PROMETHEUS: Component = Component {
     pin_staging: false,
 };
 
+/// Helm: lints and renders the chart `deploy/helm/podnet` (the kustomize bundle in `deploy/`
+/// is its render) and installs it on the test cluster. v4.3.2 is the newest v4 release the
+/// Go module proxy serves here; its go.mod asks for Go 1.26.
+pub const HELM: Component = Component {
+    name: "helm",
+    module: "helm.sh/helm/v4",
+    version: "v4.3.2",
+    binaries: &[("helm.sh/helm/v4/cmd/helm", "helm")],
+    version_vars: &[
+        "helm.sh/helm/v4/internal/version.version={version}",
+        "helm.sh/helm/v4/internal/version.gitTreeState=clean",
+    ],
+    tags: "",
+    static_binary: false,
+    pin_staging: false,
+};
+
 /// Every component of the cluster.
 pub const ALL: &[Component] = &[
     KUBERNETES,
@@ -192,6 +210,7 @@ pub const ALL: &[Component] = &[
     COREDNS,
     PROMETHEUS_OPERATOR,
     PROMETHEUS,
+    HELM,
 ];
 
 impl Component {

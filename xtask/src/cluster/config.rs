@@ -161,9 +161,18 @@ pub fn bootstrap_objects() -> String {
 pub fn overlay_kustomization(deploy_dir: &str, shipped_name: &str, tag: &str) -> String {
     format!(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {deploy_dir}\n\
-         images:\n  - name: {shipped_name}\n    newName: {PODNET_REPOSITORY}\n    newTag: {tag}\n"
+         images:\n  - name: {shipped_name}\n    newName: {PODNET_REPOSITORY}\n    newTag: {tag}\n\
+         patches:\n  - target: {{kind: DaemonSet, name: podnet}}\n    patch: |-\n\
+         \x20     - op: add\n\
+         \x20       path: /spec/template/spec/containers/0/env/-\n\
+         \x20       value: {{name: PODNET_POD_METRICS_NAMESPACES, value: \"{PER_POD_NAMESPACES}\"}}\n"
     )
 }
+
+/// The namespaces whose series the cluster's agents keep per pod (the rest per workload, the
+/// shipped default): those of the end-to-end and rolling-update suites, whose tests follow
+/// single pods.
+pub const PER_POD_NAMESPACES: &str = "e2e,upgrade";
 
 #[cfg(test)]
 mod tests {
@@ -179,7 +188,7 @@ mod tests {
     }
 
     #[test]
-    fn the_overlay_only_sets_the_image() {
+    fn the_overlay_sets_the_image_and_the_per_pod_namespaces() {
         let text = overlay_kustomization("../src/deploy", "registry.example/podnet", "e2e");
         assert!(text.contains("  - ../src/deploy\n"), "{text}");
         assert!(
@@ -190,7 +199,12 @@ mod tests {
             text.contains("newName: localhost/podnet\n    newTag: e2e\n"),
             "{text}"
         );
-        assert!(!text.contains("patches"));
+        assert!(
+            text.contains("value: {name: PODNET_POD_METRICS_NAMESPACES, value: \"e2e,upgrade\"}\n"),
+            "{text}"
+        );
+        let patches = text.matches("- op:").count();
+        assert_eq!(patches, 1, "{text}");
     }
 
     #[test]

@@ -46,8 +46,9 @@ pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 pub const DNS_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// The cluster's DNS domain.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
-/// podnet's metrics port (the shipped ConfigMap's `metrics-addr`).
-pub const PODNET_METRICS_PORT: u16 = 9965;
+/// podnet's metrics port (the agent's default, `podnet::config::defaults::METRICS_PORT`, and
+/// the chart's `metrics.port`).
+pub const PODNET_METRICS_PORT: u16 = 10310;
 /// cgroup (below every v1 hierarchy) holding every process the cluster starts.
 pub const CGROUP_PARENT: &str = "podnet-cluster";
 

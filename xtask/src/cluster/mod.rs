@@ -56,6 +56,19 @@ pub fn run_up() -> Result<()> {
     up::run(&up::UpArgs::default())
 }
 
+/// Whether the cluster's daemons are all running (`status` says `up`).
+pub fn is_up() -> bool {
+    state::status().is_ok_and(|s| s["up"] == true)
+}
+
+/// Writes the status document (`status --json`) to the cluster's `status.json`, which the
+/// end-to-end suite and the cluster demo read; returns its path.
+pub fn write_status() -> Result<std::path::PathBuf> {
+    let path = layout::cluster_path("status.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&state::status()?)?)?;
+    Ok(path)
+}
+
 /// `cluster down`.
 pub fn down() -> Result<()> {
     up::down()

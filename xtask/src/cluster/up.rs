@@ -90,12 +90,7 @@ fn start(state: &mut State, binaries: &Path) -> Result<()> {
     wait_ready()?;
     println!("cluster: prometheus-operator and Prometheus");
     monitoring::start(state)?;
-    let status = state::status()?;
-    fs::write(
-        layout::cluster_path("status.json"),
-        serde_json::to_vec_pretty(&status)?,
-    )?;
-    Ok(())
+    super::write_status().map(drop)
 }
 
 /// Builds the podnet binaries (debug or release) and returns their directory.
@@ -114,9 +109,7 @@ fn build_podnet(release: bool) -> Result<PathBuf> {
         build.arg("--release");
     }
     cmd::run(&mut build)?;
-    Ok(cmd::workspace_root()
-        .join("target")
-        .join(if release { "release" } else { "debug" }))
+    Ok(cmd::target_dir().join(if release { "release" } else { "debug" }))
 }
 
 /// podnet's image: the three binaries, the CNI installer and the `ptp` plugin the shipped
@@ -544,25 +537,30 @@ pub fn install_podnet(tag: &str) -> Result<()> {
     cmd::run(state::kubectl().arg("apply").arg("-k").arg(&overlay))
 }
 
-/// The image name `deploy/kustomization.yaml` gives the podnet image (`images:` entry
-/// `podnet`, its `newName`): what an overlay's `images:` must name to change it again.
+/// The image name of the shipped DaemonSet (`deploy/manifests/daemonset.yaml`, the chart's
+/// default `image.repository`) without its tag: what an overlay's `images:` must name to
+/// change it.
 fn shipped_image_name(deploy: &Path) -> Result<String> {
-    let path = deploy.join("kustomization.yaml");
+    let path = deploy.join("manifests/daemonset.yaml");
     let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let doc: serde_norway::Value = serde_norway::from_str(&text)?;
-    doc.get("images")
-        .and_then(serde_norway::Value::as_sequence)
-        .into_iter()
-        .flatten()
-        .find(|image| image.get("name").and_then(serde_norway::Value::as_str) == Some("podnet"))
-        .and_then(|image| image.get("newName").and_then(serde_norway::Value::as_str))
-        .map(ToOwned::to_owned)
-        .with_context(|| {
-            format!(
-                "{}: no `images:` entry `podnet` with a newName",
-                path.display()
-            )
-        })
+    let image = ["spec", "template", "spec", "containers"]
+        .iter()
+        .try_fold(&doc, |value, key| value.get(key))
+        .and_then(|containers| containers.get(0))
+        .and_then(|container| container.get("image"))
+        .and_then(serde_norway::Value::as_str)
+        .with_context(|| format!("{}: no container image", path.display()))?;
+    Ok(image_name(image).to_owned())
+}
+
+/// `registry:5000/podnet:0.1.0` -> `registry:5000/podnet`: the image reference without its
+/// tag (a colon after the last slash).
+fn image_name(image: &str) -> &str {
+    match image.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => name,
+        _ => image,
+    }
 }
 
 fn wait_ready() -> Result<()> {
@@ -653,5 +651,23 @@ pub fn down() -> Result<()> {
         Ok(())
     } else {
         bail!("cluster down left {} problem(s)", problems.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_name_drops_only_the_tag() {
+        assert_eq!(
+            image_name("registry.example.invalid/podnet/podnet:0.1.0"),
+            "registry.example.invalid/podnet/podnet"
+        );
+        assert_eq!(
+            image_name("registry:5000/podnet:e2e"),
+            "registry:5000/podnet"
+        );
+        assert_eq!(image_name("registry:5000/podnet"), "registry:5000/podnet");
     }
 }
