@@ -150,6 +150,12 @@ pub fn render(
 
     let counters = &snapshot.counters;
     enc.family(
+        "podnet_conntrack_races_counted_total",
+        MetricType::Counter,
+        "Insert races the kernel program counted in the observed network namespace, from every source: one series per node from the agent's start, to compare with the kernel's insert_failed.",
+    )
+    .sample(&[], counters.insert_races);
+    enc.family(
         "podnet_bpf_events_sampled_total",
         MetricType::Counter,
         "Events a kernel program did not send above its per-CPU rate budget; counts stay exact while detail is sampled.",
@@ -508,6 +514,9 @@ podnet_conntrack_entries 42
 # HELP podnet_conntrack_max Size limit of the conntrack table (nf_conntrack_max).
 # TYPE podnet_conntrack_max gauge
 podnet_conntrack_max 262144
+# HELP podnet_conntrack_races_counted_total Insert races the kernel program counted in the observed network namespace, from every source: one series per node from the agent's start, to compare with the kernel's insert_failed.
+# TYPE podnet_conntrack_races_counted_total counter
+podnet_conntrack_races_counted_total 0
 # HELP podnet_bpf_events_sampled_total Events a kernel program did not send above its per-CPU rate budget; counts stay exact while detail is sampled.
 # TYPE podnet_bpf_events_sampled_total counter
 podnet_bpf_events_sampled_total{program=\"conntrack\"} 11
@@ -519,7 +528,7 @@ podnet_bpf_events_sampled_total{program=\"conntrack\"} 11
         ));
         // Every family appears exactly once.
         let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE")).collect();
-        assert_eq!(types.len(), 8);
+        assert_eq!(types.len(), 9);
     }
 
     #[test]
