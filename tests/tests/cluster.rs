@@ -682,7 +682,10 @@ fn dashboard_queries(node: &str, namespace: &str, pod: &str) -> Vec<String> {
     exprs
         .into_iter()
         .map(|e| {
+            // This Prometheus adds no `cluster` label: Grafana's variable is then empty,
+            // and `cluster=""` matches the series without one.
             e.replace("$__rate_interval", "2m")
+                .replace("$cluster", "")
                 .replace("$node", node)
                 .replace("$namespace", namespace)
                 .replace("$pod", pod)
