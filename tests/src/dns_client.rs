@@ -1,5 +1,6 @@
-//! A stub resolver for tests and the demo: one UDP query from inside a pod,
-//! sent `copies` times with the same id and port, timed by the kernel's
+//! DNS for tests and the demo: the test DNS server (`podnet-dns-responder`)
+//! started in a namespace, and a stub resolver: one UDP query from inside a
+//! pod, sent `copies` times with the same id and port, timed by the kernel's
 //! receive timestamp so the client's own wake-up delay on a busy machine is
 //! not part of its measurement.
 
@@ -11,7 +12,29 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{netns::in_netns, traffic::dns_query_message, Netns};
+use crate::{
+    agent::binary, netns::in_netns, process::spawn_in, traffic::dns_query_message, util::wait_for,
+    Netns, NsChild,
+};
+
+/// How long the responder may take to listen.
+const RESPONDER_START: Duration = Duration::from_secs(5);
+
+/// Starts `podnet-dns-responder` in `netns` on port 53 of each `listen`
+/// address and waits until it listens; it stops when the child is dropped.
+pub fn start_dns_responder(netns: &Netns, listen: &[std::net::IpAddr]) -> Result<NsChild> {
+    let bin = binary("podnet-dns-responder")?;
+    let mut cmd = vec![bin.to_string_lossy().into_owned()];
+    for addr in listen {
+        cmd.extend(["--listen".to_owned(), addr.to_string()]);
+    }
+    let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+    let responder = spawn_in(netns, &cmd)?;
+    if !wait_for(|| responder.log().contains("ready"), RESPONDER_START) {
+        anyhow::bail!("the DNS responder did not start: {}", responder.log());
+    }
+    Ok(responder)
+}
 
 /// Query ids, unique within one process.
 static NEXT_ID: AtomicU16 = AtomicU16::new(0x1000);

@@ -23,6 +23,19 @@ pub fn iptables(netns: &Netns, args: &[&str]) -> Result<Output> {
     netns.run_ok(&cmd)
 }
 
+/// The packets the kernel counted for the first rule of the filter table's FORWARD chain
+/// whose listing line contains `needle` (a target such as `DROP`, or a comment).
+pub fn forward_rule_packets(netns: &Netns, needle: &str) -> Result<u64> {
+    let out = iptables(netns, &["-L", "FORWARD", "-v", "-x", "-n"])?;
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    listing
+        .lines()
+        .find(|l| l.contains(needle))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no FORWARD rule with {needle:?} in\n{listing}"))
+}
+
 /// Runs `ip6tables -w <args>` in `netns`, like [`iptables`].
 pub fn ip6tables(netns: &Netns, args: &[&str]) -> Result<Output> {
     let mut cmd = vec!["ip6tables", "-w"];

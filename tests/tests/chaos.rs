@@ -33,7 +33,7 @@ use std::{
 use podnet_tests::{
     chaos::{self, Rng},
     cni::{self, Attachment, CniEnv},
-    spawn_in, veth, wait_for, Agent, Metrics, Netns, NsChild, Topology,
+    start_dns_responder, veth, wait_for, Agent, Metrics, Netns, NsChild, Topology,
 };
 use serde_json::{json, Value};
 
@@ -410,16 +410,7 @@ fn ready() -> bool {
 }
 
 fn start_responder(topo: &Topology) -> NsChild {
-    let bin = podnet_tests::agent::binary("podnet-dns-responder").unwrap();
-    let bin = bin.to_string_lossy().into_owned();
-    let server = topo.server_ipv4().to_string();
-    let responder = spawn_in(topo.server(), &[&bin, "--listen", &server]).unwrap();
-    assert!(
-        wait_for(|| responder.log().contains("ready"), Duration::from_secs(5)),
-        "responder not ready: {}",
-        responder.log()
-    );
-    responder
+    start_dns_responder(topo.server(), &[topo.server_ipv4().into()]).unwrap()
 }
 
 #[test]

@@ -12,8 +12,8 @@ use std::{
 };
 
 use podnet_tests::{
-    conntrack_stats, in_netns, iptables, require_root, tcp_connect, tcp_echo_server, udp_send,
-    udp_send_paced, wait_for, Agent, EndpointSpec, Metrics, Topology,
+    conntrack_stats, forward_rule_packets, in_netns, iptables, require_root, tcp_connect,
+    tcp_echo_server, udp_send, udp_send_paced, wait_for, Agent, EndpointSpec, Metrics, Topology,
 };
 use serde_json::json;
 
@@ -217,15 +217,7 @@ fn iptables_drops_count_as_other_never_as_races() {
     )
     .unwrap();
     // The kernel's own count of the rule's matches.
-    let listing = iptables(topo.node(), &["-L", "FORWARD", "-v", "-x", "-n"]).unwrap();
-    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
-    let rule_packets: u64 = listing
-        .lines()
-        .find(|l| l.contains("DROP"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap();
-    assert_eq!(rule_packets, 25, "{listing}");
+    assert_eq!(forward_rule_packets(topo.node(), "DROP").unwrap(), 25);
     let m = agent.metrics(topo.node()).unwrap();
     assert_eq!(
         m.count(
@@ -703,16 +695,7 @@ fn every_drop_is_counted_by_the_kernels_reason() {
         30,
     )
     .unwrap();
-    let rule_packets = {
-        let listing = iptables(topo.node(), &["-L", "FORWARD", "-v", "-x", "-n"]).unwrap();
-        let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
-        listing
-            .lines()
-            .find(|l| l.contains("DROP"))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|p| p.parse::<u64>().ok())
-            .unwrap()
-    };
+    let rule_packets = forward_rule_packets(topo.node(), "DROP").unwrap();
     let kernel_no_ports = snmp(topo.node(), "Udp", "NoPorts") - no_ports;
     let kernel_hdr_errors = snmp(topo.node(), "Ip", "InHdrErrors") - hdr_errors;
     assert_eq!(

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use podnet::{endpoint::Workload, pods::cri};
 use podnet_tests::{
-    dns_query_message, in_netns, require_root, spawn_in, unavailable, wait_for, Agent,
+    dns_query_message, in_netns, require_root, start_dns_responder, unavailable, wait_for, Agent,
     EndpointSpec, NsChild, Topology,
 };
 
@@ -329,24 +329,7 @@ fn send_queries(pod: &podnet_tests::Netns, src: IpAddr, server: SocketAddr, coun
 
 /// The test DNS responder on port 53 of the topology's server.
 fn dns_responder(topo: &Topology) -> NsChild {
-    let responder = spawn_in(
-        topo.server(),
-        &[
-            podnet_tests::agent::binary("podnet-dns-responder")
-                .unwrap()
-                .to_str()
-                .unwrap(),
-            "--listen",
-            &topo.server_ipv4().to_string(),
-        ],
-    )
-    .unwrap();
-    assert!(
-        wait_for(|| responder.log().contains("ready"), Duration::from_secs(5)),
-        "responder not ready: {}",
-        responder.log()
-    );
-    responder
+    start_dns_responder(topo.server(), &[topo.server_ipv4().into()]).unwrap()
 }
 
 #[test]

@@ -22,8 +22,8 @@ use std::{
 use podnet::config::defaults::METRICS_PORT;
 use podnet_tests::{
     agent::{binary, http_get},
-    conntrack_stats, in_netns, iptables, require_root, spawn_in, udp_send, unavailable, wait_for,
-    Agent, EndpointSpec, Metrics, Netns, Topology,
+    conntrack_stats, in_netns, iptables, require_root, spawn_in, start_dns_responder, udp_send,
+    unavailable, wait_for, Agent, EndpointSpec, Metrics, Netns, Topology,
 };
 use serde_json::{json, Value};
 
@@ -2281,18 +2281,7 @@ fn every_queried_metric_family_is_exported() {
             EndpointSpec::new("shop", name, &[IpAddr::V4(pod.ipv4())]).interface(pod.host_if())
         })
         .collect();
-    let responder_bin = binary("podnet-dns-responder").unwrap();
-    let server_ip = topo.server_ipv4().to_string();
-    let responder = spawn_in(
-        topo.server(),
-        &[responder_bin.to_str().unwrap(), "--listen", &server_ip],
-    )
-    .unwrap();
-    assert!(
-        wait_for(|| responder.log().contains("ready"), Duration::from_secs(5)),
-        "responder: {}",
-        responder.log()
-    );
+    let responder = start_dns_responder(topo.server(), &[topo.server_ipv4().into()]).unwrap();
     // Only flows to port 7000 share one SNAT port, so DNS is not part of the race.
     let snat = format!("{}:40000-40000", topo.node_ipv4_to_server());
     iptables(

@@ -14,7 +14,7 @@ use std::{
 };
 
 use podnet_tests::{
-    dns_client::{next_query_id, udp_dns_query, DnsAnswer, DnsQuery},
+    dns_client::{next_query_id, start_dns_responder, udp_dns_query, DnsAnswer, DnsQuery},
     in_netns, require_root, spawn_in, wait_for, Agent, EndpointSpec, Metrics, Netns, NsChild,
     Topology,
 };
@@ -60,25 +60,11 @@ impl Bed {
             &[IpAddr::V4(pod.ipv4()), IpAddr::V6(pod.ipv6())],
         )
         .interface(pod.host_if())];
-        let responder = spawn_in(
+        let responder = start_dns_responder(
             topo.server(),
-            &[
-                podnet_tests::agent::binary("podnet-dns-responder")
-                    .unwrap()
-                    .to_str()
-                    .unwrap(),
-                "--listen",
-                &topo.server_ipv4().to_string(),
-                "--listen",
-                &topo.server_ipv6().to_string(),
-            ],
+            &[topo.server_ipv4().into(), topo.server_ipv6().into()],
         )
         .unwrap();
-        assert!(
-            wait_for(|| responder.log().contains("ready"), Duration::from_secs(5)),
-            "responder not ready: {}",
-            responder.log()
-        );
         let mut args = agent_args.to_vec();
         let uplink_if = topo.node_server_if().to_owned();
         if uplink {

@@ -17,8 +17,8 @@ use std::{
 };
 
 use podnet_tests::{
-    conntrack_stats, in_netns, iptables, require_root, spawn_in, udp_send, udp_send_paced,
-    wait_for, Agent, EndpointSpec, Netns, NsChild, Topology,
+    conntrack_stats, forward_rule_packets, in_netns, iptables, require_root, start_dns_responder,
+    udp_send, udp_send_paced, wait_for, Agent, EndpointSpec, NsChild, Topology,
 };
 use serde_json::{json, Value};
 
@@ -86,23 +86,7 @@ impl Bed {
                 EndpointSpec::new(ns, name, &[IpAddr::V4(pod.ipv4())]).interface(pod.host_if())
             })
             .collect();
-        let responder = spawn_in(
-            topo.server(),
-            &[
-                podnet_tests::agent::binary("podnet-dns-responder")
-                    .unwrap()
-                    .to_str()
-                    .unwrap(),
-                "--listen",
-                &topo.server_ipv4().to_string(),
-            ],
-        )
-        .unwrap();
-        assert!(
-            wait_for(|| responder.log().contains("ready"), Duration::from_secs(5)),
-            "responder not ready: {}",
-            responder.log()
-        );
+        let responder = start_dns_responder(topo.server(), &[topo.server_ipv4().into()]).unwrap();
         let mut args = vec!["--dns-timeout", "1s"];
         args.extend(agent_args);
         let agent = Agent::start_with(topo.node(), &endpoints, &args).unwrap();
@@ -246,17 +230,6 @@ fn dropped(events: &[Value]) -> u64 {
         .sum()
 }
 
-/// The iptables DROP rule's own packet count.
-fn rule_packets(node: &Netns) -> u64 {
-    let listing = iptables(node, &["-L", "FORWARD", "-v", "-x", "-n"]).unwrap();
-    String::from_utf8_lossy(&listing.stdout)
-        .lines()
-        .find(|l| l.contains("DROP"))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .unwrap()
-}
-
 /// Races, DNS failures and drops made while two podnetctl followers run:
 /// the unfiltered one prints exactly what was caused (the kernel's
 /// `insert_failed`, the client's own answers and timeouts, the DROP rule's
@@ -314,7 +287,7 @@ fn follow_prints_exactly_the_races_dns_failures_and_drops_caused() {
         4,
     )
     .unwrap();
-    let rule = rule_packets(bed.topo.node());
+    let rule = forward_rule_packets(bed.topo.node(), "DROP").unwrap();
     assert_eq!(rule, 4);
 
     let expected_dns = client_timeouts + client_failures;

@@ -12,10 +12,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use podnet_tests::{
-    dns_query_message, in_netns, iptables, require_root, spawn_in, udp_send, udp_send_spoofed,
-    wait_for, Agent, EndpointSpec, Metrics, Netns, Topology,
+    dns_query_message, forward_rule_packets, in_netns, iptables, require_root, start_dns_responder,
+    udp_send, udp_send_spoofed, wait_for, Agent, EndpointSpec, Metrics, Netns, Topology,
 };
 
 const REQUESTS: &str = "podnet_dns_requests_total";
@@ -32,18 +32,6 @@ const SPOOFED: usize = 2_000;
 const SHARE: u64 = 1_024;
 /// Servers one client's series name (`podnet_common::dns::SERVERS_PER_CLIENT`).
 const SERVERS: usize = 16;
-
-/// The packets an iptables rule of FORWARD matched whose line contains `needle`.
-fn rule_packets(node: &Netns, needle: &str) -> Result<u64> {
-    let out = iptables(node, &["-L", "FORWARD", "-v", "-x", "-n"])?;
-    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
-    listing
-        .lines()
-        .find(|l| l.contains(needle))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|p| p.parse().ok())
-        .with_context(|| format!("no rule with {needle:?} in\n{listing}"))
-}
 
 /// Sends one query per server address from one socket, without waiting.
 fn spray(pod: &Netns, servers: &[Ipv4Addr]) -> Result<()> {
@@ -97,21 +85,7 @@ fn a_hostile_pod_cannot_fill_the_maps_or_push_out_another_pods_counts() -> Resul
     let topo = Topology::builder().name("hstl").pods(2).build()?;
     let node = topo.node();
     let (cart, evil) = (topo.pod(0), topo.pod(1));
-    let responder = spawn_in(
-        topo.server(),
-        &[
-            podnet_tests::agent::binary("podnet-dns-responder")?
-                .to_str()
-                .context("path")?,
-            "--listen",
-            &topo.server_ipv4().to_string(),
-        ],
-    )?;
-    anyhow::ensure!(
-        wait_for(|| responder.log().contains("ready"), Duration::from_secs(5)),
-        "responder not ready: {}",
-        responder.log()
-    );
+    let _responder = start_dns_responder(topo.server(), &[topo.server_ipv4().into()])?;
     for pod in [cart, evil] {
         iptables(
             node,
@@ -181,8 +155,8 @@ fn a_hostile_pod_cannot_fill_the_maps_or_push_out_another_pods_counts() -> Resul
     )?;
 
     // The kernel's view of the drops.
-    assert_eq!(rule_packets(node, evil.host_if())?, SPOOFED as u64);
-    assert_eq!(rule_packets(node, cart.host_if())?, 30);
+    assert_eq!(forward_rule_packets(node, evil.host_if())?, SPOOFED as u64);
+    assert_eq!(forward_rule_packets(node, cart.host_if())?, 30);
     // Every tracked query of the hostile pod times out (8 s), once.
     let settled = wait_for(
         || {

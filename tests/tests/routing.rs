@@ -17,7 +17,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use podnet_tests::{
     agent::endpoints_yaml,
-    in_netns, iptables, require_root, spawn_in, udp_echo_server,
+    forward_rule_packets, in_netns, iptables, require_root, spawn_in, udp_echo_server,
     vpc::{link_packets, Vpc, VpcPod, REMOTE, VPC_CIDR},
     wait_for, Agent, Metrics, Netns,
 };
@@ -112,16 +112,6 @@ fn udp_ping_pong(pod: &Netns, src: SocketAddr, dst: SocketAddr, count: u32) -> R
     })?
 }
 
-/// Packets counted by the test's rule in the node's FORWARD chain.
-fn forward_count(node: &Netns) -> Result<u64> {
-    let out = iptables(node, &["-L", "FORWARD", "-v", "-x", "-n"])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find(|l| l.contains(COUNT_COMMENT))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .with_context(|| format!("no counting rule in FORWARD:\n{text}"))
-}
-
 /// Packets of the pod counted by the test's rules in nat PREROUTING and
 /// POSTROUTING (the nat table sees the first packet of every new flow).
 fn nat_packets(node: &Netns) -> Result<u64> {
@@ -173,7 +163,7 @@ fn snapshot(vpc: &Vpc, agent: &Agent) -> Result<Snapshot> {
     let node = vpc.node();
     let m = agent.metrics(node)?;
     Ok(Snapshot {
-        forward: forward_count(node)?,
+        forward: forward_rule_packets(node, COUNT_COMMENT)?,
         nat: nat_packets(node)?,
         conntrack_flows: conntrack_flows(node, vpc.pods()[0].ip())?,
         eni1_tx: link_packets(node, vpc.enis()[0].name())?.tx,

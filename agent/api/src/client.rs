@@ -104,19 +104,7 @@ pub fn call(
     params: Value,
     timeout: Duration,
 ) -> Result<Value, ClientError> {
-    let call = Call {
-        path: socket,
-        timeout,
-        deadline: Instant::now() + timeout,
-    };
-    let deadline_unix_ms =
-        now_unix_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
-    let mut stream = call.connect()?;
-    let request = Request::new(method, params).with_deadline(deadline_unix_ms);
-    // Serializing a struct of a number, a string and a JSON value cannot fail.
-    let mut line = serde_json::to_vec(&request).map_err(|e| call.protocol(e.to_string()))?;
-    line.push(b'\n');
-    call.write(&mut stream, &line)?;
+    let (call, mut stream) = Call::send(socket, method, params, timeout)?;
     let answer = call.read_line(&mut stream)?;
     let response: Response = serde_json::from_slice(&answer)
         .map_err(|e| call.protocol(format!("not a response: {e}")))?;
@@ -135,18 +123,7 @@ pub fn follow(
     params: Value,
     timeout: Duration,
 ) -> Result<FollowStream, ClientError> {
-    let call = Call {
-        path: socket,
-        timeout,
-        deadline: Instant::now() + timeout,
-    };
-    let deadline_unix_ms =
-        now_unix_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
-    let mut stream = call.connect()?;
-    let request = Request::new(method::FOLLOW, params).with_deadline(deadline_unix_ms);
-    let mut line = serde_json::to_vec(&request).map_err(|e| call.protocol(e.to_string()))?;
-    line.push(b'\n');
-    call.write(&mut stream, &line)?;
+    let (call, stream) = Call::send(socket, method::FOLLOW, params, timeout)?;
     stream
         .set_read_timeout(Some(call.remaining()?))
         .map_err(|e| call.io(e))?;
@@ -258,7 +235,32 @@ struct Call<'a> {
     deadline: Instant,
 }
 
-impl Call<'_> {
+impl<'a> Call<'a> {
+    /// Connects to the agent on `socket` and writes one request for `method`,
+    /// carrying the moment the caller gives up; the call's deadline is
+    /// `timeout` from now.
+    fn send(
+        socket: &'a Path,
+        method: &str,
+        params: Value,
+        timeout: Duration,
+    ) -> Result<(Self, UnixStream), ClientError> {
+        let call = Call {
+            path: socket,
+            timeout,
+            deadline: Instant::now() + timeout,
+        };
+        let deadline_unix_ms =
+            now_unix_ms().saturating_add(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        let mut stream = call.connect()?;
+        let request = Request::new(method, params).with_deadline(deadline_unix_ms);
+        // Serializing a struct of a number, a string and a JSON value cannot fail.
+        let mut line = serde_json::to_vec(&request).map_err(|e| call.protocol(e.to_string()))?;
+        line.push(b'\n');
+        call.write(&mut stream, &line)?;
+        Ok((call, stream))
+    }
+
     fn remaining(&self) -> Result<Duration, ClientError> {
         self.deadline
             .checked_duration_since(Instant::now())

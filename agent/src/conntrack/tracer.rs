@@ -294,78 +294,37 @@ impl Tracer {
     }
 
     /// Moves the drop counts of sources that are no endpoint any more (pods
-    /// that left) out of `CT_DROPS`, into the unknown source's counts in
-    /// `CT_DEPARTED`: the map holds only live pods' keys, and no counter goes
-    /// back, across agent restarts too. Returns how many keys were moved.
+    /// that left) out of `CT_DROPS` and `CT_DROP_REASONS`, into the unknown
+    /// source's counts in `CT_DEPARTED` and `CT_REASONS_DEPARTED`: the maps
+    /// hold only live pods' keys, and no counter goes back, across agent
+    /// restarts too. Returns how many keys were moved.
     pub fn fold_departed(
         &mut self,
         live: &std::collections::BTreeSet<podnet_common::AddrKey>,
     ) -> Result<usize, BpfError> {
-        let keys: Vec<DropKey> = self.drops.keys().filter_map(Result::ok).collect();
-        let mut moved = 0;
-        for key in keys {
-            let source = podnet_common::AddrKey {
-                addr: key.addr,
-                family: key.family,
-                _pad: [0; 3],
-            };
-            if key.addr == podnet_common::AddrKey::UNKNOWN || live.contains(&source) {
-                continue;
-            }
-            let Ok(values) = self.drops.get(&key, 0) else {
-                continue;
-            };
-            let unknown = DropKey {
+        let drops = fold_keys(
+            &mut self.drops,
+            &mut self.departed,
+            [m::DROPS, m::DEPARTED],
+            live,
+            |k| (k.addr, k.family),
+            |k| DropKey {
                 addr: podnet_common::AddrKey::UNKNOWN,
-                ..key
-            };
-            // User space alone writes CT_DEPARTED: read, add, write is exact.
-            let old = self.departed.get(&unknown, 0).unwrap_or(0);
-            self.departed
-                .insert(unknown, old + values.iter().sum::<u64>(), 0)
-                .map_err(|e| BpfError::map(m::DEPARTED, e))?;
-            self.drops
-                .remove(&key)
-                .map_err(|e| BpfError::map(m::DROPS, e))?;
-            moved += 1;
-        }
-        Ok(moved + self.fold_departed_reasons(live)?)
-    }
-
-    /// [`Tracer::fold_departed`] for the drops by reason.
-    fn fold_departed_reasons(
-        &mut self,
-        live: &std::collections::BTreeSet<podnet_common::AddrKey>,
-    ) -> Result<usize, BpfError> {
-        let keys: Vec<ReasonKey> = self.reasons.keys().filter_map(Result::ok).collect();
-        let mut moved = 0;
-        for key in keys {
-            let endpoint = podnet_common::AddrKey {
-                addr: key.addr,
-                family: key.family,
-                _pad: [0; 3],
-            };
-            if key.addr == podnet_common::AddrKey::UNKNOWN || live.contains(&endpoint) {
-                continue;
-            }
-            let Ok(values) = self.reasons.get(&key, 0) else {
-                continue;
-            };
-            let unknown = ReasonKey {
+                ..*k
+            },
+        )?;
+        let reasons = fold_keys(
+            &mut self.reasons,
+            &mut self.reasons_departed,
+            [m::DROP_REASONS, m::REASONS_DEPARTED],
+            live,
+            |k| (k.addr, k.family),
+            |k| ReasonKey {
                 addr: podnet_common::AddrKey::UNKNOWN,
-                ..key
-            };
-            // User space alone writes CT_REASONS_DEPARTED: read, add, write is exact.
-            let old = self.reasons_departed.get(&unknown, 0).unwrap_or(0);
-            self.reasons_departed
-                .insert(unknown, old + values.iter().sum::<u64>(), 0)
-                .map_err(|e| BpfError::map(m::REASONS_DEPARTED, e))?;
-            self.reasons
-                .remove(&key)
-                .map_err(|e| BpfError::map(m::DROP_REASONS, e))?;
-            moved += 1;
-        }
-        Ok(moved)
+                ..*k
+            },
+        )?;
+        Ok(drops + reasons)
     }
 
     /// Reads every count from the kernel maps, summed over CPUs.
@@ -472,6 +431,44 @@ pub struct EventStats {
     pub received: AtomicU64,
     /// Records that could not be decoded (skipped).
     pub decode_errors: AtomicU64,
+}
+
+/// Moves every key of `from` whose endpoint (`endpoint(key)`: address and
+/// family) is not in `live` into `into` under `unknown(key)`, adding its
+/// per-CPU counts. User space alone writes `into`, so read, add, write is
+/// exact. `names` are the two maps' names, for errors. Returns how many keys
+/// were moved.
+fn fold_keys<K: aya::Pod + Eq>(
+    from: &mut PerCpuHashMap<MapData, K, u64>,
+    into: &mut aya::maps::HashMap<MapData, K, u64>,
+    names: [&'static str; 2],
+    live: &std::collections::BTreeSet<podnet_common::AddrKey>,
+    endpoint: impl Fn(&K) -> ([u8; 16], u8),
+    unknown: impl Fn(&K) -> K,
+) -> Result<usize, BpfError> {
+    let keys: Vec<K> = from.keys().filter_map(Result::ok).collect();
+    let mut moved = 0;
+    for key in keys {
+        let (addr, family) = endpoint(&key);
+        let source = podnet_common::AddrKey {
+            addr,
+            family,
+            _pad: [0; 3],
+        };
+        if addr == podnet_common::AddrKey::UNKNOWN || live.contains(&source) {
+            continue;
+        }
+        let Ok(values) = from.get(&key, 0) else {
+            continue;
+        };
+        let target = unknown(&key);
+        let old = into.get(&target, 0).unwrap_or(0);
+        into.insert(target, old + values.iter().sum::<u64>(), 0)
+            .map_err(|e| BpfError::map(names[1], e))?;
+        from.remove(&key).map_err(|e| BpfError::map(names[0], e))?;
+        moved += 1;
+    }
+    Ok(moved)
 }
 
 /// The `direction` label of a [`ReasonKey`]'s direction byte.

@@ -200,30 +200,37 @@ fn on_other_drop(off: &KernelOffsets, skb: usize, reason: u32) {
         bump_drop(drop_counter::NOT_IP);
         return;
     }
-    let Some((fam, src, dst)) = ip_addresses(off, skb) else {
-        bump_drop(drop_counter::READ_ERRORS);
-        return;
+    let header = match ip_header(off, skb) {
+        Ok(header) => header,
+        Err(HeaderError::NotIp) => {
+            bump_drop(drop_counter::NOT_IP);
+            return;
+        }
+        Err(HeaderError::Unreadable) => {
+            bump_drop(drop_counter::READ_ERRORS);
+            return;
+        }
     };
     bump_drop(drop_counter::COUNTED);
     let endpoint = |addr: [u8; 16]| {
         let key = AddrKey {
             addr,
-            family: fam,
+            family: header.family,
             _pad: [0; 3],
         };
         CT_ENDPOINTS.get_ptr(&key).is_some()
     };
-    let (addr, dir) = if endpoint(src) {
-        (src, direction::EGRESS)
-    } else if endpoint(dst) {
-        (dst, direction::INGRESS)
+    let (addr, dir) = if endpoint(header.src) {
+        (header.src, direction::EGRESS)
+    } else if endpoint(header.dst) {
+        (header.dst, direction::INGRESS)
     } else {
         (AddrKey::UNKNOWN, direction::UNKNOWN)
     };
     let key = ReasonKey {
         addr,
         reason,
-        family: fam,
+        family: header.family,
         direction: dir,
         _pad: [0; 2],
     };
@@ -232,28 +239,52 @@ fn on_other_drop(off: &KernelOffsets, skb: usize, reason: u32) {
     }
 }
 
-/// (family, source, destination) from the skb's IP header.
+/// The fields of a packet's IP header that the drop counts use.
+struct IpHeader {
+    family: u8,
+    proto: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+/// Why [`ip_header`] found no header.
+enum HeaderError {
+    /// A read of the skb or the header failed.
+    Unreadable,
+    /// The header is neither IPv4 nor IPv6.
+    NotIp,
+}
+
+/// The skb's IP header, at `head + network_header`.
 #[inline(always)]
-fn ip_addresses(off: &KernelOffsets, skb: usize) -> Option<(u8, [u8; 16], [u8; 16])> {
-    let head: usize = read::at(skb, off.skb_head)?;
-    let nh: u16 = read::at(skb, off.skb_network_header)?;
+fn ip_header(off: &KernelOffsets, skb: usize) -> Result<IpHeader, HeaderError> {
+    let head: usize = read::at(skb, off.skb_head).ok_or(HeaderError::Unreadable)?;
+    let nh: u16 = read::at(skb, off.skb_network_header).ok_or(HeaderError::Unreadable)?;
     let ip = head + nh as usize;
-    let first: u8 = read::at(ip, 0)?;
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
+    let first: u8 = read::at(ip, 0).ok_or(HeaderError::Unreadable)?;
+    let mut header = IpHeader {
+        family: family::INET,
+        proto: 0,
+        src: [0; 16],
+        dst: [0; 16],
+    };
     match first >> 4 {
         4 => {
-            src[..4].copy_from_slice(&read::at::<[u8; 4]>(ip, 12)?);
-            dst[..4].copy_from_slice(&read::at::<[u8; 4]>(ip, 16)?);
-            Some((family::INET, src, dst))
+            header.src[..4]
+                .copy_from_slice(&read::at::<[u8; 4]>(ip, 12).ok_or(HeaderError::Unreadable)?);
+            header.dst[..4]
+                .copy_from_slice(&read::at::<[u8; 4]>(ip, 16).ok_or(HeaderError::Unreadable)?);
+            header.proto = read::at::<u8>(ip, 9).unwrap_or(0);
         }
         6 => {
-            src = read::at(ip, 8)?;
-            dst = read::at(ip, 24)?;
-            Some((family::INET6, src, dst))
+            header.family = family::INET6;
+            header.src = read::at(ip, 8).ok_or(HeaderError::Unreadable)?;
+            header.dst = read::at(ip, 24).ok_or(HeaderError::Unreadable)?;
+            header.proto = read::at::<u8>(ip, 6).unwrap_or(0);
         }
-        _ => None,
+        _ => return Err(HeaderError::NotIp),
     }
+    Ok(header)
 }
 
 #[inline(always)]
@@ -274,43 +305,19 @@ fn on_untracked_drop(off: &KernelOffsets, skb: usize) {
     if off.netns_filter != 0 && netns != off.netns_filter {
         return;
     }
-    let (Some(head), Some(nh)) = (
-        read::at::<usize>(skb, off.skb_head),
-        read::at::<u16>(skb, off.skb_network_header),
-    ) else {
-        bump(counter::READ_ERRORS);
-        return;
-    };
-    let ip = head + nh as usize;
-    let Some(first) = read::at::<u8>(ip, 0) else {
-        bump(counter::READ_ERRORS);
-        return;
-    };
-    let mut addr = [0u8; 16];
-    let (fam, proto) = match first >> 4 {
-        4 => {
-            let Some(src) = read::at::<[u8; 4]>(ip, 12) else {
-                bump(counter::READ_ERRORS);
-                return;
-            };
-            addr[..4].copy_from_slice(&src);
-            (family::INET, read::at::<u8>(ip, 9).unwrap_or(0))
-        }
-        6 => {
-            let Some(src) = read::at::<[u8; 16]>(ip, 8) else {
-                bump(counter::READ_ERRORS);
-                return;
-            };
-            addr = src;
-            (family::INET6, read::at::<u8>(ip, 6).unwrap_or(0))
-        }
-        _ => {
+    let header = match ip_header(off, skb) {
+        Ok(header) => header,
+        Err(HeaderError::NotIp) => {
             bump(counter::NOT_IP);
+            return;
+        }
+        Err(HeaderError::Unreadable) => {
+            bump(counter::READ_ERRORS);
             return;
         }
     };
     bump(counter::NETFILTER_DROPS);
-    count_drop(&addr, fam, proto, DropKind::Other);
+    count_drop(&header.src, header.family, header.proto, DropKind::Other);
 }
 
 #[inline(always)]

@@ -5,11 +5,10 @@
 
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, bail, Result};
 use podnet_tests::{
-    agent::binary,
     dns_client::{udp_dns_query, DnsQuery},
-    spawn_in, wait_for, Metrics,
+    start_dns_responder, wait_for, Metrics,
 };
 use serde_json::{json, Value};
 
@@ -48,19 +47,7 @@ struct ClientTally {
 /// Runs the DNS step and prints per-pod latency and the failed queries.
 pub fn run(node: &Node, agreement: &mut Agreement) -> Result<()> {
     let pods = node.pods.borrow();
-    let server_ip = node.topo.server_ipv4().to_string();
-    let responder_bin = binary("podnet-dns-responder")?;
-    let responder = spawn_in(
-        node.topo.server(),
-        &[
-            responder_bin.to_str().context("responder path")?,
-            "--listen",
-            &server_ip,
-        ],
-    )?;
-    if !wait_for(|| responder.log().contains("ready"), Duration::from_secs(5)) {
-        bail!("the DNS server did not start: {}", responder.log());
-    }
+    let responder = start_dns_responder(node.topo.server(), &[node.topo.server_ipv4().into()])?;
     wait_dns_links(node, 2 * pods.len())?;
     let server = SocketAddr::new(node.topo.server_ipv4().into(), 53);
     let tallies = report::step(
