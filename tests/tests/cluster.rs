@@ -856,20 +856,20 @@ fn prometheus_alerts_on_insert_races_and_dns_timeouts() {
     // The loser also resolves through the cluster DNS, so that every per-pod panel of the
     // dashboard has its series (answers, latency) next to the races and timeouts.
     let answered = format!("nslookup -type=a echo.{NAMESPACE}.svc.cluster.local.");
-    // Two bursts a scrape apart: a counter's first sample has no rate yet.
-    for _ in 0..2 {
+    // Two bursts a scrape apart. A counter's first sample has no rate and no increase, so the
+    // first burst only creates the loser's series (a few lookups); the second carries the
+    // queries the alerts' guards count: 3 × RACING_QUERIES lookups of two tries each, 120
+    // requests, over the guards' 100 queries in 10 minutes without Prometheus' extrapolation.
+    for lookups in [4, 3 * RACING_QUERIES] {
         let _snat = SnatToOnePort::add(cluster, node, &[&holder.ip, &loser.ip], RACE_DESTINATION)
             .expect("the SNAT rule");
         for (pod, script) in [
             (&holder, format!("{lookup} >/dev/null 2>&1; true")),
             (
                 &loser,
-                // Twice RACING_QUERIES lookups of two tries each, per burst: over the
-                // DNS alerts' guard of 100 queries in 10 minutes.
                 format!(
                     "{answered} >/dev/null; \
-                     for i in $(seq {}); do {retried} >/dev/null 2>&1 & done; wait",
-                    2 * RACING_QUERIES
+                     for i in $(seq {lookups}); do {retried} >/dev/null 2>&1 & done; wait"
                 ),
             ),
         ] {
