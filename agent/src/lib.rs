@@ -13,6 +13,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod dns;
 pub mod endpoint;
+pub mod flowdrops;
 pub mod heartbeat;
 pub mod ipam;
 pub mod kube;

@@ -15,8 +15,8 @@ use std::{
 
 use podnet_tests::{
     dns_client::{next_query_id, start_dns_responder, udp_dns_query, DnsAnswer, DnsQuery},
-    in_netns, require_root, spawn_in, wait_for, Agent, EndpointSpec, Metrics, Netns, NsChild,
-    Topology,
+    forward_rule_packets, in_netns, iptables, read_conntrack_stat, require_root, spawn_in,
+    wait_for, Agent, EndpointSpec, Metrics, Netns, NsChild, Topology,
 };
 use serde_json::{json, Value};
 
@@ -1018,4 +1018,336 @@ fn classic_tc_filters_count_adopt_and_leave_foreign_filters() {
         left.contains("pref 100 u32") && !left.contains("podnet_"),
         "{left}"
     );
+}
+
+const FAILURES: &str = "podnet_dns_failures_total";
+
+/// Every `podnet_dns_failures_total` series: (pod, server, cause, count).
+fn failures(m: &Metrics) -> Vec<(String, String, String, u64)> {
+    let mut rows: Vec<_> = m
+        .samples(FAILURES)
+        .into_iter()
+        .map(|(labels, v)| {
+            let label = |k: &str| {
+                labels
+                    .iter()
+                    .find(|(n, _)| n == k)
+                    .map(|(_, v)| v.clone())
+                    .unwrap_or_default()
+            };
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            (label("pod"), label("server"), label("cause"), v as u64)
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// The slow-log record of the query named `name`.
+fn record<'a>(slow: &'a [Value], name: &str) -> &'a Value {
+    slow.iter()
+        .find(|r| r["name"] == name)
+        .unwrap_or_else(|| panic!("no record of {name}: {slow:#?}"))
+}
+
+/// Three pods (`shop/cart` holds a SNAT port, `web/frontend` loses its
+/// race, `ops/probe` meets the other drops), the agent with a 2 s timeout
+/// and a 300 ms slow threshold, and the responder on the server's IPv4.
+struct WhyBed {
+    topo: Topology,
+    agent: Agent,
+    _responder: NsChild,
+    server: SocketAddr,
+}
+
+impl WhyBed {
+    fn start() -> Self {
+        let topo = Topology::builder().name("dnswhy").pods(3).build().unwrap();
+        let names = [("shop", "cart"), ("web", "frontend"), ("ops", "probe")];
+        let endpoints: Vec<EndpointSpec> = names
+            .iter()
+            .zip(topo.pods())
+            .map(|((ns, name), pod)| {
+                EndpointSpec::new(ns, name, &[IpAddr::V4(pod.ipv4()), IpAddr::V6(pod.ipv6())])
+                    .interface(pod.host_if())
+            })
+            .collect();
+        let responder = start_dns_responder(topo.server(), &[topo.server_ipv4().into()]).unwrap();
+        let agent = Agent::start_with(
+            topo.node(),
+            &endpoints,
+            &["--dns-timeout", "2s", "--dns-slow-threshold", "300ms"],
+        )
+        .unwrap();
+        let server = SocketAddr::new(topo.server_ipv4().into(), 53);
+        Self {
+            topo,
+            agent,
+            _responder: responder,
+            server,
+        }
+    }
+
+    fn holder(&self) -> &podnet_tests::Pod {
+        self.topo.pod(0)
+    }
+
+    fn probe(&self) -> &Netns {
+        self.topo.pod(2).netns()
+    }
+
+    /// Adds (`-A`) or deletes (`-D`) the rule that sends the holder's and
+    /// the loser's DNS out of one address and port.
+    fn snat_rule(&self, op: &str) {
+        let snat = format!("{}:40000-40000", self.topo.node_ipv4_to_server());
+        let sources = format!("{},{}", self.holder().ipv4(), self.topo.pod(1).ipv4());
+        iptables(
+            self.topo.node(),
+            &[
+                "-t",
+                "nat",
+                op,
+                "POSTROUTING",
+                "-s",
+                &sources,
+                "-p",
+                "udp",
+                "--dport",
+                "53",
+                "-j",
+                "SNAT",
+                "--to-source",
+                &snat,
+            ],
+        )
+        .unwrap();
+    }
+
+    /// The holder's query takes the port (its entry lives 30 s); the loser's
+    /// first copy loses the race, and its second, sent once the SNAT rule is
+    /// gone, is answered: one insert race plus one retransmit, as the kernel
+    /// counts it.
+    fn lose_a_race_then_get_answered(&self) {
+        self.snat_rule("-A");
+        let insert_failed = || read_conntrack_stat(self.topo.node(), "insert_failed").unwrap();
+        let before = insert_failed();
+        assert!(query(self.holder().netns(), self.server, "hold.test", QTYPE_A).is_some());
+        let raced = std::thread::scope(|s| {
+            let client = s.spawn(|| {
+                udp_query(
+                    self.topo.pod(1).netns(),
+                    self.server,
+                    "race.test",
+                    QTYPE_A,
+                    2,
+                    Duration::from_secs(1),
+                    Duration::from_secs(3),
+                )
+            });
+            std::thread::sleep(Duration::from_millis(400));
+            self.snat_rule("-D");
+            client.join().unwrap()
+        });
+        let raced = raced.expect("the second copy is answered");
+        assert!(raced.elapsed >= Duration::from_secs(1), "{raced:?}");
+        assert_eq!(insert_failed() - before, 1, "the kernel's insert_failed");
+    }
+
+    /// A FORWARD rule drops the probe's one query while it is in place.
+    fn drop_by_rule(&self) {
+        let probe = self.topo.pod(2).ipv4().to_string();
+        let rule = |op: &str| {
+            let args = [
+                op, "FORWARD", "-s", &probe, "-p", "udp", "--dport", "53", "-j", "DROP",
+            ];
+            iptables(self.topo.node(), &args).unwrap();
+        };
+        rule("-I");
+        let lost = Duration::from_millis(500);
+        let answer = udp_query(
+            self.probe(),
+            self.server,
+            "nf.test",
+            QTYPE_A,
+            1,
+            Duration::ZERO,
+            lost,
+        );
+        assert!(answer.is_none());
+        assert_eq!(forward_rule_packets(self.topo.node(), "DROP").unwrap(), 1);
+        rule("-D");
+    }
+
+    /// A blackhole route swallows the probe's query to another server.
+    fn drop_into_blackhole(&self, hole: SocketAddr) {
+        self.topo
+            .node()
+            .run_ok(&["ip", "route", "add", "blackhole", "10.97.0.0/24"])
+            .unwrap();
+        let lost = Duration::from_millis(500);
+        let answer = udp_query(
+            self.probe(),
+            hole,
+            "hole.test",
+            QTYPE_A,
+            1,
+            Duration::ZERO,
+            lost,
+        );
+        assert!(answer.is_none());
+        self.topo
+            .node()
+            .run_ok(&["ip", "route", "del", "blackhole", "10.97.0.0/24"])
+            .unwrap();
+    }
+
+    /// No drop on the node, no answer; an answer 600 ms after each copy (so
+    /// after the client sent the second, 300 ms after the first); a slow
+    /// answer to a query sent once.
+    fn unanswered_late_and_slow(&self) {
+        let (probe, server) = (self.probe(), self.server);
+        let lost = Duration::from_millis(500);
+        assert!(udp_query(
+            probe,
+            server,
+            "drop-silent.test",
+            QTYPE_A,
+            1,
+            Duration::ZERO,
+            lost
+        )
+        .is_none());
+        let late = udp_query(
+            probe,
+            server,
+            "delay-600-late.test",
+            QTYPE_A,
+            2,
+            Duration::from_millis(300),
+            Duration::from_secs(2),
+        )
+        .expect("answered");
+        assert!(late.elapsed >= Duration::from_millis(600), "{late:?}");
+        assert!(query(probe, server, "delay-500-slow.test", QTYPE_A).is_some());
+    }
+
+    fn slow_log(&self) -> Vec<Value> {
+        self.agent
+            .api("dns.slow", json!({"limit": 100}))
+            .unwrap()
+            .as_array()
+            .cloned()
+            .unwrap()
+    }
+}
+
+/// Each query that timed out or was sent again gets the cause the kernel saw:
+/// a copy that lost its insert race to another pod's flow (the winner named),
+/// a copy dropped by a netfilter rule or into a blackhole route (the kernel's
+/// reason, the same as `podnet_drops_total`'s), a query nothing on the node
+/// dropped and nobody answered, and an answer that came after the client had
+/// already sent the query again; a slow answer sent once is `slow` and no
+/// failure. Counts equal what the clients saw and the kernel counted.
+#[test]
+fn every_failed_query_is_given_its_cause() {
+    if !require_root() {
+        return;
+    }
+    let bed = WhyBed::start();
+    let hole: SocketAddr = "10.97.0.5:53".parse().unwrap();
+    bed.lose_a_race_then_get_answered();
+    bed.drop_by_rule();
+    bed.drop_into_blackhole(hole);
+    bed.unanswered_late_and_slow();
+    let server = bed.server.ip().to_string();
+    let row = |pod: &str, server: &str, cause: &str| {
+        (pod.to_owned(), server.to_owned(), cause.to_owned(), 1)
+    };
+    let expected = vec![
+        row("frontend", &server, "insert_race"),
+        row("probe", &hole.ip().to_string(), "dropped"),
+        row("probe", &server, "dropped"),
+        row("probe", &server, "late"),
+        row("probe", &server, "unanswered"),
+    ];
+    let node = bed.topo.node();
+    let mut seen = Vec::new();
+    wait_for(
+        || {
+            seen = failures(&bed.agent.metrics(node).unwrap());
+            seen == expected
+        },
+        Duration::from_secs(6),
+    );
+    assert_eq!(seen, expected);
+    let m = bed.agent.metrics(node).unwrap();
+    assert_eq!(m.count_matching(TIMEOUTS, &[("pod", "probe")]), 3);
+    assert_eq!(m.count_matching(RETRANSMITS, &[("pod", "frontend")]), 1);
+    assert_eq!(m.count_matching(RETRANSMITS, &[("pod", "probe")]), 1);
+    let winner_flow = check_records(&bed, &m);
+    // podnetctl says it in words.
+    let why = bed
+        .agent
+        .podnetctl(&["dns", "why", "web/frontend"])
+        .unwrap();
+    println!("{why}");
+    let expected_why = format!(
+        "A race.test. from web/frontend to {}: lost its conntrack insert race to shop/cart \
+         ({winner_flow}), sent 2 times, answered after",
+        bed.server
+    );
+    assert!(why.contains(&expected_why), "{why}");
+    assert_eq!(why.lines().count(), 1, "{why}");
+}
+
+/// The slow log's records carry the causes, the winner and the kernel's
+/// reasons; returns the winner's flow.
+fn check_records(bed: &WhyBed, m: &Metrics) -> String {
+    let slow = bed.slow_log();
+    let race = record(&slow, "race.test.");
+    assert_eq!(
+        (&race["outcome"], &race["cause"], &race["sends"]),
+        (&json!("retried"), &json!("insert_race"), &json!(2))
+    );
+    assert_eq!(
+        race["winner"]["pod"],
+        json!({"namespace": "shop", "pod": "cart"})
+    );
+    let winner_flow = race["winner"]["flow"].as_str().unwrap().to_owned();
+    assert!(
+        winner_flow.starts_with(&format!("udp {}:", bed.holder().ipv4()))
+            && winner_flow.ends_with(&format!(" -> {}", bed.server)),
+        "{winner_flow}"
+    );
+    let nf = record(&slow, "nf.test.");
+    assert_eq!(
+        (&nf["outcome"], &nf["cause"], &nf["drop_reason"]),
+        (
+            &json!("timeout"),
+            &json!("dropped"),
+            &json!("NETFILTER_DROP")
+        )
+    );
+    // The blackhole's reason is the one podnet_drops_total counted for the probe.
+    let hole = record(&slow, "hole.test.");
+    let reason = hole["drop_reason"].as_str().unwrap();
+    println!("a query into a blackhole route is dropped with reason {reason}");
+    assert_eq!(hole["cause"], "dropped");
+    assert_ne!(reason, "NETFILTER_DROP");
+    let probe_drops = [
+        ("pod", "probe"),
+        ("direction", "egress"),
+        ("reason", reason),
+    ];
+    assert_eq!(m.count_matching("podnet_drops_total", &probe_drops), 1);
+    for (name, outcome, cause) in [
+        ("drop-silent.test.", "timeout", "unanswered"),
+        ("delay-600-late.test.", "retried", "late"),
+        ("delay-500-slow.test.", "slow", "slow"),
+    ] {
+        let r = record(&slow, name);
+        let got = (r["outcome"].as_str(), r["cause"].as_str());
+        assert_eq!(got, (Some(outcome), Some(cause)), "{r}");
+    }
+    winner_flow
 }

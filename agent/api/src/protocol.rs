@@ -377,6 +377,10 @@ pub const CAUSES: &[&str] = &[
     "nxdomain",
     "refused",
     "netfilter_drop",
+    "retried",
+    "dropped",
+    "unanswered",
+    "late",
 ];
 
 /// Which events and records a caller wants: every field that is set must

@@ -774,9 +774,9 @@ mod tests {
         wait_for(&hub, |s| s.followers.len() == 1);
         // A bad filter is refused before anything streams.
         let error =
-            client::follow(&server.path, json!({"filter": {"cause": ["late"]}}), T).unwrap_err();
+            client::follow(&server.path, json!({"filter": {"cause": ["sooner"]}}), T).unwrap_err();
         assert!(
-            error.to_string().contains("unknown cause \"late\""),
+            error.to_string().contains("unknown cause \"sooner\""),
             "{error}"
         );
     }

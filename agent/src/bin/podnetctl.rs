@@ -160,6 +160,15 @@ enum DnsCommand {
         #[arg(long, default_value_t = podnet::api::protocol::DEFAULT_DNS_SLOW_LIMIT)]
         limit: usize,
     },
+    /// Why a pod's recent DNS queries failed, in words: the drop, insert race
+    /// or silence behind each timeout, retransmit and slow answer.
+    Why {
+        /// The pod, as NAMESPACE/POD.
+        pod: String,
+        /// Look at most at this many of the pod's newest recorded queries.
+        #[arg(long, default_value_t = podnet::api::protocol::DEFAULT_DNS_SLOW_LIMIT)]
+        limit: usize,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -191,7 +200,18 @@ fn main() -> ExitCode {
             true,
         ) => follow(
             &args,
-            vec!["timeout", "slow", "servfail", "nxdomain", "refused"],
+            vec![
+                "timeout",
+                "slow",
+                "servfail",
+                "nxdomain",
+                "refused",
+                "retried",
+                "insert_race",
+                "dropped",
+                "unanswered",
+                "late",
+            ],
         ),
         (Some(_), true) => Err(anyhow::anyhow!(
             "--follow applies to podnetctl alone, `conntrack races` and `dns slow`"
@@ -245,9 +265,18 @@ fn follow(args: &Args, causes: Vec<&str>) -> anyhow::Result<()> {
     if matches!(output, Output::Table | Output::Wide) {
         print(output::follow_header(output == Output::Wide).as_bytes())?;
     }
+    // `dns slow --follow` asks for DNS causes, `insert_race` among them:
+    // races themselves are not DNS queries.
+    let dns_only = matches!(
+        &args.command,
+        Some(Command::Dns {
+            command: DnsCommand::Slow { .. }
+        })
+    );
     while let Some(value) = stream.next_event()? {
         // Lines this build does not know (a newer agent) are shown as JSON.
         let line = match serde_json::from_value::<Event>(value.clone()) {
+            Ok(Event::Race(_) | Event::Drop(_)) if dns_only => continue,
             Ok(event) => output.event_line(&event)?,
             Err(_) => serde_json::to_string(&value)? + "\n",
         };
@@ -445,6 +474,26 @@ fn list(
                 |r: &Vec<_>| podnet::dns::view::slow_table(r),
                 |r| output::slow_wide(r),
             )
+        }
+        Command::Dns {
+            command: DnsCommand::Why { pod, limit },
+        } => {
+            let Some((namespace, name)) = pod.split_once('/') else {
+                anyhow::bail!("dns why: give the pod as NAMESPACE/POD, not `{pod}`");
+            };
+            let c = Call::DnsSlow(DnsSlowParams {
+                limit: *limit,
+                filter: EventFilter {
+                    namespace: Some(namespace.to_owned()),
+                    pod: Some(name.to_owned()),
+                    ..filter
+                },
+            });
+            let result = send(&c)?;
+            let failed = |records: &Vec<podnet::dns::decode::QueryRecord>| {
+                podnet::dns::view::why_lines(records)
+            };
+            render(output, &c, result, failed, failed)
         }
         _ => anyhow::bail!("not a list"),
     }

@@ -234,6 +234,8 @@ impl KernelBtf {
             event_budget_per_cpu: 0,
             race_hook: 0,
             skb_protocol: self.offset_of("sk_buff", "protocol")?,
+            // Set by the tracer from its configuration.
+            flow_ports: [0; podnet_common::conntrack::FLOW_PORTS],
         })
     }
 }

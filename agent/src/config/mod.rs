@@ -309,7 +309,10 @@ impl AgentConfig {
                 .cni_bin_dir
                 .unwrap_or_else(|| PathBuf::from(defaults::CNI_BIN_DIR)),
             cleanup: args.cleanup,
-            conntrack: args.conntrack.or(file.conntrack).settings(&bpffs),
+            conntrack: ConntrackSettings {
+                flow_ports: dns.ports.clone(),
+                ..args.conntrack.or(file.conntrack).settings(&bpffs)
+            },
             routing: args
                 .routing
                 .or(file.routing)

@@ -9,6 +9,7 @@
 pub mod ctnetlink;
 pub mod drops;
 pub mod events;
+pub mod flows;
 pub mod metrics;
 pub mod stats;
 mod subsystem;
@@ -92,6 +93,10 @@ pub struct TracerCounters {
     pub other_read_errors: u64,
     /// Such drops skipped: no device, so no known namespace.
     pub other_no_device: u64,
+    /// Drops of DNS flows sent to user space (netfilter's and the others).
+    pub flow_events: u64,
+    /// Drops of DNS flows not sent: the ring buffer was full.
+    pub flow_events_lost: u64,
 }
 
 /// Everything the tracer's kernel maps hold, at one moment.

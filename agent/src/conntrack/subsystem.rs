@@ -14,6 +14,7 @@ use serde_json::Value;
 use super::{
     ctnetlink::NetlinkConntrack,
     events::Enricher,
+    flows::{self, DnsFlows},
     metrics::{self as render, Sources, TopDestinations, PROGRAM},
     stats,
     tracer::{self, EventThreadHandle, RaceHookChoice, Tracer, TracerConfig},
@@ -27,6 +28,7 @@ use crate::{
     },
     bpf::{self, link::Attachment, BpfError},
     endpoint::Registry,
+    flowdrops::FlowDrops,
     metrics::{shared::SharedFamilies, text::Encoder},
     options::options,
     subsystem::{to_json, Subsystem},
@@ -63,6 +65,7 @@ impl ConntrackOptions {
             bpffs: bpffs.to_owned(),
             event_budget_per_cpu: self.race_event_budget.unwrap_or(RACE_EVENT_BUDGET_PER_CPU),
             race_hook: self.race_hook.unwrap_or_default(),
+            flow_ports: Vec::new(),
         }
     }
 }
@@ -76,6 +79,9 @@ pub struct ConntrackSettings {
     pub event_budget_per_cpu: u32,
     /// `--race-hook`.
     pub race_hook: RaceHookChoice,
+    /// Ports whose flows' drops are handed to DNS (`--dns-ports`; none when
+    /// DNS is off).
+    pub flow_ports: Vec<u16>,
 }
 
 /// Errors starting conntrack.
@@ -121,6 +127,7 @@ pub struct Conntrack {
     events: EventThreadHandle,
     event_thread: Mutex<Option<JoinHandle<()>>>,
     drop_thread: Mutex<Option<JoinHandle<()>>>,
+    flow_thread: Mutex<Option<JoinHandle<()>>>,
     netns_inode: u32,
     top: Mutex<TopDestinations>,
 }
@@ -128,11 +135,13 @@ pub struct Conntrack {
 impl Conntrack {
     /// Puts the tracer in place (or adopts its pins) for the agent's network
     /// namespace and starts the race event thread and the drop watcher, both
-    /// publishing to `hub`.
+    /// publishing to `hub`, and the thread that records drops of DNS flows
+    /// (races included) in `flow_drops`.
     pub fn start(
         settings: &ConntrackSettings,
         registry: Registry,
         hub: &EventHub,
+        flow_drops: &FlowDrops,
     ) -> Result<Self, ConntrackError> {
         let netns_inode = bpf::current_netns_inode().map_err(ConntrackError::Netns)?;
         let mut tracer = Tracer::start(&TracerConfig {
@@ -140,12 +149,29 @@ impl Conntrack {
             netns_inode,
             event_budget_per_cpu: settings.event_budget_per_cpu,
             race_hook: settings.race_hook,
+            flow_ports: settings.flow_ports.clone(),
         })?;
         let races = RaceLog::with_capacity(RACE_LOG_CAPACITY);
         let events = EventThreadHandle::default();
         list_endpoints(tracer.take_endpoints(), &registry);
+        let dns = DnsFlows::new(flow_drops, &settings.flow_ports);
         let event_thread = match tracer.take_events() {
-            Some(ring) => Some(spawn_event_thread(ring, &registry, &races, hub, &events)?),
+            Some(ring) => Some(spawn_event_thread(
+                ring, &registry, &races, hub, &events, dns,
+            )?),
+            None => None,
+        };
+        let flow_thread = match tracer.take_flow_drops() {
+            Some(ring) => Some(
+                flows::spawn(
+                    ring,
+                    flow_drops.clone(),
+                    settings.flow_ports.clone(),
+                    tracer.reason_names(),
+                    Arc::clone(&events.stop),
+                )
+                .map_err(ConntrackError::Thread)?,
+            ),
             None => None,
         };
         let tracer = Arc::new(Mutex::new(tracer));
@@ -173,6 +199,7 @@ impl Conntrack {
             events,
             event_thread: Mutex::new(event_thread),
             drop_thread: Mutex::new(Some(drop_thread)),
+            flow_thread: Mutex::new(flow_thread),
             netns_inode,
             top: Mutex::new(TopDestinations::new()),
         })
@@ -268,7 +295,7 @@ impl Subsystem for Conntrack {
         render::render(enc, &sources, &self.registry, &mut top);
         let c = snapshot.counters;
         shared
-            .events_lost(PROGRAM, c.events_lost)
+            .events_lost(PROGRAM, c.events_lost + c.flow_events_lost)
             .map_full("conntrack_drops", c.drop_keys_full)
             .map_full("conntrack_race_destinations", c.dest_keys_full)
             .map_full("conntrack_drop_reasons", c.reason_keys_full)
@@ -297,6 +324,16 @@ impl Subsystem for Conntrack {
         if let Some(handle) = handle {
             if handle.join().is_err() {
                 tracing::error!("drop watcher thread panicked");
+            }
+        }
+        let handle = self
+            .flow_thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("flow drop thread panicked");
             }
         }
     }
@@ -328,6 +365,7 @@ fn spawn_event_thread(
     races: &RaceLog,
     hub: &EventHub,
     events: &EventThreadHandle,
+    dns: DnsFlows,
 ) -> Result<JoinHandle<()>, ConntrackError> {
     let (registry, races, hub, events) =
         (registry.clone(), races.clone(), hub.clone(), events.clone());
@@ -344,7 +382,15 @@ fn spawn_event_thread(
                 }
             };
             let enricher = Enricher::new(registry, table);
-            tracer::run_event_loop(ring, enricher, &races, &hub, &events.stats, &events.stop);
+            tracer::run_event_loop(
+                ring,
+                enricher,
+                &races,
+                &hub,
+                &events.stats,
+                &events.stop,
+                &dns,
+            );
         })
         .map_err(ConntrackError::Thread)
 }

@@ -111,6 +111,9 @@ pub struct TracerConfig {
     pub event_budget_per_cpu: u32,
     /// Which hook counts races.
     pub race_hook: RaceHookChoice,
+    /// Ports whose dropped packets are sent as flow drops (the DNS ports; at
+    /// most [`podnet_common::conntrack::FLOW_PORTS`]).
+    pub flow_ports: Vec<u16>,
 }
 
 /// The loaded tracer and its maps.
@@ -123,6 +126,8 @@ pub struct Tracer {
     destinations: PerCpuHashMap<MapData, DestKey, u64>,
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
+    /// `CT_FLOW_DROPS`, until the flow-drop thread takes it.
+    flow_drops: Option<RingBuf<MapData>>,
     endpoints: Option<aya::maps::HashMap<MapData, podnet_common::AddrKey, u8>>,
     /// `CT_DEPARTED`: drops of sources that left, under the unknown source
     /// (written by user space only; pinned, so they outlive the agent).
@@ -176,10 +181,15 @@ impl Tracer {
         offsets: KernelOffsets,
         hook: RaceHook,
     ) -> Result<Self, BpfError> {
+        let mut flow_ports = [0; podnet_common::conntrack::FLOW_PORTS];
+        for (slot, port) in flow_ports.iter_mut().zip(&config.flow_ports) {
+            *slot = *port;
+        }
         let offsets = KernelOffsets {
             netns_filter: config.netns_inode,
             event_budget_per_cpu: config.event_budget_per_cpu,
             race_hook: hook as u32,
+            flow_ports,
             ..offsets
         };
         tracing::debug!(?offsets, "kernel offsets from BTF");
@@ -234,6 +244,7 @@ impl Tracer {
         let destinations = bpf::take_map(&mut ebpf, m::RACE_DESTS)?;
         let counters = bpf::take_map(&mut ebpf, m::COUNTERS)?;
         let events = bpf::take_map(&mut ebpf, m::EVENTS)?;
+        let flow_drops = bpf::take_map(&mut ebpf, m::FLOW_DROPS)?;
         let endpoints = bpf::take_map(&mut ebpf, m::ENDPOINTS)?;
         let departed = bpf::take_map(&mut ebpf, m::DEPARTED)?;
         let reasons = bpf::take_map(&mut ebpf, m::DROP_REASONS)?;
@@ -247,6 +258,7 @@ impl Tracer {
             destinations,
             counters,
             events: Some(events),
+            flow_drops: Some(flow_drops),
             endpoints: Some(endpoints),
             departed,
             reasons,
@@ -283,6 +295,16 @@ impl Tracer {
     /// Takes the ring buffer, to hand it to the event thread (once).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// Takes the flow-drop ring buffer, to hand it to its thread (once).
+    pub fn take_flow_drops(&mut self) -> Option<RingBuf<MapData>> {
+        self.flow_drops.take()
+    }
+
+    /// The running kernel's `enum skb_drop_reason`: value → name.
+    pub fn reason_names(&self) -> HashMap<u32, String> {
+        self.reason_names.clone()
     }
 
     /// Takes the endpoint address map, to hand it to the thread that keeps it
@@ -388,6 +410,8 @@ impl Tracer {
             other_not_ip: other(drop_counter::NOT_IP)?,
             other_read_errors: other(drop_counter::READ_ERRORS)?,
             other_no_device: other(drop_counter::NO_DEVICE)?,
+            flow_events: other(drop_counter::FLOW_EVENTS)?,
+            flow_events_lost: other(drop_counter::FLOW_EVENTS_LOST)?,
         };
         Ok(TracerSnapshot {
             drops,
@@ -500,15 +524,19 @@ pub fn run_event_loop<T: ConntrackTable>(
     hub: &crate::api::follow::EventHub,
     stats: &EventStats,
     stop: &AtomicBool,
+    dns: &super::flows::DnsFlows,
 ) {
     let heartbeat = heartbeat::registry().register(EVENTS_THREAD, heartbeat::SILENCE_LIMIT);
     let mut reader = RingReader::new(ring, EVENT_POLL_INTERVAL);
     while !stop.load(Ordering::Relaxed) && heartbeat.beat() {
+        let began = crate::sys::monotonic_ns();
         reader.read(|item| {
             stats.received.fetch_add(1, Ordering::Relaxed);
-            let record = decode(item).and_then(|event| enricher.enrich(&event));
+            let record = decode(item)
+                .and_then(|event| enricher.enrich(&event).map(|r| (event.timestamp_ns, r)));
             match record {
-                Ok(record) => {
+                Ok((at_ns, record)) => {
+                    dns.record_race(at_ns, &record);
                     hub.publish(|| record.clone());
                     log.push(record);
                 }
@@ -518,6 +546,7 @@ pub fn run_event_loop<T: ConntrackTable>(
                 }
             }
         });
+        dns.races_read_until(began);
     }
     if stop.load(Ordering::Relaxed) {
         heartbeat.retire();

@@ -42,7 +42,7 @@ impl Event {
     pub fn cause(&self) -> String {
         match self {
             Self::Race(_) => crate::conntrack::events::CAUSE.to_owned(),
-            Self::Dns(r) => r.cause(),
+            Self::Dns(r) => r.cause_label(),
             Self::Drop(_) => crate::conntrack::drops::CAUSE.to_owned(),
             Self::Lost { .. } => String::new(),
         }
@@ -130,7 +130,10 @@ pub(crate) mod tests {
     use super::*;
     use crate::{
         conntrack::events::{Flow, WinnerLookup},
-        dns::decode::Outcome,
+        dns::{
+            cause::{Cause, Diagnosis},
+            decode::Outcome,
+        },
         endpoint::PodRef,
     };
 
@@ -171,6 +174,10 @@ pub(crate) mod tests {
             qtype: "A".into(),
             rcode: rcode.into(),
             latency_us: 5_000_000,
+            sends: 1,
+            cause: None,
+            drop_reason: None,
+            winner: None,
         }
     }
 
@@ -217,6 +224,30 @@ pub(crate) mod tests {
                 "refused",
             ),
             (Event::Drop(drop_record("shop", "c")), "netfilter_drop"),
+            (
+                Event::Dns(query("shop", Outcome::Retried, "NOERROR")),
+                "retried",
+            ),
+            (
+                Event::Dns(
+                    query("shop", Outcome::Timeout, "").with_diagnosis(Some(Diagnosis {
+                        cause: Cause::InsertRace,
+                        drop_reason: None,
+                        winner: None,
+                    })),
+                ),
+                "insert_race",
+            ),
+            (
+                Event::Dns(
+                    query("shop", Outcome::Timeout, "").with_diagnosis(Some(Diagnosis {
+                        cause: Cause::Dropped,
+                        drop_reason: Some("NETFILTER_DROP".into()),
+                        winner: None,
+                    })),
+                ),
+                "dropped",
+            ),
         ];
         for (event, cause) in events {
             assert_eq!(event.cause(), cause);

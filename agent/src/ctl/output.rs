@@ -131,11 +131,7 @@ pub fn races_wide(records: &[RaceRecord]) -> String {
 }
 
 fn outcome(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Slow => "slow",
-        Outcome::Error => "error",
-        Outcome::Timeout => "timeout",
-    }
+    o.label()
 }
 
 #[allow(clippy::cast_precision_loss)] // latencies far below 2^52 µs

@@ -20,6 +20,7 @@ use crate::{
     conntrack::{Conntrack, ConntrackError},
     dns::Dns,
     endpoint::{self, Registry, Source},
+    flowdrops::FlowDrops,
     ipam::service::IpamService,
     pods::Pods,
     routing::Routing,
@@ -141,7 +142,13 @@ impl Daemon {
             registry.clone(),
         )?);
         let hub = EventHub::default();
-        let conntrack = Arc::new(Conntrack::start(&config.conntrack, registry.clone(), &hub)?);
+        let flow_drops = FlowDrops::new();
+        let conntrack = Arc::new(Conntrack::start(
+            &config.conntrack,
+            registry.clone(),
+            &hub,
+            &flow_drops,
+        )?);
         let tc_mode = bpf::tc::resolve(config.tc_attach)?;
         tracing::info!(
             mode = %tc_mode,
@@ -163,6 +170,7 @@ impl Daemon {
             tc_mode,
             registry.clone(),
             &hub,
+            flow_drops,
         )?);
         let pods = Arc::new(Pods::start(config.pods.clone(), registry.clone())?);
         let subsystems: Vec<Arc<dyn Subsystem>> = vec![

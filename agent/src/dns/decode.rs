@@ -9,9 +9,13 @@ use std::{fmt::Write as _, net::SocketAddr};
 use podnet_common::dns::{event_kind, proto, DnsEvent, PendingKey, NAME_BUF_LEN};
 use serde::{Deserialize, Serialize};
 
-use super::{qtype_name, rcode_name};
+use super::{
+    cause::{Cause, Diagnosis},
+    qtype_name, rcode_name,
+};
 use crate::{
     endpoint::{PodRef, Registry},
+    flowdrops::RaceWinner,
     net::kernel_addr,
 };
 
@@ -59,6 +63,20 @@ pub enum Outcome {
     Error,
     /// Not answered before `--dns-timeout`.
     Timeout,
+    /// Answered after the client had sent the query more than once.
+    Retried,
+}
+
+impl Outcome {
+    /// How tables name it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Slow => "slow",
+            Self::Error => "error",
+            Self::Timeout => "timeout",
+            Self::Retried => "retried",
+        }
+    }
 }
 
 /// One slow, failed or unanswered query, as `dns.slow` returns it.
@@ -86,17 +104,45 @@ pub struct QueryRecord {
     pub rcode: String,
     /// Latency in microseconds (time waited, for timeouts).
     pub latency_us: u64,
+    /// Copies of the query the client sent (1 when it was not sent again).
+    #[serde(default)]
+    pub sends: u8,
+    /// Why it failed (timeouts, retried and slow queries).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<Cause>,
+    /// The kernel's drop reason, for cause `dropped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop_reason: Option<String>,
+    /// The flow that held the port, for cause `insert_race`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub winner: Option<RaceWinner>,
 }
 
 impl QueryRecord {
-    /// What went wrong: `timeout`, `slow`, or the response code in lower
-    /// case (`servfail`, `nxdomain`, `refused`, ...).
-    pub fn cause(&self) -> String {
+    /// What went wrong, as `--cause` filters it: the failure's [`Cause`]
+    /// where it has one, else `timeout`, `slow`, or the response code in
+    /// lower case (`servfail`, `nxdomain`, `refused`, ...).
+    pub fn cause_label(&self) -> String {
+        if let Some(cause) = self.cause {
+            return cause.label().to_owned();
+        }
         match self.outcome {
             Outcome::Timeout => "timeout".to_owned(),
             Outcome::Slow => "slow".to_owned(),
+            Outcome::Retried => "retried".to_owned(),
             Outcome::Error => self.rcode.to_ascii_lowercase(),
         }
+    }
+
+    /// Gives the record its diagnosis.
+    #[must_use]
+    pub fn with_diagnosis(mut self, diagnosis: Option<Diagnosis>) -> Self {
+        if let Some(d) = diagnosis {
+            self.cause = Some(d.cause);
+            self.drop_reason = d.drop_reason;
+            self.winner = d.winner;
+        }
+        self
     }
 }
 
@@ -106,7 +152,7 @@ impl crate::api::follow::Followed for QueryRecord {
             filter,
             Some((&self.pod.namespace, &self.pod.pod)),
             Some(self.server),
-            &self.cause(),
+            &self.cause_label(),
         )
     }
 
@@ -145,6 +191,7 @@ pub fn record_of(
         event_kind::SLOW => Outcome::Slow,
         event_kind::ERROR => Outcome::Error,
         event_kind::TIMEOUT => Outcome::Timeout,
+        event_kind::RETRIED => Outcome::Retried,
         k => return Err(DecodeError::Kind(k)),
     };
     let (client, server) = endpoints_of(&event.key)?;
@@ -164,6 +211,10 @@ pub fn record_of(
             rcode_name(event.rcode)
         },
         latency_us: event.latency_ns / 1000,
+        sends: event.sends,
+        cause: None,
+        drop_reason: None,
+        winner: None,
     })
 }
 

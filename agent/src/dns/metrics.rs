@@ -76,6 +76,41 @@ pub fn render(enc: &mut Encoder, snapshot: &DnsSnapshot, registry: &Registry) {
     render_untracked(enc, snapshot, registry);
 }
 
+/// `podnet_dns_failures_total`: queries that timed out or were sent again,
+/// per pod, server and cause; clients that are no endpoint (any more) count
+/// under the host's labels.
+pub fn render_failures(
+    enc: &mut Encoder,
+    counts: &BTreeMap<super::cause::FailureKey, u64>,
+    registry: &Registry,
+) {
+    let mut per_pod: BTreeMap<(PodRef, String, &'static str), u64> = BTreeMap::new();
+    for ((client, server, cause), n) in counts {
+        let key = (
+            registry.pod_for(*client),
+            server_label(server),
+            cause.label(),
+        );
+        *per_pod.entry(key).or_default() += n;
+    }
+    let mut family = enc.family(
+        "podnet_dns_failures_total",
+        MetricType::Counter,
+        "DNS queries that timed out or that the client sent again, by cause: insert_race (a copy lost its conntrack insert race), dropped (a copy was dropped on the node; see podnet_drops_total), unanswered (nothing dropped on the node, no answer), late (answered after the client had sent it again, nothing dropped). Counted by the agent since it started.",
+    );
+    for ((pod, server, cause), n) in &per_pod {
+        family.sample(
+            &[
+                ("namespace", &pod.namespace),
+                ("pod", &pod.pod),
+                ("server", server),
+                ("cause", cause),
+            ],
+            *n,
+        );
+    }
+}
+
 /// `podnet_dns_queries_untracked_total`: queries a pod sent while it had
 /// `PENDING_PER_CLIENT` queries in flight; sources that are no endpoint count
 /// under the host's labels.

@@ -9,6 +9,7 @@
 //! queries with their names ([`QueryLog`], fed by [`decode`]).
 
 pub mod attach;
+pub mod cause;
 pub mod decode;
 pub mod metrics;
 pub mod sweep;
@@ -266,6 +267,7 @@ pub struct Dns {
     history: Arc<Mutex<top::History>>,
     last_reconcile: Arc<Mutex<ReconcileReport>>,
     shared: Arc<Shared>,
+    failures: Arc<cause::FailureCounts>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -305,12 +307,14 @@ pub fn desired_interfaces(registry: &Registry, uplinks: &[String]) -> BTreeMap<S
 impl Dns {
     /// Loads the programs, attaches them to the registry's interfaces and the
     /// uplinks (adopting pinned links) as tcx links or classic tc filters,
-    /// and starts the DNS threads.
+    /// and starts the DNS threads; failed queries get their cause from
+    /// `flow_drops`.
     pub fn start(
         settings: DnsSettings,
         tc_mode: crate::bpf::tc::TcMode,
         registry: Registry,
         hub: &crate::api::follow::EventHub,
+        flow_drops: crate::flowdrops::FlowDrops,
     ) -> Result<Self, DnsError> {
         let mut tracer = DnsTracer::load(
             &settings.bpffs,
@@ -355,6 +359,7 @@ impl Dns {
             history: Arc::new(Mutex::new(history)),
             last_reconcile: Arc::new(Mutex::new(report)),
             shared: Arc::new(Shared::default()),
+            failures: Arc::new(cause::FailureCounts::default()),
             threads: Mutex::new(Vec::new()),
         };
         let worker = worker::Worker {
@@ -367,6 +372,9 @@ impl Dns {
             last_reconcile: dns.last_reconcile.clone(),
             shared: dns.shared.clone(),
             settings,
+            drops: flow_drops,
+            failures: dns.failures.clone(),
+            deferred: Arc::default(),
         };
         if let Some(ring) = ring {
             let events = worker.clone();
@@ -458,6 +466,7 @@ impl Subsystem for Dns {
         match self.snapshot() {
             Ok(snapshot) => {
                 metrics::render(enc, &snapshot, &self.registry);
+                metrics::render_failures(enc, &self.failures.snapshot(), &self.registry);
                 metrics::shared_samples(shared, &snapshot.counters);
             }
             Err(e) => {

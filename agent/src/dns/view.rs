@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use super::{
+    cause::Cause,
     decode::{Outcome, QueryRecord},
     top::TopRow,
 };
@@ -62,13 +63,14 @@ pub fn slow_table(records: &[QueryRecord]) -> String {
         "SERVER",
         "PROTO",
         "OUTCOME",
+        "CAUSE",
         "RCODE",
         "MS",
         "QTYPE",
         "NAME",
     ]
     .map(str::to_owned);
-    let body: Vec<[String; 9]> = records
+    let body: Vec<[String; 10]> = records
         .iter()
         .map(|r| {
             #[allow(clippy::cast_precision_loss)] // latencies far below 2^52 µs
@@ -78,12 +80,8 @@ pub fn slow_table(records: &[QueryRecord]) -> String {
                 r.pod.to_string(),
                 r.server.to_string(),
                 r.proto.clone(),
-                match r.outcome {
-                    Outcome::Slow => "slow",
-                    Outcome::Error => "error",
-                    Outcome::Timeout => "timeout",
-                }
-                .to_owned(),
+                r.outcome.label().to_owned(),
+                r.cause.map_or("-", Cause::label).to_owned(),
                 if r.rcode.is_empty() {
                     "-".to_owned()
                 } else {
@@ -96,6 +94,62 @@ pub fn slow_table(records: &[QueryRecord]) -> String {
         })
         .collect();
     table(std::iter::once(&header).chain(&body))
+}
+
+/// Printed instead of an empty `dns why`.
+pub const NO_FAILURES: &str = "No failed DNS queries recorded for this pod.\n";
+
+/// One sentence per failed query, oldest first: what was asked, by whom, why
+/// it failed and what the client saw, e.g. `A api.example. from
+/// web/frontend-8b1e to 10.96.0.10:53: lost its conntrack insert race to
+/// shop/cart-7d9f (udp 10.244.1.2:41123 -> 10.96.0.10:53), sent 2 times,
+/// answered after 5.0 s`.
+pub fn why_lines(records: &[QueryRecord]) -> String {
+    let mut out = String::new();
+    for r in records.iter().filter(|r| r.cause.is_some()) {
+        let what = match r.cause {
+            Some(Cause::InsertRace) => match &r.winner {
+                Some(w) => format!("lost its conntrack insert race to {} ({})", w.pod, w.flow),
+                None => "lost its conntrack insert race (the winner was gone)".to_owned(),
+            },
+            Some(Cause::Dropped) => format!(
+                "was dropped on the node ({})",
+                r.drop_reason.as_deref().unwrap_or("unknown reason")
+            ),
+            Some(Cause::Unanswered) => {
+                "got no answer, and nothing of it was dropped on the node".to_owned()
+            }
+            Some(Cause::Late) => {
+                "was answered after the client had sent it again, nothing dropped".to_owned()
+            }
+            Some(Cause::Slow) | None => "was answered slowly, nothing dropped".to_owned(),
+        };
+        #[allow(clippy::cast_precision_loss)] // latencies far below 2^52 µs
+        let seconds = r.latency_us as f64 / 1e6;
+        let sent = if r.sends > 1 {
+            format!("sent {} times, ", r.sends)
+        } else {
+            String::new()
+        };
+        let end = if r.outcome == Outcome::Timeout {
+            format!("{sent}no answer after {seconds:.1} s")
+        } else {
+            format!("{sent}answered after {seconds:.1} s")
+        };
+        let _ = writeln!(
+            out,
+            "{} {} {} from {} to {}: {what}, {end}",
+            time_of_day_utc(r.time_unix_ms),
+            r.qtype,
+            r.name,
+            r.pod,
+            r.server
+        );
+    }
+    if out.is_empty() {
+        return NO_FAILURES.to_owned();
+    }
+    out
 }
 
 #[cfg(test)]
@@ -138,7 +192,7 @@ mod tests {
                 "40"
             ]
         );
-        let slow = slow_table(&[QueryRecord {
+        let record = QueryRecord {
             time_unix_ms: 1_000,
             outcome: Outcome::Timeout,
             pod,
@@ -150,7 +204,12 @@ mod tests {
             qtype: "A".into(),
             rcode: String::new(),
             latency_us: 1_250_000,
-        }]);
+            sends: 1,
+            cause: None,
+            drop_reason: None,
+            winner: None,
+        };
+        let slow = slow_table(std::slice::from_ref(&record));
         assert_eq!(
             slow.lines()
                 .nth(1)
@@ -164,10 +223,39 @@ mod tests {
                 "udp",
                 "timeout",
                 "-",
+                "-",
                 "1250.0",
                 "A",
                 "drop.test."
             ]
+        );
+        assert_eq!(why_lines(std::slice::from_ref(&record)), NO_FAILURES);
+        let raced = QueryRecord {
+            outcome: Outcome::Retried,
+            sends: 2,
+            latency_us: 5_004_000,
+            cause: Some(Cause::InsertRace),
+            winner: Some(crate::flowdrops::RaceWinner {
+                pod: PodRef {
+                    namespace: "shop".into(),
+                    pod: "cart-7d9f".into(),
+                },
+                flow: "udp 10.244.1.2:41123 -> 10.96.0.10:53".into(),
+            }),
+            ..record.clone()
+        };
+        let dropped = QueryRecord {
+            cause: Some(Cause::Dropped),
+            drop_reason: Some("NETFILTER_DROP".into()),
+            ..record
+        };
+        assert_eq!(
+            why_lines(&[raced, dropped]),
+            "00:00:01.000 A drop.test. from shop/cart to 10.98.0.2:53: lost its conntrack insert \
+             race to shop/cart-7d9f (udp 10.244.1.2:41123 -> 10.96.0.10:53), sent 2 times, \
+             answered after 5.0 s\n\
+             00:00:01.000 A drop.test. from shop/cart to 10.98.0.2:53: was dropped on the node \
+             (NETFILTER_DROP), no answer after 1.2 s\n"
         );
     }
 }

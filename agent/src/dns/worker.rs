@@ -2,14 +2,17 @@
 //! keeps attachments equal to the registry, and samples totals for `top`.
 
 use std::{
+    collections::VecDeque,
     sync::{atomic::Ordering, Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
 
 use aya::maps::{MapData, RingBuf};
+use podnet_common::dns::DnsEvent;
 
 use super::{
     attach::{Attacher, ReconcileReport},
+    cause::{self, FailureCounts},
     decode, desired_interfaces, lock, sweep, top,
     tracer::DnsTracer,
     DnsSettings, QueryLog, Shared,
@@ -17,6 +20,7 @@ use super::{
 use crate::{
     bpf::ring::RingReader,
     endpoint::{Changes, Registry},
+    flowdrops::FlowDrops,
     heartbeat::{self, Heartbeat},
 };
 
@@ -58,6 +62,9 @@ pub const EVENTS_THREAD: &str = "podnet-dns-ev";
 /// The DNS upkeep thread's name (and its heartbeat's).
 pub const UPKEEP_THREAD: &str = "podnet-dns";
 const EVENT_POLL: Duration = Duration::from_millis(100);
+/// Longest a failed query waits for the drop readers before it is logged
+/// with the drops read so far (they read at least every 100 ms).
+const DEFER_LIMIT: Duration = Duration::from_secs(1);
 
 /// The DNS threads' shared state: one thread drains events, the other
 /// sweeps timeouts, reconciles attachments and samples for `top`.
@@ -76,6 +83,12 @@ pub(super) struct Worker {
     pub(super) last_reconcile: Arc<Mutex<ReconcileReport>>,
     pub(super) shared: Arc<Shared>,
     pub(super) settings: DnsSettings,
+    /// Recent drops of DNS flows, recorded by the conntrack subsystem.
+    pub(super) drops: FlowDrops,
+    /// `podnet_dns_failures_total`.
+    pub(super) failures: Arc<FailureCounts>,
+    /// Failed queries waiting until every drop before them has been read.
+    pub(super) deferred: Arc<Mutex<VecDeque<(Instant, DnsEvent)>>>,
 }
 
 impl Worker {
@@ -86,8 +99,10 @@ impl Worker {
         let mut reader = RingReader::new(ring, EVENT_POLL);
         while !self.shared.stop.load(Ordering::Relaxed) && heartbeat.beat() {
             reader.read(|item| self.on_event(item));
+            self.flush_deferred(false);
         }
         reader.drain(|item| self.on_event(item));
+        self.flush_deferred(true);
         self.retire_on_stop(heartbeat);
     }
 
@@ -149,7 +164,44 @@ impl Worker {
         }
     }
 
-    fn log_event(&self, event: &podnet_common::dns::DnsEvent) {
+    /// Logs `event`, or, when its cause depends on drops not read yet,
+    /// keeps it until they are ([`Self::flush_deferred`]).
+    fn log_event(&self, event: &DnsEvent) {
+        if cause::needs_drops(event) && !self.drops.settled(event.timestamp_ns) {
+            lock(&self.deferred).push_back((Instant::now(), *event));
+            return;
+        }
+        self.finish(event);
+    }
+
+    /// Logs the deferred events whose drops have all been read, or that
+    /// waited [`DEFER_LIMIT`] (a drop reader that stopped must not hold
+    /// them); every one when `all`.
+    fn flush_deferred(&self, all: bool) {
+        loop {
+            let next = {
+                let mut deferred = lock(&self.deferred);
+                match deferred.front() {
+                    Some((since, event))
+                        if all
+                            || since.elapsed() >= DEFER_LIMIT
+                            || self.drops.settled(event.timestamp_ns) =>
+                    {
+                        deferred.pop_front()
+                    }
+                    _ => None,
+                }
+            };
+            let Some((_, event)) = next else {
+                return;
+            };
+            self.finish(&event);
+        }
+    }
+
+    /// Gives `event` its cause, counts it when it is a failure, and logs and
+    /// publishes its record.
+    fn finish(&self, event: &DnsEvent) {
         let age_ns = sweep::monotonic_ns().saturating_sub(event.timestamp_ns);
         let at = SystemTime::now() - Duration::from_nanos(age_ns);
         let ms = at
@@ -157,6 +209,10 @@ impl Worker {
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         match decode::record_of(event, &self.registry, ms) {
             Ok(record) => {
+                let record = record.with_diagnosis(cause::diagnose(event, &self.drops));
+                if let (true, Some(c)) = (cause::is_failure(event), record.cause) {
+                    self.failures.add(record.client.ip(), record.server.ip(), c);
+                }
                 self.hub.publish(|| record.clone());
                 self.log.push(record);
             }
@@ -193,6 +249,12 @@ impl Worker {
         let result = {
             let mut tracer = lock(&self.tracer);
             let moved = if departures.due(live) {
+                let live_ips = departures
+                    .live
+                    .iter()
+                    .filter_map(|k| crate::net::kernel_addr(&k.addr, k.family))
+                    .collect();
+                self.failures.fold_departed(&live_ips);
                 tracer.fold_departed(&departures.live)
             } else {
                 0

@@ -57,14 +57,21 @@ pub struct KernelOffsets {
     pub race_hook: u32,
     /// `sk_buff.protocol` (the L3 protocol, an ethertype in network order).
     pub skb_protocol: u32,
+    /// Ports (host order, 0 = unused) whose dropped UDP and TCP packets are
+    /// sent to user space as [`FlowDrop`]s: the DNS ports, so a failed query
+    /// can be given the drop that lost it.
+    pub flow_ports: [u16; FLOW_PORTS],
 }
+
+/// Slots of [`KernelOffsets::flow_ports`].
+pub const FLOW_PORTS: usize = crate::dns::MAX_PORTS;
 
 impl KernelOffsets {
     /// Marker for a member that this kernel does not have.
     pub const ABSENT: u32 = u32::MAX;
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 104);
 
 /// The kernel hook that counts insert races.
 #[repr(u32)]
@@ -227,9 +234,45 @@ pub mod drop_counter {
     /// Such drops of packets without a device, so without a known network
     /// namespace, while one namespace is observed (skipped).
     pub const NO_DEVICE: u32 = 4;
+    /// Flow drops (of any reason, netfilter's included) not sent because
+    /// `CT_FLOW_DROPS` was full.
+    pub const FLOW_EVENTS_LOST: u32 = 5;
+    /// Flow drops sent to user space.
+    pub const FLOW_EVENTS: u32 = 6;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 7;
 }
+
+/// What dropped a [`FlowDrop`]'s packet.
+pub mod flow_drop_kind {
+    /// A netfilter rule or verdict (`NETFILTER_DROP`), not an insert race
+    /// (races reach user space as [`super::RaceEvent`]s).
+    pub const NETFILTER: u8 = 1;
+    /// Any other `enum skb_drop_reason`.
+    pub const OTHER: u8 = 2;
+}
+
+/// One dropped packet of a flow on a [`KernelOffsets::flow_ports`] port, sent
+/// to user space over `CT_FLOW_DROPS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowDrop {
+    /// `bpf_ktime_get_ns()` at the drop (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    /// The flow: the conntrack entry's original direction when the packet
+    /// had one (the client's view, before NAT), else the IP header's.
+    pub flow: Tuple,
+    /// The `enum skb_drop_reason` value.
+    pub reason: u32,
+    /// [`flow_drop_kind`].
+    pub kind: u8,
+    /// 1 when `flow` was read from the conntrack entry.
+    pub tracked: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<FlowDrop>() == 56);
 
 /// One insert race, sent to user space over the ring buffer.
 #[repr(C)]
@@ -317,6 +360,10 @@ pub mod maps {
     pub const RACE_DESTS_CAPACITY: u32 = 4_096;
     /// Size of `CT_EVENTS` in bytes.
     pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Ring buffer of [`super::FlowDrop`].
+    pub const FLOW_DROPS: &str = "CT_FLOW_DROPS";
+    /// Size of `CT_FLOW_DROPS` in bytes: 4,681 drops between two reads.
+    pub const FLOW_DROPS_BYTES: u32 = 1 << 18;
 }
 
 /// The per-CPU event budget window (`CT_BUDGET`).
@@ -347,6 +394,7 @@ impl_pod!(
     DestKey,
     ReasonKey,
     RaceEvent,
+    FlowDrop,
     BudgetWindow
 );
 

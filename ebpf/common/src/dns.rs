@@ -56,6 +56,9 @@ pub mod event_kind {
     pub const ERROR: u8 = 2;
     /// No answer before the timeout (found by user space, never sent by the kernel).
     pub const TIMEOUT: u8 = 3;
+    /// Answered after the client had sent the query more than once
+    /// ([`super::DnsEvent::sends`] > 1), whatever the latency and rcode.
+    pub const RETRIED: u8 = 4;
 }
 
 /// Transport numbers as in the IP header.
@@ -106,8 +109,10 @@ pub struct Pending {
     /// [`pending_flags`]: how the query's client and server were counted,
     /// so its answer or timeout counts the same way.
     pub flags: u8,
+    /// Copies of the query seen (1, then one more per retransmit; stops at 255).
+    pub sends: u8,
     /// Explicit padding.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// The query name in wire format (length-prefixed labels).
     pub name: [u8; NAME_BUF_LEN],
 }
@@ -263,7 +268,8 @@ impl Default for Pending {
             name_len: 0,
             scope: 0,
             flags: 0,
-            _pad: [0; 2],
+            sends: 0,
+            _pad: 0,
             name: [0; NAME_BUF_LEN],
         }
     }
@@ -332,8 +338,8 @@ pub struct DnsEvent {
     pub kind: u8,
     /// [`scope`].
     pub scope: u8,
-    /// Explicit padding.
-    pub _pad: u8,
+    /// Copies of the query seen ([`Pending::sends`]).
+    pub sends: u8,
     /// Length of `name` in bytes.
     pub name_len: u16,
     /// The query name in wire format.
@@ -354,7 +360,7 @@ impl Default for DnsEvent {
             rcode: 0,
             kind: 0,
             scope: 0,
-            _pad: 0,
+            sends: 0,
             name_len: 0,
             name: [0; NAME_BUF_LEN],
             _tail: [0; 4],

@@ -20,8 +20,9 @@ use aya_ebpf::{
 };
 use podnet_common::{
     conntrack::{
-        classify, counter, direction, drop_counter, maps as m, BudgetWindow, DestKey, DropKey,
-        DropKind, KernelOffsets, RaceEvent, RaceHook, ReasonKey, Tuple, NF_DROP,
+        classify, counter, direction, drop_counter, flow_drop_kind, maps as m, BudgetWindow,
+        DestKey, DropKey, DropKind, FlowDrop, KernelOffsets, RaceEvent, RaceHook, ReasonKey, Tuple,
+        FLOW_PORTS, NF_DROP,
     },
     family, AddrKey, ENDPOINTS_CAPACITY,
 };
@@ -52,6 +53,7 @@ static KERNEL_OFFSETS: KernelOffsets = KernelOffsets {
     event_budget_per_cpu: 0,
     race_hook: RaceHook::DropTracepoint as u32,
     skb_protocol: u32::MAX,
+    flow_ports: [0; FLOW_PORTS],
 };
 
 #[map(name = "CT_DROPS")]
@@ -88,6 +90,11 @@ static CT_RACE_DESTS: PerCpuHashMap<DestKey, u64> =
 #[map(name = "CT_EVENTS")]
 static CT_EVENTS: RingBuf = RingBuf::pinned(m::EVENTS_BYTES, 0);
 
+/// Drops of flows on the configured ports (DNS), for user space to give a
+/// failed query the drop that lost it.
+#[map(name = "CT_FLOW_DROPS")]
+static CT_FLOW_DROPS: RingBuf = RingBuf::pinned(m::FLOW_DROPS_BYTES, 0);
+
 #[map(name = "CT_COUNTERS")]
 static CT_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(counter::COUNT, 0);
 
@@ -101,6 +108,11 @@ static CT_BUDGET: PerCpuArray<BudgetWindow> = PerCpuArray::pinned(1, 0);
 #[map(name = "CT_CONFIRM_DROPPED")]
 static CT_CONFIRM_DROPPED: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
+/// IP protocol numbers of UDP and TCP.
+const PROTO_UDP: u8 = 17;
+const PROTO_TCP: u8 = 6;
+/// Length of the fixed IPv6 header.
+const IPV6_HLEN: usize = 40;
 /// Mask of the conntrack pointer in `skb->_nfct` (`NFCT_PTRMASK`).
 const NFCT_PTRMASK: usize = !7;
 const NSEC_PER_SEC: u64 = 1_000_000_000;
@@ -160,6 +172,13 @@ fn on_netfilter_drop(off: &KernelOffsets, skb: usize, confirm_dropped: bool) {
     };
     count_drop(&original.src_addr, original.family, original.proto, kind);
     if kind != DropKind::InsertRace {
+        send_flow_drop(
+            off,
+            &original,
+            off.drop_reason_netfilter,
+            flow_drop_kind::NETFILTER,
+            true,
+        );
         return;
     }
     bump(counter::INSERT_RACES);
@@ -237,6 +256,75 @@ fn on_other_drop(off: &KernelOffsets, skb: usize, reason: u32) {
     if !increment(&CT_DROP_REASONS, &key) {
         bump_drop(drop_counter::KEYS_FULL);
     }
+    let nfct: usize = read::at(skb, off.skb_nfct).unwrap_or(0);
+    let ct = nfct & NFCT_PTRMASK;
+    if ct != 0 {
+        if let Some(original) = tuple(off, ct, 0) {
+            send_flow_drop(off, &original, reason, flow_drop_kind::OTHER, true);
+            return;
+        }
+    }
+    if let Some(flow) = header_flow(off, skb, &header) {
+        send_flow_drop(off, &flow, reason, flow_drop_kind::OTHER, false);
+    }
+}
+
+/// The packet's flow from its IP header and the ports after it (IPv4 with
+/// its header length, IPv6 without extension headers), for UDP and TCP only.
+#[inline(always)]
+fn header_flow(off: &KernelOffsets, skb: usize, header: &IpHeader) -> Option<Tuple> {
+    if header.proto != PROTO_UDP && header.proto != PROTO_TCP {
+        return None;
+    }
+    let head: usize = read::at(skb, off.skb_head)?;
+    let nh: u16 = read::at(skb, off.skb_network_header)?;
+    let ip = head + nh as usize;
+    let l4 = if header.family == family::INET {
+        let first: u8 = read::at(ip, 0)?;
+        ip + usize::from(first & 0x0f) * 4
+    } else {
+        ip + IPV6_HLEN
+    };
+    let ports: [u16; 2] = read::at(l4, 0)?;
+    Some(Tuple {
+        src_addr: header.src,
+        dst_addr: header.dst,
+        src_port: ports[0],
+        dst_port: ports[1],
+        family: header.family,
+        proto: header.proto,
+        _pad: [0; 2],
+    })
+}
+
+/// Sends `flow`'s drop to user space when either port is one of the flow
+/// ports (UDP and TCP only); costs nothing more for other drops.
+#[inline(always)]
+fn send_flow_drop(off: &KernelOffsets, flow: &Tuple, reason: u32, kind: u8, tracked: bool) {
+    if flow.proto != PROTO_UDP && flow.proto != PROTO_TCP {
+        return;
+    }
+    let (sport, dport) = (u16::from_be(flow.src_port), u16::from_be(flow.dst_port));
+    if !podnet_ebpf::port_listed(&off.flow_ports, dport)
+        && !podnet_ebpf::port_listed(&off.flow_ports, sport)
+    {
+        return;
+    }
+    let Some(mut entry) = CT_FLOW_DROPS.reserve::<FlowDrop>(0) else {
+        bump_drop(drop_counter::FLOW_EVENTS_LOST);
+        return;
+    };
+    entry.write(FlowDrop {
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        flow: *flow,
+        reason,
+        kind,
+        tracked: u8::from(tracked),
+        _pad: [0; 2],
+    });
+    entry.submit(podnet_ebpf::submit_flags(&CT_FLOW_DROPS));
+    bump_drop(drop_counter::FLOW_EVENTS);
 }
 
 /// The fields of a packet's IP header that the drop counts use.
@@ -318,6 +406,15 @@ fn on_untracked_drop(off: &KernelOffsets, skb: usize) {
     };
     bump(counter::NETFILTER_DROPS);
     count_drop(&header.src, header.family, header.proto, DropKind::Other);
+    if let Some(flow) = header_flow(off, skb, &header) {
+        send_flow_drop(
+            off,
+            &flow,
+            off.drop_reason_netfilter,
+            flow_drop_kind::NETFILTER,
+            false,
+        );
+    }
 }
 
 #[inline(always)]

@@ -397,11 +397,16 @@ fn on_query(ctx: &TcContext, flow: &Flow, id: u16, scope: u8) {
         family: flow.family,
         proto: flow.proto,
     };
-    if let Some(first) = DNS_PENDING.get_ptr(&key) {
+    if let Some(first) = DNS_PENDING.get_ptr_mut(&key) {
         // The same query again before an answer: the entry (and its first
-        // send time) stays; the retransmit counts like the query did.
+        // send time) stays; the retransmit counts like the query did, and the
+        // entry remembers that the client sent it again (a plain write: two
+        // CPUs retransmitting the same query at once may count one copy).
         // SAFETY: a map value pointer stays valid for the program's run.
-        let peer = unsafe { (*first).counted_peer(&key, 0) };
+        let peer = unsafe {
+            (*first).sends = (*first).sends.saturating_add(1);
+            (*first).counted_peer(&key, 0)
+        };
         increment(&DNS_RETRANSMITS, &peer);
         return;
     }
@@ -439,7 +444,8 @@ fn on_query(ctx: &TcContext, flow: &Flow, id: u16, scope: u8) {
     p.start_ns = unsafe { bpf_ktime_get_ns() };
     p.qtype = qtype;
     p.name_len = name_len;
-    p._pad = [0; 2];
+    p.sends = 1;
+    p._pad = 0;
     match DNS_PENDING.insert(&key, &*p, BPF_NOEXIST) {
         Ok(()) => {}
         Err(EEXIST) => {
@@ -606,16 +612,18 @@ fn on_answer(ctx: &TcContext, flow: &Flow, id: u16, rcode: u8, scope: u8, slow_n
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: a map value pointer stays valid for the program's run; the
     // fields are copied before the delete below frees the entry.
-    let (start, qtype, peer, client) = unsafe {
+    let (start, qtype, sends, peer, client) = unsafe {
         (
             (*pending).start_ns,
             (*pending).qtype,
+            (*pending).sends,
             (*pending).counted_peer(&key, u16::from(rcode)),
             (*pending).counted_client(&key),
         )
     };
     let latency = now.saturating_sub(start);
     let wanted = latency >= slow_ns
+        || sends > 1
         || rcode == RCODE_SERVFAIL
         || rcode == RCODE_NXDOMAIN
         || rcode == RCODE_REFUSED;
@@ -640,13 +648,15 @@ fn on_answer(ctx: &TcContext, flow: &Flow, id: u16, rcode: u8, scope: u8, slow_n
             (*ev).key = key;
             (*ev).qtype = qtype;
             (*ev).rcode = rcode;
-            (*ev).kind = if latency >= slow_ns {
+            (*ev).kind = if sends > 1 {
+                event_kind::RETRIED
+            } else if latency >= slow_ns {
                 event_kind::SLOW
             } else {
                 event_kind::ERROR
             };
             (*ev).scope = scope;
-            (*ev)._pad = 0;
+            (*ev).sends = sends;
             (*ev).name_len = (*pending).name_len;
             (*ev).name = (*pending).name;
             (*ev)._tail = [0; 4];

@@ -20,8 +20,9 @@ pub const LAYERS: &[&[&str]] = &[
     &["net", "memory", "sys", "recent", "options", "heartbeat"],
     // Plumbing that knows no subsystem: the registry, kernel objects, the API server.
     &["endpoint", "bpf", "api"],
-    // Telemetry: the encoder, one histogram, the metrics server.
-    &["metrics"],
+    // Telemetry: the encoder, one histogram, the metrics server; the recent
+    // drops of DNS flows, which the drop tracer writes and DNS reads.
+    &["metrics", "flowdrops"],
     // The shape of a subsystem, as the daemon sees it.
     &["subsystem"],
     // Subsystems, each owning its state, threads, metrics and views.
