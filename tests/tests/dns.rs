@@ -1340,14 +1340,18 @@ fn check_records(bed: &WhyBed, m: &Metrics) -> String {
         ("reason", reason),
     ];
     assert_eq!(m.count_matching("podnet_drops_total", &probe_drops), 1);
-    for (name, outcome, cause) in [
-        ("drop-silent.test.", "timeout", "unanswered"),
-        ("delay-600-late.test.", "retried", "late"),
-        ("delay-500-slow.test.", "slow", "slow"),
+    for (name, outcome, cause, sends) in [
+        ("drop-silent.test.", "timeout", "unanswered", 1),
+        ("delay-600-late.test.", "retried", "late", 2),
+        ("delay-500-slow.test.", "slow", "slow", 1),
     ] {
         let r = record(&slow, name);
-        let got = (r["outcome"].as_str(), r["cause"].as_str());
-        assert_eq!(got, (Some(outcome), Some(cause)), "{r}");
+        let got = (
+            r["outcome"].as_str(),
+            r["cause"].as_str(),
+            r["sends"].as_u64(),
+        );
+        assert_eq!(got, (Some(outcome), Some(cause), Some(sends)), "{r}");
     }
     winner_flow
 }

@@ -134,6 +134,35 @@ fn outcome(o: Outcome) -> &'static str {
     o.label()
 }
 
+/// The detail of a followed DNS record: the query, and for a failure whose
+/// cause fills the cause column, what the client saw.
+fn dns_detail(r: &QueryRecord, wide: bool) -> String {
+    let query = if wide {
+        format!(
+            "{} {} {} {} -> {} id {} {} ms",
+            r.qtype,
+            r.name,
+            r.proto,
+            r.client,
+            r.server,
+            r.id,
+            latency_ms(r)
+        )
+    } else {
+        format!(
+            "{} {} server {} {} ms",
+            r.qtype,
+            r.name,
+            r.server,
+            latency_ms(r)
+        )
+    };
+    match r.cause {
+        Some(_) => format!("{query} ({}, sent {})", r.outcome.label(), r.sends),
+        None => query,
+    }
+}
+
 #[allow(clippy::cast_precision_loss)] // latencies far below 2^52 µs
 fn latency_ms(r: &QueryRecord) -> String {
     format!("{:.1}", r.latency_us as f64 / 1000.0)
@@ -252,30 +281,7 @@ pub fn follow_row(event: &Event, wide: bool) -> String {
                 format!("{} won by {}", r.flow, winner(&r.winner, false))
             },
         ),
-        Event::Dns(r) => (
-            r.time_unix_ms,
-            r.pod.to_string(),
-            if wide {
-                format!(
-                    "{} {} {} {} -> {} id {} {} ms",
-                    r.qtype,
-                    r.name,
-                    r.proto,
-                    r.client,
-                    r.server,
-                    r.id,
-                    latency_ms(r)
-                )
-            } else {
-                format!(
-                    "{} {} server {} {} ms",
-                    r.qtype,
-                    r.name,
-                    r.server,
-                    latency_ms(r)
-                )
-            },
-        ),
+        Event::Dns(r) => (r.time_unix_ms, r.pod.to_string(), dns_detail(r, wide)),
         Event::Drop(r) => (
             r.time_unix_ms,
             r.pod.to_string(),

@@ -123,9 +123,15 @@ impl QueryRecord {
     /// where it has one, else `timeout`, `slow`, or the response code in
     /// lower case (`servfail`, `nxdomain`, `refused`, ...).
     pub fn cause_label(&self) -> String {
-        if let Some(cause) = self.cause {
-            return cause.label().to_owned();
+        match self.cause {
+            Some(cause) => cause.label().to_owned(),
+            None => self.outcome_label(),
         }
+    }
+
+    /// What the client saw: `timeout`, `slow`, `retried`, or the response
+    /// code in lower case. `--cause` matches this label too.
+    pub fn outcome_label(&self) -> String {
         match self.outcome {
             Outcome::Timeout => "timeout".to_owned(),
             Outcome::Slow => "slow".to_owned(),
@@ -148,12 +154,10 @@ impl QueryRecord {
 
 impl crate::api::follow::Followed for QueryRecord {
     fn matches(&self, filter: &crate::api::protocol::EventFilter) -> bool {
-        crate::api::follow::matches_parts(
-            filter,
-            Some((&self.pod.namespace, &self.pod.pod)),
-            Some(self.server),
-            &self.cause_label(),
-        )
+        let pod = Some((self.pod.namespace.as_str(), self.pod.pod.as_str()));
+        let matches =
+            |cause: &str| crate::api::follow::matches_parts(filter, pod, Some(self.server), cause);
+        matches(&self.cause_label()) || matches(&self.outcome_label())
     }
 
     fn to_line(&self) -> serde_json::Result<Vec<u8>> {

@@ -88,6 +88,7 @@ pub fn sweep(maps: &mut impl SweepMaps, now_ns: u64, timeout: Duration) -> Vec<D
             qtype: value.qtype,
             kind: event_kind::TIMEOUT,
             scope: value.scope,
+            sends: value.sends,
             name_len: value.name_len,
             name: value.name,
             ..DnsEvent::default()
@@ -145,6 +146,7 @@ mod tests {
         Pending {
             start_ns,
             scope: 1,
+            sends: 1,
             ..Pending::default()
         }
     }
@@ -176,6 +178,7 @@ mod tests {
         assert_eq!(events.len(), 1);
         assert_eq!(events[0].key.id, 1);
         assert_eq!(events[0].kind, event_kind::TIMEOUT);
+        assert_eq!(events[0].sends, 1, "the copies the client sent");
         assert_eq!(f.timeouts.values().sum::<u64>(), 1);
     }
 
