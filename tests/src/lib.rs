@@ -30,7 +30,8 @@ pub mod vpc;
 pub use agent::{Agent, EndpointSpec, Metrics};
 pub use dns_client::start_dns_responder;
 pub use netfilter::{
-    conntrack_stats, forward_rule_packets, ip6tables, iptables, read_conntrack_stat, ConntrackStats,
+    conntrack_stats, forward6_rule_packets, forward_rule_packets, ip6tables, iptables,
+    read_conntrack_stat, ConntrackStats,
 };
 pub use netns::{
     in_netns, in_netns_path, unique_ifname, veth, wait_link_up, Netns, MAX_IFNAME_LEN,

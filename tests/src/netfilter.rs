@@ -26,7 +26,21 @@ pub fn iptables(netns: &Netns, args: &[&str]) -> Result<Output> {
 /// The packets the kernel counted for the first rule of the filter table's FORWARD chain
 /// whose listing line contains `needle` (a target such as `DROP`, or a comment).
 pub fn forward_rule_packets(netns: &Netns, needle: &str) -> Result<u64> {
-    let out = iptables(netns, &["-L", "FORWARD", "-v", "-x", "-n"])?;
+    rule_packets(
+        &iptables(netns, &["-L", "FORWARD", "-v", "-x", "-n"])?,
+        needle,
+    )
+}
+
+/// Like [`forward_rule_packets`], for ip6tables' FORWARD chain.
+pub fn forward6_rule_packets(netns: &Netns, needle: &str) -> Result<u64> {
+    rule_packets(
+        &ip6tables(netns, &["-L", "FORWARD", "-v", "-x", "-n"])?,
+        needle,
+    )
+}
+
+fn rule_packets(out: &Output, needle: &str) -> Result<u64> {
     let listing = String::from_utf8_lossy(&out.stdout).into_owned();
     listing
         .lines()

@@ -15,8 +15,9 @@ use std::{
 
 use podnet_tests::{
     dns_client::{next_query_id, start_dns_responder, udp_dns_query, DnsAnswer, DnsQuery},
-    forward_rule_packets, in_netns, iptables, read_conntrack_stat, require_root, spawn_in,
-    wait_for, Agent, EndpointSpec, Metrics, Netns, NsChild, Topology,
+    forward6_rule_packets, forward_rule_packets, in_netns, ip6tables, iptables,
+    read_conntrack_stat, require_root, spawn_in, wait_for, Agent, EndpointSpec, Metrics, Netns,
+    NsChild, Topology,
 };
 use serde_json::{json, Value};
 
@@ -1072,7 +1073,11 @@ impl WhyBed {
                     .interface(pod.host_if())
             })
             .collect();
-        let responder = start_dns_responder(topo.server(), &[topo.server_ipv4().into()]).unwrap();
+        let responder = start_dns_responder(
+            topo.server(),
+            &[topo.server_ipv4().into(), topo.server_ipv6().into()],
+        )
+        .unwrap();
         let agent = Agent::start_with(
             topo.node(),
             &endpoints,
@@ -1088,6 +1093,24 @@ impl WhyBed {
         }
     }
 
+    /// The responder's address of one family.
+    fn server(&self, v6: bool) -> SocketAddr {
+        if v6 {
+            SocketAddr::new(self.topo.server_ipv6().into(), 53)
+        } else {
+            self.server
+        }
+    }
+
+    /// `iptables` or `ip6tables` on the node.
+    fn tables(&self, v6: bool, args: &[&str]) {
+        if v6 {
+            ip6tables(self.topo.node(), args).unwrap();
+        } else {
+            iptables(self.topo.node(), args).unwrap();
+        }
+    }
+
     fn holder(&self) -> &podnet_tests::Pod {
         self.topo.pod(0)
     }
@@ -1098,46 +1121,48 @@ impl WhyBed {
 
     /// Adds (`-A`) or deletes (`-D`) the rule that sends the holder's and
     /// the loser's DNS out of one address and port.
-    fn snat_rule(&self, op: &str) {
-        let snat = format!("{}:40000-40000", self.topo.node_ipv4_to_server());
-        let sources = format!("{},{}", self.holder().ipv4(), self.topo.pod(1).ipv4());
-        iptables(
-            self.topo.node(),
-            &[
-                "-t",
-                "nat",
-                op,
-                "POSTROUTING",
-                "-s",
-                &sources,
-                "-p",
-                "udp",
-                "--dport",
-                "53",
-                "-j",
-                "SNAT",
-                "--to-source",
-                &snat,
-            ],
-        )
-        .unwrap();
+    fn snat_rule(&self, op: &str, v6: bool) {
+        let snat = if v6 {
+            format!("[{}]:40000-40000", self.topo.node_ipv6_to_server())
+        } else {
+            format!("{}:40000-40000", self.topo.node_ipv4_to_server())
+        };
+        let sources = format!("{},{}", self.holder().ip(v6), self.topo.pod(1).ip(v6));
+        let args = [
+            "-t",
+            "nat",
+            op,
+            "POSTROUTING",
+            "-s",
+            &sources,
+            "-p",
+            "udp",
+            "--dport",
+            "53",
+            "-j",
+            "SNAT",
+            "--to-source",
+            &snat,
+        ];
+        self.tables(v6, &args);
     }
 
     /// The holder's query takes the port (its entry lives 30 s); the loser's
-    /// first copy loses the race, and its second, sent once the SNAT rule is
-    /// gone, is answered: one insert race plus one retransmit, as the kernel
-    /// counts it.
-    fn lose_a_race_then_get_answered(&self) {
-        self.snat_rule("-A");
+    /// first copy of `name` loses the race, and its second, sent once the SNAT
+    /// rule is gone, is answered: one insert race plus one retransmit, as the
+    /// kernel counts it.
+    fn lose_a_race_then_get_answered(&self, v6: bool, name: &str) {
+        self.snat_rule("-A", v6);
         let insert_failed = || read_conntrack_stat(self.topo.node(), "insert_failed").unwrap();
         let before = insert_failed();
-        assert!(query(self.holder().netns(), self.server, "hold.test", QTYPE_A).is_some());
+        let server = self.server(v6);
+        assert!(query(self.holder().netns(), server, "hold.test", QTYPE_A).is_some());
         let raced = std::thread::scope(|s| {
             let client = s.spawn(|| {
                 udp_query(
                     self.topo.pod(1).netns(),
-                    self.server,
-                    "race.test",
+                    server,
+                    name,
                     QTYPE_A,
                     2,
                     Duration::from_secs(1),
@@ -1145,7 +1170,7 @@ impl WhyBed {
                 )
             });
             std::thread::sleep(Duration::from_millis(400));
-            self.snat_rule("-D");
+            self.snat_rule("-D", v6);
             client.join().unwrap()
         });
         let raced = raced.expect("the second copy is answered");
@@ -1153,28 +1178,27 @@ impl WhyBed {
         assert_eq!(insert_failed() - before, 1, "the kernel's insert_failed");
     }
 
-    /// A FORWARD rule drops the probe's one query while it is in place.
-    fn drop_by_rule(&self) {
-        let probe = self.topo.pod(2).ipv4().to_string();
+    /// A FORWARD rule drops the probe's one query `name` while it is in place.
+    fn drop_by_rule(&self, v6: bool, name: &str) {
+        let probe = self.topo.pod(2).ip(v6).to_string();
         let rule = |op: &str| {
             let args = [
                 op, "FORWARD", "-s", &probe, "-p", "udp", "--dport", "53", "-j", "DROP",
             ];
-            iptables(self.topo.node(), &args).unwrap();
+            self.tables(v6, &args);
         };
         rule("-I");
         let lost = Duration::from_millis(500);
-        let answer = udp_query(
-            self.probe(),
-            self.server,
-            "nf.test",
-            QTYPE_A,
-            1,
-            Duration::ZERO,
-            lost,
-        );
+        let server = self.server(v6);
+        let answer = udp_query(self.probe(), server, name, QTYPE_A, 1, Duration::ZERO, lost);
         assert!(answer.is_none());
-        assert_eq!(forward_rule_packets(self.topo.node(), "DROP").unwrap(), 1);
+        let node = self.topo.node();
+        let packets = if v6 {
+            forward6_rule_packets(node, "DROP")
+        } else {
+            forward_rule_packets(node, "DROP")
+        };
+        assert_eq!(packets.unwrap(), 1);
         rule("-D");
     }
 
@@ -1255,20 +1279,25 @@ fn every_failed_query_is_given_its_cause() {
     }
     let bed = WhyBed::start();
     let hole: SocketAddr = "10.97.0.5:53".parse().unwrap();
-    bed.lose_a_race_then_get_answered();
-    bed.drop_by_rule();
+    bed.lose_a_race_then_get_answered(false, "race.test");
+    bed.drop_by_rule(false, "nf.test");
+    bed.lose_a_race_then_get_answered(true, "race6.test");
+    bed.drop_by_rule(true, "nf6.test");
     bed.drop_into_blackhole(hole);
     bed.unanswered_late_and_slow();
     let server = bed.server.ip().to_string();
+    let server6 = bed.server(true).ip().to_string();
     let row = |pod: &str, server: &str, cause: &str| {
         (pod.to_owned(), server.to_owned(), cause.to_owned(), 1)
     };
     let expected = vec![
         row("frontend", &server, "insert_race"),
+        row("frontend", &server6, "insert_race"),
         row("probe", &hole.ip().to_string(), "dropped"),
         row("probe", &server, "dropped"),
         row("probe", &server, "late"),
         row("probe", &server, "unanswered"),
+        row("probe", &server6, "dropped"),
     ];
     let node = bed.topo.node();
     let mut seen = Vec::new();
@@ -1281,8 +1310,8 @@ fn every_failed_query_is_given_its_cause() {
     );
     assert_eq!(seen, expected);
     let m = bed.agent.metrics(node).unwrap();
-    assert_eq!(m.count_matching(TIMEOUTS, &[("pod", "probe")]), 3);
-    assert_eq!(m.count_matching(RETRANSMITS, &[("pod", "frontend")]), 1);
+    assert_eq!(m.count_matching(TIMEOUTS, &[("pod", "probe")]), 4);
+    assert_eq!(m.count_matching(RETRANSMITS, &[("pod", "frontend")]), 2);
     assert_eq!(m.count_matching(RETRANSMITS, &[("pod", "probe")]), 1);
     let winner_flow = check_records(&bed, &m);
     // podnetctl says it in words.
@@ -1297,37 +1326,46 @@ fn every_failed_query_is_given_its_cause() {
         bed.server
     );
     assert!(why.contains(&expected_why), "{why}");
-    assert_eq!(why.lines().count(), 1, "{why}");
+    assert_eq!(why.lines().count(), 2, "the IPv4 and IPv6 races: {why}");
 }
 
 /// The slow log's records carry the causes, the winner and the kernel's
-/// reasons; returns the winner's flow.
+/// reasons; returns the IPv4 race's winning flow.
 fn check_records(bed: &WhyBed, m: &Metrics) -> String {
     let slow = bed.slow_log();
-    let race = record(&slow, "race.test.");
-    assert_eq!(
-        (&race["outcome"], &race["cause"], &race["sends"]),
-        (&json!("retried"), &json!("insert_race"), &json!(2))
-    );
-    assert_eq!(
-        race["winner"]["pod"],
-        json!({"namespace": "shop", "pod": "cart"})
-    );
-    let winner_flow = race["winner"]["flow"].as_str().unwrap().to_owned();
-    assert!(
-        winner_flow.starts_with(&format!("udp {}:", bed.holder().ipv4()))
-            && winner_flow.ends_with(&format!(" -> {}", bed.server)),
-        "{winner_flow}"
-    );
-    let nf = record(&slow, "nf.test.");
-    assert_eq!(
-        (&nf["outcome"], &nf["cause"], &nf["drop_reason"]),
-        (
-            &json!("timeout"),
-            &json!("dropped"),
-            &json!("NETFILTER_DROP")
-        )
-    );
+    let mut winner_flows = Vec::new();
+    for (v6, race, nf) in [
+        (false, "race.test.", "nf.test."),
+        (true, "race6.test.", "nf6.test."),
+    ] {
+        let race = record(&slow, race);
+        assert_eq!(
+            (&race["outcome"], &race["cause"], &race["sends"]),
+            (&json!("retried"), &json!("insert_race"), &json!(2))
+        );
+        assert_eq!(
+            race["winner"]["pod"],
+            json!({"namespace": "shop", "pod": "cart"})
+        );
+        let flow = race["winner"]["flow"].as_str().unwrap().to_owned();
+        let holder = SocketAddr::new(bed.holder().ip(v6), 0).to_string();
+        let holder = holder.strip_suffix(":0").unwrap();
+        assert!(
+            flow.starts_with(&format!("udp {holder}:"))
+                && flow.ends_with(&format!(" -> {}", bed.server(v6))),
+            "{flow}"
+        );
+        winner_flows.push(flow);
+        let nf = record(&slow, nf);
+        assert_eq!(
+            (&nf["outcome"], &nf["cause"], &nf["drop_reason"]),
+            (
+                &json!("timeout"),
+                &json!("dropped"),
+                &json!("NETFILTER_DROP")
+            )
+        );
+    }
     // The blackhole's reason is the one podnet_drops_total counted for the probe.
     let hole = record(&slow, "hole.test.");
     let reason = hole["drop_reason"].as_str().unwrap();
@@ -1353,5 +1391,5 @@ fn check_records(bed: &WhyBed, m: &Metrics) -> String {
         );
         assert_eq!(got, (Some(outcome), Some(cause), Some(sends)), "{r}");
     }
-    winner_flow
+    winner_flows.swap_remove(0)
 }
