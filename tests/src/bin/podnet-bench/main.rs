@@ -119,24 +119,50 @@ fn conntrack() -> Result<Value> {
             "ns_per_call": prog_after.ns_per_run_since(&prog_before),
         }));
     }
-    // Drops that are not netfilter's (no socket on the server port): the
-    // program runs on every kfree_skb and leaves at the reason check.
-    let closed = SocketAddr::new(topo.server_ipv4().into(), 9);
+    // Drops that are not netfilter's: in another namespace (no socket on the
+    // server's port: the program leaves at the namespace check), in the
+    // node's (no socket on the node's own address: counted per endpoint and
+    // reason), and there on a DNS port (also sent to user space as a flow drop).
     iptables(topo.node(), &["-t", "nat", "-F", "POSTROUTING"])?;
-    let prog_before = ProgStats::read(prog_id)?;
-    let (sent, _) = udp_flood(
-        a.netns(),
-        SocketAddr::new(a.ipv4().into(), 5002),
-        closed,
-        50_000,
-        PHASE,
-    )?;
-    let prog_after = ProgStats::read(prog_id)?;
-    let other = json!({
-        "sent": sent, "program_runs": prog_after.runs_since(&prog_before),
-        "ns_per_call": prog_after.ns_per_run_since(&prog_before),
-    });
-    eprintln!("non-netfilter drops: {other}");
+    let node_ip = a.gateway_ipv4();
+    let mut other = Vec::new();
+    for (what, dst, sport) in [
+        (
+            "another namespace",
+            SocketAddr::new(topo.server_ipv4().into(), 9),
+            5002,
+        ),
+        (
+            "the node, closed port",
+            SocketAddr::new(node_ip.into(), 7001),
+            5003,
+        ),
+        (
+            "the node, closed DNS port",
+            SocketAddr::new(node_ip.into(), 53),
+            5004,
+        ),
+    ] {
+        let prog_before = ProgStats::read(prog_id)?;
+        let flow_before = status(&agent)?;
+        let (sent, _) = udp_flood(
+            a.netns(),
+            SocketAddr::new(a.ipv4().into(), sport),
+            dst,
+            50_000,
+            PHASE,
+        )?;
+        let prog_after = ProgStats::read(prog_id)?;
+        let flow_after = status(&agent)?;
+        let flow = |v: &Value| v["counters"]["flow_events"].as_u64().unwrap_or(0);
+        let phase = json!({
+            "drops": what, "sent": sent, "program_runs": prog_after.runs_since(&prog_before),
+            "ns_per_call": prog_after.ns_per_run_since(&prog_before),
+            "flow_drop_events": flow(&flow_after) - flow(&flow_before),
+        });
+        eprintln!("non-netfilter drops: {phase}");
+        other.push(phase);
+    }
     drop(agent);
     Ok(json!({
         "lossless_race_events_per_second": best_lossless,
