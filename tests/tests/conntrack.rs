@@ -796,3 +796,98 @@ fn every_drop_is_counted_by_the_kernels_reason() {
     assert_eq!(host("ingress", "IP_INHDR"), 15);
     assert_eq!(host("egress", &blackhole), 30);
 }
+
+/// The kernel's count of source-NATed UDP flows to `dst`: `conntrack -L`.
+fn snat_flows_in_kernel(topo: &Topology, dst: SocketAddr) -> u64 {
+    let out = topo
+        .node()
+        .run_ok(&[
+            "conntrack",
+            "-L",
+            "--src-nat",
+            "-p",
+            "udp",
+            "--dst",
+            &dst.ip().to_string(),
+            "--dport",
+            &dst.port().to_string(),
+        ])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count() as u64
+}
+
+/// `podnet_snat_port_usage_ratio` counts the flows that share a SNAT
+/// address's source ports per destination, as the kernel's table holds them.
+#[test]
+fn snat_port_usage_counts_the_flows_sharing_a_range() {
+    if !require_root() {
+        return;
+    }
+    let topo = Topology::builder().name("ctsnat").pods(2).build().unwrap();
+    let (a, b) = (topo.pod(0), topo.pod(1));
+    let node = topo.node_ipv4_to_server().to_string();
+    iptables(
+        topo.node(),
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            topo.pods_cidr_v4(),
+            "-p",
+            "udp",
+            "-j",
+            "SNAT",
+            "--to-source",
+            &node,
+        ],
+    )
+    .unwrap();
+    let agent = Agent::start(topo.node(), &endpoints(&topo)).unwrap();
+    let busy = SocketAddr::new(topo.server_ipv4().into(), 7010);
+    let quiet = SocketAddr::new(topo.server_ipv4().into(), 7011);
+    for port in 0..40 {
+        udp_send(
+            a.netns(),
+            SocketAddr::new(a.ipv4().into(), 20_000 + port),
+            busy,
+            1,
+        )
+        .unwrap();
+    }
+    for port in 0..8 {
+        udp_send(
+            b.netns(),
+            SocketAddr::new(b.ipv4().into(), 21_000 + port),
+            quiet,
+            1,
+        )
+        .unwrap();
+    }
+    let kernel = (
+        snat_flows_in_kernel(&topo, busy),
+        snat_flows_in_kernel(&topo, quiet),
+    );
+    assert_eq!(kernel, (40, 8), "the kernel's table");
+    let flows = |m: &Metrics, dst: SocketAddr| -> u64 {
+        let ratio = m.value_or_zero(
+            "podnet_snat_port_usage_ratio",
+            &[("destination", &dst.to_string()), ("proto", "udp")],
+        );
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let flows = (ratio * 64_512.0).round() as u64;
+        flows
+    };
+    let mut seen = (0, 0);
+    // One scan every 15 s.
+    wait_for(
+        || {
+            let m = agent.metrics(topo.node()).unwrap();
+            seen = (flows(&m, busy), flows(&m, quiet));
+            seen == kernel
+        },
+        Duration::from_secs(20),
+    );
+    assert_eq!(seen, kernel);
+}

@@ -303,6 +303,101 @@ fn pad4(len: usize) -> usize {
     (len + 3) & !3
 }
 
+/// `NLM_F_DUMP` (`NLM_F_ROOT | NLM_F_MATCH`).
+const NLM_F_DUMP: u16 = 0x300;
+/// `NLMSG_DONE`: the end of a dump.
+const NLMSG_DONE: u16 = 3;
+/// Longest a whole dump may take.
+const DUMP_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How a dump went.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DumpCount {
+    /// Entries handed over.
+    pub entries: usize,
+    /// Entries skipped because they could not be read (a protocol without
+    /// ports, an attribute this code does not know).
+    pub skipped: usize,
+}
+
+impl NetlinkConntrack {
+    /// Hands every entry of the table, both families, to `each`
+    /// (`IPCTNL_MSG_CT_GET` with `NLM_F_DUMP`).
+    pub fn dump(
+        &mut self,
+        mut each: impl FnMut(ConntrackEntry),
+    ) -> Result<DumpCount, CtnetlinkError> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        self.socket
+            .send(&encode_dump(seq), 0)
+            .map_err(CtnetlinkError::Send)?;
+        let deadline = Instant::now() + DUMP_DEADLINE;
+        let mut count = DumpCount::default();
+        loop {
+            let received = match self.socket.recv(&mut &mut self.buf[..], 0) {
+                Ok(n) => n.min(self.buf.len()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(CtnetlinkError::Timeout(self.timeout));
+                }
+                Err(e) => return Err(CtnetlinkError::Recv(e)),
+            };
+            for message in split_messages(&self.buf[..received]) {
+                let message = message?;
+                let header = NetlinkBuffer::new_checked(message)?;
+                if header.sequence_number() != seq {
+                    continue;
+                }
+                if header.message_type() == NLMSG_DONE {
+                    return Ok(count);
+                }
+                match decode_message(message) {
+                    Ok(Decoded::Entry(entry)) => {
+                        count.entries += 1;
+                        each(entry);
+                    }
+                    Ok(Decoded::Status(Some(code))) => {
+                        return Err(CtnetlinkError::Kernel(io::Error::from_raw_os_error(
+                            code.get().saturating_neg(),
+                        )));
+                    }
+                    Ok(Decoded::Status(None) | Decoded::Other(_)) => {}
+                    Err(_) => count.skipped += 1,
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(CtnetlinkError::Timeout(DUMP_DEADLINE));
+            }
+        }
+    }
+}
+
+/// Builds the dump request: `IPCTNL_MSG_CT_GET`, `NLM_F_REQUEST | NLM_F_DUMP`,
+/// family `AF_UNSPEC` (every family).
+pub fn encode_dump(seq: u32) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = seq;
+    let mut message = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Unspec, NFNETLINK_V0, 0),
+            ConntrackMessage::Get(Vec::new()),
+        )),
+    );
+    message.finalize();
+    let mut bytes = vec![0; message.buffer_len()];
+    // The buffer has exactly the length the message asks for, so serialize cannot run out.
+    message.serialize(&mut bytes);
+    bytes
+}
+
 /// Builds the request `IPCTNL_MSG_CT_GET` for the entry whose reply tuple is `reply`.
 ///
 /// One netlink message, `NLM_F_REQUEST | NLM_F_ACK`, with the nfgenmsg family of `reply.src`

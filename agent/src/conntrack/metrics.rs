@@ -313,6 +313,37 @@ fn render_destinations(enc: &mut Encoder, snapshot: &TracerSnapshot, top: &mut T
     }
 }
 
+/// `podnet_snat_port_usage_ratio` of the busiest destinations, and the last
+/// scan's size and duration.
+pub fn render_snat(enc: &mut Encoder, scan: &super::snat::SnatScan) {
+    let mut family = enc.family(
+        "podnet_snat_port_usage_ratio",
+        MetricType::Gauge,
+        "Source-NATed flows to a destination sharing one SNAT address, over the 64,512 source ports NAT picks from (1024-65535); the 10 busiest destinations, from the last conntrack scan (every 15 s). Near 1, new flows to it lose their insert race.",
+    );
+    for usage in &scan.busiest {
+        family.sample(
+            &[
+                ("destination", &usage.destination.to_string()),
+                ("proto", &proto_name(usage.proto)),
+            ],
+            usage.ratio(),
+        );
+    }
+    enc.family(
+        "podnet_snat_scan_entries",
+        MetricType::Gauge,
+        "Conntrack entries read by the last SNAT port usage scan.",
+    )
+    .sample(&[], u64::try_from(scan.entries).unwrap_or(u64::MAX));
+    enc.family(
+        "podnet_snat_scan_duration_seconds",
+        MetricType::Gauge,
+        "How long the last SNAT port usage scan took (ctnetlink dump and count).",
+    )
+    .sample(&[], scan.took.as_secs_f64());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

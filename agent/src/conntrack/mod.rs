@@ -11,6 +11,7 @@ pub mod drops;
 pub mod events;
 pub mod flows;
 pub mod metrics;
+pub mod snat;
 pub mod stats;
 mod subsystem;
 pub mod tracer;

@@ -16,7 +16,7 @@ use super::{
     events::Enricher,
     flows::{self, DnsFlows},
     metrics::{self as render, Sources, TopDestinations, PROGRAM},
-    stats,
+    snat, stats,
     tracer::{self, EventThreadHandle, RaceHookChoice, Tracer, TracerConfig},
     RaceLog, TracerCounters, TracerSnapshot,
 };
@@ -128,6 +128,8 @@ pub struct Conntrack {
     event_thread: Mutex<Option<JoinHandle<()>>>,
     drop_thread: Mutex<Option<JoinHandle<()>>>,
     flow_thread: Mutex<Option<JoinHandle<()>>>,
+    snat: Arc<Mutex<snat::SnatScan>>,
+    snat_thread: Mutex<Option<JoinHandle<()>>>,
     netns_inode: u32,
     top: Mutex<TopDestinations>,
 }
@@ -174,6 +176,9 @@ impl Conntrack {
             ),
             None => None,
         };
+        let snat_scan = Arc::new(Mutex::new(snat::SnatScan::default()));
+        let snat_thread = snat::spawn(Arc::clone(&snat_scan), Arc::clone(&events.stop))
+            .map_err(ConntrackError::Thread)?;
         let tracer = Arc::new(Mutex::new(tracer));
         let drops = Arc::clone(&tracer);
         let drop_thread = super::drops::spawn(
@@ -200,6 +205,8 @@ impl Conntrack {
             event_thread: Mutex::new(event_thread),
             drop_thread: Mutex::new(Some(drop_thread)),
             flow_thread: Mutex::new(flow_thread),
+            snat: snat_scan,
+            snat_thread: Mutex::new(Some(snat_thread)),
             netns_inode,
             top: Mutex::new(TopDestinations::new()),
         })
@@ -293,6 +300,10 @@ impl Subsystem for Conntrack {
             fill,
         };
         render::render(enc, &sources, &self.registry, &mut top);
+        render::render_snat(
+            enc,
+            &self.snat.lock().unwrap_or_else(PoisonError::into_inner),
+        );
         let c = snapshot.counters;
         shared
             .events_lost(PROGRAM, c.events_lost + c.flow_events_lost)
@@ -334,6 +345,16 @@ impl Subsystem for Conntrack {
         if let Some(handle) = handle {
             if handle.join().is_err() {
                 tracing::error!("flow drop thread panicked");
+            }
+        }
+        let handle = self
+            .snat_thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("SNAT scan thread panicked");
             }
         }
     }
