@@ -119,10 +119,25 @@ fn conntrack() -> Result<Value> {
             "ns_per_call": prog_after.ns_per_run_since(&prog_before),
         }));
     }
-    // Drops that are not netfilter's: in another namespace (no socket on the
-    // server's port: the program leaves at the namespace check), in the
-    // node's (no socket on the node's own address: counted per endpoint and
-    // reason), and there on a DNS port (also sent to user space as a flow drop).
+    let other = other_drops(&topo, &agent, prog_id)?;
+    let snat = snat_scan(&topo, &agent)?;
+    drop(agent);
+    Ok(json!({
+        "lossless_race_events_per_second": best_lossless,
+        "phases": phases,
+        "non_netfilter_drops": other,
+        "snat_scan": snat,
+    }))
+}
+
+/// The program's cost on drops that are not netfilter's: in another
+/// namespace (no socket on the server's port: it leaves at the namespace
+/// check), in the node's (no socket on the node's own address: counted per
+/// endpoint and reason), and there on a DNS port (also sent to user space as
+/// a flow drop).
+fn other_drops(topo: &Topology, agent: &Agent, prog_id: u32) -> Result<Vec<Value>> {
+    let a = topo.pod(0);
+    let status = |agent: &Agent| agent.api("status", json!({}));
     iptables(topo.node(), &["-t", "nat", "-F", "POSTROUTING"])?;
     let node_ip = a.gateway_ipv4();
     let mut other = Vec::new();
@@ -144,7 +159,7 @@ fn conntrack() -> Result<Value> {
         ),
     ] {
         let prog_before = ProgStats::read(prog_id)?;
-        let flow_before = status(&agent)?;
+        let flow_before = status(agent)?;
         let (sent, _) = udp_flood(
             a.netns(),
             SocketAddr::new(a.ipv4().into(), sport),
@@ -153,7 +168,7 @@ fn conntrack() -> Result<Value> {
             PHASE,
         )?;
         let prog_after = ProgStats::read(prog_id)?;
-        let flow_after = status(&agent)?;
+        let flow_after = status(agent)?;
         let flow = |v: &Value| v["counters"]["flow_events"].as_u64().unwrap_or(0);
         let phase = json!({
             "drops": what, "sent": sent, "program_runs": prog_after.runs_since(&prog_before),
@@ -163,12 +178,85 @@ fn conntrack() -> Result<Value> {
         eprintln!("non-netfilter drops: {phase}");
         other.push(phase);
     }
-    drop(agent);
-    Ok(json!({
-        "lossless_race_events_per_second": best_lossless,
-        "phases": phases,
-        "non_netfilter_drops": other,
-    }))
+    Ok(other)
+}
+
+/// Conntrack entries the SNAT port usage scan is measured at.
+const SNAT_SCAN_ENTRIES: u64 = 100_000;
+
+/// The SNAT port usage scan with [`SNAT_SCAN_ENTRIES`] source-NATed UDP flows
+/// in the node's table (each pod sends one datagram to each of 50,000 ports
+/// of the server): the last scan's duration and the agent's CPU over 30 s
+/// (two scans, one every 15 s).
+fn snat_scan(topo: &Topology, agent: &Agent) -> Result<Value> {
+    let node = topo.node();
+    // Unanswered UDP entries live 30 s by default: long enough for the fill,
+    // not for two scans.
+    node.run_ok(&[
+        "sysctl",
+        "-qw",
+        "net.netfilter.nf_conntrack_udp_timeout=120",
+    ])?;
+    let to = topo.node_ipv4_to_server().to_string();
+    iptables(
+        node,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-s",
+            topo.pods_cidr_v4(),
+            "-p",
+            "udp",
+            "-j",
+            "SNAT",
+            "--to-source",
+            &to,
+        ],
+    )?;
+    let per_pod = u16::try_from(SNAT_SCAN_ENTRIES / 2)?;
+    for (i, pod) in topo.pods().iter().enumerate().take(2) {
+        let src = SocketAddr::new(pod.ipv4().into(), 6000 + u16::try_from(i)?);
+        podnet_tests::in_netns(pod.netns(), move || -> Result<()> {
+            let socket = std::net::UdpSocket::bind(src)?;
+            for port in 0..per_pod {
+                let dst =
+                    SocketAddr::new(std::net::Ipv4Addr::new(10, 98, 0, 2).into(), 10_000 + port);
+                // A full socket buffer drops a datagram: send it again.
+                while socket.send_to(b"snat", dst).is_err() {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+            Ok(())
+        })??;
+    }
+    let count = node.run_ok(&["conntrack", "-C"])?;
+    let table: u64 = String::from_utf8_lossy(&count.stdout).trim().parse()?;
+    let scanned = |m: &podnet_tests::Metrics| m.count("podnet_snat_scan_entries", &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while scanned(&agent.metrics(node)?) < SNAT_SCAN_ENTRIES {
+        if std::time::Instant::now() > deadline {
+            bail!("no SNAT scan of {SNAT_SCAN_ENTRIES} entries within 40 s (table: {table})");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let pid = agent.pid().ok_or_else(|| anyhow!("the agent has no pid"))?;
+    let cpu = podnet_tests::load::summarise(&podnet_tests::load::sample_process(
+        pid,
+        Duration::from_secs(30),
+        Duration::from_secs(1),
+    )?);
+    let m = agent.metrics(node)?;
+    let report = json!({
+        "table_entries": table,
+        "scan_entries": scanned(&m),
+        "scan_seconds": m.value_or_zero("podnet_snat_scan_duration_seconds", &[]),
+        "agent_cpu_percent_30s": cpu.cpu_percent,
+    });
+    eprintln!("SNAT scan: {report}");
+    node.run_ok(&["sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=30"])?;
+    Ok(report)
 }
 
 /// Pods allocated and released by the IPAM benchmark.
