@@ -73,7 +73,7 @@ const AGENT_HOST_MOUNTS: &[(&str, &str, bool, Option<&str>)] = &[
 /// The capabilities the agent container gets, as the kernel names them.
 const AGENT_CAPABILITIES: &[&str] = &["BPF", "PERFMON", "NET_ADMIN"];
 /// The alerts of the PrometheusRule (deploy/helm/podnet/files/prometheusrule.yaml).
-const ALERTS: usize = 22;
+const ALERTS: usize = 23;
 /// Every alert's `runbook_url` is this prefix and the alert's name in lower case: the
 /// packaging may replace the prefix (one string), never the anchors.
 const RUNBOOK_URL: &str = "https://example.invalid/podnet/blob/main/deploy/RUNBOOK.md#";
