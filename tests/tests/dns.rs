@@ -1148,33 +1148,41 @@ impl WhyBed {
     }
 
     /// The holder's query takes the port (its entry lives 30 s); the loser's
-    /// first copy of `name` loses the race, and its second, sent once the SNAT
-    /// rule is gone, is answered: one insert race plus one retransmit, as the
-    /// kernel counts it.
+    /// first copy of `name` loses the race, and its second (same socket, same
+    /// id), sent once the SNAT rule is gone, is answered: one insert race plus
+    /// one retransmit, as the kernel counts it.
     fn lose_a_race_then_get_answered(&self, v6: bool, name: &str) {
         self.snat_rule("-A", v6);
         let insert_failed = || read_conntrack_stat(self.topo.node(), "insert_failed").unwrap();
         let before = insert_failed();
         let server = self.server(v6);
         assert!(query(self.holder().netns(), server, "hold.test", QTYPE_A).is_some());
-        let raced = std::thread::scope(|s| {
-            let client = s.spawn(|| {
-                udp_query(
-                    self.topo.pod(1).netns(),
-                    server,
-                    name,
-                    QTYPE_A,
-                    2,
-                    Duration::from_secs(1),
-                    Duration::from_secs(3),
-                )
-            });
-            std::thread::sleep(Duration::from_millis(400));
-            self.snat_rule("-D", v6);
-            client.join().unwrap()
-        });
-        let raced = raced.expect("the second copy is answered");
-        assert!(raced.elapsed >= Duration::from_secs(1), "{raced:?}");
+        let bind: SocketAddr = if v6 {
+            "[::]:0".parse().unwrap()
+        } else {
+            "0.0.0.0:0".parse().unwrap()
+        };
+        let socket = in_netns(self.topo.pod(1).netns(), move || {
+            let socket = UdpSocket::bind(bind).unwrap();
+            socket.connect(server).unwrap();
+            socket
+        })
+        .unwrap();
+        let message = query_message(next_query_id(), name, QTYPE_A);
+        socket.send(&message).unwrap();
+        // The first copy is dropped at once; nothing answers it.
+        let lost = wait_for(|| insert_failed() == before + 1, Duration::from_secs(5));
+        assert!(lost, "the first copy lost no race");
+        self.snat_rule("-D", v6);
+        socket.send(&message).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut answer = [0u8; 512];
+        let n = socket
+            .recv(&mut answer)
+            .expect("the second copy is answered");
+        assert!(n >= 12 && answer[..2] == message[..2], "the answer's id");
         assert_eq!(insert_failed() - before, 1, "the kernel's insert_failed");
     }
 
