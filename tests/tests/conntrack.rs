@@ -844,7 +844,12 @@ fn snat_port_usage_counts_the_flows_sharing_a_range() {
         ],
     )
     .unwrap();
-    let agent = Agent::start(topo.node(), &endpoints(&topo)).unwrap();
+    let agent = Agent::start_with(
+        topo.node(),
+        &endpoints(&topo),
+        &["--snat-scan-interval", "2s"],
+    )
+    .unwrap();
     let busy = SocketAddr::new(topo.server_ipv4().into(), 7010);
     let quiet = SocketAddr::new(topo.server_ipv4().into(), 7011);
     for port in 0..40 {
@@ -880,14 +885,14 @@ fn snat_port_usage_counts_the_flows_sharing_a_range() {
         flows
     };
     let mut seen = (0, 0);
-    // One scan every 15 s.
+    // One scan every 2 s.
     wait_for(
         || {
             let m = agent.metrics(topo.node()).unwrap();
             seen = (flows(&m, busy), flows(&m, quiet));
             seen == kernel
         },
-        Duration::from_secs(20),
+        Duration::from_secs(10),
     );
     assert_eq!(seen, kernel);
 }

@@ -319,7 +319,7 @@ pub fn render_snat(enc: &mut Encoder, scan: &super::snat::SnatScan) {
     let mut family = enc.family(
         "podnet_snat_port_usage_ratio",
         MetricType::Gauge,
-        "Source-NATed flows to a destination sharing one SNAT address, over the 64,512 source ports NAT picks from (1024-65535); the 10 busiest destinations, from the last conntrack scan (every 15 s). Near 1, new flows to it lose their insert race.",
+        "Source-NATed flows to a destination sharing one SNAT address, over the 64,512 source ports NAT picks from (1024-65535); the 10 busiest destinations, from the last conntrack scan (--snat-scan-interval, every minute by default). Near 1, new flows to it lose their insert race.",
     );
     for usage in &scan.busiest {
         family.sample(

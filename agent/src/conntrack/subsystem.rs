@@ -30,7 +30,7 @@ use crate::{
     endpoint::Registry,
     flowdrops::FlowDrops,
     metrics::{shared::SharedFamilies, text::Encoder},
-    options::options,
+    options::{duration_arg, duration_key, options},
     subsystem::{to_json, Subsystem},
 };
 
@@ -50,6 +50,11 @@ options! {
         /// tracepoint [default: auto].
         #[arg(long, env = "PODNET_RACE_HOOK", value_enum)]
         pub race_hook: Option<RaceHookChoice>,
+        /// Time between two scans of the conntrack table for SNAT port usage
+        /// (`podnet_snat_port_usage_ratio`); 0s turns the scan off [default: 60s].
+        #[arg(long, env = "PODNET_SNAT_SCAN_INTERVAL", value_parser = duration_arg)]
+        #[serde(default, deserialize_with = "duration_key")]
+        pub snat_scan_interval: Option<std::time::Duration>,
     }
 }
 
@@ -66,6 +71,9 @@ impl ConntrackOptions {
             event_budget_per_cpu: self.race_event_budget.unwrap_or(RACE_EVENT_BUDGET_PER_CPU),
             race_hook: self.race_hook.unwrap_or_default(),
             flow_ports: Vec::new(),
+            snat_scan_interval: self
+                .snat_scan_interval
+                .unwrap_or(snat::DEFAULT_SCAN_INTERVAL),
         }
     }
 }
@@ -82,6 +90,8 @@ pub struct ConntrackSettings {
     /// Ports whose flows' drops are handed to DNS (`--dns-ports`; none when
     /// DNS is off).
     pub flow_ports: Vec<u16>,
+    /// `--snat-scan-interval` (zero: no scan).
+    pub snat_scan_interval: std::time::Duration,
 }
 
 /// Errors starting conntrack.
@@ -177,8 +187,18 @@ impl Conntrack {
             None => None,
         };
         let snat_scan = Arc::new(Mutex::new(snat::SnatScan::default()));
-        let snat_thread = snat::spawn(Arc::clone(&snat_scan), Arc::clone(&events.stop))
-            .map_err(ConntrackError::Thread)?;
+        let snat_thread = if settings.snat_scan_interval.is_zero() {
+            None
+        } else {
+            Some(
+                snat::spawn(
+                    Arc::clone(&snat_scan),
+                    settings.snat_scan_interval,
+                    Arc::clone(&events.stop),
+                )
+                .map_err(ConntrackError::Thread)?,
+            )
+        };
         let tracer = Arc::new(Mutex::new(tracer));
         let drops = Arc::clone(&tracer);
         let drop_thread = super::drops::spawn(
@@ -206,7 +226,7 @@ impl Conntrack {
             drop_thread: Mutex::new(Some(drop_thread)),
             flow_thread: Mutex::new(flow_thread),
             snat: snat_scan,
-            snat_thread: Mutex::new(Some(snat_thread)),
+            snat_thread: Mutex::new(snat_thread),
             netns_inode,
             top: Mutex::new(TopDestinations::new()),
         })

@@ -272,13 +272,14 @@ fn render_conntrack(doc: &mut String, v: &Value) -> Result<()> {
             doc,
             "\nSNAT port usage scan (`podnet_snat_port_usage_ratio`), with {} conntrack entries in \
              the node's table ({} source-NATed UDP flows): one scan (ctnetlink dump and count) \
-             took **{:.3} s**, every 15 s, so {:.2} % of one core; the agent's CPU over 30 s \
-             (two scans, nothing else to do): **{:.2} %** of one core.",
+             took **{:.3} s**, once a minute (`--snat-scan-interval` 60 s), so {:.2} % of one core; the \
+             agent's CPU over the 60 s after it (one more scan, nothing else to do): **{:.2} %** of \
+             one core.",
             snat["table_entries"],
             SNAT_FLOWS,
             num(&snat["scan_seconds"]),
-            num(&snat["scan_seconds"]) / 15.0 * 100.0,
-            num(&snat["agent_cpu_percent_30s"])
+            num(&snat["scan_seconds"]) / 60.0 * 100.0,
+            num(&snat["agent_cpu_percent_60s"])
         )?;
     }
     writeln!(

@@ -186,16 +186,16 @@ const SNAT_SCAN_ENTRIES: u64 = 100_000;
 
 /// The SNAT port usage scan with [`SNAT_SCAN_ENTRIES`] source-NATed UDP flows
 /// in the node's table (each pod sends one datagram to each of 50,000 ports
-/// of the server): the last scan's duration and the agent's CPU over 30 s
-/// (two scans, one every 15 s).
+/// of the server): the last scan's duration and the agent's CPU over 60 s
+/// (one scan a minute, the default).
 fn snat_scan(topo: &Topology, agent: &Agent) -> Result<Value> {
     let node = topo.node();
-    // Unanswered UDP entries live 30 s by default: long enough for the fill,
-    // not for two scans.
+    // Unanswered UDP entries live 30 s by default: not long enough for two
+    // scans a minute apart.
     node.run_ok(&[
         "sysctl",
         "-qw",
-        "net.netfilter.nf_conntrack_udp_timeout=120",
+        "net.netfilter.nf_conntrack_udp_timeout=300",
     ])?;
     let to = topo.node_ipv4_to_server().to_string();
     iptables(
@@ -234,17 +234,17 @@ fn snat_scan(topo: &Topology, agent: &Agent) -> Result<Value> {
     let count = node.run_ok(&["conntrack", "-C"])?;
     let table: u64 = String::from_utf8_lossy(&count.stdout).trim().parse()?;
     let scanned = |m: &podnet_tests::Metrics| m.count("podnet_snat_scan_entries", &[]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let deadline = std::time::Instant::now() + Duration::from_secs(75);
     while scanned(&agent.metrics(node)?) < SNAT_SCAN_ENTRIES {
         if std::time::Instant::now() > deadline {
-            bail!("no SNAT scan of {SNAT_SCAN_ENTRIES} entries within 40 s (table: {table})");
+            bail!("no SNAT scan of {SNAT_SCAN_ENTRIES} entries within 75 s (table: {table})");
         }
         std::thread::sleep(Duration::from_millis(500));
     }
     let pid = agent.pid().ok_or_else(|| anyhow!("the agent has no pid"))?;
     let cpu = podnet_tests::load::summarise(&podnet_tests::load::sample_process(
         pid,
-        Duration::from_secs(30),
+        Duration::from_mins(1),
         Duration::from_secs(1),
     )?);
     let m = agent.metrics(node)?;
@@ -252,7 +252,7 @@ fn snat_scan(topo: &Topology, agent: &Agent) -> Result<Value> {
         "table_entries": table,
         "scan_entries": scanned(&m),
         "scan_seconds": m.value_or_zero("podnet_snat_scan_duration_seconds", &[]),
-        "agent_cpu_percent_30s": cpu.cpu_percent,
+        "agent_cpu_percent_60s": cpu.cpu_percent,
     });
     eprintln!("SNAT scan: {report}");
     node.run_ok(&["sysctl", "-qw", "net.netfilter.nf_conntrack_udp_timeout=30"])?;
