@@ -273,8 +273,8 @@ fn render_conntrack(doc: &mut String, v: &Value) -> Result<()> {
             "\nSNAT port usage scan (`podnet_snat_port_usage_ratio`), with {} conntrack entries in \
              the node's table ({} source-NATed UDP flows): one scan (ctnetlink dump and count) \
              took **{:.3} s**, once a minute (`--snat-scan-interval` 60 s), so {:.2} % of one core; the \
-             agent's CPU over the 60 s after it (one more scan, nothing else to do): **{:.2} %** of \
-             one core.",
+             agent's whole CPU over the 60 s after it (one more scan and its other work at rest): \
+             **{:.2} %** of one core.",
             snat["table_entries"],
             SNAT_FLOWS,
             num(&snat["scan_seconds"]),
