@@ -558,7 +558,7 @@ mod tests {
         };
         assert_eq!(
             bad.validate().unwrap_err(),
-            "unknown cause \"timout\"; known causes: insert_race, timeout, slow, servfail, nxdomain, refused, netfilter_drop"
+            "unknown cause \"timout\"; known causes: insert_race, timeout, slow, servfail, nxdomain, refused, netfilter_drop, retried, dropped, unanswered, late"
         );
         for (server, ok) in [
             ("10.0.0.1", true),
