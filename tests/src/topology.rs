@@ -138,15 +138,23 @@ impl Topology {
     /// set-up in which every new flow to an address and port already held by
     /// another pod's flow loses the conntrack insert race.
     pub fn snat_pods_to_one_port(&self, proto: &str, v6: bool, port: u16) -> Result<()> {
+        self.snat_pods(proto, v6, Some(port))
+    }
+
+    /// Source-NATs every `proto` flow from the pods to the node's address
+    /// towards the server (IPv6 with `v6`), on `port` alone, or on the
+    /// ports NAT picks itself without one.
+    pub fn snat_pods(&self, proto: &str, v6: bool, port: Option<u16>) -> Result<()> {
+        let ports = port.map(|p| format!(":{p}-{p}")).unwrap_or_default();
         let (cidr, to) = if v6 {
             (
                 self.pods_cidr_v6(),
-                format!("[{}]:{port}-{port}", self.node_ipv6_to_server()),
+                format!("[{}]{ports}", self.node_ipv6_to_server()),
             )
         } else {
             (
                 self.pods_cidr_v4(),
-                format!("{}:{port}-{port}", self.node_ipv4_to_server()),
+                format!("{}{ports}", self.node_ipv4_to_server()),
             )
         };
         let args = [

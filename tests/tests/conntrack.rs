@@ -782,7 +782,10 @@ fn every_drop_is_counted_by_the_kernels_reason() {
     );
     let gone = agent.metrics(topo.node()).unwrap();
     assert!(moved, "{}", gone.0);
-    assert_eq!(gone.count_sum(REASONS), total);
+    // Never less: other packets of the node may be dropped meanwhile (one
+    // more in a CI run); the moved series below are exact.
+    let now = gone.count_sum(REASONS);
+    assert!(now >= total, "{now} < {total}");
     let host = |direction: &str, reason: &str| {
         gone.count_matching(
             REASONS,
@@ -825,25 +828,7 @@ fn snat_port_usage_counts_the_flows_sharing_a_range() {
     }
     let topo = Topology::builder().name("ctsnat").pods(2).build().unwrap();
     let (a, b) = (topo.pod(0), topo.pod(1));
-    let node = topo.node_ipv4_to_server().to_string();
-    iptables(
-        topo.node(),
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-s",
-            topo.pods_cidr_v4(),
-            "-p",
-            "udp",
-            "-j",
-            "SNAT",
-            "--to-source",
-            &node,
-        ],
-    )
-    .unwrap();
+    topo.snat_pods("udp", false, None).unwrap();
     let agent = Agent::start_with(
         topo.node(),
         &endpoints(&topo),

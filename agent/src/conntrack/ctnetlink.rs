@@ -185,6 +185,24 @@ impl NetlinkConntrack {
             buf: vec![0; RECV_BUFFER_LEN],
         })
     }
+
+    /// Receives one datagram into the buffer and returns its length (0 when
+    /// interrupted); waiting longer than the socket's timeout is an error.
+    fn receive(&mut self) -> Result<usize, CtnetlinkError> {
+        match self.socket.recv(&mut &mut self.buf[..], 0) {
+            Ok(n) => Ok(n.min(self.buf.len())),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(0),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(CtnetlinkError::Timeout(self.timeout))
+            }
+            Err(e) => Err(CtnetlinkError::Recv(e)),
+        }
+    }
 }
 
 impl ConntrackTable for NetlinkConntrack {
@@ -210,19 +228,7 @@ impl ConntrackTable for NetlinkConntrack {
         let deadline = Instant::now() + self.timeout;
         let mut answer = Answer::default();
         loop {
-            let received = match self.socket.recv(&mut &mut self.buf[..], 0) {
-                Ok(n) => n.min(self.buf.len()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(CtnetlinkError::Timeout(self.timeout));
-                }
-                Err(e) => return Err(CtnetlinkError::Recv(e)),
-            };
+            let received = self.receive()?;
             if let Progress::Done(found) = answer.feed(&self.buf[..received], seq)? {
                 return Ok(found);
             }
@@ -335,19 +341,7 @@ impl NetlinkConntrack {
         let deadline = Instant::now() + DUMP_DEADLINE;
         let mut count = DumpCount::default();
         loop {
-            let received = match self.socket.recv(&mut &mut self.buf[..], 0) {
-                Ok(n) => n.min(self.buf.len()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(CtnetlinkError::Timeout(self.timeout));
-                }
-                Err(e) => return Err(CtnetlinkError::Recv(e)),
-            };
+            let received = self.receive()?;
             for message in split_messages(&self.buf[..received]) {
                 let message = message?;
                 let header = NetlinkBuffer::new_checked(message)?;

@@ -197,24 +197,7 @@ fn snat_scan(topo: &Topology, agent: &Agent) -> Result<Value> {
         "-qw",
         "net.netfilter.nf_conntrack_udp_timeout=300",
     ])?;
-    let to = topo.node_ipv4_to_server().to_string();
-    iptables(
-        node,
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-s",
-            topo.pods_cidr_v4(),
-            "-p",
-            "udp",
-            "-j",
-            "SNAT",
-            "--to-source",
-            &to,
-        ],
-    )?;
+    topo.snat_pods("udp", false, None)?;
     let per_pod = u16::try_from(SNAT_SCAN_ENTRIES / 2)?;
     for (i, pod) in topo.pods().iter().enumerate().take(2) {
         let src = SocketAddr::new(pod.ipv4().into(), 6000 + u16::try_from(i)?);
