@@ -65,6 +65,10 @@ const EVENT_POLL: Duration = Duration::from_millis(100);
 /// Longest a failed query waits for the drop readers before it is logged
 /// with the drops read so far (they read at least every 100 ms).
 const DEFER_LIMIT: Duration = Duration::from_secs(1);
+/// Most failed queries kept waiting for the drop readers; beyond, the oldest
+/// is logged at once with the drops read so far (a pod that makes failures
+/// faster than the readers catch up cannot grow the agent's memory).
+const DEFER_CAPACITY: usize = 4096;
 
 /// The DNS threads' shared state: one thread drains events, the other
 /// sweeps timeouts, reconciles attachments and samples for `top`.
@@ -168,7 +172,16 @@ impl Worker {
     /// keeps it until they are ([`Self::flush_deferred`]).
     fn log_event(&self, event: &DnsEvent) {
         if cause::needs_drops(event) && !self.drops.settled(event.timestamp_ns) {
-            lock(&self.deferred).push_back((Instant::now(), *event));
+            let oldest = {
+                let mut deferred = lock(&self.deferred);
+                deferred.push_back((Instant::now(), *event));
+                (deferred.len() > DEFER_CAPACITY)
+                    .then(|| deferred.pop_front())
+                    .flatten()
+            };
+            if let Some((_, oldest)) = oldest {
+                self.finish(&oldest);
+            }
             return;
         }
         self.finish(event);
