@@ -102,7 +102,6 @@ struct Inner {
 pub struct FlowDrops {
     inner: Arc<Mutex<Inner>>,
     marks: Arc<Mutex<Vec<ReadMark>>>,
-    forgotten: Arc<AtomicU64>,
 }
 
 impl FlowDrops {
@@ -152,8 +151,8 @@ impl FlowDrops {
                 .get(&oldest)
                 .and_then(|d| d.back())
                 .is_none_or(|newest| newest.at_ns < horizon || inner.by_flow.len() > CAPACITY);
-            if stale && inner.by_flow.remove(&oldest).is_some() {
-                self.forgotten.fetch_add(1, Ordering::Relaxed);
+            if stale {
+                inner.by_flow.remove(&oldest);
             }
         }
         // Stale duplicates of live flows: keep the order queue bounded too.
@@ -179,30 +178,21 @@ impl FlowDrops {
             .find(|d| d.at_ns >= from_ns && d.at_ns <= until_ns)
             .cloned()
     }
-
-    /// Flows remembered now.
-    pub fn len(&self) -> usize {
-        self.inner
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_flow
-            .len()
-    }
-
-    /// Whether no flow is remembered.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Flows forgotten before their time because the record was full.
-    pub fn forgotten(&self) -> u64 {
-        self.forgotten.load(Ordering::Relaxed)
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl FlowDrops {
+        fn len(&self) -> usize {
+            self.inner
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .by_flow
+                .len()
+        }
+    }
 
     fn flow(port: u16) -> FlowKey {
         FlowKey {
@@ -242,21 +232,24 @@ mod tests {
         drops.record(flow(2), KEEP_NS + 10, dropped("late"));
         assert_eq!(drops.len(), 1);
         assert_eq!(drops.find(&flow(1), 0, u64::MAX), None);
-        assert_eq!(drops.forgotten(), 1);
     }
 
     #[test]
     fn holds_at_most_its_capacity_of_flows() {
         let drops = FlowDrops::new();
-        for i in 0..u32::try_from(CAPACITY + 100).unwrap() {
-            let key = FlowKey {
-                client: SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 1000)),
-                ..flow(1)
-            };
-            drops.record(key, u64::from(i), dropped("X"));
+        let key = |i: u32| FlowKey {
+            client: SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 1000)),
+            ..flow(1)
+        };
+        let flows = u32::try_from(CAPACITY + 100).unwrap();
+        for i in 0..flows {
+            drops.record(key(i), u64::from(i), dropped("X"));
         }
+        let (first, last) = (key(0), key(flows - 1));
         assert_eq!(drops.len(), CAPACITY);
-        assert_eq!(drops.forgotten(), 100);
+        // The oldest went first.
+        assert_eq!(drops.find(&first, 0, u64::MAX), None);
+        assert!(drops.find(&last, 0, u64::MAX).is_some());
     }
 
     #[test]

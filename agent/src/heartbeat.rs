@@ -21,6 +21,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
         Arc, Mutex, OnceLock, PoisonError,
     },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -270,6 +271,17 @@ impl Drop for Heartbeat {
 pub fn registry() -> &'static Heartbeats {
     static REGISTRY: OnceLock<Heartbeats> = OnceLock::new();
     REGISTRY.get_or_init(Heartbeats::new)
+}
+
+/// Takes the worker thread out of `slot`, if it is still there, and waits
+/// for it to end; a panic in it is logged with its `name`.
+pub fn join(slot: &Mutex<Option<JoinHandle<()>>>, name: &str) {
+    let handle = slot.lock().unwrap_or_else(PoisonError::into_inner).take();
+    if let Some(handle) = handle {
+        if handle.join().is_err() {
+            tracing::error!(thread = name, "a worker thread panicked");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ use crate::{
     bpf::{self, link::Attachment, BpfError},
     endpoint::Registry,
     flowdrops::FlowDrops,
+    heartbeat,
     metrics::{shared::SharedFamilies, text::Encoder},
     options::{duration_arg, duration_key, options},
     subsystem::{to_json, Subsystem},
@@ -337,46 +338,10 @@ impl Subsystem for Conntrack {
 
     fn stop(&self) {
         self.events.stop.store(true, Ordering::Relaxed);
-        let handle = self
-            .event_thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                tracing::error!("race event thread panicked");
-            }
-        }
-        let handle = self
-            .drop_thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                tracing::error!("drop watcher thread panicked");
-            }
-        }
-        let handle = self
-            .flow_thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                tracing::error!("flow drop thread panicked");
-            }
-        }
-        let handle = self
-            .snat_thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                tracing::error!("SNAT scan thread panicked");
-            }
-        }
+        heartbeat::join(&self.event_thread, tracer::EVENTS_THREAD);
+        heartbeat::join(&self.drop_thread, super::drops::THREAD);
+        heartbeat::join(&self.flow_thread, flows::FLOWS_THREAD);
+        heartbeat::join(&self.snat_thread, snat::SNAT_THREAD);
     }
 }
 

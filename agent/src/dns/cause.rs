@@ -58,16 +58,12 @@ pub struct Diagnosis {
     pub winner: Option<RaceWinner>,
 }
 
-/// Whether `event`'s cause depends on drops (a timeout or a retried query):
-/// it is decided once every drop up to the event has been read.
-pub fn needs_drops(event: &DnsEvent) -> bool {
-    matches!(event.kind, event_kind::TIMEOUT | event_kind::RETRIED)
-}
-
-/// Whether `event` counts in `podnet_dns_failures_total`: it timed out or
-/// the client sent it more than once.
+/// Whether `event` is a failure: it timed out or the client sent it more
+/// than once. A failure counts in `podnet_dns_failures_total`, and its cause
+/// depends on the drops of its flow, so it is decided once every drop up to
+/// the event has been read.
 pub fn is_failure(event: &DnsEvent) -> bool {
-    needs_drops(event)
+    matches!(event.kind, event_kind::TIMEOUT | event_kind::RETRIED)
 }
 
 /// The cause of `event`; `None` for answers that are only errors (SERVFAIL,

@@ -171,7 +171,7 @@ impl Worker {
     /// Logs `event`, or, when its cause depends on drops not read yet,
     /// keeps it until they are ([`Self::flush_deferred`]).
     fn log_event(&self, event: &DnsEvent) {
-        if cause::needs_drops(event) && !self.drops.settled(event.timestamp_ns) {
+        if cause::is_failure(event) && !self.drops.settled(event.timestamp_ns) {
             let oldest = {
                 let mut deferred = lock(&self.deferred);
                 deferred.push_back((Instant::now(), *event));

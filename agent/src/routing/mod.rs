@@ -390,16 +390,7 @@ impl Subsystem for Routing {
     /// Stops the reconcile thread; routes, rules, SNAT and the fast path stay.
     fn stop(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
-        let handle = self
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            if handle.join().is_err() {
-                tracing::error!("routing thread panicked");
-            }
-        }
+        crate::heartbeat::join(&self.thread, "routing");
     }
 }
 

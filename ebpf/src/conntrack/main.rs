@@ -264,7 +264,7 @@ fn on_other_drop(off: &KernelOffsets, skb: usize, reason: u32) {
             return;
         }
     }
-    if let Some(flow) = header_flow(off, skb, &header) {
+    if let Some(flow) = header_flow(&header) {
         send_flow_drop(off, &flow, reason, flow_drop_kind::OTHER, false);
     }
 }
@@ -272,20 +272,11 @@ fn on_other_drop(off: &KernelOffsets, skb: usize, reason: u32) {
 /// The packet's flow from its IP header and the ports after it (IPv4 with
 /// its header length, IPv6 without extension headers), for UDP and TCP only.
 #[inline(always)]
-fn header_flow(off: &KernelOffsets, skb: usize, header: &IpHeader) -> Option<Tuple> {
+fn header_flow(header: &IpHeader) -> Option<Tuple> {
     if header.proto != PROTO_UDP && header.proto != PROTO_TCP {
         return None;
     }
-    let head: usize = read::at(skb, off.skb_head)?;
-    let nh: u16 = read::at(skb, off.skb_network_header)?;
-    let ip = head + nh as usize;
-    let l4 = if header.family == family::INET {
-        let first: u8 = read::at(ip, 0)?;
-        ip + usize::from(first & 0x0f) * 4
-    } else {
-        ip + IPV6_HLEN
-    };
-    let ports: [u16; 2] = read::at(l4, 0)?;
+    let ports: [u16; 2] = read::at(header.l4, 0)?;
     Some(Tuple {
         src_addr: header.src,
         dst_addr: header.dst,
@@ -333,6 +324,9 @@ struct IpHeader {
     proto: u8,
     src: [u8; 16],
     dst: [u8; 16],
+    /// Address of the header after the IP header (IPv6: without extension
+    /// headers).
+    l4: usize,
 }
 
 /// Why [`ip_header`] found no header.
@@ -355,9 +349,11 @@ fn ip_header(off: &KernelOffsets, skb: usize) -> Result<IpHeader, HeaderError> {
         proto: 0,
         src: [0; 16],
         dst: [0; 16],
+        l4: ip + IPV6_HLEN,
     };
     match first >> 4 {
         4 => {
+            header.l4 = ip + usize::from(first & 0x0f) * 4;
             header.src[..4]
                 .copy_from_slice(&read::at::<[u8; 4]>(ip, 12).ok_or(HeaderError::Unreadable)?);
             header.dst[..4]
@@ -406,7 +402,7 @@ fn on_untracked_drop(off: &KernelOffsets, skb: usize) {
     };
     bump(counter::NETFILTER_DROPS);
     count_drop(&header.src, header.family, header.proto, DropKind::Other);
-    if let Some(flow) = header_flow(off, skb, &header) {
+    if let Some(flow) = header_flow(&header) {
         send_flow_drop(
             off,
             &flow,

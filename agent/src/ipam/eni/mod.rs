@@ -234,16 +234,7 @@ impl EniIpam {
     pub fn stop(&self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         self.shared.wake.notify_all();
-        let handle = self
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(h) = handle {
-            if h.join().is_err() {
-                tracing::error!("ENI thread panicked");
-            }
-        }
+        crate::heartbeat::join(&self.thread, "ENI");
     }
 
     /// The thread's view.
