@@ -392,8 +392,13 @@ fn recovers_from_a_damaged_checkpoint(name: &str, damage: impl Fn(&Path)) {
         "the gone pods were not released: {:?}",
         endpoints(&agent)
     );
+    // The agent logs the release right after it applies it.
     let released = "IPAM recovery: released the pods whose network namespace is gone";
-    assert!(agent.log().contains(released), "{}", agent.log());
+    assert!(
+        wait_for(|| agent.log().contains(released), Duration::from_secs(5)),
+        "{}",
+        agent.log()
+    );
     eprintln!(
         "ipam_durability: released {:?} after the grace, {:?} after the start",
         gone_ids,
