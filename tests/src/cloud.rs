@@ -406,15 +406,60 @@ pub struct ProxiedCall {
     pub throttled: bool,
 }
 
+/// One answer moto gave to a listing: when, to which request, what.
+#[derive(Debug)]
+struct Listing {
+    at: Instant,
+    request: Vec<u8>,
+    head: String,
+    body: Vec<u8>,
+}
+
 #[derive(Debug, Default)]
 struct ProxyState {
     throttle_left: AtomicU32,
     calls: Mutex<Vec<ProxiedCall>>,
+    /// How old a `DescribeNetworkInterfaces` answer may be (zero: fresh).
+    listing_age: Mutex<Duration>,
+    listings: Mutex<Vec<Listing>>,
+    /// moto's port.
+    upstream: u16,
+}
+
+impl ProxyState {
+    /// moto's answer to `req`, or, with a listing age set, the oldest answer
+    /// moto gave to the same listing within that age: EC2's Describe calls
+    /// lag behind its changes (eventual consistency).
+    fn answer(&self, req: &Request, action: &str) -> Result<(String, Vec<u8>)> {
+        let fresh = forward(req, self.upstream)?;
+        let age = *self
+            .listing_age
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if action != "DescribeNetworkInterfaces" || age.is_zero() {
+            return Ok(fresh);
+        }
+        let mut listings = self.listings.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        listings.retain(|l| now.duration_since(l.at) <= age);
+        listings.push(Listing {
+            at: now,
+            request: req.body.clone(),
+            head: fresh.0,
+            body: fresh.1,
+        });
+        let oldest = listings
+            .iter()
+            .find(|l| l.request == req.body)
+            .context("the listing just recorded is gone")?;
+        Ok((oldest.head.clone(), oldest.body.clone()))
+    }
 }
 
 /// An HTTP proxy in front of moto that answers the next N calls with HTTP
-/// 503 `RequestLimitExceeded` (EC2's throttling error) and passes every other
-/// call through, recording each call. One request per connection.
+/// 503 `RequestLimitExceeded` (EC2's throttling error), can serve listings
+/// up to a given age, and passes every other call through, recording each
+/// call. One request per connection.
 #[derive(Debug)]
 pub struct ThrottleProxy {
     server: Server,
@@ -424,10 +469,13 @@ pub struct ThrottleProxy {
 impl ThrottleProxy {
     /// Starts it on the loopback of `node`, forwarding to `127.0.0.1:upstream`.
     pub fn start(node: &Netns, upstream: u16) -> Result<Self> {
-        let state = Arc::new(ProxyState::default());
+        let state = Arc::new(ProxyState {
+            upstream,
+            ..ProxyState::default()
+        });
         let s = state.clone();
         let server = Server::start(node, move |conn| {
-            if let Err(e) = proxy_one(conn, upstream, &s) {
+            if let Err(e) = proxy_one(conn, &s) {
                 eprintln!("podnet-tests: throttle proxy: {e:#}");
             }
         })?;
@@ -442,6 +490,16 @@ impl ThrottleProxy {
     /// Answers the next `n` calls with `RequestLimitExceeded`.
     pub fn throttle_next(&self, n: u32) {
         self.state.throttle_left.store(n, Ordering::SeqCst);
+    }
+
+    /// From now on answers `DescribeNetworkInterfaces` with the oldest of
+    /// moto's answers of the last `age` (as EC2's listings lag its changes).
+    pub fn serve_listings_up_to(&self, age: Duration) {
+        *self
+            .state
+            .listing_age
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = age;
     }
 
     /// Throttled answers still to give.
@@ -459,7 +517,7 @@ impl ThrottleProxy {
     }
 }
 
-fn proxy_one(conn: TcpStream, upstream: u16, state: &ProxyState) -> Result<()> {
+fn proxy_one(conn: TcpStream, state: &ProxyState) -> Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(PROXY_IO_TIMEOUT))?;
     let mut reader = BufReader::new(conn.try_clone()?);
@@ -483,7 +541,7 @@ fn proxy_one(conn: TcpStream, upstream: u16, state: &ProxyState) -> Result<()> {
         .unwrap_or_else(PoisonError::into_inner)
         .push(ProxiedCall {
             at: Instant::now(),
-            action,
+            action: action.clone(),
             throttled,
         });
     let (head, body) = if throttled {
@@ -492,7 +550,7 @@ fn proxy_one(conn: TcpStream, upstream: u16, state: &ProxyState) -> Result<()> {
             THROTTLE_BODY.as_bytes().to_vec(),
         )
     } else {
-        forward(&req, upstream)?
+        state.answer(&req, &action)?
     };
     write!(
         out,

@@ -13,7 +13,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use podnet_tests::{
-    cloud::{links, moto_available, FakeImds, Moto},
+    cloud::{links, moto_available, FakeImds, Moto, ThrottleProxy},
     iptables, require_root, Agent, Metrics, Netns,
 };
 use serde_json::{json, Value};
@@ -266,4 +266,214 @@ fn primaries_cached(list: &[Value]) -> BTreeSet<String> {
     list.iter()
         .filter_map(|e| e["primary_ip"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// Every secondary address moto holds for `instance` now.
+fn held(moto: &Moto, node: &Netns, instance: &str) -> Result<BTreeSet<String>> {
+    Ok(moto
+        .enis(node, instance)?
+        .iter()
+        .flat_map(secondaries)
+        .collect())
+}
+
+/// A node in the EC2 world: moto, the metadata service, the links of the
+/// instance's ENIs.
+struct World {
+    node: Netns,
+    moto: Moto,
+    imds: FakeImds,
+    instance: String,
+}
+
+impl World {
+    fn new(name: &str) -> Result<Self> {
+        let node = Netns::new(name)?;
+        let moto = Moto::start(&node, MOTO_PORT)?;
+        let id = moto.ec2(&node, &["setup"])?;
+        let instance = id["instance_id"].as_str().unwrap_or_default().to_owned();
+        let imds = FakeImds::start(&node, &id)?;
+        moto.plug_links(&node, &instance)?;
+        Ok(Self {
+            node,
+            moto,
+            imds,
+            instance,
+        })
+    }
+
+    /// Plugs the links of new ENIs until `done` or `timeout`.
+    fn until(&self, timeout: Duration, done: impl FnMut() -> bool) -> Result<bool> {
+        self.moto
+            .plug_until(&self.node, &self.instance, timeout, done)
+    }
+
+    fn held(&self) -> Result<BTreeSet<String>> {
+        held(&self.moto, &self.node, &self.instance)
+    }
+}
+
+/// How old the listings of the stale-listing test may be.
+const LISTING_AGE: Duration = Duration::from_secs(4);
+
+#[test]
+fn listings_four_seconds_old_reach_the_targets_once_and_hand_out_only_held_addresses() -> Result<()>
+{
+    if !require_root() || !moto_available() {
+        return Ok(());
+    }
+    let w = World::new("enistale")?;
+    // EC2's listings lag its changes: the agent sees moto through a proxy
+    // that answers every listing with moto's oldest answer of the last 4 s.
+    let proxy = ThrottleProxy::start(&w.node, w.moto.port())?;
+    proxy.serve_listings_up_to(LISTING_AGE);
+    let agent = start_agent(&w.node, "5", &proxy.endpoint(), &w.imds.endpoint())?;
+
+    // A. warm-ip-target 5: one assign of 5, and nothing more for two
+    // listing ages after the pool is full.
+    if !w.until(Duration::from_secs(30), || agent.ipam_free() == 5)? {
+        bail!("pool never reached 5 free: {}", agent.log());
+    }
+    w.until(2 * LISTING_AGE, || false)?;
+    let m = agent.metrics(&w.node)?;
+    assert_eq!(
+        calls(&m, "AssignPrivateIpAddresses", None),
+        1,
+        "{}",
+        agent.log()
+    );
+    assert_eq!(calls(&m, "UnassignPrivateIpAddresses", None), 0);
+    assert_eq!(calls(&m, "CreateNetworkInterface", None), 0);
+    let list = w.moto.enis(&w.node, &w.instance)?;
+    assert_eq!(list.len(), 1);
+    assert_eq!(secondaries(&list[0]).len(), 5);
+    assert_eq!(agent.ipam_free(), 5);
+    let listings = proxy
+        .calls()
+        .iter()
+        .filter(|c| c.action == "DescribeNetworkInterfaces")
+        .count();
+    println!("A: listings up to 4 s old, warm-ip-target 5: AssignPrivateIpAddresses=1 (5 addresses) over {listings} listings, 5 free");
+
+    // B. One pod: one new ENI, created once, though for 4 s no listing
+    // shows it.
+    let ip1 = agent.ipam_allocate("c1")?;
+    assert!(
+        w.held()?.contains(&ip1),
+        "{ip1} is not held by the instance"
+    );
+    let settled = || {
+        agent.ipam_free() == 5
+            && w.moto
+                .enis(&w.node, &w.instance)
+                .is_ok_and(|l| l.len() == 2)
+    };
+    if !w.until(Duration::from_secs(30), settled)? {
+        bail!("no second ENI: {}", agent.log());
+    }
+    w.until(2 * LISTING_AGE, || false)?;
+    let m = agent.metrics(&w.node)?;
+    assert_eq!(
+        calls(&m, "CreateNetworkInterface", None),
+        1,
+        "{}",
+        agent.log()
+    );
+    assert_eq!(calls(&m, "AttachNetworkInterface", None), 1);
+    assert_eq!(calls(&m, "AssignPrivateIpAddresses", None), 1);
+    assert_eq!(calls(&m, "UnassignPrivateIpAddresses", None), 0);
+    let list = w.moto.enis(&w.node, &w.instance)?;
+    assert_eq!(list.len(), 2);
+    assert_eq!(secondaries(&list[1]).len(), 1);
+
+    // C. Pods take every free address: each one the instance holds.
+    let held_now = w.held()?;
+    let mut given = BTreeSet::from([ip1]);
+    for c in ["c2", "c3", "c4", "c5", "c6"] {
+        let ip = agent.ipam_allocate(c)?;
+        assert!(held_now.contains(&ip), "{ip} is not held by the instance");
+        given.insert(ip);
+    }
+    assert_eq!(given.len(), 6);
+    println!("B/C: one new ENI (CreateNetworkInterface=1, AttachNetworkInterface=1), still AssignPrivateIpAddresses=1; 6 pods on 6 distinct held addresses");
+    Ok(())
+}
+
+#[test]
+fn an_agent_restarted_while_the_cloud_is_down_serves_its_saved_pool() -> Result<()> {
+    if !require_root() || !moto_available() {
+        return Ok(());
+    }
+    let w = World::new("enioutage")?;
+    let mut agent = start_agent(&w.node, "3", &w.moto.endpoint(), &w.imds.endpoint())?;
+    if !w.until(Duration::from_secs(30), || agent.ipam_free() == 3)? {
+        bail!("pool never reached 3 free: {}", agent.log());
+    }
+    let ip1 = agent.ipam_allocate("c1")?;
+    if !w.until(Duration::from_secs(30), || agent.ipam_free() == 3)? {
+        bail!("pool never refilled: {}", agent.log());
+    }
+    let held_before = w.held()?;
+    assert_eq!(held_before.len(), 4);
+    agent.stop()?;
+
+    // EC2 and the metadata service become unreachable; the agent restarts.
+    let imds_port = w
+        .imds
+        .endpoint()
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let moto_port = w.moto.port().to_string();
+    let rule = |op: &'static str, port: &str| -> Result<()> {
+        iptables(
+            &w.node,
+            &[
+                op,
+                "INPUT",
+                "-p",
+                "tcp",
+                "--dport",
+                port,
+                "-j",
+                "REJECT",
+                "--reject-with",
+                "tcp-reset",
+            ],
+        )
+        .map(drop)
+    };
+    rule("-I", &moto_port)?;
+    rule("-I", &imds_port)?;
+    let restarted = agent.start_again(&w.node);
+    let outcome = (|| -> Result<()> {
+        restarted?;
+        let log = agent.log();
+        assert!(
+            log.contains("serving the saved ENI pool until the cloud API answers"),
+            "{log}"
+        );
+        // Three ADDs succeed from the saved pool: the three free addresses.
+        let mut given = BTreeSet::new();
+        for c in ["c2", "c3", "c4"] {
+            let ip = agent.ipam_allocate(c)?;
+            assert!(held_before.contains(&ip), "{ip} was not held");
+            assert_ne!(ip, ip1);
+            given.insert(ip);
+        }
+        assert_eq!(given.len(), 3);
+        println!("outage restart: 3 ADDs from the saved pool: {given:?}");
+        Ok(())
+    })();
+    rule("-D", &moto_port)?;
+    rule("-D", &imds_port)?;
+    outcome?;
+
+    // The cloud is back: the pool tops up to 3 free again.
+    if !w.until(Duration::from_secs(40), || agent.ipam_free() == 3)? {
+        bail!("no recovery: {}", agent.log());
+    }
+    assert_eq!(w.held()?.len(), 7);
+    Ok(())
 }

@@ -190,6 +190,12 @@ fn required<'a>(item: &'a Element, id: &str, path: &str) -> Result<&'a str, Stri
 /// Reads one `networkInterfaceSet` item. A field podnet relies on that is
 /// absent or malformed is an error naming it, never a default.
 pub fn parse_eni(item: &Element) -> Result<EniInfo, String> {
+    parse_interface(item, None)
+}
+
+/// Reads an interface's description; its slot (device index, attachment id)
+/// is `slot` when given, else the item's `attachment`.
+fn parse_interface(item: &Element, slot: Option<(u32, &str)>) -> Result<EniInfo, String> {
     let id = required(item, "interface", "networkInterfaceId")?.to_owned();
     let mac = required(item, &id, "macAddress")?
         .parse()
@@ -216,10 +222,15 @@ pub fn parse_eni(item: &Element) -> Result<EniInfo, String> {
     secondary_ips.dedup();
     // Listed by `attachment.instance-id`, every interface is attached: an
     // answer without its slot or attachment is not one podnet can act on.
-    let device_index = required(item, &id, "attachment/deviceIndex")?
-        .parse::<u32>()
-        .map_err(|e| format!("{id}: attachment/deviceIndex: {e}"))?;
-    let attachment_id = required(item, &id, "attachment/attachmentId")?.to_owned();
+    let (device_index, attachment_id) = match slot {
+        Some((index, attachment)) => (index, attachment.to_owned()),
+        None => (
+            required(item, &id, "attachment/deviceIndex")?
+                .parse::<u32>()
+                .map_err(|e| format!("{id}: attachment/deviceIndex: {e}"))?,
+            required(item, &id, "attachment/attachmentId")?.to_owned(),
+        ),
+    };
     let subnet_id = required(item, &id, "subnetId")?.to_owned();
     let security_groups = item
         .items("groupSet")
@@ -297,7 +308,7 @@ impl CloudProvider for Ec2 {
         security_groups: &[String],
         device_index: u32,
         secondary: u32,
-    ) -> Result<String, CloudError> {
+    ) -> Result<EniInfo, CloudError> {
         let action = "CreateNetworkInterface";
         let mut params = vec![
             p("SubnetId", subnet_id),
@@ -327,28 +338,53 @@ impl CloudProvider for Ec2 {
                 p("DeviceIndex", device_index.to_string()),
             ],
         );
-        if let Err(e) = attached {
-            // Do not leave an unattached interface behind.
-            if let Err(d) = self.call(
-                "DeleteNetworkInterface",
-                &[p("NetworkInterfaceId", eni_id.clone())],
-            ) {
-                tracing::warn!(eni = %eni_id, error = %d, "deleting an interface that failed to attach failed");
+        let attached = match attached {
+            Ok(answer) => answer,
+            Err(e) => {
+                // Do not leave an unattached interface behind.
+                if let Err(d) = self.call(
+                    "DeleteNetworkInterface",
+                    &[p("NetworkInterfaceId", eni_id.clone())],
+                ) {
+                    tracing::warn!(eni = %eni_id, error = %d, "deleting an interface that failed to attach failed");
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
-        Ok(eni_id)
+        };
+        let attachment_id = attached
+            .text_at("attachmentId")
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| decode("AttachNetworkInterface", "no attachmentId"))?;
+        let interface = root
+            .child("networkInterface")
+            .ok_or_else(|| decode(action, "no networkInterface"))?;
+        let mut eni = parse_interface(interface, Some((device_index, attachment_id)))
+            .map_err(|m| decode(action, m))?;
+        // Created with podnet's tag, whether or not the answer repeats it.
+        eni.managed = true;
+        Ok(eni)
     }
 
-    fn assign_ips(&self, eni_id: &str, count: u32) -> Result<(), CloudError> {
-        self.call(
-            "AssignPrivateIpAddresses",
+    fn assign_ips(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv4Addr>, CloudError> {
+        let action = "AssignPrivateIpAddresses";
+        let root = self.call(
+            action,
             &[
                 p("NetworkInterfaceId", eni_id),
                 p("SecondaryPrivateIpAddressCount", count.to_string()),
             ],
-        )
-        .map(drop)
+        )?;
+        root.items("assignedPrivateIpAddressesSet")
+            .map(|a| {
+                let text = a.text_at("privateIpAddress").unwrap_or_default();
+                text.parse::<Ipv4Addr>().map_err(|e| {
+                    decode(
+                        action,
+                        format!("assignedPrivateIpAddressesSet: {text:?}: {e}"),
+                    )
+                })
+            })
+            .collect()
     }
 
     fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {

@@ -147,7 +147,8 @@ pub trait CloudProvider: Send + Sync {
     fn list_enis(&self, instance_id: &str) -> Result<Vec<EniInfo>, CloudError>;
     /// Creates an interface in `subnet_id` with `security_groups`, tagged as
     /// podnet's, with `secondary` secondary addresses, and attaches it at
-    /// `device_index`. Returns its id.
+    /// `device_index`. Returns it as the calls' answers describe it (a
+    /// listing may not show it yet).
     fn create_and_attach_eni(
         &self,
         instance_id: &str,
@@ -155,9 +156,10 @@ pub trait CloudProvider: Send + Sync {
         security_groups: &[String],
         device_index: u32,
         secondary: u32,
-    ) -> Result<String, CloudError>;
-    /// Adds `count` secondary addresses to `eni_id` in one call.
-    fn assign_ips(&self, eni_id: &str, count: u32) -> Result<(), CloudError>;
+    ) -> Result<EniInfo, CloudError>;
+    /// Adds `count` secondary addresses to `eni_id` in one call; returns the
+    /// addresses the answer names (a listing may not show them yet).
+    fn assign_ips(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv4Addr>, CloudError>;
     /// Removes `ips` from `eni_id` in one call.
     fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError>;
     /// Detaches and deletes an interface podnet created.

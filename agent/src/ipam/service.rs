@@ -276,7 +276,7 @@ impl IpamService {
             _lock: lock,
         };
         if let Some(eni) = &service.eni {
-            crate::ipam::eni::start_ec2(eni, &config.eni, service.commit.shared())?;
+            crate::ipam::eni::start_ec2(eni, &config.eni, service.commit.shared(), state_dir)?;
         }
         Ok(service)
     }

@@ -5,19 +5,23 @@
 use std::{
     fmt::Write as _,
     net::{IpAddr, Ipv4Addr},
-    sync::{atomic::Ordering, Arc, PoisonError},
-    time::Duration,
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc, Mutex, MutexGuard, PoisonError},
+    time::{Duration, Instant},
 };
 
 use super::{
+    ledger::Ledger,
     link::{Links, ENI_MTU},
     pool::EniPool,
+    saved::{self, SavedPool},
     warm::{self, Action, EniView, Targets},
-    BusyFn, EniRecord, Shared, BACKOFF_MAX, BACKOFF_MIN, LINK_WAIT, RESYNC_PERIOD,
+    BusyFn, EniRecord, Shared, BACKOFF_MAX, BACKOFF_MIN, CONFIRM_WAIT, LINK_WAIT, RESYNC_PERIOD,
 };
 use crate::{
     cloud::{CloudError, CloudProvider, EniInfo, InstanceIdentity, InstanceLimits},
     heartbeat::{self, Heartbeat},
+    net::Cidr,
     routing::eni::Eni,
 };
 
@@ -84,6 +88,8 @@ pub struct Round {
     pub changes: usize,
     /// ENIs whose kernel link has not appeared yet.
     pub waiting_for_links: usize,
+    /// podnet's changes the listing did not show yet.
+    pub unconfirmed: usize,
 }
 
 pub(crate) struct Worker {
@@ -93,6 +99,17 @@ pub(crate) struct Worker {
     pub(crate) busy: BusyFn,
     pub(crate) pool: EniPool,
     pub(crate) shared: Arc<Shared>,
+    /// podnet's cloud changes a listing may not show yet.
+    pub(crate) ledger: Mutex<Ledger>,
+    /// Where the confirmed pool is saved (`None`: nowhere).
+    pub(crate) state_dir: Option<PathBuf>,
+    /// What was saved last.
+    pub(crate) saved: Mutex<Option<SavedPool>>,
+}
+
+/// The VPC router: the subnet's first address.
+fn vpc_router(subnet: Cidr) -> Ipv4Addr {
+    Ipv4Addr::from(subnet.network_v4().map_or(0, u32::from).wrapping_add(1))
 }
 
 impl Worker {
@@ -139,6 +156,9 @@ impl Worker {
                         Duration::ZERO
                     } else if round.waiting_for_links > 0 {
                         LINK_WAIT
+                    } else if round.unconfirmed > 0 {
+                        // Addresses are handed out once a listing shows them.
+                        CONFIRM_WAIT
                     } else {
                         RESYNC_PERIOD
                     }
@@ -197,13 +217,108 @@ impl Worker {
         Ok((identity, limits))
     }
 
-    /// One round: list, links, publish, plan, apply.
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Serves the pool the previous agent saved until the cloud answers:
+    /// the confirmed addresses of the saved ENIs whose links exist.
+    pub(crate) fn restore(&self) {
+        let Some(dir) = &self.state_dir else { return };
+        let saved = match saved::load(dir) {
+            Ok(Some(saved)) => saved,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the saved ENI pool; waiting for the cloud API");
+                return;
+            }
+        };
+        let links = match self.links.list() {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list links; the saved ENI pool is not used");
+                return;
+            }
+        };
+        let enis: Vec<Eni> = saved
+            .enis
+            .iter()
+            .filter_map(|e| {
+                let (_, link) = links.iter().find(|(mac, _)| Some(*mac) == e.mac)?;
+                Some(Eni {
+                    name: link.name.clone(),
+                    ..e.clone()
+                })
+            })
+            .collect();
+        let ready: Vec<Ipv4Addr> = enis.iter().flat_map(|e| e.ips.iter().copied()).collect();
+        self.pool
+            .set_subnet(saved.subnet, saved.gateway.map(IpAddr::V4));
+        self.pool.set_ready(ready.iter().copied());
+        {
+            let mut s = self.shared.state();
+            s.instance_id = Some(saved.instance_id.clone());
+            s.subnet = Some(saved.subnet.to_string());
+        }
+        tracing::info!(
+            instance = %saved.instance_id,
+            enis = enis.len(),
+            addresses = ready.len(),
+            file = %dir.join(saved::FILE).display(),
+            "serving the saved ENI pool until the cloud API answers"
+        );
+        self.pool.set_label(format!(
+            "saved ENI pool of {} ({} ENIs, cloud API not reached yet)",
+            saved.instance_id,
+            enis.len()
+        ));
+        self.hand_to_routing(enis);
+        *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(saved);
+    }
+
+    /// Saves the ENIs with links and their addresses that may be handed out,
+    /// when that changed.
+    fn save(&self, instance_id: &str, subnet: Cidr, enis: &[Eni]) {
+        let Some(dir) = &self.state_dir else { return };
+        let ready = self.pool.ready();
+        let pool = SavedPool {
+            instance_id: instance_id.to_owned(),
+            subnet,
+            gateway: Some(vpc_router(subnet)),
+            enis: enis
+                .iter()
+                .map(|e| Eni {
+                    ips: e
+                        .ips
+                        .iter()
+                        .filter(|ip| ready.contains(&IpAddr::V4(**ip)))
+                        .copied()
+                        .collect(),
+                    ..e.clone()
+                })
+                .collect(),
+        };
+        let mut last = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
+        if last.as_ref() == Some(&pool) {
+            return;
+        }
+        match saved::store(dir, &pool) {
+            Ok(()) => *last = Some(pool),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot save the ENI pool; a restart during a cloud outage would start empty");
+            }
+        }
+    }
+
+    /// One round: list, correct with the ledger, links, publish, plan, apply.
     pub(crate) fn reconcile(
         &self,
         identity: &InstanceIdentity,
         limits: InstanceLimits,
     ) -> Result<Round, ReconcileError> {
-        let enis = self.cloud.list_enis(&identity.instance_id)?;
+        let listed = self.cloud.list_enis(&identity.instance_id)?;
+        let corrected = self.ledger().correct(listed, Instant::now());
+        let enis = corrected.enis;
         let links = self.links.list().map_err(ReconcileError::Link)?;
         let mut records = Vec::new();
         let mut ready: Vec<Ipv4Addr> = Vec::new();
@@ -229,7 +344,12 @@ impl Worker {
                         .map_err(ReconcileError::Link)?;
                     tracing::info!(eni = %e.id, link = %l.name, mtu = ENI_MTU, "ENI link up");
                 }
-                ready.extend(&e.secondary_ips);
+                // Only what EC2 has confirmed is handed out.
+                ready.extend(
+                    e.secondary_ips
+                        .iter()
+                        .filter(|ip| corrected.confirmed.contains(ip)),
+                );
             } else {
                 waiting += 1;
             }
@@ -256,9 +376,13 @@ impl Worker {
         let mut round = Round {
             changes: 0,
             waiting_for_links: waiting,
+            unconfirmed: corrected.unconfirmed,
         };
         for action in actions {
-            if self.apply(identity, &enis, &action)? {
+            let applied = self.apply(identity, &enis, &action);
+            // Withdrawn addresses leave the saved pool, even if the call failed.
+            self.publish(identity, &enis);
+            if applied? {
                 round.changes += 1;
             }
         }
@@ -321,21 +445,24 @@ impl Worker {
         match action {
             Action::Assign { eni, count } => {
                 tracing::info!(eni, count, "assigning addresses");
-                self.cloud.assign_ips(eni, *count)?;
+                let ips = self.cloud.assign_ips(eni, *count)?;
+                tracing::info!(eni, ips = ?ips, "addresses assigned; handed out once a listing shows them");
+                self.ledger().assigned(eni, &ips, Instant::now());
             }
             Action::CreateEni {
                 device_index,
                 secondary,
             } => {
                 tracing::info!(device_index, secondary, "creating and attaching an ENI");
-                let id = self.cloud.create_and_attach_eni(
+                let created = self.cloud.create_and_attach_eni(
                     &identity.instance_id,
                     &identity.subnet_id,
                     &identity.security_groups,
                     *device_index,
                     *secondary,
                 )?;
-                tracing::info!(eni = %id, device_index, "ENI attached");
+                tracing::info!(eni = %created.id, device_index, ips = ?created.secondary_ips, "ENI attached");
+                self.ledger().created(created, Instant::now());
             }
             Action::Unassign { eni, ips } => {
                 let ips = self.withdraw(ips);
@@ -344,6 +471,7 @@ impl Worker {
                 }
                 tracing::info!(eni, ips = ?ips, "releasing surplus addresses");
                 self.cloud.unassign_ips(eni, &ips)?;
+                self.ledger().unassigned(&ips, Instant::now());
             }
             Action::DeleteEni { eni, attachment_id } => {
                 let Some(info) = enis.iter().find(|e| &e.id == eni) else {
@@ -359,6 +487,8 @@ impl Worker {
                 }
                 tracing::info!(eni, "detaching and deleting a surplus ENI");
                 self.cloud.detach_and_delete_eni(eni, attachment_id)?;
+                self.ledger()
+                    .deleted(eni, &info.secondary_ips, Instant::now());
             }
         }
         Ok(true)
@@ -390,20 +520,14 @@ impl Worker {
         self.pool.set_label(label);
     }
 
-    /// Gives the routing subsystem the ENIs whose links exist.
+    /// Gives the routing subsystem the ENIs whose links exist, and saves
+    /// them with the addresses that may be handed out.
     fn publish(&self, identity: &InstanceIdentity, enis: &[EniInfo]) {
-        let store = self
-            .shared
-            .routing
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let Some(store) = store else { return };
         let s = self.shared.state();
         let subnet = identity.subnet_cidr;
-        // The VPC router is the subnet's first address (IMDS gives IPv4 subnets only).
-        let gateway = subnet.network_v4().map_or(0, u32::from).wrapping_add(1);
-        let list = enis
+        // IMDS gives IPv4 subnets only.
+        let gateway = vpc_router(subnet);
+        let list: Vec<Eni> = enis
             .iter()
             .filter(|e| !is_foreign(e))
             .filter_map(|e| {
@@ -417,13 +541,18 @@ impl Worker {
                     mac: Some(e.mac),
                     table,
                     subnet,
-                    gateway: Ipv4Addr::from(gateway),
+                    gateway,
                     ips: e.secondary_ips.clone(),
                 })
             })
             .collect();
         drop(s);
-        store.replace(list);
+        self.save(&identity.instance_id, subnet, &list);
+        self.hand_to_routing(list);
+    }
+
+    fn hand_to_routing(&self, enis: Vec<Eni>) {
+        self.shared.hand_to_routing(enis);
     }
 }
 
@@ -444,6 +573,9 @@ pub(crate) fn test_worker(
             busy,
             pool,
             shared: shared.clone(),
+            ledger: Mutex::default(),
+            state_dir: None,
+            saved: Mutex::default(),
         },
         shared,
     )

@@ -8,15 +8,18 @@
 //! calls, apply them, and back off exponentially on errors and throttling.
 //! Allocations and releases only wake it; they never wait for the cloud.
 
+pub mod ledger;
 pub mod link;
 pub mod manager;
 pub mod pool;
+pub mod saved;
 pub mod view;
 pub mod warm;
 
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Condvar, Mutex, PoisonError,
@@ -32,7 +35,7 @@ use crate::{
     cloud::{ApiCalls, CloudProvider, InstanceLimits},
     heartbeat::{self, Heartbeat},
     metrics::text::{Encoder, MetricType},
-    routing::eni::EniStore,
+    routing::eni::{Eni, EniStore},
 };
 
 /// How often the ENIs are listed again when nothing else wakes the thread.
@@ -45,6 +48,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(16);
 pub const THREAD_NAME: &str = "podnet-eni";
 /// Wait while an ENI's kernel link has not appeared yet.
 pub const LINK_WAIT: Duration = Duration::from_millis(500);
+/// Wait before listing again while a listing lacks podnet's latest changes.
+pub const CONFIRM_WAIT: Duration = Duration::from_secs(1);
 
 /// ENI mode settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,6 +125,8 @@ pub(crate) struct Shared {
     pub(crate) wake: Condvar,
     pub(crate) stop: AtomicBool,
     pub(crate) routing: Mutex<Option<EniStore>>,
+    /// What routing was given last (given again to a store that comes later).
+    pub(crate) published: Mutex<Vec<Eni>>,
 }
 
 impl Shared {
@@ -151,6 +158,18 @@ impl Shared {
 
     pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, EniState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Gives routing `enis` now, or when its store comes.
+    pub(crate) fn hand_to_routing(&self, enis: Vec<Eni>) {
+        let routing = self.routing.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(store) = routing.as_ref() {
+            store.replace(enis.clone());
+        }
+        *self
+            .published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = enis;
     }
 }
 
@@ -187,13 +206,15 @@ impl EniIpam {
     }
 
     /// Starts the ENI thread over `cloud` and `links`; `busy` reads the
-    /// allocator.
+    /// allocator; the confirmed pool is saved in `state_dir` and served from
+    /// there after a restart until the cloud answers.
     pub fn start(
         &self,
         targets: Targets,
         cloud: Arc<dyn CloudProvider>,
         links: Arc<dyn Links>,
         busy: BusyFn,
+        state_dir: Option<PathBuf>,
     ) -> std::io::Result<()> {
         let worker = manager::Worker {
             targets,
@@ -202,7 +223,12 @@ impl EniIpam {
             busy,
             pool: self.pool.clone(),
             shared: self.shared.clone(),
+            ledger: Mutex::default(),
+            state_dir,
+            saved: Mutex::default(),
         };
+        // Before the first allocation can look at the pool.
+        worker.restore();
         let handle = std::thread::Builder::new()
             .name(THREAD_NAME.into())
             .spawn(move || worker.run())?;
@@ -212,11 +238,20 @@ impl EniIpam {
 
     /// Publishes the ENIs with links to the routing subsystem from now on.
     pub fn publish_to(&self, store: EniStore) {
-        *self
+        let mut routing = self
             .shared
             .routing
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(store);
+            .unwrap_or_else(PoisonError::into_inner);
+        store.replace(
+            self.shared
+                .published
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        );
+        *routing = Some(store);
+        drop(routing);
         self.wake();
     }
 
@@ -332,11 +367,13 @@ pub fn busy(alloc: &crate::ipam::allocator::Allocator) -> (BTreeSet<IpAddr>, BTr
 }
 
 /// Starts `eni`'s thread against EC2 and the metadata service of
-/// `settings`, reading the allocator in `state`.
+/// `settings`, reading the allocator in `state`, saving the pool in
+/// `state_dir`.
 pub fn start_ec2(
     eni: &EniIpam,
     settings: &EniSettings,
     state: &Arc<Mutex<crate::ipam::state::NodeState>>,
+    state_dir: &Path,
 ) -> Result<(), crate::ipam::IpamError> {
     let cloud = crate::cloud::ec2::Ec2::new(
         settings.cloud_endpoint.as_deref(),
@@ -355,6 +392,7 @@ pub fn start_ec2(
         Arc::new(cloud),
         Arc::new(link::NetlinkLinks),
         busy,
+        Some(state_dir.to_path_buf()),
     )
     .map_err(|e| crate::ipam::IpamError::Config(format!("starting the ENI thread: {e}")))
 }

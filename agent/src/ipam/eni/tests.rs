@@ -22,6 +22,10 @@ use crate::{
 #[derive(Default)]
 struct FakeCloud {
     enis: Mutex<Vec<EniInfo>>,
+    /// Listings lag this many listings behind the changes (EC2's eventual
+    /// consistency).
+    lag: Mutex<usize>,
+    listings: Mutex<Vec<Vec<EniInfo>>>,
     next_ip: Mutex<u8>,
     calls: Mutex<Vec<String>>,
     fail: Mutex<Option<CloudError>>,
@@ -100,7 +104,10 @@ impl CloudProvider for FakeCloud {
 
     fn list_enis(&self, _: &str) -> Result<Vec<EniInfo>, CloudError> {
         self.call("DescribeNetworkInterfaces")?;
-        Ok(self.enis.lock().unwrap().clone())
+        let mut listings = self.listings.lock().unwrap();
+        listings.push(self.enis.lock().unwrap().clone());
+        let lag = *self.lag.lock().unwrap();
+        Ok(listings[listings.len().saturating_sub(lag + 1)].clone())
     }
 
     fn create_and_attach_eni(
@@ -110,14 +117,14 @@ impl CloudProvider for FakeCloud {
         security_groups: &[String],
         device_index: u32,
         secondary: u32,
-    ) -> Result<String, CloudError> {
+    ) -> Result<EniInfo, CloudError> {
         self.call("CreateNetworkInterface")?;
         self.call("AttachNetworkInterface")?;
         let primary = self.new_ips(1)[0];
         let ips = self.new_ips(secondary);
         let id = format!("eni-{device_index}");
-        self.enis.lock().unwrap().push(EniInfo {
-            id: id.clone(),
+        let eni = EniInfo {
+            id,
             mac: mac(u8::try_from(device_index).unwrap()),
             device_index,
             attachment_id: format!("att-{device_index}"),
@@ -126,17 +133,18 @@ impl CloudProvider for FakeCloud {
             primary_ip: primary,
             secondary_ips: ips,
             managed: true,
-        });
-        Ok(id)
+        };
+        self.enis.lock().unwrap().push(eni.clone());
+        Ok(eni)
     }
 
-    fn assign_ips(&self, eni: &str, count: u32) -> Result<(), CloudError> {
+    fn assign_ips(&self, eni: &str, count: u32) -> Result<Vec<Ipv4Addr>, CloudError> {
         self.call("AssignPrivateIpAddresses")?;
         let ips = self.new_ips(count);
         let mut enis = self.enis.lock().unwrap();
         let e = enis.iter_mut().find(|e| e.id == eni).unwrap();
-        e.secondary_ips.extend(ips);
-        Ok(())
+        e.secondary_ips.extend(&ips);
+        Ok(ips)
     }
 
     fn unassign_ips(&self, eni: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
@@ -358,4 +366,60 @@ fn an_eni_past_the_last_routing_table_is_not_published() {
     assert_eq!(published, [("eth0".to_owned(), 100)]);
     assert_eq!(super::manager::table_of(u32::MAX), None);
     assert_eq!(super::manager::table_of(1), Some(101));
+}
+
+/// Every address the pool may hand out is one the cloud holds now.
+fn assert_pool_is_held(pool: &EniPool, cloud: &FakeCloud) {
+    let held: BTreeSet<IpAddr> = cloud
+        .enis
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|e| e.secondary_ips.iter().map(|ip| IpAddr::V4(*ip)))
+        .collect();
+    let ready = pool.ready();
+    assert!(ready.is_subset(&held), "{ready:?} not all in {held:?}");
+}
+
+#[test]
+fn stale_listings_neither_repeat_changes_nor_hand_out_unconfirmed_addresses() {
+    let (worker, cloud, pool, busy, _) = setup(Targets {
+        warm_ip: Some(5),
+        minimum_ip: None,
+        warm_eni: 1,
+    });
+    // Each listing shows the cloud as it was three listings earlier.
+    *cloud.lag.lock().unwrap() = 3;
+    let id = worker.cloud.identity().unwrap();
+    let limits = worker.cloud.limits("t3.medium").unwrap();
+    let rounds = |n: usize| -> Vec<u128> {
+        (0..n)
+            .map(|_| {
+                worker.reconcile(&id, limits).unwrap();
+                assert_pool_is_held(&pool, &cloud);
+                pool.capacity()
+            })
+            .collect()
+    };
+    // Round 1 assigns 5; rounds 2-4 list the cloud from before; round 5
+    // shows them.
+    assert_eq!(rounds(6), [0, 0, 0, 0, 5, 5]);
+    assert_eq!(cloud.count("AssignPrivateIpAddresses"), 1);
+
+    // One pod: one ENI more (with one address), created once.
+    let first = pool.next_after(None).unwrap();
+    busy.lock().unwrap().0.insert(first);
+    assert_eq!(rounds(6), [5, 5, 5, 5, 6, 6]);
+    assert_eq!(cloud.count("CreateNetworkInterface"), 1);
+    assert_eq!(cloud.count("AssignPrivateIpAddresses"), 1);
+
+    // The pod leaves: one address too many. Whatever is released leaves the
+    // pool at once although the next listings still show it.
+    busy.lock().unwrap().0.clear();
+    assert_eq!(rounds(6), [5, 5, 5, 5, 5, 5]);
+    let released =
+        cloud.count("UnassignPrivateIpAddresses") + cloud.count("DeleteNetworkInterface");
+    assert_eq!(released, 1);
+    assert_eq!(cloud.count("CreateNetworkInterface"), 1);
+    assert_eq!(cloud.count("AssignPrivateIpAddresses"), 1);
 }
