@@ -35,6 +35,8 @@ pub const MOTO: &str = "/opt/podnet-tools/venv/bin/moto_server";
 const TOKEN: &str = "podnet-test-token";
 /// How long a proxied connection may stay silent.
 const PROXY_IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a held call waits before its connection is closed.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(30);
 
 /// EC2's answer to a throttled call (HTTP 503), as the real API sends it.
 pub const THROTTLE_BODY: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>RequestLimitExceeded</Code><Message>Request limit exceeded.</Message></Error></Errors><RequestID>5f3c0f4e-0000-4000-8000-000000000000</RequestID></Response>";
@@ -422,6 +424,9 @@ struct ProxyState {
     /// How old a `DescribeNetworkInterfaces` answer may be (zero: fresh).
     listing_age: Mutex<Duration>,
     listings: Mutex<Vec<Listing>>,
+    /// Calls of this action are never forwarded nor answered (the caller
+    /// waits until it gives up, or dies).
+    held: Mutex<Option<String>>,
     /// moto's port.
     upstream: u16,
 }
@@ -502,6 +507,25 @@ impl ThrottleProxy {
             .unwrap_or_else(PoisonError::into_inner) = age;
     }
 
+    /// From now on never forwards nor answers calls of `action`; each such
+    /// connection is closed after at most [`HOLD_LIMIT`].
+    pub fn hold(&self, action: &str) {
+        *self
+            .state
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(action.to_owned());
+    }
+
+    /// Ends [`ThrottleProxy::hold`]: held connections are closed unanswered.
+    pub fn release(&self) {
+        *self
+            .state
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
     /// Throttled answers still to give.
     pub fn throttle_left(&self) -> u32 {
         self.state.throttle_left.load(Ordering::SeqCst)
@@ -544,6 +568,21 @@ fn proxy_one(conn: TcpStream, state: &ProxyState) -> Result<()> {
             action: action.clone(),
             throttled,
         });
+    let is_held = || {
+        state
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_deref()
+            == Some(action.as_str())
+    };
+    if is_held() {
+        let until = Instant::now() + HOLD_LIMIT;
+        while is_held() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        return Ok(());
+    }
     let (head, body) = if throttled {
         (
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/xml;charset=UTF-8".to_owned(),

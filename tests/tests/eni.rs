@@ -477,3 +477,85 @@ fn an_agent_restarted_while_the_cloud_is_down_serves_its_saved_pool() -> Result<
     assert_eq!(w.held()?.len(), 7);
     Ok(())
 }
+
+#[test]
+fn an_eni_left_between_create_and_attach_is_deleted_after_the_grace() -> Result<()> {
+    if !require_root() || !moto_available() {
+        return Ok(());
+    }
+    let w = World::new("enileak")?;
+    let proxy = ThrottleProxy::start(&w.node, w.moto.port())?;
+    let mut agent = Agent::start_with(
+        &w.node,
+        &[],
+        &[
+            "--ipam-mode",
+            "eni",
+            "--warm-ip-target",
+            "5",
+            "--cloud-endpoint",
+            &proxy.endpoint(),
+            "--imds-endpoint",
+            &w.imds.endpoint(),
+            "--eni-leak-grace",
+            "3s",
+        ],
+    )?;
+    if !w.until(Duration::from_secs(30), || agent.ipam_free() == 5)? {
+        bail!("pool never reached 5 free: {}", agent.log());
+    }
+    let all_enis = |w: &World| -> Result<BTreeSet<String>> {
+        Ok(w.moto
+            .ec2(&w.node, &["all-enis"])?
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect())
+    };
+    let before = all_enis(&w)?;
+    assert_eq!(before.len(), 1);
+
+    // One pod makes the agent create an ENI; its attach never comes back,
+    // and the agent dies (SIGKILL) while waiting for it.
+    proxy.hold("AttachNetworkInterface");
+    agent.ipam_allocate("c1")?;
+    let attaching = podnet_tests::wait_for(
+        || {
+            proxy
+                .calls()
+                .iter()
+                .any(|c| c.action == "AttachNetworkInterface")
+        },
+        Duration::from_secs(20),
+    );
+    assert!(attaching, "no attach call: {}", agent.log());
+    agent.kill()?;
+    proxy.release();
+    let orphans: BTreeSet<String> = all_enis(&w)?.difference(&before).cloned().collect();
+    assert_eq!(orphans.len(), 1, "{orphans:?}");
+    assert_eq!(w.moto.enis(&w.node, &w.instance)?.len(), 1);
+
+    // The next agent deletes it once it is 3 s old, and attaches a new one.
+    agent.start_again(&w.node)?;
+    let done = w.until(Duration::from_secs(40), || {
+        all_enis(&w).is_ok_and(|all| orphans.iter().all(|o| !all.contains(o)))
+            && w.moto
+                .enis(&w.node, &w.instance)
+                .is_ok_and(|l| l.len() == 2)
+            && agent.ipam_free() == 5
+    })?;
+    if !done {
+        bail!("orphan {orphans:?} not deleted: {}", agent.log());
+    }
+    let all = all_enis(&w)?;
+    assert_eq!(all.len(), 2, "{all:?}");
+    let log = agent.log();
+    assert_eq!(
+        log.matches("deleted a leaked ENI of this instance").count(),
+        1,
+        "{log}"
+    );
+    println!("leaked ENI {orphans:?} deleted by the next agent; the instance holds 2 ENIs, 2 in the account");
+    Ok(())
+}

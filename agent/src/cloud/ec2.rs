@@ -13,7 +13,8 @@ use super::{
     imds::Imds,
     sigv4::{self, uri_encode},
     xml::{self, Element},
-    ApiCalls, CloudError, CloudProvider, EniInfo, InstanceIdentity, InstanceLimits, MANAGED_TAG,
+    ApiCalls, CloudError, CloudProvider, DetachedEni, EniInfo, InstanceIdentity, InstanceLimits,
+    CREATED_TAG, MANAGED_TAG,
 };
 
 /// The API version this client speaks.
@@ -318,6 +319,11 @@ impl CloudProvider for Ec2 {
             p("TagSpecification.1.Tag.1.Value", "true"),
             p("TagSpecification.1.Tag.2.Key", INSTANCE_TAG),
             p("TagSpecification.1.Tag.2.Value", instance_id),
+            p("TagSpecification.1.Tag.3.Key", CREATED_TAG),
+            p(
+                "TagSpecification.1.Tag.3.Value",
+                crate::sys::unix_now_s().to_string(),
+            ),
         ];
         for (i, sg) in security_groups.iter().enumerate() {
             params.push(p(format!("SecurityGroupId.{}", i + 1), sg.clone()));
@@ -393,6 +399,41 @@ impl CloudProvider for Ec2 {
             params.push(p(format!("PrivateIpAddress.{}", i + 1), ip.to_string()));
         }
         self.call("UnassignPrivateIpAddresses", &params).map(drop)
+    }
+
+    fn list_detached_enis(&self, instance_id: &str) -> Result<Vec<DetachedEni>, CloudError> {
+        let action = "DescribeNetworkInterfaces";
+        let root = self.call(
+            action,
+            &[
+                p("Filter.1.Name", format!("tag:{INSTANCE_TAG}")),
+                p("Filter.1.Value.1", instance_id),
+            ],
+        )?;
+        let mut detached = Vec::new();
+        for item in root.items("networkInterfaceSet") {
+            let id =
+                required(item, "interface", "networkInterfaceId").map_err(|m| decode(action, m))?;
+            let tag = |key: &str| {
+                item.items("tagSet")
+                    .find(|t| t.text_at("key") == Some(key))
+                    .and_then(|t| t.text_at("value"))
+            };
+            // Only podnet's own, and only those attached nowhere.
+            if tag(MANAGED_TAG) != Some("true") || item.text_at("status") != Some("available") {
+                continue;
+            }
+            detached.push(DetachedEni {
+                id: id.to_owned(),
+                created_unix_s: tag(CREATED_TAG).and_then(|v| v.parse().ok()),
+            });
+        }
+        Ok(detached)
+    }
+
+    fn delete_eni(&self, eni_id: &str) -> Result<(), CloudError> {
+        self.call("DeleteNetworkInterface", &[p("NetworkInterfaceId", eni_id)])
+            .map(drop)
     }
 
     fn detach_and_delete_eni(&self, eni_id: &str, attachment_id: &str) -> Result<(), CloudError> {

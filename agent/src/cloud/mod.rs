@@ -164,7 +164,25 @@ pub trait CloudProvider: Send + Sync {
     fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError>;
     /// Detaches and deletes an interface podnet created.
     fn detach_and_delete_eni(&self, eni_id: &str, attachment_id: &str) -> Result<(), CloudError>;
+    /// Interfaces podnet created for `instance_id` that are attached
+    /// nowhere (left by a crash between create and attach, or a delete that
+    /// failed): the instance's listing never shows them.
+    fn list_detached_enis(&self, instance_id: &str) -> Result<Vec<DetachedEni>, CloudError>;
+    /// Deletes an interface that is attached nowhere.
+    fn delete_eni(&self, eni_id: &str) -> Result<(), CloudError>;
 }
+
+/// An interface podnet created that is attached nowhere.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DetachedEni {
+    /// `eni-...`.
+    pub id: String,
+    /// When podnet created it (tag [`CREATED_TAG`]; `None` when absent).
+    pub created_unix_s: Option<u64>,
+}
+
+/// Tag holding when podnet created an interface, in seconds since the epoch.
+pub const CREATED_TAG: &str = "podnet.io/created-at";
 
 /// Cloud API calls by action and result (`podnet_cloud_api_calls_total`).
 /// Cloning shares the counts.

@@ -79,6 +79,12 @@ options! {
         /// ENI mode: instance metadata endpoint [default: `http://169.254.169.254`].
         #[arg(long, env = "PODNET_IMDS_ENDPOINT")]
         pub imds_endpoint: Option<String>,
+        /// ENI mode: how old an ENI podnet created for this instance must be,
+        /// while attached nowhere, before it is deleted as leaked (e.g. `5m`)
+        /// [default: 5m].
+        #[arg(long, env = "PODNET_ENI_LEAK_GRACE", value_parser = duration_arg)]
+        #[serde(default, deserialize_with = "duration_key")]
+        pub eni_leak_grace: Option<Duration>,
         /// After the IPAM checkpoint was found damaged and restored from its
         /// copy: how long a pod whose network namespace is gone keeps its
         /// address before it is released (e.g. `60s`) [default: 60s].
@@ -131,6 +137,9 @@ impl IpamOptions {
                     warm_eni: self.warm_eni_target.unwrap_or(DEFAULT_WARM_ENI_TARGET),
                 },
                 cloud_endpoint: self.cloud_endpoint,
+                leak_grace: self
+                    .eni_leak_grace
+                    .unwrap_or(crate::ipam::eni::DEFAULT_LEAK_GRACE),
                 imds_endpoint: self
                     .imds_endpoint
                     .unwrap_or_else(|| crate::cloud::imds::DEFAULT_ENDPOINT.to_owned()),

@@ -40,6 +40,13 @@ pub fn kernel_release() -> String {
     release.to_string_lossy().into_owned()
 }
 
+/// Seconds since the Unix epoch by the wall clock (0 before it).
+pub fn unix_now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// `CLOCK_MONOTONIC` in nanoseconds: the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

@@ -17,6 +17,7 @@ use super::{
     saved::{self, SavedPool},
     warm::{self, Action, EniView, Targets},
     BusyFn, EniRecord, Shared, BACKOFF_MAX, BACKOFF_MIN, CONFIRM_WAIT, LINK_WAIT, RESYNC_PERIOD,
+    SWEEP_PERIOD,
 };
 use crate::{
     cloud::{CloudError, CloudProvider, EniInfo, InstanceIdentity, InstanceLimits},
@@ -105,6 +106,10 @@ pub(crate) struct Worker {
     pub(crate) state_dir: Option<PathBuf>,
     /// What was saved last.
     pub(crate) saved: Mutex<Option<SavedPool>>,
+    /// `--eni-leak-grace`.
+    pub(crate) leak_grace: Duration,
+    /// When each detached ENI was first seen (unix seconds).
+    pub(crate) first_seen_detached: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// The VPC router: the subnet's first address.
@@ -139,7 +144,12 @@ impl Worker {
         };
         backoff.reset();
         let mut changing = 0u32;
+        let mut next_sweep = Instant::now();
         loop {
+            if Instant::now() >= next_sweep {
+                let again = self.sweep(&identity.instance_id);
+                next_sweep = Instant::now() + again.min(SWEEP_PERIOD);
+            }
             let wait = match self.reconcile(&identity, limits) {
                 Ok(round) => {
                     if round.changes > 0 {
@@ -172,6 +182,7 @@ impl Worker {
                     continue;
                 }
             };
+            let wait = wait.min(next_sweep.saturating_duration_since(Instant::now()));
             if self.shared.stop.load(Ordering::Relaxed) || self.shared.sleep(wait, true, heartbeat)
             {
                 return;
@@ -215,6 +226,53 @@ impl Worker {
         s.max_enis = Some(limits.max_enis);
         s.ips_per_eni = Some(limits.ips_per_eni);
         Ok((identity, limits))
+    }
+
+    /// Deletes podnet's ENIs of `instance_id` that are attached nowhere and
+    /// older than the leak grace: left by a crash between create and attach,
+    /// or a delete that failed after a detach. They hold subnet addresses
+    /// the instance's listing never shows. A failure is logged and retried at
+    /// the next sweep. Returns when to sweep again: when the youngest one
+    /// left reaches the grace, else [`SWEEP_PERIOD`].
+    pub(crate) fn sweep(&self, instance_id: &str) -> Duration {
+        let detached = match self.cloud.list_detached_enis(instance_id) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for leaked ENIs; trying again at the next sweep");
+                return SWEEP_PERIOD;
+            }
+        };
+        let mut again = SWEEP_PERIOD;
+        let now = crate::sys::unix_now_s();
+        let mut first_seen = self
+            .first_seen_detached
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        first_seen.retain(|id, _| detached.iter().any(|d| &d.id == id));
+        for eni in detached {
+            // Without its creation tag (made by an older podnet), an
+            // interface is as old as the first sweep that saw it.
+            let created = match eni.created_unix_s {
+                Some(c) => c,
+                None => *first_seen.entry(eni.id.clone()).or_insert(now),
+            };
+            let age_s = now.saturating_sub(created);
+            let grace_s = self.leak_grace.as_secs();
+            if age_s < grace_s {
+                tracing::info!(eni = %eni.id, age_s, "an ENI of this instance is attached nowhere; deleted if it still is after the grace");
+                again = again.min(Duration::from_secs(grace_s - age_s));
+                continue;
+            }
+            match self.cloud.delete_eni(&eni.id) {
+                Ok(()) => {
+                    tracing::warn!(eni = %eni.id, age_s, "deleted a leaked ENI of this instance (created, then attached nowhere)");
+                }
+                Err(e) => {
+                    tracing::warn!(eni = %eni.id, error = %e, "deleting a leaked ENI failed; trying again at the next sweep");
+                }
+            }
+        }
+        again
     }
 
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
@@ -576,6 +634,8 @@ pub(crate) fn test_worker(
             ledger: Mutex::default(),
             state_dir: None,
             saved: Mutex::default(),
+            leak_grace: super::DEFAULT_LEAK_GRACE,
+            first_seen_detached: Mutex::default(),
         },
         shared,
     )

@@ -60,7 +60,15 @@ pub struct EniSettings {
     pub cloud_endpoint: Option<String>,
     /// `--imds-endpoint`.
     pub imds_endpoint: String,
+    /// `--eni-leak-grace`.
+    pub leak_grace: Duration,
 }
+
+/// `--eni-leak-grace`: long enough that no agent is still between creating
+/// and attaching the interface (the AWS VPC CNI waits as long).
+pub const DEFAULT_LEAK_GRACE: Duration = Duration::from_mins(5);
+/// How often the ENI thread looks for podnet's ENIs attached nowhere.
+pub const SWEEP_PERIOD: Duration = Duration::from_mins(5);
 
 impl Default for EniSettings {
     fn default() -> Self {
@@ -68,6 +76,7 @@ impl Default for EniSettings {
             targets: Targets::default(),
             cloud_endpoint: None,
             imds_endpoint: crate::cloud::imds::DEFAULT_ENDPOINT.to_owned(),
+            leak_grace: DEFAULT_LEAK_GRACE,
         }
     }
 }
@@ -215,6 +224,7 @@ impl EniIpam {
         links: Arc<dyn Links>,
         busy: BusyFn,
         state_dir: Option<PathBuf>,
+        leak_grace: Duration,
     ) -> std::io::Result<()> {
         let worker = manager::Worker {
             targets,
@@ -226,6 +236,8 @@ impl EniIpam {
             ledger: Mutex::default(),
             state_dir,
             saved: Mutex::default(),
+            leak_grace,
+            first_seen_detached: Mutex::default(),
         };
         // Before the first allocation can look at the pool.
         worker.restore();
@@ -393,6 +405,7 @@ pub fn start_ec2(
         Arc::new(link::NetlinkLinks),
         busy,
         Some(state_dir.to_path_buf()),
+        settings.leak_grace,
     )
     .map_err(|e| crate::ipam::IpamError::Config(format!("starting the ENI thread: {e}")))
 }

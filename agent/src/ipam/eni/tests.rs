@@ -14,7 +14,7 @@ use super::{
     BusyFn,
 };
 use crate::{
-    cloud::{CloudError, CloudProvider, EniInfo, InstanceIdentity, InstanceLimits},
+    cloud::{CloudError, CloudProvider, DetachedEni, EniInfo, InstanceIdentity, InstanceLimits},
     ipam::source::AddressSource,
     net::MacAddr,
 };
@@ -26,6 +26,8 @@ struct FakeCloud {
     /// consistency).
     lag: Mutex<usize>,
     listings: Mutex<Vec<Vec<EniInfo>>>,
+    /// podnet's interfaces attached nowhere.
+    detached: Mutex<Vec<DetachedEni>>,
     next_ip: Mutex<u8>,
     calls: Mutex<Vec<String>>,
     fail: Mutex<Option<CloudError>>,
@@ -152,6 +154,17 @@ impl CloudProvider for FakeCloud {
         let mut enis = self.enis.lock().unwrap();
         let e = enis.iter_mut().find(|e| e.id == eni).unwrap();
         e.secondary_ips.retain(|ip| !ips.contains(ip));
+        Ok(())
+    }
+
+    fn list_detached_enis(&self, _: &str) -> Result<Vec<DetachedEni>, CloudError> {
+        self.call("DescribeNetworkInterfaces")?;
+        Ok(self.detached.lock().unwrap().clone())
+    }
+
+    fn delete_eni(&self, eni: &str) -> Result<(), CloudError> {
+        self.call("DeleteNetworkInterface")?;
+        self.detached.lock().unwrap().retain(|d| d.id != eni);
         Ok(())
     }
 
@@ -422,4 +435,49 @@ fn stale_listings_neither_repeat_changes_nor_hand_out_unconfirmed_addresses() {
     assert_eq!(released, 1);
     assert_eq!(cloud.count("CreateNetworkInterface"), 1);
     assert_eq!(cloud.count("AssignPrivateIpAddresses"), 1);
+}
+
+#[test]
+fn a_sweep_deletes_only_enis_attached_nowhere_past_the_grace() {
+    let (worker, cloud, _, _, _) = setup(Targets::default());
+    let now = crate::sys::unix_now_s();
+    let grace = super::DEFAULT_LEAK_GRACE.as_secs();
+    *cloud.detached.lock().unwrap() = vec![
+        DetachedEni {
+            id: "eni-old".into(),
+            created_unix_s: Some(now - grace - 1),
+        },
+        DetachedEni {
+            id: "eni-new".into(),
+            created_unix_s: Some(now - 1),
+        },
+        // Made before podnet tagged creation times: first seen now.
+        DetachedEni {
+            id: "eni-untagged".into(),
+            created_unix_s: None,
+        },
+    ];
+    // Next sweep when the youngest reaches the grace.
+    let again = worker.sweep("i-1").as_secs();
+    assert!((grace - 1..=grace).contains(&again), "{again}");
+    let left: Vec<String> = cloud
+        .detached
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|d| d.id.clone())
+        .collect();
+    assert_eq!(left, ["eni-new", "eni-untagged"]);
+    assert_eq!(cloud.count("DeleteNetworkInterface"), 1);
+    // The untagged one is remembered from its first sweep.
+    assert_eq!(
+        worker
+            .first_seen_detached
+            .lock()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        ["eni-untagged"]
+    );
 }
