@@ -14,7 +14,10 @@ use std::{collections::BTreeSet, time::Duration};
 use anyhow::{bail, Context as _, Result};
 use podnet_tests::{
     cloud::{links, moto_available, FakeImds, Moto, ThrottleProxy},
-    iptables, require_root, Agent, Metrics, Netns,
+    cni::{self, Attachment, CniEnv},
+    iptables, require_root,
+    vpc::link_packets,
+    Agent, Metrics, Netns,
 };
 use serde_json::{json, Value};
 
@@ -557,5 +560,201 @@ fn an_eni_left_between_create_and_attach_is_deleted_after_the_grace() -> Result<
         "{log}"
     );
     println!("leaked ENI {orphans:?} deleted by the next agent; the instance holds 2 ENIs, 2 in the account");
+    Ok(())
+}
+
+/// Pings `dst` `count` times from `netns`; returns the answers received.
+fn ping(netns: &Netns, dst: &str, count: u32) -> Result<u32> {
+    let out = netns.run(&[
+        "ping",
+        "-n",
+        "-q",
+        "-c",
+        &count.to_string(),
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        dst,
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(", ")
+        .find_map(|part| part.strip_suffix(" received"))
+        .and_then(|n| n.trim().parse().ok())
+        .with_context(|| format!("ping {dst}: {text}"))
+}
+
+fn mac_of(netns: &Netns, ifname: &str) -> Result<String> {
+    let out = netns.run_ok(&["ip", "-j", "link", "show", ifname])?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    v[0]["address"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("{ifname} has no MAC"))
+}
+
+/// Every IPv4 address configured in `netns`, loopback's aside.
+fn local_addresses(netns: &Netns) -> Result<BTreeSet<String>> {
+    let out = netns.run_ok(&["ip", "-j", "-4", "addr", "show"])?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["ifname"] != "lo")
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str().map(str::to_owned))
+        .collect())
+}
+
+#[test]
+#[allow(clippy::too_many_lines)] // one scenario, step by step
+fn a_pods_packets_to_the_vpc_router_leave_by_its_eni_and_the_node_keeps_its_route() -> Result<()> {
+    if !require_root() || !moto_available() || !cni::ready() {
+        return Ok(());
+    }
+    let w = World::new("enigw")?;
+    // No IPv6 chatter on the links whose packets are counted.
+    for key in ["all", "default"] {
+        w.node.run_ok(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{key}.disable_ipv6=1"),
+        ])?;
+    }
+    // The VPC: the primary ENI's far end, with the VPC router 10.0.1.1.
+    let vpc = Netns::new("enigwvpc")?;
+    let id = w.moto.enis(&w.node, &w.instance)?;
+    let primary = id[0]["primary_ip"].as_str().unwrap_or_default().to_owned();
+    w.node
+        .run_ok(&["ip", "link", "set", "en0p", "netns", vpc.name()])?;
+    vpc.run_ok(&["ip", "addr", "add", "10.0.1.1/24", "dev", "en0p"])?;
+    vpc.run_ok(&["ip", "link", "set", "en0p", "up"])?;
+    w.node
+        .run_ok(&["ip", "addr", "add", &format!("{primary}/24"), "dev", "en0"])?;
+    w.node.run_ok(&["ip", "link", "set", "en0", "up"])?;
+    // Neighbours fixed on both ends, so the counters see no ARP.
+    let (en0, en0p) = (mac_of(&w.node, "en0")?, mac_of(&vpc, "en0p")?);
+    w.node.run_ok(&[
+        "ip",
+        "neigh",
+        "replace",
+        "10.0.1.1",
+        "lladdr",
+        &en0p,
+        "dev",
+        "en0",
+        "nud",
+        "permanent",
+    ])?;
+    vpc.run_ok(&[
+        "ip",
+        "neigh",
+        "replace",
+        &primary,
+        "lladdr",
+        &en0,
+        "dev",
+        "en0p",
+        "nud",
+        "permanent",
+    ])?;
+
+    let agent = start_agent(&w.node, "2", &w.moto.endpoint(), &w.imds.endpoint())?;
+    if !w.until(Duration::from_secs(30), || agent.ipam_free() == 2)? {
+        bail!("pool never reached 2 free: {}", agent.log());
+    }
+
+    // A pod through the shipped chain: ptp, podnet-cni as IPAM, podnet-cni.
+    let env = CniEnv::new()?;
+    let keys = env.keys(&agent.socket());
+    let list = env.conflist(
+        "enigw",
+        &format!(
+            r#"{{"cniVersion": "1.0.0", "name": "enigw", "plugins": [
+                {{"type": "ptp", "ipMasq": false, "ipam": {{"type": "podnet-cni", {keys}}}}},
+                {{"type": "podnet-cni", {keys}}}
+            ]}}"#
+        ),
+    )?;
+    let pod = Netns::new("enigwpod")?;
+    let att = Attachment::pod("gw1", &pod, "web", "frontend");
+    let result = env.run(&w.node, "ADD", &list, &att, None)?.json()?;
+    let address = result["ips"][0]["address"].as_str().unwrap_or_default();
+    let pod_ip = address.split('/').next().unwrap_or_default().to_owned();
+    assert_eq!(result["ips"][0]["gateway"], "169.254.1.1", "{result}");
+    assert!(
+        result["routes"]
+            .as_array()
+            .is_some_and(|r| r.contains(&json!({"dst": "0.0.0.0/0", "gw": "169.254.1.1"}))),
+        "{result}"
+    );
+    assert!(
+        w.held()?.contains(&pod_ip),
+        "{pod_ip} is not the instance's"
+    );
+    // The pod routes everything through the link-local gateway ...
+    let routes =
+        String::from_utf8_lossy(&pod.run_ok(&["ip", "-4", "route", "show"])?.stdout).into_owned();
+    assert!(
+        routes.contains("default via 169.254.1.1 dev eth0"),
+        "{routes}"
+    );
+    // ... and the node holds no VPC address but its own primary.
+    let local = local_addresses(&w.node)?;
+    assert_eq!(
+        local,
+        BTreeSet::from([primary.clone(), "169.254.1.1".to_owned()]),
+        "node addresses"
+    );
+    vpc.run_ok(&[
+        "ip",
+        "neigh",
+        "replace",
+        &pod_ip,
+        "lladdr",
+        &en0,
+        "dev",
+        "en0p",
+        "nud",
+        "permanent",
+    ])?;
+    let rule = format!("from {pod_ip} lookup 100");
+    let rule_in_place = podnet_tests::wait_for(
+        || {
+            w.node
+                .run_ok(&["ip", "rule", "show"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&rule))
+        },
+        Duration::from_secs(10),
+    );
+    assert!(rule_in_place, "no `{rule}`: {}", agent.log());
+
+    // The pod's pings to the VPC router leave through its ENI (eni0, the
+    // ENI holding its address) and the router answers each.
+    let (tx0, rx0) = (
+        link_packets(&w.node, "en0")?.tx,
+        link_packets(&vpc, "en0p")?.rx,
+    );
+    assert_eq!(ping(&pod, "10.0.1.1", 3)?, 3);
+    let (tx1, rx1) = (
+        link_packets(&w.node, "en0")?.tx,
+        link_packets(&vpc, "en0p")?.rx,
+    );
+    assert_eq!((tx1 - tx0, rx1 - rx0), (3, 3), "en0 tx, VPC rx");
+
+    // The node's own route to the VPC router works, and leaves by en0 too.
+    w.node.run_ok(&[
+        "ip", "route", "replace", "default", "via", "10.0.1.1", "dev", "en0",
+    ])?;
+    assert_eq!(ping(&w.node, "10.0.1.1", 3)?, 3);
+    let tx2 = link_packets(&w.node, "en0")?.tx;
+    assert_eq!(tx2 - tx1, 3, "en0 tx of the node's pings");
+    println!(
+        "pod {pod_ip}: gateway 169.254.1.1, 3 pings to the VPC router -> en0 tx +{}, VPC rx +{}, 3 answers; node: 3 pings -> en0 tx +{}, 3 answers; node addresses {local:?}",
+        tx1 - tx0,
+        rx1 - rx0,
+        tx2 - tx1
+    );
+    env.run(&w.node, "DEL", &list, &att, None)?;
     Ok(())
 }

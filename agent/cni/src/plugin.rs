@@ -104,14 +104,16 @@ pub fn run(env: &CniEnv, conf: &NetConf, agent: &dyn AgentApi) -> Result<Output,
                 interface: att.host_interface,
                 ips: att.ips,
             };
-            let _: Value = call(
+            let answer: Value = call(
                 agent,
                 &Call::EndpointAdd(AddParams {
                     command,
                     endpoint: record,
                 }),
             )?;
-            Ok(Some(raw.to_string()))
+            Ok(Some(
+                with_routes(raw.clone(), &answer["routes"]).to_string(),
+            ))
         }
         (Command::Del, Role::Ipam) => {
             let _: Value = call(agent, &Call::IpamRelease(key()))?;
@@ -249,8 +251,30 @@ fn check_allocation(
     Ok(())
 }
 
+/// `result` with the routes the agent added in the pod (ENI mode's default
+/// route via its link-local gateway) appended, each once.
+fn with_routes(mut result: Value, added: &Value) -> Value {
+    let Some(added) = added.as_array().filter(|a| !a.is_empty()) else {
+        return result;
+    };
+    if !result["routes"].is_array() {
+        result["routes"] = json!([]);
+    }
+    if let Some(routes) = result["routes"].as_array_mut() {
+        for r in added {
+            if !routes.contains(r) {
+                routes.push(r.clone());
+            }
+        }
+    }
+    result
+}
+
 /// The IPAM result: one address per family with its gateway, and a default
-/// route per family through that gateway.
+/// route per family through that gateway, except through a link-local IPv4
+/// gateway (ENI mode): the main plugin's IPAM helper adds result routes
+/// before anything makes that gateway reachable, so the agent adds that one
+/// in the pod when the chained podnet-cni registers it.
 pub fn ipam_result(cni_version: &str, a: &Allocation) -> Value {
     let legacy = cni_version.starts_with("0.");
     let ips: Vec<Value> = a
@@ -274,6 +298,9 @@ pub fn ipam_result(cni_version: &str, a: &Allocation) -> Value {
         .iter()
         .filter_map(|x| {
             let gw = x.gateway?;
+            if matches!(gw, IpAddr::V4(v4) if v4.is_link_local()) {
+                return None;
+            }
             let dst = if x.ip.is_ipv4() { "0.0.0.0/0" } else { "::/0" };
             Some(json!({"dst": dst, "gw": gw}))
         })

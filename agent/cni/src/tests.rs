@@ -87,6 +87,44 @@ fn chained_add_registers_and_passes_prev_result_through() {
 }
 
 #[test]
+fn a_link_local_gateway_gets_its_default_route_from_the_agent_not_the_ipam_result() {
+    // IPAM: no default route through 169.254.1.1 (ptp could not add it).
+    let fake = leak(Fake {
+        calls: RefCell::new(Vec::new()),
+        answer: |_: &str, _: &Value| {
+            Ok(
+                json!({"containerId":"abc","ifName":"eth0","network":"net","allocatedUnixMs":1,
+                "ips":[{"ip":"10.0.1.9","prefix":"10.0.1.0/24","gateway":"169.254.1.1"}]}),
+            )
+        },
+    });
+    let conf = r#"{"cniVersion":"1.0.0","name":"net","type":"ptp","ipam":{"type":"podnet-cni","logFile":"LOG"}}"#;
+    let out = run(fake, "ADD", conf);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out.stdout).unwrap(),
+        json!({"cniVersion":"1.0.0",
+            "ips":[{"address":"10.0.1.9/24","gateway":"169.254.1.1"}],
+            "routes":[]})
+    );
+    // Chained: the route the agent added in the pod joins the result.
+    let fake = leak(Fake {
+        calls: RefCell::new(Vec::new()),
+        answer: |_: &str, _: &Value| Ok(json!({"routes":[{"dst":"0.0.0.0/0","gw":"169.254.1.1"}]})),
+    });
+    let conf = format!(
+        r#"{{"cniVersion":"1.0.0","name":"net","type":"podnet-cni","logFile":"LOG","prevResult":{PREV}}}"#
+    );
+    let out = run(fake, "ADD", &conf);
+    assert_eq!(out.exit_code, 0, "{}", out.stdout);
+    let mut expected = serde_json::from_str::<Value>(PREV).unwrap();
+    expected["routes"] = json!([{"dst":"0.0.0.0/0","gw":"169.254.1.1"}]);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out.stdout).unwrap(),
+        expected
+    );
+}
+
+#[test]
 fn ipam_add_returns_addresses_gateway_and_routes() {
     let fake = leak(Fake {
         calls: RefCell::new(Vec::new()),

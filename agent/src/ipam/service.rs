@@ -4,6 +4,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::Path,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
@@ -21,7 +22,7 @@ use crate::{
     api::protocol::{method, ApiError, ErrorCode},
     endpoint::{Endpoint, Registry, Source},
     ipam::{
-        allocator::PoolUsage,
+        allocator::{AttachmentKey, PoolUsage},
         commit::GroupCommit,
         recovery::{self, GraceRelease, NetnsProbe, NsfsProbe},
         source::{AddressSource, NodeCidr},
@@ -290,6 +291,47 @@ impl IpamService {
         Ok(service)
     }
 
+    /// A pod whose allocation has a link-local gateway (ENI mode) gets its
+    /// default route through it here, in its own namespace: `ptp` cannot add
+    /// it (see [`crate::routing::pod_gateway`]). Returns the routes for the
+    /// CNI result: none for other pods.
+    fn pod_default_route(
+        &self,
+        key: &AttachmentKey,
+        ep: &EndpointRecord,
+    ) -> Result<Vec<Value>, ApiError> {
+        let gateway = self.state().allocator().get(key).and_then(|a| {
+            a.ips.iter().find_map(|x| match x.gateway {
+                Some(IpAddr::V4(g)) if g.is_link_local() => Some(g),
+                _ => None,
+            })
+        });
+        let Some(gateway) = gateway else {
+            return Ok(Vec::new());
+        };
+        if ep.netns.is_empty() {
+            return Err(ApiError::invalid_params(
+                method::ENDPOINT_ADD,
+                format!("{key} has the link-local gateway {gateway}: its network namespace is needed to route through it"),
+            ));
+        }
+        let changed = crate::routing::pod_gateway::ensure_default_route(
+            Path::new(&ep.netns),
+            &ep.if_name,
+            gateway,
+        )
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::Internal,
+                format!("adding {key}'s default route via {gateway}: {e}"),
+            )
+        })?;
+        if changed {
+            tracing::debug!(attachment = %key, %gateway, "pod default route added");
+        }
+        Ok(vec![json!({"dst": "0.0.0.0/0", "gw": gateway})])
+    }
+
     fn state(&self) -> MutexGuard<'_, NodeState> {
         self.commit.state()
     }
@@ -384,11 +426,12 @@ impl IpamService {
                 let key = ep.key();
                 let pod = format!("{}/{}", ep.namespace, ep.pod);
                 let (ips, interface) = (ep.ips.clone(), ep.interface.clone());
+                let routes = self.pod_default_route(&key, &ep)?;
                 self.commit
                     .run(deadline, Some(key.clone()), change::add_endpoint(ep))
                     .map_err(ipam_error)?;
                 tracing::info!(attachment = %key, %pod, ?ips, ?interface, "endpoint added");
-                Ok(json!({}))
+                Ok(json!({ "routes": routes }))
             }
             Call::EndpointDel(k) => {
                 let removed = self

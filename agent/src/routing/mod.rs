@@ -20,6 +20,7 @@ pub mod eni;
 #[cfg(test)]
 pub(crate) mod fake;
 pub mod netlink;
+pub mod pod_gateway;
 pub mod reconcile;
 pub mod show;
 pub mod snat;

@@ -1,7 +1,9 @@
-//! The system calls the agent makes from more than one subsystem, and one
-//! blocking netlink request loop ([`netlink`]).
+//! The system calls the agent makes from more than one subsystem, one
+//! blocking netlink request loop ([`netlink`]), and work in another network
+//! namespace ([`netns`]).
 
 pub mod netlink;
+pub mod netns;
 
 use std::{os::fd::RawFd, time::Duration};
 

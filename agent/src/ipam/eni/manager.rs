@@ -208,8 +208,8 @@ impl Worker {
         let identity = self.cloud.identity()?;
         let limits = self.cloud.limits(&identity.instance_type)?;
         let cidr = identity.subnet_cidr;
-        // The VPC router is the subnet's first address.
-        self.pool.set_subnet(cidr, cidr.nth(1));
+        self.pool
+            .set_subnet(cidr, Some(IpAddr::V4(super::POD_GATEWAY)));
         tracing::info!(
             instance = %identity.instance_id,
             instance_type = %identity.instance_type,
@@ -342,7 +342,7 @@ impl Worker {
         let pool = SavedPool {
             instance_id: instance_id.to_owned(),
             subnet,
-            gateway: Some(vpc_router(subnet)),
+            gateway: Some(super::POD_GATEWAY),
             enis: enis
                 .iter()
                 .map(|e| Eni {

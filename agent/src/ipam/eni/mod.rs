@@ -67,6 +67,9 @@ pub struct EniSettings {
 /// `--eni-leak-grace`: long enough that no agent is still between creating
 /// and attaching the interface (the AWS VPC CNI waits as long).
 pub const DEFAULT_LEAK_GRACE: Duration = Duration::from_mins(5);
+/// The gateway every ENI-mode pod is given: link-local, so that no VPC
+/// address is ever configured on the node for a pod (as the AWS VPC CNI).
+pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// How often the ENI thread looks for podnet's ENIs attached nowhere.
 pub const SWEEP_PERIOD: Duration = Duration::from_mins(5);
 

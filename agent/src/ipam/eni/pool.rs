@@ -33,7 +33,7 @@ impl EniPool {
         pool
     }
 
-    /// Sets the pods' subnet and gateway (the VPC router).
+    /// Sets the pods' subnet and gateway ([`super::POD_GATEWAY`]).
     pub fn set_subnet(&self, subnet: Cidr, gateway: Option<IpAddr>) {
         let mut inner = self.write();
         inner.subnet = Some(subnet);

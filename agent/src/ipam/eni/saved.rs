@@ -28,7 +28,7 @@ pub struct SavedPool {
     pub instance_id: String,
     /// The pods' subnet.
     pub subnet: Cidr,
-    /// The pods' gateway.
+    /// The pods' gateway ([`super::POD_GATEWAY`]).
     pub gateway: Option<Ipv4Addr>,
     /// The ENIs with links, as routing takes them; `ips` only the confirmed
     /// addresses that may be handed out.
