@@ -73,7 +73,7 @@ const AGENT_HOST_MOUNTS: &[(&str, &str, bool, Option<&str>)] = &[
 /// The capabilities the agent container gets, as the kernel names them.
 const AGENT_CAPABILITIES: &[&str] = &["BPF", "PERFMON", "NET_ADMIN"];
 /// The alerts of the PrometheusRule (deploy/helm/podnet/files/prometheusrule.yaml).
-const ALERTS: usize = 23;
+const ALERTS: usize = 25;
 /// Every alert's `runbook_url` is this prefix and the alert's name in lower case: the
 /// packaging may replace the prefix (one string), never the anchors.
 const RUNBOOK_URL: &str = "https://example.invalid/podnet/blob/main/deploy/RUNBOOK.md#";
@@ -84,6 +84,8 @@ const RUNBOOK_URL: &str = "https://example.invalid/podnet/blob/main/deploy/RUNBO
 const CONDITIONAL_FAMILIES: &[&str] = &[
     "podnet_cloud_api_calls_total",
     "podnet_ipam_eni_addresses",
+    "podnet_ipam_pods_remaining",
+    "podnet_ipam_subnet_free_addresses",
     "podnet_bpf_program_run_seconds_total",
     "podnet_bpf_program_runs_total",
 ];

@@ -49,6 +49,15 @@ fn calls(m: &Metrics, action: &str, result: Option<&str>) -> u64 {
     n
 }
 
+/// A gauge's value as a whole number (counts of addresses and pods).
+fn whole(m: &Metrics, family: &str, labels: &[(&str, &str)]) -> u64 {
+    let v = m.value_or_zero(family, labels);
+    // Counts of addresses, well below 2^52.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let n = v as u64;
+    n
+}
+
 fn ipam_status(agent: &Agent) -> Result<Value> {
     agent.api("ipam.status", json!({}))
 }
@@ -115,6 +124,32 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
     let list = moto.enis(&node, &instance)?;
     assert_eq!(list.len(), 1);
     assert_eq!(secondaries(&list[0]).len(), 5);
+    // Capacity: 3 ENIs x 5 secondary addresses, none allocated; the subnet's
+    // free addresses as EC2 counts them.
+    assert_eq!(whole(&m, "podnet_ipam_pods_remaining", &[]), 15);
+    let subnet = id["subnet_id"].as_str().unwrap_or_default().to_owned();
+    let subnet_free = || -> Result<u64> {
+        let v = moto.ec2(&node, &["subnet", &subnet])?;
+        v["available"].as_u64().context("no available count")
+    };
+    let free_in_subnet = subnet_free()?;
+    let agrees = podnet_tests::wait_for(
+        || {
+            agent.metrics(&node).is_ok_and(|m| {
+                whole(
+                    &m,
+                    "podnet_ipam_subnet_free_addresses",
+                    &[("subnet", &subnet)],
+                ) == free_in_subnet
+            })
+        },
+        Duration::from_secs(5),
+    );
+    assert!(
+        agrees,
+        "subnet free addresses: EC2 {free_in_subnet}\n{}",
+        agent.log()
+    );
     println!(
         "A: warm-ip-target=5 on a fresh node: AssignPrivateIpAddresses={} (5 addresses), CreateNetworkInterface=0, DescribeNetworkInterfaces={}",
         calls(&m, "AssignPrivateIpAddresses", None),
@@ -151,6 +186,33 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
     assert!(en1["flags"]
         .as_array()
         .is_some_and(|f| f.iter().any(|x| x == "UP")));
+    let m = agent.metrics(&node)?;
+    assert_eq!(whole(&m, "podnet_ipam_pods_remaining", &[]), 14);
+    let free_in_subnet = subnet_free()?;
+    let agrees = podnet_tests::wait_for(
+        || {
+            agent.metrics(&node).is_ok_and(|m| {
+                whole(
+                    &m,
+                    "podnet_ipam_subnet_free_addresses",
+                    &[("subnet", &subnet)],
+                ) == free_in_subnet
+            })
+        },
+        Duration::from_secs(5),
+    );
+    assert!(
+        agrees,
+        "subnet free addresses: EC2 {free_in_subnet}\n{}",
+        agent.log()
+    );
+    let text = agent.podnetctl(&["ipam"])?;
+    assert!(
+        text.contains(&format!(
+            "capacity: 14 more pods; subnet: {free_in_subnet} free addresses"
+        )),
+        "{text}"
+    );
     println!("B: one pod on a full ENI: CreateNetworkInterface=1 AttachNetworkInterface=1 AssignPrivateIpAddresses=1 (total); en1 up, MTU 9001");
 
     // C. The cloud becomes unreachable: pods still get warm addresses, the

@@ -98,6 +98,14 @@ pub struct EniStatus {
     /// The last cloud error, while it lasts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// More pods the node can address: the ENIs it may attach (less those
+    /// attached by someone else) times their secondary addresses, less the
+    /// addresses allocated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods_remaining: Option<u32>,
+    /// Free addresses of the pods' subnet, as EC2 last reported them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_free: Option<u64>,
 }
 
 /// Use of one ENI (`podnetctl ipam`, `podnet_ipam_eni_addresses`).

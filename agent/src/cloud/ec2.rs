@@ -431,6 +431,17 @@ impl CloudProvider for Ec2 {
         Ok(detached)
     }
 
+    fn subnet_free_addresses(&self, subnet_id: &str) -> Result<u64, CloudError> {
+        let action = "DescribeSubnets";
+        let root = self.call(action, &[p("SubnetId.1", subnet_id)])?;
+        let free = root
+            .items("subnetSet")
+            .next()
+            .and_then(|s| s.text_at("availableIpAddressCount"))
+            .and_then(|n| n.parse().ok());
+        free.ok_or_else(|| decode(action, format!("{subnet_id}: no availableIpAddressCount")))
+    }
+
     fn delete_eni(&self, eni_id: &str) -> Result<(), CloudError> {
         self.call("DeleteNetworkInterface", &[p("NetworkInterfaceId", eni_id)])
             .map(drop)

@@ -170,6 +170,8 @@ pub trait CloudProvider: Send + Sync {
     fn list_detached_enis(&self, instance_id: &str) -> Result<Vec<DetachedEni>, CloudError>;
     /// Deletes an interface that is attached nowhere.
     fn delete_eni(&self, eni_id: &str) -> Result<(), CloudError>;
+    /// Free addresses of `subnet_id` (`availableIpAddressCount`).
+    fn subnet_free_addresses(&self, subnet_id: &str) -> Result<u64, CloudError>;
 }
 
 /// An interface podnet created that is attached nowhere.

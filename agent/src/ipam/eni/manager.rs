@@ -145,18 +145,25 @@ impl Worker {
         backoff.reset();
         let mut changing = 0u32;
         let mut next_sweep = Instant::now();
+        let mut subnet_stale = true;
         loop {
             if Instant::now() >= next_sweep {
                 let again = self.sweep(&identity.instance_id);
                 next_sweep = Instant::now() + again.min(SWEEP_PERIOD);
+                subnet_stale = true;
             }
             let wait = match self.reconcile(&identity, limits) {
                 Ok(round) => {
                     if round.changes > 0 {
                         changing += 1;
+                        subnet_stale = true;
                     } else {
                         changing = 0;
                         backoff.reset();
+                        if subnet_stale {
+                            self.read_subnet(&identity.subnet_id);
+                            subnet_stale = false;
+                        }
                     }
                     if changing > MAX_CHANGING_ROUNDS {
                         // The cloud accepts changes that do not show: slow down.
@@ -273,6 +280,17 @@ impl Worker {
             }
         }
         again
+    }
+
+    /// Reads the pods' subnet's free addresses (once the pool settled after
+    /// changes, and with each sweep).
+    fn read_subnet(&self, subnet_id: &str) {
+        match self.cloud.subnet_free_addresses(subnet_id) {
+            Ok(n) => self.shared.state().subnet_free = Some(n),
+            Err(e) => {
+                tracing::warn!(subnet = subnet_id, error = %e, "cannot read the subnet's free addresses");
+            }
+        }
     }
 
     fn ledger(&self) -> MutexGuard<'_, Ledger> {

@@ -121,6 +121,9 @@ pub struct EniState {
     pub ips_per_eni: Option<u32>,
     /// Attached ENIs by device index.
     pub enis: Vec<EniRecord>,
+    /// Free addresses of the pods' subnet, as last read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet_free: Option<u64>,
     /// The last reconcile error, cleared by a success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -295,6 +298,30 @@ impl EniIpam {
     /// Per-ENI use given the allocator's allocated and cooling addresses.
     pub fn status(&self, allocated: &BTreeSet<IpAddr>, cooling: &BTreeSet<IpAddr>) -> EniStatus {
         let s = self.state();
+        // Slots taken by someone else's ENIs hold no pod.
+        let foreign = s
+            .enis
+            .iter()
+            .filter(|e| !e.managed && e.device_index != 0)
+            .count();
+        let pods_max = s
+            .max_enis
+            .zip(s.ips_per_eni)
+            .map(|(max_enis, ips_per_eni)| {
+                InstanceLimits {
+                    max_enis: max_enis.saturating_sub(u32::try_from(foreign).unwrap_or(u32::MAX)),
+                    ips_per_eni,
+                }
+                .max_pods()
+            });
+        let pods_here = s
+            .enis
+            .iter()
+            .flat_map(|e| e.ips.iter())
+            .filter(|ip| allocated.contains(&IpAddr::V4(**ip)))
+            .count();
+        let pods_remaining =
+            pods_max.map(|m| m.saturating_sub(u32::try_from(pods_here).unwrap_or(u32::MAX)));
         let enis = s
             .enis
             .iter()
@@ -333,6 +360,8 @@ impl EniIpam {
                 }),
             enis,
             last_error: s.last_error,
+            pods_remaining,
+            subnet_free: s.subnet_free,
         }
     }
 
@@ -353,6 +382,23 @@ impl EniIpam {
             fam.sample(&[("eni", &e.eni), ("state", "allocated")], e.allocated)
                 .sample(&[("eni", &e.eni), ("state", "cooldown")], e.cooldown)
                 .sample(&[("eni", &e.eni), ("state", "free")], e.free);
+        }
+        if let Some(n) = status.pods_remaining {
+            enc.family(
+                "podnet_ipam_pods_remaining",
+                MetricType::Gauge,
+                "More pods this node can address: the instance type's ENIs (less those attached by someone else) times their secondary addresses, less the addresses allocated.",
+            )
+            .sample(&[], u64::from(n));
+        }
+        if let (Some(n), Some(subnet)) = (status.subnet_free, &status.subnet) {
+            let subnet = subnet.split(' ').next().unwrap_or(subnet);
+            enc.family(
+                "podnet_ipam_subnet_free_addresses",
+                MetricType::Gauge,
+                "Free addresses of the pods' subnet as EC2 reports them (availableIpAddressCount), read at start, after the pool changed, and every 5 minutes.",
+            )
+            .sample(&[("subnet", subnet)], n);
         }
         let mut fam = enc.family(
             "podnet_cloud_api_calls_total",

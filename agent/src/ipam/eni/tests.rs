@@ -162,6 +162,11 @@ impl CloudProvider for FakeCloud {
         Ok(self.detached.lock().unwrap().clone())
     }
 
+    fn subnet_free_addresses(&self, _: &str) -> Result<u64, CloudError> {
+        self.call("DescribeSubnets")?;
+        Ok(200)
+    }
+
     fn delete_eni(&self, eni: &str) -> Result<(), CloudError> {
         self.call("DeleteNetworkInterface")?;
         self.detached.lock().unwrap().retain(|d| d.id != eni);

@@ -16,6 +16,13 @@ pub fn eni_text(s: &EniStatus) -> String {
         s.max_enis.map_or_else(|| "?".into(), |n| n.to_string()),
         s.max_pods.map_or_else(|| "?".into(), |n| n.to_string()),
     );
+    let _ = writeln!(
+        out,
+        "capacity: {} more pods; subnet: {} free addresses",
+        s.pods_remaining
+            .map_or_else(|| "?".into(), |n| n.to_string()),
+        s.subnet_free.map_or_else(|| "?".into(), |n| n.to_string()),
+    );
     if let Some(e) = &s.last_error {
         let _ = writeln!(out, "cloud API failing: {e}");
     }
