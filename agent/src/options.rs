@@ -59,6 +59,39 @@ where
     duration_arg(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
+/// Parses a long duration flag: whole seconds, minutes or hours such as
+/// `90s`, `5m` or `1h` (1 s to 24 h).
+pub fn long_duration_arg(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration like \"90s\", \"5m\" or \"1h\" (1s to 24h)");
+    let (number, unit_s) = match s.char_indices().last() {
+        Some((i, 's')) => (&s[..i], 1),
+        Some((i, 'm')) => (&s[..i], 60),
+        Some((i, 'h')) => (&s[..i], 3600),
+        _ => return Err(bad()),
+    };
+    if number.is_empty() || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let secs = number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit_s))
+        .filter(|n| (1..=86_400).contains(n))
+        .ok_or_else(bad)?;
+    Ok(Duration::from_secs(secs))
+}
+
+/// Reads a long duration key of the config file (same syntax as the flag).
+pub fn long_duration_key<'de, D>(d: D) -> Result<Option<Duration>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let s = <String as serde::Deserialize>::deserialize(d)?;
+    long_duration_arg(&s)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser as _;
@@ -104,5 +137,26 @@ mod tests {
         );
         let unknown = serde_norway::from_str::<Sample>("sample-port: [1]\n").unwrap_err();
         assert!(unknown.to_string().contains("unknown field `sample-port`"));
+    }
+
+    #[test]
+    fn long_durations_take_seconds_minutes_and_hours_within_a_day() {
+        assert_eq!(long_duration_arg("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(long_duration_arg("5m"), Ok(Duration::from_mins(5)));
+        assert_eq!(long_duration_arg("24h"), Ok(Duration::from_hours(24)));
+        for bad in [
+            "",
+            "5",
+            "m",
+            "0s",
+            "25h",
+            "1.5m",
+            "-1m",
+            "5 m",
+            "99999999999999999999h",
+        ] {
+            let e = long_duration_arg(bad).unwrap_err();
+            assert!(e.contains("1s to 24h"), "{bad}: {e}");
+        }
     }
 }

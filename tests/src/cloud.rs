@@ -376,6 +376,7 @@ fn imds_answer(method: &str, path: &str, token: &str, id: &Value) -> (u16, Strin
         "instance-id" => s("instance_id"),
         "instance-type" => s("instance_type"),
         "placement/region" => s("region"),
+        "placement/availability-zone" => s("availability_zone"),
         "mac" => mac.clone(),
         "iam/security-credentials/" => "podnet-node".to_owned(),
         "iam/security-credentials/podnet-node" => json!({
@@ -404,8 +405,35 @@ pub struct ProxiedCall {
     pub at: Instant,
     /// Its `Action`.
     pub action: String,
+    /// Its form-encoded parameters, in order (`(name, value)`, decoded).
+    pub params: Vec<(String, String)>,
     /// Whether the proxy answered it with `RequestLimitExceeded`.
     pub throttled: bool,
+}
+
+/// Decodes one `application/x-www-form-urlencoded` component.
+fn form_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// One answer moto gave to a listing: when, to which request, what.
@@ -566,6 +594,11 @@ fn proxy_one(conn: TcpStream, state: &ProxyState) -> Result<()> {
         .push(ProxiedCall {
             at: Instant::now(),
             action: action.clone(),
+            params: body
+                .split('&')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (form_decode(k), form_decode(v)))
+                .collect(),
             throttled,
         });
     let is_held = || {

@@ -820,3 +820,80 @@ fn a_pods_packets_to_the_vpc_router_leave_by_its_eni_and_the_node_keeps_its_rout
     env.run(&w.node, "DEL", &list, &att, None)?;
     Ok(())
 }
+
+#[test]
+fn custom_networking_puts_pods_on_secondary_enis_in_the_zones_subnet() -> Result<()> {
+    if !require_root() || !moto_available() {
+        return Ok(());
+    }
+    let node = Netns::new("enicustom")?;
+    let moto = Moto::start(&node, MOTO_PORT)?;
+    let id = moto.ec2(&node, &["setup"])?;
+    let instance = id["instance_id"].as_str().unwrap_or_default().to_owned();
+    let imds = FakeImds::start(&node, &id)?;
+    moto.plug_links(&node, &instance)?;
+    let proxy = ThrottleProxy::start(&node, moto.port())?;
+    let zone = id["availability_zone"].as_str().unwrap_or_default();
+    let pods_subnet = id["pods_subnet_id"].as_str().unwrap_or_default();
+    let pods_sg = id["pods_security_group"].as_str().unwrap_or_default();
+    let configs = json!({ zone: {"subnet": pods_subnet, "securityGroups": [pods_sg]} }).to_string();
+    let agent = Agent::start_with(
+        &node,
+        &[],
+        &[
+            "--ipam-mode",
+            "eni",
+            "--warm-ip-target",
+            "3",
+            "--cloud-endpoint",
+            &proxy.endpoint(),
+            "--imds-endpoint",
+            &imds.endpoint(),
+            "--eni-configs",
+            &configs,
+        ],
+    )?;
+    if !moto.plug_until(&node, &instance, Duration::from_secs(30), || {
+        agent.ipam_free() == 3
+    })? {
+        bail!("pool never reached 3 free: {}", agent.log());
+    }
+    // The primary ENI holds no pod address; one new ENI in the pods'
+    // subnet holds the three.
+    let list = moto.enis(&node, &instance)?;
+    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(secondaries(&list[0]).len(), 0);
+    assert_eq!(list[0]["subnet_id"], id["subnet_id"]);
+    assert_eq!(list[1]["subnet_id"].as_str(), Some(pods_subnet));
+    // The interface was created with the zone's security group only (moto
+    // reports an attached interface's groups together with the instance's,
+    // so the request is what tells).
+    let creates: Vec<Vec<(String, String)>> = proxy
+        .calls()
+        .into_iter()
+        .filter(|c| c.action == "CreateNetworkInterface")
+        .map(|c| c.params)
+        .collect();
+    assert_eq!(creates.len(), 1);
+    let groups: Vec<&str> = creates[0]
+        .iter()
+        .filter(|(k, _)| k.starts_with("SecurityGroupId."))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(groups, [pods_sg]);
+    let subnet_param = creates[0].iter().find(|(k, _)| k == "SubnetId");
+    assert_eq!(subnet_param.map(|(_, v)| v.as_str()), Some(pods_subnet));
+    assert_eq!(secondaries(&list[1]).len(), 3);
+    let m = agent.metrics(&node)?;
+    assert_eq!(calls(&m, "AssignPrivateIpAddresses", None), 0);
+    assert_eq!(calls(&m, "CreateNetworkInterface", None), 1);
+    // 2 ENIs for pods (of 3) x 5 secondary addresses.
+    assert_eq!(whole(&m, "podnet_ipam_pods_remaining", &[]), 10);
+    let ip = agent.ipam_allocate("c1")?;
+    assert!(ip.starts_with("10.0.2."), "{ip}");
+    assert!(secondaries(&list[1]).contains(&ip));
+    let status = ipam_status(&agent)?;
+    assert_eq!(status["pools"][0]["prefix"], "10.0.2.0/24", "{status}");
+    println!("custom networking in {zone}: pods on {} in {pods_subnet} (10.0.2.0/24) with {pods_sg}, primary ENI left to the node; pod address {ip}; 10 more pods before the pod", list[1]["id"]);
+    Ok(())
+}

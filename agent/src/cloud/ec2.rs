@@ -14,7 +14,7 @@ use super::{
     sigv4::{self, uri_encode},
     xml::{self, Element},
     ApiCalls, CloudError, CloudProvider, DetachedEni, EniInfo, InstanceIdentity, InstanceLimits,
-    CREATED_TAG, MANAGED_TAG,
+    SubnetInfo, CREATED_TAG, MANAGED_TAG,
 };
 
 /// The API version this client speaks.
@@ -431,15 +431,23 @@ impl CloudProvider for Ec2 {
         Ok(detached)
     }
 
-    fn subnet_free_addresses(&self, subnet_id: &str) -> Result<u64, CloudError> {
+    fn describe_subnet(&self, subnet_id: &str) -> Result<SubnetInfo, CloudError> {
         let action = "DescribeSubnets";
         let root = self.call(action, &[p("SubnetId.1", subnet_id)])?;
-        let free = root
+        let item = root
             .items("subnetSet")
             .next()
-            .and_then(|s| s.text_at("availableIpAddressCount"))
-            .and_then(|n| n.parse().ok());
-        free.ok_or_else(|| decode(action, format!("{subnet_id}: no availableIpAddressCount")))
+            .ok_or_else(|| decode(action, format!("{subnet_id}: not in the answer")))?;
+        let cidr = item
+            .text_at("cidrBlock")
+            .and_then(|c| c.parse::<crate::net::Cidr>().ok())
+            .filter(|c| c.network_v4().is_some())
+            .ok_or_else(|| decode(action, format!("{subnet_id}: no IPv4 cidrBlock")))?;
+        let free = item
+            .text_at("availableIpAddressCount")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| decode(action, format!("{subnet_id}: no availableIpAddressCount")))?;
+        Ok(SubnetInfo { cidr, free })
     }
 
     fn delete_eni(&self, eni_id: &str) -> Result<(), CloudError> {

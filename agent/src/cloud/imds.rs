@@ -144,6 +144,7 @@ impl Imds {
             instance_id: self.get("instance-id")?,
             instance_type: self.get("instance-type")?,
             region: self.get("placement/region")?,
+            availability_zone: self.get("placement/availability-zone")?,
             mac,
             subnet_id: self.get(&format!("{iface}/subnet-id"))?,
             subnet_cidr,

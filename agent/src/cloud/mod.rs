@@ -35,6 +35,8 @@ pub struct InstanceIdentity {
     pub instance_type: String,
     /// The region, e.g. `us-east-1`.
     pub region: String,
+    /// The availability zone, e.g. `us-east-1a`.
+    pub availability_zone: String,
     /// MAC of the primary interface.
     pub mac: MacAddr,
     /// Subnet of the primary interface; new interfaces go there too.
@@ -170,8 +172,17 @@ pub trait CloudProvider: Send + Sync {
     fn list_detached_enis(&self, instance_id: &str) -> Result<Vec<DetachedEni>, CloudError>;
     /// Deletes an interface that is attached nowhere.
     fn delete_eni(&self, eni_id: &str) -> Result<(), CloudError>;
-    /// Free addresses of `subnet_id` (`availableIpAddressCount`).
-    fn subnet_free_addresses(&self, subnet_id: &str) -> Result<u64, CloudError>;
+    /// `subnet_id`'s prefix and free addresses (`DescribeSubnets`).
+    fn describe_subnet(&self, subnet_id: &str) -> Result<SubnetInfo, CloudError>;
+}
+
+/// A subnet as `DescribeSubnets` describes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubnetInfo {
+    /// Its IPv4 prefix.
+    pub cidr: Cidr,
+    /// Free addresses (`availableIpAddressCount`).
+    pub free: u64,
 }
 
 /// An interface podnet created that is attached nowhere.

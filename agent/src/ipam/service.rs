@@ -36,7 +36,7 @@ use crate::{
         Histogram,
     },
     net::{Cidr, CidrList},
-    options::{duration_arg, duration_key, options},
+    options::{duration_arg, duration_key, long_duration_arg, long_duration_key, options},
     subsystem::{to_json, Subsystem},
 };
 
@@ -81,11 +81,18 @@ options! {
         #[arg(long, env = "PODNET_IMDS_ENDPOINT")]
         pub imds_endpoint: Option<String>,
         /// ENI mode: how old an ENI podnet created for this instance must be,
-        /// while attached nowhere, before it is deleted as leaked (e.g. `5m`)
-        /// [default: 5m].
-        #[arg(long, env = "PODNET_ENI_LEAK_GRACE", value_parser = duration_arg)]
-        #[serde(default, deserialize_with = "duration_key")]
+        /// while attached nowhere, before it is deleted as leaked (e.g. `5m`,
+        /// 1s to 24h) [default: 5m].
+        #[arg(long, env = "PODNET_ENI_LEAK_GRACE", value_parser = long_duration_arg)]
+        #[serde(default, deserialize_with = "long_duration_key")]
         pub eni_leak_grace: Option<Duration>,
+        /// ENI mode, custom networking: per availability zone, the subnet and
+        /// security groups of the ENIs that hold pod addresses, as JSON, e.g.
+        /// `{"us-east-1a": {"subnet": "subnet-1", "securityGroups": ["sg-1"]}}`
+        /// (as the AWS VPC CNI's `ENIConfig`); the primary ENI is then left to
+        /// the node [default: unset: pods share the primary ENI's subnet].
+        #[arg(long, env = "PODNET_ENI_CONFIGS")]
+        pub eni_configs: Option<crate::ipam::eni::custom::EniConfigs>,
         /// After the IPAM checkpoint was found damaged and restored from its
         /// copy: how long a pod whose network namespace is gone keeps its
         /// address before it is released (e.g. `60s`) [default: 60s].
@@ -141,6 +148,7 @@ impl IpamOptions {
                 leak_grace: self
                     .eni_leak_grace
                     .unwrap_or(crate::ipam::eni::DEFAULT_LEAK_GRACE),
+                custom: self.eni_configs.unwrap_or_default(),
                 imds_endpoint: self
                     .imds_endpoint
                     .unwrap_or_else(|| crate::cloud::imds::DEFAULT_ENDPOINT.to_owned()),

@@ -11,6 +11,7 @@ use std::{
 };
 
 use super::{
+    custom::{EniConfigs, PodNetwork},
     ledger::Ledger,
     link::{Links, ENI_MTU},
     pool::EniPool,
@@ -26,10 +27,15 @@ use crate::{
     routing::eni::Eni,
 };
 
-/// Attached by someone else: neither the primary nor podnet's. Podnet does
-/// not use its addresses and never changes it.
-fn is_foreign(e: &EniInfo) -> bool {
-    e.device_index != 0 && !e.managed
+/// Attached by someone else (neither the primary nor podnet's), or the
+/// primary when custom networking leaves it to the node: podnet does not use
+/// its addresses and never changes it.
+fn is_foreign(e: &EniInfo, net: &PodNetwork) -> bool {
+    if e.device_index == 0 {
+        net.primary_is_nodes
+    } else {
+        !e.managed
+    }
 }
 
 /// Rounds in a row that may change something before the thread backs off
@@ -95,6 +101,10 @@ pub struct Round {
 
 pub(crate) struct Worker {
     pub(crate) targets: Targets,
+    /// `--eni-configs`.
+    pub(crate) configs: EniConfigs,
+    /// Where pods' addresses come from, once the instance is known.
+    pub(crate) net: Mutex<Option<PodNetwork>>,
     pub(crate) cloud: Arc<dyn CloudProvider>,
     pub(crate) links: Arc<dyn Links>,
     pub(crate) busy: BusyFn,
@@ -161,7 +171,7 @@ impl Worker {
                         changing = 0;
                         backoff.reset();
                         if subnet_stale {
-                            self.read_subnet(&identity.subnet_id);
+                            self.read_subnet(&self.net(&identity).subnet_id);
                             subnet_stale = false;
                         }
                     }
@@ -214,13 +224,16 @@ impl Worker {
     fn init(&self) -> Result<(InstanceIdentity, InstanceLimits), CloudError> {
         let identity = self.cloud.identity()?;
         let limits = self.cloud.limits(&identity.instance_type)?;
-        let cidr = identity.subnet_cidr;
+        let net = PodNetwork::resolve(&self.configs, &identity, self.cloud.as_ref())?;
         self.pool
-            .set_subnet(cidr, Some(IpAddr::V4(super::POD_GATEWAY)));
+            .set_subnet(net.subnet_cidr, Some(IpAddr::V4(super::POD_GATEWAY)));
         tracing::info!(
             instance = %identity.instance_id,
             instance_type = %identity.instance_type,
-            subnet = %format!("{} {}", identity.subnet_id, identity.subnet_cidr),
+            zone = %identity.availability_zone,
+            subnet = %format!("{} {}", net.subnet_id, net.subnet_cidr),
+            security_groups = ?net.security_groups,
+            primary_eni = if net.primary_is_nodes { "the node's (custom networking)" } else { "pods' too" },
             max_enis = limits.max_enis,
             ips_per_eni = limits.ips_per_eni,
             max_pods = limits.max_pods(),
@@ -229,7 +242,11 @@ impl Worker {
         let mut s = self.shared.state();
         s.instance_id = Some(identity.instance_id.clone());
         s.instance_type = Some(identity.instance_type.clone());
-        s.subnet = Some(format!("{} {}", identity.subnet_id, identity.subnet_cidr));
+        s.subnet = Some(format!("{} {}", net.subnet_id, net.subnet_cidr));
+        s.primary_is_nodes = net.primary_is_nodes;
+        drop(s);
+        *self.net.lock().unwrap_or_else(PoisonError::into_inner) = Some(net);
+        let mut s = self.shared.state();
         s.max_enis = Some(limits.max_enis);
         s.ips_per_eni = Some(limits.ips_per_eni);
         Ok((identity, limits))
@@ -285,12 +302,22 @@ impl Worker {
     /// Reads the pods' subnet's free addresses (once the pool settled after
     /// changes, and with each sweep).
     fn read_subnet(&self, subnet_id: &str) {
-        match self.cloud.subnet_free_addresses(subnet_id) {
-            Ok(n) => self.shared.state().subnet_free = Some(n),
+        match self.cloud.describe_subnet(subnet_id) {
+            Ok(subnet) => self.shared.state().subnet_free = Some(subnet.free),
             Err(e) => {
                 tracing::warn!(subnet = subnet_id, error = %e, "cannot read the subnet's free addresses");
             }
         }
+    }
+
+    /// Where pods' addresses come from: as resolved at start, else the
+    /// instance's own subnet.
+    fn net(&self, identity: &InstanceIdentity) -> PodNetwork {
+        self.net
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| PodNetwork::of_instance(identity))
     }
 
     fn ledger(&self) -> MutexGuard<'_, Ledger> {
@@ -395,12 +422,13 @@ impl Worker {
         let listed = self.cloud.list_enis(&identity.instance_id)?;
         let corrected = self.ledger().correct(listed, Instant::now());
         let enis = corrected.enis;
+        let net = self.net(identity);
         let links = self.links.list().map_err(ReconcileError::Link)?;
         let mut records = Vec::new();
         let mut ready: Vec<Ipv4Addr> = Vec::new();
         let mut waiting = 0;
         for e in &enis {
-            if is_foreign(e) {
+            if is_foreign(e, &net) {
                 records.push(EniRecord {
                     id: e.id.clone(),
                     device_index: e.device_index,
@@ -447,7 +475,7 @@ impl Worker {
         }
         self.relabel();
         self.publish(identity, &enis);
-        let views = self.views(&enis);
+        let views = self.views(&enis, &net);
         let actions = warm::plan(&self.targets, &limits, &views);
         let mut round = Round {
             changes: 0,
@@ -465,7 +493,7 @@ impl Worker {
         Ok(round)
     }
 
-    fn views(&self, enis: &[EniInfo]) -> Vec<EniView> {
+    fn views(&self, enis: &[EniInfo], net: &PodNetwork) -> Vec<EniView> {
         let (allocated, cooling) = (self.busy)();
         enis.iter()
             .map(|e| {
@@ -489,7 +517,7 @@ impl Worker {
                     busy: u32::try_from(e.secondary_ips.iter().filter(|ip| is_busy(ip)).count())
                         .unwrap_or(u32::MAX),
                     idle,
-                    foreign: is_foreign(e),
+                    foreign: is_foreign(e, net),
                 }
             })
             .collect()
@@ -530,10 +558,11 @@ impl Worker {
                 secondary,
             } => {
                 tracing::info!(device_index, secondary, "creating and attaching an ENI");
+                let net = self.net(identity);
                 let created = self.cloud.create_and_attach_eni(
                     &identity.instance_id,
-                    &identity.subnet_id,
-                    &identity.security_groups,
+                    &net.subnet_id,
+                    &net.security_groups,
                     *device_index,
                     *secondary,
                 )?;
@@ -599,13 +628,14 @@ impl Worker {
     /// Gives the routing subsystem the ENIs whose links exist, and saves
     /// them with the addresses that may be handed out.
     fn publish(&self, identity: &InstanceIdentity, enis: &[EniInfo]) {
+        let net = self.net(identity);
         let s = self.shared.state();
-        let subnet = identity.subnet_cidr;
+        let subnet = net.subnet_cidr;
         // IMDS gives IPv4 subnets only.
         let gateway = vpc_router(subnet);
         let list: Vec<Eni> = enis
             .iter()
-            .filter(|e| !is_foreign(e))
+            .filter(|e| !is_foreign(e, &net))
             .filter_map(|e| {
                 let link = s.enis.iter().find(|r| r.id == e.id)?.link.clone()?;
                 let Some(table) = table_of(e.device_index) else {
@@ -649,6 +679,8 @@ pub(crate) fn test_worker(
             busy,
             pool,
             shared: shared.clone(),
+            configs: EniConfigs::default(),
+            net: Mutex::default(),
             ledger: Mutex::default(),
             state_dir: None,
             saved: Mutex::default(),

@@ -8,6 +8,7 @@
 //! calls, apply them, and back off exponentially on errors and throttling.
 //! Allocations and releases only wake it; they never wait for the cloud.
 
+pub mod custom;
 pub mod ledger;
 pub mod link;
 pub mod manager;
@@ -62,6 +63,8 @@ pub struct EniSettings {
     pub imds_endpoint: String,
     /// `--eni-leak-grace`.
     pub leak_grace: Duration,
+    /// `--eni-configs` (custom networking).
+    pub custom: custom::EniConfigs,
 }
 
 /// `--eni-leak-grace`: long enough that no agent is still between creating
@@ -80,6 +83,7 @@ impl Default for EniSettings {
             cloud_endpoint: None,
             imds_endpoint: crate::cloud::imds::DEFAULT_ENDPOINT.to_owned(),
             leak_grace: DEFAULT_LEAK_GRACE,
+            custom: custom::EniConfigs::default(),
         }
     }
 }
@@ -121,6 +125,9 @@ pub struct EniState {
     pub ips_per_eni: Option<u32>,
     /// Attached ENIs by device index.
     pub enis: Vec<EniRecord>,
+    /// Whether custom networking leaves the primary ENI to the node.
+    #[serde(default)]
+    pub primary_is_nodes: bool,
     /// Free addresses of the pods' subnet, as last read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subnet_free: Option<u64>,
@@ -225,15 +232,16 @@ impl EniIpam {
     /// there after a restart until the cloud answers.
     pub fn start(
         &self,
-        targets: Targets,
+        settings: &EniSettings,
         cloud: Arc<dyn CloudProvider>,
         links: Arc<dyn Links>,
         busy: BusyFn,
         state_dir: Option<PathBuf>,
-        leak_grace: Duration,
     ) -> std::io::Result<()> {
         let worker = manager::Worker {
-            targets,
+            targets: settings.targets,
+            configs: settings.custom.clone(),
+            net: Mutex::default(),
             cloud,
             links,
             busy,
@@ -242,7 +250,7 @@ impl EniIpam {
             ledger: Mutex::default(),
             state_dir,
             saved: Mutex::default(),
-            leak_grace,
+            leak_grace: settings.leak_grace,
             first_seen_detached: Mutex::default(),
         };
         // Before the first allocation can look at the pool.
@@ -298,11 +306,18 @@ impl EniIpam {
     /// Per-ENI use given the allocator's allocated and cooling addresses.
     pub fn status(&self, allocated: &BTreeSet<IpAddr>, cooling: &BTreeSet<IpAddr>) -> EniStatus {
         let s = self.state();
-        // Slots taken by someone else's ENIs hold no pod.
+        // Slots taken by someone else's ENIs (and the node's primary under
+        // custom networking) hold no pod.
         let foreign = s
             .enis
             .iter()
-            .filter(|e| !e.managed && e.device_index != 0)
+            .filter(|e| {
+                if e.device_index == 0 {
+                    s.primary_is_nodes
+                } else {
+                    !e.managed
+                }
+            })
             .count();
         let pods_max = s
             .max_enis
@@ -449,12 +464,11 @@ pub fn start_ec2(
         })
     });
     eni.start(
-        settings.targets,
+        settings,
         Arc::new(cloud),
         Arc::new(link::NetlinkLinks),
         busy,
         Some(state_dir.to_path_buf()),
-        settings.leak_grace,
     )
     .map_err(|e| crate::ipam::IpamError::Config(format!("starting the ENI thread: {e}")))
 }

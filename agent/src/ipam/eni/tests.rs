@@ -14,7 +14,10 @@ use super::{
     BusyFn,
 };
 use crate::{
-    cloud::{CloudError, CloudProvider, DetachedEni, EniInfo, InstanceIdentity, InstanceLimits},
+    cloud::{
+        CloudError, CloudProvider, DetachedEni, EniInfo, InstanceIdentity, InstanceLimits,
+        SubnetInfo,
+    },
     ipam::source::AddressSource,
     net::MacAddr,
 };
@@ -89,6 +92,7 @@ impl CloudProvider for FakeCloud {
             instance_id: "i-1".into(),
             instance_type: "t3.medium".into(),
             region: "us-east-1".into(),
+            availability_zone: "us-east-1a".into(),
             mac: mac(0),
             subnet_id: "subnet-1".into(),
             subnet_cidr: "10.0.1.0/24".parse().unwrap(),
@@ -162,9 +166,12 @@ impl CloudProvider for FakeCloud {
         Ok(self.detached.lock().unwrap().clone())
     }
 
-    fn subnet_free_addresses(&self, _: &str) -> Result<u64, CloudError> {
+    fn describe_subnet(&self, _: &str) -> Result<SubnetInfo, CloudError> {
         self.call("DescribeSubnets")?;
-        Ok(200)
+        Ok(SubnetInfo {
+            cidr: "10.0.1.0/24".parse().unwrap(),
+            free: 200,
+        })
     }
 
     fn delete_eni(&self, eni: &str) -> Result<(), CloudError> {
