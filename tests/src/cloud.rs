@@ -335,6 +335,103 @@ impl FakeImds {
     }
 }
 
+/// A container credentials endpoint as EKS Pod Identity's agent serves it:
+/// `GET` with the token in `Authorization` answers temporary credentials
+/// for an hour; any other token gets 401.
+#[derive(Debug)]
+pub struct CredentialsEndpoint {
+    server: Server,
+    served: Arc<AtomicU32>,
+}
+
+impl CredentialsEndpoint {
+    /// Starts it on the loopback of `node`, expecting `token` and handing
+    /// out `access_key_id`.
+    pub fn start(node: &Netns, token: &str, access_key_id: &str) -> Result<Self> {
+        let handed_out = Arc::new(AtomicU32::new(0));
+        let (token, key, counter) = (
+            token.to_owned(),
+            access_key_id.to_owned(),
+            handed_out.clone(),
+        );
+        let server = Server::start(node, move |conn| {
+            let (token, key, counter) = (token.clone(), key.clone(), counter.clone());
+            std::thread::spawn(move || {
+                let _ = serve_credentials(conn, &token, &key, &counter);
+            });
+        })?;
+        Ok(Self {
+            server,
+            served: handed_out,
+        })
+    }
+
+    /// Its URL (`AWS_CONTAINER_CREDENTIALS_FULL_URI`).
+    pub fn uri(&self) -> String {
+        format!("http://127.0.0.1:{}/v1/credentials", self.server.port)
+    }
+
+    /// Credentials handed out so far.
+    pub fn served(&self) -> u32 {
+        self.served.load(Ordering::SeqCst)
+    }
+}
+
+fn serve_credentials(conn: TcpStream, token: &str, key: &str, served: &AtomicU32) -> Result<()> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(conn.try_clone()?);
+    let mut out = conn;
+    while let Some(req) = read_request(&mut reader)? {
+        let (status, text) = if req.header("authorization") == Some(token) {
+            served.fetch_add(1, Ordering::SeqCst);
+            let expires = std::time::SystemTime::now() + Duration::from_hours(1);
+            let secs = expires
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            (
+                200,
+                json!({
+                    "AccessKeyId": key, "SecretAccessKey": "pod-identity-secret",
+                    "Token": "pod-identity-session", "Expiration": utc(secs)
+                })
+                .to_string(),
+            )
+        } else {
+            (401, String::new())
+        };
+        write!(
+            out,
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        )?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` of `secs` since the epoch.
+fn utc(secs: u64) -> String {
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    // Civil date from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Serves one keep-alive connection.
 fn serve_imds(conn: TcpStream, id: &Value) -> Result<()> {
     conn.set_nonblocking(false)?;
@@ -407,6 +504,10 @@ pub struct ProxiedCall {
     pub action: String,
     /// Its form-encoded parameters, in order (`(name, value)`, decoded).
     pub params: Vec<(String, String)>,
+    /// The access key its `SigV4` signature names (`None`: unsigned).
+    pub access_key: Option<String>,
+    /// The answer's body.
+    pub answer: String,
     /// Whether the proxy answered it with `RequestLimitExceeded`.
     pub throttled: bool,
 }
@@ -587,11 +688,15 @@ fn proxy_one(conn: TcpStream, state: &ProxyState) -> Result<()> {
         .throttle_left
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
         .is_ok();
-    state
-        .calls
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .push(ProxiedCall {
+    // `Credential=<access key>/<date>/<region>/<service>/aws4_request`.
+    let access_key = req
+        .header("authorization")
+        .and_then(|a| a.split("Credential=").nth(1))
+        .and_then(|c| c.split('/').next())
+        .map(str::to_owned);
+    let index = {
+        let mut calls = state.calls.lock().unwrap_or_else(PoisonError::into_inner);
+        calls.push(ProxiedCall {
             at: Instant::now(),
             action: action.clone(),
             params: body
@@ -599,8 +704,12 @@ fn proxy_one(conn: TcpStream, state: &ProxyState) -> Result<()> {
                 .filter_map(|kv| kv.split_once('='))
                 .map(|(k, v)| (form_decode(k), form_decode(v)))
                 .collect(),
+            access_key,
+            answer: String::new(),
             throttled,
         });
+        calls.len() - 1
+    };
     let is_held = || {
         state
             .held
@@ -624,6 +733,14 @@ fn proxy_one(conn: TcpStream, state: &ProxyState) -> Result<()> {
     } else {
         state.answer(&req, &action)?
     };
+    if let Some(call) = state
+        .calls
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get_mut(index)
+    {
+        call.answer = String::from_utf8_lossy(&body).into_owned();
+    }
     write!(
         out,
         "{head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",

@@ -13,7 +13,7 @@ use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use podnet_tests::{
-    cloud::{links, moto_available, FakeImds, Moto, ThrottleProxy},
+    cloud::{links, moto_available, CredentialsEndpoint, FakeImds, Moto, ThrottleProxy},
     cni::{self, Attachment, CniEnv},
     iptables, require_root,
     vpc::link_packets,
@@ -896,4 +896,140 @@ fn custom_networking_puts_pods_on_secondary_enis_in_the_zones_subnet() -> Result
     assert_eq!(status["pools"][0]["prefix"], "10.0.2.0/24", "{status}");
     println!("custom networking in {zone}: pods on {} in {pods_subnet} (10.0.2.0/24) with {pods_sg}, primary ENI left to the node; pod address {ip}; 10 more pods before the pod", list[1]["id"]);
     Ok(())
+}
+
+/// The ENI-mode flags of an agent that talks to EC2 through `proxy`.
+fn eni_args<'a>(proxy: &'a str, imds: &'a str) -> Vec<&'a str> {
+    vec![
+        "--ipam-mode",
+        "eni",
+        "--warm-ip-target",
+        "1",
+        "--cloud-endpoint",
+        proxy,
+        "--imds-endpoint",
+        imds,
+    ]
+}
+
+/// The access keys that signed the EC2 calls through `proxy` from `from` on.
+fn signing_keys(proxy: &ThrottleProxy, from: usize) -> BTreeSet<Option<String>> {
+    proxy
+        .calls()
+        .iter()
+        .skip(from)
+        .filter(|c| c.action != "AssumeRoleWithWebIdentity")
+        .map(|c| c.access_key.clone())
+        .collect()
+}
+
+#[test]
+fn irsa_and_pod_identity_credentials_sign_the_ec2_calls() -> Result<()> {
+    if !require_root() || !moto_available() {
+        return Ok(());
+    }
+    let w = World::new("enicreds")?;
+    let proxy = ThrottleProxy::start(&w.node, w.moto.port())?;
+    let (ep, imds) = (proxy.endpoint(), w.imds.endpoint());
+    let dir = tempfile::tempdir()?;
+
+    // IRSA: a projected service-account token and a role; STS is moto's,
+    // through the proxy (AWS_ENDPOINT_URL_STS, as the SDKs read it).
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "eyJhbGciOiJSUzI1NiJ9.podnet-node.signature\n")?;
+    let role = "arn:aws:iam::123456789012:role/podnet-node";
+    let token_path = token_file.display().to_string();
+    let mut agent = Agent::start_with_env(
+        &w.node,
+        &[],
+        &eni_args(&ep, &imds),
+        &[
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", &token_path),
+            ("AWS_ROLE_ARN", role),
+            ("AWS_ROLE_SESSION_NAME", "podnet-node"),
+            ("AWS_ENDPOINT_URL_STS", &ep),
+        ],
+    )?;
+    if !w.until(Duration::from_secs(30), || agent.ipam_free() == 1)? {
+        bail!("pool never reached 1 free: {}", agent.log());
+    }
+    let calls = proxy.calls();
+    let sts: Vec<_> = calls
+        .iter()
+        .filter(|c| c.action == "AssumeRoleWithWebIdentity")
+        .collect();
+    assert_eq!(
+        sts.len(),
+        1,
+        "credentials are reused until shortly before expiry"
+    );
+    let param = |name: &str| {
+        sts[0]
+            .params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(param("RoleArn").as_deref(), Some(role));
+    assert_eq!(
+        param("WebIdentityToken").as_deref(),
+        Some("eyJhbGciOiJSUzI1NiJ9.podnet-node.signature")
+    );
+    assert_eq!(
+        sts[0].access_key, None,
+        "AssumeRoleWithWebIdentity is unsigned"
+    );
+    let issued = sts[0]
+        .answer
+        .split("<AccessKeyId>")
+        .nth(1)
+        .and_then(|a| a.split("</AccessKeyId>").next())
+        .context("no AccessKeyId in the STS answer")?
+        .to_owned();
+    // Every EC2 call was signed with the role's key, none with the
+    // instance profile's (the fake metadata service offers one).
+    assert_eq!(
+        signing_keys(&proxy, 0),
+        BTreeSet::from([Some(issued.clone())])
+    );
+    let m = agent.metrics(&w.node)?;
+    assert_eq!(calls_of(&m, "AssumeRoleWithWebIdentity", "success"), 1);
+    let ec2_calls = calls.len() - 1;
+    agent.stop()?;
+
+    // EKS Pod Identity: the container credentials endpoint and its token.
+    let endpoint = CredentialsEndpoint::start(&w.node, "pod-identity-token", "ASIAPODIDENTITY")?;
+    let pod_token = dir.path().join("eks-pod-identity-token");
+    std::fs::write(&pod_token, "pod-identity-token")?;
+    let from = proxy.calls().len();
+    let pod_token_path = pod_token.display().to_string();
+    let uri = endpoint.uri();
+    let agent = Agent::start_with_env(
+        &w.node,
+        &[],
+        &eni_args(&ep, &imds),
+        &[
+            ("AWS_CONTAINER_CREDENTIALS_FULL_URI", &uri),
+            ("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &pod_token_path),
+        ],
+    )?;
+    let signed = podnet_tests::wait_for(
+        || proxy.calls().len() >= from + 3 && agent.ipam_free() == 1,
+        Duration::from_secs(20),
+    );
+    assert!(signed, "no EC2 calls: {}", agent.log());
+    assert_eq!(
+        signing_keys(&proxy, from),
+        BTreeSet::from([Some("ASIAPODIDENTITY".to_owned())])
+    );
+    assert_eq!(endpoint.served(), 1);
+    println!(
+        "IRSA: 1 AssumeRoleWithWebIdentity ({role}), {ec2_calls} EC2 calls signed with {issued}; Pod Identity: {} EC2 calls signed with ASIAPODIDENTITY, 1 credentials request",
+        proxy.calls().len() - from
+    );
+    Ok(())
+}
+
+fn calls_of(m: &Metrics, action: &str, result: &str) -> u64 {
+    calls(m, action, Some(result))
 }

@@ -40,7 +40,7 @@ pub struct Ec2 {
 }
 
 impl Ec2 {
-    /// A client of `endpoint` (`None`: `https://ec2.<region>.amazonaws.com`)
+    /// A client of `endpoint` (`None`: the region's, [`super::partition`])
     /// with metadata from `imds_endpoint`, counting calls in `calls`.
     pub fn new(
         endpoint: Option<&str>,
@@ -54,8 +54,8 @@ impl Ec2 {
         let imds = Arc::new(Imds::new(imds_endpoint, http.clone()));
         Ok(Self {
             endpoint: endpoint.map(|e| e.trim_end_matches('/').to_owned()),
+            credentials: CredentialChain::new(imds.clone(), http.clone(), calls.clone()),
             http,
-            credentials: CredentialChain::new(imds.clone()),
             imds,
             region: Mutex::new(None),
             calls,
@@ -92,7 +92,7 @@ impl Ec2 {
         let url = self
             .endpoint
             .clone()
-            .unwrap_or_else(|| format!("https://ec2.{region}.amazonaws.com"));
+            .unwrap_or_else(|| super::partition::endpoint("ec2", &region));
         let host = url
             .split_once("://")
             .map_or(url.as_str(), |(_, rest)| rest)
@@ -107,7 +107,7 @@ impl Ec2 {
             body.push('=');
             body.push_str(&uri_encode(v));
         }
-        let creds = self.credentials.get()?;
+        let creds = self.credentials.get(&region)?;
         let content_type = "application/x-www-form-urlencoded; charset=utf-8";
         let (amz_date, _) = sigv4::amz_dates(SystemTime::now());
         let mut headers = sigv4::sign(

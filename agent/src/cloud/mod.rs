@@ -11,6 +11,7 @@ pub mod credentials;
 pub mod ec2;
 pub mod http;
 pub mod imds;
+pub mod partition;
 pub mod sigv4;
 pub mod xml;
 
