@@ -58,6 +58,24 @@ fn whole(m: &Metrics, family: &str, labels: &[(&str, &str)]) -> u64 {
     n
 }
 
+/// Asserts that the agent's gauge of `subnet`'s free addresses comes to
+/// `free` (EC2's count) within 5 s: it is read when the pool settles.
+fn assert_subnet_gauge(agent: &Agent, node: &Netns, subnet: &str, free: u64) {
+    let agrees = podnet_tests::wait_for(
+        || {
+            agent.metrics(node).is_ok_and(|m| {
+                whole(
+                    &m,
+                    "podnet_ipam_subnet_free_addresses",
+                    &[("subnet", subnet)],
+                ) == free
+            })
+        },
+        Duration::from_secs(5),
+    );
+    assert!(agrees, "subnet free addresses: EC2 {free}\n{}", agent.log());
+}
+
 fn ipam_status(agent: &Agent) -> Result<Value> {
     agent.api("ipam.status", json!({}))
 }
@@ -133,23 +151,7 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
         v["available"].as_u64().context("no available count")
     };
     let free_in_subnet = subnet_free()?;
-    let agrees = podnet_tests::wait_for(
-        || {
-            agent.metrics(&node).is_ok_and(|m| {
-                whole(
-                    &m,
-                    "podnet_ipam_subnet_free_addresses",
-                    &[("subnet", &subnet)],
-                ) == free_in_subnet
-            })
-        },
-        Duration::from_secs(5),
-    );
-    assert!(
-        agrees,
-        "subnet free addresses: EC2 {free_in_subnet}\n{}",
-        agent.log()
-    );
+    assert_subnet_gauge(&agent, &node, &subnet, free_in_subnet);
     println!(
         "A: warm-ip-target=5 on a fresh node: AssignPrivateIpAddresses={} (5 addresses), CreateNetworkInterface=0, DescribeNetworkInterfaces={}",
         calls(&m, "AssignPrivateIpAddresses", None),
@@ -189,23 +191,7 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
     let m = agent.metrics(&node)?;
     assert_eq!(whole(&m, "podnet_ipam_pods_remaining", &[]), 14);
     let free_in_subnet = subnet_free()?;
-    let agrees = podnet_tests::wait_for(
-        || {
-            agent.metrics(&node).is_ok_and(|m| {
-                whole(
-                    &m,
-                    "podnet_ipam_subnet_free_addresses",
-                    &[("subnet", &subnet)],
-                ) == free_in_subnet
-            })
-        },
-        Duration::from_secs(5),
-    );
-    assert!(
-        agrees,
-        "subnet free addresses: EC2 {free_in_subnet}\n{}",
-        agent.log()
-    );
+    assert_subnet_gauge(&agent, &node, &subnet, free_in_subnet);
     let text = agent.podnetctl(&["ipam"])?;
     assert!(
         text.contains(&format!(
@@ -348,6 +334,8 @@ struct World {
     node: Netns,
     moto: Moto,
     imds: FakeImds,
+    /// What the EC2 world's setup made (instance, subnets, groups, zone).
+    id: Value,
     instance: String,
 }
 
@@ -363,6 +351,7 @@ impl World {
             node,
             moto,
             imds,
+            id,
             instance,
         })
     }
@@ -826,19 +815,15 @@ fn custom_networking_puts_pods_on_secondary_enis_in_the_zones_subnet() -> Result
     if !require_root() || !moto_available() {
         return Ok(());
     }
-    let node = Netns::new("enicustom")?;
-    let moto = Moto::start(&node, MOTO_PORT)?;
-    let id = moto.ec2(&node, &["setup"])?;
-    let instance = id["instance_id"].as_str().unwrap_or_default().to_owned();
-    let imds = FakeImds::start(&node, &id)?;
-    moto.plug_links(&node, &instance)?;
-    let proxy = ThrottleProxy::start(&node, moto.port())?;
+    let w = World::new("enicustom")?;
+    let (node, moto, id, instance) = (&w.node, &w.moto, &w.id, &w.instance);
+    let proxy = ThrottleProxy::start(node, moto.port())?;
     let zone = id["availability_zone"].as_str().unwrap_or_default();
     let pods_subnet = id["pods_subnet_id"].as_str().unwrap_or_default();
     let pods_sg = id["pods_security_group"].as_str().unwrap_or_default();
     let configs = json!({ zone: {"subnet": pods_subnet, "securityGroups": [pods_sg]} }).to_string();
     let agent = Agent::start_with(
-        &node,
+        node,
         &[],
         &[
             "--ipam-mode",
@@ -848,19 +833,17 @@ fn custom_networking_puts_pods_on_secondary_enis_in_the_zones_subnet() -> Result
             "--cloud-endpoint",
             &proxy.endpoint(),
             "--imds-endpoint",
-            &imds.endpoint(),
+            &w.imds.endpoint(),
             "--eni-configs",
             &configs,
         ],
     )?;
-    if !moto.plug_until(&node, &instance, Duration::from_secs(30), || {
-        agent.ipam_free() == 3
-    })? {
+    if !w.until(Duration::from_secs(30), || agent.ipam_free() == 3)? {
         bail!("pool never reached 3 free: {}", agent.log());
     }
     // The primary ENI holds no pod address; one new ENI in the pods'
     // subnet holds the three.
-    let list = moto.enis(&node, &instance)?;
+    let list = moto.enis(node, instance)?;
     assert_eq!(list.len(), 2, "{list:?}");
     assert_eq!(secondaries(&list[0]).len(), 0);
     assert_eq!(list[0]["subnet_id"], id["subnet_id"]);
@@ -884,7 +867,7 @@ fn custom_networking_puts_pods_on_secondary_enis_in_the_zones_subnet() -> Result
     let subnet_param = creates[0].iter().find(|(k, _)| k == "SubnetId");
     assert_eq!(subnet_param.map(|(_, v)| v.as_str()), Some(pods_subnet));
     assert_eq!(secondaries(&list[1]).len(), 3);
-    let m = agent.metrics(&node)?;
+    let m = agent.metrics(node)?;
     assert_eq!(calls(&m, "AssignPrivateIpAddresses", None), 0);
     assert_eq!(calls(&m, "CreateNetworkInterface", None), 1);
     // 2 ENIs for pods (of 3) x 5 secondary addresses.
