@@ -607,8 +607,14 @@ fn helm_values_reach_the_objects() {
             "monitoring.runbookBaseURL=https://runbooks.example.com/podnet/",
             "resources.limits.memory=224Mi",
             "metrics.port=19999",
+            "serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::123456789012:role/podnet",
         ],
     ));
+    // IRSA: the role annotation on the agent's ServiceAccount.
+    assert_eq!(
+        docs["ServiceAccount/podnet"]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::123456789012:role/podnet"
+    );
     let ds = &docs["DaemonSet/podnet"];
     let pod = &ds["spec"]["template"]["spec"];
     for c in pod["containers"]
