@@ -745,3 +745,143 @@ fn snat_off_removes_only_podnets_chain() -> Result<()> {
     assert!(after.iter().any(|l| l == foreign), "{after:#?}");
     Ok(())
 }
+
+/// `MASQUERADE` packets of podnet's chain in `binary`'s nat table.
+fn masquerade_packets(node: &Netns, binary: &str) -> Result<u64> {
+    let out = node.run_ok(&[
+        binary,
+        "-w",
+        "-t",
+        "nat",
+        "-L",
+        "PODNET-SNAT",
+        "-v",
+        "-x",
+        "-n",
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.contains("MASQUERADE"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no MASQUERADE rule in {binary}'s chain:\n{text}"))
+}
+
+/// Source-NATed flows conntrack holds for `family` (`ipv4`, `ipv6`).
+fn snat_flows(node: &Netns, family: &str) -> Result<usize> {
+    let out = node.run(&["conntrack", "-L", "-f", family, "--src-nat"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count())
+}
+
+#[test]
+fn dual_stack_pods_are_masqueraded_in_both_families() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let topo = podnet_tests::Topology::builder()
+        .name("rt6snat")
+        .pods(1)
+        .build()?;
+    let node = topo.node();
+    let pod = topo.pod(0);
+    let endpoints = [podnet_tests::EndpointSpec::new(
+        "web",
+        "frontend",
+        &[pod.ipv4().into(), pod.ipv6().into()],
+    )
+    .interface(pod.host_if())];
+    // The pods' own networks are the "VPC": only the server is outside.
+    let mut agent = Agent::start_with(
+        node,
+        &endpoints,
+        &[
+            "--snat=true",
+            "--vpc-cidrs",
+            &format!("{},{}", topo.pods_cidr_v4(), topo.pods_cidr_v6()),
+        ],
+    )?;
+    let v6_rule = format!(
+        "-A PODNET-SNAT -s {}/128 -j MASQUERADE --random-fully",
+        pod.ipv6()
+    );
+    let in_place = wait_for(
+        || {
+            node.run_ok(&["ip6tables", "-w", "-t", "nat", "-S", "PODNET-SNAT"])
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&v6_rule))
+        },
+        Duration::from_secs(10),
+    );
+    assert!(in_place, "no `{v6_rule}`: {}", agent.log());
+    let v6_chain = String::from_utf8_lossy(
+        &node
+            .run_ok(&["ip6tables", "-w", "-t", "nat", "-S", "PODNET-SNAT"])?
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        v6_chain.contains(&format!(
+            "-A PODNET-SNAT -d {} -j RETURN",
+            topo.pods_cidr_v6()
+        )),
+        "{v6_chain}"
+    );
+    let v6_jump = String::from_utf8_lossy(
+        &node
+            .run_ok(&["ip6tables", "-w", "-t", "nat", "-S", "POSTROUTING"])?
+            .stdout,
+    )
+    .lines()
+    .filter(|l| l.ends_with("-j PODNET-SNAT"))
+    .count();
+    assert_eq!(v6_jump, 1);
+
+    // One ping flow per family to the server: each is masqueraded once, to
+    // the node's address towards the server, and every echo is answered.
+    for (family, binary, dst) in [
+        ("ipv4", "iptables", topo.server_ipv4().to_string()),
+        ("ipv6", "ip6tables", topo.server_ipv6().to_string()),
+    ] {
+        let before = masquerade_packets(node, binary)?;
+        let out = pod
+            .netns()
+            .run(&["ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1", &dst])?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(text.contains("3 received"), "{family}: {text}");
+        assert_eq!(masquerade_packets(node, binary)? - before, 1, "{family}");
+        assert_eq!(snat_flows(node, family)?, 1, "{family}");
+    }
+    let flows = String::from_utf8_lossy(
+        &node
+            .run(&["conntrack", "-L", "-f", "ipv6", "--src-nat"])?
+            .stdout,
+    )
+    .into_owned();
+    assert!(
+        flows.contains(&format!("dst={}", topo.node_ipv6_to_server())),
+        "the reply goes to the node's address: {flows}"
+    );
+    agent.stop()?;
+    drop(agent);
+
+    // SNAT off: both families' chains and jumps go (at the agent's first
+    // routing pass).
+    let _agent = Agent::start_with(node, &endpoints, &["--snat=false"])?;
+    let rules = |binary: &str| {
+        node.run_ok(&[binary, "-w", "-t", "nat", "-S"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    let gone = wait_for(
+        || {
+            ["iptables", "ip6tables"]
+                .iter()
+                .all(|b| !rules(b).contains("PODNET-SNAT"))
+        },
+        Duration::from_secs(10),
+    );
+    assert!(gone, "{}\n{}", rules("iptables"), rules("ip6tables"));
+    Ok(())
+}

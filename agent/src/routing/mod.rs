@@ -28,7 +28,6 @@ pub mod steer;
 pub mod watch;
 
 use std::{
-    net::IpAddr,
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -88,7 +87,8 @@ options! {
         #[arg(long, env = "PODNET_ENIS")]
         pub enis: Option<PathBuf>,
         /// Destinations that are not masqueraded and that the fast path may steer
-        /// to, comma-separated [default: the ENIs' subnets].
+        /// to, comma-separated, IPv4 and IPv6 (the fast path steers IPv4)
+        /// [default: the ENIs' subnets].
         #[arg(long, env = "PODNET_VPC_CIDRS", value_delimiter = ',')]
         pub vpc_cidrs: Option<Vec<Cidr>>,
         /// Service CIDRs, comma-separated: the fast path leaves them to the
@@ -107,9 +107,9 @@ options! {
 }
 
 impl RoutingOptions {
-    /// The settings, defaults filled in and the prefixes checked to be IPv4
-    /// (routing and SNAT are IPv4 today): the fast path pins below `bpffs` and
-    /// never steers traffic to `dns_ports` (DNS's own setting).
+    /// The settings, defaults filled in and the service prefixes checked to
+    /// be IPv4 (the fast path steers IPv4): the fast path pins below `bpffs`
+    /// and never steers traffic to `dns_ports` (DNS's own setting).
     pub fn settings(
         self,
         bpffs: &std::path::Path,
@@ -124,7 +124,7 @@ impl RoutingOptions {
         };
         Ok(RoutingSettings {
             enis_file: self.enis,
-            vpc_cidrs: ipv4("vpc-cidrs", self.vpc_cidrs)?,
+            vpc_cidrs: self.vpc_cidrs.unwrap_or_default(),
             service_cidrs: ipv4("service-cidrs", self.service_cidrs)?,
             snat: self.snat,
             fast_path: self.fast_path.unwrap_or(false),
@@ -551,10 +551,7 @@ impl Loop {
                 endpoints
                     .iter()
                     .flat_map(|e| &e.ips)
-                    .filter_map(|ip| match ip {
-                        IpAddr::V4(v4) => Some(Cidr::host(IpAddr::V4(*v4))),
-                        IpAddr::V6(_) => None,
-                    })
+                    .map(|ip| Cidr::host(*ip))
                     .collect()
             } else {
                 enis.iter().map(|e| e.subnet).collect()
@@ -585,7 +582,12 @@ impl Loop {
     }
 
     fn sync_steer(&mut self, outcome: &Outcome, enis: &[Eni], recheck: bool) -> Vec<String> {
-        let vpc = self.vpc_cidrs(enis);
+        // The fast path steers IPv4.
+        let vpc: Vec<Cidr> = self
+            .vpc_cidrs(enis)
+            .into_iter()
+            .filter(|c| c.network_v4().is_some())
+            .collect();
         let mut steer = self
             .shared
             .steer

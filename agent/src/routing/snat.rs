@@ -1,22 +1,30 @@
-//! SNAT for pod traffic leaving the VPC: one chain owned by podnet
-//! ([`CHAIN`] in the nat table, jumped to from POSTROUTING) that returns for
-//! VPC destinations and masquerades the rest with `--random-fully` (no
-//! insert races on the shared source port range).
+//! SNAT for pod traffic leaving the VPC: one chain owned by podnet per
+//! family ([`CHAIN`] in the nat table of `iptables` and of `ip6tables`,
+//! jumped to from POSTROUTING) that returns for VPC destinations and
+//! masquerades the rest with `--random-fully` (no insert races on the shared
+//! source port range). A family without pod sources has no chain.
 //!
-//! Applied with the `iptables` command (Debian's default is the `nf_tables`
-//! backend), idempotently: each rule is checked (`-C`) before anything is
-//! written, and only podnet's chain and its jump are ever changed or removed.
+//! Applied with the `iptables`/`ip6tables` commands (Debian's default is the
+//! `nf_tables` backend), idempotently: each rule is checked (`-C`) before
+//! anything is written, and only podnet's chains and their jumps are ever
+//! changed or removed.
 
 use std::process::Command;
 
-use crate::net::Cidr;
+use crate::net::{Cidr, Family};
 
 /// podnet's chain in the nat table.
 pub const CHAIN: &str = "PODNET-SNAT";
 /// Comment on the jump from POSTROUTING, so people know who put it there.
 const JUMP_COMMENT: &str = "podnet: SNAT for pod traffic leaving the VPC";
-/// The iptables binary.
-const IPTABLES: &str = "iptables";
+
+/// The binary that manages `family`'s tables.
+fn binary(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "iptables",
+        Family::V6 => "ip6tables",
+    }
+}
 
 /// What the chain should do.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -33,6 +41,24 @@ pub struct SnatSpec {
 pub struct SnatError {
     args: String,
     message: String,
+}
+
+impl SnatSpec {
+    /// The part of `self` in `family`.
+    #[must_use]
+    pub fn of(&self, family: Family) -> Self {
+        let keep = |cidrs: &[Cidr]| -> Vec<Cidr> {
+            cidrs
+                .iter()
+                .filter(|c| c.family() == family)
+                .copied()
+                .collect()
+        };
+        Self {
+            vpc_cidrs: keep(&self.vpc_cidrs),
+            pod_sources: keep(&self.pod_sources),
+        }
+    }
 }
 
 /// The rules of [`CHAIN`], in order, as iptables arguments after `-A CHAIN`.
@@ -64,22 +90,23 @@ fn jump_rule() -> Vec<String> {
         .to_vec()
 }
 
-/// Runs `iptables -w -t nat <args>`; `Ok(false)` when it exits 1 (a `-C`
-/// that found nothing, a missing chain), an error for anything else.
-fn iptables(args: &[&str]) -> Result<bool, SnatError> {
-    let out = Command::new(IPTABLES)
+/// Runs `iptables -w -t nat <args>` (`ip6tables` for IPv6); `Ok(false)`
+/// when it exits 1 (a `-C` that found nothing, a missing chain), an error
+/// for anything else.
+fn iptables(family: Family, args: &[&str]) -> Result<bool, SnatError> {
+    let out = Command::new(binary(family))
         .args(["-w", "-t", "nat"])
         .args(args)
         .output()
         .map_err(|e| SnatError {
-            args: args.join(" "),
+            args: format!("{} {}", binary(family), args.join(" ")),
             message: e.to_string(),
         })?;
     match out.status.code() {
         Some(0) => Ok(true),
         Some(1) => Ok(false),
         _ => Err(SnatError {
-            args: args.join(" "),
+            args: format!("{} {}", binary(family), args.join(" ")),
             message: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
         }),
     }
@@ -94,12 +121,12 @@ fn with<'a>(head: &[&'a str], rule: &'a [String]) -> Vec<&'a str> {
 
 /// Rules currently in [`CHAIN`] (`-S` lines starting with `-A`), or `None`
 /// when the chain does not exist.
-fn chain_listing() -> Result<Option<usize>, SnatError> {
-    let out = Command::new(IPTABLES)
+fn chain_listing(family: Family) -> Result<Option<usize>, SnatError> {
+    let out = Command::new(binary(family))
         .args(["-w", "-t", "nat", "-S", CHAIN])
         .output()
         .map_err(|e| SnatError {
-            args: format!("-S {CHAIN}"),
+            args: format!("{} -S {CHAIN}", binary(family)),
             message: e.to_string(),
         })?;
     if !out.status.success() {
@@ -113,11 +140,26 @@ fn chain_listing() -> Result<Option<usize>, SnatError> {
     ))
 }
 
-/// Brings the chain and its jump to `spec`; returns whether anything changed.
+/// Brings each family's chain and jump to `spec`: a family with pod sources
+/// gets its chain, one without has none. Returns whether anything changed.
 pub fn reconcile(spec: &SnatSpec) -> Result<bool, SnatError> {
+    let mut changed = false;
+    for family in [Family::V4, Family::V6] {
+        let part = spec.of(family);
+        changed |= if part.pod_sources.is_empty() {
+            remove_family(family)?
+        } else {
+            reconcile_family(family, &part)?
+        };
+    }
+    Ok(changed)
+}
+
+fn reconcile_family(family: Family, spec: &SnatSpec) -> Result<bool, SnatError> {
+    let iptables = |args: &[&str]| iptables(family, args);
     let rules = chain_rules(spec);
     let mut changed = false;
-    let present = match chain_listing()? {
+    let present = match chain_listing(family)? {
         None => {
             iptables(&["-N", CHAIN])?;
             changed = true;
@@ -149,12 +191,19 @@ pub fn reconcile(spec: &SnatSpec) -> Result<bool, SnatError> {
     Ok(changed)
 }
 
-/// Removes the jump and the chain; nothing else. Returns whether anything
-/// was there.
+/// Removes both families' jumps and chains; nothing else. Returns whether
+/// anything was there.
 pub fn remove() -> Result<bool, SnatError> {
+    let v4 = remove_family(Family::V4)?;
+    let v6 = remove_family(Family::V6)?;
+    Ok(v4 || v6)
+}
+
+fn remove_family(family: Family) -> Result<bool, SnatError> {
+    let iptables = |args: &[&str]| iptables(family, args);
     // A jump cannot exist without its chain, and `-C` of a jump to a missing
     // chain is an error (exit 2), not "not found".
-    if chain_listing()?.is_none() {
+    if chain_listing(family)?.is_none() {
         return Ok(false);
     }
     let jump = jump_rule();
@@ -167,7 +216,7 @@ pub fn remove() -> Result<bool, SnatError> {
         iptables(&with(&["-D", "POSTROUTING"], &jump))?;
         removed = true;
     }
-    if chain_listing()?.is_some() {
+    if chain_listing(family)?.is_some() {
         iptables(&["-F", CHAIN])?;
         iptables(&["-X", CHAIN])?;
         removed = true;
@@ -178,6 +227,30 @@ pub fn remove() -> Result<bool, SnatError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_family_gets_its_own_part() {
+        let spec = SnatSpec {
+            vpc_cidrs: vec![
+                "10.0.0.0/16".parse().unwrap(),
+                "fd00:99::/32".parse().unwrap(),
+            ],
+            pod_sources: vec!["fd00:99:1::2/128".parse().unwrap()],
+        };
+        let v6: Vec<String> = chain_rules(&spec.of(Family::V6))
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
+        assert_eq!(
+            v6,
+            [
+                "-d fd00:99::/32 -j RETURN",
+                "-s fd00:99:1::2/128 -j MASQUERADE --random-fully"
+            ]
+        );
+        assert!(spec.of(Family::V4).pod_sources.is_empty());
+        assert_eq!(binary(Family::V6), "ip6tables");
+    }
 
     #[test]
     fn rules_return_for_the_vpc_then_masquerade_pods() {
