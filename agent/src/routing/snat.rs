@@ -122,13 +122,21 @@ fn with<'a>(head: &[&'a str], rule: &'a [String]) -> Vec<&'a str> {
 /// Rules currently in [`CHAIN`] (`-S` lines starting with `-A`), or `None`
 /// when the chain does not exist.
 fn chain_listing(family: Family) -> Result<Option<usize>, SnatError> {
-    let out = Command::new(binary(family))
+    let out = match Command::new(binary(family))
         .args(["-w", "-t", "nat", "-S", CHAIN])
         .output()
-        .map_err(|e| SnatError {
-            args: format!("{} -S {CHAIN}", binary(family)),
-            message: e.to_string(),
-        })?;
+    {
+        Ok(out) => out,
+        // No such binary: no such chain (a node without ip6tables has no
+        // IPv6 chain to remove; adding one fails at `-N` with the reason).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(SnatError {
+                args: format!("{} -S {CHAIN}", binary(family)),
+                message: e.to_string(),
+            })
+        }
+    };
     if !out.status.success() {
         return Ok(None);
     }
