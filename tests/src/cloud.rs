@@ -182,6 +182,48 @@ impl Moto {
     }
 }
 
+/// A node in the EC2 world: its namespace, moto on `127.0.0.1` in it, the
+/// instance moto's setup made, the fake metadata service, and a link for each
+/// of the instance's ENIs.
+#[derive(Debug)]
+pub struct Ec2World {
+    /// The node namespace.
+    pub node: Netns,
+    /// The EC2 emulator.
+    pub moto: Moto,
+    /// The metadata service.
+    pub imds: FakeImds,
+    /// What `ec2.py setup` made (instance, subnets, groups, zone).
+    pub id: Value,
+    /// The instance id.
+    pub instance: String,
+}
+
+impl Ec2World {
+    /// Sets it up in a new namespace named after `name`, moto on `moto_port`.
+    pub fn new(moto_port: u16, name: &str) -> Result<Self> {
+        let node = Netns::new(name)?;
+        let moto = Moto::start(&node, moto_port)?;
+        let id = moto.ec2(&node, &["setup"])?;
+        let instance = id["instance_id"].as_str().unwrap_or_default().to_owned();
+        let imds = FakeImds::start(&node, &id)?;
+        moto.plug_links(&node, &instance)?;
+        Ok(Self {
+            node,
+            moto,
+            imds,
+            id,
+            instance,
+        })
+    }
+
+    /// Plugs the links of new ENIs until `done` or `timeout` ([`Moto::plug_until`]).
+    pub fn until(&self, timeout: Duration, done: impl FnMut() -> bool) -> Result<bool> {
+        self.moto
+            .plug_until(&self.node, &self.instance, timeout, done)
+    }
+}
+
 /// How often [`Moto::plug_until`] checks its condition.
 pub const PLUG_POLL: Duration = Duration::from_millis(300);
 

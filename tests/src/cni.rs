@@ -177,6 +177,24 @@ impl CniEnv {
         )
     }
 
+    /// The shipped chain as a conflist of network `network`: `ptp` with
+    /// podnet-cni as its IPAM, then podnet-cni, both talking to the agent at
+    /// `socket`.
+    pub fn ptp_chain_text(&self, network: &str, socket: &Path) -> String {
+        let keys = self.keys(socket);
+        format!(
+            r#"{{"cniVersion": "1.0.0", "name": "{network}", "plugins": [
+                {{"type": "ptp", "ipMasq": false, "ipam": {{"type": "podnet-cni", {keys}}}}},
+                {{"type": "podnet-cni", {keys}}}
+            ]}}"#
+        )
+    }
+
+    /// Writes [`CniEnv::ptp_chain_text`] as `<network>.conflist`; returns its path.
+    pub fn ptp_chain(&self, network: &str, socket: &Path) -> Result<PathBuf> {
+        self.conflist(network, &self.ptp_chain_text(network, socket))
+    }
+
     /// Writes a conflist and returns its path.
     pub fn conflist(&self, name: &str, text: &str) -> Result<PathBuf> {
         let path = self.dir.join(format!("{name}.conflist"));

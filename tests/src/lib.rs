@@ -39,8 +39,8 @@ pub use netns::{
 pub use process::{spawn_in, spawn_in_with_env, NsChild};
 pub use topology::{Pod, Topology, TopologyBuilder};
 pub use traffic::{
-    dns_query_message, tcp_connect, tcp_echo_server, udp_echo_server, udp_send, udp_send_paced,
-    udp_send_spoofed, TcpEchoServer, UdpEchoServer,
+    dns_query_message, ping, ping_received, tcp_connect, tcp_echo_server, udp_echo_server,
+    udp_send, udp_send_paced, udp_send_spoofed, TcpEchoServer, UdpEchoServer,
 };
 pub use util::{free_tcp_port, http_exchange, require_root, unavailable, wait_for};
 

@@ -334,3 +334,30 @@ pub fn tcp_connect(netns: &Netns, dst: SocketAddr, timeout: Duration) -> Result<
     })?
     .with_context(|| format!("TCP connect to {dst} from netns {}", netns.name()))
 }
+
+/// Pings `dst` `count` times from `netns`, `interval` apart (each answer
+/// awaited up to 1 s); returns the answers received, as `ping` counts them.
+pub fn ping(netns: &Netns, dst: std::net::IpAddr, count: u32, interval: Duration) -> Result<u32> {
+    let out = netns.run(&[
+        "ping",
+        "-n",
+        "-q",
+        "-c",
+        &count.to_string(),
+        "-i",
+        &format!("{:.3}", interval.as_secs_f64()),
+        "-W",
+        "1",
+        &dst.to_string(),
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ping_received(&text).with_context(|| format!("ping {dst}: {text}"))
+}
+
+/// The `N received` of ping's summary line.
+pub fn ping_received(text: &str) -> Option<u32> {
+    let line = text.lines().find(|l| l.contains("packets transmitted"))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let idx = words.iter().position(|w| w.starts_with("received"))?;
+    words.get(idx.checked_sub(1)?)?.parse().ok()
+}

@@ -436,18 +436,7 @@ fn cni_churn_survives_agent_kills() {
     let _responder = start_responder(&topo);
     let mut agent = Agent::start_with(node, &[], &["--node-cidr", NODE_CIDR]).unwrap();
     let env = CniEnv::new().unwrap();
-    let keys = env.keys(&agent.socket());
-    let list = env
-        .conflist(
-            "ptp",
-            &format!(
-                r#"{{"cniVersion": "1.0.0", "name": "{NETWORK}", "plugins": [
-                    {{"type": "ptp", "ipMasq": false, "ipam": {{"type": "podnet-cni", {keys}}}}},
-                    {{"type": "podnet-cni", {keys}}}
-                ]}}"#
-            ),
-        )
-        .unwrap();
+    let list = env.ptp_chain(NETWORK, &agent.socket()).unwrap();
     let bed = Bed {
         node,
         socket: agent.socket().display().to_string(),

@@ -30,13 +30,7 @@ fn pod_count() -> usize {
 }
 
 fn ptp_conflist(env: &CniEnv, agent: &Agent) -> String {
-    let keys = env.keys(&agent.socket());
-    format!(
-        r#"{{"cniVersion": "1.0.0", "name": "podnet-ptp", "plugins": [
-            {{"type": "ptp", "ipMasq": false, "ipam": {{"type": "podnet-cni", {keys}}}}},
-            {{"type": "podnet-cni", {keys}}}
-        ]}}"#
-    )
+    env.ptp_chain_text("podnet-ptp", &agent.socket())
 }
 
 fn ipam_counts(agent: &Agent, node: &Netns) -> (u64, u64, u64) {

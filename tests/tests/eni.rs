@@ -13,9 +13,9 @@ use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use podnet_tests::{
-    cloud::{links, moto_available, CredentialsEndpoint, FakeImds, Moto, ThrottleProxy},
+    cloud::{links, moto_available, CredentialsEndpoint, Ec2World, Moto, ThrottleProxy},
     cni::{self, Attachment, CniEnv},
-    iptables, require_root,
+    iptables, ping, require_root,
     vpc::link_packets,
     Agent, Metrics, Netns,
 };
@@ -109,13 +109,9 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
     if !require_root() || !moto_available() {
         return Ok(());
     }
-    let node = Netns::new("eni")?;
-    let moto = Moto::start(&node, MOTO_PORT)?;
-    let id = moto.ec2(&node, &["setup"])?;
-    let instance = id["instance_id"].as_str().unwrap_or_default().to_owned();
-    let imds = FakeImds::start(&node, &id)?;
-    moto.plug_links(&node, &instance)?;
-    let eni0 = moto.enis(&node, &instance)?[0]["id"]
+    let w = Ec2World::new(MOTO_PORT, "eni")?;
+    let (node, moto, id, instance, imds) = (&w.node, &w.moto, &w.id, &w.instance, &w.imds);
+    let eni0 = moto.enis(node, instance)?[0]["id"]
         .as_str()
         .unwrap_or_default()
         .to_owned();
@@ -123,8 +119,8 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
     let imds_ep = imds.endpoint();
 
     // A. Fresh node, warm-ip-target 5: exactly one AssignPrivateIpAddresses of 5.
-    let mut agent = start_agent(&node, "5", &ep, &imds_ep)?;
-    let ok = moto.plug_until(&node, &instance, Duration::from_secs(30), || {
+    let mut agent = start_agent(node, "5", &ep, &imds_ep)?;
+    let ok = moto.plug_until(node, instance, Duration::from_secs(30), || {
         agent.ipam_free() == 5
     })?;
     if !ok {
@@ -134,12 +130,12 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
             agent.log()
         );
     }
-    let m = agent.metrics(&node)?;
+    let m = agent.metrics(node)?;
     assert_eq!(calls(&m, "AssignPrivateIpAddresses", None), 1);
     assert_eq!(calls(&m, "AssignPrivateIpAddresses", Some("success")), 1);
     assert_eq!(calls(&m, "CreateNetworkInterface", None), 0);
     assert_eq!(calls(&m, "DescribeInstanceTypes", Some("success")), 1);
-    let list = moto.enis(&node, &instance)?;
+    let list = moto.enis(node, instance)?;
     assert_eq!(list.len(), 1);
     assert_eq!(secondaries(&list[0]).len(), 5);
     // Capacity: 3 ENIs x 5 secondary addresses, none allocated; the subnet's
@@ -147,11 +143,11 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
     assert_eq!(whole(&m, "podnet_ipam_pods_remaining", &[]), 15);
     let subnet = id["subnet_id"].as_str().unwrap_or_default().to_owned();
     let subnet_free = || -> Result<u64> {
-        let v = moto.ec2(&node, &["subnet", &subnet])?;
+        let v = moto.ec2(node, &["subnet", &subnet])?;
         v["available"].as_u64().context("no available count")
     };
     let free_in_subnet = subnet_free()?;
-    assert_subnet_gauge(&agent, &node, &subnet, free_in_subnet);
+    assert_subnet_gauge(&agent, node, &subnet, free_in_subnet);
     println!(
         "A: warm-ip-target=5 on a fresh node: AssignPrivateIpAddresses={} (5 addresses), CreateNetworkInterface=0, DescribeNetworkInterfaces={}",
         calls(&m, "AssignPrivateIpAddresses", None),
@@ -162,25 +158,25 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
     // holding the one missing address; no further assign call.
     let ip1 = agent.ipam_allocate("c1")?;
     assert!(
-        !primaries(&moto, &node, &instance)?.contains(&ip1),
+        !primaries(moto, node, instance)?.contains(&ip1),
         "{ip1} is a primary address"
     );
     assert!(secondaries(&list[0]).contains(&ip1));
-    let ok = moto.plug_until(&node, &instance, Duration::from_secs(30), || {
-        agent.ipam_free() == 5 && moto.enis(&node, &instance).is_ok_and(|l| l.len() == 2)
+    let ok = moto.plug_until(node, instance, Duration::from_secs(30), || {
+        agent.ipam_free() == 5 && moto.enis(node, instance).is_ok_and(|l| l.len() == 2)
     })?;
     if !ok {
         bail!("no second ENI: {:?}\n{}", ipam_status(&agent)?, agent.log());
     }
-    let m = agent.metrics(&node)?;
+    let m = agent.metrics(node)?;
     assert_eq!(calls(&m, "CreateNetworkInterface", None), 1);
     assert_eq!(calls(&m, "AttachNetworkInterface", None), 1);
     assert_eq!(calls(&m, "AssignPrivateIpAddresses", None), 1);
-    let list = moto.enis(&node, &instance)?;
+    let list = moto.enis(node, instance)?;
     assert!(list[1]["managed"].as_bool().unwrap_or(false));
     assert_eq!(list[1]["device_index"].as_u64(), Some(1));
     assert_eq!(secondaries(&list[1]).len(), 1);
-    let en1 = links(&node)?
+    let en1 = links(node)?
         .into_iter()
         .find(|l| l["ifname"] == "en1")
         .context("no en1")?;
@@ -188,10 +184,10 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
     assert!(en1["flags"]
         .as_array()
         .is_some_and(|f| f.iter().any(|x| x == "UP")));
-    let m = agent.metrics(&node)?;
+    let m = agent.metrics(node)?;
     assert_eq!(whole(&m, "podnet_ipam_pods_remaining", &[]), 14);
     let free_in_subnet = subnet_free()?;
-    assert_subnet_gauge(&agent, &node, &subnet, free_in_subnet);
+    assert_subnet_gauge(&agent, node, &subnet, free_in_subnet);
     let text = agent.podnetctl(&["ipam"])?;
     assert!(
         text.contains(&format!(
@@ -217,7 +213,7 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
     ];
     let mut add = vec!["-I"];
     add.extend_from_slice(&reject);
-    iptables(&node, &add)?;
+    iptables(node, &add)?;
     let mut pod_ips = vec![ip1.clone()];
     for c in ["c2", "c3", "c4"] {
         pod_ips.push(agent.ipam_allocate(c)?);
@@ -229,14 +225,14 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
     let failing = podnet_tests::wait_for(
         || {
             agent
-                .metrics(&node)
+                .metrics(node)
                 .is_ok_and(|m| calls(&m, "DescribeNetworkInterfaces", Some("unreachable")) >= 1)
         },
         Duration::from_secs(10),
     );
     assert!(failing, "no failed call counted:\n{}", agent.log());
     std::thread::sleep(Duration::from_secs(6));
-    let m = agent.metrics(&node)?;
+    let m = agent.metrics(node)?;
     let failed = calls(&m, "DescribeNetworkInterfaces", Some("unreachable"));
     // Backoff 1 s, 2 s, 4 s: at most 4 attempts in about 7 s.
     assert!(
@@ -251,14 +247,14 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
     );
     let mut del = vec!["-D"];
     del.extend_from_slice(&reject);
-    iptables(&node, &del)?;
-    let ok = moto.plug_until(&node, &instance, Duration::from_secs(40), || {
+    iptables(node, &del)?;
+    let ok = moto.plug_until(node, instance, Duration::from_secs(40), || {
         agent.ipam_free() == 5
     })?;
     if !ok {
         bail!("no recovery: {:?}\n{}", ipam_status(&agent)?, agent.log());
     }
-    let m = agent.metrics(&node)?;
+    let m = agent.metrics(node)?;
     assert_eq!(
         calls(&m, "AssignPrivateIpAddresses", Some("success")),
         2,
@@ -266,7 +262,7 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
         agent.log()
     );
     assert_eq!(calls(&m, "CreateNetworkInterface", None), 1);
-    let list = moto.enis(&node, &instance)?;
+    let list = moto.enis(node, instance)?;
     assert_eq!(secondaries(&list[1]).len(), 4);
     let status = ipam_status(&agent)?;
     assert_eq!(status["allocations"].as_u64(), Some(4));
@@ -283,28 +279,28 @@ fn warm_pool_eni_attach_outage_and_release() -> Result<()> {
     // one detach + one delete, 4 addresses leave eni0 in one call, and the
     // foreign ENI and the primary stay.
     let subnet = id["subnet_id"].as_str().unwrap_or_default().to_owned();
-    let foreign = moto.ec2(&node, &["foreign", &instance, &subnet, "2"])?;
-    moto.plug_links(&node, &instance)?;
-    let agent = start_agent(&node, "1", &ep, &imds_ep)?;
-    let ok = moto.plug_until(&node, &instance, Duration::from_secs(30), || {
-        moto.enis(&node, &instance)
+    let foreign = moto.ec2(node, &["foreign", instance, &subnet, "2"])?;
+    moto.plug_links(node, instance)?;
+    let agent = start_agent(node, "1", &ep, &imds_ep)?;
+    let ok = moto.plug_until(node, instance, Duration::from_secs(30), || {
+        moto.enis(node, instance)
             .is_ok_and(|l| l.len() == 2 && secondaries(&l[0]).len() == 1)
             && agent.ipam_free() == 1
     })?;
     if !ok {
         bail!(
             "no release: {:?}\n{}",
-            moto.enis(&node, &instance)?,
+            moto.enis(node, instance)?,
             agent.log()
         );
     }
-    let m = agent.metrics(&node)?;
+    let m = agent.metrics(node)?;
     assert_eq!(calls(&m, "DetachNetworkInterface", None), 1);
     assert_eq!(calls(&m, "DeleteNetworkInterface", None), 1);
     assert_eq!(calls(&m, "UnassignPrivateIpAddresses", None), 1);
     assert_eq!(calls(&m, "AssignPrivateIpAddresses", None), 0);
     assert_eq!(calls(&m, "CreateNetworkInterface", None), 0);
-    let list = moto.enis(&node, &instance)?;
+    let list = moto.enis(node, instance)?;
     assert_eq!(list[0]["id"].as_str(), Some(eni0.as_str()));
     assert_eq!(list[1]["id"], foreign["id"]);
     assert_eq!(secondaries(&list[1]).len(), 2);
@@ -319,52 +315,13 @@ fn primaries_cached(list: &[Value]) -> BTreeSet<String> {
         .collect()
 }
 
-/// Every secondary address moto holds for `instance` now.
-fn held(moto: &Moto, node: &Netns, instance: &str) -> Result<BTreeSet<String>> {
-    Ok(moto
-        .enis(node, instance)?
+/// Every secondary address moto holds for the world's instance now.
+fn held(w: &Ec2World) -> Result<BTreeSet<String>> {
+    Ok(w.moto
+        .enis(&w.node, &w.instance)?
         .iter()
         .flat_map(secondaries)
         .collect())
-}
-
-/// A node in the EC2 world: moto, the metadata service, the links of the
-/// instance's ENIs.
-struct World {
-    node: Netns,
-    moto: Moto,
-    imds: FakeImds,
-    /// What the EC2 world's setup made (instance, subnets, groups, zone).
-    id: Value,
-    instance: String,
-}
-
-impl World {
-    fn new(name: &str) -> Result<Self> {
-        let node = Netns::new(name)?;
-        let moto = Moto::start(&node, MOTO_PORT)?;
-        let id = moto.ec2(&node, &["setup"])?;
-        let instance = id["instance_id"].as_str().unwrap_or_default().to_owned();
-        let imds = FakeImds::start(&node, &id)?;
-        moto.plug_links(&node, &instance)?;
-        Ok(Self {
-            node,
-            moto,
-            imds,
-            id,
-            instance,
-        })
-    }
-
-    /// Plugs the links of new ENIs until `done` or `timeout`.
-    fn until(&self, timeout: Duration, done: impl FnMut() -> bool) -> Result<bool> {
-        self.moto
-            .plug_until(&self.node, &self.instance, timeout, done)
-    }
-
-    fn held(&self) -> Result<BTreeSet<String>> {
-        held(&self.moto, &self.node, &self.instance)
-    }
 }
 
 /// How old the listings of the stale-listing test may be.
@@ -376,7 +333,7 @@ fn listings_four_seconds_old_reach_the_targets_once_and_hand_out_only_held_addre
     if !require_root() || !moto_available() {
         return Ok(());
     }
-    let w = World::new("enistale")?;
+    let w = Ec2World::new(MOTO_PORT, "enistale")?;
     // EC2's listings lag its changes: the agent sees moto through a proxy
     // that answers every listing with moto's oldest answer of the last 4 s.
     let proxy = ThrottleProxy::start(&w.node, w.moto.port())?;
@@ -413,7 +370,7 @@ fn listings_four_seconds_old_reach_the_targets_once_and_hand_out_only_held_addre
     // shows it.
     let ip1 = agent.ipam_allocate("c1")?;
     assert!(
-        w.held()?.contains(&ip1),
+        held(&w)?.contains(&ip1),
         "{ip1} is not held by the instance"
     );
     let settled = || {
@@ -441,7 +398,7 @@ fn listings_four_seconds_old_reach_the_targets_once_and_hand_out_only_held_addre
     assert_eq!(secondaries(&list[1]).len(), 1);
 
     // C. Pods take every free address: each one the instance holds.
-    let held_now = w.held()?;
+    let held_now = held(&w)?;
     let mut given = BTreeSet::from([ip1]);
     for c in ["c2", "c3", "c4", "c5", "c6"] {
         let ip = agent.ipam_allocate(c)?;
@@ -458,7 +415,7 @@ fn an_agent_restarted_while_the_cloud_is_down_serves_its_saved_pool() -> Result<
     if !require_root() || !moto_available() {
         return Ok(());
     }
-    let w = World::new("enioutage")?;
+    let w = Ec2World::new(MOTO_PORT, "enioutage")?;
     let mut agent = start_agent(&w.node, "3", &w.moto.endpoint(), &w.imds.endpoint())?;
     if !w.until(Duration::from_secs(30), || agent.ipam_free() == 3)? {
         bail!("pool never reached 3 free: {}", agent.log());
@@ -467,7 +424,7 @@ fn an_agent_restarted_while_the_cloud_is_down_serves_its_saved_pool() -> Result<
     if !w.until(Duration::from_secs(30), || agent.ipam_free() == 3)? {
         bail!("pool never refilled: {}", agent.log());
     }
-    let held_before = w.held()?;
+    let held_before = held(&w)?;
     assert_eq!(held_before.len(), 4);
     agent.stop()?;
 
@@ -528,7 +485,7 @@ fn an_agent_restarted_while_the_cloud_is_down_serves_its_saved_pool() -> Result<
     if !w.until(Duration::from_secs(40), || agent.ipam_free() == 3)? {
         bail!("no recovery: {}", agent.log());
     }
-    assert_eq!(w.held()?.len(), 7);
+    assert_eq!(held(&w)?.len(), 7);
     Ok(())
 }
 
@@ -537,7 +494,7 @@ fn an_eni_left_between_create_and_attach_is_deleted_after_the_grace() -> Result<
     if !require_root() || !moto_available() {
         return Ok(());
     }
-    let w = World::new("enileak")?;
+    let w = Ec2World::new(MOTO_PORT, "enileak")?;
     let proxy = ThrottleProxy::start(&w.node, w.moto.port())?;
     let mut agent = Agent::start_with(
         &w.node,
@@ -558,7 +515,7 @@ fn an_eni_left_between_create_and_attach_is_deleted_after_the_grace() -> Result<
     if !w.until(Duration::from_secs(30), || agent.ipam_free() == 5)? {
         bail!("pool never reached 5 free: {}", agent.log());
     }
-    let all_enis = |w: &World| -> Result<BTreeSet<String>> {
+    let all_enis = |w: &Ec2World| -> Result<BTreeSet<String>> {
         Ok(w.moto
             .ec2(&w.node, &["all-enis"])?
             .as_array()
@@ -614,26 +571,10 @@ fn an_eni_left_between_create_and_attach_is_deleted_after_the_grace() -> Result<
     Ok(())
 }
 
-/// Pings `dst` `count` times from `netns`; returns the answers received.
-fn ping(netns: &Netns, dst: &str, count: u32) -> Result<u32> {
-    let out = netns.run(&[
-        "ping",
-        "-n",
-        "-q",
-        "-c",
-        &count.to_string(),
-        "-i",
-        "0.2",
-        "-W",
-        "1",
-        dst,
-    ])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split(", ")
-        .find_map(|part| part.strip_suffix(" received"))
-        .and_then(|n| n.trim().parse().ok())
-        .with_context(|| format!("ping {dst}: {text}"))
-}
+/// The EC2 world's VPC router.
+const VPC_ROUTER: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 1, 1));
+/// Time between two pings of the gateway test.
+const PING_GAP: Duration = Duration::from_millis(200);
 
 fn mac_of(netns: &Netns, ifname: &str) -> Result<String> {
     let out = netns.run_ok(&["ip", "-j", "link", "show", ifname])?;
@@ -663,7 +604,7 @@ fn a_pods_packets_to_the_vpc_router_leave_by_its_eni_and_the_node_keeps_its_rout
     if !require_root() || !moto_available() || !cni::ready() {
         return Ok(());
     }
-    let w = World::new("enigw")?;
+    let w = Ec2World::new(MOTO_PORT, "enigw")?;
     // No IPv6 chatter on the links whose packets are counted.
     for key in ["all", "default"] {
         w.node.run_ok(&[
@@ -717,16 +658,7 @@ fn a_pods_packets_to_the_vpc_router_leave_by_its_eni_and_the_node_keeps_its_rout
 
     // A pod through the shipped chain: ptp, podnet-cni as IPAM, podnet-cni.
     let env = CniEnv::new()?;
-    let keys = env.keys(&agent.socket());
-    let list = env.conflist(
-        "enigw",
-        &format!(
-            r#"{{"cniVersion": "1.0.0", "name": "enigw", "plugins": [
-                {{"type": "ptp", "ipMasq": false, "ipam": {{"type": "podnet-cni", {keys}}}}},
-                {{"type": "podnet-cni", {keys}}}
-            ]}}"#
-        ),
-    )?;
+    let list = env.ptp_chain("enigw", &agent.socket())?;
     let pod = Netns::new("enigwpod")?;
     let att = Attachment::pod("gw1", &pod, "web", "frontend");
     let result = env.run(&w.node, "ADD", &list, &att, None)?.json()?;
@@ -740,7 +672,7 @@ fn a_pods_packets_to_the_vpc_router_leave_by_its_eni_and_the_node_keeps_its_rout
         "{result}"
     );
     assert!(
-        w.held()?.contains(&pod_ip),
+        held(&w)?.contains(&pod_ip),
         "{pod_ip} is not the instance's"
     );
     // The pod routes everything through the link-local gateway ...
@@ -786,7 +718,7 @@ fn a_pods_packets_to_the_vpc_router_leave_by_its_eni_and_the_node_keeps_its_rout
         link_packets(&w.node, "en0")?.tx,
         link_packets(&vpc, "en0p")?.rx,
     );
-    assert_eq!(ping(&pod, "10.0.1.1", 3)?, 3);
+    assert_eq!(ping(&pod, VPC_ROUTER, 3, PING_GAP)?, 3);
     let (tx1, rx1) = (
         link_packets(&w.node, "en0")?.tx,
         link_packets(&vpc, "en0p")?.rx,
@@ -797,7 +729,7 @@ fn a_pods_packets_to_the_vpc_router_leave_by_its_eni_and_the_node_keeps_its_rout
     w.node.run_ok(&[
         "ip", "route", "replace", "default", "via", "10.0.1.1", "dev", "en0",
     ])?;
-    assert_eq!(ping(&w.node, "10.0.1.1", 3)?, 3);
+    assert_eq!(ping(&w.node, VPC_ROUTER, 3, PING_GAP)?, 3);
     let tx2 = link_packets(&w.node, "en0")?.tx;
     assert_eq!(tx2 - tx1, 3, "en0 tx of the node's pings");
     println!(
@@ -815,7 +747,7 @@ fn custom_networking_puts_pods_on_secondary_enis_in_the_zones_subnet() -> Result
     if !require_root() || !moto_available() {
         return Ok(());
     }
-    let w = World::new("enicustom")?;
+    let w = Ec2World::new(MOTO_PORT, "enicustom")?;
     let (node, moto, id, instance) = (&w.node, &w.moto, &w.id, &w.instance);
     let proxy = ThrottleProxy::start(node, moto.port())?;
     let zone = id["availability_zone"].as_str().unwrap_or_default();
@@ -911,7 +843,7 @@ fn irsa_and_pod_identity_credentials_sign_the_ec2_calls() -> Result<()> {
     if !require_root() || !moto_available() {
         return Ok(());
     }
-    let w = World::new("enicreds")?;
+    let w = Ec2World::new(MOTO_PORT, "enicreds")?;
     let proxy = ThrottleProxy::start(&w.node, w.moto.port())?;
     let (ep, imds) = (proxy.endpoint(), w.imds.endpoint());
     let dir = tempfile::tempdir()?;
@@ -936,8 +868,8 @@ fn irsa_and_pod_identity_credentials_sign_the_ec2_calls() -> Result<()> {
     if !w.until(Duration::from_secs(30), || agent.ipam_free() == 1)? {
         bail!("pool never reached 1 free: {}", agent.log());
     }
-    let calls = proxy.calls();
-    let sts: Vec<_> = calls
+    let proxied = proxy.calls();
+    let sts: Vec<_> = proxied
         .iter()
         .filter(|c| c.action == "AssumeRoleWithWebIdentity")
         .collect();
@@ -976,8 +908,8 @@ fn irsa_and_pod_identity_credentials_sign_the_ec2_calls() -> Result<()> {
         BTreeSet::from([Some(issued.clone())])
     );
     let m = agent.metrics(&w.node)?;
-    assert_eq!(calls_of(&m, "AssumeRoleWithWebIdentity", "success"), 1);
-    let ec2_calls = calls.len() - 1;
+    assert_eq!(calls(&m, "AssumeRoleWithWebIdentity", Some("success")), 1);
+    let ec2_calls = proxied.len() - 1;
     agent.stop()?;
 
     // EKS Pod Identity: the container credentials endpoint and its token.
@@ -1011,8 +943,4 @@ fn irsa_and_pod_identity_credentials_sign_the_ec2_calls() -> Result<()> {
         proxy.calls().len() - from
     );
     Ok(())
-}
-
-fn calls_of(m: &Metrics, action: &str, result: &str) -> u64 {
-    calls(m, action, Some(result))
 }

@@ -21,7 +21,7 @@ use std::{
 use anyhow::{ensure, Context as _, Result};
 use podnet_tests::{
     agent::{binary, http_get},
-    cloud::{moto_available, FakeImds, Moto, ThrottleProxy},
+    cloud::{moto_available, Ec2World, ThrottleProxy},
     cni, conntrack_stats, require_root, spawn_in_with_env, udp_send,
     vpc::{Vpc, VPC_CIDR},
     wait_for, Agent, EndpointSpec, Metrics, Netns, Topology,
@@ -156,16 +156,12 @@ fn cloud_throttling_backs_off_serves_the_warm_pool_and_recovers() -> Result<()> 
         return Ok(());
     }
     let throttles: u32 = if soak() { 6 } else { 3 };
-    let node = Netns::new("fthr")?;
-    let moto = Moto::start(&node, MOTO_PORT)?;
-    let id = moto.ec2(&node, &["setup"])?;
-    let instance = id["instance_id"].as_str().unwrap_or_default().to_owned();
-    let imds = FakeImds::start(&node, &id)?;
-    let proxy = ThrottleProxy::start(&node, moto.port())?;
-    moto.plug_links(&node, &instance)?;
-    let (cloud, imds_ep) = (proxy.endpoint(), imds.endpoint());
+    let w = Ec2World::new(MOTO_PORT, "fthr")?;
+    let (node, moto, instance) = (&w.node, &w.moto, &w.instance);
+    let proxy = ThrottleProxy::start(node, moto.port())?;
+    let (cloud, imds_ep) = (proxy.endpoint(), w.imds.endpoint());
     let agent = Agent::start_with(
-        &node,
+        node,
         &[],
         &[
             "--ipam-mode",
@@ -182,7 +178,7 @@ fn cloud_throttling_backs_off_serves_the_warm_pool_and_recovers() -> Result<()> 
     let plugged = |timeout: Duration, cond: &dyn Fn() -> bool| -> Result<bool> {
         let deadline = Instant::now() + timeout;
         loop {
-            moto.plug_links(&node, &instance)?;
+            moto.plug_links(node, instance)?;
             if cond() {
                 return Ok(true);
             }
@@ -200,7 +196,7 @@ fn cloud_throttling_backs_off_serves_the_warm_pool_and_recovers() -> Result<()> 
     // Let the agent settle (a round with no change), then throttle.
     std::thread::sleep(Duration::from_secs(1));
     let before = proxy.calls().len();
-    let m0 = agent.metrics(&node)?;
+    let m0 = agent.metrics(node)?;
     assert_eq!(throttled_total(&m0), 0);
     proxy.throttle_next(throttles);
 
@@ -271,7 +267,7 @@ fn cloud_throttling_backs_off_serves_the_warm_pool_and_recovers() -> Result<()> 
         );
         expected = (expected * 2).min(Duration::from_secs(16));
     }
-    let m = agent.metrics(&node)?;
+    let m = agent.metrics(node)?;
     assert_eq!(throttled_total(&m), u64::from(throttles));
     let log = agent.log();
     assert!(
@@ -1011,15 +1007,11 @@ fn the_eni_thread_ending_makes_the_agent_unready() -> Result<()> {
     if !require_root() || !moto_available() {
         return Ok(());
     }
-    let node = Netns::new("fenith")?;
-    let moto = Moto::start(&node, MOTO_PORT)?;
-    let id = moto.ec2(&node, &["setup"])?;
-    let instance = id["instance_id"].as_str().unwrap_or_default().to_owned();
-    let imds = FakeImds::start(&node, &id)?;
-    moto.plug_links(&node, &instance)?;
-    let (cloud, imds_ep) = (moto.endpoint(), imds.endpoint());
+    let w = Ec2World::new(MOTO_PORT, "fenith")?;
+    let node = &w.node;
+    let (cloud, imds_ep) = (w.moto.endpoint(), w.imds.endpoint());
     let agent = Agent::start_with_env(
-        &node,
+        node,
         &[],
         &[
             "--ipam-mode",
@@ -1036,15 +1028,15 @@ fn the_eni_thread_ending_makes_the_agent_unready() -> Result<()> {
     let pid = agent_pid(&agent)?;
     assert_eq!(
         agent
-            .metrics(&node)?
+            .metrics(node)?
             .count("podnet_thread_up", &[("thread", "podnet-eni")]),
         1
     );
     signal(pid, libc::SIGUSR1)?;
-    let took = not_ready_within_2s(&node, &agent, "thread podnet-eni ended")?;
+    let took = not_ready_within_2s(node, &agent, "thread podnet-eni ended")?;
     assert_eq!(
         agent
-            .metrics(&node)?
+            .metrics(node)?
             .count("podnet_thread_up", &[("thread", "podnet-eni")]),
         0
     );

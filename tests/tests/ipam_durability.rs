@@ -231,17 +231,7 @@ struct Pod {
 }
 
 fn ptp_list(env: &CniEnv, agent: &Agent) -> std::path::PathBuf {
-    let keys = env.keys(&agent.socket());
-    env.conflist(
-        "ipd",
-        &format!(
-            r#"{{"cniVersion": "1.0.0", "name": "ipd", "plugins": [
-                {{"type": "ptp", "ipMasq": false, "ipam": {{"type": "podnet-cni", {keys}}}}},
-                {{"type": "podnet-cni", {keys}}}
-            ]}}"#
-        ),
-    )
-    .unwrap()
+    env.ptp_chain("ipd", &agent.socket()).unwrap()
 }
 
 fn add_pod(env: &CniEnv, node: &Netns, list: &Path, id: &str) -> Pod {

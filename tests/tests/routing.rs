@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -72,27 +72,7 @@ fn start(vpc: &Vpc, enis: &EnisFile, extra: &[&str]) -> Result<Agent> {
 
 /// Pings `dst` from `pod` `count` times, 10 ms apart; returns replies.
 fn ping(pod: &Netns, dst: Ipv4Addr, count: u32) -> Result<u32> {
-    let out = pod.run(&[
-        "ping",
-        "-n",
-        "-q",
-        "-c",
-        &count.to_string(),
-        "-i",
-        "0.01",
-        "-W",
-        "1",
-        &dst.to_string(),
-    ])?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    received(&text).with_context(|| format!("ping output: {text}"))
-}
-
-fn received(text: &str) -> Option<u32> {
-    let line = text.lines().find(|l| l.contains("packets transmitted"))?;
-    let mut words = line.split_whitespace();
-    let idx = words.position(|w| w.starts_with("received"))?;
-    line.split_whitespace().nth(idx - 1)?.parse().ok()
+    podnet_tests::ping(pod, dst.into(), count, Duration::from_millis(10))
 }
 
 /// Sends `count` UDP datagrams from `src` to `dst` and waits for each echo.
@@ -643,7 +623,11 @@ fn agent_restart_loses_no_steered_ping() -> Result<()> {
     );
     assert!(done, "ping did not finish");
     let log = ping.log();
-    assert_eq!(received(&log), Some(RESTART_PINGS), "{log}");
+    assert_eq!(
+        podnet_tests::ping_received(&log),
+        Some(RESTART_PINGS),
+        "{log}"
+    );
     let after = snapshot(&vpc, &agent)?;
     // Pinned maps keep counting across the restart: every echo was steered.
     assert_eq!(
@@ -841,15 +825,15 @@ fn dual_stack_pods_are_masqueraded_in_both_families() -> Result<()> {
     // One ping flow per family to the server: each is masqueraded once, to
     // the node's address towards the server, and every echo is answered.
     for (family, binary, dst) in [
-        ("ipv4", "iptables", topo.server_ipv4().to_string()),
-        ("ipv6", "ip6tables", topo.server_ipv6().to_string()),
+        ("ipv4", "iptables", IpAddr::from(topo.server_ipv4())),
+        ("ipv6", "ip6tables", IpAddr::from(topo.server_ipv6())),
     ] {
         let before = masquerade_packets(node, binary)?;
-        let out = pod
-            .netns()
-            .run(&["ping", "-n", "-q", "-c", "3", "-i", "0.2", "-W", "1", &dst])?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(text.contains("3 received"), "{family}: {text}");
+        assert_eq!(
+            podnet_tests::ping(pod.netns(), dst, 3, Duration::from_millis(200))?,
+            3,
+            "{family}"
+        );
         assert_eq!(masquerade_packets(node, binary)? - before, 1, "{family}");
         assert_eq!(snat_flows(node, family)?, 1, "{family}");
     }

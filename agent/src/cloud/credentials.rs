@@ -31,11 +31,9 @@ const CONTAINER_HOST: &str = "http://169.254.170.2";
 /// STS API version.
 const STS_VERSION: &str = "2011-06-15";
 
-/// Where the chain's credentials came from.
+/// Where temporary credentials came from (for logs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
-    /// Static keys in the environment.
-    Environment,
     /// IRSA: STS `AssumeRoleWithWebIdentity`.
     WebIdentity,
     /// A container credential endpoint (EKS Pod Identity).
@@ -69,14 +67,10 @@ impl Fetched {
     }
 }
 
-/// Reads an environment variable.
-pub type EnvFn = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
-
 /// Finds credentials, caching temporary ones until shortly before expiry.
 pub struct CredentialChain {
     imds: Arc<Imds>,
     http: Client,
-    env: EnvFn,
     calls: ApiCalls,
     cached: Mutex<Option<Fetched>>,
 }
@@ -87,6 +81,11 @@ impl std::fmt::Debug for CredentialChain {
     }
 }
 
+/// A set, non-empty environment variable.
+fn var(key: &str) -> Option<String> {
+    std::env::var(key).ok().filter(|v| !v.is_empty())
+}
+
 fn no_credentials(message: impl Into<String>) -> CloudError {
     CloudError::NoCredentials(message.into())
 }
@@ -95,49 +94,34 @@ impl CredentialChain {
     /// A chain reading the process environment, then `imds`; STS calls are
     /// counted in `calls`.
     pub fn new(imds: Arc<Imds>, http: Client, calls: ApiCalls) -> Self {
-        Self::with_env(imds, http, calls, Arc::new(|k| std::env::var(k).ok()))
-    }
-
-    /// A chain reading `env` instead of the process environment.
-    pub fn with_env(imds: Arc<Imds>, http: Client, calls: ApiCalls, env: EnvFn) -> Self {
         Self {
             imds,
             http,
-            env,
             calls,
             cached: Mutex::new(None),
         }
     }
 
-    fn var(&self, key: &str) -> Option<String> {
-        (self.env)(key).filter(|v| !v.is_empty())
-    }
-
     /// Credentials for calls in `region`.
     pub fn get(&self, region: &str) -> Result<Credentials, CloudError> {
-        self.get_with_source(region).map(|(c, _)| c)
-    }
-
-    /// Credentials for calls in `region`, and where they came from.
-    pub fn get_with_source(&self, region: &str) -> Result<(Credentials, Source), CloudError> {
-        if let Some(c) = from_env(|k| self.var(k)) {
-            return Ok((c, Source::Environment));
+        if let Some(c) = from_env(var) {
+            return Ok(c);
         }
         let now = crate::sys::unix_now_s();
         let mut cached = self.cached.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(f) = cached.as_ref().filter(|f| !f.stale(now)) {
-            return Ok((f.credentials.clone(), f.source));
+            return Ok(f.credentials.clone());
         }
         match self.fetch(region) {
             Ok(f) => {
-                let out = (f.credentials.clone(), f.source);
+                let out = f.credentials.clone();
                 *cached = Some(f);
                 Ok(out)
             }
             Err(e) => match cached.as_ref().filter(|f| !f.expired(now)) {
                 Some(f) => {
                     tracing::warn!(error = %e, source = ?f.source, "renewing AWS credentials failed; the current ones have not expired yet");
-                    Ok((f.credentials.clone(), f.source))
+                    Ok(f.credentials.clone())
                 }
                 None => Err(e),
             },
@@ -145,14 +129,13 @@ impl CredentialChain {
     }
 
     fn fetch(&self, region: &str) -> Result<Fetched, CloudError> {
-        if let (Some(token_file), Some(role)) = (
-            self.var("AWS_WEB_IDENTITY_TOKEN_FILE"),
-            self.var("AWS_ROLE_ARN"),
-        ) {
+        if let (Some(token_file), Some(role)) =
+            (var("AWS_WEB_IDENTITY_TOKEN_FILE"), var("AWS_ROLE_ARN"))
+        {
             return self.web_identity(region, &token_file, &role);
         }
-        let uri = self.var("AWS_CONTAINER_CREDENTIALS_FULL_URI").or_else(|| {
-            self.var("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        let uri = var("AWS_CONTAINER_CREDENTIALS_FULL_URI").or_else(|| {
+            var("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
                 .map(|rel| format!("{CONTAINER_HOST}{rel}"))
         });
         if let Some(uri) = uri {
@@ -171,12 +154,10 @@ impl CredentialChain {
         let action = "AssumeRoleWithWebIdentity";
         let token = std::fs::read_to_string(token_file)
             .map_err(|e| no_credentials(format!("web identity token {token_file}: {e}")))?;
-        let session = self
-            .var("AWS_ROLE_SESSION_NAME")
+        let session = var("AWS_ROLE_SESSION_NAME")
             .unwrap_or_else(|| format!("podnet-{}", crate::sys::unix_now_s()));
-        let endpoint = self
-            .var("AWS_ENDPOINT_URL_STS")
-            .unwrap_or_else(|| partition::endpoint("sts", region));
+        let endpoint =
+            var("AWS_ENDPOINT_URL_STS").unwrap_or_else(|| partition::endpoint("sts", region));
         let body = form(&[
             ("Action", action),
             ("Version", STS_VERSION),
@@ -246,7 +227,7 @@ impl CredentialChain {
 
     /// EKS Pod Identity (and any container credential endpoint).
     fn container(&self, uri: &str) -> Result<Fetched, CloudError> {
-        let token = match self.var("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE") {
+        let token = match var("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE") {
             Some(file) => Some(
                 std::fs::read_to_string(&file)
                     .map_err(|e| {
@@ -255,7 +236,7 @@ impl CredentialChain {
                     .trim()
                     .to_owned(),
             ),
-            None => self.var("AWS_CONTAINER_AUTHORIZATION_TOKEN"),
+            None => var("AWS_CONTAINER_AUTHORIZATION_TOKEN"),
         };
         let headers: Vec<(String, String)> = token
             .map(|t| ("authorization".to_owned(), t))

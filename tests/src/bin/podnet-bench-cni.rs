@@ -68,15 +68,7 @@ fn main() -> Result<()> {
     let node = topo.node();
     let agent = Agent::start_with(node, &[], &["--node-cidr", "10.247.0.0/22"])?;
     let env = CniEnv::new()?;
-    let keys = env.keys(&agent.socket());
-    let list = env.conflist(
-        "bench",
-        &format!(
-            r#"{{"cniVersion": "1.0.0", "name": "bench", "plugins": [
-                {{"type": "ptp", "ipMasq": false, "ipam": {{"type": "podnet-cni", {keys}}}}},
-                {{"type": "podnet-cni", {keys}}}]}}"#
-        ),
-    )?;
+    let list = env.ptp_chain("bench", &agent.socket())?;
     let netns: Vec<Netns> = (0..pods)
         .map(|_| Netns::new("cnibp"))
         .collect::<Result<_>>()?;

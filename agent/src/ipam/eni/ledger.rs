@@ -83,11 +83,6 @@ impl Ledger {
         self.deleted.insert(eni.to_owned(), now);
     }
 
-    /// Changes still outranking listings (`podnetctl ipam`, logs).
-    pub fn pending(&self) -> usize {
-        self.assigned.len() + self.unassigned.len() + self.created.len() + self.deleted.len()
-    }
-
     /// Corrects `listed`, a listing of any age, with the changes of the
     /// last [`SETTLE`] before `now`.
     pub fn correct(&mut self, listed: Vec<EniInfo>, now: Instant) -> Corrected {
@@ -177,7 +172,7 @@ mod tests {
         // After SETTLE, the listing is the truth: ip(11) never showed.
         let c = ledger.correct(vec![eni("eni-0", 0, &[9, 10])], t0 + SETTLE);
         assert_eq!(c.enis[0].secondary_ips, vec![ip(9), ip(10)]);
-        assert_eq!(ledger.pending(), 0);
+        assert_eq!(c.unconfirmed, 0);
     }
 
     #[test]

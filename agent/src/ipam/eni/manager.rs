@@ -375,7 +375,7 @@ impl Worker {
             saved.instance_id,
             enis.len()
         ));
-        self.hand_to_routing(enis);
+        self.shared.hand_to_routing(enis);
         *self.saved.lock().unwrap_or_else(PoisonError::into_inner) = Some(saved);
     }
 
@@ -654,11 +654,7 @@ impl Worker {
             .collect();
         drop(s);
         self.save(&identity.instance_id, subnet, &list);
-        self.hand_to_routing(list);
-    }
-
-    fn hand_to_routing(&self, enis: Vec<Eni>) {
-        self.shared.hand_to_routing(enis);
+        self.shared.hand_to_routing(list);
     }
 }
 

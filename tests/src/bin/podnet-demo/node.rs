@@ -79,16 +79,7 @@ impl Node {
             ],
         )?;
         let cni = CniEnv::new()?;
-        let keys = cni.keys(&agent.socket());
-        let conflist = cni.conflist(
-            "podnet",
-            &format!(
-                r#"{{"cniVersion": "1.0.0", "name": "podnet", "plugins": [
-                    {{"type": "ptp", "ipMasq": false, "ipam": {{"type": "podnet-cni", {keys}}}}},
-                    {{"type": "podnet-cni", {keys}}}
-                ]}}"#
-            ),
-        )?;
+        let conflist = cni.ptp_chain("podnet", &agent.socket())?;
         Ok(Self {
             topo,
             agent,
