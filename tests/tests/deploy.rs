@@ -73,12 +73,13 @@ const AGENT_HOST_MOUNTS: &[(&str, &str, bool, Option<&str>)] = &[
 /// The capabilities the agent container gets, as the kernel names them.
 const AGENT_CAPABILITIES: &[&str] = &["BPF", "PERFMON", "NET_ADMIN"];
 /// The alerts of the PrometheusRule (deploy/helm/podnet/files/prometheusrule.yaml).
-const ALERTS: usize = 25;
+const ALERTS: usize = 26;
 /// Every alert's `runbook_url` is this prefix and the alert's name in lower case: the
 /// packaging may replace the prefix (one string), never the anchors.
 const RUNBOOK_URL: &str = "https://example.invalid/podnet/blob/main/deploy/RUNBOOK.md#";
 /// Families the dashboard or the alerts read that the agent exports only in some setups,
-/// so a node-cidr agent on a test kernel does not show them: ENI mode only, and only
+/// so a node-cidr agent on a test kernel does not show them: ENI mode only (prefix
+/// delegation only for the `InsufficientCidrBlocks` count), and only
 /// while `kernel.bpf_stats_enabled=1`. The agent's source declares them
 /// (`every_queried_family_is_declared_by_the_agent`).
 const CONDITIONAL_FAMILIES: &[&str] = &[
@@ -86,6 +87,7 @@ const CONDITIONAL_FAMILIES: &[&str] = &[
     "podnet_ipam_eni_addresses",
     "podnet_ipam_pods_remaining",
     "podnet_ipam_subnet_free_addresses",
+    "podnet_eni_insufficient_cidr_blocks_total",
     "podnet_bpf_program_run_seconds_total",
     "podnet_bpf_program_runs_total",
 ];

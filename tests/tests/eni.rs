@@ -944,3 +944,208 @@ fn irsa_and_pod_identity_credentials_sign_the_ec2_calls() -> Result<()> {
     );
     Ok(())
 }
+
+/// The `/28` prefixes moto holds for `eni` (the test world adds prefix
+/// delegation in front of moto: `tests/fixtures/eni/moto_server.py`).
+fn prefixes(eni: &Value) -> Vec<String> {
+    eni["prefixes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Whether `ip` lies in one of the `/28` prefixes `held`.
+fn in_prefixes(ip: &str, held: &[String]) -> bool {
+    let Ok(ip) = ip.parse::<std::net::Ipv4Addr>() else {
+        return false;
+    };
+    held.iter().any(|p| {
+        p.split_once('/')
+            .and_then(|(net, _)| net.parse::<std::net::Ipv4Addr>().ok())
+            .is_some_and(|net| u32::from(ip) & !15 == u32::from(net))
+    })
+}
+
+/// The ENI-mode flags of a prefix-delegation agent with `targets`.
+fn prefix_args<'a>(cloud: &'a str, imds: &'a str, targets: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--ipam-mode",
+        "eni",
+        "--eni-prefix-delegation",
+        "--cloud-endpoint",
+        cloud,
+        "--imds-endpoint",
+        imds,
+    ];
+    args.extend_from_slice(targets);
+    args
+}
+
+#[test]
+fn prefix_delegation_reaches_the_ip_targets_in_prefixes_and_hands_out_their_addresses() -> Result<()>
+{
+    if !require_root() || !moto_available() {
+        return Ok(());
+    }
+    let w = Ec2World::new(MOTO_PORT, "eniprefix")?;
+    let (node, moto, instance) = (&w.node, &w.moto, &w.instance);
+    let ep = moto.endpoint();
+    let imds = w.imds.endpoint();
+    let agent = Agent::start_with(
+        node,
+        &[],
+        &prefix_args(
+            &ep,
+            &imds,
+            &["--warm-ip-target", "5", "--minimum-ip-target", "20"],
+        ),
+    )?;
+    // A. minimum-ip-target 20: two /28s (32 addresses) in one call.
+    if !w.until(Duration::from_secs(30), || agent.ipam_free() == 32)? {
+        bail!("pool never reached 32 free: {}", agent.log());
+    }
+    let m = agent.metrics(node)?;
+    assert_eq!(calls(&m, "AssignPrivateIpAddresses", None), 1);
+    assert_eq!(calls(&m, "CreateNetworkInterface", None), 0);
+    let list = moto.enis(node, instance)?;
+    assert_eq!(list.len(), 1);
+    assert_eq!(prefixes(&list[0]).len(), 2, "{list:?}");
+    assert_eq!(secondaries(&list[0]).len(), 0);
+    // t3.medium: 3 ENIs x 5 prefixes x 16 addresses.
+    assert_eq!(whole(&m, "podnet_ipam_pods_remaining", &[]), 240);
+    assert_eq!(
+        whole(&m, "podnet_eni_insufficient_cidr_blocks_total", &[]),
+        0
+    );
+    let assign = w
+        .moto
+        .enis(node, instance)
+        .map(|l| prefixes(&l[0]))
+        .unwrap_or_default();
+    println!("A: minimum-ip-target 20, warm-ip-target 5: 1 AssignPrivateIpAddresses, prefixes {assign:?}, 32 free, 240 more pods");
+
+    // B. 28 pods: each on an address of a prefix EC2 holds for the node;
+    // 4 free is below 5: a third prefix.
+    let held = prefixes(&list[0]);
+    let mut given = BTreeSet::new();
+    for n in 0..28 {
+        let ip = agent.ipam_allocate(&format!("c{n}"))?;
+        assert!(in_prefixes(&ip, &held), "{ip} is not in {held:?}");
+        given.insert(ip);
+    }
+    assert_eq!(given.len(), 28);
+    if !w.until(Duration::from_secs(30), || agent.ipam_free() == 20)? {
+        bail!("no third prefix: {}", agent.log());
+    }
+    let m = agent.metrics(node)?;
+    assert_eq!(calls(&m, "AssignPrivateIpAddresses", None), 2);
+    assert_eq!(calls(&m, "UnassignPrivateIpAddresses", None), 0);
+    let list = moto.enis(node, instance)?;
+    assert_eq!(prefixes(&list[0]).len(), 3, "{list:?}");
+    assert_eq!(whole(&m, "podnet_ipam_pods_remaining", &[]), 240 - 28);
+    let text = agent.podnetctl(&["ipam"])?;
+    assert!(
+        text.contains("prefix delegation: ENIs hold /28 prefixes of 16 addresses"),
+        "{text}"
+    );
+    assert!(text.contains("max 240 pods"), "{text}");
+    println!("B: 28 pods on 28 distinct addresses of the held prefixes; 4 free < 5: AssignPrivateIpAddresses=2, 3 prefixes, 20 free, 212 more pods");
+    Ok(())
+}
+
+#[test]
+fn a_fragmented_subnet_is_explained_in_the_add_error_and_counted() -> Result<()> {
+    if !require_root() || !moto_available() {
+        return Ok(());
+    }
+    let w = Ec2World::new(MOTO_PORT, "enifrag")?;
+    let (node, moto) = (&w.node, &w.moto);
+    let subnet = w.id["subnet_id"].as_str().unwrap_or_default();
+    // One address in every /28 block of the node's subnet: free addresses
+    // left, no free block for a prefix.
+    let fragment = moto.ec2(node, &["fragment", subnet])?;
+    let free_before = moto.ec2(node, &["subnet", subnet])?["available"]
+        .as_u64()
+        .unwrap_or(0);
+    let proxy = ThrottleProxy::start(node, moto.port())?;
+    let agent = Agent::start_with(
+        node,
+        &[],
+        &prefix_args(
+            &proxy.endpoint(),
+            &w.imds.endpoint(),
+            &["--warm-prefix-target", "1"],
+        ),
+    )?;
+    let refused = |p: &ThrottleProxy| {
+        p.calls()
+            .iter()
+            .filter(|c| c.answer.contains("<Code>InsufficientCidrBlocks</Code>"))
+            .count() as u64
+    };
+    if !w.until(Duration::from_secs(30), || refused(&proxy) >= 2)? {
+        bail!("EC2 never refused twice: {}", agent.log());
+    }
+    // The ADD fails with EC2's code and what it means.
+    let err = agent.ipam_allocate("c1").unwrap_err().to_string();
+    for part in [
+        "InsufficientCidrBlocks",
+        "no free aligned /28 block",
+        "fragmented",
+    ] {
+        assert!(err.contains(part), "{part:?} not in {err}");
+    }
+    // The counter is exactly EC2's refusals (read between two equal reads:
+    // the agent retries with backoff, seconds apart).
+    let mut agreed = None;
+    for _ in 0..5 {
+        let before = whole(
+            &agent.metrics(node)?,
+            "podnet_eni_insufficient_cidr_blocks_total",
+            &[],
+        );
+        let answers = refused(&proxy);
+        let after = whole(
+            &agent.metrics(node)?,
+            "podnet_eni_insufficient_cidr_blocks_total",
+            &[],
+        );
+        if before == after {
+            assert_eq!(before, answers, "{}", agent.log());
+            agreed = Some(answers);
+            break;
+        }
+    }
+    let Some(refusals) = agreed else {
+        bail!("the counter kept moving");
+    };
+    println!("fragmented subnet ({free_before} free addresses, no free /28): {refusals} InsufficientCidrBlocks answers, counted {refusals}; ADD error: {err}");
+
+    // Once the blocks are free again, the next retry (backoff at most 16 s)
+    // gets a prefix and pods get its addresses.
+    let id = fragment["id"].as_str().unwrap_or_default();
+    moto.ec2(node, &["delete", id])?;
+    if !w.until(Duration::from_secs(30), || agent.ipam_free() == 16)? {
+        bail!("no prefix after the subnet was freed: {}", agent.log());
+    }
+    let list = moto.enis(node, &w.instance)?;
+    let first = prefixes(&list[0]);
+    assert_eq!(first.len(), 1, "{list:?}");
+    let ip = agent.ipam_allocate("c1")?;
+    assert!(in_prefixes(&ip, &first), "{ip} not in {first:?}");
+    // warm-prefix-target 1: the only prefix is partly used now, so a second.
+    if !w.until(Duration::from_secs(30), || agent.ipam_free() == 31)? {
+        bail!("no second prefix: {}", agent.log());
+    }
+    let list = moto.enis(node, &w.instance)?;
+    assert_eq!(prefixes(&list[0]).len(), 2, "{list:?}");
+    let m = agent.metrics(node)?;
+    assert_eq!(
+        whole(&m, "podnet_eni_insufficient_cidr_blocks_total", &[]),
+        refused(&proxy)
+    );
+    println!("after the blocks were freed: pod {ip} in {first:?}, then a second prefix (warm-prefix-target 1), 31 free");
+    Ok(())
+}

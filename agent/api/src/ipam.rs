@@ -90,9 +90,16 @@ pub struct EniStatus {
     /// Interfaces the instance type can attach.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_enis: Option<u32>,
-    /// Pods the instance can hold (ENIs × (addresses per ENI − 1)).
+    /// Pods the instance can hold (ENIs × (addresses per ENI − 1), × 16
+    /// with prefix delegation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pods: Option<u32>,
+    /// Whether ENIs hold `/28` prefixes instead of single addresses.
+    #[serde(default)]
+    pub prefix_delegation: bool,
+    /// EC2 answers `InsufficientCidrBlocks` since the agent started.
+    #[serde(default)]
+    pub insufficient_cidr_blocks: u64,
     /// Per ENI.
     pub enis: Vec<EniUsage>,
     /// The last cloud error, while it lasts.
@@ -123,8 +130,11 @@ pub struct EniUsage {
     /// Primary address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary_ip: Option<Ipv4Addr>,
-    /// Secondary addresses.
+    /// Pod addresses (secondary addresses, or those of its prefixes).
     pub addresses: u64,
+    /// Delegated `/28` prefixes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<String>,
     /// Of which allocated to pods.
     pub allocated: u64,
     /// Of which cooling down.

@@ -14,8 +14,9 @@ use super::{
     sigv4::{self, uri_encode},
     xml::{self, Element},
     ApiCalls, CloudError, CloudProvider, DetachedEni, EniInfo, InstanceIdentity, InstanceLimits,
-    SubnetInfo, CREATED_TAG, MANAGED_TAG,
+    SlotKind, SubnetInfo, CREATED_TAG, MANAGED_TAG,
 };
+use crate::net::Cidr;
 
 /// The API version this client speaks.
 pub const API_VERSION: &str = "2016-11-15";
@@ -176,6 +177,14 @@ fn decode(action: &str, message: impl Into<String>) -> CloudError {
     }
 }
 
+/// The request parameter that asks for `kind` slots by count.
+fn count_param(kind: SlotKind) -> &'static str {
+    match kind {
+        SlotKind::Address => "SecondaryPrivateIpAddressCount",
+        SlotKind::Prefix => "Ipv4PrefixCount",
+    }
+}
+
 fn p(k: impl Into<String>, v: impl Into<String>) -> (String, String) {
     (k.into(), v.into())
 }
@@ -221,6 +230,12 @@ fn parse_interface(item: &Element, slot: Option<(u32, &str)>) -> Result<EniInfo,
     }
     secondary_ips.sort_unstable();
     secondary_ips.dedup();
+    let mut prefixes = item
+        .items("ipv4PrefixSet")
+        .map(|a| parse_prefix(&id, "ipv4PrefixSet", a))
+        .collect::<Result<Vec<_>, _>>()?;
+    prefixes.sort_unstable();
+    prefixes.dedup();
     // Listed by `attachment.instance-id`, every interface is attached: an
     // answer without its slot or attachment is not one podnet can act on.
     let (device_index, attachment_id) = match slot {
@@ -254,8 +269,28 @@ fn parse_interface(item: &Element, slot: Option<(u32, &str)>) -> Result<EniInfo,
         security_groups,
         primary_ip,
         secondary_ips,
+        prefixes,
         managed,
     })
+}
+
+/// Reads the `ipv4Prefix` of an item of `set`: an IPv4 prefix of
+/// [`SlotKind::PREFIX_LEN`] bits, as delegated prefixes are.
+fn parse_prefix(id: &str, set: &str, item: &Element) -> Result<Cidr, String> {
+    let text = item
+        .text_at("ipv4Prefix")
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| format!("{id}: no ipv4Prefix in an item of {set}"))?;
+    let prefix: Cidr = text
+        .parse()
+        .map_err(|e| format!("{id}: {set}: {text}: {e}"))?;
+    if prefix.network_v4().is_none() || prefix.prefix_len() != SlotKind::PREFIX_LEN {
+        return Err(format!(
+            "{id}: {set}: {text} is not an IPv4 /{} prefix",
+            SlotKind::PREFIX_LEN
+        ));
+    }
+    Ok(prefix)
 }
 
 impl CloudProvider for Ec2 {
@@ -308,7 +343,8 @@ impl CloudProvider for Ec2 {
         subnet_id: &str,
         security_groups: &[String],
         device_index: u32,
-        secondary: u32,
+        kind: SlotKind,
+        slots: u32,
     ) -> Result<EniInfo, CloudError> {
         let action = "CreateNetworkInterface";
         let mut params = vec![
@@ -328,8 +364,8 @@ impl CloudProvider for Ec2 {
         for (i, sg) in security_groups.iter().enumerate() {
             params.push(p(format!("SecurityGroupId.{}", i + 1), sg.clone()));
         }
-        if secondary > 0 {
-            params.push(p("SecondaryPrivateIpAddressCount", secondary.to_string()));
+        if slots > 0 {
+            params.push(p(count_param(kind), slots.to_string()));
         }
         let root = self.call(action, &params)?;
         let eni_id = root
@@ -371,32 +407,54 @@ impl CloudProvider for Ec2 {
         Ok(eni)
     }
 
-    fn assign_ips(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv4Addr>, CloudError> {
+    fn assign(
+        &self,
+        eni_id: &str,
+        kind: SlotKind,
+        count: u32,
+    ) -> Result<Vec<Ipv4Addr>, CloudError> {
         let action = "AssignPrivateIpAddresses";
         let root = self.call(
             action,
             &[
                 p("NetworkInterfaceId", eni_id),
-                p("SecondaryPrivateIpAddressCount", count.to_string()),
+                p(count_param(kind), count.to_string()),
             ],
         )?;
-        root.items("assignedPrivateIpAddressesSet")
-            .map(|a| {
-                let text = a.text_at("privateIpAddress").unwrap_or_default();
-                text.parse::<Ipv4Addr>().map_err(|e| {
-                    decode(
-                        action,
-                        format!("assignedPrivateIpAddressesSet: {text:?}: {e}"),
-                    )
+        match kind {
+            SlotKind::Address => root
+                .items("assignedPrivateIpAddressesSet")
+                .map(|a| {
+                    let text = a.text_at("privateIpAddress").unwrap_or_default();
+                    text.parse::<Ipv4Addr>().map_err(|e| {
+                        decode(
+                            action,
+                            format!("assignedPrivateIpAddressesSet: {text:?}: {e}"),
+                        )
+                    })
                 })
-            })
-            .collect()
+                .collect(),
+            SlotKind::Prefix => root
+                .items("assignedIpv4PrefixSet")
+                .map(|a| {
+                    parse_prefix(eni_id, "assignedIpv4PrefixSet", a)
+                        .map(|p| p.network_v4().unwrap_or(Ipv4Addr::UNSPECIFIED))
+                        .map_err(|m| decode(action, m))
+                })
+                .collect(),
+        }
     }
 
-    fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
+    fn unassign(&self, eni_id: &str, kind: SlotKind, slots: &[Ipv4Addr]) -> Result<(), CloudError> {
         let mut params = vec![p("NetworkInterfaceId", eni_id)];
-        for (i, ip) in ips.iter().enumerate() {
-            params.push(p(format!("PrivateIpAddress.{}", i + 1), ip.to_string()));
+        for (i, slot) in slots.iter().enumerate() {
+            params.push(match kind {
+                SlotKind::Address => p(format!("PrivateIpAddress.{}", i + 1), slot.to_string()),
+                SlotKind::Prefix => p(
+                    format!("Ipv4Prefix.{}", i + 1),
+                    format!("{slot}/{}", SlotKind::PREFIX_LEN),
+                ),
+            });
         }
         self.call("UnassignPrivateIpAddresses", &params).map(drop)
     }
@@ -493,6 +551,10 @@ mod tests {
    <item><privateIpAddress>10.0.1.9</privateIpAddress><primary>false</primary></item>
    <item><privateIpAddress>10.0.1.7</privateIpAddress><primary>false</primary></item>
   </privateIpAddressesSet>
+  <ipv4PrefixSet>
+   <item><ipv4Prefix>10.0.1.48/28</ipv4Prefix></item>
+   <item><ipv4Prefix>10.0.1.32/28</ipv4Prefix></item>
+  </ipv4PrefixSet>
  </item></networkInterfaceSet></DescribeNetworkInterfacesResponse>"#;
 
     /// [`parse_eni`] of [`ANSWER`] with `from` replaced by `to`.
@@ -568,6 +630,21 @@ mod tests {
                 "<privateIpAddress>10.0.1.999</privateIpAddress>",
                 "eni-1: privateIpAddressesSet: 10.0.1.999: invalid IPv4 address syntax",
             ),
+            (
+                "<ipv4Prefix>10.0.1.48/28</ipv4Prefix>",
+                "",
+                "eni-1: no ipv4Prefix in an item of ipv4PrefixSet",
+            ),
+            (
+                "<ipv4Prefix>10.0.1.48/28</ipv4Prefix>",
+                "<ipv4Prefix>10.0.1.48/24</ipv4Prefix>",
+                "eni-1: ipv4PrefixSet: 10.0.1.48/24: \"10.0.1.48/24\" has host bits set; did you mean 10.0.1.0/24?",
+            ),
+            (
+                "<ipv4Prefix>10.0.1.48/28</ipv4Prefix>",
+                "<ipv4Prefix>10.0.1.0/24</ipv4Prefix>",
+                "eni-1: ipv4PrefixSet: 10.0.1.0/24 is not an IPv4 /28 prefix",
+            ),
         ] {
             assert_eq!(parse_changed(from, to), Err(error.to_owned()), "{from} -> {to:?}");
         }
@@ -599,6 +676,24 @@ mod tests {
                 "10.0.1.7".parse::<Ipv4Addr>().unwrap(),
                 "10.0.1.9".parse().unwrap()
             ]
+        );
+        assert_eq!(
+            eni.prefixes,
+            [
+                "10.0.1.32/28".parse::<Cidr>().unwrap(),
+                "10.0.1.48/28".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            SlotKind::Prefix.slots(&eni),
+            [Ipv4Addr::new(10, 0, 1, 32), Ipv4Addr::new(10, 0, 1, 48)]
+        );
+        assert_eq!(
+            SlotKind::Prefix
+                .addresses(Ipv4Addr::new(10, 0, 1, 40))
+                .map(|ip| ip.octets()[3])
+                .collect::<Vec<_>>(),
+            (32..48).collect::<Vec<u8>>()
         );
         assert!(eni.managed);
     }

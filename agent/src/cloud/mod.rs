@@ -21,6 +21,8 @@ use std::{
     sync::{Arc, Mutex, PoisonError},
 };
 
+use serde::{Deserialize, Serialize};
+
 use crate::net::{Cidr, MacAddr};
 
 /// Tag key podnet puts on the interfaces it creates; only those are ever
@@ -53,16 +55,80 @@ pub struct InstanceIdentity {
 pub struct InstanceLimits {
     /// Network interfaces that can be attached.
     pub max_enis: u32,
-    /// IPv4 addresses per interface, the primary included.
+    /// IPv4 addresses per interface, the primary included. With prefix
+    /// delegation each secondary address slot holds a /28 prefix instead.
     pub ips_per_eni: u32,
 }
 
 impl InstanceLimits {
-    /// Pods the instance can hold: every address but each interface's primary
-    /// (`u32::MAX` when the product does not fit).
-    pub fn max_pods(&self) -> u32 {
+    /// Pod addresses the instance can hold: every slot but each interface's
+    /// primary address, times the addresses a slot holds (`u32::MAX` when the
+    /// product does not fit).
+    pub fn max_pods(&self, kind: SlotKind) -> u32 {
         self.max_enis
             .saturating_mul(self.ips_per_eni.saturating_sub(1))
+            .saturating_mul(kind.size())
+    }
+}
+
+/// What one of an interface's secondary slots holds: one address, or with
+/// prefix delegation a `/28` prefix of 16 (EC2's `Ipv4PrefixCount`). podnet
+/// names a prefix by its first address, so the warm pool, the ledger and the
+/// calls below count slots the same way in both modes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlotKind {
+    /// A secondary private address.
+    #[default]
+    Address,
+    /// A `/28` prefix.
+    Prefix,
+}
+
+impl SlotKind {
+    /// Prefix length of a delegated prefix.
+    pub const PREFIX_LEN: u8 = 28;
+
+    /// Addresses one slot holds.
+    pub const fn size(self) -> u32 {
+        match self {
+            Self::Address => 1,
+            Self::Prefix => 1 << (32 - Self::PREFIX_LEN),
+        }
+    }
+
+    /// The slot `ip` is in, named by its first address.
+    pub fn slot_of(self, ip: Ipv4Addr) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(ip) & !(self.size() - 1))
+    }
+
+    /// The addresses of the slot named `slot`.
+    pub fn addresses(self, slot: Ipv4Addr) -> impl Iterator<Item = Ipv4Addr> {
+        let first = u32::from(self.slot_of(slot));
+        // A slot is aligned to its size, so its last address cannot overflow.
+        (0..self.size()).map(move |i| Ipv4Addr::from(first | i))
+    }
+
+    /// The slots `eni` holds of this kind, ascending: its secondary addresses,
+    /// or the first addresses of its `/28` prefixes.
+    pub fn slots(self, eni: &EniInfo) -> Vec<Ipv4Addr> {
+        match self {
+            Self::Address => eni.secondary_ips.clone(),
+            Self::Prefix => eni
+                .prefixes
+                .iter()
+                .filter(|p| p.prefix_len() == Self::PREFIX_LEN)
+                .filter_map(Cidr::network_v4)
+                .collect(),
+        }
+    }
+
+    /// How logs and errors name a slot.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Self::Address => "address",
+            Self::Prefix => "/28 prefix",
+        }
     }
 }
 
@@ -85,6 +151,8 @@ pub struct EniInfo {
     pub primary_ip: Ipv4Addr,
     /// Secondary addresses, ascending.
     pub secondary_ips: Vec<Ipv4Addr>,
+    /// Delegated IPv4 prefixes (`/28`), ascending.
+    pub prefixes: Vec<Cidr>,
     /// Whether podnet created it (tag [`MANAGED_TAG`]).
     pub managed: bool,
 }
@@ -129,6 +197,12 @@ impl CloudError {
         matches!(self, Self::Api { code, .. } if code == "RequestLimitExceeded" || code == "Throttling" || code.ends_with("Throttled"))
     }
 
+    /// Whether EC2 found no free `/28` block in the subnet for a prefix: its
+    /// free addresses are too scattered (`InsufficientCidrBlocks`).
+    pub fn is_insufficient_cidr_blocks(&self) -> bool {
+        matches!(self, Self::Api { code, .. } if code == "InsufficientCidrBlocks")
+    }
+
     /// The `result` label of [`ApiCalls`].
     pub fn result_label(&self) -> &'static str {
         match self {
@@ -149,7 +223,7 @@ pub trait CloudProvider: Send + Sync {
     /// Interfaces attached to `instance_id`, by device index.
     fn list_enis(&self, instance_id: &str) -> Result<Vec<EniInfo>, CloudError>;
     /// Creates an interface in `subnet_id` with `security_groups`, tagged as
-    /// podnet's, with `secondary` secondary addresses, and attaches it at
+    /// podnet's, with `slots` secondary slots of `kind`, and attaches it at
     /// `device_index`. Returns it as the calls' answers describe it (a
     /// listing may not show it yet).
     fn create_and_attach_eni(
@@ -158,13 +232,15 @@ pub trait CloudProvider: Send + Sync {
         subnet_id: &str,
         security_groups: &[String],
         device_index: u32,
-        secondary: u32,
+        kind: SlotKind,
+        slots: u32,
     ) -> Result<EniInfo, CloudError>;
-    /// Adds `count` secondary addresses to `eni_id` in one call; returns the
-    /// addresses the answer names (a listing may not show them yet).
-    fn assign_ips(&self, eni_id: &str, count: u32) -> Result<Vec<Ipv4Addr>, CloudError>;
-    /// Removes `ips` from `eni_id` in one call.
-    fn unassign_ips(&self, eni_id: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError>;
+    /// Adds `count` slots of `kind` to `eni_id` in one call; returns the
+    /// slots the answer names (a listing may not show them yet).
+    fn assign(&self, eni_id: &str, kind: SlotKind, count: u32)
+        -> Result<Vec<Ipv4Addr>, CloudError>;
+    /// Removes `slots` of `kind` from `eni_id` in one call.
+    fn unassign(&self, eni_id: &str, kind: SlotKind, slots: &[Ipv4Addr]) -> Result<(), CloudError>;
     /// Detaches and deletes an interface podnet created.
     fn detach_and_delete_eni(&self, eni_id: &str, attachment_id: &str) -> Result<(), CloudError>;
     /// Interfaces podnet created for `instance_id` that are attached

@@ -486,6 +486,7 @@ mod tests {
             ("--warm-ip-target", 65_536),
             ("--minimum-ip-target", 65_536),
             ("--warm-eni-target", 1024),
+            ("--warm-prefix-target", 4096),
         ] {
             let at_max = format!("{flag}={max}");
             assert!(
@@ -519,6 +520,23 @@ mod tests {
         assert_eq!(c.ipam.eni.targets.warm_ip, Some(65_536));
         assert_eq!(c.ipam.eni.targets.minimum_ip, Some(0));
         assert_eq!(c.ipam.eni.targets.warm_eni, 1);
+        assert_eq!(c.ipam.eni.slots, crate::cloud::SlotKind::Address);
+        let c = merged(
+            args(&["--eni-prefix-delegation", "--warm-prefix-target=2"]),
+            ConfigFile::default(),
+        );
+        assert_eq!(c.ipam.eni.slots, crate::cloud::SlotKind::Prefix);
+        assert_eq!(c.ipam.eni.targets.warm_prefix, Some(2));
+        let file = parse_config_file(
+            Path::new("c.yaml"),
+            "eni-prefix-delegation: true
+",
+        )
+        .unwrap();
+        assert_eq!(
+            merged(args(&[]), file).ipam.eni.slots,
+            crate::cloud::SlotKind::Prefix
+        );
         // Past u32 in the file: serde's error, naming the key.
         let e = parse_config_file(Path::new("c.yaml"), "warm-eni-target: 4294967296\n")
             .unwrap_err()

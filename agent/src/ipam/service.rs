@@ -69,10 +69,20 @@ options! {
         /// [default: unset].
         #[arg(long, env = "PODNET_MINIMUM_IP_TARGET")]
         pub minimum_ip_target: Option<u32>,
-        /// ENI mode: whole ENIs' worth of free addresses to keep when no IP
-        /// target is set (at most 1024) [default: 1].
+        /// ENI mode: whole ENIs' worth of free addresses (or prefixes) to keep
+        /// when no other target is set (at most 1024) [default: 1].
         #[arg(long, env = "PODNET_WARM_ENI_TARGET")]
         pub warm_eni_target: Option<u32>,
+        /// ENI mode: ENIs hold /28 prefixes of 16 pod addresses instead of
+        /// single secondary addresses (EC2 prefix delegation; Nitro instances)
+        /// [default: false].
+        #[arg(long, env = "PODNET_ENI_PREFIX_DELEGATION", num_args = 0..=1, default_missing_value = "true")]
+        pub eni_prefix_delegation: Option<bool>,
+        /// ENI mode with prefix delegation: wholly free /28 prefixes to keep
+        /// when no IP target is set (at most 4096) [default: unset: the
+        /// --warm-eni-target decides].
+        #[arg(long, env = "PODNET_WARM_PREFIX_TARGET")]
+        pub warm_prefix_target: Option<u32>,
         /// ENI mode: EC2 API endpoint, e.g. a local emulator
         /// [default: `https://ec2.<region>.amazonaws.com`].
         #[arg(long, env = "PODNET_CLOUD_ENDPOINT")]
@@ -110,6 +120,9 @@ pub const DEFAULT_WARM_ENI_TARGET: u32 = 1;
 /// larger target is a typo, not a wish.
 pub const MAX_IP_TARGET: u32 = 1 << 16;
 
+/// Largest `--warm-prefix-target`: the `/28` prefixes of a `/16` subnet.
+pub const MAX_WARM_PREFIX_TARGET: u32 = MAX_IP_TARGET / 16;
+
 /// Largest `--warm-eni-target`: more network interfaces than any instance
 /// type attaches (`maximumNetworkInterfaces` of `DescribeInstanceTypes`).
 pub const MAX_WARM_ENI_TARGET: u32 = 1 << 10;
@@ -122,6 +135,11 @@ impl IpamOptions {
             ("warm-ip-target", self.warm_ip_target, MAX_IP_TARGET),
             ("minimum-ip-target", self.minimum_ip_target, MAX_IP_TARGET),
             ("warm-eni-target", self.warm_eni_target, MAX_WARM_ENI_TARGET),
+            (
+                "warm-prefix-target",
+                self.warm_prefix_target,
+                MAX_WARM_PREFIX_TARGET,
+            ),
         ] {
             if let Some(n) = value.filter(|n| *n > max) {
                 return Err(format!("--{flag} {n} is out of range (at most {max})"));
@@ -142,7 +160,13 @@ impl IpamOptions {
                 targets: crate::ipam::eni::warm::Targets {
                     warm_ip: self.warm_ip_target,
                     minimum_ip: self.minimum_ip_target,
+                    warm_prefix: self.warm_prefix_target,
                     warm_eni: self.warm_eni_target.unwrap_or(DEFAULT_WARM_ENI_TARGET),
+                },
+                slots: if self.eni_prefix_delegation.unwrap_or(false) {
+                    crate::cloud::SlotKind::Prefix
+                } else {
+                    crate::cloud::SlotKind::Address
                 },
                 cloud_endpoint: self.cloud_endpoint,
                 leak_grace: self

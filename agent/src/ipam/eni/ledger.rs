@@ -150,6 +150,7 @@ mod tests {
             security_groups: vec![],
             primary_ip: ip(200 + u8::try_from(index).unwrap()),
             secondary_ips: ips.iter().map(|n| ip(*n)).collect(),
+            prefixes: vec![],
             managed: index > 0,
         }
     }

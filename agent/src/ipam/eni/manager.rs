@@ -21,7 +21,7 @@ use super::{
     SWEEP_PERIOD,
 };
 use crate::{
-    cloud::{CloudError, CloudProvider, EniInfo, InstanceIdentity, InstanceLimits},
+    cloud::{CloudError, CloudProvider, EniInfo, InstanceIdentity, InstanceLimits, SlotKind},
     heartbeat::{self, Heartbeat},
     net::Cidr,
     routing::eni::Eni,
@@ -101,6 +101,8 @@ pub struct Round {
 
 pub(crate) struct Worker {
     pub(crate) targets: Targets,
+    /// What an ENI's slots hold (`--eni-prefix-delegation`).
+    pub(crate) kind: SlotKind,
     /// `--eni-configs`.
     pub(crate) configs: EniConfigs,
     /// Where pods' addresses come from, once the instance is known.
@@ -120,6 +122,23 @@ pub(crate) struct Worker {
     pub(crate) leak_grace: Duration,
     /// When each detached ENI was first seen (unix seconds).
     pub(crate) first_seen_detached: Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+/// EC2's error code for a subnet with no free `/28` block.
+const INSUFFICIENT_CIDR_BLOCKS: &str = "InsufficientCidrBlocks";
+
+/// A reconcile error as people read it: EC2's `InsufficientCidrBlocks`
+/// gets what it means and what to do.
+fn explain(e: &ReconcileError) -> String {
+    match e {
+        ReconcileError::Cloud(c) if c.is_insufficient_cidr_blocks() => format!(
+            "{c} (the pods' subnet has free addresses, but no free aligned /28 block for a \
+             prefix: they are fragmented by single addresses; give pods a subnet with \
+             contiguous free space, reserve a CIDR for prefixes in the subnet, or turn \
+             --eni-prefix-delegation off)"
+        ),
+        _ => e.to_string(),
+    }
 }
 
 /// The VPC router: the subnet's first address.
@@ -192,7 +211,7 @@ impl Worker {
                 }
                 Err(e) => {
                     let wait = backoff.next_wait();
-                    self.failed(&e.to_string(), wait);
+                    self.failed(&explain(&e), wait);
                     if self.shared.sleep(wait, false, heartbeat) {
                         return;
                     }
@@ -211,6 +230,9 @@ impl Worker {
         let mut s = self.shared.state();
         s.failures += 1;
         s.last_error = Some(error.to_owned());
+        if error.contains(INSUFFICIENT_CIDR_BLOCKS) {
+            s.insufficient_cidr_blocks += 1;
+        }
         tracing::warn!(
             error,
             failures = s.failures,
@@ -236,7 +258,8 @@ impl Worker {
             primary_eni = if net.primary_is_nodes { "the node's (custom networking)" } else { "pods' too" },
             max_enis = limits.max_enis,
             ips_per_eni = limits.ips_per_eni,
-            max_pods = limits.max_pods(),
+            slots = self.kind.noun(),
+            max_pods = limits.max_pods(self.kind),
             "ENI mode"
         );
         let mut s = self.shared.state();
@@ -247,6 +270,7 @@ impl Worker {
         drop(s);
         *self.net.lock().unwrap_or_else(PoisonError::into_inner) = Some(net);
         let mut s = self.shared.state();
+        s.slot_kind = self.kind;
         s.max_enis = Some(limits.max_enis);
         s.ips_per_eni = Some(limits.ips_per_eni);
         Ok((identity, limits))
@@ -419,7 +443,17 @@ impl Worker {
         identity: &InstanceIdentity,
         limits: InstanceLimits,
     ) -> Result<Round, ReconcileError> {
-        let listed = self.cloud.list_enis(&identity.instance_id)?;
+        // From here on an ENI's `secondary_ips` are its slots of this
+        // node's kind: addresses, or prefixes by first address.
+        let listed = self
+            .cloud
+            .list_enis(&identity.instance_id)?
+            .into_iter()
+            .map(|e| EniInfo {
+                secondary_ips: self.kind.slots(&e),
+                ..e
+            })
+            .collect();
         let corrected = self.ledger().correct(listed, Instant::now());
         let enis = corrected.enis;
         let net = self.net(identity);
@@ -436,6 +470,7 @@ impl Worker {
                     managed: false,
                     primary_ip: Some(e.primary_ip),
                     ips: Vec::new(),
+                    prefixes: Vec::new(),
                 });
                 continue;
             }
@@ -452,7 +487,8 @@ impl Worker {
                 ready.extend(
                     e.secondary_ips
                         .iter()
-                        .filter(|ip| corrected.confirmed.contains(ip)),
+                        .filter(|slot| corrected.confirmed.contains(slot))
+                        .flat_map(|slot| self.kind.addresses(*slot)),
                 );
             } else {
                 waiting += 1;
@@ -463,7 +499,8 @@ impl Worker {
                 link: link.map(|l| l.name.clone()),
                 managed: e.managed,
                 primary_ip: Some(e.primary_ip),
-                ips: e.secondary_ips.clone(),
+                ips: self.addresses(&e.secondary_ips),
+                prefixes: self.prefixes(&e.secondary_ips),
             });
         }
         self.pool.set_ready(ready);
@@ -476,7 +513,7 @@ impl Worker {
         self.relabel();
         self.publish(identity, &enis);
         let views = self.views(&enis, &net);
-        let actions = warm::plan(&self.targets, &limits, &views);
+        let actions = warm::plan(&self.targets, self.kind, &limits, &views);
         let mut round = Round {
             changes: 0,
             waiting_for_links: waiting,
@@ -493,47 +530,73 @@ impl Worker {
         Ok(round)
     }
 
+    /// Every address of `slots`.
+    fn addresses(&self, slots: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+        slots
+            .iter()
+            .flat_map(|slot| self.kind.addresses(*slot))
+            .collect()
+    }
+
+    /// `slots` as prefixes (none when slots are addresses).
+    fn prefixes(&self, slots: &[Ipv4Addr]) -> Vec<Cidr> {
+        if self.kind != SlotKind::Prefix {
+            return Vec::new();
+        }
+        slots
+            .iter()
+            .filter_map(|slot| Cidr::new(IpAddr::V4(*slot), SlotKind::PREFIX_LEN).ok())
+            .collect()
+    }
+
     fn views(&self, enis: &[EniInfo], net: &PodNetwork) -> Vec<EniView> {
         let (allocated, cooling) = (self.busy)();
+        let is_busy =
+            |ip: Ipv4Addr| allocated.contains(&IpAddr::V4(ip)) || cooling.contains(&IpAddr::V4(ip));
+        // Busy addresses of a slot.
+        let busy_in = |slot: &Ipv4Addr| {
+            u32::try_from(self.kind.addresses(*slot).filter(|ip| is_busy(*ip)).count())
+                .unwrap_or(u32::MAX)
+        };
         enis.iter()
             .map(|e| {
-                let is_busy = |ip: &Ipv4Addr| {
-                    allocated.contains(&IpAddr::V4(*ip)) || cooling.contains(&IpAddr::V4(*ip))
-                };
-                let mut idle: Vec<Ipv4Addr> = e
-                    .secondary_ips
-                    .iter()
-                    .filter(|ip| !is_busy(ip))
-                    .copied()
-                    .collect();
-                // Release the highest addresses first.
+                let (busy, mut idle): (Vec<Ipv4Addr>, Vec<Ipv4Addr>) =
+                    e.secondary_ips.iter().partition(|slot| busy_in(slot) > 0);
+                // Release the highest slots first.
                 idle.reverse();
+                let partly_free = busy
+                    .iter()
+                    .map(|slot| self.kind.size().saturating_sub(busy_in(slot)))
+                    .fold(0, u32::saturating_add);
                 EniView {
                     id: e.id.clone(),
                     device_index: e.device_index,
                     managed: e.managed,
                     attachment_id: e.attachment_id.clone(),
                     ips: e.secondary_ips.clone(),
-                    busy: u32::try_from(e.secondary_ips.iter().filter(|ip| is_busy(ip)).count())
-                        .unwrap_or(u32::MAX),
+                    busy: u32::try_from(busy.len()).unwrap_or(u32::MAX),
                     idle,
+                    partly_free,
                     foreign: is_foreign(e, net),
                 }
             })
             .collect()
     }
 
-    /// Withdraws `ips` from the pool, then keeps those still idle: an
-    /// allocation that picked one before the withdrawal is visible now
-    /// (both happen under the allocator's lock).
-    fn withdraw(&self, ips: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
-        for ip in ips {
-            self.pool.withdraw(*ip);
+    /// Withdraws the addresses of `slots` from the pool, then keeps the
+    /// slots still wholly idle: an allocation that picked one before the
+    /// withdrawal is visible now (both happen under the allocator's lock).
+    fn withdraw(&self, slots: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+        for ip in self.addresses(slots) {
+            self.pool.withdraw(ip);
         }
         let (allocated, cooling) = (self.busy)();
-        ips.iter()
-            .filter(|ip| {
-                !allocated.contains(&IpAddr::V4(**ip)) && !cooling.contains(&IpAddr::V4(**ip))
+        slots
+            .iter()
+            .filter(|slot| {
+                self.kind.addresses(**slot).all(|ip| {
+                    !allocated.contains(&IpAddr::V4(ip)) && !cooling.contains(&IpAddr::V4(ip))
+                })
             })
             .copied()
             .collect()
@@ -548,35 +611,46 @@ impl Worker {
     ) -> Result<bool, CloudError> {
         match action {
             Action::Assign { eni, count } => {
-                tracing::info!(eni, count, "assigning addresses");
-                let ips = self.cloud.assign_ips(eni, *count)?;
-                tracing::info!(eni, ips = ?ips, "addresses assigned; handed out once a listing shows them");
-                self.ledger().assigned(eni, &ips, Instant::now());
+                let kind = self.kind.noun();
+                tracing::info!(eni, count, kind, "assigning slots");
+                let slots = self.cloud.assign(eni, self.kind, *count)?;
+                tracing::info!(eni, kind, slots = ?slots, "assigned; handed out once a listing shows them");
+                self.ledger().assigned(eni, &slots, Instant::now());
             }
             Action::CreateEni {
                 device_index,
-                secondary,
+                slots,
             } => {
-                tracing::info!(device_index, secondary, "creating and attaching an ENI");
+                tracing::info!(
+                    device_index,
+                    slots,
+                    kind = self.kind.noun(),
+                    "creating and attaching an ENI"
+                );
                 let net = self.net(identity);
                 let created = self.cloud.create_and_attach_eni(
                     &identity.instance_id,
                     &net.subnet_id,
                     &net.security_groups,
                     *device_index,
-                    *secondary,
+                    self.kind,
+                    *slots,
                 )?;
-                tracing::info!(eni = %created.id, device_index, ips = ?created.secondary_ips, "ENI attached");
+                let created = EniInfo {
+                    secondary_ips: self.kind.slots(&created),
+                    ..created
+                };
+                tracing::info!(eni = %created.id, device_index, slots = ?created.secondary_ips, "ENI attached");
                 self.ledger().created(created, Instant::now());
             }
             Action::Unassign { eni, ips } => {
-                let ips = self.withdraw(ips);
-                if ips.is_empty() {
+                let slots = self.withdraw(ips);
+                if slots.is_empty() {
                     return Ok(false);
                 }
-                tracing::info!(eni, ips = ?ips, "releasing surplus addresses");
-                self.cloud.unassign_ips(eni, &ips)?;
-                self.ledger().unassigned(&ips, Instant::now());
+                tracing::info!(eni, kind = self.kind.noun(), slots = ?slots, "releasing surplus slots");
+                self.cloud.unassign(eni, self.kind, &slots)?;
+                self.ledger().unassigned(&slots, Instant::now());
             }
             Action::DeleteEni { eni, attachment_id } => {
                 let Some(info) = enis.iter().find(|e| &e.id == eni) else {
@@ -648,7 +722,7 @@ impl Worker {
                     table,
                     subnet,
                     gateway,
-                    ips: e.secondary_ips.clone(),
+                    ips: self.addresses(&e.secondary_ips),
                 })
             })
             .collect();
@@ -670,6 +744,7 @@ pub(crate) fn test_worker(
     (
         Worker {
             targets,
+            kind: SlotKind::Address,
             cloud,
             links,
             busy,

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use self::{link::Links, pool::EniPool, warm::Targets};
 use crate::{
-    cloud::{ApiCalls, CloudProvider, InstanceLimits},
+    cloud::{ApiCalls, CloudProvider, InstanceLimits, SlotKind},
     heartbeat::{self, Heartbeat},
     metrics::text::{Encoder, MetricType},
     routing::eni::{Eni, EniStore},
@@ -65,6 +65,8 @@ pub struct EniSettings {
     pub leak_grace: Duration,
     /// `--eni-configs` (custom networking).
     pub custom: custom::EniConfigs,
+    /// `--eni-prefix-delegation`: ENIs hold `/28` prefixes.
+    pub slots: SlotKind,
 }
 
 /// `--eni-leak-grace`: long enough that no agent is still between creating
@@ -84,6 +86,7 @@ impl Default for EniSettings {
             imds_endpoint: crate::cloud::imds::DEFAULT_ENDPOINT.to_owned(),
             leak_grace: DEFAULT_LEAK_GRACE,
             custom: custom::EniConfigs::default(),
+            slots: SlotKind::Address,
         }
     }
 }
@@ -106,8 +109,11 @@ pub struct EniRecord {
     pub managed: bool,
     /// Primary address (never a pod's).
     pub primary_ip: Option<Ipv4Addr>,
-    /// Secondary addresses.
+    /// Pod addresses: secondary addresses, or every address of its prefixes.
     pub ips: Vec<Ipv4Addr>,
+    /// Its delegated prefixes (prefix delegation).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<crate::net::Cidr>,
 }
 
 /// The ENI thread's view, for `podnetctl ipam`, metrics and errors.
@@ -136,6 +142,12 @@ pub struct EniState {
     pub last_error: Option<String>,
     /// Reconciles that failed in a row.
     pub failures: u32,
+    /// What ENIs' slots hold.
+    #[serde(default)]
+    pub slot_kind: SlotKind,
+    /// EC2 answers `InsufficientCidrBlocks` since start.
+    #[serde(default)]
+    pub insufficient_cidr_blocks: u64,
 }
 
 pub use podnet_api::ipam::{EniStatus, EniUsage};
@@ -240,6 +252,7 @@ impl EniIpam {
     ) -> std::io::Result<()> {
         let worker = manager::Worker {
             targets: settings.targets,
+            kind: settings.slots,
             configs: settings.custom.clone(),
             net: Mutex::default(),
             cloud,
@@ -327,7 +340,7 @@ impl EniIpam {
                     max_enis: max_enis.saturating_sub(u32::try_from(foreign).unwrap_or(u32::MAX)),
                     ips_per_eni,
                 }
-                .max_pods()
+                .max_pods(s.slot_kind)
             });
         let pods_here = s
             .enis
@@ -352,6 +365,7 @@ impl EniIpam {
                     managed: e.managed,
                     primary_ip: e.primary_ip,
                     addresses: n,
+                    prefixes: e.prefixes.iter().map(ToString::to_string).collect(),
                     allocated: a,
                     cooldown: c,
                     free: n.saturating_sub(a + c),
@@ -371,8 +385,10 @@ impl EniIpam {
                         max_enis,
                         ips_per_eni,
                     }
-                    .max_pods()
+                    .max_pods(s.slot_kind)
                 }),
+            prefix_delegation: s.slot_kind == SlotKind::Prefix,
+            insufficient_cidr_blocks: s.insufficient_cidr_blocks,
             enis,
             last_error: s.last_error,
             pods_remaining,
@@ -414,6 +430,14 @@ impl EniIpam {
                 "Free addresses of the pods' subnet as EC2 reports them (availableIpAddressCount), read at start, after the pool changed, and every 5 minutes.",
             )
             .sample(&[("subnet", subnet)], n);
+        }
+        if status.prefix_delegation {
+            enc.family(
+                "podnet_eni_insufficient_cidr_blocks_total",
+                MetricType::Counter,
+                "EC2 answers InsufficientCidrBlocks: the pods' subnet has no free aligned /28 block for a prefix (its free addresses are fragmented).",
+            )
+            .sample(&[], status.insufficient_cidr_blocks);
         }
         let mut fam = enc.family(
             "podnet_cloud_api_calls_total",

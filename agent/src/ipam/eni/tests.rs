@@ -16,7 +16,7 @@ use super::{
 use crate::{
     cloud::{
         CloudError, CloudProvider, DetachedEni, EniInfo, InstanceIdentity, InstanceLimits,
-        SubnetInfo,
+        SlotKind, SubnetInfo,
     },
     ipam::source::AddressSource,
     net::MacAddr,
@@ -32,6 +32,8 @@ struct FakeCloud {
     /// podnet's interfaces attached nowhere.
     detached: Mutex<Vec<DetachedEni>>,
     next_ip: Mutex<u8>,
+    /// The next delegated prefix's first address.
+    next_prefix: Mutex<u32>,
     calls: Mutex<Vec<String>>,
     fail: Mutex<Option<CloudError>>,
 }
@@ -44,6 +46,7 @@ impl FakeCloud {
     fn new() -> Self {
         let c = Self::default();
         *c.next_ip.lock().unwrap() = 10;
+        *c.next_prefix.lock().unwrap() = u32::from(Ipv4Addr::new(10, 0, 16, 0));
         c.enis.lock().unwrap().push(EniInfo {
             id: "eni-0".into(),
             mac: mac(0),
@@ -53,6 +56,7 @@ impl FakeCloud {
             security_groups: vec!["sg-1".into()],
             primary_ip: Ipv4Addr::new(10, 0, 1, 5),
             secondary_ips: vec![],
+            prefixes: vec![],
             managed: false,
         });
         c
@@ -74,6 +78,26 @@ impl FakeCloud {
                 Ipv4Addr::new(10, 0, 1, *next)
             })
             .collect()
+    }
+
+    /// `n` new `/28` prefixes, by first address.
+    fn new_prefixes(&self, n: u32) -> Vec<Ipv4Addr> {
+        let mut next = self.next_prefix.lock().unwrap();
+        (0..n)
+            .map(|_| {
+                let first = Ipv4Addr::from(*next);
+                *next += 16;
+                first
+            })
+            .collect()
+    }
+
+    /// `n` new slots of `kind`, by first address.
+    fn new_slots(&self, kind: SlotKind, n: u32) -> Vec<Ipv4Addr> {
+        match kind {
+            SlotKind::Address => self.new_ips(n),
+            SlotKind::Prefix => self.new_prefixes(n),
+        }
     }
 
     fn count(&self, name: &str) -> usize {
@@ -122,14 +146,14 @@ impl CloudProvider for FakeCloud {
         subnet_id: &str,
         security_groups: &[String],
         device_index: u32,
-        secondary: u32,
+        kind: SlotKind,
+        slots: u32,
     ) -> Result<EniInfo, CloudError> {
         self.call("CreateNetworkInterface")?;
         self.call("AttachNetworkInterface")?;
         let primary = self.new_ips(1)[0];
-        let ips = self.new_ips(secondary);
         let id = format!("eni-{device_index}");
-        let eni = EniInfo {
+        let mut eni = EniInfo {
             id,
             mac: mac(u8::try_from(device_index).unwrap()),
             device_index,
@@ -137,27 +161,34 @@ impl CloudProvider for FakeCloud {
             subnet_id: subnet_id.into(),
             security_groups: security_groups.to_vec(),
             primary_ip: primary,
-            secondary_ips: ips,
+            secondary_ips: Vec::new(),
+            prefixes: Vec::new(),
             managed: true,
         };
+        add_slots(&mut eni, kind, &self.new_slots(kind, slots));
         self.enis.lock().unwrap().push(eni.clone());
         Ok(eni)
     }
 
-    fn assign_ips(&self, eni: &str, count: u32) -> Result<Vec<Ipv4Addr>, CloudError> {
+    fn assign(&self, eni: &str, kind: SlotKind, count: u32) -> Result<Vec<Ipv4Addr>, CloudError> {
         self.call("AssignPrivateIpAddresses")?;
-        let ips = self.new_ips(count);
+        let slots = self.new_slots(kind, count);
         let mut enis = self.enis.lock().unwrap();
         let e = enis.iter_mut().find(|e| e.id == eni).unwrap();
-        e.secondary_ips.extend(&ips);
-        Ok(ips)
+        add_slots(e, kind, &slots);
+        Ok(slots)
     }
 
-    fn unassign_ips(&self, eni: &str, ips: &[Ipv4Addr]) -> Result<(), CloudError> {
+    fn unassign(&self, eni: &str, kind: SlotKind, slots: &[Ipv4Addr]) -> Result<(), CloudError> {
         self.call("UnassignPrivateIpAddresses")?;
         let mut enis = self.enis.lock().unwrap();
         let e = enis.iter_mut().find(|e| e.id == eni).unwrap();
-        e.secondary_ips.retain(|ip| !ips.contains(ip));
+        match kind {
+            SlotKind::Address => e.secondary_ips.retain(|ip| !slots.contains(ip)),
+            SlotKind::Prefix => e
+                .prefixes
+                .retain(|p| !slots.contains(&p.network_v4().unwrap())),
+        }
         Ok(())
     }
 
@@ -185,6 +216,18 @@ impl CloudProvider for FakeCloud {
         self.call("DeleteNetworkInterface")?;
         self.enis.lock().unwrap().retain(|e| e.id != eni);
         Ok(())
+    }
+}
+
+/// Adds `slots` of `kind` to `eni` as EC2 lists them.
+fn add_slots(eni: &mut EniInfo, kind: SlotKind, slots: &[Ipv4Addr]) {
+    match kind {
+        SlotKind::Address => eni.secondary_ips.extend(slots),
+        SlotKind::Prefix => eni.prefixes.extend(
+            slots
+                .iter()
+                .map(|s| crate::net::Cidr::new(IpAddr::V4(*s), 28).unwrap()),
+        ),
     }
 }
 
@@ -265,6 +308,7 @@ fn warm_ip_target_then_a_new_eni_without_primaries() {
     let targets = Targets {
         warm_ip: Some(5),
         minimum_ip: None,
+        warm_prefix: None,
         warm_eni: 1,
     };
     let (worker, cloud, pool, busy, links) = setup(targets);
@@ -294,6 +338,7 @@ fn surplus_release_spares_busy_and_cooling_addresses() {
     let (worker, cloud, pool, busy, _) = setup(Targets {
         warm_ip: None,
         minimum_ip: Some(5),
+        warm_prefix: None,
         warm_eni: 1,
     });
     run_until_settled(&worker, 5);
@@ -310,6 +355,7 @@ fn surplus_release_spares_busy_and_cooling_addresses() {
         Targets {
             warm_ip: Some(1),
             minimum_ip: None,
+            warm_prefix: None,
             warm_eni: 1,
         },
         cloud.clone(),
@@ -333,6 +379,7 @@ fn cloud_errors_keep_the_pool() {
     let (worker, cloud, pool, _, _) = setup(Targets {
         warm_ip: Some(3),
         minimum_ip: None,
+        warm_prefix: None,
         warm_eni: 1,
     });
     run_until_settled(&worker, 5);
@@ -374,6 +421,7 @@ fn an_eni_past_the_last_routing_table_is_not_published() {
         security_groups: vec!["sg-1".into()],
         primary_ip: Ipv4Addr::new(10, 0, 1, 199),
         secondary_ips: vec![far],
+        prefixes: vec![],
         managed: true,
     });
     // In use, so the plan keeps the interface.
@@ -411,6 +459,7 @@ fn stale_listings_neither_repeat_changes_nor_hand_out_unconfirmed_addresses() {
     let (worker, cloud, pool, busy, _) = setup(Targets {
         warm_ip: Some(5),
         minimum_ip: None,
+        warm_prefix: None,
         warm_eni: 1,
     });
     // Each listing shows the cloud as it was three listings earlier.
@@ -492,4 +541,71 @@ fn a_sweep_deletes_only_enis_attached_nowhere_past_the_grace() {
             .collect::<Vec<_>>(),
         ["eni-untagged"]
     );
+}
+
+/// Prefix delegation with the AWS VPC CNI's IP targets: enough prefixes
+/// for `minimum_ip_target` addresses, then one more when the free
+/// addresses (in prefixes partly used too) fall below `warm_ip_target`;
+/// every address of a confirmed prefix is handed out, and only wholly idle
+/// prefixes are released.
+#[test]
+fn prefix_delegation_counts_addresses_in_prefixes() {
+    let (mut worker, cloud, pool, busy, _) = setup(Targets {
+        warm_ip: Some(5),
+        minimum_ip: Some(20),
+        warm_prefix: None,
+        warm_eni: 1,
+    });
+    worker.kind = SlotKind::Prefix;
+    run_until_settled(&worker, 5);
+    // 20 addresses: two /28s, in one call.
+    assert_eq!(cloud.count("AssignPrivateIpAddresses"), 1);
+    let prefixes = cloud.enis.lock().unwrap()[0].prefixes.clone();
+    assert_eq!(
+        prefixes.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["10.0.16.0/28", "10.0.16.16/28"]
+    );
+    assert_eq!(pool.capacity(), 32);
+    assert!(pool.is_usable("10.0.16.0".parse().unwrap()));
+    assert!(pool.is_usable("10.0.16.31".parse().unwrap()));
+    // 28 pods: 4 free addresses, below 5: one more prefix.
+    let ips: Vec<IpAddr> = pool.ready().into_iter().take(28).collect();
+    busy.lock().unwrap().0.extend(ips.iter().copied());
+    run_until_settled(&worker, 5);
+    assert_eq!(cloud.count("AssignPrivateIpAddresses"), 2);
+    assert_eq!(pool.capacity(), 48);
+    // 27 pods leave: one pod holds the first prefix, two are idle; minimum
+    // 20 keeps two prefixes, so the highest idle one is released.
+    busy.lock().unwrap().0 = ips[..1].iter().copied().collect();
+    run_until_settled(&worker, 5);
+    assert_eq!(cloud.count("UnassignPrivateIpAddresses"), 1);
+    let left: Vec<String> = cloud.enis.lock().unwrap()[0]
+        .prefixes
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(left, ["10.0.16.0/28", "10.0.16.16/28"]);
+    assert_eq!(pool.capacity(), 32);
+}
+
+/// `--warm-prefix-target` keeps that many wholly free prefixes: one pod
+/// in the only prefix brings a second.
+#[test]
+fn warm_prefix_target_keeps_whole_prefixes_free() {
+    let (mut worker, cloud, pool, busy, _) = setup(Targets {
+        warm_ip: None,
+        minimum_ip: None,
+        warm_prefix: Some(1),
+        warm_eni: 1,
+    });
+    worker.kind = SlotKind::Prefix;
+    run_until_settled(&worker, 5);
+    assert_eq!(cloud.count("AssignPrivateIpAddresses"), 1);
+    assert_eq!(pool.capacity(), 16);
+    let first = pool.next_after(None).unwrap();
+    busy.lock().unwrap().0.insert(first);
+    run_until_settled(&worker, 5);
+    assert_eq!(cloud.count("AssignPrivateIpAddresses"), 2);
+    assert_eq!(cloud.enis.lock().unwrap()[0].prefixes.len(), 2);
+    assert_eq!(pool.capacity(), 32);
 }

@@ -23,6 +23,13 @@ pub fn eni_text(s: &EniStatus) -> String {
             .map_or_else(|| "?".into(), |n| n.to_string()),
         s.subnet_free.map_or_else(|| "?".into(), |n| n.to_string()),
     );
+    if s.prefix_delegation {
+        let _ = writeln!(
+            out,
+            "prefix delegation: ENIs hold /28 prefixes of 16 addresses; InsufficientCidrBlocks answers: {}",
+            s.insufficient_cidr_blocks
+        );
+    }
     if let Some(e) = &s.last_error {
         let _ = writeln!(out, "cloud API failing: {e}");
     }
@@ -45,6 +52,9 @@ pub fn eni_text(s: &EniStatus) -> String {
             e.cooldown,
             e.free
         );
+        if !e.prefixes.is_empty() {
+            let _ = writeln!(out, "  prefixes: {}", e.prefixes.join(" "));
+        }
     }
     out
 }

@@ -9,20 +9,31 @@
 //! and `warm_eni_target` ENIs' worth of addresses is kept free. Surplus is
 //! released down to the targets, never an address in use or cooling down, and
 //! only ENIs podnet created are deleted.
+//!
+//! The planner counts slots ([`SlotKind`]): addresses, or `/28` prefixes
+//! with prefix delegation. Then, as the AWS VPC CNI: IP targets, when set,
+//! still count addresses (enough prefixes that `warm_ip_target` addresses
+//! are free, counting the free addresses of prefixes partly in use, and
+//! `minimum_ip_target` held); else `warm_prefix_target` wholly free prefixes
+//! are kept; else `warm_eni_target` ENIs' worth of prefixes. Only a prefix
+//! with no address in use or cooling down is released.
 
 use std::net::Ipv4Addr;
 
-use crate::cloud::InstanceLimits;
+use crate::cloud::{InstanceLimits, SlotKind};
 
 /// The warm pool targets (`--warm-ip-target`, `--minimum-ip-target`,
-/// `--warm-eni-target`).
+/// `--warm-prefix-target`, `--warm-eni-target`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Targets {
     /// Free addresses to keep.
     pub warm_ip: Option<u32>,
     /// Addresses to hold at least, free or not.
     pub minimum_ip: Option<u32>,
-    /// Whole ENIs' worth of free addresses to keep (when no IP target is set).
+    /// With prefix delegation, wholly free prefixes to keep (when no IP
+    /// target is set).
+    pub warm_prefix: Option<u32>,
+    /// Whole ENIs' worth of free slots to keep (when no other target is set).
     pub warm_eni: u32,
 }
 
@@ -32,6 +43,7 @@ impl Default for Targets {
         Self {
             warm_ip: None,
             minimum_ip: None,
+            warm_prefix: None,
             warm_eni: 1,
         }
     }
@@ -40,6 +52,21 @@ impl Default for Targets {
 impl Targets {
     fn ip_mode(&self) -> bool {
         self.warm_ip.is_some_and(|n| n > 0) || self.minimum_ip.is_some_and(|n| n > 0)
+    }
+
+    /// The free and total slots to keep when a count decides, `None` when
+    /// whole ENIs do. `partly_free`: free addresses in slots partly in use.
+    fn counts_in_slots(&self, kind: SlotKind, partly_free: u32) -> Option<(u32, u32)> {
+        let size = kind.size();
+        if self.ip_mode() {
+            let warm = self.warm_ip.unwrap_or(0).saturating_sub(partly_free);
+            let minimum = self.minimum_ip.unwrap_or(0);
+            return Some((warm.div_ceil(size), minimum.div_ceil(size)));
+        }
+        match (kind, self.warm_prefix) {
+            (SlotKind::Prefix, Some(n)) if n > 0 => Some((n, 0)),
+            _ => None,
+        }
     }
 }
 
@@ -54,12 +81,14 @@ pub struct EniView {
     pub managed: bool,
     /// `eni-attach-...`.
     pub attachment_id: String,
-    /// Secondary addresses.
+    /// Its slots (secondary addresses, or prefixes by first address).
     pub ips: Vec<Ipv4Addr>,
-    /// How many of `ips` are allocated to pods or cooling down.
+    /// How many of `ips` hold an address allocated to a pod or cooling down.
     pub busy: u32,
-    /// The secondary addresses that are neither, in release order.
+    /// The slots that hold neither, in release order.
     pub idle: Vec<Ipv4Addr>,
+    /// Free addresses in its busy slots (prefixes partly in use).
+    pub partly_free: u32,
     /// Attached by someone else (not the primary, not podnet's): it takes a
     /// slot, and podnet neither uses nor changes it.
     pub foreign: bool,
@@ -68,21 +97,21 @@ pub struct EniView {
 /// One cloud change.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Assign `count` secondary addresses to `eni` (one call).
+    /// Assign `count` slots to `eni` (one call).
     Assign {
         /// The ENI.
         eni: String,
         /// How many.
         count: u32,
     },
-    /// Create an ENI with `secondary` addresses and attach it at `device_index`.
+    /// Create an ENI with `slots` slots and attach it at `device_index`.
     CreateEni {
         /// The slot.
         device_index: u32,
         /// Secondary addresses created with it.
-        secondary: u32,
+        slots: u32,
     },
-    /// Unassign these idle addresses from `eni` (one call).
+    /// Unassign these idle slots from `eni` (one call).
     Unassign {
         /// The ENI.
         eni: String,
@@ -98,8 +127,13 @@ pub enum Action {
     },
 }
 
-/// The calls that bring `enis` to `targets`.
-pub fn plan(targets: &Targets, limits: &InstanceLimits, all: &[EniView]) -> Vec<Action> {
+/// The calls that bring `enis`, whose slots are of `kind`, to `targets`.
+pub fn plan(
+    targets: &Targets,
+    kind: SlotKind,
+    limits: &InstanceLimits,
+    all: &[EniView],
+) -> Vec<Action> {
     let slots_taken = count(all.len());
     let enis: Vec<EniView> = all.iter().filter(|e| !e.foreign).cloned().collect();
     let enis = &enis[..];
@@ -117,9 +151,8 @@ pub fn plan(targets: &Targets, limits: &InstanceLimits, all: &[EniView]) -> Vec<
     let total = sum(enis.iter().map(|e| count(e.ips.len())));
     let busy = sum(enis.iter().map(|e| e.busy));
     let free = total.saturating_sub(busy);
-    if targets.ip_mode() {
-        let warm = targets.warm_ip.unwrap_or(0);
-        let minimum = targets.minimum_ip.unwrap_or(0);
+    let partly_free = sum(enis.iter().map(|e| e.partly_free));
+    if let Some((warm, minimum)) = targets.counts_in_slots(kind, partly_free) {
         let short = warm.saturating_sub(free).max(minimum.saturating_sub(total));
         if short > 0 {
             return with_indexes(grow(*limits, enis, short, false), all);
@@ -229,7 +262,7 @@ fn grow_new(limits: InstanceLimits, enis: &[EniView], need: u32, whole: bool) ->
         let n = if whole { per_eni } else { left.min(per_eni) };
         actions.push(Action::CreateEni {
             device_index: index,
-            secondary: n,
+            slots: n,
         });
         left = left.saturating_sub(n);
         attached += 1;
@@ -327,6 +360,7 @@ mod tests {
                 .map(|n| ip(*n))
                 .collect(),
             foreign: false,
+            partly_free: 0,
         }
     }
 
@@ -342,10 +376,16 @@ mod tests {
         let targets = Targets {
             warm_ip: None,
             minimum_ip: None,
+            warm_prefix: None,
             warm_eni: u32::MAX,
         };
         assert_eq!(
-            plan(&targets, &huge, std::slice::from_ref(&primary)),
+            plan(
+                &targets,
+                SlotKind::Address,
+                &huge,
+                std::slice::from_ref(&primary)
+            ),
             [
                 Action::Assign {
                     eni: "eni-0".into(),
@@ -353,7 +393,7 @@ mod tests {
                 },
                 Action::CreateEni {
                     device_index: 1,
-                    secondary: per_eni,
+                    slots: per_eni,
                 },
             ]
         );
@@ -361,6 +401,7 @@ mod tests {
         assert_eq!(
             plan(
                 &ip_target(Some(u32::MAX), Some(u32::MAX)),
+                SlotKind::Address,
                 &T3_MEDIUM,
                 std::slice::from_ref(&primary)
             ),
@@ -371,11 +412,11 @@ mod tests {
                 },
                 Action::CreateEni {
                     device_index: 1,
-                    secondary: 5,
+                    slots: 5,
                 },
                 Action::CreateEni {
                     device_index: 2,
-                    secondary: 5,
+                    slots: 5,
                 },
             ]
         );
@@ -385,7 +426,7 @@ mod tests {
         a.busy = u32::MAX;
         b.busy = u32::MAX;
         assert_eq!(
-            plan(&Targets::default(), &T3_MEDIUM, &[a, b]),
+            plan(&Targets::default(), SlotKind::Address, &T3_MEDIUM, &[a, b]),
             [
                 Action::Assign {
                     eni: "eni-0".into(),
@@ -397,8 +438,9 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(huge.max_pods(), u32::MAX);
-        assert_eq!(T3_MEDIUM.max_pods(), 15);
+        assert_eq!(huge.max_pods(SlotKind::Address), u32::MAX);
+        assert_eq!(T3_MEDIUM.max_pods(SlotKind::Address), 15);
+        assert_eq!(T3_MEDIUM.max_pods(SlotKind::Prefix), 240);
     }
 
     #[test]
@@ -407,7 +449,7 @@ mod tests {
         last.foreign = true;
         let create = |device_index| Action::CreateEni {
             device_index,
-            secondary: 5,
+            slots: 5,
         };
         assert_eq!(
             with_indexes(vec![create(u32::MAX), create(7)], &[last.clone()]),
@@ -424,6 +466,7 @@ mod tests {
         Targets {
             warm_ip: warm,
             minimum_ip: minimum,
+            warm_prefix: None,
             warm_eni: 1,
         }
     }
@@ -432,7 +475,12 @@ mod tests {
     fn warm_ip_target_on_a_fresh_node_is_one_batch() {
         let enis = [eni("eni-0", 0, false, &[], &[])];
         assert_eq!(
-            plan(&ip_target(Some(5), None), &T3_MEDIUM, &enis),
+            plan(
+                &ip_target(Some(5), None),
+                SlotKind::Address,
+                &T3_MEDIUM,
+                &enis
+            ),
             [Action::Assign {
                 eni: "eni-0".into(),
                 count: 5
@@ -444,16 +492,26 @@ mod tests {
     fn a_full_eni_leads_to_one_new_eni_with_the_shortfall() {
         let enis = [eni("eni-0", 0, false, &[10, 11, 12, 13, 14], &[10])];
         assert_eq!(
-            plan(&ip_target(Some(5), None), &T3_MEDIUM, &enis),
+            plan(
+                &ip_target(Some(5), None),
+                SlotKind::Address,
+                &T3_MEDIUM,
+                &enis
+            ),
             [Action::CreateEni {
                 device_index: 1,
-                secondary: 1
+                slots: 1
             }]
         );
         // Batches across ENIs: 2 slots left on eni-0, the rest on a new one.
         let enis = [eni("eni-0", 0, false, &[10, 11, 12], &[10, 11, 12])];
         assert_eq!(
-            plan(&ip_target(Some(7), None), &T3_MEDIUM, &enis),
+            plan(
+                &ip_target(Some(7), None),
+                SlotKind::Address,
+                &T3_MEDIUM,
+                &enis
+            ),
             [
                 Action::Assign {
                     eni: "eni-0".into(),
@@ -461,7 +519,7 @@ mod tests {
                 },
                 Action::CreateEni {
                     device_index: 1,
-                    secondary: 5
+                    slots: 5
                 },
             ]
         );
@@ -471,7 +529,12 @@ mod tests {
     fn minimum_ip_target_is_a_floor_and_limits_cap_growth() {
         let enis = [eni("eni-0", 0, false, &[], &[])];
         assert_eq!(
-            plan(&ip_target(None, Some(20)), &T3_MEDIUM, &enis),
+            plan(
+                &ip_target(None, Some(20)),
+                SlotKind::Address,
+                &T3_MEDIUM,
+                &enis
+            ),
             [
                 Action::Assign {
                     eni: "eni-0".into(),
@@ -479,17 +542,23 @@ mod tests {
                 },
                 Action::CreateEni {
                     device_index: 1,
-                    secondary: 5
+                    slots: 5
                 },
                 Action::CreateEni {
                     device_index: 2,
-                    secondary: 5
+                    slots: 5
                 },
             ]
         );
         // At the floor with nothing to spare: no call.
         let enis = [eni("eni-0", 0, false, &[10, 11], &[])];
-        assert!(plan(&ip_target(Some(1), Some(2)), &T3_MEDIUM, &enis).is_empty());
+        assert!(plan(
+            &ip_target(Some(1), Some(2)),
+            SlotKind::Address,
+            &T3_MEDIUM,
+            &enis
+        )
+        .is_empty());
     }
 
     #[test]
@@ -501,7 +570,12 @@ mod tests {
             eni("eni-1", 1, true, &[20, 21, 22, 23], &[]),
         ];
         assert_eq!(
-            plan(&ip_target(Some(2), None), &T3_MEDIUM, &enis),
+            plan(
+                &ip_target(Some(2), None),
+                SlotKind::Address,
+                &T3_MEDIUM,
+                &enis
+            ),
             [
                 Action::DeleteEni {
                     eni: "eni-1".into(),
@@ -519,7 +593,12 @@ mod tests {
             eni("eni-1", 1, false, &[20, 21, 22, 23], &[]),
         ];
         assert_eq!(
-            plan(&ip_target(Some(2), None), &T3_MEDIUM, &enis),
+            plan(
+                &ip_target(Some(2), None),
+                SlotKind::Address,
+                &T3_MEDIUM,
+                &enis
+            ),
             [Action::Unassign {
                 eni: "eni-1".into(),
                 ips: vec![ip(20), ip(21)]
@@ -527,7 +606,13 @@ mod tests {
         );
         // Everything busy or cooling: nothing to release.
         let enis = [eni("eni-0", 0, false, &[10, 11, 12], &[10, 11, 12])];
-        assert!(plan(&ip_target(Some(0), Some(1)), &T3_MEDIUM, &enis).is_empty());
+        assert!(plan(
+            &ip_target(Some(0), Some(1)),
+            SlotKind::Address,
+            &T3_MEDIUM,
+            &enis
+        )
+        .is_empty());
     }
 
     #[test]
@@ -535,7 +620,7 @@ mod tests {
         let targets = Targets::default();
         let enis = [eni("eni-0", 0, false, &[], &[])];
         assert_eq!(
-            plan(&targets, &T3_MEDIUM, &enis),
+            plan(&targets, SlotKind::Address, &T3_MEDIUM, &enis),
             [Action::Assign {
                 eni: "eni-0".into(),
                 count: 5
@@ -543,10 +628,10 @@ mod tests {
         );
         let enis = [eni("eni-0", 0, false, &[10, 11, 12, 13, 14], &[10])];
         assert_eq!(
-            plan(&targets, &T3_MEDIUM, &enis),
+            plan(&targets, SlotKind::Address, &T3_MEDIUM, &enis),
             [Action::CreateEni {
                 device_index: 1,
-                secondary: 5
+                slots: 5
             }]
         );
         // Two spare ENIs' worth: podnet's idle one goes.
@@ -555,7 +640,7 @@ mod tests {
             eni("eni-1", 1, true, &[20, 21, 22, 23, 24], &[]),
         ];
         assert_eq!(
-            plan(&targets, &T3_MEDIUM, &enis),
+            plan(&targets, SlotKind::Address, &T3_MEDIUM, &enis),
             [Action::DeleteEni {
                 eni: "eni-1".into(),
                 attachment_id: "att-eni-1".into()
@@ -585,8 +670,14 @@ mod tests {
                 &[30, 31, 32, 33, 34],
             ),
         ];
-        assert!(plan(&targets, &T3_MEDIUM, &full).is_empty());
-        assert!(plan(&ip_target(Some(5), None), &T3_MEDIUM, &full).is_empty());
+        assert!(plan(&targets, SlotKind::Address, &T3_MEDIUM, &full).is_empty());
+        assert!(plan(
+            &ip_target(Some(5), None),
+            SlotKind::Address,
+            &T3_MEDIUM,
+            &full
+        )
+        .is_empty());
     }
 
     #[test]
@@ -605,14 +696,25 @@ mod tests {
         ];
         // One slot left (3 - 2): one new ENI at index 2, not 1.
         assert_eq!(
-            plan(&ip_target(Some(8), None), &T3_MEDIUM, &enis),
+            plan(
+                &ip_target(Some(8), None),
+                SlotKind::Address,
+                &T3_MEDIUM,
+                &enis
+            ),
             [Action::CreateEni {
                 device_index: 2,
-                secondary: 5
+                slots: 5
             }]
         );
         // Surplus never touches it.
         let enis = [eni("eni-0", 0, false, &[10], &[]), enis[1].clone()];
-        assert!(plan(&ip_target(Some(1), None), &T3_MEDIUM, &enis).is_empty());
+        assert!(plan(
+            &ip_target(Some(1), None),
+            SlotKind::Address,
+            &T3_MEDIUM,
+            &enis
+        )
+        .is_empty());
     }
 }
