@@ -410,6 +410,32 @@ fn listings_four_seconds_old_reach_the_targets_once_and_hand_out_only_held_addre
     Ok(())
 }
 
+/// Inserts (`-I`) or deletes (`-D`) a rule that resets TCP connections to
+/// `port` in `node`: the cloud endpoint behind it goes down.
+fn reject_tcp(node: &Netns, op: &'static str, port: &str) -> Result<()> {
+    iptables(
+        node,
+        &[
+            op,
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            port,
+            "-j",
+            "REJECT",
+            "--reject-with",
+            "tcp-reset",
+        ],
+    )
+    .map(drop)
+}
+
+/// The port of an `http://host:port` endpoint.
+fn port_of(endpoint: &str) -> String {
+    endpoint.rsplit(':').next().unwrap_or_default().to_owned()
+}
+
 #[test]
 fn an_agent_restarted_while_the_cloud_is_down_serves_its_saved_pool() -> Result<()> {
     if !require_root() || !moto_available() {
@@ -429,32 +455,9 @@ fn an_agent_restarted_while_the_cloud_is_down_serves_its_saved_pool() -> Result<
     agent.stop()?;
 
     // EC2 and the metadata service become unreachable; the agent restarts.
-    let imds_port = w
-        .imds
-        .endpoint()
-        .rsplit(':')
-        .next()
-        .unwrap_or_default()
-        .to_owned();
+    let imds_port = port_of(&w.imds.endpoint());
     let moto_port = w.moto.port().to_string();
-    let rule = |op: &'static str, port: &str| -> Result<()> {
-        iptables(
-            &w.node,
-            &[
-                op,
-                "INPUT",
-                "-p",
-                "tcp",
-                "--dport",
-                port,
-                "-j",
-                "REJECT",
-                "--reject-with",
-                "tcp-reset",
-            ],
-        )
-        .map(drop)
-    };
+    let rule = |op: &'static str, port: &str| reject_tcp(&w.node, op, port);
     rule("-I", &moto_port)?;
     rule("-I", &imds_port)?;
     let restarted = agent.start_again(&w.node);
@@ -1147,5 +1150,129 @@ fn a_fragmented_subnet_is_explained_in_the_add_error_and_counted() -> Result<()>
         refused(&proxy)
     );
     println!("after the blocks were freed: pod {ip} in {first:?}, then a second prefix (warm-prefix-target 1), 31 free");
+    Ok(())
+}
+
+/// Whether IPv6 `ip` lies in `prefix` (`net/len`).
+fn in_ipv6_prefix(ip: &str, prefix: &str) -> bool {
+    let parsed = prefix.split_once('/').and_then(|(net, len)| {
+        Some((
+            net.parse::<std::net::Ipv6Addr>().ok()?,
+            len.parse::<u32>().ok().filter(|l| (1..=128).contains(l))?,
+        ))
+    });
+    let (Ok(ip), Some((net, len))) = (ip.parse::<std::net::Ipv6Addr>(), parsed) else {
+        return false;
+    };
+    let mask = u128::MAX << (128 - len);
+    u128::from(ip) & mask == u128::from(net) & mask
+}
+
+/// The addresses of one `ipam.allocate` for `container`, IPv4 first.
+fn allocate_both(agent: &Agent, container: &str) -> Result<(String, String)> {
+    let a = agent.api(
+        "ipam.allocate",
+        json!({"containerId": container, "ifName": "eth0", "network": "podnet"}),
+    )?;
+    let ips: Vec<String> = a["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["ip"].as_str().map(str::to_owned))
+        .collect();
+    match &ips[..] {
+        [v4, v6] if !v4.contains(':') && v6.contains(':') => Ok((v4.clone(), v6.clone())),
+        _ => bail!("not one address per family: {a}"),
+    }
+}
+
+#[test]
+fn ipv6_mode_gives_every_pod_an_address_of_the_primary_enis_prefix() -> Result<()> {
+    if !require_root() || !moto_available() {
+        return Ok(());
+    }
+    let w = Ec2World::new(MOTO_PORT, "eniv6")?;
+    let (node, moto, instance) = (&w.node, &w.moto, &w.instance);
+    let subnet = w.id["subnet_id"].as_str().unwrap_or_default();
+    let subnet_v6 = moto.ec2(node, &["ipv6", subnet])?["subnet_ipv6"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    // Listings up to 4 s old: the prefix is delegated once all the same.
+    let proxy = ThrottleProxy::start(node, moto.port())?;
+    proxy.serve_listings_up_to(LISTING_AGE);
+    let mut agent = Agent::start_with(
+        node,
+        &[],
+        &[
+            "--ipam-mode",
+            "eni",
+            "--eni-ipv6",
+            "--warm-ip-target",
+            "2",
+            "--cloud-endpoint",
+            &proxy.endpoint(),
+            "--imds-endpoint",
+            &w.imds.endpoint(),
+        ],
+    )?;
+    let v6_pool = |agent: &Agent| {
+        ipam_status(agent).ok().and_then(|s| {
+            s["pools"].as_array().and_then(|pools| {
+                pools
+                    .iter()
+                    .find_map(|p| p["prefix"].as_str().filter(|p| p.ends_with("/80")))
+                    .map(str::to_owned)
+            })
+        })
+    };
+    if !w.until(Duration::from_secs(30), || {
+        agent.ipam_free() == 2 && v6_pool(&agent).is_some()
+    })? {
+        bail!("no IPv6 prefix: {}", agent.log());
+    }
+    w.until(2 * LISTING_AGE, || false)?;
+    let m = agent.metrics(node)?;
+    assert_eq!(calls(&m, "AssignIpv6Addresses", None), 1, "{}", agent.log());
+    let list = moto.enis(node, instance)?;
+    let listed: Vec<String> = list[0]["ipv6_prefixes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p.as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(listed.len(), 1, "{list:?}");
+    let prefix = listed[0].clone();
+    assert_eq!(v6_pool(&agent).as_deref(), Some(prefix.as_str()));
+    let prefix_net = prefix.split('/').next().unwrap_or_default();
+    assert!(
+        in_ipv6_prefix(prefix_net, &subnet_v6),
+        "{prefix} not in {subnet_v6}"
+    );
+    let (v4, v6) = allocate_both(&agent, "c1")?;
+    assert!(held(&w)?.contains(&v4), "{v4} is not held");
+    assert!(in_ipv6_prefix(&v6, &prefix), "{v6} not in {prefix}");
+    let text = agent.podnetctl(&["ipam"])?;
+    assert!(text.contains(&prefix), "{text}");
+    println!("IPv6 mode: subnet {subnet_v6}, primary ENI prefix {prefix} (1 AssignIpv6Addresses under listings up to 4 s old); pod c1 {v4} and {v6}");
+
+    // Restarted while EC2 and IMDS are down: the saved pool serves both
+    // families.
+    agent.stop()?;
+    let ports = [port_of(&proxy.endpoint()), port_of(&w.imds.endpoint())];
+    for port in &ports {
+        reject_tcp(node, "-I", port)?;
+    }
+    let outcome = agent
+        .start_again(node)
+        .and_then(|()| allocate_both(&agent, "c2"));
+    for port in &ports {
+        reject_tcp(node, "-D", port)?;
+    }
+    let (v4b, v6b) = outcome?;
+    assert!(held(&w)?.contains(&v4b), "{v4b} is not held");
+    assert!(in_ipv6_prefix(&v6b, &prefix), "{v6b} not in {prefix}");
+    assert_ne!(v6b, v6);
+    println!("restart with the cloud down: pod c2 {v4b} and {v6b} from the saved pool");
     Ok(())
 }

@@ -14,7 +14,7 @@ use super::{
     sigv4::{self, uri_encode},
     xml::{self, Element},
     ApiCalls, CloudError, CloudProvider, DetachedEni, EniInfo, InstanceIdentity, InstanceLimits,
-    SlotKind, SubnetInfo, CREATED_TAG, MANAGED_TAG,
+    SlotKind, SubnetInfo, CREATED_TAG, IPV6_PREFIX_LEN, MANAGED_TAG,
 };
 use crate::net::Cidr;
 
@@ -236,6 +236,18 @@ fn parse_interface(item: &Element, slot: Option<(u32, &str)>) -> Result<EniInfo,
         .collect::<Result<Vec<_>, _>>()?;
     prefixes.sort_unstable();
     prefixes.dedup();
+    let mut ipv6_prefixes = item
+        .items("ipv6PrefixSet")
+        .map(|a| {
+            let text = a
+                .text_at("ipv6Prefix")
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| format!("{id}: no ipv6Prefix in an item of ipv6PrefixSet"))?;
+            parse_ipv6_prefix(text).map_err(|m| format!("{id}: ipv6PrefixSet: {m}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    ipv6_prefixes.sort_unstable();
+    ipv6_prefixes.dedup();
     // Listed by `attachment.instance-id`, every interface is attached: an
     // answer without its slot or attachment is not one podnet can act on.
     let (device_index, attachment_id) = match slot {
@@ -270,8 +282,18 @@ fn parse_interface(item: &Element, slot: Option<(u32, &str)>) -> Result<EniInfo,
         primary_ip,
         secondary_ips,
         prefixes,
+        ipv6_prefixes,
         managed,
     })
+}
+
+/// Reads an IPv6 prefix of [`IPV6_PREFIX_LEN`] bits.
+fn parse_ipv6_prefix(text: &str) -> Result<Cidr, String> {
+    let prefix: Cidr = text.parse().map_err(|e| format!("{text}: {e}"))?;
+    if prefix.network_v4().is_some() || prefix.prefix_len() != IPV6_PREFIX_LEN {
+        return Err(format!("{text} is not an IPv6 /{IPV6_PREFIX_LEN} prefix"));
+    }
+    Ok(prefix)
 }
 
 /// Reads the `ipv4Prefix` of an item of `set`: an IPv4 prefix of
@@ -457,6 +479,21 @@ impl CloudProvider for Ec2 {
             });
         }
         self.call("UnassignPrivateIpAddresses", &params).map(drop)
+    }
+
+    fn assign_ipv6_prefix(&self, eni_id: &str) -> Result<Cidr, CloudError> {
+        let action = "AssignIpv6Addresses";
+        let root = self.call(
+            action,
+            &[p("NetworkInterfaceId", eni_id), p("Ipv6PrefixCount", "1")],
+        )?;
+        let text = root
+            .items("assignedIpv6PrefixSet")
+            .next()
+            .map(|e| e.text.trim())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| decode(action, "no assignedIpv6PrefixSet item"))?;
+        parse_ipv6_prefix(text).map_err(|m| decode(action, format!("assignedIpv6PrefixSet: {m}")))
     }
 
     fn list_detached_enis(&self, instance_id: &str) -> Result<Vec<DetachedEni>, CloudError> {

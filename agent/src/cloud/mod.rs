@@ -85,6 +85,10 @@ pub enum SlotKind {
     Prefix,
 }
 
+/// Length of the IPv6 prefix delegated for pods (as the AWS VPC CNI's IPv6
+/// mode).
+pub const IPV6_PREFIX_LEN: u8 = 80;
+
 impl SlotKind {
     /// Prefix length of a delegated prefix.
     pub const PREFIX_LEN: u8 = 28;
@@ -153,6 +157,8 @@ pub struct EniInfo {
     pub secondary_ips: Vec<Ipv4Addr>,
     /// Delegated IPv4 prefixes (`/28`), ascending.
     pub prefixes: Vec<Cidr>,
+    /// Delegated IPv6 prefixes (`/80`), ascending.
+    pub ipv6_prefixes: Vec<Cidr>,
     /// Whether podnet created it (tag [`MANAGED_TAG`]).
     pub managed: bool,
 }
@@ -239,6 +245,10 @@ pub trait CloudProvider: Send + Sync {
     /// slots the answer names (a listing may not show them yet).
     fn assign(&self, eni_id: &str, kind: SlotKind, count: u32)
         -> Result<Vec<Ipv4Addr>, CloudError>;
+    /// Delegates one IPv6 `/80` prefix of its subnet to `eni_id`
+    /// (`AssignIpv6Addresses` with `Ipv6PrefixCount`); returns it as the
+    /// answer names it (a listing may not show it yet).
+    fn assign_ipv6_prefix(&self, eni_id: &str) -> Result<Cidr, CloudError>;
     /// Removes `slots` of `kind` from `eni_id` in one call.
     fn unassign(&self, eni_id: &str, kind: SlotKind, slots: &[Ipv4Addr]) -> Result<(), CloudError>;
     /// Detaches and deletes an interface podnet created.

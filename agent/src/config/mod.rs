@@ -537,6 +537,26 @@ mod tests {
             merged(args(&[]), file).ipam.eni.slots,
             crate::cloud::SlotKind::Prefix
         );
+        let e = AgentConfig::resolve_with(
+            args(&[
+                "--eni-ipv6",
+                "--eni-configs",
+                r#"{"us-east-1a": {"subnet": "subnet-1"}}"#,
+            ]),
+            ConfigFile::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("--eni-ipv6 cannot be combined with --eni-configs"),
+            "{e}"
+        );
+        assert!(
+            merged(args(&["--eni-ipv6"]), ConfigFile::default())
+                .ipam
+                .eni
+                .ipv6
+        );
         // Past u32 in the file: serde's error, naming the key.
         let e = parse_config_file(Path::new("c.yaml"), "warm-eni-target: 4294967296\n")
             .unwrap_err()

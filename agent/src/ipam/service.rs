@@ -78,6 +78,11 @@ options! {
         /// [default: false].
         #[arg(long, env = "PODNET_ENI_PREFIX_DELEGATION", num_args = 0..=1, default_missing_value = "true")]
         pub eni_prefix_delegation: Option<bool>,
+        /// ENI mode: pods also get an IPv6 address, of a /80 prefix delegated to
+        /// the primary ENI (the AWS VPC CNI's IPv6 mode; not with --eni-configs)
+        /// [default: false].
+        #[arg(long, env = "PODNET_ENI_IPV6", num_args = 0..=1, default_missing_value = "true")]
+        pub eni_ipv6: Option<bool>,
         /// ENI mode with prefix delegation: wholly free /28 prefixes to keep
         /// when no IP target is set (at most 4096) [default: unset: the
         /// --warm-eni-target decides].
@@ -145,6 +150,13 @@ impl IpamOptions {
                 return Err(format!("--{flag} {n} is out of range (at most {max})"));
             }
         }
+        if self.eni_ipv6 == Some(true) && self.eni_configs.is_some() {
+            return Err(
+                "--eni-ipv6 cannot be combined with --eni-configs: the IPv6 prefix is \
+                 delegated to the primary ENI, which custom networking leaves to the node"
+                    .into(),
+            );
+        }
         Ok(self.resolved())
     }
 
@@ -163,6 +175,7 @@ impl IpamOptions {
                     warm_prefix: self.warm_prefix_target,
                     warm_eni: self.warm_eni_target.unwrap_or(DEFAULT_WARM_ENI_TARGET),
                 },
+                ipv6: self.eni_ipv6.unwrap_or(false),
                 slots: if self.eni_prefix_delegation.unwrap_or(false) {
                     crate::cloud::SlotKind::Prefix
                 } else {
@@ -268,6 +281,9 @@ impl IpamService {
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(eni) = &eni {
             sources.push(Arc::new(eni.pool().clone()));
+            if config.eni.ipv6 {
+                sources.push(Arc::new(eni.pool6().clone()));
+            }
         }
         let lock = StateLock::acquire(state_dir)?;
         let mut state = NodeState::open(

@@ -151,6 +151,7 @@ mod tests {
             primary_ip: ip(200 + u8::try_from(index).unwrap()),
             secondary_ips: ips.iter().map(|n| ip(*n)).collect(),
             prefixes: vec![],
+            ipv6_prefixes: vec![],
             managed: index > 0,
         }
     }

@@ -12,7 +12,8 @@ use std::{
 
 use super::{
     custom::{EniConfigs, PodNetwork},
-    ledger::Ledger,
+    ipv6::Ipv6Pool,
+    ledger::{Ledger, SETTLE},
     link::{Links, ENI_MTU},
     pool::EniPool,
     saved::{self, SavedPool},
@@ -103,6 +104,10 @@ pub(crate) struct Worker {
     pub(crate) targets: Targets,
     /// What an ENI's slots hold (`--eni-prefix-delegation`).
     pub(crate) kind: SlotKind,
+    /// The pods' IPv6 prefix (`--eni-ipv6`).
+    pub(crate) ipv6: Option<Ipv6Pool>,
+    /// When podnet last delegated an IPv6 prefix that no listing showed yet.
+    pub(crate) ipv6_assigned: Mutex<Option<Instant>>,
     /// `--eni-configs`.
     pub(crate) configs: EniConfigs,
     /// Where pods' addresses come from, once the instance is known.
@@ -382,6 +387,9 @@ impl Worker {
         self.pool
             .set_subnet(saved.subnet, saved.gateway.map(IpAddr::V4));
         self.pool.set_ready(ready.iter().copied());
+        if let (Some(pool6), Some(prefix)) = (&self.ipv6, saved.ipv6_prefix) {
+            pool6.set_prefix(prefix);
+        }
         {
             let mut s = self.shared.state();
             s.instance_id = Some(saved.instance_id.clone());
@@ -424,6 +432,7 @@ impl Worker {
                     ..e.clone()
                 })
                 .collect(),
+            ipv6_prefix: self.ipv6.as_ref().and_then(Ipv6Pool::prefix),
         };
         let mut last = self.saved.lock().unwrap_or_else(PoisonError::into_inner);
         if last.as_ref() == Some(&pool) {
@@ -500,7 +509,16 @@ impl Worker {
                 managed: e.managed,
                 primary_ip: Some(e.primary_ip),
                 ips: self.addresses(&e.secondary_ips),
-                prefixes: self.prefixes(&e.secondary_ips),
+                prefixes: self
+                    .prefixes(&e.secondary_ips)
+                    .into_iter()
+                    .chain(
+                        e.ipv6_prefixes
+                            .iter()
+                            .copied()
+                            .filter(|_| self.ipv6.is_some()),
+                    )
+                    .collect(),
             });
         }
         self.pool.set_ready(ready);
@@ -511,14 +529,15 @@ impl Worker {
             s.failures = 0;
         }
         self.relabel();
-        self.publish(identity, &enis);
-        let views = self.views(&enis, &net);
-        let actions = warm::plan(&self.targets, self.kind, &limits, &views);
         let mut round = Round {
             changes: 0,
             waiting_for_links: waiting,
             unconfirmed: corrected.unconfirmed,
         };
+        self.reconcile_ipv6(&enis, &mut round)?;
+        self.publish(identity, &enis);
+        let views = self.views(&enis, &net);
+        let actions = warm::plan(&self.targets, self.kind, &limits, &views);
         for action in actions {
             let applied = self.apply(identity, &enis, &action);
             // Withdrawn addresses leave the saved pool, even if the call failed.
@@ -528,6 +547,40 @@ impl Worker {
             }
         }
         Ok(round)
+    }
+
+    /// With `--eni-ipv6`: hands out the primary ENI's IPv6 prefix once a
+    /// listing shows it, and delegates one when it has none (once per
+    /// [`SETTLE`]: a listing may lag the call).
+    fn reconcile_ipv6(&self, enis: &[EniInfo], round: &mut Round) -> Result<(), CloudError> {
+        let Some(pool6) = &self.ipv6 else {
+            return Ok(());
+        };
+        let Some(primary) = enis.iter().find(|e| e.device_index == 0) else {
+            return Ok(());
+        };
+        let mut assigned = self
+            .ipv6_assigned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(prefix) = primary.ipv6_prefixes.first() {
+            if pool6.prefix() != Some(*prefix) {
+                tracing::info!(eni = %primary.id, %prefix, "pods get IPv6 addresses of this prefix");
+                pool6.set_prefix(*prefix);
+            }
+            *assigned = None;
+            return Ok(());
+        }
+        if assigned.is_some_and(|at| at.elapsed() < SETTLE) {
+            round.unconfirmed += 1;
+            return Ok(());
+        }
+        tracing::info!(eni = %primary.id, "delegating an IPv6 prefix");
+        let prefix = self.cloud.assign_ipv6_prefix(&primary.id)?;
+        tracing::info!(eni = %primary.id, %prefix, "IPv6 prefix delegated; handed out once a listing shows it");
+        *assigned = Some(Instant::now());
+        round.changes += 1;
+        Ok(())
     }
 
     /// Every address of `slots`.
@@ -745,6 +798,8 @@ pub(crate) fn test_worker(
         Worker {
             targets,
             kind: SlotKind::Address,
+            ipv6: None,
+            ipv6_assigned: Mutex::default(),
             cloud,
             links,
             busy,

@@ -9,6 +9,7 @@
 //! Allocations and releases only wake it; they never wait for the cloud.
 
 pub mod custom;
+pub mod ipv6;
 pub mod ledger;
 pub mod link;
 pub mod manager;
@@ -67,6 +68,9 @@ pub struct EniSettings {
     pub custom: custom::EniConfigs,
     /// `--eni-prefix-delegation`: ENIs hold `/28` prefixes.
     pub slots: SlotKind,
+    /// `--eni-ipv6`: pods also get an address of an IPv6 prefix delegated to
+    /// the primary ENI.
+    pub ipv6: bool,
 }
 
 /// `--eni-leak-grace`: long enough that no agent is still between creating
@@ -87,6 +91,7 @@ impl Default for EniSettings {
             leak_grace: DEFAULT_LEAK_GRACE,
             custom: custom::EniConfigs::default(),
             slots: SlotKind::Address,
+            ipv6: false,
         }
     }
 }
@@ -210,6 +215,8 @@ impl Shared {
 /// ENI mode: the pool and the thread that keeps it warm.
 pub struct EniIpam {
     pool: EniPool,
+    /// The pods' IPv6 prefix (`--eni-ipv6`).
+    pool6: ipv6::Ipv6Pool,
     shared: Arc<Shared>,
     calls: ApiCalls,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -228,6 +235,7 @@ impl EniIpam {
     pub fn new(calls: ApiCalls) -> Self {
         Self {
             pool: EniPool::new(),
+            pool6: ipv6::Ipv6Pool::default(),
             shared: Arc::new(Shared::default()),
             calls,
             thread: Mutex::new(None),
@@ -237,6 +245,11 @@ impl EniIpam {
     /// The allocator's address source.
     pub fn pool(&self) -> &EniPool {
         &self.pool
+    }
+
+    /// The allocator's IPv6 address source (`--eni-ipv6`).
+    pub fn pool6(&self) -> &ipv6::Ipv6Pool {
+        &self.pool6
     }
 
     /// Starts the ENI thread over `cloud` and `links`; `busy` reads the
@@ -253,6 +266,8 @@ impl EniIpam {
         let worker = manager::Worker {
             targets: settings.targets,
             kind: settings.slots,
+            ipv6: settings.ipv6.then(|| self.pool6.clone()),
+            ipv6_assigned: Mutex::default(),
             configs: settings.custom.clone(),
             net: Mutex::default(),
             cloud,

@@ -33,6 +33,9 @@ pub struct SavedPool {
     /// The ENIs with links, as routing takes them; `ips` only the confirmed
     /// addresses that may be handed out.
     pub enis: Vec<Eni>,
+    /// The pods' IPv6 prefix (`--eni-ipv6`), once confirmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6_prefix: Option<Cidr>,
 }
 
 /// Reads `dir`'s saved pool; `None` when there is none.
@@ -75,6 +78,7 @@ mod tests {
                 gateway: Ipv4Addr::new(10, 0, 1, 1),
                 ips: vec![Ipv4Addr::new(10, 0, 1, 9)],
             }],
+            ipv6_prefix: Some("2600:1f18::/80".parse().unwrap()),
         };
         store(&dir, &pool).unwrap();
         assert_eq!(load(&dir), Ok(Some(pool)));

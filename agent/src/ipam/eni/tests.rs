@@ -57,6 +57,7 @@ impl FakeCloud {
             primary_ip: Ipv4Addr::new(10, 0, 1, 5),
             secondary_ips: vec![],
             prefixes: vec![],
+            ipv6_prefixes: vec![],
             managed: false,
         });
         c
@@ -163,6 +164,7 @@ impl CloudProvider for FakeCloud {
             primary_ip: primary,
             secondary_ips: Vec::new(),
             prefixes: Vec::new(),
+            ipv6_prefixes: Vec::new(),
             managed: true,
         };
         add_slots(&mut eni, kind, &self.new_slots(kind, slots));
@@ -177,6 +179,18 @@ impl CloudProvider for FakeCloud {
         let e = enis.iter_mut().find(|e| e.id == eni).unwrap();
         add_slots(e, kind, &slots);
         Ok(slots)
+    }
+
+    fn assign_ipv6_prefix(&self, eni: &str) -> Result<crate::net::Cidr, CloudError> {
+        self.call("AssignIpv6Addresses")?;
+        let prefix: crate::net::Cidr = "2600:1f18:1:100:7a8b::/80".parse().unwrap();
+        let mut enis = self.enis.lock().unwrap();
+        enis.iter_mut()
+            .find(|e| e.id == eni)
+            .unwrap()
+            .ipv6_prefixes
+            .push(prefix);
+        Ok(prefix)
     }
 
     fn unassign(&self, eni: &str, kind: SlotKind, slots: &[Ipv4Addr]) -> Result<(), CloudError> {
@@ -422,6 +436,7 @@ fn an_eni_past_the_last_routing_table_is_not_published() {
         primary_ip: Ipv4Addr::new(10, 0, 1, 199),
         secondary_ips: vec![far],
         prefixes: vec![],
+        ipv6_prefixes: vec![],
         managed: true,
     });
     // In use, so the plan keeps the interface.
@@ -608,4 +623,36 @@ fn warm_prefix_target_keeps_whole_prefixes_free() {
     assert_eq!(cloud.count("AssignPrivateIpAddresses"), 2);
     assert_eq!(cloud.enis.lock().unwrap()[0].prefixes.len(), 2);
     assert_eq!(pool.capacity(), 32);
+}
+
+/// `--eni-ipv6`: one prefix delegated to the primary ENI, in one call,
+/// handed out only once a listing shows it (two listings behind here).
+#[test]
+fn ipv6_prefix_is_delegated_once_and_handed_out_when_listed() {
+    let (mut worker, cloud, _, _, _) = setup(Targets {
+        warm_ip: Some(1),
+        minimum_ip: None,
+        warm_prefix: None,
+        warm_eni: 1,
+    });
+    let pool6 = super::ipv6::Ipv6Pool::default();
+    worker.ipv6 = Some(pool6.clone());
+    *cloud.lag.lock().unwrap() = 2;
+    let id = worker.cloud.identity().unwrap();
+    let limits = worker.cloud.limits("t3.medium").unwrap();
+    for _ in 0..2 {
+        let round = worker.reconcile(&id, limits).unwrap();
+        assert_eq!(pool6.capacity(), 0);
+        assert!(round.unconfirmed > 0 || round.changes > 0, "{round:?}");
+    }
+    // The listings catch up: no second call meanwhile.
+    for _ in 0..3 {
+        worker.reconcile(&id, limits).unwrap();
+    }
+    assert_eq!(cloud.count("AssignIpv6Addresses"), 1);
+    assert_eq!(
+        pool6.prefix().map(|p| p.to_string()).as_deref(),
+        Some("2600:1f18:1:100:7a8b::/80")
+    );
+    assert!(pool6.is_usable("2600:1f18:1:100:7a8b::2".parse().unwrap()));
 }
