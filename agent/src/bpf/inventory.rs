@@ -4,11 +4,22 @@
 //!
 //! Everything is found through `--bpffs`, so a scrape sees exactly this
 //! agent's objects even when several agents share a machine.
+//!
+//! Finding the objects (a pin and a link query per link, a netlink dump of
+//! every interface's classic tc filters) costs per endpoint, while the
+//! objects change only when podnet attaches or detaches; so scrapes
+//! ([`read_cached`]) find them again only when a pin directory changed
+//! (bpffs updates a directory's mtime on every pin and unpin), a classic
+//! filter was attached or detached ([`super::tc::generation`]), or the last
+//! look is [`LAYOUT_MAX_AGE`] old. Map fills and run statistics are read
+//! fresh every time.
 
 use std::{
     collections::BTreeMap,
     os::fd::{AsFd as _, AsRawFd as _},
     path::{Path, PathBuf},
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant, SystemTime},
 };
 
 use aya::{
@@ -87,77 +98,175 @@ pub fn stats_enabled() -> bool {
     std::fs::read_to_string(BPF_STATS_SYSCTL).is_ok_and(|s| s.trim() == "1")
 }
 
-/// Reads podnet's objects under `bpffs`. Unreadable pins are skipped: a
-/// scrape shows what it can.
+/// Reads podnet's objects under `bpffs`, all of them afresh. Unreadable
+/// pins are skipped: a scrape shows what it can.
 pub fn read(bpffs: &Path) -> Inventory {
-    let mut pins = Vec::new();
-    walk(bpffs, &mut pins);
-    pins.sort();
+    fill(&Layout::read(bpffs))
+}
+
+/// How long a scrape may reuse what it found of podnet's objects when
+/// nothing says they changed.
+pub const LAYOUT_MAX_AGE: Duration = Duration::from_mins(1);
+
+/// The last [`Layout`] scrapes found, with what it was found under.
+static CACHED: Mutex<Option<(Stamp, Layout)>> = Mutex::new(None);
+
+/// Like [`read`], finding the objects again only when they may have
+/// changed (see the module's documentation).
+pub fn read_cached(bpffs: &Path) -> Inventory {
+    let stamp = Stamp::now(bpffs);
+    let mut cached = CACHED.lock().unwrap_or_else(PoisonError::into_inner);
+    let fresh = cached.as_ref().is_some_and(|(old, _)| old.still(&stamp));
+    if !fresh {
+        *cached = Some((stamp, Layout::read(bpffs)));
+    }
+    cached
+        .as_ref()
+        .map(|(_, layout)| fill(layout))
+        .unwrap_or_default()
+}
+
+/// What says whether podnet's objects may have changed.
+#[derive(Debug)]
+struct Stamp {
+    bpffs: PathBuf,
+    /// Every directory under `bpffs` with its modification time.
+    dirs: Vec<(PathBuf, Option<SystemTime>)>,
+    tc_generation: u64,
+    at: Instant,
+    /// Whether every directory was last changed [`MTIME_SETTLE`] before:
+    /// bpffs stamps with the kernel's coarse clock, so a change within the
+    /// same tick as an earlier one could leave the time as it was.
+    settled: bool,
+}
+
+/// How old a pin directory's modification time must be before it is
+/// trusted to show the next change.
+const MTIME_SETTLE: Duration = Duration::from_secs(1);
+
+impl Stamp {
+    fn now(bpffs: &Path) -> Self {
+        let mut dirs = Vec::new();
+        walk_dirs(bpffs, &mut dirs);
+        let wall = SystemTime::now();
+        let settled = dirs.iter().all(|(_, mtime)| {
+            mtime.is_some_and(|m| wall.duration_since(m).is_ok_and(|age| age >= MTIME_SETTLE))
+        });
+        Self {
+            bpffs: bpffs.to_owned(),
+            dirs,
+            tc_generation: super::tc::generation(),
+            at: Instant::now(),
+            settled,
+        }
+    }
+
+    /// Whether what was found under `self` still holds at `now`.
+    fn still(&self, now: &Self) -> bool {
+        self.settled
+            && self.bpffs == now.bpffs
+            && self.dirs == now.dirs
+            && self.tc_generation == now.tc_generation
+            && now.at.saturating_duration_since(self.at) < LAYOUT_MAX_AGE
+    }
+}
+
+/// `dir` and every directory under it, with their modification times.
+fn walk_dirs(dir: &Path, out: &mut Vec<(PathBuf, Option<SystemTime>)>) {
+    out.push((
+        dir.to_owned(),
+        std::fs::metadata(dir).and_then(|m| m.modified()).ok(),
+    ));
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            walk_dirs(&entry.path(), out);
+        }
+    }
+}
+
+/// podnet's objects: the pinned hash maps, and the programs behind its
+/// links and classic filters (without their statistics).
+#[derive(Clone, Debug, Default)]
+struct Layout {
+    /// Pin, subsystem.
+    maps: Vec<(PathBuf, String)>,
+    programs: BTreeMap<u32, PinnedProgram>,
+}
+
+impl Layout {
+    fn read(bpffs: &Path) -> Self {
+        let mut pins = Vec::new();
+        walk(bpffs, &mut pins);
+        pins.sort();
+        let mut layout = Self::default();
+        for path in pins {
+            let subsystem = path
+                .strip_prefix(bpffs)
+                .ok()
+                .and_then(|p| p.components().next())
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // Object info queries answer for any object type, so the pin's
+            // kind is asked first.
+            match pin_kind(&path) {
+                Some(PinKind::Map) => layout.maps.push((path, subsystem)),
+                Some(PinKind::Link) => {
+                    let Some(id) = PinnedLink::from_pin(&path)
+                        .ok()
+                        .and_then(|link| FdLink::from(link).info().ok())
+                        .map(|info| info.program_id())
+                    else {
+                        continue;
+                    };
+                    layout.program(id, subsystem, "").links.push(path);
+                }
+                Some(PinKind::Other) | None => {}
+            }
+        }
+        // Classic tc filters (kernels without tcx) are not pinned; they carry
+        // the program's full name.
+        for f in super::tc::owned().0 {
+            layout
+                .program(f.filter.program_id, f.subsystem, &f.filter.name)
+                .links
+                .push(PathBuf::from(format!("tc:{}", f.place())));
+        }
+        layout
+    }
+
+    fn program(&mut self, id: u32, subsystem: impl Into<String>, name: &str) -> &mut PinnedProgram {
+        self.programs.entry(id).or_insert_with(|| PinnedProgram {
+            subsystem: subsystem.into(),
+            name: name.to_owned(),
+            id,
+            links: Vec::new(),
+            run_time_ns: 0,
+            run_count: 0,
+            recursion_misses: None,
+        })
+    }
+}
+
+/// The inventory of `layout` now: map fills and the programs' statistics.
+/// A map or program gone since is left out.
+fn fill(layout: &Layout) -> Inventory {
     let mut inv = Inventory {
         stats_enabled: stats_enabled(),
         ..Inventory::default()
     };
-    let mut programs: BTreeMap<u32, PinnedProgram> = BTreeMap::new();
-    for path in pins {
-        let subsystem = path
-            .strip_prefix(bpffs)
+    for (path, subsystem) in &layout.maps {
+        if let Some(fill) = MapInfo::from_pin(path)
             .ok()
-            .and_then(|p| p.components().next())
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .unwrap_or_default();
-        // Object info queries answer for any object type, so the pin's kind
-        // is asked first.
-        match pin_kind(&path) {
-            Some(PinKind::Map) => {
-                if let Some(fill) = MapInfo::from_pin(&path)
-                    .ok()
-                    .and_then(|info| map_fill(&info, &path, subsystem))
-                {
-                    inv.maps.push(fill);
-                }
-            }
-            Some(PinKind::Link) => {
-                let Some(id) = PinnedLink::from_pin(&path)
-                    .ok()
-                    .and_then(|link| FdLink::from(link).info().ok())
-                    .map(|info| info.program_id())
-                else {
-                    continue;
-                };
-                programs
-                    .entry(id)
-                    .or_insert_with(|| PinnedProgram {
-                        subsystem,
-                        name: String::new(),
-                        id,
-                        links: Vec::new(),
-                        run_time_ns: 0,
-                        run_count: 0,
-                        recursion_misses: None,
-                    })
-                    .links
-                    .push(path);
-            }
-            Some(PinKind::Other) | None => {}
+            .and_then(|info| map_fill(&info, path, subsystem.clone()))
+        {
+            inv.maps.push(fill);
         }
     }
-    // Classic tc filters (kernels without tcx) are not pinned; they carry
-    // the program's full name.
-    for f in super::tc::owned().0 {
-        programs
-            .entry(f.filter.program_id)
-            .or_insert_with(|| PinnedProgram {
-                subsystem: f.subsystem.to_owned(),
-                name: f.filter.name.clone(),
-                id: f.filter.program_id,
-                links: Vec::new(),
-                run_time_ns: 0,
-                run_count: 0,
-                recursion_misses: None,
-            })
-            .links
-            .push(PathBuf::from(format!("tc:{}", f.place())));
-    }
+    let mut programs = layout.programs.clone();
+    let mut loaded = Vec::new();
     for prog in loaded_programs().filter_map(Result::ok) {
         if let Some(p) = programs.get_mut(&prog.id()) {
             if p.name.is_empty() {
@@ -166,8 +275,10 @@ pub fn read(bpffs: &Path) -> Inventory {
             p.run_time_ns = u64::try_from(prog.run_time().as_nanos()).unwrap_or(u64::MAX);
             p.run_count = prog.run_count();
             p.recursion_misses = prog.fd().ok().and_then(|fd| recursion_misses(fd.as_fd()));
+            loaded.push(prog.id());
         }
     }
+    programs.retain(|id, _| loaded.contains(id));
     inv.programs = programs.into_values().collect();
     inv.programs
         .sort_by(|a, b| (&a.subsystem, &a.name, a.id).cmp(&(&b.subsystem, &b.name, b.id)));
@@ -362,6 +473,46 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cached_layout_holds_until_a_directory_filter_or_minute_says_otherwise() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let base = Stamp {
+            bpffs: "/sys/fs/bpf/podnet".into(),
+            dirs: vec![("/sys/fs/bpf/podnet/dns".into(), Some(t0))],
+            tc_generation: 3,
+            at: Instant::now(),
+            settled: true,
+        };
+        let later = |f: &dyn Fn(&mut Stamp)| {
+            let mut s = Stamp {
+                dirs: base.dirs.clone(),
+                bpffs: base.bpffs.clone(),
+                at: base.at + Duration::from_secs(10),
+                ..base
+            };
+            f(&mut s);
+            s
+        };
+        assert!(base.still(&later(&|_| {})));
+        assert!(!base.still(&later(
+            &|s| s.dirs[0].1 = Some(t0 + Duration::from_millis(4))
+        )));
+        assert!(!base.still(&later(&|s| s
+            .dirs
+            .push(("/sys/fs/bpf/podnet/steer".into(), Some(t0))))));
+        assert!(!base.still(&later(&|s| s.tc_generation = 4)));
+        assert!(!base.still(&later(&|s| s.at = base.at + LAYOUT_MAX_AGE)));
+        assert!(!base.still(&later(&|s| s.bpffs = "/sys/fs/bpf/other".into())));
+        // A directory changed within the last second is not trusted.
+        let unsettled = Stamp {
+            settled: false,
+            dirs: base.dirs.clone(),
+            bpffs: base.bpffs.clone(),
+            ..base
+        };
+        assert!(!unsettled.still(&later(&|_| {})));
+    }
 
     #[test]
     fn truncated_kernel_names_map_to_object_names() {

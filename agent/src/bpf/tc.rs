@@ -31,6 +31,7 @@ use netlink_sys::protocols::NETLINK_ROUTE;
 
 use super::{link::Attachment, BpfError};
 use crate::sys::netlink::{NetlinkSocket, DEFAULT_RECV_TIMEOUT};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Priority (`tc filter ... pref`) of the DNS programs' classic filters.
 pub const DNS_PRIORITY: u16 = 28_760;
@@ -210,11 +211,34 @@ pub enum Keep {
     SameProgram,
 }
 
+/// Classic filters attached or detached by this process so far: whoever
+/// caches what [`owned`] finds looks again when it changed.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// How many times this process attached or detached a classic filter (or
+/// tried to); it changes after every change, never before.
+pub fn generation() -> u64 {
+    GENERATION.load(Ordering::Acquire)
+}
+
 /// Puts `program` (named `name`) on the hook of `ifname` as podnet's
 /// classic filter at `priority`: adds the `clsact` qdisc if missing,
 /// attaches, keeps or replaces in place. The filter stays after this process
 /// (it is not tied to the program object's lifetime).
 pub fn attach(
+    program: &mut SchedClassifier,
+    name: &str,
+    ifname: &str,
+    direction: TcAttachType,
+    priority: u16,
+    keep: Keep,
+) -> Result<Attachment, BpfError> {
+    let attached = attach_filter(program, name, ifname, direction, priority, keep);
+    GENERATION.fetch_add(1, Ordering::Release);
+    attached
+}
+
+fn attach_filter(
     program: &mut SchedClassifier,
     name: &str,
     ifname: &str,
@@ -319,6 +343,17 @@ fn program_tag(id: u32) -> Option<u64> {
 /// Removes podnet's filter at `priority` from a hook of `ifname` if it runs
 /// one of `names`. Returns whether one was removed.
 pub fn detach(
+    ifname: &str,
+    direction: TcAttachType,
+    priority: u16,
+    names: &[&str],
+) -> Result<bool, BpfError> {
+    let detached = detach_filter(ifname, direction, priority, names);
+    GENERATION.fetch_add(1, Ordering::Release);
+    detached
+}
+
+fn detach_filter(
     ifname: &str,
     direction: TcAttachType,
     priority: u16,
