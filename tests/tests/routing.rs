@@ -120,10 +120,16 @@ fn flush_flows(node: &Netns, pod: Ipv4Addr) -> Result<()> {
         .map(drop)
 }
 
-fn steer(m: &Metrics, direction: &str, result: &str) -> u64 {
+/// The fast path's count of `family` (`ipv4`, `ipv6`) packets in
+/// `direction` with `result`.
+fn steer(m: &Metrics, family: &str, direction: &str, result: &str) -> u64 {
     m.count(
         "podnet_steer_packets_total",
-        &[("direction", direction), ("result", result)],
+        &[
+            ("family", family),
+            ("direction", direction),
+            ("result", result),
+        ],
     )
 }
 
@@ -148,8 +154,8 @@ fn snapshot(vpc: &Vpc, agent: &Agent) -> Result<Snapshot> {
         conntrack_flows: conntrack_flows(node, vpc.pods()[0].ip())?,
         eni1_tx: link_packets(node, vpc.enis()[0].name())?.tx,
         eni2_tx: link_packets(node, vpc.enis()[1].name())?.tx,
-        egress_redirected: steer(&m, "egress", "redirected"),
-        ingress_redirected: steer(&m, "ingress", "redirected"),
+        egress_redirected: steer(&m, "ipv4", "egress", "redirected"),
+        ingress_redirected: steer(&m, "ipv4", "ingress", "redirected"),
     })
 }
 
@@ -542,10 +548,10 @@ fn fast_path_steers_past_netfilter_and_conntrack() -> Result<()> {
     assert_eq!(after.forward - before.forward, 10);
 
     let m = agent.metrics(vpc.node())?;
-    assert_eq!(steer(&m, "egress", "fib_miss"), 0);
+    assert_eq!(steer(&m, "ipv4", "egress", "fib_miss"), 0);
     // Every redirect the helpers were asked for was set up.
-    assert_eq!(steer(&m, "egress", "redirect_failed"), 0);
-    assert_eq!(steer(&m, "ingress", "redirect_failed"), 0);
+    assert_eq!(steer(&m, "ipv4", "egress", "redirect_failed"), 0);
+    assert_eq!(steer(&m, "ipv4", "ingress", "redirect_failed"), 0);
     let view = agent.podnetctl(&["routes"])?;
     assert!(view.contains("fast-path: on"), "{view}");
     Ok(())

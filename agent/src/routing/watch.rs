@@ -1,6 +1,6 @@
 //! Kernel notifications that may mean podnet's routing state drifted: a
-//! netlink socket subscribed to link, IPv4 route, IPv4 rule and neighbour
-//! groups (what `ip monitor` listens to).
+//! netlink socket subscribed to link, route and rule (IPv4 and IPv6) and
+//! neighbour groups (what `ip monitor` listens to).
 //!
 //! Relevant: any rule change, a route change whose protocol is podnet's, a
 //! proxy-neighbour change, any link appearing or going. Ordinary neighbour
@@ -26,6 +26,10 @@ const RTNLGRP_NEIGH: u32 = 3;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
 /// `RTNLGRP_IPV4_RULE`.
 const RTNLGRP_IPV4_RULE: u32 = 8;
+/// `RTNLGRP_IPV6_ROUTE`.
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
+/// `RTNLGRP_IPV6_RULE`.
+const RTNLGRP_IPV6_RULE: u32 = 19;
 /// Receive buffer for notification bursts (pod churn on a busy node).
 const RECV_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
@@ -44,6 +48,8 @@ impl Watcher {
             RTNLGRP_NEIGH,
             RTNLGRP_IPV4_ROUTE,
             RTNLGRP_IPV4_RULE,
+            RTNLGRP_IPV6_ROUTE,
+            RTNLGRP_IPV6_RULE,
         ]
         .iter()
         .fold(0u32, |mask, g| mask | (1 << (g - 1)));

@@ -649,6 +649,9 @@ impl Worker {
                     subnet,
                     gateway,
                     ips: e.secondary_ips.clone(),
+                    subnet6: None,
+                    gateway6: None,
+                    ips6: Vec::new(),
                 })
             })
             .collect();
