@@ -4,7 +4,7 @@
 //! multicast solicitation only on an interface with forwarding and
 //! `proxy_ndp` on (`ndisc_recv_ns` in net/ipv6/ndisc.c, Linux 6.18), and a
 //! unicast one (the gateway checking that the pod is still reachable) only
-//! with `all.proxy_ndp` on: else `ip6_forward` (net/ipv6/ip6_output.c)
+//! with `all.proxy_ndp` on: else `ip6_forward` (`net/ipv6/ip6_output.c`)
 //! forwards it to the pod, which drops it (its hop limit is no longer 255).
 //! Forwarding is the node's setting, as for IPv4; `proxy_ndp` of `all` and
 //! of each ENI holding IPv6 pods is podnet's, set when it is off and never
