@@ -44,6 +44,11 @@ pub const VPC_CIDR6: &str = "fd00:10::/48";
 pub const REMOTE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0xc8, 0, 0, 0, 2);
 /// The pods' IPv6 default gateway, answered by a static neighbour entry.
 const POD_GATEWAY6: &str = "fe80::1";
+/// IPv6 neighbour entries of the VPC's links stay reachable 5 to 15 minutes
+/// once resolved: the kernel's 15 to 45 s would let a reachability probe and
+/// the proxy's answer land in a measurement on a slow machine (emulated
+/// kernels).
+const LONG_REACHABLE_MS: &str = "600000";
 /// The pods' default gateway, answered by a static neighbour entry.
 const POD_GATEWAY: &str = "169.254.1.1";
 /// Most ENIs and pods per ENI.
@@ -142,7 +147,8 @@ fn subnet6_address(octet: u8, host: u16) -> Ipv6Addr {
 /// IPv6 off, so interface counters move only for the traffic a test sends;
 /// or, with `ipv6`, on without the messages a host sends by itself once its
 /// links are up: no router solicitations, no duplicate address detection,
-/// MLD reports repeated within milliseconds rather than seconds.
+/// MLD reports repeated within milliseconds rather than seconds (and the
+/// links' neighbour entries stay reachable: [`LONG_REACHABLE_MS`]).
 fn quiet(ns: &Netns, ipv6: bool) -> Result<()> {
     if !ipv6 {
         ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
@@ -199,6 +205,10 @@ impl Vpc {
         fabric.run_ok(&["ip", "address", "add", &gateway, "dev", &gw_if])?;
         if self.ipv6 {
             node.sysctl(&format!("net.ipv6.neigh.{}.proxy_delay", eni.name), "0")?;
+            let reachable =
+                |ifname: &str| format!("net.ipv6.neigh.{ifname}.base_reachable_time_ms");
+            node.sysctl(&reachable(&eni.name), LONG_REACHABLE_MS)?;
+            fabric.sysctl(&reachable(&gw_if), LONG_REACHABLE_MS)?;
             let primary6 = format!("{}/64", subnet6_address(octet, 5));
             node.run_ok(&["ip", "-6", "address", "add", &primary6, "dev", &eni.name])?;
             let gateway6 = format!("{}/64", eni.gateway6());

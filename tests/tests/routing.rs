@@ -143,8 +143,55 @@ fn ping(pod: &Netns, dst: impl Into<IpAddr>, count: u32) -> Result<u32> {
 
 /// Sends `count` UDP datagrams from `src` to `dst` and waits for each echo.
 fn udp_ping_pong(pod: &Netns, src: SocketAddr, dst: SocketAddr, count: u32) -> Result<u32> {
+    udp_round_trips(pod, src, dst, count, |_| Ok(()))
+}
+
+/// An IPv6 destination options header with nothing in it but padding
+/// (RFC 8200 4.6: next header and length 0 filled in by the kernel, then
+/// `PadN` of 4 bytes).
+const EMPTY_DESTINATION_OPTIONS: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+
+/// Like [`udp_ping_pong`] from an IPv6 `src`, each datagram carrying an
+/// IPv6 extension header (destination options).
+fn udp_ping_pong_with_extension_header(
+    pod: &Netns,
+    src: SocketAddr,
+    dst: SocketAddr,
+    count: u32,
+) -> Result<u32> {
+    udp_round_trips(pod, src, dst, count, |socket| {
+        use std::os::fd::AsRawFd as _;
+        let len = libc::socklen_t::try_from(EMPTY_DESTINATION_OPTIONS.len())?;
+        // SAFETY: the socket is open for the call; the option value is a
+        // readable buffer of `len` bytes.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_DSTOPTS,
+                EMPTY_DESTINATION_OPTIONS.as_ptr().cast(),
+                len,
+            )
+        };
+        if rc != 0 {
+            bail!("IPV6_DSTOPTS: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
+}
+
+/// Sends `count` UDP datagrams from `src` to `dst` on a socket `setup`
+/// prepared, and waits for each echo; returns the echoes.
+fn udp_round_trips(
+    pod: &Netns,
+    src: SocketAddr,
+    dst: SocketAddr,
+    count: u32,
+    setup: impl FnOnce(&UdpSocket) -> Result<()> + Send,
+) -> Result<u32> {
     in_netns(pod, || -> Result<u32> {
         let socket = UdpSocket::bind(src)?;
+        setup(&socket)?;
         socket.set_read_timeout(Some(Duration::from_secs(1)))?;
         let mut echoed = 0;
         let mut buf = [0u8; 64];
@@ -1347,6 +1394,36 @@ fn fast_path_steers_ipv6_past_netfilter_and_conntrack() -> Result<()> {
     assert_eq!(after.ingress_redirected, before.ingress_redirected);
     assert_eq!(after.forward - before.forward, 10);
 
+    // Extension headers are the kernel's: it forwards each datagram (the
+    // FORWARD rule counts it) and the program counts it; the echoes, which
+    // carry none, are steered.
+    let server = udp_echo_server(vpc.vpc(), SocketAddr::from((REMOTE6, 7008)))?;
+    let src = SocketAddr::from((pod_ip, 40300));
+    let before_ext = steer(
+        &agent.metrics(vpc.node())?,
+        "ipv6",
+        "egress",
+        "extension_headers",
+    );
+    let before = snapshot(&vpc, &agent, Family::V6)?;
+    assert_eq!(
+        udp_ping_pong_with_extension_header(pod.netns(), src, server.addr(), PINGS)?,
+        PINGS
+    );
+    let after = snapshot(&vpc, &agent, Family::V6)?;
+    let after_ext = steer(
+        &agent.metrics(vpc.node())?,
+        "ipv6",
+        "egress",
+        "extension_headers",
+    );
+    assert_eq!(server.stop(), n);
+    assert_eq!(after_ext - before_ext, n);
+    assert_eq!(after.forward - before.forward, n);
+    assert_eq!(after.egress_redirected, before.egress_redirected);
+    assert_eq!(after.ingress_redirected - before.ingress_redirected, n);
+    assert_eq!(after.eni1_tx - before.eni1_tx, n);
+
     // Neighbour discovery stays the kernel's: the gateway forgets the pod,
     // solicits it again, and the node's proxy entry answers; every echo
     // still comes back.
@@ -1362,6 +1439,7 @@ fn fast_path_steers_ipv6_past_netfilter_and_conntrack() -> Result<()> {
     assert_eq!(steer(&m, "ipv6", "egress", "fib_miss"), 0);
     assert_eq!(steer(&m, "ipv6", "egress", "redirect_failed"), 0);
     assert_eq!(steer(&m, "ipv6", "ingress", "redirect_failed"), 0);
-    assert_eq!(steer(&m, "ipv6", "egress", "extension_headers"), 0);
+    assert_eq!(steer(&m, "ipv6", "egress", "extension_headers"), n);
+    assert_eq!(steer(&m, "ipv6", "ingress", "extension_headers"), 0);
     Ok(())
 }
