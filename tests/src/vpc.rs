@@ -44,11 +44,17 @@ pub const VPC_CIDR6: &str = "fd00:10::/48";
 pub const REMOTE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0xc8, 0, 0, 0, 2);
 /// The pods' IPv6 default gateway, answered by a static neighbour entry.
 const POD_GATEWAY6: &str = "fe80::1";
-/// IPv6 neighbour entries of the VPC's links stay reachable 5 to 15 minutes
-/// once resolved: the kernel's 15 to 45 s would let a reachability probe and
-/// the proxy's answer land in a measurement on a slow machine (emulated
-/// kernels).
+/// In a dual-stack VPC, the neighbour entries (ARP and NDP) of the ENIs and
+/// the gateways stay reachable 5 to 15 minutes once resolved, and an entry
+/// learnt from a solicitation (stale) is used 10 minutes before it is
+/// probed: with the kernel's 15 to 45 s and 5 s, the node's probe of the
+/// gateway and its answer to the gateway's probe (one solicitation and one
+/// advertisement on each ENI, `nstat`'s `Icmp6OutNeighborSolicits` and
+/// `Icmp6OutNeighborAdvertisements`) land in a measurement that starts more
+/// than 5 s after the warm-up, as on emulated kernels.
 const LONG_REACHABLE_MS: &str = "600000";
+/// See [`LONG_REACHABLE_MS`]: `delay_first_probe_time`, in seconds.
+const LONG_DELAY_S: &str = "600";
 /// The pods' default gateway, answered by a static neighbour entry.
 const POD_GATEWAY: &str = "169.254.1.1";
 /// Most ENIs and pods per ENI.
@@ -205,10 +211,16 @@ impl Vpc {
         fabric.run_ok(&["ip", "address", "add", &gateway, "dev", &gw_if])?;
         if self.ipv6 {
             node.sysctl(&format!("net.ipv6.neigh.{}.proxy_delay", eni.name), "0")?;
-            let reachable =
-                |ifname: &str| format!("net.ipv6.neigh.{ifname}.base_reachable_time_ms");
-            node.sysctl(&reachable(&eni.name), LONG_REACHABLE_MS)?;
-            fabric.sysctl(&reachable(&gw_if), LONG_REACHABLE_MS)?;
+            for family in ["ipv4", "ipv6"] {
+                for (ns, ifname) in [(node, &eni.name), (fabric, &gw_if)] {
+                    let neigh = format!("net.{family}.neigh.{ifname}");
+                    ns.sysctl(
+                        &format!("{neigh}.base_reachable_time_ms"),
+                        LONG_REACHABLE_MS,
+                    )?;
+                    ns.sysctl(&format!("{neigh}.delay_first_probe_time"), LONG_DELAY_S)?;
+                }
+            }
             let primary6 = format!("{}/64", subnet6_address(octet, 5));
             node.run_ok(&["ip", "-6", "address", "add", &primary6, "dev", &eni.name])?;
             let gateway6 = format!("{}/64", eni.gateway6());
