@@ -344,7 +344,8 @@ impl Agent {
     }
 
     /// Waits until the agent's `routes.show` lists `expected` objects, all
-    /// `ok` (routing converged), for at most 10 s.
+    /// `ok` or `provided` (routing converged: a foreign route such as the one
+    /// a CNI plugin installs forwards the same way), for at most 10 s.
     pub fn wait_routes_converged(&self, expected: usize) -> Result<()> {
         let mut last = serde_json::Value::Null;
         let ok = wait_for(
@@ -354,7 +355,10 @@ impl Agent {
                 };
                 let lines = view["lines"].as_array().cloned().unwrap_or_default();
                 last = view;
-                lines.len() == expected && lines.iter().all(|l| l["state"] == "ok")
+                lines.len() == expected
+                    && lines
+                        .iter()
+                        .all(|l| l["state"] == "ok" || l["state"] == "provided")
             },
             Duration::from_secs(10),
         );

@@ -15,8 +15,17 @@
 //! counters only move for the traffic a test sends. The VPC's gateways reach
 //! the pods through proxy ARP on the ENIs (`proxy_delay` 0, so the first
 //! packet is not held back).
+//!
+//! With [`VpcBuilder::ipv6`] the VPC is dual-stack: every ENI also has the
+//! subnet `fd00:10:0:<e>::/64` (gateway `::1`, the ENI's primary `::5`),
+//! every pod also `fd00:10:0:<e>::<10+j>/128` with the default route via
+//! `fe80::1` (a static neighbour: the host veth's MAC), and the remote host
+//! also [`REMOTE6`]. Router solicitations, duplicate address detection and
+//! repeated MLD reports are off, so that once the links are up, counters
+//! move only for the traffic a test sends (and the neighbour discovery it
+//! causes).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -29,6 +38,23 @@ use crate::{
 pub const VPC_CIDR: &str = "10.0.0.0/16";
 /// A host in the VPC, behind the gateways (on the VPC namespace's loopback).
 pub const REMOTE: Ipv4Addr = Ipv4Addr::new(10, 0, 200, 2);
+/// The VPC's IPv6 range (for `--vpc-cidrs`), with [`VpcBuilder::ipv6`].
+pub const VPC_CIDR6: &str = "fd00:10::/48";
+/// The remote host's IPv6 address, with [`VpcBuilder::ipv6`].
+pub const REMOTE6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0, 0xc8, 0, 0, 0, 2);
+/// The pods' IPv6 default gateway, answered by a static neighbour entry.
+const POD_GATEWAY6: &str = "fe80::1";
+/// In a dual-stack VPC, the neighbour entries (ARP and NDP) of the ENIs and
+/// the gateways stay reachable 5 to 15 minutes once resolved, and an entry
+/// learnt from a solicitation (stale) is used 10 minutes before it is
+/// probed: with the kernel's 15 to 45 s and 5 s, the node's probe of the
+/// gateway and its answer to the gateway's probe (one solicitation and one
+/// advertisement on each ENI, `nstat`'s `Icmp6OutNeighborSolicits` and
+/// `Icmp6OutNeighborAdvertisements`) land in a measurement that starts more
+/// than 5 s after the warm-up, as on emulated kernels.
+const LONG_REACHABLE_MS: &str = "600000";
+/// See [`LONG_REACHABLE_MS`]: `delay_first_probe_time`, in seconds.
+const LONG_DELAY_S: &str = "600";
 /// The pods' default gateway, answered by a static neighbour entry.
 const POD_GATEWAY: &str = "169.254.1.1";
 /// Most ENIs and pods per ENI.
@@ -43,6 +69,7 @@ pub struct VpcBuilder {
     name: String,
     enis: usize,
     pods_per_eni: usize,
+    ipv6: bool,
 }
 
 impl VpcBuilder {
@@ -67,6 +94,14 @@ impl VpcBuilder {
         self
     }
 
+    /// Dual-stack: IPv6 subnets on the ENIs, IPv6 addresses on the pods
+    /// (default: IPv4 only, IPv6 off).
+    #[must_use]
+    pub fn ipv6(mut self, on: bool) -> Self {
+        self.ipv6 = on;
+        self
+    }
+
     /// Creates the namespaces and links; on error whatever was created goes.
     pub fn build(self) -> Result<Vpc> {
         if self.enis == 0 || self.enis > MAX_ENIS || self.pods_per_eni > MAX_PODS_PER_ENI {
@@ -75,35 +110,70 @@ impl VpcBuilder {
         let fabric = Netns::new(&format!("{}-vpc", self.name))?;
         let node = Netns::new(&format!("{}-node", self.name))?;
         for ns in [&fabric, &node] {
-            quiet(ns)?;
+            quiet(ns, self.ipv6)?;
             ns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
             ns.sysctl("net.ipv4.conf.default.rp_filter", "0")?;
             ns.sysctl("net.ipv4.ip_forward", "1")?;
+            if self.ipv6 {
+                ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            }
         }
         fabric.run_ok(&["ip", "address", "add", &format!("{REMOTE}/32"), "dev", "lo"])?;
+        if self.ipv6 {
+            let remote6 = format!("{REMOTE6}/128");
+            fabric.run_ok(&["ip", "-6", "address", "add", &remote6, "dev", "lo"])?;
+        }
         let id = unique_ifname("");
         let mut vpc = Vpc {
             pods: Vec::new(),
             enis: Vec::new(),
             node,
             fabric,
+            ipv6: self.ipv6,
         };
         for e in 1..=self.enis {
             let octet = u8::try_from(e)?;
             vpc.add_eni(octet)?;
             for j in 0..self.pods_per_eni {
-                let ip = Ipv4Addr::new(10, 0, octet, u8::try_from(10 + j)?);
-                vpc.add_pod(&self.name, &id, ip, e - 1)?;
+                let host = u8::try_from(10 + j)?;
+                let ip = Ipv4Addr::new(10, 0, octet, host);
+                let ip6 = self.ipv6.then(|| subnet6_address(octet, u16::from(host)));
+                vpc.add_pod(&self.name, &id, (ip, ip6), e - 1)?;
             }
         }
         Ok(vpc)
     }
 }
 
-/// IPv6 off, so interface counters move only for the traffic a test sends.
-fn quiet(ns: &Netns) -> Result<()> {
-    ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
-    ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")
+/// Address `host` of ENI `octet`'s IPv6 subnet, `fd00:10:0:<octet>::<host>`.
+fn subnet6_address(octet: u8, host: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0, u16::from(octet), 0, 0, 0, host)
+}
+
+/// IPv6 off, so interface counters move only for the traffic a test sends;
+/// or, with `ipv6`, on without the messages a host sends by itself once its
+/// links are up: no router solicitations, no duplicate address detection,
+/// MLD reports repeated within milliseconds rather than seconds (and the
+/// links' neighbour entries stay reachable: [`LONG_REACHABLE_MS`]).
+fn quiet(ns: &Netns, ipv6: bool) -> Result<()> {
+    if !ipv6 {
+        ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+        return ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
+    }
+    for scope in ["all", "default"] {
+        ns.sysctl(&format!("net.ipv6.conf.{scope}.router_solicitations"), "0")?;
+        ns.sysctl(&format!("net.ipv6.conf.{scope}.accept_dad"), "0")?;
+        ns.sysctl(&format!("net.ipv6.conf.{scope}.accept_ra"), "0")?;
+        ns.sysctl(
+            &format!("net.ipv6.conf.{scope}.mldv2_unsolicited_report_interval"),
+            "1",
+        )?;
+        ns.sysctl(
+            &format!("net.ipv6.conf.{scope}.mldv1_unsolicited_report_interval"),
+            "1",
+        )?;
+    }
+    Ok(())
 }
 
 impl Vpc {
@@ -139,6 +209,23 @@ impl Vpc {
         node.run_ok(&["ip", "address", "add", &primary, "dev", &eni.name])?;
         let gateway = format!("{}/24", eni.gateway());
         fabric.run_ok(&["ip", "address", "add", &gateway, "dev", &gw_if])?;
+        if self.ipv6 {
+            node.sysctl(&format!("net.ipv6.neigh.{}.proxy_delay", eni.name), "0")?;
+            for family in ["ipv4", "ipv6"] {
+                for (ns, ifname) in [(node, &eni.name), (fabric, &gw_if)] {
+                    let neigh = format!("net.{family}.neigh.{ifname}");
+                    ns.sysctl(
+                        &format!("{neigh}.base_reachable_time_ms"),
+                        LONG_REACHABLE_MS,
+                    )?;
+                    ns.sysctl(&format!("{neigh}.delay_first_probe_time"), LONG_DELAY_S)?;
+                }
+            }
+            let primary6 = format!("{}/64", subnet6_address(octet, 5));
+            node.run_ok(&["ip", "-6", "address", "add", &primary6, "dev", &eni.name])?;
+            let gateway6 = format!("{}/64", eni.gateway6());
+            fabric.run_ok(&["ip", "-6", "address", "add", &gateway6, "dev", &gw_if])?;
+        }
         node.run_ok(&["ip", "link", "set", &eni.name, "up"])?;
         fabric.run_ok(&["ip", "link", "set", &gw_if, "up"])?;
         wait_link_up(node, &eni.name, LINK_UP)?;
@@ -147,16 +234,23 @@ impl Vpc {
         Ok(())
     }
 
-    fn add_pod(&mut self, prefix: &str, id: &str, ip: Ipv4Addr, eni: usize) -> Result<()> {
+    fn add_pod(
+        &mut self,
+        prefix: &str,
+        id: &str,
+        (ip, ip6): (Ipv4Addr, Option<Ipv6Addr>),
+        eni: usize,
+    ) -> Result<()> {
         let index = self.pods.len();
         let pod = VpcPod {
             netns: Netns::new(&format!("{prefix}-pod{index}"))?,
             host_if: format!("{id}v{index}"),
             ip,
+            ip6,
             eni,
         };
         let (node, ns) = (&self.node, &pod.netns);
-        quiet(ns)?;
+        quiet(ns, self.ipv6)?;
         host(&[
             "ip",
             "link",
@@ -209,6 +303,34 @@ impl Vpc {
             "nud",
             "permanent",
         ])?;
+        if let Some(ip6) = ip6 {
+            let address = format!("{ip6}/128");
+            ns.run_ok(&["ip", "-6", "address", "add", &address, "dev", "eth0"])?;
+            ns.run_ok(&[
+                "ip",
+                "-6",
+                "neigh",
+                "add",
+                POD_GATEWAY6,
+                "lladdr",
+                &mac,
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])?;
+            ns.run_ok(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                POD_GATEWAY6,
+                "dev",
+                "eth0",
+            ])?;
+        }
         wait_link_up(node, &pod.host_if, LINK_UP)?;
         wait_link_up(ns, "eth0", LINK_UP)?;
         self.pods.push(pod);
@@ -334,6 +456,16 @@ impl EniLink {
         Ipv4Addr::new(10, 0, self.octet, 1)
     }
 
+    /// Its IPv6 subnet, `fd00:10:0:<e>::/64` (with [`VpcBuilder::ipv6`]).
+    pub fn subnet6(&self) -> String {
+        format!("{}/64", subnet6_address(self.octet, 0))
+    }
+
+    /// The IPv6 subnet's gateway, `fd00:10:0:<e>::1`, in the VPC namespace.
+    pub fn gateway6(&self) -> Ipv6Addr {
+        subnet6_address(self.octet, 1)
+    }
+
     /// The ENI's primary address, `10.0.<e>.5`.
     pub fn primary(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 0, self.octet, 5)
@@ -351,6 +483,7 @@ pub struct VpcPod {
     netns: Netns,
     host_if: String,
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     eni: usize,
 }
 
@@ -370,6 +503,18 @@ impl VpcPod {
         self.ip
     }
 
+    /// Its IPv6 address (in its ENI's IPv6 subnet), in a dual-stack VPC.
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.ip6
+    }
+
+    /// Its addresses: IPv4, then IPv6 in a dual-stack VPC.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        std::iter::once(IpAddr::V4(self.ip))
+            .chain(self.ip6.map(IpAddr::V6))
+            .collect()
+    }
+
     /// Index of its ENI in [`Vpc::enis`].
     pub fn eni(&self) -> usize {
         self.eni
@@ -383,16 +528,23 @@ pub struct Vpc {
     enis: Vec<EniLink>,
     node: Netns,
     fabric: Netns,
+    ipv6: bool,
 }
 
 impl Vpc {
-    /// A builder: name `pn`, 2 ENIs, 1 pod per ENI.
+    /// A builder: name `pn`, 2 ENIs, 1 pod per ENI, IPv4 only.
     pub fn builder() -> VpcBuilder {
         VpcBuilder {
             name: "pn".into(),
             enis: 2,
             pods_per_eni: 1,
+            ipv6: false,
         }
+    }
+
+    /// Whether the VPC is dual-stack ([`VpcBuilder::ipv6`]).
+    pub fn is_dual_stack(&self) -> bool {
+        self.ipv6
     }
 
     /// The node namespace (run the agent here).
@@ -426,9 +578,25 @@ impl Vpc {
                 .filter(|p| p.eni == i)
                 .map(|p| p.ip.to_string())
                 .collect();
+            let ipv6 = if self.ipv6 {
+                let ips6: Vec<String> = self
+                    .pods
+                    .iter()
+                    .filter(|p| p.eni == i)
+                    .filter_map(|p| p.ip6.map(|ip| format!("\"{ip}\"")))
+                    .collect();
+                format!(
+                    ", subnet6: \"{}\", gateway6: \"{}\", ips6: [{}]",
+                    e.subnet6(),
+                    e.gateway6(),
+                    ips6.join(", ")
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
-                "- {{name: {}, mac: \"{}\", table: {}, subnet: {}, gateway: {}, ips: [{}]}}",
+                "- {{name: {}, mac: \"{}\", table: {}, subnet: {}, gateway: {}, ips: [{}]{ipv6}}}",
                 e.name,
                 e.mac,
                 e.table,
@@ -446,7 +614,7 @@ impl Vpc {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                EndpointSpec::new("vpc", &format!("pod{i}"), &[p.ip.into()]).interface(&p.host_if)
+                EndpointSpec::new("vpc", &format!("pod{i}"), &p.ips()).interface(&p.host_if)
             })
             .collect()
     }

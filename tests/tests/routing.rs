@@ -9,7 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket},
+    net::{IpAddr, SocketAddr, UdpSocket},
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -17,9 +17,11 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use podnet_tests::{
     agent::endpoints_yaml,
-    forward_rule_packets, in_netns, iptables, require_root, spawn_in, udp_echo_server,
-    vpc::{link_packets, Vpc, VpcPod, REMOTE, VPC_CIDR},
-    wait_for, Agent, Metrics, Netns,
+    cni::{self, Attachment, CniEnv},
+    forward6_rule_packets, forward_rule_packets, in_netns, iptables, require_root, spawn_in,
+    udp_echo_server,
+    vpc::{link_packets, Vpc, VpcPod, REMOTE, REMOTE6, VPC_CIDR, VPC_CIDR6},
+    wait_for, Agent, Metrics, Netns, Topology,
 };
 
 /// Objects podnet installs per ENI (subnet and default route in its table).
@@ -32,6 +34,56 @@ const PINGS: u32 = 100;
 const RESTART_PINGS: u32 = 500;
 /// Comment of the counting rule tests add to FORWARD.
 const COUNT_COMMENT: &str = "podnet-test-count";
+
+/// The address family a check is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The label value of `podnet_steer_packets_total{family}`, and
+    /// conntrack's `-f`.
+    fn label(self) -> &'static str {
+        match self {
+            Self::V4 => "ipv4",
+            Self::V6 => "ipv6",
+        }
+    }
+
+    /// `ip`'s family option.
+    fn ip_option(self) -> &'static str {
+        match self {
+            Self::V4 => "-4",
+            Self::V6 => "-6",
+        }
+    }
+
+    /// The netfilter tool of the family.
+    fn iptables(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables",
+            Self::V6 => "ip6tables",
+        }
+    }
+
+    /// The VPC's remote host in this family.
+    fn remote(self) -> IpAddr {
+        match self {
+            Self::V4 => REMOTE.into(),
+            Self::V6 => REMOTE6.into(),
+        }
+    }
+
+    /// A VPC pod's address of this family.
+    fn pod_ip(self, pod: &VpcPod) -> IpAddr {
+        match self {
+            Self::V4 => pod.ip().into(),
+            Self::V6 => pod.ip6().expect("a dual-stack VPC").into(),
+        }
+    }
+}
 
 /// The ENI file of a test; removed on drop.
 struct EnisFile(PathBuf);
@@ -60,25 +112,86 @@ impl Drop for EnisFile {
     }
 }
 
+/// Families of `vpc`: 1, or 2 when it is dual-stack.
+fn families(vpc: &Vpc) -> usize {
+    if vpc.is_dual_stack() {
+        2
+    } else {
+        1
+    }
+}
+
 fn start(vpc: &Vpc, enis: &EnisFile, extra: &[&str]) -> Result<Agent> {
     let file = enis.arg();
-    let mut args = vec!["--enis", file.as_str(), "--vpc-cidrs", VPC_CIDR];
+    let cidrs = if vpc.is_dual_stack() {
+        format!("{VPC_CIDR},{VPC_CIDR6}")
+    } else {
+        VPC_CIDR.to_owned()
+    };
+    let mut args = vec!["--enis", file.as_str(), "--vpc-cidrs", cidrs.as_str()];
     args.extend_from_slice(extra);
     let agent = Agent::start_with(vpc.node(), &vpc.endpoints(), &args)?;
-    let expected = PER_ENI * vpc.enis().len() + PER_POD * vpc.pods().len();
+    let expected = (PER_ENI * vpc.enis().len() + PER_POD * vpc.pods().len()) * families(vpc);
     agent.wait_routes_converged(expected)?;
     Ok(agent)
 }
 
 /// Pings `dst` from `pod` `count` times, 10 ms apart; returns replies.
-fn ping(pod: &Netns, dst: Ipv4Addr, count: u32) -> Result<u32> {
+fn ping(pod: &Netns, dst: impl Into<IpAddr>, count: u32) -> Result<u32> {
     podnet_tests::ping(pod, dst.into(), count, Duration::from_millis(10))
 }
 
 /// Sends `count` UDP datagrams from `src` to `dst` and waits for each echo.
 fn udp_ping_pong(pod: &Netns, src: SocketAddr, dst: SocketAddr, count: u32) -> Result<u32> {
+    udp_round_trips(pod, src, dst, count, |_| Ok(()))
+}
+
+/// An IPv6 destination options header with nothing in it but padding
+/// (RFC 8200 4.6: next header and length 0 filled in by the kernel, then
+/// `PadN` of 4 bytes).
+const EMPTY_DESTINATION_OPTIONS: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+
+/// Like [`udp_ping_pong`] from an IPv6 `src`, each datagram carrying an
+/// IPv6 extension header (destination options).
+fn udp_ping_pong_with_extension_header(
+    pod: &Netns,
+    src: SocketAddr,
+    dst: SocketAddr,
+    count: u32,
+) -> Result<u32> {
+    udp_round_trips(pod, src, dst, count, |socket| {
+        use std::os::fd::AsRawFd as _;
+        let len = libc::socklen_t::try_from(EMPTY_DESTINATION_OPTIONS.len())?;
+        // SAFETY: the socket is open for the call; the option value is a
+        // readable buffer of `len` bytes.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_DSTOPTS,
+                EMPTY_DESTINATION_OPTIONS.as_ptr().cast(),
+                len,
+            )
+        };
+        if rc != 0 {
+            bail!("IPV6_DSTOPTS: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    })
+}
+
+/// Sends `count` UDP datagrams from `src` to `dst` on a socket `setup`
+/// prepared, and waits for each echo; returns the echoes.
+fn udp_round_trips(
+    pod: &Netns,
+    src: SocketAddr,
+    dst: SocketAddr,
+    count: u32,
+    setup: impl FnOnce(&UdpSocket) -> Result<()> + Send,
+) -> Result<u32> {
     in_netns(pod, || -> Result<u32> {
         let socket = UdpSocket::bind(src)?;
+        setup(&socket)?;
         socket.set_read_timeout(Some(Duration::from_secs(1)))?;
         let mut echoed = 0;
         let mut buf = [0u8; 64];
@@ -93,11 +206,22 @@ fn udp_ping_pong(pod: &Netns, src: SocketAddr, dst: SocketAddr, count: u32) -> R
 }
 
 /// Packets of the pod counted by the test's rules in nat PREROUTING and
-/// POSTROUTING (the nat table sees the first packet of every new flow).
-fn nat_packets(node: &Netns) -> Result<u64> {
+/// POSTROUTING of `family` (the nat table sees the first packet of every
+/// new flow).
+fn nat_packets(node: &Netns, family: Family) -> Result<u64> {
     let mut total = 0;
     for chain in ["PREROUTING", "POSTROUTING"] {
-        let out = iptables(node, &["-t", "nat", "-L", chain, "-v", "-x", "-n"])?;
+        let out = node.run_ok(&[
+            family.iptables(),
+            "-w",
+            "-t",
+            "nat",
+            "-L",
+            chain,
+            "-v",
+            "-x",
+            "-n",
+        ])?;
         let text = String::from_utf8_lossy(&out.stdout);
         total += text
             .lines()
@@ -109,21 +233,29 @@ fn nat_packets(node: &Netns) -> Result<u64> {
 }
 
 /// Conntrack entries whose original source is `pod`, in the node.
-fn conntrack_flows(node: &Netns, pod: Ipv4Addr) -> Result<u64> {
-    let out = node.run_ok(&["conntrack", "-L", "-s", &pod.to_string()])?;
+fn conntrack_flows(node: &Netns, pod: IpAddr) -> Result<u64> {
+    let family = if pod.is_ipv4() { "ipv4" } else { "ipv6" };
+    let out = node.run_ok(&["conntrack", "-L", "-f", family, "-s", &pod.to_string()])?;
     Ok(String::from_utf8_lossy(&out.stdout).lines().count() as u64)
 }
 
 /// Forgets the node's conntrack entries of `pod` (none may exist).
-fn flush_flows(node: &Netns, pod: Ipv4Addr) -> Result<()> {
-    node.run(&["conntrack", "-D", "-s", &pod.to_string()])
+fn flush_flows(node: &Netns, pod: IpAddr) -> Result<()> {
+    let family = if pod.is_ipv4() { "ipv4" } else { "ipv6" };
+    node.run(&["conntrack", "-D", "-f", family, "-s", &pod.to_string()])
         .map(drop)
 }
 
-fn steer(m: &Metrics, direction: &str, result: &str) -> u64 {
+/// The fast path's count of `family` (`ipv4`, `ipv6`) packets in
+/// `direction` with `result`.
+fn steer(m: &Metrics, family: &str, direction: &str, result: &str) -> u64 {
     m.count(
         "podnet_steer_packets_total",
-        &[("direction", direction), ("result", result)],
+        &[
+            ("family", family),
+            ("direction", direction),
+            ("result", result),
+        ],
     )
 }
 
@@ -139,55 +271,73 @@ struct Snapshot {
     ingress_redirected: u64,
 }
 
-fn snapshot(vpc: &Vpc, agent: &Agent) -> Result<Snapshot> {
+/// The node's `family` state that a forwarded packet of the first pod
+/// would move.
+fn snapshot(vpc: &Vpc, agent: &Agent, family: Family) -> Result<Snapshot> {
     let node = vpc.node();
     let m = agent.metrics(node)?;
+    let forward = match family {
+        Family::V4 => forward_rule_packets(node, COUNT_COMMENT)?,
+        Family::V6 => forward6_rule_packets(node, COUNT_COMMENT)?,
+    };
     Ok(Snapshot {
-        forward: forward_rule_packets(node, COUNT_COMMENT)?,
-        nat: nat_packets(node)?,
-        conntrack_flows: conntrack_flows(node, vpc.pods()[0].ip())?,
+        forward,
+        nat: nat_packets(node, family)?,
+        conntrack_flows: conntrack_flows(node, family.pod_ip(&vpc.pods()[0]))?,
         eni1_tx: link_packets(node, vpc.enis()[0].name())?.tx,
         eni2_tx: link_packets(node, vpc.enis()[1].name())?.tx,
-        egress_redirected: steer(&m, "egress", "redirected"),
-        ingress_redirected: steer(&m, "ingress", "redirected"),
+        egress_redirected: steer(&m, family.label(), "egress", "redirected"),
+        ingress_redirected: steer(&m, family.label(), "ingress", "redirected"),
     })
 }
 
 /// Counting rules (no target) for packets from `source` in FORWARD and in
-/// nat PREROUTING and POSTROUTING.
-fn add_counting_rules(node: &Netns, source: Ipv4Addr) -> Result<()> {
-    let src = format!("{source}/32");
+/// nat PREROUTING and POSTROUTING of its family.
+fn add_counting_rules(node: &Netns, source: IpAddr) -> Result<()> {
+    let (src, tool) = match source {
+        IpAddr::V4(_) => (format!("{source}/32"), "iptables"),
+        IpAddr::V6(_) => (format!("{source}/128"), "ip6tables"),
+    };
     for (table, chain) in [
         ("filter", "FORWARD"),
         ("nat", "PREROUTING"),
         ("nat", "POSTROUTING"),
     ] {
-        iptables(
-            node,
-            &[
-                "-t",
-                table,
-                "-I",
-                chain,
-                "1",
-                "-s",
-                &src,
-                "-m",
-                "comment",
-                "--comment",
-                COUNT_COMMENT,
-            ],
-        )?;
+        node.run_ok(&[
+            tool,
+            "-w",
+            "-t",
+            table,
+            "-I",
+            chain,
+            "1",
+            "-s",
+            &src,
+            "-m",
+            "comment",
+            "--comment",
+            COUNT_COMMENT,
+        ])?;
     }
     Ok(())
 }
 
 /// Pings once from every pod so neighbour entries exist on every hop.
 fn warm_up(vpc: &Vpc) -> Result<()> {
+    warm_up_family(vpc, Family::V4)
+}
+
+/// Pings from every pod in `family` so neighbour entries of that family
+/// exist on every hop (and none of the other, whose reachability probes
+/// could land in a measurement).
+fn warm_up_family(vpc: &Vpc, family: Family) -> Result<()> {
     for pod in vpc.pods() {
-        let got = ping(pod.netns(), REMOTE, 2)?;
+        let got = ping(pod.netns(), family.remote(), 2)?;
         if got != 2 {
-            bail!("warm-up ping from {} got {got}/2 replies", pod.ip());
+            bail!(
+                "warm-up ping from {} got {got}/2 replies",
+                family.pod_ip(pod)
+            );
         }
     }
     Ok(())
@@ -262,28 +412,27 @@ fn pod_traffic_leaves_by_the_eni_that_owns_its_address() -> Result<()> {
     Ok(())
 }
 
-fn rule_lines(node: &Netns) -> Result<Vec<String>> {
-    let out = node.run_ok(&["ip", "rule", "show"])?;
+/// The lines `ip <family> <args>` prints in `node`, blanks collapsed.
+fn ip_lines(node: &Netns, family: Family, args: &[&str]) -> Result<Vec<String>> {
+    let mut cmd = vec!["ip", family.ip_option()];
+    cmd.extend_from_slice(args);
+    let out = node.run_ok(&cmd)?;
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect())
+}
+
+fn rule_lines(node: &Netns) -> Result<Vec<String>> {
+    ip_lines(node, Family::V4, &["rule", "show"])
 }
 
 fn route_lines(node: &Netns, table: &str) -> Result<Vec<String>> {
-    let out = node.run_ok(&["ip", "route", "show", "table", table])?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .collect())
+    ip_lines(node, Family::V4, &["route", "show", "table", table])
 }
 
 fn proxy_lines(node: &Netns) -> Result<Vec<String>> {
-    let out = node.run_ok(&["ip", "neigh", "show", "proxy"])?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .collect())
+    ip_lines(node, Family::V4, &["neigh", "show", "proxy"])
 }
 
 /// Runs `delete` in the node and returns how long until `present` holds again.
@@ -473,13 +622,13 @@ fn fast_path_steers_past_netfilter_and_conntrack() -> Result<()> {
     let enis = EnisFile::write(&vpc)?;
     let agent = start(&vpc, &enis, &["--fast-path"])?;
     let pod = &vpc.pods()[0];
-    add_counting_rules(vpc.node(), pod.ip())?;
+    add_counting_rules(vpc.node(), pod.ip().into())?;
     warm_up(&vpc)?;
 
-    flush_flows(vpc.node(), pod.ip())?;
-    let before = snapshot(&vpc, &agent)?;
+    flush_flows(vpc.node(), pod.ip().into())?;
+    let before = snapshot(&vpc, &agent, Family::V4)?;
     assert_eq!(ping(pod.netns(), REMOTE, PINGS)?, PINGS);
-    let after = snapshot(&vpc, &agent)?;
+    let after = snapshot(&vpc, &agent, Family::V4)?;
     let n = u64::from(PINGS);
     assert_eq!(
         after.egress_redirected - before.egress_redirected,
@@ -511,10 +660,10 @@ fn fast_path_steers_past_netfilter_and_conntrack() -> Result<()> {
     let dst = server.addr();
     // One round trip first: the first datagram of the flow is ordinary traffic.
     assert_eq!(udp_ping_pong(pod.netns(), src, dst, 1)?, 1);
-    flush_flows(vpc.node(), pod.ip())?;
-    let before = snapshot(&vpc, &agent)?;
+    flush_flows(vpc.node(), pod.ip().into())?;
+    let before = snapshot(&vpc, &agent, Family::V4)?;
     assert_eq!(udp_ping_pong(pod.netns(), src, dst, PINGS)?, PINGS);
-    let after = snapshot(&vpc, &agent)?;
+    let after = snapshot(&vpc, &agent, Family::V4)?;
     assert_eq!(server.stop(), u64::from(PINGS) + 1);
     assert_eq!(after.egress_redirected - before.egress_redirected, n);
     assert_eq!(after.ingress_redirected - before.ingress_redirected, n);
@@ -525,7 +674,7 @@ fn fast_path_steers_past_netfilter_and_conntrack() -> Result<()> {
 
     // DNS is never steered: the DNS tracer on the pod's interface must see it.
     let dns = udp_echo_server(vpc.vpc(), SocketAddr::from((REMOTE, 53)))?;
-    let before = snapshot(&vpc, &agent)?;
+    let before = snapshot(&vpc, &agent, Family::V4)?;
     assert_eq!(
         udp_ping_pong(
             pod.netns(),
@@ -535,17 +684,17 @@ fn fast_path_steers_past_netfilter_and_conntrack() -> Result<()> {
         )?,
         10
     );
-    let after = snapshot(&vpc, &agent)?;
+    let after = snapshot(&vpc, &agent, Family::V4)?;
     assert_eq!(dns.stop(), 10);
     assert_eq!(after.egress_redirected, before.egress_redirected);
     assert_eq!(after.ingress_redirected, before.ingress_redirected);
     assert_eq!(after.forward - before.forward, 10);
 
     let m = agent.metrics(vpc.node())?;
-    assert_eq!(steer(&m, "egress", "fib_miss"), 0);
+    assert_eq!(steer(&m, "ipv4", "egress", "fib_miss"), 0);
     // Every redirect the helpers were asked for was set up.
-    assert_eq!(steer(&m, "egress", "redirect_failed"), 0);
-    assert_eq!(steer(&m, "ingress", "redirect_failed"), 0);
+    assert_eq!(steer(&m, "ipv4", "egress", "redirect_failed"), 0);
+    assert_eq!(steer(&m, "ipv4", "ingress", "redirect_failed"), 0);
     let view = agent.podnetctl(&["routes"])?;
     assert!(view.contains("fast-path: on"), "{view}");
     Ok(())
@@ -560,12 +709,12 @@ fn without_fast_path_the_kernel_path_carries_the_same_traffic() -> Result<()> {
     let enis = EnisFile::write(&vpc)?;
     let agent = start(&vpc, &enis, &[])?;
     let pod = &vpc.pods()[0];
-    add_counting_rules(vpc.node(), pod.ip())?;
+    add_counting_rules(vpc.node(), pod.ip().into())?;
     warm_up(&vpc)?;
-    flush_flows(vpc.node(), pod.ip())?;
-    let before = snapshot(&vpc, &agent)?;
+    flush_flows(vpc.node(), pod.ip().into())?;
+    let before = snapshot(&vpc, &agent, Family::V4)?;
     assert_eq!(ping(pod.netns(), REMOTE, PINGS)?, PINGS);
-    let after = snapshot(&vpc, &agent)?;
+    let after = snapshot(&vpc, &agent, Family::V4)?;
     let n = u64::from(PINGS);
     assert_eq!(after.forward - before.forward, n);
     // One new flow: its first packet passes nat PREROUTING and POSTROUTING.
@@ -592,9 +741,9 @@ fn agent_restart_loses_no_steered_ping() -> Result<()> {
     let enis = EnisFile::write(&vpc)?;
     let mut agent = start(&vpc, &enis, &["--fast-path"])?;
     let pod = &vpc.pods()[0];
-    add_counting_rules(vpc.node(), pod.ip())?;
+    add_counting_rules(vpc.node(), pod.ip().into())?;
     warm_up(&vpc)?;
-    let before = snapshot(&vpc, &agent)?;
+    let before = snapshot(&vpc, &agent, Family::V4)?;
     let mut ping = spawn_in(
         pod.netns(),
         &[
@@ -628,7 +777,7 @@ fn agent_restart_loses_no_steered_ping() -> Result<()> {
         Some(RESTART_PINGS),
         "{log}"
     );
-    let after = snapshot(&vpc, &agent)?;
+    let after = snapshot(&vpc, &agent, Family::V4)?;
     // Pinned maps keep counting across the restart: every echo was steered.
     assert_eq!(
         after.egress_redirected - before.egress_redirected,
@@ -656,12 +805,12 @@ fn fast_path_leaves_service_cidrs_and_local_pods_to_the_kernel() -> Result<()> {
         &["--fast-path", "--service-cidrs", "10.0.200.0/24"],
     )?;
     let (pod, other) = (&vpc.pods()[0], &vpc.pods()[1]);
-    add_counting_rules(vpc.node(), pod.ip())?;
+    add_counting_rules(vpc.node(), pod.ip().into())?;
     warm_up(&vpc)?;
     for (dst, what) in [(REMOTE, "service CIDR"), (other.ip(), "local pod")] {
-        let before = snapshot(&vpc, &agent)?;
+        let before = snapshot(&vpc, &agent, Family::V4)?;
         assert_eq!(ping(pod.netns(), dst, PINGS)?, PINGS);
-        let after = snapshot(&vpc, &agent)?;
+        let after = snapshot(&vpc, &agent, Family::V4)?;
         assert_eq!(
             after.forward - before.forward,
             u64::from(PINGS),
@@ -867,5 +1016,429 @@ fn dual_stack_pods_are_masqueraded_in_both_families() -> Result<()> {
         Duration::from_secs(10),
     );
     assert!(gone, "{}\n{}", rules("iptables"), rules("ip6tables"));
+    Ok(())
+}
+
+/// Lines of `lines` that mention `ip` as a whole word.
+fn mentioning(lines: &[String], ip: impl std::fmt::Display) -> Vec<String> {
+    let ip = ip.to_string();
+    lines
+        .iter()
+        .filter(|l| l.split(' ').any(|w| w == ip))
+        .cloned()
+        .collect()
+}
+
+/// Addresses of `family` in a CNI result.
+fn result_ip(result: &serde_json::Value, ipv6: bool) -> Result<IpAddr> {
+    result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
+        .find(|ip: &IpAddr| ip.is_ipv6() == ipv6)
+        .with_context(|| {
+            format!(
+                "no {} address in {result}",
+                if ipv6 { "IPv6" } else { "IPv4" }
+            )
+        })
+}
+
+#[test]
+#[allow(clippy::too_many_lines)] // one scenario, step by step
+fn dual_stack_pods_of_the_shipped_chain_are_routed_in_both_families() -> Result<()> {
+    if !cni::ready() {
+        return Ok(());
+    }
+    let topo = Topology::builder().name("rt6cni").pods(0).build()?;
+    let node = topo.node();
+    let agent = Agent::start_with(
+        node,
+        &[],
+        &["--node-cidr", "10.244.9.0/24,fd00:244:9::/120"],
+    )?;
+    let env = CniEnv::new()?;
+    let list = env.ptp_chain("podnet-ptp", &agent.socket())?;
+    let pods = [Netns::new("rt6cnipod")?, Netns::new("rt6cnipod")?];
+    let atts: Vec<Attachment> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| Attachment::pod(&format!("ctr6{i}"), ns, "shop", &format!("cart-{i}")))
+        .collect();
+    let mut addrs = Vec::new();
+    for att in &atts {
+        let result = env.run(node, "ADD", &list, att, None)?.json()?;
+        addrs.push((result_ip(&result, false)?, result_ip(&result, true)?));
+    }
+    assert_eq!(
+        addrs,
+        [
+            ("10.244.9.2".parse()?, "fd00:244:9::2".parse()?),
+            ("10.244.9.3".parse()?, "fd00:244:9::3".parse()?)
+        ]
+    );
+    let endpoints = agent.api("endpoint.list", serde_json::Value::Null)?;
+    let host_if = |container: &str| -> Result<String> {
+        endpoints
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["containerId"] == container)
+            .and_then(|e| e["interface"].as_str())
+            .map(str::to_owned)
+            .with_context(|| format!("no endpoint {container}: {endpoints}"))
+    };
+    let ifs = [host_if("ctr60")?, host_if("ctr61")?];
+    // One host route per pod and family, which ptp installed first: podnet
+    // finds them forwarding as it wants (`provided`), nothing to add.
+    agent.wait_routes_converged(2 * 2)?;
+    for ((v4, v6), ifname) in addrs.iter().zip(&ifs) {
+        let main4 = ip_lines(node, Family::V4, &["route", "show", "table", "main"])?;
+        assert_eq!(
+            mentioning(&main4, v4),
+            [format!("{v4} dev {ifname} scope host")]
+        );
+        let main6 = ip_lines(node, Family::V6, &["route", "show", "table", "main"])?;
+        assert_eq!(
+            mentioning(&main6, v6),
+            [format!("{v6} dev {ifname} metric 1024 pref medium")]
+        );
+    }
+    let view = agent.podnetctl(&["routes"])?;
+    let v6_line = format!("{} dev {} table main", addrs[0].1, ifs[0]);
+    assert!(
+        view.lines()
+            .any(|l| l.contains("provided") && l.contains(&v6_line)),
+        "{view}"
+    );
+
+    // The IPv6 host route deleted by hand: podnet installs its own.
+    let (pod0_v6, pod1_v6) = (addrs[0].1.to_string(), addrs[1].1.to_string());
+    node.run_ok(&["ip", "-6", "route", "del", &pod0_v6, "dev", &ifs[0]])?;
+    let ours = format!("{pod0_v6} dev {} proto 176 metric 1024 pref medium", ifs[0]);
+    let back = wait_for(
+        || {
+            ip_lines(node, Family::V6, &["route", "show", "table", "main"])
+                .is_ok_and(|l| mentioning(&l, &pod0_v6) == [ours.clone()])
+        },
+        Duration::from_secs(1),
+    );
+    assert!(back, "no `{ours}`: {}", agent.log());
+    let m = agent.metrics(node)?;
+    assert_eq!(
+        m.count("podnet_route_repairs_total", &[("kind", "route")]),
+        1
+    );
+
+    // IPv6 both ways between the pods, every echo forwarded by the node.
+    node.run_ok(&[
+        "ip6tables",
+        "-w",
+        "-I",
+        "FORWARD",
+        "-m",
+        "comment",
+        "--comment",
+        COUNT_COMMENT,
+    ])?;
+    for (from, to) in [(&pods[0], &pod1_v6), (&pods[1], &pod0_v6)] {
+        let before = forward6_rule_packets(node, COUNT_COMMENT)?;
+        assert_eq!(ping(from, to.parse::<IpAddr>()?, PINGS)?, PINGS, "to {to}");
+        // Each echo request and its reply cross the node.
+        assert_eq!(
+            forward6_rule_packets(node, COUNT_COMMENT)? - before,
+            2 * u64::from(PINGS),
+            "to {to}"
+        );
+    }
+
+    // A pod deleted through the chain takes its routes of both families.
+    env.run(node, "DEL", &list, &atts[1], None)?;
+    agent.wait_routes_converged(2)?;
+    let main4 = ip_lines(node, Family::V4, &["route", "show", "table", "main"])?;
+    let main6 = ip_lines(node, Family::V6, &["route", "show", "table", "main"])?;
+    assert_eq!(mentioning(&main4, addrs[1].0), Vec::<String>::new());
+    assert_eq!(mentioning(&main6, &pod1_v6), Vec::<String>::new());
+    assert_eq!(mentioning(&main6, &pod0_v6), std::slice::from_ref(&ours));
+    env.run(node, "DEL", &list, &atts[0], None)?;
+    agent.wait_routes_converged(0)?;
+    let podnets = ip_lines(node, Family::V6, &["route", "show", "proto", "176"])?;
+    assert_eq!(podnets, Vec::<String>::new());
+    Ok(())
+}
+
+/// The dual-stack VPC's pods' IPv6 rules, ENI tables and proxy entries, as
+/// `ip -6` prints them.
+fn ipv6_state(vpc: &Vpc) -> Result<(Vec<String>, Vec<String>, Vec<String>)> {
+    let node = vpc.node();
+    let rules = ip_lines(node, Family::V6, &["rule", "show"])?;
+    let mut tables = Vec::new();
+    for eni in vpc.enis() {
+        let table = eni.table().to_string();
+        let mut lines = ip_lines(node, Family::V6, &["route", "show", "table", &table])?;
+        lines.sort();
+        tables.extend(lines.into_iter().map(|l| format!("{table}: {l}")));
+    }
+    let mut proxies = ip_lines(node, Family::V6, &["neigh", "show", "proxy"])?;
+    proxies.sort();
+    Ok((rules, tables, proxies))
+}
+
+#[test]
+#[allow(clippy::too_many_lines)] // one scenario, step by step
+fn ipv6_pods_get_rules_proxy_ndp_and_eni_tables_and_leave_by_their_eni() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let vpc = Vpc::builder().name("rt6eni").ipv6(true).build()?;
+    let node = vpc.node();
+    let enis = EnisFile::write(&vpc)?;
+    let mut agent = start(&vpc, &enis, &[])?;
+    let p: Vec<String> = vpc
+        .pods()
+        .iter()
+        .map(|p| Family::V6.pod_ip(p).to_string())
+        .collect();
+    let (rules, tables, proxies) = ipv6_state(&vpc)?;
+    assert_eq!(
+        rules,
+        [
+            "0: from all lookup local".to_owned(),
+            format!("512: from all to {} lookup main proto 176", p[0]),
+            format!("512: from all to {} lookup main proto 176", p[1]),
+            format!("1536: from {} lookup 101 proto 176", p[0]),
+            format!("1536: from {} lookup 102 proto 176", p[1]),
+            "32766: from all lookup main".to_owned(),
+        ]
+    );
+    assert_eq!(
+        tables,
+        [
+            "101: default via fd00:10:0:1::1 dev eni1 proto 176 metric 1024 pref medium",
+            "101: fd00:10:0:1::/64 dev eni1 proto 176 metric 1024 pref medium",
+            "102: default via fd00:10:0:2::1 dev eni2 proto 176 metric 1024 pref medium",
+            "102: fd00:10:0:2::/64 dev eni2 proto 176 metric 1024 pref medium",
+        ]
+    );
+    assert_eq!(
+        proxies,
+        [
+            format!("{} dev eni1 proxy proto 176", p[0]),
+            format!("{} dev eni2 proxy proto 176", p[1])
+        ]
+    );
+    let main6 = ip_lines(node, Family::V6, &["route", "show", "table", "main"])?;
+    for (pod, ip) in vpc.pods().iter().zip(&p) {
+        assert_eq!(
+            mentioning(&main6, ip),
+            [format!(
+                "{ip} dev {} proto 176 metric 1024 pref medium",
+                pod.host_if()
+            )]
+        );
+    }
+    // The proxy entries answer only with proxy NDP on, which podnet set.
+    for ifname in ["all", "eni1", "eni2"] {
+        let path = format!("net.ipv6.conf.{ifname}.proxy_ndp");
+        let out = node.run_ok(&["sysctl", "-n", &path])?;
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1", "{path}");
+    }
+
+    // Each pod's IPv6 packets leave by its own ENI only.
+    warm_up_family(&vpc, Family::V6)?;
+    for pod in vpc.pods() {
+        let before = [
+            link_packets(node, "eni1")?.tx,
+            link_packets(node, "eni2")?.tx,
+        ];
+        assert_eq!(ping(pod.netns(), REMOTE6, PINGS)?, PINGS);
+        let after = [
+            link_packets(node, "eni1")?.tx,
+            link_packets(node, "eni2")?.tx,
+        ];
+        let mut expected = [0, 0];
+        expected[pod.eni()] = u64::from(PINGS);
+        assert_eq!(
+            [after[0] - before[0], after[1] - before[1]],
+            expected,
+            "pod {} must leave by eni{} only",
+            Family::V6.pod_ip(pod),
+            pod.eni() + 1
+        );
+    }
+    let view = agent.podnetctl(&["routes"])?;
+    for want in [
+        format!("1536: from {} lookup 101", p[0]),
+        format!("proxy {} dev eni1", p[0]),
+        "default via fd00:10:0:1::1 dev eni1 table 101".to_owned(),
+    ] {
+        assert!(view.contains(&want), "no `{want}`: {view}");
+    }
+
+    // A pod goes: exactly its IPv6 rules, proxy entry and host route go.
+    let mut endpoints = vpc.endpoints();
+    endpoints.pop();
+    std::fs::write(agent.endpoints_file(), endpoints_yaml(&endpoints))?;
+    agent.wait_routes_converged((PER_ENI * 2 + PER_POD) * 2)?;
+    let (rules_after, tables_after, proxies_after) = ipv6_state(&vpc)?;
+    let without_pod1 = |lines: &[String]| -> Vec<String> {
+        lines
+            .iter()
+            .filter(|l| mentioning(&[(*l).clone()], &p[1]).is_empty())
+            .cloned()
+            .collect()
+    };
+    assert_eq!(rules_after, without_pod1(&rules));
+    assert_eq!(rules_after.len(), rules.len() - 2);
+    assert_eq!(tables_after, tables);
+    assert_eq!(
+        proxies_after,
+        [format!("{} dev eni1 proxy proto 176", p[0])]
+    );
+    let main6 = ip_lines(node, Family::V6, &["route", "show", "table", "main"])?;
+    assert_eq!(mentioning(&main6, &p[1]), Vec::<String>::new());
+    assert_eq!(mentioning(&main6, &p[0]).len(), 1);
+    let m = agent.metrics(node)?;
+    assert_eq!(
+        m.count("podnet_route_reconciles_total", &[("result", "error")]),
+        0
+    );
+    agent.stop()?;
+    Ok(())
+}
+
+#[test]
+#[allow(clippy::too_many_lines)] // one scenario, step by step
+fn fast_path_steers_ipv6_past_netfilter_and_conntrack() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let vpc = Vpc::builder().name("rt6fast").ipv6(true).build()?;
+    let enis = EnisFile::write(&vpc)?;
+    let agent = start(&vpc, &enis, &["--fast-path"])?;
+    let pod = &vpc.pods()[0];
+    let pod_ip = Family::V6.pod_ip(pod);
+    add_counting_rules(vpc.node(), pod_ip)?;
+    warm_up_family(&vpc, Family::V6)?;
+    let n = u64::from(PINGS);
+
+    flush_flows(vpc.node(), pod_ip)?;
+    let ipv4_counts =
+        |m: &Metrics| ["egress", "ingress"].map(|dir| steer(m, "ipv4", dir, "redirected"));
+    let before4 = ipv4_counts(&agent.metrics(vpc.node())?);
+    let before = snapshot(&vpc, &agent, Family::V6)?;
+    assert_eq!(ping(pod.netns(), REMOTE6, PINGS)?, PINGS);
+    let after = snapshot(&vpc, &agent, Family::V6)?;
+    let after4 = ipv4_counts(&agent.metrics(vpc.node())?);
+    assert_eq!(
+        after.egress_redirected - before.egress_redirected,
+        n,
+        "{before:?} {after:?}"
+    );
+    assert_eq!(
+        after.ingress_redirected - before.ingress_redirected,
+        n,
+        "{before:?} {after:?}"
+    );
+    // IPv4's counters did not move.
+    assert_eq!(after4, before4);
+    assert_eq!(after.forward, before.forward, "FORWARD saw steered packets");
+    assert_eq!(after.nat, before.nat, "nat saw steered packets");
+    assert_eq!(
+        (before.conntrack_flows, after.conntrack_flows),
+        (0, 0),
+        "conntrack saw steered packets"
+    );
+    assert_eq!(
+        (
+            after.eni1_tx - before.eni1_tx,
+            after.eni2_tx - before.eni2_tx
+        ),
+        (n, 0)
+    );
+
+    let server = udp_echo_server(vpc.vpc(), SocketAddr::from((REMOTE6, 7007)))?;
+    let src = SocketAddr::from((pod_ip, 40100));
+    let dst = server.addr();
+    // One round trip first: the first datagram of the flow is ordinary traffic.
+    assert_eq!(udp_ping_pong(pod.netns(), src, dst, 1)?, 1);
+    flush_flows(vpc.node(), pod_ip)?;
+    let before = snapshot(&vpc, &agent, Family::V6)?;
+    assert_eq!(udp_ping_pong(pod.netns(), src, dst, PINGS)?, PINGS);
+    let after = snapshot(&vpc, &agent, Family::V6)?;
+    assert_eq!(server.stop(), n + 1);
+    assert_eq!(after.egress_redirected - before.egress_redirected, n);
+    assert_eq!(after.ingress_redirected - before.ingress_redirected, n);
+    assert_eq!(after.forward, before.forward);
+    assert_eq!(after.nat, before.nat);
+    assert_eq!((before.conntrack_flows, after.conntrack_flows), (0, 0));
+    assert_eq!(after.eni1_tx - before.eni1_tx, n);
+
+    // DNS is never steered.
+    let dns = udp_echo_server(vpc.vpc(), SocketAddr::from((REMOTE6, 53)))?;
+    let before = snapshot(&vpc, &agent, Family::V6)?;
+    assert_eq!(
+        udp_ping_pong(
+            pod.netns(),
+            SocketAddr::from((pod_ip, 40200)),
+            dns.addr(),
+            10
+        )?,
+        10
+    );
+    let after = snapshot(&vpc, &agent, Family::V6)?;
+    assert_eq!(dns.stop(), 10);
+    assert_eq!(after.egress_redirected, before.egress_redirected);
+    assert_eq!(after.ingress_redirected, before.ingress_redirected);
+    assert_eq!(after.forward - before.forward, 10);
+
+    // Extension headers are the kernel's: it forwards each datagram (the
+    // FORWARD rule counts it) and the program counts it; the echoes, which
+    // carry none, are steered.
+    let server = udp_echo_server(vpc.vpc(), SocketAddr::from((REMOTE6, 7008)))?;
+    let src = SocketAddr::from((pod_ip, 40300));
+    let before_ext = steer(
+        &agent.metrics(vpc.node())?,
+        "ipv6",
+        "egress",
+        "extension_headers",
+    );
+    let before = snapshot(&vpc, &agent, Family::V6)?;
+    assert_eq!(
+        udp_ping_pong_with_extension_header(pod.netns(), src, server.addr(), PINGS)?,
+        PINGS
+    );
+    let after = snapshot(&vpc, &agent, Family::V6)?;
+    let after_ext = steer(
+        &agent.metrics(vpc.node())?,
+        "ipv6",
+        "egress",
+        "extension_headers",
+    );
+    assert_eq!(server.stop(), n);
+    assert_eq!(after_ext - before_ext, n);
+    assert_eq!(after.forward - before.forward, n);
+    assert_eq!(after.egress_redirected, before.egress_redirected);
+    assert_eq!(after.ingress_redirected - before.ingress_redirected, n);
+    assert_eq!(after.eni1_tx - before.eni1_tx, n);
+
+    // Neighbour discovery stays the kernel's: the gateway forgets the pod,
+    // solicits it again, and the node's proxy entry answers; every echo
+    // still comes back.
+    vpc.vpc()
+        .run_ok(&["ip", "-6", "neigh", "flush", "dev", "gw1"])?;
+    let before = snapshot(&vpc, &agent, Family::V6)?;
+    assert_eq!(ping(pod.netns(), REMOTE6, PINGS)?, PINGS);
+    let after = snapshot(&vpc, &agent, Family::V6)?;
+    assert_eq!(after.egress_redirected - before.egress_redirected, n);
+    assert_eq!(after.ingress_redirected - before.ingress_redirected, n);
+
+    let m = agent.metrics(vpc.node())?;
+    assert_eq!(steer(&m, "ipv6", "egress", "fib_miss"), 0);
+    assert_eq!(steer(&m, "ipv6", "egress", "redirect_failed"), 0);
+    assert_eq!(steer(&m, "ipv6", "ingress", "redirect_failed"), 0);
+    assert_eq!(steer(&m, "ipv6", "egress", "extension_headers"), n);
+    assert_eq!(steer(&m, "ipv6", "ingress", "extension_headers"), 0);
     Ok(())
 }

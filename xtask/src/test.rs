@@ -15,7 +15,7 @@ pub struct TestArgs {
     /// Test threads per test binary (ignored if the extra arguments set --test-threads).
     #[arg(long, default_value_t = DEFAULT_TEST_THREADS)]
     test_threads: usize,
-    /// Skip the distribution-kernel smoke run (Debian 6.1 under qemu) after the host suite.
+    /// Skip the distribution-kernel smoke runs (Debian 6.1 under qemu) after the host suite.
     #[arg(long)]
     no_kernel_smoke: bool,
     /// Skip the end-to-end suite on the Kubernetes cluster of `cargo xtask cluster up`.
@@ -46,11 +46,11 @@ pub fn run(args: &TestArgs) -> Result<()> {
         println!("kernel smoke run skipped (--no-kernel-smoke)");
         return Ok(());
     }
-    println!(
-        "kernel smoke run: cargo xtask vm-test {}",
-        KERNEL_SMOKE_ARGS.join(" ")
-    );
-    vmtest::run(&vmtest::VmTestArgs::parse_from(KERNEL_SMOKE_ARGS)?)
+    for smoke in KERNEL_SMOKE_RUNS {
+        println!("kernel smoke run: cargo xtask vm-test {}", smoke.join(" "));
+        vmtest::run(&vmtest::VmTestArgs::parse_from(smoke)?)?;
+    }
+    Ok(())
 }
 
 /// The end-to-end suites (tests/tests/cluster*.rs), in the order they run on one cluster.
@@ -97,13 +97,16 @@ fn run_cluster_suite() -> Result<()> {
     suite.and(down)
 }
 
-/// The `cargo xtask vm-test` run after the host suite: two tests of the
-/// conntrack suite on Debian's 6.1 kernel with the default race hook. The
+/// The `cargo xtask vm-test` runs after the host suite, on Debian's 6.1
+/// kernel; the whole matrix (over an hour) does not fit the test command's
+/// budget.
+const KERNEL_SMOKE_RUNS: &[&[&str]] = &[KERNEL_SMOKE_ARGS, KERNEL_SMOKE_IPV6_ARGS];
+
+/// Two tests of the conntrack suite with the default race hook. The
 /// host kernel has no kprobes, so this is where `auto` takes the confirm
 /// kretprobe, and where `sk_buff`/`nf_conn` offsets come from another
 /// kernel's BTF (conntrack a module). Exact race counts, and the hook
-/// reported and forced both ways: about 3 minutes under emulation; the whole
-/// matrix (over an hour) does not fit the test command's budget.
+/// reported and forced both ways: about 3 minutes under emulation.
 const KERNEL_SMOKE_ARGS: &[&str] = &[
     "--kernel",
     "6.1",
@@ -115,6 +118,18 @@ const KERNEL_SMOKE_ARGS: &[&str] = &[
     "deterministic_udp_races_are_attributed_exactly",
     "--test",
     "race_hook_is_reported_and_probe_needs_kprobes",
+];
+
+/// The IPv6 fast path where it differs most from the host: the 6.1
+/// verifier, classic tc filters (no tcx) and `bpf_fib_lookup` through the
+/// policy rules (no `BPF_FIB_LOOKUP_TBID`).
+const KERNEL_SMOKE_IPV6_ARGS: &[&str] = &[
+    "--kernel",
+    "6.1",
+    "--suite",
+    "routing",
+    "--test",
+    "fast_path_steers_ipv6_past_netfilter_and_conntrack",
 ];
 
 fn test_command(args: &TestArgs) -> std::process::Command {
@@ -194,6 +209,11 @@ mod tests {
         assert_eq!(smoke.hooks, ["auto"]);
         assert_eq!(smoke.tests.len(), 2);
         assert_eq!((smoke.memory.as_str(), smoke.cpus), ("2G", 2));
+        let ipv6 = vmtest::VmTestArgs::parse_from(KERNEL_SMOKE_IPV6_ARGS).unwrap();
+        assert_eq!(ipv6.kernel, vmtest::Kernel::V6_1);
+        assert_eq!(ipv6.suites, ["routing"]);
+        assert_eq!(ipv6.tests.len(), 1);
+        assert_eq!(KERNEL_SMOKE_RUNS.len(), 2);
     }
 
     #[test]

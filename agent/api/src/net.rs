@@ -89,6 +89,12 @@ impl Cidr {
         len: 0,
     };
 
+    /// `::/0`, the destination of the IPv6 default route.
+    pub const ANY_V6: Cidr = Cidr {
+        network: IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        len: 0,
+    };
+
     /// The prefix of `len` bits that holds `ip`, host bits cleared (the
     /// kernel reports rules and routes as they were written).
     pub fn containing(ip: IpAddr, len: u8) -> Result<Self, CidrError> {

@@ -388,18 +388,18 @@ mod tests {
         assert_eq!((c.routing.fast_path, c.routing.snat), (true, Some(true)));
         assert_eq!(c.routing.service_cidrs[0].to_string(), "10.96.0.0/12");
         assert!(AgentArgs::try_parse_from(["podnet-agent", "--vpc-cidrs", "10.0.0.0"]).is_err());
-        // One Cidr type for every prefix: host bits are refused, IPv6 is not routed.
+        // One Cidr type for every prefix: host bits are refused, IPv6 is
+        // taken (the fast path steers both families).
         let e = AgentArgs::try_parse_from(["podnet-agent", "--vpc-cidrs", "10.0.1.7/24"])
             .unwrap_err()
             .to_string();
         assert!(e.contains("did you mean 10.0.1.0/24?"), "{e}");
-        let e = AgentConfig::resolve_with(
-            args(&["--service-cidrs", "fd00::/108"]),
+        let c = AgentConfig::resolve_with(
+            args(&["--service-cidrs", "10.96.0.0/12,fd00::/108"]),
             ConfigFile::default(),
         )
-        .unwrap_err()
-        .to_string();
-        assert_eq!(e, "--service-cidrs takes IPv4 prefixes, not fd00::/108");
+        .unwrap();
+        assert_eq!(c.routing.service_cidrs[1].to_string(), "fd00::/108");
     }
 
     #[test]

@@ -1,19 +1,23 @@
 //! The routing state podnet wants, built from the endpoint registry, the
 //! node's ENIs and the links the kernel has.
 //!
-//! For every pod address on a host interface:
-//! - `<pod>/32 dev <host if> scope link proto podnet` in the main table;
+//! For every pod address on a host interface, IPv4 and IPv6 alike:
+//! - `<pod>/32 dev <host if> scope link proto podnet` (IPv6: `<pod>/128 dev
+//!   <host if> proto podnet`; the kernel keeps no scope for IPv6 routes) in
+//!   the main table;
 //! - when an ENI owns the address: `to <pod> lookup main` at
 //!   [`PRIORITY_TO_POD`], `from <pod> lookup <ENI table>` at
-//!   [`PRIORITY_FROM_POD`], and a proxy-ARP entry for the pod on the ENI (so
-//!   the subnet's hosts and gateway resolve the pod to the ENI's MAC).
+//!   [`PRIORITY_FROM_POD`] (rules of the address's family), and a proxy
+//!   entry for the pod on the ENI (proxy ARP, or proxy NDP for IPv6), so the
+//!   subnet's hosts and gateway resolve the pod to the ENI's MAC.
 //!
 //! For every ENI whose link exists: its table holds the subnet route and a
-//! default route via the subnet's gateway, both on the ENI.
+//! default route via the subnet's gateway, both on the ENI; and, when the
+//! ENI has an IPv6 subnet, the same two routes in IPv6.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
+    net::IpAddr,
     ops::RangeInclusive,
 };
 
@@ -52,7 +56,8 @@ pub struct Link {
     pub master: Option<u32>,
 }
 
-/// An IPv4 unicast route (identity: table and destination).
+/// A unicast route of either family (identity: table and destination, whose
+/// family is the route's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Route {
     /// Routing table.
@@ -61,9 +66,10 @@ pub struct Route {
     pub dst: Cidr,
     /// Output interface index.
     pub oif: u32,
-    /// Gateway, for routes via a next hop.
-    pub gateway: Option<Ipv4Addr>,
-    /// `scope link` (directly reachable) rather than `scope global`.
+    /// Gateway, for routes via a next hop (of the destination's family).
+    pub gateway: Option<IpAddr>,
+    /// `scope link` (directly reachable) rather than `scope global`; always
+    /// false for IPv6, whose routes the kernel reports without a scope.
     pub scope_link: bool,
 }
 
@@ -74,7 +80,8 @@ impl Route {
     }
 }
 
-/// An IPv4 policy rule `[from SRC] [to DST] lookup TABLE` at a priority.
+/// A policy rule `[from SRC] [to DST] lookup TABLE` at a priority; its
+/// family is its selectors'.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct Rule {
     /// Priority (`pref`).
@@ -87,20 +94,21 @@ pub struct Rule {
     pub table: u32,
 }
 
-/// A proxy-ARP entry: the node answers ARP for `addr` on `ifindex`.
+/// A proxy entry: the node answers ARP (IPv4) or neighbour solicitations
+/// (IPv6, proxy NDP) for `addr` on `ifindex`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct ProxyNeigh {
     /// Interface the entry answers on.
     pub ifindex: u32,
     /// Address answered for.
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
 }
 
 /// One pod address the fast path may steer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct SteerEntry {
     /// The pod's address.
-    pub pod: Ipv4Addr,
+    pub pod: IpAddr,
     /// The ENI's ifindex.
     pub eni_ifindex: u32,
     /// The ENI's table.
@@ -116,7 +124,7 @@ pub struct Desired {
     pub routes: BTreeSet<Route>,
     /// Policy rules.
     pub rules: BTreeSet<Rule>,
-    /// Proxy-ARP entries.
+    /// Proxy-ARP and proxy-NDP entries.
     pub proxies: BTreeSet<ProxyNeigh>,
     /// Pod addresses for the fast path.
     pub steer: BTreeSet<SteerEntry>,
@@ -135,14 +143,50 @@ pub fn eni_link<'a>(eni: &Eni, links: &'a [Link]) -> Option<&'a Link> {
         .or_else(|| links.iter().find(|l| l.name == eni.name))
 }
 
+/// The routes of an ENI's table on link `oif`: per family it has a subnet
+/// for, the subnet on-link and the default via the subnet's gateway.
+fn eni_routes(eni: &Eni, oif: u32) -> impl Iterator<Item = Route> {
+    let v4 = [
+        Route {
+            table: eni.table,
+            dst: eni.subnet,
+            oif,
+            gateway: None,
+            scope_link: true,
+        },
+        Route {
+            table: eni.table,
+            dst: Cidr::ANY_V4,
+            oif,
+            gateway: Some(IpAddr::V4(eni.gateway)),
+            scope_link: false,
+        },
+    ];
+    let subnet6 = eni.subnet6.map(|subnet| Route {
+        table: eni.table,
+        dst: subnet,
+        oif,
+        gateway: None,
+        scope_link: false,
+    });
+    let default6 = eni.subnet6.and(eni.gateway6).map(|gw| Route {
+        table: eni.table,
+        dst: Cidr::ANY_V6,
+        oif,
+        gateway: Some(IpAddr::V6(gw)),
+        scope_link: false,
+    });
+    v4.into_iter().chain(subnet6).chain(default6)
+}
+
 /// Builds the desired state. Endpoints without a host interface are not
-/// routed by podnet; IPv6 addresses are left to the kernel for now. An address
+/// routed by podnet. An address
 /// two endpoints claim is routed to the first of them only (the other is a
 /// problem): two routes with one destination would replace each other in the
 /// kernel on every pass.
 pub fn build(endpoints: &[Endpoint], enis: &[Eni], links: &[Link]) -> Desired {
     let mut d = Desired::default();
-    let mut owners: BTreeMap<Ipv4Addr, &Endpoint> = BTreeMap::new();
+    let mut owners: BTreeMap<IpAddr, &Endpoint> = BTreeMap::new();
     let mut eni_index = BTreeMap::new();
     for eni in enis {
         let Some(link) = eni_link(eni, links) else {
@@ -154,20 +198,7 @@ pub fn build(endpoints: &[Endpoint], enis: &[Eni], links: &[Link]) -> Desired {
         };
         eni_index.insert(eni.table, link.index);
         d.eni_links.insert(link.name.clone(), link.index);
-        d.routes.insert(Route {
-            table: eni.table,
-            dst: eni.subnet,
-            oif: link.index,
-            gateway: None,
-            scope_link: true,
-        });
-        d.routes.insert(Route {
-            table: eni.table,
-            dst: Cidr::ANY_V4,
-            oif: link.index,
-            gateway: Some(eni.gateway),
-            scope_link: false,
-        });
+        d.routes.extend(eni_routes(eni, link.index));
     }
     for ep in endpoints {
         let Some(ifname) = &ep.interface else {
@@ -185,8 +216,7 @@ pub fn build(endpoints: &[Endpoint], enis: &[Eni], links: &[Link]) -> Desired {
             // host route via the port would send replies past the bridge.
             continue;
         }
-        for ip in &ep.ips {
-            let IpAddr::V4(ip) = *ip else { continue };
+        for &ip in &ep.ips {
             if let Some(owner) = owners.get(&ip) {
                 d.problems.push(format!(
                     "pod {}/{}: {ip} is already routed to {}/{}",
@@ -195,13 +225,13 @@ pub fn build(endpoints: &[Endpoint], enis: &[Eni], links: &[Link]) -> Desired {
                 continue;
             }
             owners.insert(ip, ep);
-            let pod = Cidr::host(IpAddr::V4(ip));
+            let pod = Cidr::host(ip);
             d.routes.insert(Route {
                 table: MAIN_TABLE,
                 dst: pod,
                 oif: host.index,
                 gateway: None,
-                scope_link: true,
+                scope_link: ip.is_ipv4(),
             });
             let Some(eni) = eni_for(enis, ip) else {
                 continue;
@@ -295,18 +325,20 @@ pub(crate) mod tests {
     pub(crate) fn enis() -> Vec<Eni> {
         super::super::eni::parse(
             Path::new("e.yaml"),
-            "- {name: eni1, mac: \"02:00:00:00:01:01\", table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1, ips: [10.0.1.10]}\n\
+            "- {name: eni1, mac: \"02:00:00:00:01:01\", table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1, ips: [10.0.1.10],\n   \
+                subnet6: \"fd00::10.0.1.0/120\", gateway6: \"fe80::1\", ips6: [\"fd00::10.0.1.10\"]}\n\
              - {name: eni2, mac: \"02:00:00:00:02:02\", table: 102, subnet: 10.0.2.0/24, gateway: 10.0.2.1, ips: [10.0.2.10]}\n\
              - {name: eni3, table: 103, subnet: 10.0.3.0/24, gateway: 10.0.3.1}\n",
         )
         .unwrap()
     }
 
+    /// A dual-stack endpoint: `ip` and `fd00::<ip>`.
     pub(crate) fn endpoint(pod: &str, ip: &str, interface: Option<&str>) -> Endpoint {
         Endpoint {
             namespace: "ns".into(),
             pod: pod.into(),
-            ips: vec![ip.parse().unwrap(), "fd00::1".parse().unwrap()],
+            ips: vec![ip.parse().unwrap(), format!("fd00::{ip}").parse().unwrap()],
             interface: interface.map(Into::into),
             container_id: None,
             if_name: None,
@@ -328,8 +360,30 @@ pub(crate) mod tests {
         assert_eq!(d.problems.len(), 2, "{:?}", d.problems);
         assert!(d.problems[0].starts_with("ENI eni3 (table 103)"));
         assert_eq!(d.problems[1], "pod ns/e: host interface gone0 not found");
-        // 2 routes per found ENI + 3 host routes (IPv6 ignored).
-        assert_eq!(d.routes.len(), 7);
+        // 2 routes per found ENI and family (eni1 has IPv6) + 3 host
+        // routes per family.
+        assert_eq!(d.routes.len(), 12);
+        assert!(d.routes.contains(&Route {
+            table: 101,
+            dst: Cidr::ANY_V6,
+            oif: 5,
+            gateway: Some("fe80::1".parse().unwrap()),
+            scope_link: false,
+        }));
+        assert!(d.routes.contains(&Route {
+            table: 101,
+            dst: "fd00::10.0.1.0/120".parse().unwrap(),
+            oif: 5,
+            gateway: None,
+            scope_link: false,
+        }));
+        assert!(d.routes.contains(&Route {
+            table: MAIN_TABLE,
+            dst: "fd00::10.9.0.1/128".parse().unwrap(),
+            oif: 11,
+            gateway: None,
+            scope_link: false,
+        }));
         assert!(d.routes.contains(&Route {
             table: 102,
             dst: "0.0.0.0/0".parse().unwrap(),
@@ -344,16 +398,33 @@ pub(crate) mod tests {
             gateway: None,
             scope_link: true,
         }));
-        // Rules and proxies only for the two ENI-owned pods.
-        assert_eq!(d.rules.len(), 4);
+        // Rules and proxies only for the ENI-owned addresses: both of pod a
+        // (eni1 has IPv6), pod b's IPv4 one (eni2 has no IPv6).
+        assert_eq!(d.rules.len(), 6);
+        assert!(d.rules.contains(&Rule {
+            priority: PRIORITY_FROM_POD,
+            src: Some("fd00::10.0.1.10/128".parse().unwrap()),
+            dst: None,
+            table: 101
+        }));
+        assert!(d.rules.contains(&Rule {
+            priority: PRIORITY_TO_POD,
+            src: None,
+            dst: Some("fd00::10.0.1.10/128".parse().unwrap()),
+            table: MAIN_TABLE
+        }));
+        assert!(d.proxies.contains(&ProxyNeigh {
+            ifindex: 5,
+            addr: "fd00::10.0.1.10".parse().unwrap(),
+        }));
         assert!(d.rules.contains(&Rule {
             priority: PRIORITY_FROM_POD,
             src: Some("10.0.2.10/32".parse().unwrap()),
             dst: None,
             table: 102
         }));
-        assert_eq!(d.proxies.len(), 2);
-        assert_eq!(d.steer.len(), 2);
+        assert_eq!(d.proxies.len(), 3);
+        assert_eq!(d.steer.len(), 3);
         assert_eq!(d.pod_links.len(), 2);
     }
 
@@ -370,12 +441,21 @@ pub(crate) mod tests {
             .filter(|r| r.table == MAIN_TABLE)
             .map(|r| (r.dst, r.oif))
             .collect();
-        assert_eq!(host_routes, [("10.0.1.10/32".parse().unwrap(), 10)]);
-        assert_eq!(d.steer.len(), 1);
-        assert_eq!(d.steer.first().map(|s| s.host_ifindex), Some(10));
         assert_eq!(
-            d.problems.last().map(String::as_str),
-            Some("pod ns/second: 10.0.1.10 is already routed to ns/first")
+            host_routes,
+            [
+                ("10.0.1.10/32".parse().unwrap(), 10),
+                ("fd00::10.0.1.10/128".parse().unwrap(), 10)
+            ]
+        );
+        assert_eq!(d.steer.len(), 2);
+        assert!(d.steer.iter().all(|s| s.host_ifindex == 10));
+        assert_eq!(
+            d.problems[1..],
+            [
+                "pod ns/second: 10.0.1.10 is already routed to ns/first",
+                "pod ns/second: fd00::a00:10a is already routed to ns/first"
+            ]
         );
     }
 }

@@ -9,10 +9,14 @@
 //! - {name: eth1, mac: "02:00:00:00:01:01", table: 101, subnet: 10.0.1.0/24,
 //!    gateway: 10.0.1.1, ips: [10.0.1.10, 10.0.1.11]}
 //! ```
+//!
+//! An ENI may also carry IPv6 (all optional, so IPv4-only descriptions keep
+//! working): `subnet6`, `gateway6` (an address of `subnet6`, or the VPC
+//! router's link-local address) and `ips6`, the IPv6 addresses given to pods.
 
 use std::{
     collections::HashSet,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::{Arc, PoisonError, RwLock},
     time::SystemTime,
@@ -43,22 +47,77 @@ pub struct Eni {
     /// Secondary addresses given to pods on this ENI.
     #[serde(default)]
     pub ips: Vec<Ipv4Addr>,
+    /// The ENI's IPv6 subnet, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnet6: Option<Cidr>,
+    /// The IPv6 subnet's gateway (the VPC router), for the IPv6 default
+    /// route of the ENI's table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<Ipv6Addr>,
+    /// IPv6 addresses given to pods on this ENI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips6: Vec<Ipv6Addr>,
 }
 
 impl Eni {
+    /// Whether the pod address `ip` is one of this ENI's addresses for pods.
+    pub fn holds(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => self.ips.contains(&v4),
+            IpAddr::V6(v6) => self.ips6.contains(&v6),
+        }
+    }
+
+    /// Whether `ip` lies in the ENI's subnet of its family.
+    pub fn in_subnet(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(_) => self.subnet.contains(ip),
+            IpAddr::V6(_) => self.subnet6.is_some_and(|s| s.contains(ip)),
+        }
+    }
+
     /// Whether the pod address `ip` leaves through this ENI: it is one of
-    /// its secondary addresses, or lies in its subnet.
-    pub fn owns(&self, ip: Ipv4Addr) -> bool {
-        self.ips.contains(&ip) || self.subnet.contains(IpAddr::V4(ip))
+    /// its addresses for pods, or lies in its subnet of that family.
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        self.holds(ip) || self.in_subnet(ip)
     }
 }
 
-/// The ENI whose secondary addresses hold `ip`, else the first whose subnet
-/// holds it.
-pub fn eni_for(enis: &[Eni], ip: Ipv4Addr) -> Option<&Eni> {
+/// The ENI whose addresses for pods hold `ip` (IPv4 or IPv6), else the
+/// first whose subnet of that family holds it.
+pub fn eni_for(enis: &[Eni], ip: IpAddr) -> Option<&Eni> {
     enis.iter()
-        .find(|e| e.ips.contains(&ip))
-        .or_else(|| enis.iter().find(|e| e.subnet.contains(IpAddr::V4(ip))))
+        .find(|e| e.holds(ip))
+        .or_else(|| enis.iter().find(|e| e.in_subnet(ip)))
+}
+
+/// The IPv6 half of an ENI description: `gateway6` and `ips6` need
+/// `subnet6`, and lie in it (a link-local gateway, as the VPC router's
+/// often is, is reachable on any link).
+fn check_ipv6(eni: &Eni) -> Result<(), String> {
+    let Some(subnet6) = eni.subnet6 else {
+        if eni.gateway6.is_some() || !eni.ips6.is_empty() {
+            return Err("`gateway6` and `ips6` need `subnet6`".into());
+        }
+        return Ok(());
+    };
+    if subnet6.network_v4().is_some() {
+        return Err(format!("subnet6 {subnet6} is not an IPv6 prefix"));
+    }
+    if let Some(gw) = eni.gateway6 {
+        let link_local = gw.segments()[0] & 0xffc0 == 0xfe80;
+        if !link_local && !subnet6.contains(IpAddr::V6(gw)) {
+            return Err(format!("gateway6 {gw} is outside subnet6 {subnet6}"));
+        }
+    }
+    if let Some(ip) = eni
+        .ips6
+        .iter()
+        .find(|ip| !subnet6.contains(IpAddr::V6(**ip)))
+    {
+        return Err(format!("address {ip} is outside subnet6 {subnet6}"));
+    }
+    Ok(())
 }
 
 /// Errors reading the ENI description.
@@ -121,6 +180,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Vec<Eni>, EnisFileError> {
         {
             return Err(at(format!("address {ip} is outside subnet {}", eni.subnet)));
         }
+        check_ipv6(eni).map_err(at)?;
     }
     Ok(enis)
 }
@@ -206,10 +266,30 @@ mod tests {
         assert_eq!(enis[0].ips.len(), 2);
         assert_eq!(enis[1].mac, None);
         assert!(enis[1].ips.is_empty());
-        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(eni_for(&enis, ip("10.0.1.11")).unwrap().name, "eth1");
         assert_eq!(eni_for(&enis, ip("10.0.2.77")).unwrap().name, "eth2");
         assert!(eni_for(&enis, ip("10.0.3.1")).is_none());
+        assert!(eni_for(&enis, ip("2600:1f18::10")).is_none());
+        assert_eq!(enis[0].subnet6, None);
+    }
+
+    #[test]
+    fn ipv6_fields_are_optional_and_found_by_eni_for() {
+        let text = "\
+- {name: eth1, table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1, ips: [10.0.1.10],
+   subnet6: \"2600:1f18:1::/64\", gateway6: \"fe80::1\", ips6: [\"2600:1f18:1::10\"]}
+- {name: eth2, table: 102, subnet: 10.0.2.0/24, gateway: 10.0.2.1,
+   subnet6: \"2600:1f18:2::/64\", gateway6: \"2600:1f18:2::1\"}
+";
+        let enis = parse(Path::new("e.yaml"), text).unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(eni_for(&enis, ip("2600:1f18:1::10")).unwrap().name, "eth1");
+        assert_eq!(eni_for(&enis, ip("2600:1f18:2::77")).unwrap().name, "eth2");
+        assert!(eni_for(&enis, ip("2600:1f18:3::1")).is_none());
+        // An IPv6 address is never matched against the IPv4 subnet.
+        assert!(!enis[0].owns(ip("::ffff:10.0.1.10")));
+        assert_eq!(enis[1].gateway6, Some("2600:1f18:2::1".parse().unwrap()));
     }
 
     #[test]
@@ -233,6 +313,22 @@ mod tests {
         check(
             "- {name: a, table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1}\n- {name: b, table: 101, subnet: 10.0.2.0/24, gateway: 10.0.2.1}",
             "entry 1 (b): table 101 used twice",
+        );
+        check(
+            "- {name: a, table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1, gateway6: \"fe80::1\"}",
+            "`gateway6` and `ips6` need `subnet6`",
+        );
+        check(
+            "- {name: a, table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1, subnet6: \"fd00:1::/64\", gateway6: \"fd00:2::1\"}",
+            "gateway6 fd00:2::1 is outside subnet6 fd00:1::/64",
+        );
+        check(
+            "- {name: a, table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1, subnet6: \"fd00:1::/64\", ips6: [\"fd00:9::9\"]}",
+            "address fd00:9::9 is outside subnet6",
+        );
+        check(
+            "- {name: a, table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1, subnet6: 10.0.9.0/24}",
+            "subnet6 10.0.9.0/24 is not an IPv6 prefix",
         );
         check(
             "- {name: a, mac: zz, table: 101, subnet: 10.0.1.0/24, gateway: 10.0.1.1}",

@@ -9,7 +9,8 @@
 //! endpoint or ENI change, within milliseconds of a kernel notification that
 //! may mean drift ([`watch`]), and every [`RESYNC_PERIOD`].
 //!
-//! Alongside: SNAT for traffic leaving the VPC ([`snat`]) and, with
+//! Alongside: proxy NDP on ENIs that answer for IPv6 pods ([`proxy_ndp`]),
+//! SNAT for traffic leaving the VPC ([`snat`]) and, with
 //! `--fast-path`, the eBPF fast path ([`steer`]) fed from the same
 //! desired state. Everything runs on one OS thread that stays in the agent's
 //! network namespace. Stopping leaves all of it in place.
@@ -21,6 +22,7 @@ pub mod eni;
 pub(crate) mod fake;
 pub mod netlink;
 pub mod pod_gateway;
+mod proxy_ndp;
 pub mod reconcile;
 pub mod show;
 pub mod snat;
@@ -87,8 +89,8 @@ options! {
         #[arg(long, env = "PODNET_ENIS")]
         pub enis: Option<PathBuf>,
         /// Destinations that are not masqueraded and that the fast path may steer
-        /// to, comma-separated, IPv4 and IPv6 (the fast path steers IPv4)
-        /// [default: the ENIs' subnets].
+        /// to, comma-separated, IPv4 and IPv6 [default: the ENIs' subnets, both
+        /// families].
         #[arg(long, env = "PODNET_VPC_CIDRS", value_delimiter = ',')]
         pub vpc_cidrs: Option<Vec<Cidr>>,
         /// Service CIDRs, comma-separated: the fast path leaves them to the
@@ -107,25 +109,17 @@ options! {
 }
 
 impl RoutingOptions {
-    /// The settings, defaults filled in and the service prefixes checked to
-    /// be IPv4 (the fast path steers IPv4): the fast path pins below `bpffs`
+    /// The settings, defaults filled in: the fast path pins below `bpffs`
     /// and never steers traffic to `dns_ports` (DNS's own setting).
     pub fn settings(
         self,
         bpffs: &std::path::Path,
         dns_ports: &[u16],
     ) -> Result<RoutingSettings, String> {
-        let ipv4 = |flag: &str, cidrs: Option<Vec<Cidr>>| {
-            let cidrs = cidrs.unwrap_or_default();
-            match cidrs.iter().find(|c| c.network_v4().is_none()) {
-                Some(c) => Err(format!("--{flag} takes IPv4 prefixes, not {c}")),
-                None => Ok(cidrs),
-            }
-        };
         Ok(RoutingSettings {
             enis_file: self.enis,
             vpc_cidrs: self.vpc_cidrs.unwrap_or_default(),
-            service_cidrs: ipv4("service-cidrs", self.service_cidrs)?,
+            service_cidrs: self.service_cidrs.unwrap_or_default(),
             snat: self.snat,
             fast_path: self.fast_path.unwrap_or(false),
             bpffs: bpffs.to_owned(),
@@ -374,13 +368,20 @@ impl Subsystem for Routing {
         let mut family = enc.family(
             "podnet_steer_packets_total",
             MetricType::Counter,
-            "Packets seen by the ENI fast path, by direction (egress: pod to ENI, ingress: ENI to pod) and result (redirected past the kernel path; left to it: no_neighbour, fib_miss, passed; or redirect_failed: the redirect helper refused the packet, which is dropped).",
+            "Packets seen by the ENI fast path, by family (ipv4, ipv6), direction (egress: pod to ENI, ingress: ENI to pod) and result (redirected past the kernel path; left to it: no_neighbour, fib_miss, passed, and for IPv6 extension_headers; or redirect_failed: the redirect helper refused the packet, which is dropped).",
         );
         if let Some(steer) = steer.as_ref() {
             match steer.counts() {
                 Ok(counts) => {
-                    for (dir, res, n) in counts.samples() {
-                        family.sample(&[("direction", dir), ("result", res)], n);
+                    for s in counts.samples() {
+                        family.sample(
+                            &[
+                                ("family", s.family),
+                                ("direction", s.direction),
+                                ("result", s.result),
+                            ],
+                            s.packets,
+                        );
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "reading fast path counters failed"),
@@ -506,6 +507,7 @@ impl Loop {
             if changed || periodic {
                 errors.extend(self.sync_snat(&endpoints, &enis));
             }
+            errors.extend(proxy_ndp::enable(&outcome.desired, &outcome.links));
             errors.extend(self.sync_steer(&outcome, &enis, periodic));
             proxies.clone_from(&outcome.desired.proxies);
             if outcome.has_conflicts() {
@@ -538,7 +540,9 @@ impl Loop {
 
     fn vpc_cidrs(&self, enis: &[Eni]) -> Vec<Cidr> {
         if self.config.vpc_cidrs.is_empty() {
-            enis.iter().map(|e| e.subnet).collect()
+            enis.iter()
+                .flat_map(|e| std::iter::once(e.subnet).chain(e.subnet6))
+                .collect()
         } else {
             self.config.vpc_cidrs.clone()
         }
@@ -582,12 +586,7 @@ impl Loop {
     }
 
     fn sync_steer(&mut self, outcome: &Outcome, enis: &[Eni], recheck: bool) -> Vec<String> {
-        // The fast path steers IPv4.
-        let vpc: Vec<Cidr> = self
-            .vpc_cidrs(enis)
-            .into_iter()
-            .filter(|c| c.network_v4().is_some())
-            .collect();
+        let vpc = self.vpc_cidrs(enis);
         let mut steer = self
             .shared
             .steer

@@ -1,12 +1,13 @@
 //! The kernel side of the reconciler: dump links, routes, rules and proxy
-//! entries, and apply changes, over rtnetlink.
+//! entries of both families (IPv4 and IPv6), and apply changes, over
+//! rtnetlink.
 //!
 //! The reconciler sees only the [`Netlink`] trait, so its logic is tested with
 //! a fake; [`RtNetlink`] is the real implementation, tested as root in
 //! `tests/`. Its requests block (no async runtime); it is meant to be owned by
 //! one OS thread, which stays in the agent's network namespace.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use netlink_packet_core::{
     NetlinkMessage, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
@@ -57,11 +58,11 @@ pub enum NetlinkError {
 pub trait Netlink {
     /// Every link.
     fn links(&mut self) -> Result<Vec<Link>, NetlinkError>;
-    /// IPv4 unicast routes of every table.
+    /// IPv4 and IPv6 unicast routes of every table.
     fn routes(&mut self) -> Result<Vec<ObservedRoute>, NetlinkError>;
-    /// IPv4 `lookup` rules.
+    /// IPv4 and IPv6 `lookup` rules.
     fn rules(&mut self) -> Result<Vec<ObservedRule>, NetlinkError>;
-    /// IPv4 proxy-ARP entries.
+    /// Proxy-ARP and proxy-NDP entries.
     fn proxies(&mut self) -> Result<Vec<ObservedProxy>, NetlinkError>;
     /// Applies one change.
     fn apply(&mut self, change: &Change) -> Result<(), NetlinkError>;
@@ -187,46 +188,49 @@ impl Netlink for RtNetlink {
     }
 
     fn routes(&mut self) -> Result<Vec<ObservedRoute>, NetlinkError> {
-        let mut msg = RouteMessage::default();
-        msg.header.address_family = AddressFamily::Inet;
-        let answers = self.dump("dump routes", RouteNetlinkMessage::GetRoute(msg))?;
-        Ok(answers
-            .iter()
-            .filter_map(|m| match m {
+        let mut out = Vec::new();
+        for family in FAMILIES {
+            let mut msg = RouteMessage::default();
+            msg.header.address_family = family;
+            let answers = self.dump("dump routes", RouteNetlinkMessage::GetRoute(msg))?;
+            out.extend(answers.iter().filter_map(|m| match m {
                 RouteNetlinkMessage::NewRoute(r) => parse_route(r),
                 _ => None,
-            })
-            .collect())
+            }));
+        }
+        Ok(out)
     }
 
     fn rules(&mut self) -> Result<Vec<ObservedRule>, NetlinkError> {
-        let mut msg = RuleMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        let answers = self.dump("dump rules", RouteNetlinkMessage::GetRule(msg))?;
-        Ok(answers
-            .iter()
-            .filter_map(|m| match m {
+        let mut out = Vec::new();
+        for family in FAMILIES {
+            let mut msg = RuleMessage::default();
+            msg.header.family = family;
+            let answers = self.dump("dump rules", RouteNetlinkMessage::GetRule(msg))?;
+            out.extend(answers.iter().filter_map(|m| match m {
                 RouteNetlinkMessage::NewRule(r) => parse_rule(r),
                 _ => None,
-            })
-            .collect())
+            }));
+        }
+        Ok(out)
     }
 
     fn proxies(&mut self) -> Result<Vec<ObservedProxy>, NetlinkError> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        msg.header.flags = NeighbourFlags::Proxy;
-        let answers = self.dump(
-            "dump proxy neighbours",
-            RouteNetlinkMessage::GetNeighbour(msg),
-        )?;
-        Ok(answers
-            .iter()
-            .filter_map(|m| match m {
+        let mut out = Vec::new();
+        for family in FAMILIES {
+            let mut msg = NeighbourMessage::default();
+            msg.header.family = family;
+            msg.header.flags = NeighbourFlags::Proxy;
+            let answers = self.dump(
+                "dump proxy neighbours",
+                RouteNetlinkMessage::GetNeighbour(msg),
+            )?;
+            out.extend(answers.iter().filter_map(|m| match m {
                 RouteNetlinkMessage::NewNeighbour(n) => parse_proxy(n),
                 _ => None,
-            })
-            .collect())
+            }));
+        }
+        Ok(out)
     }
 
     fn apply(&mut self, change: &Change) -> Result<(), NetlinkError> {
@@ -281,9 +285,23 @@ fn parse_link(l: &LinkMessage) -> Link {
     link
 }
 
-fn v4(addr: &RouteAddress) -> Option<Ipv4Addr> {
-    match addr {
-        RouteAddress::Inet(a) => Some(*a),
+/// The families podnet manages, in the order they are dumped.
+const FAMILIES: [AddressFamily; 2] = [AddressFamily::Inet, AddressFamily::Inet6];
+
+/// The netlink family of an address.
+fn family_of(ip: IpAddr) -> AddressFamily {
+    if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    }
+}
+
+/// The address of a route attribute, when it is one of `family`.
+fn route_ip(addr: &RouteAddress, family: AddressFamily) -> Option<IpAddr> {
+    match (addr, family) {
+        (RouteAddress::Inet(a), AddressFamily::Inet) => Some(IpAddr::V4(*a)),
+        (RouteAddress::Inet6(a), AddressFamily::Inet6) => Some(IpAddr::V6(*a)),
         _ => None,
     }
 }
@@ -291,18 +309,24 @@ fn v4(addr: &RouteAddress) -> Option<Ipv4Addr> {
 /// A route the reconciler can compare, or `None` for what it never manages
 /// (other families, non-unicast, multipath).
 fn parse_route(r: &RouteMessage) -> Option<ObservedRoute> {
-    if r.header.address_family != AddressFamily::Inet || r.header.kind != RouteType::Unicast {
+    let family = r.header.address_family;
+    let unspecified = match family {
+        AddressFamily::Inet => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+        AddressFamily::Inet6 => IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        _ => return None,
+    };
+    if r.header.kind != RouteType::Unicast {
         return None;
     }
     let mut table = u32::from(r.header.table);
-    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut dst = unspecified;
     let (mut oif, mut gateway) = (0, None);
     for attr in &r.attributes {
         match attr {
             RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(a) => dst = v4(a)?,
+            RouteAttribute::Destination(a) => dst = route_ip(a, family)?,
             RouteAttribute::Oif(i) => oif = *i,
-            RouteAttribute::Gateway(a) => gateway = Some(v4(a)?),
+            RouteAttribute::Gateway(a) => gateway = Some(route_ip(a, family)?),
             RouteAttribute::MultiPath(_) => return None,
             _ => {}
         }
@@ -310,7 +334,7 @@ fn parse_route(r: &RouteMessage) -> Option<ObservedRoute> {
     Some(ObservedRoute {
         route: Route {
             table,
-            dst: Cidr::containing(IpAddr::V4(dst), r.header.destination_prefix_length).ok()?,
+            dst: Cidr::containing(dst, r.header.destination_prefix_length).ok()?,
             oif,
             gateway,
             scope_link: r.header.scope == RouteScope::Link,
@@ -321,7 +345,7 @@ fn parse_route(r: &RouteMessage) -> Option<ObservedRoute> {
 
 fn route_message(r: &Route) -> RouteMessage {
     let mut m = RouteMessage::default();
-    m.header.address_family = AddressFamily::Inet;
+    m.header.address_family = family_of(r.dst.network());
     m.header.destination_prefix_length = r.dst.prefix_len();
     m.header.table = u8::try_from(r.table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
     m.header.protocol = RTPROT_PODNET.into();
@@ -331,15 +355,14 @@ fn route_message(r: &Route) -> RouteMessage {
         RouteScope::Universe
     };
     m.header.kind = RouteType::Unicast;
-    if let Some(dst) = r.dst.network_v4().filter(|_| r.dst.prefix_len() > 0) {
+    if r.dst.prefix_len() > 0 {
         m.attributes
-            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+            .push(RouteAttribute::Destination(r.dst.network().into()));
     }
     m.attributes.push(RouteAttribute::Table(r.table));
     m.attributes.push(RouteAttribute::Oif(r.oif));
     if let Some(gw) = r.gateway {
-        m.attributes
-            .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+        m.attributes.push(RouteAttribute::Gateway(gw.into()));
     }
     m
 }
@@ -347,7 +370,8 @@ fn route_message(r: &Route) -> RouteMessage {
 /// A `lookup` rule with only the selectors podnet uses, or `None` for any
 /// other rule (those never equal a desired rule, so never count as ours).
 fn parse_rule(r: &RuleMessage) -> Option<ObservedRule> {
-    if r.header.family != AddressFamily::Inet || r.header.action != RuleAction::ToTable {
+    let family = r.header.family;
+    if !FAMILIES.contains(&family) || r.header.action != RuleAction::ToTable {
         return None;
     }
     let mut rule = Rule {
@@ -361,11 +385,11 @@ fn parse_rule(r: &RuleMessage) -> Option<ObservedRule> {
         match attr {
             RuleAttribute::Priority(p) => rule.priority = *p,
             RuleAttribute::Table(t) => rule.table = *t,
-            RuleAttribute::Source(IpAddr::V4(a)) => {
-                rule.src = Some(Cidr::containing(IpAddr::V4(*a), r.header.src_len).ok()?);
+            RuleAttribute::Source(a) if family_of(*a) == family => {
+                rule.src = Some(Cidr::containing(*a, r.header.src_len).ok()?);
             }
-            RuleAttribute::Destination(IpAddr::V4(a)) => {
-                rule.dst = Some(Cidr::containing(IpAddr::V4(*a), r.header.dst_len).ok()?);
+            RuleAttribute::Destination(a) if family_of(*a) == family => {
+                rule.dst = Some(Cidr::containing(*a, r.header.dst_len).ok()?);
             }
             RuleAttribute::Protocol(p) => protocol = (*p).into(),
             RuleAttribute::SuppressPrefixLen(_)
@@ -383,7 +407,11 @@ fn parse_rule(r: &RuleMessage) -> Option<ObservedRule> {
 
 fn rule_message(r: &Rule) -> RuleMessage {
     let mut m = RuleMessage::default();
-    m.header.family = AddressFamily::Inet;
+    // podnet's rules always have a selector; it gives the family.
+    m.header.family = r
+        .src
+        .or(r.dst)
+        .map_or(AddressFamily::Inet, |c| family_of(c.network()));
     m.header.action = RuleAction::ToTable;
     m.header.table = u8::try_from(r.table).unwrap_or(0);
     m.attributes.push(RuleAttribute::Priority(r.priority));
@@ -402,14 +430,19 @@ fn rule_message(r: &Rule) -> RuleMessage {
 }
 
 fn parse_proxy(n: &NeighbourMessage) -> Option<ObservedProxy> {
-    if n.header.family != AddressFamily::Inet || !n.header.flags.contains(NeighbourFlags::Proxy) {
+    if !FAMILIES.contains(&n.header.family) || !n.header.flags.contains(NeighbourFlags::Proxy) {
         return None;
     }
     let mut addr = None;
     let mut protocol = 0;
     for attr in &n.attributes {
         match attr {
-            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => addr = Some(*a),
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                addr = Some(IpAddr::V4(*a));
+            }
+            NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                addr = Some(IpAddr::V6(*a));
+            }
             NeighbourAttribute::Protocol(p) => protocol = (*p).into(),
             _ => {}
         }
@@ -425,13 +458,14 @@ fn parse_proxy(n: &NeighbourMessage) -> Option<ObservedProxy> {
 
 fn proxy_message(n: ProxyNeigh) -> NeighbourMessage {
     let mut m = NeighbourMessage::default();
-    m.header.family = AddressFamily::Inet;
+    m.header.family = family_of(n.addr);
     m.header.ifindex = n.ifindex;
     m.header.flags = NeighbourFlags::Proxy;
-    m.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
-            n.addr,
-        )));
+    let addr = match n.addr {
+        IpAddr::V4(a) => NeighbourAddress::Inet(a),
+        IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+    };
+    m.attributes.push(NeighbourAttribute::Destination(addr));
     m.attributes
         .push(NeighbourAttribute::Protocol(RTPROT_PODNET.into()));
     m
@@ -439,6 +473,7 @@ fn proxy_message(n: ProxyNeigh) -> NeighbourMessage {
 
 #[cfg(test)]
 mod tests {
+    use super::super::desired::MAIN_TABLE;
     use super::*;
 
     #[test]
@@ -496,5 +531,43 @@ mod tests {
         };
         let o = parse_proxy(&proxy_message(n)).unwrap();
         assert_eq!((o.proxy, o.protocol), (n, RTPROT_PODNET));
+    }
+
+    #[test]
+    fn ipv6_messages_round_trip_in_their_family() {
+        let default = Route {
+            table: 101,
+            dst: Cidr::ANY_V6,
+            oif: 7,
+            gateway: Some("fe80::1".parse().unwrap()),
+            scope_link: false,
+        };
+        let host = Route {
+            table: MAIN_TABLE,
+            dst: "fd00:10::10/128".parse().unwrap(),
+            gateway: None,
+            ..default
+        };
+        for r in [default, host] {
+            let m = route_message(&r);
+            assert_eq!(m.header.address_family, AddressFamily::Inet6);
+            assert_eq!(parse_route(&m).unwrap().route, r);
+        }
+        let rule = Rule {
+            priority: 512,
+            src: None,
+            dst: Some("fd00:10::10/128".parse().unwrap()),
+            table: MAIN_TABLE,
+        };
+        let m = rule_message(&rule);
+        assert_eq!(m.header.family, AddressFamily::Inet6);
+        assert_eq!(parse_rule(&m).unwrap().rule, rule);
+        let n = ProxyNeigh {
+            ifindex: 4,
+            addr: "fd00:10::10".parse().unwrap(),
+        };
+        let m = proxy_message(n);
+        assert_eq!(m.header.family, AddressFamily::Inet6);
+        assert_eq!(parse_proxy(&m).unwrap().proxy, n);
     }
 }

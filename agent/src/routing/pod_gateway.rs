@@ -43,7 +43,7 @@ pub fn ensure_default_route(
             table: MAIN_TABLE,
             dst: default,
             oif,
-            gateway: Some(gateway),
+            gateway: Some(gateway.into()),
             scope_link: false,
         };
         let present = nl
@@ -52,7 +52,9 @@ pub fn ensure_default_route(
             .into_iter()
             .find(|r| r.route.table == MAIN_TABLE && r.route.dst == default);
         let change = match present {
-            Some(r) if r.route.gateway == Some(gateway) && r.route.oif == oif => return Ok(false),
+            Some(r) if r.route.gateway == Some(gateway.into()) && r.route.oif == oif => {
+                return Ok(false)
+            }
             Some(_) => Change::Replace(Object::Route(route)),
             None => Change::Add(Object::Route(route)),
         };

@@ -208,26 +208,28 @@ mod tests {
         });
         let eps = vec![endpoint("a", "10.0.1.10", Some("vpod0"))];
         let first = r.reconcile(&eps, &enis(), &stats).unwrap();
-        // 2 routes for each of 2 found ENIs, 1 host route, 2 rules, 1 proxy.
-        assert_eq!(first.applied, 8);
+        // 2 routes per family for eni1 (it has IPv6), 2 for eni2; per
+        // family of the pod's addresses: 1 host route, 2 rules, 1 proxy.
+        assert_eq!(first.applied, 4 + 2 + 2 * 4);
         assert_eq!(first.repairs, 0);
         assert!(first.statuses.iter().all(|s| s.state == State::Ok));
 
         let again = r.reconcile(&eps, &enis(), &stats).unwrap();
         assert_eq!((again.applied, again.repairs), (0, 0));
 
-        // Someone deletes a rule and a proxy entry by hand.
+        // Someone deletes a rule and both proxy entries (ARP, NDP) by hand.
         r.netlink().observed.rules.pop();
         r.netlink().observed.proxies.clear();
         let fixed = r.reconcile(&eps, &enis(), &stats).unwrap();
-        assert_eq!((fixed.applied, fixed.repairs), (2, 2));
+        assert_eq!((fixed.applied, fixed.repairs), (3, 3));
         assert_eq!(stats.repairs(Kind::Rule), 1);
-        assert_eq!(stats.repairs(Kind::Neigh), 1);
+        assert_eq!(stats.repairs(Kind::Neigh), 2);
         assert_eq!(stats.repairs(Kind::Route), 0);
 
-        // The pod goes: its objects are deleted, which is no repair.
+        // The pod goes: its objects of both families are deleted, which is
+        // no repair.
         let gone = r.reconcile(&[], &enis(), &stats).unwrap();
-        assert_eq!((gone.applied, gone.repairs), (4, 0));
+        assert_eq!((gone.applied, gone.repairs), (2 * 4, 0));
         assert_eq!(stats.success.load(Ordering::Relaxed), 4);
         assert_eq!(stats.error.load(Ordering::Relaxed), 0);
     }
@@ -245,7 +247,7 @@ mod tests {
         r.netlink().deletes_race_link_removal = true;
         let gone = r.reconcile(&[], &enis(), &stats).unwrap();
         assert_eq!(gone.errors, Vec::<String>::new());
-        assert_eq!(gone.applied, 4);
+        assert_eq!(gone.applied, 2 * 4);
         assert!(r
             .netlink()
             .observed
@@ -297,14 +299,14 @@ mod tests {
         });
         let eps = vec![endpoint("a", "10.0.1.10", Some("vpod0"))];
         let o = r.reconcile(&eps, &enis(), &stats).unwrap();
-        assert_eq!(o.errors.len(), 2);
-        assert_eq!(o.applied, 6);
+        assert_eq!(o.errors.len(), 4);
+        assert_eq!(o.applied, 10);
         let missing = o
             .statuses
             .iter()
             .filter(|s| s.state == State::Missing)
             .count();
-        assert_eq!(missing, 2);
+        assert_eq!(missing, 4);
         assert_eq!(stats.error.load(Ordering::Relaxed), 1);
     }
 

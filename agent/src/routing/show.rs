@@ -6,6 +6,7 @@ use std::{collections::HashMap, fmt::Write as _};
 use serde::{Deserialize, Serialize};
 
 use super::{
+    super::net::Cidr,
     desired::{Link, ProxyNeigh, Route, Rule, MAIN_TABLE},
     diff::{Object, State, Status},
 };
@@ -76,10 +77,8 @@ impl Names {
     fn route(&self, r: &Route) -> String {
         let mut s = if r.dst.prefix_len() == 0 {
             "default".to_owned()
-        } else if r.dst.prefix_len() == 32 {
-            r.dst.network().to_string()
         } else {
-            r.dst.to_string()
+            host_or_prefix(&r.dst)
         };
         if let Some(gw) = r.gateway {
             let _ = write!(s, " via {gw}");
@@ -94,18 +93,11 @@ impl Names {
 
     fn rule(r: &Rule) -> String {
         let mut s = format!("{}:", r.priority);
-        let host = |c: &crate::net::Cidr| {
-            if c.prefix_len() == 32 {
-                c.network().to_string()
-            } else {
-                c.to_string()
-            }
-        };
         if let Some(src) = &r.src {
-            let _ = write!(s, " from {}", host(src));
+            let _ = write!(s, " from {}", host_or_prefix(src));
         }
         if let Some(dst) = &r.dst {
-            let _ = write!(s, " to {}", host(dst));
+            let _ = write!(s, " to {}", host_or_prefix(dst));
         }
         let _ = write!(s, " lookup {}", Self::table(r.table));
         s
@@ -113,6 +105,16 @@ impl Names {
 
     fn proxy(&self, n: ProxyNeigh) -> String {
         format!("proxy {} dev {}", n.addr, self.dev(n.ifindex))
+    }
+}
+
+/// A one-address prefix (`/32`, `/128`) as its address, as `ip` prints it;
+/// any other as `address/length`.
+fn host_or_prefix(c: &Cidr) -> String {
+    if *c == Cidr::host(c.network()) {
+        c.network().to_string()
+    } else {
+        c.to_string()
     }
 }
 
@@ -233,13 +235,19 @@ mod tests {
         let expected = "\
 KIND   STATE    DESIRED                                     ACTUAL
 rule   missing  512: to 10.0.1.10 lookup main               -
+rule   missing  512: to fd00::a00:10a lookup main           -
 rule   missing  1536: from 10.0.1.10 lookup 101             -
+rule   missing  1536: from fd00::a00:10a lookup 101         -
 route  missing  default via 10.0.1.1 dev eni1 table 101     -
 route  missing  10.0.1.0/24 dev eni1 scope link table 101   -
+route  missing  default via fe80::1 dev eni1 table 101      -
+route  missing  fd00::a00:100/120 dev eni1 table 101        -
 route  missing  default via 10.0.2.1 dev renamed table 102  -
 route  missing  10.0.2.0/24 dev renamed scope link table 102  -
 route  missing  10.0.1.10 dev vpod0 scope link table main   -
+route  missing  fd00::a00:10a dev vpod0 table main          -
 neigh  missing  proxy 10.0.1.10 dev eni1                    -
+neigh  missing  proxy fd00::a00:10a dev eni1                -
 snat: on  fast-path: off
 ";
         // Column widths follow the longest cell.

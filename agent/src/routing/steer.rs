@@ -15,7 +15,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
 };
 
@@ -29,8 +29,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use podnet_common::steer::{
-    action, counter_index, direction, fib, maps as m, result, DestAddr, PodRoute, SteerConfig,
-    CONFIG_GLOBAL, COUNTERS, ENI_PROGRAM, POD_PROGRAM,
+    action, counter_index, counter_index6, direction, fib, maps as m, result, DestAddr, DestAddr6,
+    PodAddr6, PodRoute, SteerConfig, CONFIG_GLOBAL, COUNTERS, ENI_PROGRAM, POD_PROGRAM,
 };
 use serde::Serialize;
 
@@ -63,33 +63,61 @@ fn pin_ifname(pin: &str) -> Option<String> {
 /// Packet counts of the fast path, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct SteerCounts {
-    /// `[direction][result]` as in `podnet_common::steer`.
+    /// IPv4: `[direction][result]` as in `podnet_common::steer`.
     pub packets: [[u64; result::COUNT as usize]; direction::COUNT as usize],
+    /// IPv6: `[direction][result]`, with IPv6's extra result.
+    pub packets6: [[u64; result::COUNT_IPV6 as usize]; direction::COUNT as usize],
 }
 
 /// Label values of the counters.
 pub const DIRECTION_LABELS: [&str; direction::COUNT as usize] = ["egress", "ingress"];
-/// Label values of the results, indexed by `podnet_common::steer::result`.
-pub const RESULT_LABELS: [&str; result::COUNT as usize] = [
+/// Label values of the results, indexed by `podnet_common::steer::result`
+/// (IPv4 has the first [`result::COUNT`], IPv6 all of them).
+pub const RESULT_LABELS: [&str; result::COUNT_IPV6 as usize] = [
     "redirected",
     "no_neighbour",
     "fib_miss",
     "passed",
     "redirect_failed",
+    "extension_headers",
 ];
 
+/// One count of the fast path with its labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SteerSample {
+    /// `ipv4` or `ipv6`.
+    pub family: &'static str,
+    /// `egress` or `ingress`.
+    pub direction: &'static str,
+    /// One of [`RESULT_LABELS`].
+    pub result: &'static str,
+    /// Packets.
+    pub packets: u64,
+}
+
 impl SteerCounts {
-    /// Every count with its direction and result labels, direction by
+    /// Every count with its labels: IPv4's, then IPv6's, direction by
     /// direction in the order of the indices.
-    pub fn samples(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + '_ {
-        DIRECTION_LABELS
-            .iter()
-            .zip(&self.packets)
-            .flat_map(|(dir, row)| {
-                RESULT_LABELS
+    pub fn samples(&self) -> impl Iterator<Item = SteerSample> + '_ {
+        let v4 = self.packets.iter().map(|row| &row[..]);
+        let v6 = self.packets6.iter().map(|row| &row[..]);
+        [("ipv4", v4.collect::<Vec<_>>()), ("ipv6", v6.collect())]
+            .into_iter()
+            .flat_map(|(family, rows)| {
+                DIRECTION_LABELS
                     .iter()
-                    .zip(row)
-                    .map(|(res, n)| (*dir, *res, *n))
+                    .zip(rows)
+                    .flat_map(move |(direction, row)| {
+                        RESULT_LABELS
+                            .iter()
+                            .zip(row)
+                            .map(move |(result, packets)| SteerSample {
+                                family,
+                                direction,
+                                result,
+                                packets: *packets,
+                            })
+                    })
             })
     }
 }
@@ -110,6 +138,8 @@ pub struct Steer {
     ebpf: Ebpf,
     pods: BpfHashMap<MapData, u32, PodRoute>,
     dests: LpmTrie<MapData, DestAddr, u32>,
+    pods6: BpfHashMap<MapData, PodAddr6, PodRoute>,
+    dests6: LpmTrie<MapData, DestAddr6, u32>,
     counters: PerCpuArray<MapData, u64>,
     pin_dir: PathBuf,
     /// Interfaces known to have our link: name → ifindex.
@@ -149,11 +179,15 @@ impl Steer {
         }
         let pods = bpf::take_map(&mut ebpf, m::PODS)?;
         let dests = bpf::take_map(&mut ebpf, m::DESTS)?;
+        let pods6 = bpf::take_map(&mut ebpf, m::PODS6)?;
+        let dests6 = bpf::take_map(&mut ebpf, m::DESTS6)?;
         let counters = bpf::take_map(&mut ebpf, m::COUNTERS)?;
         Ok(Self {
             ebpf,
             pods,
             dests,
+            pods6,
+            dests6,
             counters,
             pin_dir,
             in_place: HashMap::new(),
@@ -319,88 +353,139 @@ impl Steer {
         steer_dests: &[Cidr],
         kernel_dests: &[Cidr],
     ) -> Result<(), BpfError> {
-        let pods: BTreeMap<u32, PodRoute> = desired
-            .steer
-            .iter()
-            .map(|e| {
-                (
-                    pod_key(e.pod),
-                    PodRoute {
-                        eni_ifindex: e.eni_ifindex,
-                        eni_table: e.eni_table,
-                        host_ifindex: e.host_ifindex,
-                        _pad: 0,
-                    },
-                )
+        let route = |e: &crate::routing::desired::SteerEntry| PodRoute {
+            eni_ifindex: e.eni_ifindex,
+            eni_table: e.eni_table,
+            host_ifindex: e.host_ifindex,
+            _pad: 0,
+        };
+        let (mut pods, mut pods6) = (BTreeMap::new(), BTreeMap::new());
+        for e in &desired.steer {
+            match e.pod {
+                IpAddr::V4(ip) => pods.insert(pod_key(ip), route(e)),
+                IpAddr::V6(ip) => pods6.insert(pod_key6(ip), route(e)),
+            };
+        }
+        sync_hash(&mut self.pods, m::PODS, &pods)?;
+        sync_hash(&mut self.pods6, m::PODS6, &pods6)?;
+        let actions = || {
+            steer_dests
+                .iter()
+                .map(|c| (c, action::STEER))
+                .chain(kernel_dests.iter().map(|c| (c, action::KERNEL)))
+        };
+        let dests: BTreeMap<(u32, [u8; 4]), u32> = actions()
+            .filter_map(|(c, a)| match c.network() {
+                IpAddr::V4(ip) => Some(((u32::from(c.prefix_len()), ip.octets()), a)),
+                IpAddr::V6(_) => None,
             })
             .collect();
-        for (key, value) in &pods {
-            if self.pods.get(key, 0).ok() != Some(*value) {
-                self.pods
-                    .insert(key, value, 0)
-                    .map_err(|e| BpfError::map(m::PODS, e))?;
-            }
-        }
-        let stale: Vec<u32> = self
-            .pods
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !pods.contains_key(k))
+        let dests6: BTreeMap<(u32, [u8; 16]), u32> = actions()
+            .filter_map(|(c, a)| match c.network() {
+                IpAddr::V6(ip) => Some(((u32::from(c.prefix_len()), ip.octets()), a)),
+                IpAddr::V4(_) => None,
+            })
             .collect();
-        for key in stale {
-            self.pods
-                .remove(&key)
-                .map_err(|e| BpfError::map(m::PODS, e))?;
-        }
-        let dests: BTreeMap<(u32, [u8; 4]), u32> = steer_dests
-            .iter()
-            .map(|c| (c, action::STEER))
-            .chain(kernel_dests.iter().map(|c| (c, action::KERNEL)))
-            .filter_map(|(c, a)| Some(((u32::from(c.prefix_len()), c.network_v4()?.octets()), a)))
-            .collect();
-        for ((prefix, addr), value) in &dests {
-            let key = Key::new(*prefix, DestAddr { addr: *addr });
-            self.dests
-                .insert(&key, value, 0)
-                .map_err(|e| BpfError::map(m::DESTS, e))?;
-        }
-        let stale: Vec<Key<DestAddr>> = self
-            .dests
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !dests.contains_key(&(k.prefix_len(), k.data().addr)))
-            .collect();
-        for key in stale {
-            self.dests
-                .remove(&key)
-                .map_err(|e| BpfError::map(m::DESTS, e))?;
-        }
+        sync_trie(
+            &mut self.dests,
+            m::DESTS,
+            &dests,
+            |addr| DestAddr { addr },
+            |d| d.addr,
+        )?;
+        sync_trie(
+            &mut self.dests6,
+            m::DESTS6,
+            &dests6,
+            |addr| DestAddr6 { addr },
+            |d| d.addr,
+        )?;
         Ok(())
     }
 
     /// Reads the packet counters.
     pub fn counts(&self) -> Result<SteerCounts, BpfError> {
+        let read = |index: u32| -> Result<u64, BpfError> {
+            let values = self
+                .counters
+                .get(&index, 0)
+                .map_err(|e| BpfError::map(m::COUNTERS, e))?;
+            Ok(values.iter().sum())
+        };
         let mut counts = SteerCounts::default();
         for dir in 0..direction::COUNT {
-            for res in 0..result::COUNT {
-                let values = self
-                    .counters
-                    .get(&counter_index(dir, res), 0)
-                    .map_err(|e| BpfError::map(m::COUNTERS, e))?;
-                counts.packets[dir as usize][res as usize] = values.iter().sum();
+            for res in 0..result::COUNT_IPV6 {
+                if res < result::COUNT {
+                    counts.packets[dir as usize][res as usize] = read(counter_index(dir, res))?;
+                }
+                counts.packets6[dir as usize][res as usize] = read(counter_index6(dir, res))?;
             }
         }
         Ok(counts)
     }
 
-    /// Pod addresses in the kernel map.
-    pub fn pods(&self) -> BTreeSet<Ipv4Addr> {
-        self.pods
+    /// Pod addresses in the kernel maps.
+    pub fn pods(&self) -> BTreeSet<IpAddr> {
+        let v4 = self
+            .pods
             .keys()
             .filter_map(Result::ok)
-            .map(|k| Ipv4Addr::from(k.to_ne_bytes()))
-            .collect()
+            .map(|k| IpAddr::V4(Ipv4Addr::from(k.to_ne_bytes())));
+        let v6 = self
+            .pods6
+            .keys()
+            .filter_map(Result::ok)
+            .map(|k| IpAddr::V6(Ipv6Addr::from(k.addr)));
+        v4.chain(v6).collect()
     }
+}
+
+/// Makes the hash map `map` (named `name`) hold exactly `want`.
+fn sync_hash<K: aya::Pod + Ord>(
+    map: &mut BpfHashMap<MapData, K, PodRoute>,
+    name: &'static str,
+    want: &BTreeMap<K, PodRoute>,
+) -> Result<(), BpfError> {
+    for (key, value) in want {
+        if map.get(key, 0).ok() != Some(*value) {
+            map.insert(key, value, 0)
+                .map_err(|e| BpfError::map(name, e))?;
+        }
+    }
+    let stale: Vec<K> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains_key(k))
+        .collect();
+    for key in stale {
+        map.remove(&key).map_err(|e| BpfError::map(name, e))?;
+    }
+    Ok(())
+}
+
+/// Makes the LPM trie `trie` (named `name`) hold exactly `want`, keyed by
+/// (prefix length, address bytes); `key` and `bytes` convert between the
+/// bytes and the trie's key type.
+fn sync_trie<A: aya::Pod, const N: usize>(
+    trie: &mut LpmTrie<MapData, A, u32>,
+    name: &'static str,
+    want: &BTreeMap<(u32, [u8; N]), u32>,
+    key: impl Fn([u8; N]) -> A,
+    bytes: impl Fn(&A) -> [u8; N],
+) -> Result<(), BpfError> {
+    for ((prefix, addr), value) in want {
+        trie.insert(&Key::new(*prefix, key(*addr)), value, 0)
+            .map_err(|e| BpfError::map(name, e))?;
+    }
+    let stale: Vec<Key<A>> = trie
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains_key(&(k.prefix_len(), bytes(&k.data()))))
+        .collect();
+    for k in stale {
+        trie.remove(&k).map_err(|e| BpfError::map(name, e))?;
+    }
+    Ok(())
 }
 
 /// The pod program's `bpf_fib_lookup` flags on this kernel: the ENI table
@@ -420,6 +505,11 @@ fn fib_flags() -> u32 {
 /// The map key of a pod address: its bytes in network order.
 fn pod_key(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
+}
+
+/// The map key of a pod IPv6 address: its bytes in network order.
+fn pod_key6(ip: Ipv6Addr) -> PodAddr6 {
+    PodAddr6 { addr: ip.octets() }
 }
 
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier, BpfError> {
@@ -546,7 +636,11 @@ mod tests {
             *slot = 10 + u64::try_from(i).unwrap();
         }
         assert_eq!(
-            counts.samples().collect::<Vec<_>>(),
+            counts
+                .samples()
+                .filter(|s| s.family == "ipv4")
+                .map(|s| (s.direction, s.result, s.packets))
+                .collect::<Vec<_>>(),
             [
                 ("egress", "redirected", 10),
                 ("egress", "no_neighbour", 11),
@@ -568,7 +662,30 @@ mod tests {
         assert_eq!(RESULT_LABELS[result::REDIRECTED as usize], "redirected");
         assert_eq!(
             usize::try_from(COUNTERS).unwrap(),
-            DIRECTION_LABELS.len() * RESULT_LABELS.len()
+            DIRECTION_LABELS.len()
+                * (RESULT_LABELS.len() + usize::try_from(result::COUNT).unwrap())
+        );
+    }
+
+    #[test]
+    fn ipv6_counts_carry_their_family_and_extension_headers() {
+        let mut counts = SteerCounts::default();
+        counts.packets6[1][result::EXTENSION_HEADERS as usize] = 7;
+        counts.packets6[0][result::REDIRECTED as usize] = 3;
+        let samples: Vec<SteerSample> = counts.samples().collect();
+        // 5 results per direction for IPv4, 6 for IPv6.
+        assert_eq!(samples.len(), 2 * 5 + 2 * 6);
+        let nonzero: Vec<(&str, &str, &str, u64)> = samples
+            .iter()
+            .filter(|s| s.packets > 0)
+            .map(|s| (s.family, s.direction, s.result, s.packets))
+            .collect();
+        assert_eq!(
+            nonzero,
+            [
+                ("ipv6", "egress", "redirected", 3),
+                ("ipv6", "ingress", "extension_headers", 7)
+            ]
         );
     }
 }

@@ -1,9 +1,10 @@
 //! Kernel notifications that may mean podnet's routing state drifted: a
-//! netlink socket subscribed to link, IPv4 route, IPv4 rule and neighbour
-//! groups (what `ip monitor` listens to).
+//! netlink socket subscribed to link, route and rule (IPv4 and IPv6) and
+//! neighbour groups (what `ip monitor` listens to).
 //!
 //! Relevant: any rule change, a route change whose protocol is podnet's, a
-//! proxy-neighbour change, any link appearing or going. Ordinary neighbour
+//! host route going whoever installed it, a proxy-neighbour change, any link
+//! appearing or going. Ordinary neighbour
 //! churn (ARP state changes) is ignored, so it cannot cause reconcile storms.
 
 use std::{
@@ -13,7 +14,9 @@ use std::{
 };
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
-use netlink_packet_route::{neighbour::NeighbourFlags, RouteNetlinkMessage};
+use netlink_packet_route::{
+    neighbour::NeighbourFlags, route::RouteMessage, AddressFamily, RouteNetlinkMessage,
+};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use super::desired::RTPROT_PODNET;
@@ -26,6 +29,10 @@ const RTNLGRP_NEIGH: u32 = 3;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
 /// `RTNLGRP_IPV4_RULE`.
 const RTNLGRP_IPV4_RULE: u32 = 8;
+/// `RTNLGRP_IPV6_ROUTE`.
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
+/// `RTNLGRP_IPV6_RULE`.
+const RTNLGRP_IPV6_RULE: u32 = 19;
 /// Receive buffer for notification bursts (pod churn on a busy node).
 const RECV_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
@@ -44,6 +51,8 @@ impl Watcher {
             RTNLGRP_NEIGH,
             RTNLGRP_IPV4_ROUTE,
             RTNLGRP_IPV4_RULE,
+            RTNLGRP_IPV6_ROUTE,
+            RTNLGRP_IPV6_RULE,
         ]
         .iter()
         .fold(0u32, |mask, g| mask | (1 << (g - 1)));
@@ -112,8 +121,12 @@ pub fn is_relevant(msg: &RouteNetlinkMessage) -> bool {
         | RouteNetlinkMessage::DelLink(_)
         | RouteNetlinkMessage::NewRule(_)
         | RouteNetlinkMessage::DelRule(_) => true,
-        RouteNetlinkMessage::NewRoute(r) | RouteNetlinkMessage::DelRoute(r) => {
-            u8::from(r.header.protocol) == RTPROT_PODNET
+        RouteNetlinkMessage::NewRoute(r) => u8::from(r.header.protocol) == RTPROT_PODNET,
+        // A host route going, whoever installed it: it may be one that
+        // stood in for podnet's (`provided`, e.g. the route ptp installs for
+        // its pod), which podnet must now install itself.
+        RouteNetlinkMessage::DelRoute(r) => {
+            u8::from(r.header.protocol) == RTPROT_PODNET || is_host_route(r)
         }
         RouteNetlinkMessage::NewNeighbour(n) | RouteNetlinkMessage::DelNeighbour(n) => {
             n.header.flags.contains(NeighbourFlags::Proxy)
@@ -122,11 +135,21 @@ pub fn is_relevant(msg: &RouteNetlinkMessage) -> bool {
     }
 }
 
+/// Whether `r` is a route to one address (`/32`, `/128`).
+fn is_host_route(r: &RouteMessage) -> bool {
+    let len = r.header.destination_prefix_length;
+    match r.header.address_family {
+        AddressFamily::Inet => len == 32,
+        AddressFamily::Inet6 => len == 128,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use netlink_packet_core::NetlinkHeader;
-    use netlink_packet_route::{neighbour::NeighbourMessage, route::RouteMessage};
+    use netlink_packet_route::neighbour::NeighbourMessage;
 
     fn bytes(inner: RouteNetlinkMessage) -> Vec<u8> {
         let mut msg = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(inner));
@@ -148,6 +171,19 @@ mod tests {
         assert!(!any_relevant(&bytes(RouteNetlinkMessage::NewRoute(
             foreign.clone()
         ))));
+        assert!(!any_relevant(&bytes(RouteNetlinkMessage::DelRoute(
+            foreign.clone()
+        ))));
+        // A foreign host route going may have stood in for podnet's.
+        for (family, len) in [(AddressFamily::Inet, 32), (AddressFamily::Inet6, 128)] {
+            let mut host = foreign.clone();
+            host.header.address_family = family;
+            host.header.destination_prefix_length = len;
+            assert!(any_relevant(&bytes(RouteNetlinkMessage::DelRoute(
+                host.clone()
+            ))));
+            assert!(!any_relevant(&bytes(RouteNetlinkMessage::NewRoute(host))));
+        }
         assert!(any_relevant(&bytes(RouteNetlinkMessage::DelNeighbour(
             proxy
         ))));

@@ -42,6 +42,10 @@ pub mod fib {
 pub mod maps {
     /// Pod IPv4 address (network order) → [`super::PodRoute`].
     pub const PODS: &str = "STEER_PODS";
+    /// Pod IPv6 address ([`super::PodAddr6`]) → [`super::PodRoute`].
+    pub const PODS6: &str = "STEER_PODS6";
+    /// The IPv6 twin of [`DESTS`] (keys [`super::DestAddr6`]).
+    pub const DESTS6: &str = "STEER_DESTS6";
     /// Destinations the fast path may steer to (VPC CIDRs, action
     /// [`super::action::STEER`]) and exceptions inside them (service CIDRs,
     /// action [`super::action::KERNEL`]); longest prefix wins.
@@ -82,6 +86,27 @@ pub struct DestAddr {
 
 const _: () = assert!(core::mem::size_of::<DestAddr>() == 4);
 
+/// Key of [`maps::PODS6`]: an IPv6 address in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodAddr6 {
+    /// IPv6 address bytes, network order.
+    pub addr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<PodAddr6>() == 16);
+
+/// Key of the [`maps::DESTS6`] LPM trie (after the prefix length): an IPv6
+/// address in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DestAddr6 {
+    /// IPv6 address bytes, network order.
+    pub addr: [u8; 16],
+}
+
+const _: () = assert!(core::mem::size_of::<DestAddr6>() == 16);
+
 /// Values of the [`maps::DESTS`] trie.
 pub mod action {
     /// Leave to the kernel (e.g. a service CIDR that kube-proxy translates).
@@ -100,7 +125,9 @@ pub mod direction {
     pub const COUNT: u32 = 2;
 }
 
-/// What the program did with a packet, second index of the counters.
+/// What the program did with a packet, second index of the counters. The
+/// same results for IPv4 and IPv6; [`result::EXTENSION_HEADERS`] is IPv6's
+/// alone.
 pub mod result {
     /// Redirected past the kernel's forwarding path.
     pub const REDIRECTED: u32 = 0;
@@ -116,8 +143,13 @@ pub mod result {
     /// `TC_ACT_REDIRECT`): the program returns its verdict and the packet is
     /// dropped.
     pub const REDIRECT_FAILED: u32 = 4;
-    /// Number of results.
+    /// Number of IPv4 results.
     pub const COUNT: u32 = 5;
+    /// IPv6 with extension headers (hop-by-hop, routing, fragment,
+    /// destination options, AH, ESP, ...): left to the kernel unchanged.
+    pub const EXTENSION_HEADERS: u32 = 5;
+    /// Number of IPv6 results.
+    pub const COUNT_IPV6: u32 = 6;
 }
 
 /// `TC_ACT_REDIRECT` (include/uapi/linux/pkt_cls.h): what `bpf_redirect_neigh`
@@ -139,16 +171,25 @@ pub const fn redirect_result(rc: i64) -> u32 {
     }
 }
 
-/// Number of counters.
-pub const COUNTERS: u32 = direction::COUNT * result::COUNT;
+/// Number of IPv4 counters (the first ones, laid out as before IPv6 existed).
+pub const COUNTERS_IPV4: u32 = direction::COUNT * result::COUNT;
+/// Number of counters: IPv4's, then IPv6's.
+pub const COUNTERS: u32 = COUNTERS_IPV4 + direction::COUNT * result::COUNT_IPV6;
 
-/// Index of the counter for `direction` and `result`.
+/// Index of the IPv4 counter for `direction` and `result`.
 #[inline(always)]
 pub const fn counter_index(direction: u32, result: u32) -> u32 {
     direction * result::COUNT + result
 }
 
-impl_pod!(PodRoute, DestAddr, SteerConfig);
+/// Index of the IPv6 counter for `direction` and `result`: after every
+/// IPv4 counter, so theirs keep their indices.
+#[inline(always)]
+pub const fn counter_index6(direction: u32, result: u32) -> u32 {
+    COUNTERS_IPV4 + direction * result::COUNT_IPV6 + result
+}
+
+impl_pod!(PodRoute, DestAddr, PodAddr6, DestAddr6, SteerConfig);
 
 #[cfg(test)]
 mod tests {
@@ -167,14 +208,29 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_counters_follow_the_ipv4_ones() {
+        assert_eq!(COUNTERS, 22);
+        assert_eq!(counter_index6(direction::EGRESS, result::REDIRECTED), 10);
+        assert_eq!(
+            counter_index6(direction::EGRESS, result::EXTENSION_HEADERS),
+            15
+        );
+        assert_eq!(counter_index6(direction::INGRESS, result::REDIRECTED), 16);
+        assert_eq!(
+            counter_index6(direction::INGRESS, result::EXTENSION_HEADERS),
+            COUNTERS - 1
+        );
+    }
+
+    #[test]
     fn every_counter_has_its_own_slot() {
-        assert_eq!(COUNTERS, 10);
+        assert_eq!(COUNTERS_IPV4, 10);
         assert_eq!(counter_index(direction::EGRESS, result::REDIRECTED), 0);
         assert_eq!(counter_index(direction::EGRESS, result::REDIRECT_FAILED), 4);
         assert_eq!(counter_index(direction::INGRESS, result::REDIRECTED), 5);
         assert_eq!(
             counter_index(direction::INGRESS, result::REDIRECT_FAILED),
-            COUNTERS - 1
+            COUNTERS_IPV4 - 1
         );
     }
 }

@@ -1,6 +1,7 @@
-//! The ENI fast path: two TC programs (tcx ingress) that move IPv4 packets
-//! between a pod's host interface and the ENI its address belongs to, past
-//! the kernel's forwarding path (netfilter, conntrack, SNAT).
+//! The ENI fast path: two TC programs (tcx ingress) that move IPv4 and IPv6
+//! packets between a pod's host interface and the ENI its address belongs
+//! to, past the kernel's forwarding path (netfilter, conntrack, SNAT). IPv6
+//! takes the same decisions in [`v6`], with its own maps and counters.
 //!
 //! - `podnet_steer_pod` (pod's host interface ingress): a packet from a known
 //!   pod address, to a destination the agent marked steerable (VPC CIDRs,
@@ -29,6 +30,8 @@
 #![no_std]
 #![no_main]
 
+mod v6;
+
 use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_redirect_neigh, bpf_redirect_peer},
     macros::{classifier, map},
@@ -36,8 +39,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use podnet_common::steer::{
-    action, counter_index, direction, maps as m, redirect_result, result, DestAddr, PodRoute,
-    SteerConfig, COUNTERS,
+    action, counter_index, direction, maps as m, redirect_result, result, DestAddr, DestAddr6,
+    PodAddr6, PodRoute, SteerConfig, COUNTERS,
 };
 
 /// Settings from the loader (DNS ports).
@@ -53,6 +56,12 @@ static STEER_PODS: HashMap<u32, PodRoute> = HashMap::pinned(m::PODS_CAPACITY, 0)
 #[map(name = "STEER_DESTS")]
 static STEER_DESTS: LpmTrie<DestAddr, u32> = LpmTrie::pinned(m::DESTS_CAPACITY, 0);
 
+#[map(name = "STEER_PODS6")]
+static STEER_PODS6: HashMap<PodAddr6, PodRoute> = HashMap::pinned(m::PODS_CAPACITY, 0);
+
+#[map(name = "STEER_DESTS6")]
+static STEER_DESTS6: LpmTrie<DestAddr6, u32> = LpmTrie::pinned(m::DESTS_CAPACITY, 0);
+
 #[map(name = "STEER_COUNTERS")]
 static STEER_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS, 0);
 
@@ -60,6 +69,10 @@ static STEER_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS, 0);
 const TCX_NEXT: i32 = -1;
 /// `ETH_P_IP` in network order as read from the frame.
 const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+/// `ETH_P_IPV6` in network order as read from the frame.
+const ETH_P_IPV6_BE: u16 = 0x86ddu16.to_be();
+/// Length of the Ethernet header; its last two bytes are the EtherType.
+const ETH_HLEN: usize = 14;
 /// `AF_INET`.
 const AF_INET: u8 = 2;
 /// `BPF_FIB_LOOKUP_DIRECT`: skip the policy rules, look up one table.
@@ -132,7 +145,13 @@ const _: () = assert!(core::mem::size_of::<RedirNeigh>() == 20);
 
 #[inline(always)]
 fn count(dir: u32, res: u32) {
-    if let Some(counter) = STEER_COUNTERS.get_ptr_mut(counter_index(dir, res)) {
+    count_at(counter_index(dir, res));
+}
+
+/// Adds one to the counter at `index`.
+#[inline(always)]
+fn count_at(index: u32) {
+    if let Some(counter) = STEER_COUNTERS.get_ptr_mut(index) {
         // SAFETY: a per-CPU array slot is only touched by this CPU, and the
         // pointer comes from a successful lookup.
         unsafe { *counter += 1 };
@@ -241,9 +260,32 @@ fn fib_lookup(ctx: &TcContext, params: &mut FibParams, flags: u32) -> i64 {
     }
 }
 
+/// Whether the frame carries IPv6 (its EtherType, when the frame has one).
+#[inline(always)]
+fn is_ipv6(ctx: &TcContext) -> bool {
+    let start = ctx.data();
+    if start + ETH_HLEN > ctx.data_end() {
+        return false;
+    }
+    // SAFETY: the bounds check above covers the EtherType; read unaligned
+    // by value.
+    let proto = unsafe { core::ptr::read_unaligned((start + ETH_HLEN - 2) as *const u16) };
+    proto == ETH_P_IPV6_BE
+}
+
+/// The pod program's `bpf_fib_lookup` flags, as the loader chose them.
+#[inline(always)]
+fn pod_fib_flags() -> u32 {
+    // SAFETY: read-only data written by the loader; read by value.
+    unsafe { core::ptr::read_volatile(&STEER_CONFIG) }.fib_flags
+}
+
 /// Pod → ENI, on the pod's host interface ingress.
 #[classifier]
 pub fn podnet_steer_pod(ctx: TcContext) -> i32 {
+    if is_ipv6(&ctx) {
+        return v6::pod_to_eni(&ctx);
+    }
     let Some(hdr) = headers(&ctx) else {
         count(direction::EGRESS, result::PASSED);
         return TCX_NEXT;
@@ -271,9 +313,7 @@ pub fn podnet_steer_pod(ctx: TcContext) -> i32 {
     }
     let mut params = fib_params(&ip, ingress);
     params.tbid = route.eni_table;
-    // SAFETY: read-only data written by the loader; read by value.
-    let flags = unsafe { core::ptr::read_volatile(&STEER_CONFIG) }.fib_flags;
-    let rc = fib_lookup(&ctx, &mut params, flags);
+    let rc = fib_lookup(&ctx, &mut params, pod_fib_flags());
     if rc == FIB_NO_NEIGH {
         count(direction::EGRESS, result::NO_NEIGHBOUR);
         return TCX_NEXT;
@@ -283,19 +323,7 @@ pub fn podnet_steer_pod(ctx: TcContext) -> i32 {
         return TCX_NEXT;
     }
     decrease_ttl(hdr);
-    let mut nh = RedirNeigh {
-        nh_family: u32::from(AF_INET),
-        nh: [params.dst[0], 0, 0, 0],
-    };
-    // SAFETY: `nh` is a valid `struct bpf_redir_neigh` for the call.
-    let rc = unsafe {
-        bpf_redirect_neigh(
-            params.ifindex,
-            core::ptr::from_mut(&mut nh).cast(),
-            core::mem::size_of::<RedirNeigh>() as i32,
-            0,
-        )
-    };
+    let rc = redirect_to_next_hop(params.ifindex, AF_INET, [params.dst[0], 0, 0, 0]);
     redirected(direction::EGRESS, rc)
 }
 
@@ -307,9 +335,70 @@ fn redirected(dir: u32, rc: i64) -> i32 {
     rc as i32
 }
 
+/// Sends the packet out of `ifindex` to the next hop `nh` of family
+/// `family` (`bpf_redirect_neigh`, which resolves its neighbour entry);
+/// returns the helper's answer.
+#[inline(always)]
+fn redirect_to_next_hop(ifindex: u32, family: u8, nh: [u32; 4]) -> i64 {
+    let mut nh = RedirNeigh {
+        nh_family: u32::from(family),
+        nh,
+    };
+    // SAFETY: `nh` is a valid `struct bpf_redir_neigh` for the call.
+    unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            core::ptr::from_mut(&mut nh).cast(),
+            core::mem::size_of::<RedirNeigh>() as i32,
+            0,
+        )
+    }
+}
+
+/// The MAC addresses at the start of an Ethernet frame.
+#[repr(C, packed)]
+struct EthMacs {
+    dst: [u8; 6],
+    src: [u8; 6],
+}
+
+/// Sends the packet into the pod behind `host_ifindex`: straight into the
+/// peer with the FIB result's MACs written at `macs` when the neighbour is
+/// known (`rc` is `BPF_FIB_LKUP_RET_SUCCESS`), else through
+/// `bpf_redirect_neigh`, which resolves the packet's own destination.
+///
+/// # Safety
+/// `macs` points at the frame's first 12 bytes, bounds-checked, and no
+/// helper that moves packet data ran since.
+#[inline(always)]
+unsafe fn redirect_into_pod(
+    macs: *mut EthMacs,
+    params: &FibParams,
+    rc: i64,
+    host_ifindex: u32,
+) -> i64 {
+    if rc == FIB_NO_NEIGH {
+        // SAFETY: a null nexthop makes the helper resolve the packet's own
+        // destination, the on-link pod.
+        return unsafe { bpf_redirect_neigh(host_ifindex, core::ptr::null_mut(), 0, 0) };
+    }
+    // SAFETY: the caller guarantees `macs` is in bounds and still valid;
+    // packed fields are written by value.
+    unsafe {
+        (*macs).dst = params.dmac;
+        (*macs).src = params.smac;
+    }
+    // SAFETY: plain helper call; the target is a veth whose peer is the pod.
+    // It returns TC_ACT_REDIRECT (or TC_ACT_SHOT for bad flags).
+    unsafe { bpf_redirect_peer(host_ifindex, 0) }
+}
+
 /// ENI → pod, on the ENI's ingress.
 #[classifier]
 pub fn podnet_steer_eni(ctx: TcContext) -> i32 {
+    if is_ipv6(&ctx) {
+        return v6::eni_to_pod(&ctx);
+    }
     let Some(hdr) = headers(&ctx) else {
         count(direction::INGRESS, result::PASSED);
         return TCX_NEXT;
@@ -339,21 +428,9 @@ pub fn podnet_steer_eni(ctx: TcContext) -> i32 {
         return TCX_NEXT;
     }
     decrease_ttl(hdr);
-    if rc == FIB_NO_NEIGH {
-        // SAFETY: a null nexthop makes the helper resolve the packet's own
-        // destination, the on-link pod.
-        let rc = unsafe { bpf_redirect_neigh(route.host_ifindex, core::ptr::null_mut(), 0, 0) };
-        return redirected(direction::INGRESS, rc);
-    }
-    // SAFETY: `hdr` passed the bounds check in `headers` and no helper that
-    // moves packet data ran since.
-    unsafe {
-        (*hdr).dst_mac = params.dmac;
-        (*hdr).src_mac = params.smac;
-    }
-    // SAFETY: plain helper call; the target is a veth whose peer is the pod.
-    // It returns TC_ACT_REDIRECT (or TC_ACT_SHOT for bad flags).
-    let rc = unsafe { bpf_redirect_peer(route.host_ifindex, 0) };
+    // SAFETY: `hdr` passed the bounds check in `headers`, its first 12 bytes
+    // are the MACs, and no helper that moves packet data ran since.
+    let rc = unsafe { redirect_into_pod(hdr.cast(), &params, rc, route.host_ifindex) };
     redirected(direction::INGRESS, rc)
 }
 

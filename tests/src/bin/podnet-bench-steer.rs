@@ -157,13 +157,17 @@ fn start_agent(vpc: &Vpc, enis: &str, fast: bool) -> Result<Agent> {
     Ok(agent)
 }
 
-/// Egress packets redirected, and egress packets left to the kernel.
+/// Egress IPv4 packets redirected, and egress IPv4 packets left to the kernel.
 fn steered(agent: &Agent, vpc: &Vpc) -> Result<(u64, u64)> {
     let m = agent.metrics(vpc.node())?;
     let count = |result| {
         m.count(
             "podnet_steer_packets_total",
-            &[("direction", "egress"), ("result", result)],
+            &[
+                ("family", "ipv4"),
+                ("direction", "egress"),
+                ("result", result),
+            ],
         )
     };
     Ok((

@@ -776,6 +776,11 @@ impl Worker {
                     subnet,
                     gateway,
                     ips: self.addresses(&e.secondary_ips),
+                    // Pods' IPv6 addresses (--eni-ipv6) are routed from the
+                    // main table, as the AWS VPC CNI's IPv6 mode does.
+                    subnet6: None,
+                    gateway6: None,
+                    ips6: Vec::new(),
                 })
             })
             .collect();

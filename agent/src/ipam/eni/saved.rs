@@ -77,6 +77,9 @@ mod tests {
                 subnet: "10.0.1.0/24".parse().unwrap(),
                 gateway: Ipv4Addr::new(10, 0, 1, 1),
                 ips: vec![Ipv4Addr::new(10, 0, 1, 9)],
+                subnet6: None,
+                gateway6: None,
+                ips6: Vec::new(),
             }],
             ipv6_prefix: Some("2600:1f18::/80".parse().unwrap()),
         };
