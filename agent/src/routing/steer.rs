@@ -1,5 +1,5 @@
-//! The ENI fast path in the kernel (`podnet-steer`): load the programs with
-//! their pinned maps, attach them through pinned tcx links (adopting links of
+//! The ENI fast path in the kernel (`podnet-steer`, IPv4 and IPv6): load the
+//! programs with their pinned maps, attach them through pinned tcx links (adopting links of
 //! the same program on restart, replacing them atomically when the program
 //! changed), and keep the maps in line with the routing subsystem's desired
 //! state.
@@ -227,7 +227,8 @@ impl Steer {
 
     /// Brings maps and links in line with `desired`. `steer_dests` are the
     /// destination prefixes the fast path may steer to; `kernel_dests` are
-    /// exceptions inside them (service CIDRs).
+    /// exceptions inside them (service CIDRs). Both families: IPv4 entries
+    /// go to the IPv4 maps, IPv6 ones to `STEER_PODS6` and `STEER_DESTS6`.
     pub fn sync(
         &mut self,
         desired: &Desired,

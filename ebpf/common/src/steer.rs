@@ -135,9 +135,10 @@ pub mod result {
     pub const NO_NEIGHBOUR: u32 = 1;
     /// The FIB lookup did not succeed or pointed elsewhere: left to the kernel.
     pub const FIB_MISS: u32 = 2;
-    /// Not for the fast path (not IPv4, IP options or a fragment, not a
-    /// known pod, destination not in the VPC or excluded, DNS, TTL expiring):
-    /// left to the kernel.
+    /// Not for the fast path (neither IPv4 nor IPv6, IPv4 options or a
+    /// fragment, IPv6 next header not TCP, UDP or ICMPv6, neighbour
+    /// discovery, not a known pod, destination not in the VPC or excluded,
+    /// DNS, TTL or hop limit expiring): left to the kernel.
     pub const PASSED: u32 = 3;
     /// The redirect helper refused the packet (it returned `TC_ACT_SHOT`, not
     /// `TC_ACT_REDIRECT`): the program returns its verdict and the packet is

@@ -17,7 +17,7 @@
 //!   packet enters the pod directly with `bpf_redirect_peer`; without a
 //!   neighbour entry `bpf_redirect_neigh` resolves it.
 //!
-//! Anything else (not IPv4, IP options, fragments, DNS on the configured ports
+//! Anything else (neither IPv4 nor IPv6, IP options, fragments, DNS on the configured ports
 //! — the DNS tracer on the pod's interface must see both directions —, unknown
 //! pod, destination not steerable, TTL about to expire, FIB lookup not
 //! `BPF_FIB_LKUP_RET_SUCCESS`, egress without a neighbour entry) returns `TCX_NEXT` unchanged: the next program or the
