@@ -271,6 +271,30 @@ struct Snapshot {
     ingress_redirected: u64,
 }
 
+/// Asserts that the first pod's `n` packets each way between `before` and
+/// `after` were redirected by the fast path in both directions and left by
+/// eni1, while netfilter (FORWARD, nat) and conntrack saw none of them.
+fn assert_steered_past_the_kernel(before: &Snapshot, after: &Snapshot, n: u64) {
+    assert_eq!(
+        after.egress_redirected - before.egress_redirected,
+        n,
+        "{before:?} {after:?}"
+    );
+    assert_eq!(
+        after.ingress_redirected - before.ingress_redirected,
+        n,
+        "{before:?} {after:?}"
+    );
+    assert_eq!(after.forward, before.forward, "FORWARD saw steered packets");
+    assert_eq!(after.nat, before.nat, "nat saw steered packets");
+    assert_eq!(
+        (before.conntrack_flows, after.conntrack_flows),
+        (0, 0),
+        "conntrack saw steered packets"
+    );
+    assert_eq!(after.eni1_tx - before.eni1_tx, n, "{before:?} {after:?}");
+}
+
 /// The node's `family` state that a forwarded packet of the first pod
 /// would move.
 fn snapshot(vpc: &Vpc, agent: &Agent, family: Family) -> Result<Snapshot> {
@@ -630,30 +654,8 @@ fn fast_path_steers_past_netfilter_and_conntrack() -> Result<()> {
     assert_eq!(ping(pod.netns(), REMOTE, PINGS)?, PINGS);
     let after = snapshot(&vpc, &agent, Family::V4)?;
     let n = u64::from(PINGS);
-    assert_eq!(
-        after.egress_redirected - before.egress_redirected,
-        n,
-        "{before:?} {after:?}"
-    );
-    assert_eq!(
-        after.ingress_redirected - before.ingress_redirected,
-        n,
-        "{before:?} {after:?}"
-    );
-    assert_eq!(after.forward, before.forward, "FORWARD saw steered packets");
-    assert_eq!(after.nat, before.nat, "nat saw steered packets");
-    assert_eq!(
-        (before.conntrack_flows, after.conntrack_flows),
-        (0, 0),
-        "conntrack saw steered packets"
-    );
-    assert_eq!(
-        (
-            after.eni1_tx - before.eni1_tx,
-            after.eni2_tx - before.eni2_tx
-        ),
-        (n, 0)
-    );
+    assert_steered_past_the_kernel(&before, &after, n);
+    assert_eq!(after.eni2_tx, before.eni2_tx);
 
     let server = udp_echo_server(vpc.vpc(), SocketAddr::from((REMOTE, 7007)))?;
     let src = SocketAddr::from((pod.ip(), 40100));
@@ -665,12 +667,7 @@ fn fast_path_steers_past_netfilter_and_conntrack() -> Result<()> {
     assert_eq!(udp_ping_pong(pod.netns(), src, dst, PINGS)?, PINGS);
     let after = snapshot(&vpc, &agent, Family::V4)?;
     assert_eq!(server.stop(), u64::from(PINGS) + 1);
-    assert_eq!(after.egress_redirected - before.egress_redirected, n);
-    assert_eq!(after.ingress_redirected - before.ingress_redirected, n);
-    assert_eq!(after.forward, before.forward);
-    assert_eq!(after.nat, before.nat);
-    assert_eq!((before.conntrack_flows, after.conntrack_flows), (0, 0));
-    assert_eq!(after.eni1_tx - before.eni1_tx, n);
+    assert_steered_past_the_kernel(&before, &after, n);
 
     // DNS is never steered: the DNS tracer on the pod's interface must see it.
     let dns = udp_echo_server(vpc.vpc(), SocketAddr::from((REMOTE, 53)))?;
@@ -1331,32 +1328,10 @@ fn fast_path_steers_ipv6_past_netfilter_and_conntrack() -> Result<()> {
     assert_eq!(ping(pod.netns(), REMOTE6, PINGS)?, PINGS);
     let after = snapshot(&vpc, &agent, Family::V6)?;
     let after4 = ipv4_counts(&agent.metrics(vpc.node())?);
-    assert_eq!(
-        after.egress_redirected - before.egress_redirected,
-        n,
-        "{before:?} {after:?}"
-    );
-    assert_eq!(
-        after.ingress_redirected - before.ingress_redirected,
-        n,
-        "{before:?} {after:?}"
-    );
+    assert_steered_past_the_kernel(&before, &after, n);
+    assert_eq!(after.eni2_tx, before.eni2_tx);
     // IPv4's counters did not move.
     assert_eq!(after4, before4);
-    assert_eq!(after.forward, before.forward, "FORWARD saw steered packets");
-    assert_eq!(after.nat, before.nat, "nat saw steered packets");
-    assert_eq!(
-        (before.conntrack_flows, after.conntrack_flows),
-        (0, 0),
-        "conntrack saw steered packets"
-    );
-    assert_eq!(
-        (
-            after.eni1_tx - before.eni1_tx,
-            after.eni2_tx - before.eni2_tx
-        ),
-        (n, 0)
-    );
 
     let server = udp_echo_server(vpc.vpc(), SocketAddr::from((REMOTE6, 7007)))?;
     let src = SocketAddr::from((pod_ip, 40100));
@@ -1368,12 +1343,7 @@ fn fast_path_steers_ipv6_past_netfilter_and_conntrack() -> Result<()> {
     assert_eq!(udp_ping_pong(pod.netns(), src, dst, PINGS)?, PINGS);
     let after = snapshot(&vpc, &agent, Family::V6)?;
     assert_eq!(server.stop(), n + 1);
-    assert_eq!(after.egress_redirected - before.egress_redirected, n);
-    assert_eq!(after.ingress_redirected - before.ingress_redirected, n);
-    assert_eq!(after.forward, before.forward);
-    assert_eq!(after.nat, before.nat);
-    assert_eq!((before.conntrack_flows, after.conntrack_flows), (0, 0));
-    assert_eq!(after.eni1_tx - before.eni1_tx, n);
+    assert_steered_past_the_kernel(&before, &after, n);
 
     // DNS is never steered.
     let dns = udp_echo_server(vpc.vpc(), SocketAddr::from((REMOTE6, 53)))?;

@@ -221,6 +221,16 @@ pub fn generation() -> u64 {
     GENERATION.load(Ordering::Acquire)
 }
 
+/// Bumps [`GENERATION`] when dropped: at the end of an attach or detach,
+/// whichever way it returns.
+struct BumpGeneration;
+
+impl Drop for BumpGeneration {
+    fn drop(&mut self) {
+        GENERATION.fetch_add(1, Ordering::Release);
+    }
+}
+
 /// Puts `program` (named `name`) on the hook of `ifname` as podnet's
 /// classic filter at `priority`: adds the `clsact` qdisc if missing,
 /// attaches, keeps or replaces in place. The filter stays after this process
@@ -233,19 +243,7 @@ pub fn attach(
     priority: u16,
     keep: Keep,
 ) -> Result<Attachment, BpfError> {
-    let attached = attach_filter(program, name, ifname, direction, priority, keep);
-    GENERATION.fetch_add(1, Ordering::Release);
-    attached
-}
-
-fn attach_filter(
-    program: &mut SchedClassifier,
-    name: &str,
-    ifname: &str,
-    direction: TcAttachType,
-    priority: u16,
-    keep: Keep,
-) -> Result<Attachment, BpfError> {
+    let _bump = BumpGeneration;
     let ifindex =
         ifindex(ifname).ok_or_else(|| BpfError::program(name, format!("no interface {ifname}")))?;
     // Fails when the interface has a clsact qdisc already (ours or anyone's,
@@ -348,17 +346,7 @@ pub fn detach(
     priority: u16,
     names: &[&str],
 ) -> Result<bool, BpfError> {
-    let detached = detach_filter(ifname, direction, priority, names);
-    GENERATION.fetch_add(1, Ordering::Release);
-    detached
-}
-
-fn detach_filter(
-    ifname: &str,
-    direction: TcAttachType,
-    priority: u16,
-    names: &[&str],
-) -> Result<bool, BpfError> {
+    let _bump = BumpGeneration;
     let Some(ifindex) = ifindex(ifname) else {
         return Ok(false);
     };
