@@ -2,14 +2,15 @@
 //!
 //! ```text
 //!  pod k netns                      node netns                      server netns
-//!  eth0 10.99.k.2/24   ──veth──  pn<id>p<k> 10.99.k.1/24
+//!  eth0 10.99.a.b+2/30  ──veth──  pn<id>p<k> 10.99.a.b+1/30
 //!       fd00:99:k::2/64                     fd00:99:k::1/64
-//!  default via 10.99.k.1                    pn<id>s 10.98.0.1/24  ──veth──  eth0 10.98.0.2/24
+//!  default via 10.99.a.b+1                  pn<id>s 10.98.0.1/24  ──veth──  eth0 10.98.0.2/24
 //!                                                   fd00:98::1/64                fd00:98::2/64
 //!                                                                  default via 10.98.0.1
 //! ```
 //!
-//! Addresses are the same in every topology (namespaces do not share addresses), interface
+//! Pod k's IPv4 link is the k-th /30 of 10.99.0.0/16 (`a.b` = 4k: pod 0 is 10.99.0.2, pod 1
+//! 10.99.0.6, pod 64 10.99.1.2). Addresses are the same in every topology (namespaces do not share addresses), interface
 //! names in the node namespace are unique per topology (`pn` + 6 hex digits).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -18,10 +19,14 @@ use anyhow::{bail, Result};
 
 use crate::netns::{unique_ifname, veth, Netns};
 
-/// Most pods a topology can have (one /24 each under 10.99.0.0/16).
-const MAX_PODS: usize = 250;
-/// Pods' IPv4 addresses are `10.99.<k>.2`, their gateway `10.99.<k>.1`.
+/// Most pods a topology can have (one /30 each under 10.99.0.0/16, not
+/// counting the last block's broadcast address).
+const MAX_PODS: usize = 16_383;
+/// Pods' IPv4 links are /30 blocks of `10.99.0.0/16`: pod k's gateway is the
+/// block's first address, the pod its second.
 const POD_NET_V4: [u8; 2] = [10, 99];
+/// Prefix length of a pod's IPv4 link.
+const POD_LINK_V4_LEN: u8 = 30;
 /// Pods' IPv6 addresses are `fd00:99:<k>::2`, their gateway `fd00:99:<k>::1`.
 const POD_NET_V6: [u16; 2] = [0xfd00, 0x99];
 /// The node–server link.
@@ -48,7 +53,7 @@ impl TopologyBuilder {
         self
     }
 
-    /// Number of pods (default 2, at most 250).
+    /// Number of pods (default 2, at most 16,383).
     #[must_use]
     pub fn pods(mut self, pods: usize) -> Self {
         self.pods = pods;
@@ -82,17 +87,20 @@ impl TopologyBuilder {
 
         let mut pods = Vec::with_capacity(self.pods);
         for index in 0..self.pods {
-            // At most MAX_PODS (250), checked above, so the index fits an address octet.
-            let octet = u8::try_from(index)?;
-            let pod = Pod::new(octet, &format!("{}-pod{index}", self.name), &id)?;
+            // At most MAX_PODS, checked above, so the index fits 16 bits.
+            let index = u16::try_from(index)?;
+            let pod = Pod::new(index, &format!("{}-pod{index}", self.name), &id)?;
             veth(
                 &pod.netns,
                 INNER_IF,
-                &[&format!("{}/24", pod.ipv4()), &format!("{}/64", pod.ipv6())],
+                &[
+                    &format!("{}/{POD_LINK_V4_LEN}", pod.ipv4()),
+                    &format!("{}/64", pod.ipv6()),
+                ],
                 &node,
                 &pod.host_if,
                 &[
-                    &format!("{}/24", pod.gateway_ipv4()),
+                    &format!("{}/{POD_LINK_V4_LEN}", pod.gateway_ipv4()),
                     &format!("{}/64", pod.gateway_ipv6()),
                 ],
             )?;
@@ -250,23 +258,29 @@ impl Topology {
 /// A pod: a namespace whose `eth0` is a veth into the node namespace.
 #[derive(Debug)]
 pub struct Pod {
-    octet: u8,
+    index: u16,
     netns: Netns,
     host_if: String,
 }
 
 impl Pod {
-    fn new(octet: u8, prefix: &str, id: &str) -> Result<Self> {
+    fn new(index: u16, prefix: &str, id: &str) -> Result<Self> {
         Ok(Pod {
-            octet,
+            index,
             netns: Netns::new(prefix)?,
-            host_if: format!("{id}p{octet}"),
+            host_if: format!("{id}p{index}"),
         })
     }
 
     /// The pod's index in its topology.
     pub fn index(&self) -> usize {
-        usize::from(self.octet)
+        usize::from(self.index)
+    }
+
+    /// Address `offset` (1 or 2) of the pod's IPv4 /30 link.
+    fn link_v4(&self, offset: u32) -> Ipv4Addr {
+        let base = u32::from(Ipv4Addr::new(POD_NET_V4[0], POD_NET_V4[1], 0, 0));
+        Ipv4Addr::from(base + 4 * u32::from(self.index) + offset)
     }
 
     /// The pod's namespace.
@@ -285,23 +299,15 @@ impl Pod {
         &self.host_if
     }
 
-    /// The pod's IPv4 address, `10.99.<k>.2`.
+    /// The pod's IPv4 address, the second of its /30 (`10.99.0.2` for pod 0, `10.99.0.6`
+    /// for pod 1).
     pub fn ipv4(&self) -> Ipv4Addr {
-        Ipv4Addr::new(POD_NET_V4[0], POD_NET_V4[1], self.octet, 2)
+        self.link_v4(2)
     }
 
     /// The pod's IPv6 address, `fd00:99:<k>::2`.
     pub fn ipv6(&self) -> Ipv6Addr {
-        Ipv6Addr::new(
-            POD_NET_V6[0],
-            POD_NET_V6[1],
-            self.octet.into(),
-            0,
-            0,
-            0,
-            0,
-            2,
-        )
+        Ipv6Addr::new(POD_NET_V6[0], POD_NET_V6[1], self.index, 0, 0, 0, 0, 2)
     }
 
     /// The pod's address of the given family.
@@ -313,22 +319,13 @@ impl Pod {
         }
     }
 
-    /// The pod's IPv4 gateway, the node's end of the veth, `10.99.<k>.1`.
+    /// The pod's IPv4 gateway, the node's end of the veth, the first address of its /30.
     pub fn gateway_ipv4(&self) -> Ipv4Addr {
-        Ipv4Addr::new(POD_NET_V4[0], POD_NET_V4[1], self.octet, 1)
+        self.link_v4(1)
     }
 
     /// The pod's IPv6 gateway, `fd00:99:<k>::1`.
     pub fn gateway_ipv6(&self) -> Ipv6Addr {
-        Ipv6Addr::new(
-            POD_NET_V6[0],
-            POD_NET_V6[1],
-            self.octet.into(),
-            0,
-            0,
-            0,
-            0,
-            1,
-        )
+        Ipv6Addr::new(POD_NET_V6[0], POD_NET_V6[1], self.index, 0, 0, 0, 0, 1)
     }
 }

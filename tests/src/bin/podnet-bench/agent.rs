@@ -1,7 +1,9 @@
-//! The agent as a whole on one node with 250 pods: its memory and CPU idle,
-//! with 10, 100 and 250 endpoints and under sustained DNS and race load; the
-//! ring buffers at the target event rates; and what all of podnet's programs
-//! cost a pod's traffic against the same node without them.
+//! The agent as a whole on one node with 1,100 pods: its memory and CPU idle,
+//! with 10, 100, 250 and 1,000 endpoints and under sustained DNS and race
+//! load; the ring buffers at the target event rates; how soon a burst of 100
+//! new pods gets its programs, with tcx links and with classic tc filters; and
+//! what all of podnet's programs cost a pod's traffic against the same node
+//! without them.
 
 use std::{
     net::SocketAddr,
@@ -19,10 +21,15 @@ use podnet_tests::{
 };
 use serde_json::{json, Value};
 
-/// Pods on the simulated node (the most a topology has).
-const PODS: usize = 250;
-/// Endpoint counts whose cost is compared.
-const ENDPOINT_STEPS: [usize; 3] = [10, 100, 250];
+use crate::burst;
+
+/// Endpoint counts whose cost is compared; the last is the node's size
+/// before a burst.
+const ENDPOINT_STEPS: [usize; 4] = [10, 100, 250, 1000];
+/// New pods registered at once on top of the largest step.
+const BURST: usize = 100;
+/// Pods on the simulated node: the largest step and the burst.
+const PODS: usize = ENDPOINT_STEPS[ENDPOINT_STEPS.len() - 1] + BURST;
 /// Target rates: races per second and DNS queries per second.
 const RACE_RATE: u64 = 10_000;
 const DNS_RATE: u64 = 20_000;
@@ -59,7 +66,9 @@ pub fn run() -> Result<Value> {
         steps.push(endpoint_step(&topo, &agent, pid, n)?);
     }
     let load = sustained_load(&topo, &agent)?;
+    let burst_tcx = add_burst(&topo, &agent)?;
     drop(agent);
+    let burst_tc = classic_tc_burst(&topo)?;
     let overhead = all_programs_versus_none(&topo, &server_ip)?;
     drop(servers);
     Ok(json!({
@@ -68,6 +77,7 @@ pub fn run() -> Result<Value> {
         "idle": proc_json(&idle),
         "endpoints": steps,
         "load": load,
+        "burst": { "tcx": burst_tcx, "tc": burst_tc },
         "overhead": overhead,
     }))
 }
@@ -145,6 +155,38 @@ fn endpoint_step(topo: &Topology, agent: &Agent, pid: u32, n: usize) -> Result<V
     }))
 }
 
+/// [`BURST`] pods registered through the API, as podnet-cni's ADDs, on top of
+/// the largest step's endpoints.
+fn add_burst(topo: &Topology, agent: &Agent) -> Result<Value> {
+    let base = ENDPOINT_STEPS[ENDPOINT_STEPS.len() - 1];
+    let pods: Vec<_> = topo.pods()[base..base + BURST].iter().collect();
+    let burst = burst::run(topo, agent, &pods)?;
+    eprintln!(
+        "agent: burst of {BURST} ADDs at {base} endpoints: {}",
+        burst.to_json()
+    );
+    Ok(burst.to_json())
+}
+
+/// The largest step again with the programs as classic tc filters (kernels
+/// before 6.6): time to attach them all from the agent's start, then a burst.
+fn classic_tc_burst(topo: &Topology) -> Result<Value> {
+    let base = ENDPOINT_STEPS[ENDPOINT_STEPS.len() - 1];
+    let specs: Vec<_> = endpoints(topo, base).into_iter().take(base).collect();
+    let start = Instant::now();
+    let agent = Agent::start_with(
+        topo.node(),
+        &specs,
+        &["--dns-timeout", "1s", "--tc-attach", "tc"],
+    )?;
+    wait_dns_links(&agent, 2 * base, Duration::from_mins(5))?;
+    let attach = start.elapsed().as_secs_f64();
+    eprintln!("agent: classic tc, {base} endpoints attached {attach:.2} s after the start");
+    let mut burst = add_burst(topo, &agent)?;
+    burst["attach_all_seconds"] = json!(attach);
+    Ok(burst)
+}
+
 /// Run time per run of the DNS programs (all of them, summed) while pod 0
 /// sends 20,000 non-DNS datagrams, from the kernel's statistics.
 fn dns_program_cost(topo: &Topology, agent: &Agent) -> Result<f64> {
@@ -180,7 +222,7 @@ fn dns_program_cost(topo: &Topology, agent: &Agent) -> Result<f64> {
         .context("the DNS programs did not run")
 }
 
-/// 250 endpoints, races at [`RACE_RATE`] and DNS queries at [`DNS_RATE`]
+/// The largest step's endpoints, races at [`RACE_RATE`] and DNS queries at [`DNS_RATE`]
 /// (every answer NXDOMAIN, so every answer is a ring-buffer event) for
 /// [`LOAD_SECONDS`]: events lost, counts against the kernel's, memory and CPU.
 fn sustained_load(topo: &Topology, agent: &Agent) -> Result<Value> {

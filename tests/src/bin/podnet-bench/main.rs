@@ -4,6 +4,7 @@
 //! Every figure compares configurations measured in the same run.
 
 mod agent;
+mod burst;
 
 use std::{
     net::{IpAddr, SocketAddr},

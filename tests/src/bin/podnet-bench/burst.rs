@@ -1,0 +1,154 @@
+//! A burst of CNI ADDs on a node that already has many endpoints: how long
+//! after each `endpoint.add` (the call podnet-cni makes for a new pod) the
+//! kernel shows the pod's DNS programs on both hooks of its interface.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use podnet::dns::attach::{hook_program_ids, Direction};
+use podnet_tests::{in_netns, Agent, Pod, Topology};
+use serde_json::{json, Value};
+
+/// Longest the burst's pods may take to show their programs.
+const BURST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Latencies of one burst, in milliseconds, in the order of the ADDs.
+pub struct Burst {
+    /// From the start of each pod's `endpoint.add` to both its hooks holding a program.
+    pub attach_ms: Vec<f64>,
+    /// How long each `endpoint.add` call took to answer.
+    pub call_ms: Vec<f64>,
+}
+
+impl Burst {
+    /// Percentiles and the worst case, as JSON.
+    pub fn to_json(&self) -> Value {
+        json!({
+            "adds": self.attach_ms.len(),
+            "attach_ms": summary(&self.attach_ms),
+            "call_ms": summary(&self.call_ms),
+        })
+    }
+}
+
+fn summary(values: &[f64]) -> Value {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let at = |q: f64| {
+        if sorted.is_empty() {
+            return f64::NAN;
+        }
+        // Nearest rank: the smallest value with at least q of the values at or below it.
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1]
+    };
+    json!({ "p50": at(0.5), "p99": at(0.99), "max": at(1.0) })
+}
+
+/// Registers `pods` one after another through the agent's API, as podnet-cni
+/// does on ADD, while a watcher in the node namespace asks the kernel every
+/// millisecond which of their interfaces hold a program on both hooks.
+pub fn run(topo: &Topology, agent: &Agent, pods: &[&Pod]) -> Result<Burst> {
+    let interfaces: Vec<String> = pods.iter().map(|p| p.host_if().to_owned()).collect();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<(usize, Instant)>();
+    let watcher_interfaces = interfaces.clone();
+    let node = topo.node();
+    let (seen, call_ms) = std::thread::scope(|scope| -> Result<_> {
+        let watcher = scope.spawn(move || {
+            in_netns(node, move || watch(&watcher_interfaces, &started_rx))
+                .and_then(std::convert::identity)
+        });
+        let mut call_ms = Vec::with_capacity(pods.len());
+        for (i, pod) in pods.iter().enumerate() {
+            let start = Instant::now();
+            // The watcher is told first, so no attachment can be seen before its start is known.
+            started_tx
+                .send((i, start))
+                .context("burst watcher stopped")?;
+            agent.api("endpoint.add", add_params(pod))?;
+            call_ms.push(ms(start.elapsed()));
+        }
+        drop(started_tx);
+        let seen = watcher
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+        Ok((seen, call_ms))
+    })?;
+    Ok(Burst {
+        attach_ms: seen,
+        call_ms,
+    })
+}
+
+/// The `endpoint.add` parameters podnet-cni would send for `pod`.
+fn add_params(pod: &Pod) -> Value {
+    json!({
+        "command": "ADD",
+        "endpoint": {
+            "containerId": format!("burst{}", pod.index()),
+            "ifName": "eth0",
+            "network": "podnet",
+            "netns": pod.netns().path().to_string_lossy(),
+            "namespace": "burst",
+            "pod": format!("pod{}", pod.index()),
+            "podUid": format!("uid-{}", pod.index()),
+            "interface": pod.host_if(),
+            "ips": [pod.ipv4().to_string()],
+        }
+    })
+}
+
+/// Until every interface holds programs on both hooks: per interface, the
+/// time from its ADD's start to the first sweep that saw both.
+fn watch(
+    interfaces: &[String],
+    started: &std::sync::mpsc::Receiver<(usize, Instant)>,
+) -> Result<Vec<f64>> {
+    let mut starts: BTreeMap<usize, Instant> = BTreeMap::new();
+    let mut seen: BTreeMap<usize, f64> = BTreeMap::new();
+    let deadline = Instant::now() + BURST_TIMEOUT;
+    while seen.len() < interfaces.len() {
+        while let Ok((i, at)) = started.try_recv() {
+            starts.insert(i, at);
+        }
+        for (&i, at) in &starts {
+            if seen.contains_key(&i) {
+                continue;
+            }
+            if attached(&interfaces[i])? {
+                seen.insert(i, ms(at.elapsed()));
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} of {} interfaces still without DNS programs after {BURST_TIMEOUT:?}",
+                interfaces.len() - seen.len(),
+                interfaces.len()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(seen.into_values().collect())
+}
+
+/// Whether both hooks of `ifname` hold a program (tcx link or classic filter).
+fn attached(ifname: &str) -> Result<bool> {
+    for direction in Direction::BOTH {
+        if hook_program_ids(ifname, direction)?.is_empty() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
