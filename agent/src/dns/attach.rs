@@ -12,11 +12,18 @@
 //! [`tc::DNS_PRIORITY`] that carry a DNS program's name are the record: the
 //! same names describe them, they are found by listing the namespace's
 //! interfaces, adopted when their instructions are ours, replaced in place
-//! otherwise, and deleted when their endpoint goes.
+//! otherwise, and deleted when their endpoint goes. Listing costs a netlink
+//! dump per interface and hook, so a reconcile works from what the last
+//! listing found plus this process's own changes, and lists again only every
+//! [`FILTER_LISTING_EVERY`] (a filter removed by hand comes back then).
+//!
+//! Interface indexes are looked up through one socket the attacher keeps
+//! ([`IfIndexes`]): with a thousand pods a reconcile checks two thousand.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use aya::programs::{
@@ -28,10 +35,13 @@ use aya::programs::{
 use serde::Serialize;
 
 use super::tracer::DnsTracer;
-use crate::bpf::{
-    link::Attachment,
-    tc::{self, TcMode},
-    BpfError,
+use crate::{
+    bpf::{
+        link::Attachment,
+        tc::{self, TcMode},
+        BpfError,
+    },
+    sys::ifindex::IfIndexes,
 };
 use podnet_common::dns::programs;
 
@@ -187,6 +197,20 @@ pub struct Attacher {
     /// attached) by this process.
     known: BTreeSet<String>,
     mode: TcMode,
+    /// Classic mode: podnet's DNS filters as last listed, with this
+    /// process's attaches and detaches since.
+    filters: Option<FilterCache>,
+    indexes: IfIndexes,
+}
+
+/// How often classic mode lists every interface's filters again.
+pub const FILTER_LISTING_EVERY: Duration = Duration::from_secs(30);
+
+/// Classic mode's view of its filters between two listings.
+#[derive(Debug)]
+struct FilterCache {
+    listed_at: Instant,
+    filters: Vec<PinName>,
 }
 
 /// The DNS programs that run as classic filters.
@@ -202,10 +226,11 @@ const FILTER_PROGRAMS: [&str; 4] = [
 fn uncovered(
     desired: &BTreeMap<String, Role>,
     covered: &BTreeSet<(String, Direction)>,
+    indexes: &IfIndexes,
 ) -> Vec<PinName> {
     let mut missing = Vec::new();
     for (ifname, role) in desired {
-        let Some(index) = ifindex(ifname) else {
+        let Some(index) = indexes.get(ifname) else {
             continue;
         };
         for direction in Direction::BOTH {
@@ -245,6 +270,9 @@ impl Attacher {
             dir,
             known: BTreeSet::new(),
             mode,
+            filters: None,
+            indexes: IfIndexes::open()
+                .map_err(|e| BpfError::program("interface lookups", format!("socket: {e}")))?,
         };
         if mode == TcMode::Tc {
             for pin in attacher.pinned()? {
@@ -380,7 +408,7 @@ impl Attacher {
             let file = pin.file_name();
             let path = self.dir.join(&file);
             let wanted = desired.get(&pin.ifname) == Some(&pin.role)
-                && ifindex(&pin.ifname) == Some(pin.ifindex);
+                && self.indexes.get(&pin.ifname) == Some(pin.ifindex);
             if !wanted {
                 // Removing the last reference detaches the link (or frees it
                 // if its interface is gone).
@@ -414,7 +442,7 @@ impl Attacher {
             covered.insert((pin.ifname.clone(), pin.direction));
             self.known.insert(file);
         }
-        for pin in uncovered(desired, &covered) {
+        for pin in uncovered(desired, &covered, &self.indexes) {
             let file = pin.file_name();
             match self.attach(tracer, &pin) {
                 Ok(()) => {
@@ -430,6 +458,27 @@ impl Attacher {
         Ok(report)
     }
 
+    /// Classic mode's filters: listed when the last listing is older than
+    /// [`FILTER_LISTING_EVERY`], else the cached ones whose interface still
+    /// has the same index (a deleted interface took its filters with it).
+    fn observed_filters(&self) -> Result<(Vec<PinName>, Instant), BpfError> {
+        match &self.filters {
+            Some(cache) if cache.listed_at.elapsed() < FILTER_LISTING_EVERY => Ok((
+                cache
+                    .filters
+                    .iter()
+                    .filter(|p| self.indexes.get(&p.ifname) == Some(p.ifindex))
+                    .cloned()
+                    .collect(),
+                cache.listed_at,
+            )),
+            _ => Ok((
+                Self::filters()?.into_iter().map(|(p, _)| p).collect(),
+                Instant::now(),
+            )),
+        }
+    }
+
     /// [`Attacher::reconcile`] in classic mode: what the kernel lists is the
     /// observed state (filters cannot be pinned).
     fn reconcile_filters(
@@ -439,11 +488,15 @@ impl Attacher {
     ) -> Result<ReconcileReport, BpfError> {
         let mut report = ReconcileReport::default();
         let mut covered: BTreeSet<(String, Direction)> = BTreeSet::new();
-        let observed = Self::filters()?;
-        let names: BTreeSet<String> = observed.iter().map(|(p, _)| p.file_name()).collect();
+        let (observed, listed_at) = self.observed_filters()?;
+        // Drop the cache until this reconcile's outcome replaces it: an error
+        // below must leave the next reconcile listing again.
+        self.filters = None;
+        let mut in_place = Vec::with_capacity(observed.len());
+        let names: BTreeSet<String> = observed.iter().map(PinName::file_name).collect();
         // Interfaces that went away took their filters with them.
         self.known.retain(|f| names.contains(f));
-        for (pin, _) in observed {
+        for pin in observed {
             let file = pin.file_name();
             if desired.get(&pin.ifname) != Some(&pin.role) {
                 let name = pin.role.program(pin.direction);
@@ -459,6 +512,7 @@ impl Attacher {
             }
             covered.insert((pin.ifname.clone(), pin.direction));
             if self.known.contains(&file) {
+                in_place.push(pin);
                 continue;
             }
             match Self::attach_filter(tracer, &pin) {
@@ -468,17 +522,20 @@ impl Attacher {
                 Err(e) => {
                     tracing::warn!(filter = %file, error = %e, "cannot adopt DNS tc filter; retrying later");
                     report.failed.push(file);
+                    in_place.push(pin);
                     continue;
                 }
             }
             self.known.insert(file);
+            in_place.push(pin);
         }
-        for pin in uncovered(desired, &covered) {
+        for pin in uncovered(desired, &covered, &self.indexes) {
             let file = pin.file_name();
             match Self::attach_filter(tracer, &pin) {
                 Ok(_) => {
                     self.known.insert(file.clone());
                     report.attached.push(file);
+                    in_place.push(pin);
                 }
                 Err(e) => {
                     tracing::warn!(filter = %file, error = %e, "attaching DNS tc filter failed; retrying later");
@@ -486,6 +543,10 @@ impl Attacher {
                 }
             }
         }
+        self.filters = Some(FilterCache {
+            listed_at,
+            filters: in_place,
+        });
         Ok(report)
     }
 

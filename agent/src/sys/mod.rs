@@ -1,7 +1,8 @@
 //! The system calls the agent makes from more than one subsystem, one
-//! blocking netlink request loop ([`netlink`]), and work in another network
-//! namespace ([`netns`]).
+//! blocking netlink request loop ([`netlink`]), work in another network
+//! namespace ([`netns`]), and interface indexes by name ([`ifindex`]).
 
+pub mod ifindex;
 pub mod netlink;
 pub mod netns;
 

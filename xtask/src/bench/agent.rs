@@ -62,15 +62,106 @@ pub fn render(doc: &mut String, v: &Value) -> Result<()> {
          sends 20,000 non-DNS datagrams (`kernel.bpf_stats_enabled=1`): the programs run per \
          packet on one interface, so their cost does not grow with the number of endpoints."
     )?;
-    render_load(doc, &a["load"])?;
+    let largest = a["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s["endpoints"].as_u64())
+        .max()
+        .unwrap_or(0);
+    render_load(doc, &a["load"], largest)?;
+    render_adds(doc, a, largest)?;
     render_overhead(doc, &a["overhead"])
 }
 
-fn render_load(doc: &mut String, l: &Value) -> Result<()> {
+/// The ADD series: single ADDs and a burst, with tcx links and classic filters.
+fn render_adds(doc: &mut String, a: &Value, largest: u64) -> Result<()> {
+    let adds = &a["adds"];
+    if adds.is_null() {
+        return Ok(());
+    }
+    let tcx_all = a["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["endpoints"].as_u64() == Some(largest))
+        .map_or(f64::NAN, |s| num(&s["attach_seconds"]));
+    writeln!(
+        doc,
+        "\n### New pods on a node with {largest} endpoints: from the CNI ADD to the programs in \
+         place\n\nEach new pod is registered through the agent's API as podnet-cni does on ADD \
+         (`endpoint.add`); a watcher in the node namespace asks the kernel every millisecond \
+         whether both hooks of the pod's interface hold a program. First {} pods {} ms apart, \
+         then {} back to back; each series is deleted again afterwards. Times in ms from the \
+         start of the pod's `endpoint.add`.\n",
+        adds["tcx"]["single"]["adds"],
+        num(&adds["tcx"]["single"]["spacing_ms"]),
+        adds["tcx"]["burst"]["adds"],
+    )?;
+    writeln!(
+        doc,
+        "| attach mode | all {largest} endpoints attached (2 hooks each) | single ADDs: p50 / p99 / max | burst: p50 / p99 / max | burst, first ADD to last pod attached | `endpoint.add` call p50 / p99 (burst) |"
+    )?;
+    writeln!(doc, "|---|---|---|---|---|---|")?;
+    for (label, mode, all) in [
+        ("tcx links", "tcx", tcx_all),
+        (
+            "classic tc filters",
+            "tc",
+            num(&adds["tc"]["attach_all_seconds"]),
+        ),
+    ] {
+        let m = &adds[mode];
+        let trio = |v: &Value| {
+            format!(
+                "{:.1} / {:.1} / {:.1}",
+                num(&v["p50"]),
+                num(&v["p99"]),
+                num(&v["max"])
+            )
+        };
+        writeln!(
+            doc,
+            "| {label} | {all:.2} s | {} | {} | {:.0} ms | {:.1} / {:.1} |",
+            trio(&m["single"]["attach_ms"]),
+            trio(&m["burst"]["attach_ms"]),
+            num(&m["burst"]["total_ms"]),
+            num(&m["burst"]["call_ms"]["p50"]),
+            num(&m["burst"]["call_ms"]["p99"]),
+        )?;
+    }
+    explain_adds(doc, adds, largest, tcx_all)
+}
+
+/// What the ADD series' figures mean per hook, and why tcx is slower.
+fn explain_adds(doc: &mut String, adds: &Value, largest: u64, tcx_all: f64) -> Result<()> {
+    let links = 2.0 * f64::from(u32::try_from(largest).unwrap_or(0));
+    let tcx_detach = num(&adds["tcx"]["detach_all_seconds"]);
+    writeln!(
+        doc,
+        "\nPer hook, attaching all {largest} endpoints cost {:.1} ms as a tcx link and {:.1} ms as \
+         a classic filter; when the tcx agent stopped, its {links:.0} links took {tcx_detach:.1} s \
+         to leave the kernel ({:.1} ms each). The agent's own share is small and flat (one \
+         reconcile per change, interface indexes through one socket, classic filters from a cache \
+         listed again every 30 s); the rest is the kernel's: attaching or detaching a tcx link \
+         swaps the hook's program array under RTNL and waits for an RCU grace period \
+         (`tcx_entry_sync`, `synchronize_rcu`) before returning, so a pod's two hooks cost two \
+         grace periods and a burst's attachments queue one after another behind the RTNL lock. A \
+         classic `bpf` filter is published without waiting. A burst therefore gets its programs at \
+         the kernel's pace, about one pod per two grace periods with tcx; see the README's notes \
+         on `--tc-attach` for nodes that start pods in large bursts.",
+        1e3 * tcx_all / links,
+        1e3 * num(&adds["tc"]["attach_all_seconds"]) / links,
+        1e3 * tcx_detach / links,
+    )?;
+    Ok(())
+}
+
+fn render_load(doc: &mut String, l: &Value, endpoints: u64) -> Result<()> {
     let (r, d, agent) = (&l["races"], &l["dns"], &l["agent"]);
     writeln!(
         doc,
-        "\n### Sustained load, {} s, 250 endpoints\n\nInsert races (pod 1 against pod 0's held \
+        "\n### Sustained load, {} s, {endpoints} endpoints\n\nInsert races (pod 1 against pod 0's held \
          SNAT port) and DNS queries from 4 pods to dnsmasq, every answer NXDOMAIN (so every \
          answer is a ring-buffer event), at the same time.\n",
         num(&l["seconds"])

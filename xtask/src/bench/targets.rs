@@ -167,13 +167,14 @@ fn agent_figures(a: &Value, out: &mut Vec<Figure>) {
         });
     }
     let idle = num(&a["idle"]["rss_kib"]);
-    let with_250 = a["endpoints"]
+    let steps = a["endpoints"]
         .as_array()
-        .and_then(|s| s.iter().find(|s| s["endpoints"] == 250))
-        .and_then(|s| num(&s["at_rest"]["rss_kib"]));
-    if let Some(rss) = with_250 {
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    let largest = steps.iter().max_by_key(|s| s["endpoints"].as_u64());
+    if let Some(rss) = largest.and_then(|s| num(&s["at_rest"]["rss_kib"])) {
         out.push(Figure {
-            name: "agent RSS with 250 endpoints, at rest",
+            name: "agent RSS with 1,000 endpoints, at rest",
             value: rss,
             unit: "KiB",
             baseline: idle.map(|i| ("RSS idle, no endpoint (KiB)", i)),
@@ -184,7 +185,7 @@ fn agent_figures(a: &Value, out: &mut Vec<Figure>) {
     let load = &a["load"];
     if let Some(rss) = num(&load["agent"]["rss_max_kib"]) {
         out.push(Figure {
-            name: "agent RSS with 250 endpoints under DNS and race load (max)",
+            name: "agent RSS with 1,000 endpoints under DNS and race load (max)",
             value: rss,
             unit: "KiB",
             baseline: idle.map(|i| ("RSS idle, no endpoint (KiB)", i)),
@@ -192,6 +193,32 @@ fn agent_figures(a: &Value, out: &mut Vec<Figure>) {
             met: rss < 40_960.0,
         });
     }
+    if let Some(cpu) = num(&load["agent"]["cpu_percent"]) {
+        out.push(Figure {
+            name: "agent CPU with 1,000 endpoints under DNS and race load",
+            value: cpu,
+            unit: "% of a core",
+            baseline: largest
+                .and_then(|s| num(&s["at_rest"]["cpu_percent"]))
+                .map(|c| ("% of a core at rest, same endpoints", c)),
+            target: "< 3 %",
+            met: cpu < 3.0,
+        });
+    }
+    let smallest = steps.iter().min_by_key(|s| s["endpoints"].as_u64());
+    if let Some(ms) = largest.and_then(|s| num(&s["scrape_ms_median"])) {
+        out.push(Figure {
+            name: "/metrics scrape with 1,000 endpoints (median of 5)",
+            value: ms,
+            unit: "ms",
+            baseline: smallest
+                .and_then(|s| num(&s["scrape_ms_median"]))
+                .map(|b| ("ms with 10 endpoints", b)),
+            target: "< 5 ms",
+            met: ms < 5.0,
+        });
+    }
+    add_figures(&a["adds"], out);
     for (kind, label, target_rate) in [
         ("races", "race events lost at 10,000 races/s", 10_000.0),
         (
@@ -215,6 +242,37 @@ fn agent_figures(a: &Value, out: &mut Vec<Figure>) {
     }
 }
 
+/// Time from a new pod's ADD to its programs in place, per attach mode.
+fn add_figures(adds: &Value, out: &mut Vec<Figure>) {
+    for (mode, single, burst) in [
+        (
+            "tcx",
+            "new pod's DNS programs attached after its ADD, p99 (tcx, 1,000 endpoints)",
+            "burst of 100 ADDs: programs attached after each ADD, p99 (tcx, 1,000 endpoints)",
+        ),
+        (
+            "tc",
+            "new pod's DNS programs attached after its ADD, p99 (classic tc, 1,000 endpoints)",
+            "burst of 100 ADDs: programs attached after each ADD, p99 (classic tc, 1,000 endpoints)",
+        ),
+    ] {
+        let adds = &adds[mode];
+        for (name, series) in [(single, "single"), (burst, "burst")] {
+            if let Some(p99) = num(&adds[series]["attach_ms"]["p99"]) {
+                out.push(Figure {
+                    name,
+                    value: p99,
+                    unit: "ms",
+                    baseline: num(&adds[series]["call_ms"]["p99"])
+                        .map(|c| ("endpoint.add call p99 (ms)", c)),
+                    target: "< 50 ms",
+                    met: p99 < 50.0,
+                });
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,10 +281,13 @@ mod tests {
     fn targets_are_judged_from_the_figures() {
         let agent = json!({"agent": {
             "idle": {"rss_kib": 16000},
-            "endpoints": [{"endpoints": 250, "at_rest": {"rss_kib": 41000}}],
+            "endpoints": [{"endpoints": 10, "scrape_ms_median": 1.5},
+                          {"endpoints": 1000, "at_rest": {"rss_kib": 41000}, "scrape_ms_median": 4.0}],
             "overhead": {"throughput_ratio": 0.98, "latency_ratio": 1.01,
                          "none": {"mean_gbit_per_s": 18.0, "mean_latency_us": 30.0}},
-            "load": {"agent": {"rss_max_kib": 30000},
+            "adds": {"tcx": {"single": {"attach_ms": {"p99": 40.0}, "call_ms": {"p99": 5.0}},
+                             "burst": {"attach_ms": {"p99": 900.0}}}},
+            "load": {"agent": {"rss_max_kib": 30000, "cpu_percent": 3.5},
                      "races": {"events_lost": 0, "per_second": 9999.0, "events_received": 5},
                      "dns": {"events_lost": 3, "per_second": 20000.0, "events_received": 5}},
         }});
@@ -243,10 +304,20 @@ mod tests {
                     "all programs attached: sockperf latency / none (median of rounds)",
                     true
                 ),
-                ("agent RSS with 250 endpoints, at rest", false),
+                ("agent RSS with 1,000 endpoints, at rest", false),
                 (
-                    "agent RSS with 250 endpoints under DNS and race load (max)",
+                    "agent RSS with 1,000 endpoints under DNS and race load (max)",
                     true
+                ),
+                ("agent CPU with 1,000 endpoints under DNS and race load", false),
+                ("/metrics scrape with 1,000 endpoints (median of 5)", true),
+                (
+                    "new pod's DNS programs attached after its ADD, p99 (tcx, 1,000 endpoints)",
+                    true
+                ),
+                (
+                    "burst of 100 ADDs: programs attached after each ADD, p99 (tcx, 1,000 endpoints)",
+                    false
                 ),
                 ("race events lost at 10,000 races/s", true),
                 (

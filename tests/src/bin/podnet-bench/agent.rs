@@ -28,6 +28,9 @@ use crate::burst;
 const ENDPOINT_STEPS: [usize; 4] = [10, 100, 250, 1000];
 /// New pods registered at once on top of the largest step.
 const BURST: usize = 100;
+/// New pods registered one at a time before the burst, and how far apart.
+const SINGLES: usize = 20;
+const SINGLE_SPACING: Duration = Duration::from_millis(250);
 /// Pods on the simulated node: the largest step and the burst.
 const PODS: usize = ENDPOINT_STEPS[ENDPOINT_STEPS.len() - 1] + BURST;
 /// Target rates: races per second and DNS queries per second.
@@ -66,9 +69,17 @@ pub fn run() -> Result<Value> {
         steps.push(endpoint_step(&topo, &agent, pid, n)?);
     }
     let load = sustained_load(&topo, &agent)?;
-    let burst_tcx = add_burst(&topo, &agent)?;
+    let mut adds_tcx = add_series(&topo, &agent)?;
     drop(agent);
-    let burst_tc = classic_tc_burst(&topo)?;
+    // The links go with the agent's pins; each detach waits for the kernel
+    // as each attach did, so the next agent starts only once they are gone.
+    let largest: Vec<_> = topo.pods()[..ENDPOINT_STEPS[ENDPOINT_STEPS.len() - 1]]
+        .iter()
+        .collect();
+    let detach = burst::wait_detached(&topo, &largest)?.as_secs_f64();
+    eprintln!("agent: stopped; its links left the kernel in {detach:.2} s");
+    adds_tcx["detach_all_seconds"] = json!(detach);
+    let adds_tc = classic_tc_series(&topo)?;
     let overhead = all_programs_versus_none(&topo, &server_ip)?;
     drop(servers);
     Ok(json!({
@@ -77,7 +88,7 @@ pub fn run() -> Result<Value> {
         "idle": proc_json(&idle),
         "endpoints": steps,
         "load": load,
-        "burst": { "tcx": burst_tcx, "tc": burst_tc },
+        "adds": { "tcx": adds_tcx, "tc": adds_tc },
         "overhead": overhead,
     }))
 }
@@ -155,36 +166,43 @@ fn endpoint_step(topo: &Topology, agent: &Agent, pid: u32, n: usize) -> Result<V
     }))
 }
 
-/// [`BURST`] pods registered through the API, as podnet-cni's ADDs, on top of
-/// the largest step's endpoints.
-fn add_burst(topo: &Topology, agent: &Agent) -> Result<Value> {
+/// New pods registered through the API, as podnet-cni's ADDs, on top of the
+/// largest step's endpoints: [`SINGLES`] of them [`SINGLE_SPACING`] apart,
+/// then [`BURST`] back to back. Each pod is removed again after its series.
+fn add_series(topo: &Topology, agent: &Agent) -> Result<Value> {
     let base = ENDPOINT_STEPS[ENDPOINT_STEPS.len() - 1];
     let pods: Vec<_> = topo.pods()[base..base + BURST].iter().collect();
-    let burst = burst::run(topo, agent, &pods)?;
+    let singles = burst::run(topo, agent, &pods[..SINGLES], SINGLE_SPACING)?;
+    eprintln!(
+        "agent: {SINGLES} single ADDs at {base} endpoints: {}",
+        singles.to_json()
+    );
+    burst::remove(topo, agent, &pods[..SINGLES])?;
+    let burst = burst::run(topo, agent, &pods, Duration::ZERO)?;
     eprintln!(
         "agent: burst of {BURST} ADDs at {base} endpoints: {}",
         burst.to_json()
     );
-    Ok(burst.to_json())
+    burst::remove(topo, agent, &pods)?;
+    Ok(json!({ "single": singles.to_json(), "burst": burst.to_json() }))
 }
 
 /// The largest step again with the programs as classic tc filters (kernels
-/// before 6.6): time to attach them all from the agent's start, then a burst.
-fn classic_tc_burst(topo: &Topology) -> Result<Value> {
+/// before 6.6): time to attach them all through the endpoints file, then the
+/// same series of ADDs.
+fn classic_tc_series(topo: &Topology) -> Result<Value> {
     let base = ENDPOINT_STEPS[ENDPOINT_STEPS.len() - 1];
     let specs: Vec<_> = endpoints(topo, base).into_iter().take(base).collect();
-    let start = Instant::now();
     let agent = Agent::start_with(
         topo.node(),
-        &specs,
+        &[],
         &["--dns-timeout", "1s", "--tc-attach", "tc"],
     )?;
-    wait_dns_links(&agent, 2 * base, Duration::from_mins(5))?;
-    let attach = start.elapsed().as_secs_f64();
-    eprintln!("agent: classic tc, {base} endpoints attached {attach:.2} s after the start");
-    let mut burst = add_burst(topo, &agent)?;
-    burst["attach_all_seconds"] = json!(attach);
-    Ok(burst)
+    let attach = set_endpoints(&agent, &specs, Duration::from_mins(5))?.as_secs_f64();
+    eprintln!("agent: classic tc, {base} endpoints attached in {attach:.2} s");
+    let mut series = add_series(topo, &agent)?;
+    series["attach_all_seconds"] = json!(attach);
+    Ok(series)
 }
 
 /// Run time per run of the DNS programs (all of them, summed) while pod 0

@@ -1,6 +1,7 @@
-//! A burst of CNI ADDs on a node that already has many endpoints: how long
-//! after each `endpoint.add` (the call podnet-cni makes for a new pod) the
-//! kernel shows the pod's DNS programs on both hooks of its interface.
+//! CNI ADDs on a node that already has many endpoints, one at a time or in a
+//! burst: how long after each `endpoint.add` (the call podnet-cni makes for a
+//! new pod) the kernel shows the pod's DNS programs on both hooks of its
+//! interface.
 
 use std::{
     collections::BTreeMap,
@@ -14,13 +15,19 @@ use serde_json::{json, Value};
 
 /// Longest the burst's pods may take to show their programs.
 const BURST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a thousand pods' programs may take to leave the kernel.
+const DETACH_TIMEOUT: Duration = Duration::from_mins(3);
 
-/// Latencies of one burst, in milliseconds, in the order of the ADDs.
+/// Latencies of one series of ADDs, in milliseconds, in the order of the ADDs.
 pub struct Burst {
     /// From the start of each pod's `endpoint.add` to both its hooks holding a program.
     pub attach_ms: Vec<f64>,
     /// How long each `endpoint.add` call took to answer.
     pub call_ms: Vec<f64>,
+    /// From the first ADD's start until the last pod had its programs.
+    pub total_ms: f64,
+    /// How far apart the ADDs started (zero: back to back).
+    pub spacing: Duration,
 }
 
 impl Burst {
@@ -30,6 +37,8 @@ impl Burst {
             "adds": self.attach_ms.len(),
             "attach_ms": summary(&self.attach_ms),
             "call_ms": summary(&self.call_ms),
+            "total_ms": self.total_ms,
+            "spacing_ms": ms(self.spacing),
         })
     }
 }
@@ -54,13 +63,15 @@ fn summary(values: &[f64]) -> Value {
 }
 
 /// Registers `pods` one after another through the agent's API, as podnet-cni
-/// does on ADD, while a watcher in the node namespace asks the kernel every
-/// millisecond which of their interfaces hold a program on both hooks.
-pub fn run(topo: &Topology, agent: &Agent, pods: &[&Pod]) -> Result<Burst> {
+/// does on ADD, `spacing` apart (back to back when zero), while a watcher in
+/// the node namespace asks the kernel every millisecond which of their
+/// interfaces hold a program on both hooks.
+pub fn run(topo: &Topology, agent: &Agent, pods: &[&Pod], spacing: Duration) -> Result<Burst> {
     let interfaces: Vec<String> = pods.iter().map(|p| p.host_if().to_owned()).collect();
     let (started_tx, started_rx) = std::sync::mpsc::channel::<(usize, Instant)>();
     let watcher_interfaces = interfaces.clone();
     let node = topo.node();
+    let first = Instant::now();
     let (seen, call_ms) = std::thread::scope(|scope| -> Result<_> {
         let watcher = scope.spawn(move || {
             in_netns(node, move || watch(&watcher_interfaces, &started_rx))
@@ -68,6 +79,11 @@ pub fn run(topo: &Topology, agent: &Agent, pods: &[&Pod]) -> Result<Burst> {
         });
         let mut call_ms = Vec::with_capacity(pods.len());
         for (i, pod) in pods.iter().enumerate() {
+            // The i-th ADD starts `i * spacing` after the first, or at once when late.
+            let due = first + spacing * u32::try_from(i)?;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
             let start = Instant::now();
             // The watcher is told first, so no attachment can be seen before its start is known.
             started_tx
@@ -82,9 +98,12 @@ pub fn run(topo: &Topology, agent: &Agent, pods: &[&Pod]) -> Result<Burst> {
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
         Ok((seen, call_ms))
     })?;
+    let total_ms = ms(first.elapsed());
     Ok(Burst {
         attach_ms: seen,
         call_ms,
+        total_ms,
+        spacing,
     })
 }
 
@@ -93,7 +112,7 @@ fn add_params(pod: &Pod) -> Value {
     json!({
         "command": "ADD",
         "endpoint": {
-            "containerId": format!("burst{}", pod.index()),
+            "containerId": container_id(pod),
             "ifName": "eth0",
             "network": "podnet",
             "netns": pod.netns().path().to_string_lossy(),
@@ -151,4 +170,51 @@ fn attached(ifname: &str) -> Result<bool> {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// Deletes the endpoints [`run`] registered for `pods` (podnet-cni's DEL) and
+/// waits until the kernel shows no program on their hooks.
+pub fn remove(topo: &Topology, agent: &Agent, pods: &[&Pod]) -> Result<()> {
+    for pod in pods {
+        agent.api(
+            "endpoint.del",
+            json!({
+                "command": "DEL",
+                "containerId": container_id(pod),
+                "ifName": "eth0",
+                "network": "podnet",
+            }),
+        )?;
+    }
+    wait_detached(topo, pods)?;
+    Ok(())
+}
+
+/// Waits until no hook of `pods`' interfaces holds a program; returns how
+/// long that took.
+pub fn wait_detached(topo: &Topology, pods: &[&Pod]) -> Result<Duration> {
+    let interfaces: Vec<&str> = pods.iter().map(|p| p.host_if()).collect();
+    let start = Instant::now();
+    in_netns(topo.node(), || -> Result<Duration> {
+        let deadline = start + DETACH_TIMEOUT;
+        loop {
+            let mut left = 0;
+            for ifname in &interfaces {
+                for direction in Direction::BOTH {
+                    left += hook_program_ids(ifname, direction)?.len();
+                }
+            }
+            if left == 0 {
+                return Ok(start.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!("{left} DNS programs still attached after {DETACH_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })?
+}
+
+fn container_id(pod: &Pod) -> String {
+    format!("burst{}", pod.index())
 }
