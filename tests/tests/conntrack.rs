@@ -649,6 +649,16 @@ fn every_drop_is_counted_by_the_kernels_reason() {
     topo.node()
         .run_ok(&["ip", "route", "add", "blackhole", "10.97.0.0/24"])
         .unwrap();
+    topo.node()
+        .run_ok(&[
+            "ip",
+            "route",
+            "add",
+            "10.95.0.0/24",
+            "via",
+            &a.ipv4().to_string(),
+        ])
+        .unwrap();
     let server = SocketAddr::new(topo.server_ipv4().into(), 7100);
     iptables(
         topo.node(),
@@ -686,7 +696,8 @@ fn every_drop_is_counted_by_the_kernels_reason() {
     )
     .unwrap();
     udp_send_ttl(topo.server(), SocketAddr::new(a.ipv4().into(), 7002), 1, 15);
-    let nobody = std::net::Ipv4Addr::from(u32::from(a.ipv4()) + 100);
+    // An address the node routes through a's link, held by no pod.
+    let nobody = std::net::Ipv4Addr::new(10, 95, 0, 5);
     udp_send_ttl(topo.server(), SocketAddr::new(nobody.into(), 7002), 1, 10);
     udp_send(
         a.netns(),

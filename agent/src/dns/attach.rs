@@ -188,6 +188,17 @@ pub struct ReconcileReport {
     pub failed: Vec<String>,
 }
 
+impl ReconcileReport {
+    /// Whether the reconcile found every hook as it should be and touched none.
+    pub fn is_empty(&self) -> bool {
+        self.attached.is_empty()
+            && self.adopted.is_empty()
+            && self.replaced.is_empty()
+            && self.removed.is_empty()
+            && self.failed.is_empty()
+    }
+}
+
 /// Keeps the tcx links under one pin directory (or podnet's classic filters)
 /// equal to a desired set.
 #[derive(Debug)]

@@ -247,7 +247,8 @@ pub struct DnsStatus {
     pub events_received: u64,
     /// Events that could not be decoded.
     pub events_decode_errors: u64,
-    /// The last reconcile of attachments.
+    /// The last reconcile of attachments that attached, adopted, replaced,
+    /// removed or failed something (the first one at start otherwise).
     pub last_reconcile: ReconcileReport,
 }
 

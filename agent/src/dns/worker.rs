@@ -293,7 +293,11 @@ impl Worker {
                         "DNS attachments changed"
                     );
                 }
-                *lock(&self.last_reconcile) = report;
+                // The last reconcile that found something to do: the
+                // periodic ones that find all in place would hide it.
+                if !report.is_empty() {
+                    *lock(&self.last_reconcile) = report;
+                }
             }
             Err(e) => tracing::warn!(error = %e, "reconciling DNS attachments failed"),
         }
