@@ -13,6 +13,11 @@
 //! filter was attached or detached ([`super::tc::generation`]), or the last
 //! look is [`LAYOUT_MAX_AGE`] old. Map fills and run statistics are read
 //! fresh every time.
+//!
+//! Classic tc filters are looked for only when the agent attaches that way
+//! ([`TcMode::Tc`]): finding them costs two netlink dumps per interface of
+//! the namespace (2,200 on a node with 1,100 pod interfaces), and with tcx
+//! links every podnet program sits behind a pin.
 
 use std::{
     collections::BTreeMap,
@@ -30,6 +35,8 @@ use aya::{
     },
 };
 use serde::{Deserialize, Serialize};
+
+use super::tc::TcMode;
 
 /// `kernel.bpf_stats_enabled`: while 1, the kernel accumulates run time and
 /// run count per program.
@@ -98,10 +105,11 @@ pub fn stats_enabled() -> bool {
     std::fs::read_to_string(BPF_STATS_SYSCTL).is_ok_and(|s| s.trim() == "1")
 }
 
-/// Reads podnet's objects under `bpffs`, all of them afresh. Unreadable
-/// pins are skipped: a scrape shows what it can.
-pub fn read(bpffs: &Path) -> Inventory {
-    fill(&Layout::read(bpffs))
+/// Reads podnet's objects under `bpffs`, all of them afresh, with the
+/// classic tc filters when `mode` attaches that way. Unreadable pins are
+/// skipped: a scrape shows what it can.
+pub fn read(bpffs: &Path, mode: TcMode) -> Inventory {
+    fill(&Layout::read(bpffs, mode))
 }
 
 /// How long a scrape may reuse what it found of podnet's objects when
@@ -113,12 +121,12 @@ static CACHED: Mutex<Option<(Stamp, Layout)>> = Mutex::new(None);
 
 /// Like [`read`], finding the objects again only when they may have
 /// changed (see the module's documentation).
-pub fn read_cached(bpffs: &Path) -> Inventory {
-    let stamp = Stamp::now(bpffs);
+pub fn read_cached(bpffs: &Path, mode: TcMode) -> Inventory {
     let mut cached = CACHED.lock().unwrap_or_else(PoisonError::into_inner);
+    let stamp = Stamp::now(bpffs, mode, cached.as_ref().map(|(old, _)| old));
     let fresh = cached.as_ref().is_some_and(|(old, _)| old.still(&stamp));
     if !fresh {
-        *cached = Some((stamp, Layout::read(bpffs)));
+        *cached = Some((stamp, Layout::read(bpffs, mode)));
     }
     cached
         .as_ref()
@@ -130,8 +138,10 @@ pub fn read_cached(bpffs: &Path) -> Inventory {
 #[derive(Debug)]
 struct Stamp {
     bpffs: PathBuf,
+    /// Whether classic tc filters were looked for.
+    mode: TcMode,
     /// Every directory under `bpffs` with its modification time.
-    dirs: Vec<(PathBuf, Option<SystemTime>)>,
+    dirs: Vec<DirStamp>,
     tc_generation: u64,
     at: Instant,
     /// Whether every directory was last changed [`MTIME_SETTLE`] before:
@@ -145,15 +155,20 @@ struct Stamp {
 const MTIME_SETTLE: Duration = Duration::from_secs(1);
 
 impl Stamp {
-    fn now(bpffs: &Path) -> Self {
+    /// The stamp now; directories that `previous` (if settled) saw with the
+    /// same modification time are not listed again.
+    fn now(bpffs: &Path, mode: TcMode, previous: Option<&Self>) -> Self {
         let mut dirs = Vec::new();
-        walk_dirs(bpffs, &mut dirs);
+        let known = previous.filter(|p| p.settled).map_or(&[][..], |p| &p.dirs);
+        walk_dirs(bpffs, known, &mut dirs);
         let wall = SystemTime::now();
-        let settled = dirs.iter().all(|(_, mtime)| {
-            mtime.is_some_and(|m| wall.duration_since(m).is_ok_and(|age| age >= MTIME_SETTLE))
+        let settled = dirs.iter().all(|d| {
+            d.mtime
+                .is_some_and(|m| wall.duration_since(m).is_ok_and(|age| age >= MTIME_SETTLE))
         });
         Self {
             bpffs: bpffs.to_owned(),
+            mode,
             dirs,
             tc_generation: super::tc::generation(),
             at: Instant::now(),
@@ -165,25 +180,51 @@ impl Stamp {
     fn still(&self, now: &Self) -> bool {
         self.settled
             && self.bpffs == now.bpffs
+            && self.mode == now.mode
             && self.dirs == now.dirs
             && self.tc_generation == now.tc_generation
             && now.at.saturating_duration_since(self.at) < LAYOUT_MAX_AGE
     }
 }
 
+/// A directory under `--bpffs`: its modification time and subdirectories.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct DirStamp {
+    path: PathBuf,
+    mtime: Option<SystemTime>,
+    subdirs: Vec<PathBuf>,
+}
+
 /// `dir` and every directory under it, with their modification times.
-fn walk_dirs(dir: &Path, out: &mut Vec<(PathBuf, Option<SystemTime>)>) {
-    out.push((
-        dir.to_owned(),
-        std::fs::metadata(dir).and_then(|m| m.modified()).ok(),
-    ));
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+///
+/// A directory whose time is the one in `known` (a settled earlier walk)
+/// has the same entries, so its subdirectories are taken from there instead
+/// of listing it again: the link directories hold a pin per attachment
+/// (2,000 with 1,000 endpoints), and scrapes come every few seconds.
+fn walk_dirs(dir: &Path, known: &[DirStamp], out: &mut Vec<DirStamp>) {
+    let mtime = std::fs::metadata(dir).and_then(|m| m.modified()).ok();
+    let seen = known
+        .iter()
+        .find(|d| d.path == dir && d.mtime.is_some() && d.mtime == mtime);
+    let subdirs = match seen {
+        Some(d) => d.subdirs.clone(),
+        None => std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default(),
     };
-    for entry in entries.filter_map(Result::ok) {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            walk_dirs(&entry.path(), out);
-        }
+    out.push(DirStamp {
+        path: dir.to_owned(),
+        mtime,
+        subdirs: subdirs.clone(),
+    });
+    for sub in &subdirs {
+        walk_dirs(sub, known, out);
     }
 }
 
@@ -197,7 +238,7 @@ struct Layout {
 }
 
 impl Layout {
-    fn read(bpffs: &Path) -> Self {
+    fn read(bpffs: &Path, mode: TcMode) -> Self {
         let mut pins = Vec::new();
         walk(bpffs, &mut pins);
         pins.sort();
@@ -228,7 +269,12 @@ impl Layout {
         }
         // Classic tc filters (kernels without tcx) are not pinned; they carry
         // the program's full name.
-        for f in super::tc::owned().0 {
+        let classic = if mode == TcMode::Tc {
+            super::tc::owned().0
+        } else {
+            Vec::new()
+        };
+        for f in classic {
             layout
                 .program(f.filter.program_id, f.subsystem, &f.filter.name)
                 .links
@@ -332,7 +378,19 @@ fn map_fill(info: &MapInfo, path: &Path, subsystem: String) -> Option<MapFill> {
         return None;
     }
     let fd = info.fd().ok()?;
-    let entries = count_keys(fd.as_fd().as_raw_fd(), info.key_size(), info.max_entries());
+    let raw = fd.as_fd().as_raw_fd();
+    let per_cpu = matches!(
+        info.map_type().ok()?,
+        MapType::PerCpuHash | MapType::LruPerCpuHash
+    );
+    let shape = Shape {
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        per_cpu,
+        capacity: info.max_entries(),
+    };
+    let entries = count_batched(raw, &shape)
+        .unwrap_or_else(|| count_keys(raw, shape.key_size, shape.capacity));
     Some(MapFill {
         subsystem,
         map: path.file_name()?.to_string_lossy().into_owned(),
@@ -398,6 +456,97 @@ struct NextKeyAttr {
     _pad: u32,
     key: u64,
     next_key: u64,
+}
+
+/// What counting a hash map's keys needs to know of it.
+#[derive(Clone, Copy, Debug)]
+struct Shape {
+    key_size: u32,
+    value_size: u32,
+    per_cpu: bool,
+    capacity: u32,
+}
+
+/// Entries one `BPF_MAP_LOOKUP_BATCH` call asks for. A hash bucket is read
+/// whole, so a batch must hold the fullest bucket (the kernel answers
+/// `ENOSPC` otherwise, and the count falls back to [`count_keys`]).
+const BATCH: u32 = 256;
+
+/// `bpf_attr` for `BPF_MAP_LOOKUP_BATCH` (the `batch` member,
+/// include/uapi/linux/bpf.h).
+#[repr(C)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Counts a hash map's entries with `BPF_MAP_LOOKUP_BATCH` (Linux 5.6+):
+/// one system call per [`BATCH`] entries instead of one per key. `None`
+/// when the kernel cannot do it for this map (then [`count_keys`] does).
+fn count_batched(fd: std::os::fd::RawFd, shape: &Shape) -> Option<u64> {
+    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+    let key_size = usize::try_from(shape.key_size).ok()?.max(1);
+    // Per-CPU values come as one 8-byte aligned slot per possible CPU
+    // (`bpf_map_value_size`, kernel/bpf/syscall.c).
+    let value_size = if shape.per_cpu {
+        usize::try_from(shape.value_size).ok()?.next_multiple_of(8) * aya::util::nr_cpus().ok()?
+    } else {
+        usize::try_from(shape.value_size).ok()?
+    }
+    .max(1);
+    let batch = BATCH.min(shape.capacity.max(1));
+    let slots = usize::try_from(batch).ok()?;
+    let mut keys = vec![0_u8; key_size.checked_mul(slots)?];
+    let mut values = vec![0_u8; value_size.checked_mul(slots)?];
+    // The hash map's cursor is a bucket index (`u32`); 8 bytes fit any.
+    let (mut cursor, mut next) = ([0_u8; 8], [0_u8; 8]);
+    let mut count = 0_u64;
+    let mut first = true;
+    // Each call moves on by at least one bucket; a map has at most
+    // `capacity` buckets (`htab_map_alloc` rounds up to a power of two, at
+    // most twice as many).
+    for _ in 0..=u64::from(shape.capacity) * 2 {
+        let mut attr = BatchAttr {
+            // A null in_batch starts at the first bucket.
+            in_batch: if first { 0 } else { cursor.as_ptr() as u64 },
+            out_batch: next.as_mut_ptr() as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: batch,
+            map_fd: u32::try_from(fd).ok()?,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: attr is a valid bpf_attr prefix for this command; keys and
+        // values hold `batch` entries of the map's key and value sizes,
+        // cursor and next are 8 bytes (more than the hash map's 4-byte
+        // cursor), and all of them outlive the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &raw mut attr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        // The kernel writes back how many entries it copied, also with
+        // ENOENT at the end of the map.
+        let errno = (rc != 0).then(|| std::io::Error::last_os_error().raw_os_error());
+        match errno {
+            None => count += u64::from(attr.count),
+            Some(Some(libc::ENOENT)) => return Some(count + u64::from(attr.count)),
+            Some(_) => return None,
+        }
+        first = false;
+        cursor = next;
+    }
+    None
 }
 
 /// Counts keys with `BPF_MAP_GET_NEXT_KEY`, whatever their size. The walk
@@ -474,12 +623,46 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
 mod tests {
     use super::*;
 
+    fn dir(path: &str, mtime: Option<SystemTime>) -> DirStamp {
+        DirStamp {
+            path: path.into(),
+            mtime,
+            subdirs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_settled_walk_lists_only_directories_that_changed() {
+        let root = std::env::temp_dir().join(format!("podnet-walk-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("dns/links")).unwrap();
+        let mut first = Vec::new();
+        walk_dirs(&root, &[], &mut first);
+        assert_eq!(first.len(), 3);
+        // A walk that trusts `first` takes the subdirectories it recorded
+        // for directories whose time did not move.
+        let mut planted = first.clone();
+        planted[0].subdirs.clear();
+        let mut again = Vec::new();
+        walk_dirs(&root, &planted, &mut again);
+        assert_eq!(again.len(), 1, "{again:?}");
+        // With no record, or another time, the directory is listed.
+        let mut moved = first.clone();
+        moved[0].mtime = moved[0].mtime.map(|t| t - Duration::from_secs(5));
+        moved[0].subdirs.clear();
+        let mut listed = Vec::new();
+        walk_dirs(&root, &moved, &mut listed);
+        assert_eq!(listed, first);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     #[test]
     fn a_cached_layout_holds_until_a_directory_filter_or_minute_says_otherwise() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
         let base = Stamp {
             bpffs: "/sys/fs/bpf/podnet".into(),
-            dirs: vec![("/sys/fs/bpf/podnet/dns".into(), Some(t0))],
+            mode: TcMode::Tcx,
+            dirs: vec![dir("/sys/fs/bpf/podnet/dns", Some(t0))],
             tc_generation: 3,
             at: Instant::now(),
             settled: true,
@@ -496,14 +679,15 @@ mod tests {
         };
         assert!(base.still(&later(&|_| {})));
         assert!(!base.still(&later(
-            &|s| s.dirs[0].1 = Some(t0 + Duration::from_millis(4))
+            &|s| s.dirs[0].mtime = Some(t0 + Duration::from_millis(4))
         )));
         assert!(!base.still(&later(&|s| s
             .dirs
-            .push(("/sys/fs/bpf/podnet/steer".into(), Some(t0))))));
+            .push(dir("/sys/fs/bpf/podnet/steer", Some(t0))))));
         assert!(!base.still(&later(&|s| s.tc_generation = 4)));
         assert!(!base.still(&later(&|s| s.at = base.at + LAYOUT_MAX_AGE)));
         assert!(!base.still(&later(&|s| s.bpffs = "/sys/fs/bpf/other".into())));
+        assert!(!base.still(&later(&|s| s.mode = TcMode::Tc)));
         // A directory changed within the last second is not trusted.
         let unsettled = Stamp {
             settled: false,

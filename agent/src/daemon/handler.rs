@@ -87,7 +87,7 @@ impl metrics::MetricsSource for MetricsRenderer {
         metrics::process::render(&mut enc);
         metrics::selfstats::render(
             &mut enc,
-            &crate::bpf::inventory::read_cached(&self.daemon.config().bpffs),
+            &crate::bpf::inventory::read_cached(&self.daemon.config().bpffs, self.daemon.tc_mode()),
         );
         metrics::selfstats::render_threads(&mut enc, &crate::heartbeat::registry().health());
         metrics::server::render_ready(&mut enc, &self.readiness);

@@ -254,7 +254,7 @@ impl Daemon {
             uptime_seconds: self.started.elapsed().as_secs(),
             dns,
             bpffs: self.config.bpffs.clone(),
-            kernel_objects: crate::bpf::inventory::read(&self.config.bpffs),
+            kernel_objects: crate::bpf::inventory::read(&self.config.bpffs, self.tc_mode),
             events_lost,
             ipam: IpamSummary {
                 mode: match self.config.ipam.mode {

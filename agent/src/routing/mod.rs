@@ -79,6 +79,8 @@ const POLL: Duration = Duration::from_millis(200);
 /// How soon a reconcile that found a conflict is repeated (the foreign
 /// object's removal is not among the notifications podnet reacts to).
 pub const CONFLICT_RECHECK: Duration = Duration::from_secs(1);
+/// Least time between two heap trims after reconciles (see [`HeapTrim`]).
+const HEAP_TRIM_GAP: Duration = Duration::from_secs(1);
 
 options! {
     /// Routing's section of the configuration.
@@ -454,7 +456,9 @@ impl Loop {
         let mut next_resync = Instant::now();
         let mut proxies = std::collections::BTreeSet::new();
         let (mut endpoints_changed, mut last_reconcile) = (false, Instant::now());
+        let mut trim = HeapTrim::default();
         while !self.shared.stop.load(Ordering::Relaxed) && heartbeat.beat() {
+            trim.run_if_due();
             // Woken at once by a kernel notification or an endpoint change;
             // changes closer together than CHANGE_COALESCE are one reconcile.
             let wait = if endpoints_changed {
@@ -514,6 +518,7 @@ impl Loop {
                 next_resync = next_resync.min(Instant::now() + CONFLICT_RECHECK);
             }
             self.publish(&outcome, errors);
+            trim.request();
         }
         if self.shared.stop.load(Ordering::Relaxed) {
             heartbeat.retire();
@@ -623,5 +628,36 @@ impl Loop {
             .view
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = view;
+    }
+}
+
+/// Hands the heap a reconcile freed back to the kernel.
+///
+/// A reconcile dumps every link and route of the namespace: with 1,100 pod
+/// interfaces that is about 17 MB of short-lived allocations, which glibc
+/// keeps resident (fragmented among live blocks) until `malloc_trim`.
+/// Trimming soon after a reconcile, at most once per [`HEAP_TRIM_GAP`] so a
+/// burst of endpoint changes pays for one, keeps the agent's resident memory
+/// near what it really uses.
+#[derive(Debug, Default)]
+struct HeapTrim {
+    pending: bool,
+    last: Option<Instant>,
+}
+
+impl HeapTrim {
+    /// A reconcile ran: trim at the next chance.
+    fn request(&mut self) {
+        self.pending = true;
+        self.run_if_due();
+    }
+
+    /// Trims if a reconcile asked for it and the last trim is old enough.
+    fn run_if_due(&mut self) {
+        if self.pending && self.last.is_none_or(|t| t.elapsed() >= HEAP_TRIM_GAP) {
+            crate::memory::release_free_heap();
+            self.pending = false;
+            self.last = Some(Instant::now());
+        }
     }
 }

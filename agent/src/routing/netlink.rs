@@ -81,18 +81,19 @@ impl RtNetlink {
         Ok(Self { socket })
     }
 
-    /// Sends one request and collects the answers; an error answer fails.
+    /// Sends one request and hands each answer to `on_answer`; an error
+    /// answer fails.
     fn request(
         &mut self,
         what: impl Fn() -> String,
         message: RouteNetlinkMessage,
         flags: u16,
-    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        on_answer: impl FnMut(RouteNetlinkMessage),
+    ) -> Result<(), NetlinkError> {
         let mut req = NetlinkMessage::from(message);
         req.header.flags = flags;
-        let mut out = Vec::new();
         self.socket
-            .request(req, |answer| out.push(answer), |_| false)
+            .request(req, on_answer, |_| false)
             .map_err(|e| match e {
                 RequestError::Kernel(source) => NetlinkError::Kernel {
                     what: what(),
@@ -102,16 +103,26 @@ impl RtNetlink {
                     what: what(),
                     message,
                 },
-            })?;
-        Ok(out)
+            })
     }
 
-    fn dump(
+    /// Dumps `message`'s objects into `out`, keeping what `parse` makes of
+    /// each answer. Answers are parsed as they arrive rather than collected
+    /// first: a namespace with a thousand pod interfaces answers a link or
+    /// route dump with megabytes of attributes podnet never reads.
+    fn dump<T>(
         &mut self,
         what: &'static str,
         message: RouteNetlinkMessage,
-    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
-        self.request(|| what.to_owned(), message, NLM_F_REQUEST | NLM_F_DUMP)
+        out: &mut Vec<T>,
+        parse: impl Fn(&RouteNetlinkMessage) -> Option<T>,
+    ) -> Result<(), NetlinkError> {
+        self.request(
+            || what.to_owned(),
+            message,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            |answer| out.extend(parse(&answer)),
+        )
     }
 }
 
@@ -129,17 +140,17 @@ pub struct LinkState {
 impl RtNetlink {
     /// Every link with its MTU and state.
     pub fn link_states(&mut self) -> Result<Vec<LinkState>, NetlinkError> {
-        let answers = self.dump(
+        let mut out = Vec::new();
+        self.dump(
             "dump links",
             RouteNetlinkMessage::GetLink(LinkMessage::default()),
-        )?;
-        Ok(answers
-            .into_iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(parse_link_state(&l)),
+            &mut out,
+            |m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(parse_link_state(l)),
                 _ => None,
-            })
-            .collect())
+            },
+        )?;
+        Ok(out)
     }
 
     /// Sets link `index`'s MTU and brings it up, in one request (`ip link set mtu M up`).
@@ -148,8 +159,8 @@ impl RtNetlink {
             || format!("set link {index} mtu {mtu} up"),
             RouteNetlinkMessage::SetLink(up_with_mtu_message(index, mtu)),
             NLM_F_REQUEST | NLM_F_ACK,
+            drop,
         )
-        .map(drop)
     }
 }
 
@@ -180,11 +191,17 @@ fn up_with_mtu_message(index: u32, mtu: u32) -> LinkMessage {
 
 impl Netlink for RtNetlink {
     fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
-        Ok(self
-            .link_states()?
-            .into_iter()
-            .map(|state| state.link)
-            .collect())
+        let mut out = Vec::new();
+        self.dump(
+            "dump links",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            &mut out,
+            |m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(parse_link(l)),
+                _ => None,
+            },
+        )?;
+        Ok(out)
     }
 
     fn routes(&mut self) -> Result<Vec<ObservedRoute>, NetlinkError> {
@@ -192,11 +209,15 @@ impl Netlink for RtNetlink {
         for family in FAMILIES {
             let mut msg = RouteMessage::default();
             msg.header.address_family = family;
-            let answers = self.dump("dump routes", RouteNetlinkMessage::GetRoute(msg))?;
-            out.extend(answers.iter().filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) => parse_route(r),
-                _ => None,
-            }));
+            self.dump(
+                "dump routes",
+                RouteNetlinkMessage::GetRoute(msg),
+                &mut out,
+                |m| match m {
+                    RouteNetlinkMessage::NewRoute(r) => parse_route(r),
+                    _ => None,
+                },
+            )?;
         }
         Ok(out)
     }
@@ -206,11 +227,15 @@ impl Netlink for RtNetlink {
         for family in FAMILIES {
             let mut msg = RuleMessage::default();
             msg.header.family = family;
-            let answers = self.dump("dump rules", RouteNetlinkMessage::GetRule(msg))?;
-            out.extend(answers.iter().filter_map(|m| match m {
-                RouteNetlinkMessage::NewRule(r) => parse_rule(r),
-                _ => None,
-            }));
+            self.dump(
+                "dump rules",
+                RouteNetlinkMessage::GetRule(msg),
+                &mut out,
+                |m| match m {
+                    RouteNetlinkMessage::NewRule(r) => parse_rule(r),
+                    _ => None,
+                },
+            )?;
         }
         Ok(out)
     }
@@ -221,14 +246,15 @@ impl Netlink for RtNetlink {
             let mut msg = NeighbourMessage::default();
             msg.header.family = family;
             msg.header.flags = NeighbourFlags::Proxy;
-            let answers = self.dump(
+            self.dump(
                 "dump proxy neighbours",
                 RouteNetlinkMessage::GetNeighbour(msg),
+                &mut out,
+                |m| match m {
+                    RouteNetlinkMessage::NewNeighbour(n) => parse_proxy(n),
+                    _ => None,
+                },
             )?;
-            out.extend(answers.iter().filter_map(|m| match m {
-                RouteNetlinkMessage::NewNeighbour(n) => parse_proxy(n),
-                _ => None,
-            }));
         }
         Ok(out)
     }
@@ -260,8 +286,7 @@ impl Netlink for RtNetlink {
                 (RouteNetlinkMessage::DelNeighbour(proxy_message(n)), delete)
             }
         };
-        self.request(|| format!("{change:?}"), message, flags)
-            .map(drop)
+        self.request(|| format!("{change:?}"), message, flags, drop)
     }
 }
 
