@@ -36,7 +36,7 @@ const ALL: &[&str] = &["conntrack", "ipam", "agent", "dns", "cni", "steer"];
 
 /// Benchmarks with a binary of their own, and what each measures.
 const TEXT_BENCHES: &[(&str, &str)] = &[
-    ("dns", "DNS programs: cost per packet (bpf_stats) and iperf3 throughput with and without them"),
+    ("dns", "DNS programs: cost per packet (bpf_stats), iperf3 throughput with and without them, and podnet against a packet capture (latency sums and CPU)"),
     ("cni", "podnet-cni ADD/DEL latency through libcni over 200 pods: podnet's share and the whole chain"),
     ("steer", "ENI fast path versus kernel path versus a direct veth: sockperf latency and iperf3 throughput"),
 ];
