@@ -96,10 +96,11 @@ pub fn compare(rate: u64, seconds: u64) -> Result<Value> {
     let stats = StatsGuard::enable()?;
     let dump = Capture::start(topo.node(), &interfaces, &file)?;
 
-    let run_time = |ids: &BTreeSet<u64>| -> Result<u64> {
-        ids.iter()
-            .map(|id| prog_stats(*id).map(|(ns, _)| ns))
-            .sum::<Result<u64>>()
+    // (run_time_ns, run_cnt) summed over the programs.
+    let run_time = |ids: &BTreeSet<u64>| -> Result<(u64, u64)> {
+        ids.iter().try_fold((0, 0), |(ns, runs), id| {
+            prog_stats(*id).map(|(n, r)| (ns + n, runs + r))
+        })
     };
     let (agent_before, dump_before, progs_before) = (
         capture::process_cpu(agent_pid)?,
@@ -111,7 +112,9 @@ pub fn compare(rate: u64, seconds: u64) -> Result<Value> {
     let clients = dns_paced::run(&pods, server, rate, per_pod, MAX_DELAY_MS)?;
     let agent_cpu = capture::process_cpu(agent_pid)?.saturating_sub(agent_before);
     let dump_cpu = capture::process_cpu(dump.pid())?.saturating_sub(dump_before);
-    let progs_ns = run_time(&programs)?.saturating_sub(progs_before);
+    let progs_after = run_time(&programs)?;
+    let progs_ns = progs_after.0.saturating_sub(progs_before.0);
+    let progs_runs = progs_after.1.saturating_sub(progs_before.1);
     drop(stats);
     dump.stop()?;
     let metrics = agent.metrics(topo.node())?;
@@ -156,9 +159,10 @@ pub fn compare(rate: u64, seconds: u64) -> Result<Value> {
     );
     println!("  CPU over the run (user + system):");
     println!(
-        "    podnet: agent {:.3} s + DNS programs {:.3} s (bpf_stats) = {:.3} s",
+        "    podnet: agent {:.3} s + DNS programs {:.3} s (bpf_stats: {progs_runs} runs, {:.0} ns each) = {:.3} s",
         agent_cpu.as_secs_f64(),
         programs_cpu.as_secs_f64(),
+        progs_ns as f64 / progs_runs.max(1) as f64,
         podnet_cpu.as_secs_f64()
     );
     println!(
@@ -188,6 +192,8 @@ pub fn compare(rate: u64, seconds: u64) -> Result<Value> {
         "tshark_error_pct": error(tshark.sum_s),
         "agent_cpu_s": agent_cpu.as_secs_f64(),
         "programs_cpu_s": programs_cpu.as_secs_f64(),
+        "program_runs": progs_runs,
+        "program_ns_per_run": progs_ns as f64 / progs_runs.max(1) as f64,
         "podnet_cpu_s": podnet_cpu.as_secs_f64(),
         "dumpcap_cpu_s": dump_cpu.as_secs_f64(),
         "tshark_cpu_s": tshark.cpu.as_secs_f64(),
