@@ -97,7 +97,7 @@ pub struct DnsAnswer {
 
 /// The kernel's receive timestamp of the last datagram read from `socket`
 /// (enabled by a first call before any datagram arrives).
-fn last_receive_time(socket: &UdpSocket) -> Option<SystemTime> {
+pub fn last_receive_time(socket: &UdpSocket) -> Option<SystemTime> {
     use std::os::fd::AsRawFd as _;
     let mut ts = libc::timespec {
         tv_sec: 0,

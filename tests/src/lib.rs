@@ -13,11 +13,13 @@
 
 pub mod agent;
 pub mod bench;
+pub mod capture;
 pub mod chaos;
 pub mod cloud;
 pub mod cluster;
 pub mod cni;
 pub mod dns_client;
+pub mod dns_paced;
 pub mod load;
 mod netfilter;
 mod netns;

@@ -75,6 +75,8 @@ const PACKAGES: &[&str] = &[
     "python3-venv",
     "procps",
     "util-linux",
+    // dumpcap and tshark: the DNS benchmark compares podnet with a packet capture.
+    "tshark",
     // promtool, which checks and unit-tests the alert rules in deploy/ (tests/tests/deploy.rs).
     "prometheus",
     // The test cluster (`cargo xtask cluster`): containerd runs containers with Debian's
@@ -87,6 +89,16 @@ const PACKAGES: &[&str] = &[
     "qemu-system-x86",
     "busybox-static",
 ];
+
+/// Answers to Debian's install-time questions, given to `debconf-set-selections`
+/// before a package that asks one is installed, so `apt-get` never waits for a
+/// terminal: (package, selection line).
+const PRESEEDS: &[(&str, &str)] = &[(
+    // Whether non-root users may capture (a setuid dumpcap): no, podnet runs
+    // its captures as root.
+    "tshark",
+    "wireshark-common wireshark-common/install-setuid boolean false",
+)];
 
 /// Options of `cargo xtask setup`.
 #[derive(Debug, Args)]
@@ -359,6 +371,7 @@ impl Apt {
         }
         let missing: Vec<&str> = missing.iter().map(String::as_str).collect();
         println!("installing: {}", missing.join(" "));
+        preseed(&missing)?;
         if !self.updated {
             cmd::run(Command::new("apt-get").arg("update"))?;
             self.updated = true;
@@ -378,6 +391,38 @@ impl Apt {
         }
         Ok(())
     }
+}
+
+/// Feeds debconf the [`PRESEEDS`] of the packages about to be installed.
+fn preseed(packages: &[&str]) -> Result<()> {
+    let lines: Vec<&str> = PRESEEDS
+        .iter()
+        .filter(|(package, _)| packages.contains(package))
+        .map(|(_, line)| *line)
+        .collect();
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut child = Command::new("debconf-set-selections")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("starting debconf-set-selections")?;
+    {
+        use std::io::Write as _;
+        let mut stdin = child
+            .stdin
+            .take()
+            .context("debconf-set-selections has no stdin")?;
+        stdin.write_all((lines.join("\n") + "\n").as_bytes())?;
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!(
+            "debconf-set-selections failed ({status}) on: {}",
+            lines.join("; ")
+        );
+    }
+    Ok(())
 }
 
 /// The subset of `packages` that dpkg does not report as installed.

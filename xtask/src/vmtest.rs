@@ -368,7 +368,7 @@ fn snapshot(tests: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("deps"))?;
     for bin in SNAPSHOT_BINARIES {
-        let from = root.join("target/debug").join(bin);
+        let from = cmd::target_dir().join("debug").join(bin);
         if from.exists() {
             std::fs::copy(&from, dir.join(bin))
                 .with_context(|| format!("copying {}", from.display()))?;

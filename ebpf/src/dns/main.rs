@@ -191,7 +191,7 @@ fn on_packet(ctx: &TcContext, queries: bool, scope: u8) {
         bump(counter::MALFORMED);
         return;
     }
-    let Ok(header) = ctx.load::<[u8; DNS_HLEN]>(flow.dns_off) else {
+    let Some(header) = read::<[u8; DNS_HLEN]>(ctx, flow.dns_off) else {
         bump(counter::MALFORMED);
         return;
     };
@@ -239,6 +239,22 @@ fn peek<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
 }
 
+/// Reads `T` at `off` in the packet: straight from the linear area when it
+/// lies there (no helper call), else through `bpf_skb_load_bytes`.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    // Every offset the parser passes is below 1 KiB (headers of bounded
+    // length); the mask keeps that visible to the verifier. Single bytes go
+    // through the helper: LLVM turns their bounds check into a form
+    // (`pointer >= end`) from which the verifier learns no readable range.
+    if core::mem::size_of::<T>() > 1 && off < 0x400 {
+        if let Some(v) = peek::<T>(ctx, off & 0x3ff) {
+            return Some(v);
+        }
+    }
+    ctx.load::<T>(off).ok()
+}
+
 /// The fast path every packet takes: reads the headers directly from the
 /// linear area and says whether the packet can be DNS (to a server port for
 /// queries, from one for answers). Returns true when it cannot tell (headers
@@ -280,12 +296,12 @@ fn parse_flow(ctx: &TcContext, cfg: &DnsConfig, queries: bool) -> Option<Flow> {
     if !may_be_dns(ctx, cfg, queries) {
         return None;
     }
-    let eth_proto = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let eth_proto = u16::from_be(read::<u16>(ctx, 12)?);
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
     let (fam, l4proto, l4, fragment, ip_end) = match eth_proto {
         ETH_P_IP => {
-            let ip = ctx.load::<[u8; 20]>(ETH_HLEN).ok()?;
+            let ip = read::<[u8; 20]>(ctx, ETH_HLEN)?;
             let ihl = usize::from(ip[0] & 0x0f) * 4;
             if ihl < 20 {
                 return None;
@@ -304,7 +320,7 @@ fn parse_flow(ctx: &TcContext, cfg: &DnsConfig, queries: bool) -> Option<Flow> {
             )
         }
         ETH_P_IPV6 => {
-            let ip = ctx.load::<[u8; IPV6_HLEN]>(ETH_HLEN).ok()?;
+            let ip = read::<[u8; IPV6_HLEN]>(ctx, ETH_HLEN)?;
             let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
             src.copy_from_slice(&ip[8..24]);
             dst.copy_from_slice(&ip[24..40]);
@@ -321,7 +337,7 @@ fn parse_flow(ctx: &TcContext, cfg: &DnsConfig, queries: bool) -> Option<Flow> {
     if l4proto != proto::UDP && l4proto != proto::TCP {
         return None;
     }
-    let ports = ctx.load::<[u8; 4]>(l4).ok()?;
+    let ports = read::<[u8; 4]>(ctx, l4)?;
     let sport = u16::from_be_bytes([ports[0], ports[1]]);
     let dport = u16::from_be_bytes([ports[2], ports[3]]);
     if !is_dns_port(cfg, if queries { dport } else { sport }) {
@@ -334,7 +350,7 @@ fn parse_flow(ctx: &TcContext, cfg: &DnsConfig, queries: bool) -> Option<Flow> {
     let skb_len = ctx.len() as usize;
     let mut len = if ip_end < skb_len { ip_end } else { skb_len };
     let dns_off = if l4proto == proto::UDP {
-        let Ok(udp_len) = ctx.load::<u16>(l4 + 4) else {
+        let Some(udp_len) = read::<u16>(ctx, l4 + 4) else {
             bump(counter::MALFORMED);
             return None;
         };
@@ -344,13 +360,13 @@ fn parse_flow(ctx: &TcContext, cfg: &DnsConfig, queries: bool) -> Option<Flow> {
         }
         l4 + UDP_HLEN
     } else {
-        let doff = usize::from(ctx.load::<u8>(l4 + 12).ok()? >> 4) * 4;
+        let doff = usize::from(read::<u8>(ctx, l4 + 12)? >> 4) * 4;
         let payload = l4 + doff;
         if len <= payload {
             // SYN, ACK, FIN: no data.
             return None;
         }
-        let Ok(msg_len) = ctx.load::<u16>(payload) else {
+        let Some(msg_len) = read::<u16>(ctx, payload) else {
             bump(counter::TCP_SKIPPED);
             return None;
         };
@@ -375,6 +391,12 @@ fn parse_flow(ctx: &TcContext, cfg: &DnsConfig, queries: bool) -> Option<Flow> {
     })
 }
 
+/// Records a query as pending, or counts it as a retransmit of one that is.
+///
+/// The common case (a new query) costs one insert: a retransmit is found by
+/// the insert failing on the existing key (`BPF_NOEXIST`), not by a lookup
+/// before it. Only a client at its pending limit looks the key up first, so
+/// that its retransmits still count as retransmits and not as refused.
 #[inline(always)]
 fn on_query(ctx: &TcContext, flow: &Flow, id: u16, scope: u8) {
     let Some(scratch) = DNS_SCRATCH.get_ptr_mut(0) else {
@@ -397,19 +419,6 @@ fn on_query(ctx: &TcContext, flow: &Flow, id: u16, scope: u8) {
         family: flow.family,
         proto: flow.proto,
     };
-    if let Some(first) = DNS_PENDING.get_ptr_mut(&key) {
-        // The same query again before an answer: the entry (and its first
-        // send time) stays; the retransmit counts like the query did, and the
-        // entry remembers that the client sent it again (a plain write: two
-        // CPUs retransmitting the same query at once may count one copy).
-        // SAFETY: a map value pointer stays valid for the program's run.
-        let peer = unsafe {
-            (*first).sends = (*first).sends.saturating_add(1);
-            (*first).counted_peer(&key, 0)
-        };
-        increment(&DNS_RETRANSMITS, &peer);
-        return;
-    }
     let endpoint = AddrKey {
         addr: flow.src,
         family: flow.family,
@@ -426,16 +435,23 @@ fn on_query(ctx: &TcContext, flow: &Flow, id: u16, scope: u8) {
         bump(counter::PENDING_FAILED);
         return;
     };
-    // SAFETY: the value is copied at once; only user space writes this map.
-    let expired = unsafe { DNS_CLIENT_EXPIRED.get(&client) }
-        .copied()
-        .unwrap_or(0);
     // SAFETY: `share` is a live map value; other CPUs add to its fields atomically.
     let (added, answered) = unsafe { ((*share).added, (*share).answered) };
-    if added.saturating_sub(answered.saturating_add(expired)) >= PENDING_PER_CLIENT {
-        // SAFETY: `refused` is a u64 inside a live map value.
-        unsafe { atomic_add(&raw mut (*share).refused) };
-        return;
+    let in_flight = added.saturating_sub(answered);
+    // Expired queries only lower the count: user space's map is read only
+    // when the client may be at its limit.
+    if in_flight >= PENDING_PER_CLIENT {
+        // SAFETY: the value is copied at once; only user space writes this map.
+        let expired = unsafe { DNS_CLIENT_EXPIRED.get(&client) }
+            .copied()
+            .unwrap_or(0);
+        if in_flight.saturating_sub(expired) >= PENDING_PER_CLIENT {
+            if !retransmitted(&key, None) {
+                // SAFETY: `refused` is a u64 inside a live map value.
+                unsafe { atomic_add(&raw mut (*share).refused) };
+            }
+            return;
+        }
     }
     if !server_counted(&client, &flow.dst) {
         p.flags |= pending_flags::OTHER_SERVER;
@@ -449,8 +465,8 @@ fn on_query(ctx: &TcContext, flow: &Flow, id: u16, scope: u8) {
     match DNS_PENDING.insert(&key, &*p, BPF_NOEXIST) {
         Ok(()) => {}
         Err(EEXIST) => {
-            // Another CPU recorded the same query in between.
-            increment(&DNS_RETRANSMITS, &p.counted_peer(&key, 0));
+            // The same query again before an answer.
+            retransmitted(&key, Some(&*p));
             return;
         }
         Err(_) => {
@@ -463,6 +479,29 @@ fn on_query(ctx: &TcContext, flow: &Flow, id: u16, scope: u8) {
     bump(counter::QUERIES);
     let code = if counted_qtype(qtype) { qtype } else { 0 };
     increment(&DNS_REQUESTS, &p.counted_peer(&key, code));
+}
+
+/// Counts a copy of a pending query: the entry (and its first send time)
+/// stays; the retransmit counts like the query did, and the entry remembers
+/// that the client sent it again (a plain write: two CPUs retransmitting the
+/// same query at once may count one copy). Returns false when `key` is not
+/// pending; with `fallback` (the copy's own counting, for an entry answered
+/// in between) it still counts the retransmit then.
+#[inline(always)]
+fn retransmitted(key: &PendingKey, fallback: Option<&Pending>) -> bool {
+    let peer = match DNS_PENDING.get_ptr_mut(key) {
+        // SAFETY: a map value pointer stays valid for the program's run.
+        Some(first) => unsafe {
+            (*first).sends = (*first).sends.saturating_add(1);
+            (*first).counted_peer(key, 0)
+        },
+        None => match fallback {
+            Some(p) => p.counted_peer(key, 0),
+            None => return false,
+        },
+    };
+    increment(&DNS_RETRANSMITS, &peer);
+    true
 }
 
 /// The pending-query counts of `client`, created at zero on its first query.
@@ -587,7 +626,7 @@ fn read_question(ctx: &TcContext, off: usize, end: usize, p: &mut Pending) -> Op
     if name_len + 4 > avail {
         return None;
     }
-    let tail = ctx.load::<[u8; 4]>(off + name_len).ok()?;
+    let tail = read::<[u8; 4]>(ctx, off + name_len)?;
     Some((name_len as u16, u16::from_be_bytes([tail[0], tail[1]])))
 }
 

@@ -6,16 +6,19 @@
 //! answers, `dropfirst-...` ignores the first copy of each (client, id) and
 //! answers the next; anything else answers NOERROR at once. NOERROR answers to
 //! A and AAAA carry `192.0.2.1` and `2001:db8::1`. Serves UDP and TCP on port 53
-//! (or `--port`) of every `--listen` address; stopped by a signal.
+//! (or `--port`) of every `--listen` address; stopped by a signal. Delayed
+//! UDP answers wait in one timer thread per socket (not a thread each), so
+//! thousands of queries a second with delays up to seconds stay cheap.
 //!
 //! Usage: `podnet-dns-responder --listen 10.98.0.2 --listen fd00:98::2 [--port 53]`
 
 use std::{
-    collections::HashSet,
+    cmp::Reverse,
+    collections::{BinaryHeap, HashSet},
     io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -45,9 +48,12 @@ fn main() -> Result<()> {
         let tcp = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
         // Two readers on one UDP socket: a load test's 20,000 queries/s
         // must not queue behind one thread.
+        let later = delayed_sender(udp.try_clone()?);
         for _ in 0..UDP_THREADS {
-            let (udp, seen_udp) = (udp.try_clone()?, seen.clone());
-            threads.push(std::thread::spawn(move || serve_udp(&udp, &seen_udp)));
+            let (udp, seen_udp, later) = (udp.try_clone()?, seen.clone(), later.clone());
+            threads.push(std::thread::spawn(move || {
+                serve_udp(&udp, &seen_udp, &later);
+            }));
         }
         let seen_tcp = seen.clone();
         threads.push(std::thread::spawn(move || serve_tcp(&tcp, &seen_tcp)));
@@ -61,7 +67,47 @@ fn main() -> Result<()> {
 
 type Seen = Arc<Mutex<HashSet<(SocketAddr, u16)>>>;
 
-fn serve_udp(socket: &UdpSocket, seen: &Seen) {
+/// An answer to send at a given time.
+type Later = (Instant, SocketAddr, Vec<u8>);
+
+/// A waiting answer: due time, arrival order, peer, message (ordered by the first two).
+type Waiting = Reverse<(Instant, u64, SocketAddr, Vec<u8>)>;
+
+/// Starts the thread that sends delayed answers on `socket` when they are due.
+fn delayed_sender(socket: UdpSocket) -> mpsc::Sender<Later> {
+    let (tx, rx) = mpsc::channel::<Later>();
+    std::thread::spawn(move || {
+        // Ordered by due time, then by arrival (the sequence number).
+        let mut due: BinaryHeap<Waiting> = BinaryHeap::new();
+        let mut seq = 0u64;
+        loop {
+            let now = Instant::now();
+            while let Some(Reverse((at, _, _, _))) = due.peek() {
+                if *at > now {
+                    break;
+                }
+                if let Some(Reverse((_, _, peer, reply))) = due.pop() {
+                    let _ = socket.send_to(&reply, peer);
+                }
+            }
+            let next = match due.peek() {
+                Some(Reverse((at, _, _, _))) => rx.recv_timeout(at.saturating_duration_since(now)),
+                None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+            };
+            match next {
+                Ok((at, peer, reply)) => {
+                    due.push(Reverse((at, seq, peer, reply)));
+                    seq += 1;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    });
+    tx
+}
+
+fn serve_udp(socket: &UdpSocket, seen: &Seen, later: &mpsc::Sender<Later>) {
     let mut buf = [0u8; 4096];
     loop {
         let Ok((n, peer)) = socket.recv_from(&mut buf) else {
@@ -70,16 +116,10 @@ fn serve_udp(socket: &UdpSocket, seen: &Seen) {
         let Some((delay, reply)) = respond(&buf[..n], peer, seen) else {
             continue;
         };
-        let Ok(socket) = socket.try_clone() else {
-            continue;
-        };
         if delay.is_zero() {
             let _ = socket.send_to(&reply, peer);
         } else {
-            std::thread::spawn(move || {
-                std::thread::sleep(delay);
-                let _ = socket.send_to(&reply, peer);
-            });
+            let _ = later.send((Instant::now() + delay, peer, reply));
         }
     }
 }

@@ -36,7 +36,7 @@ const ALL: &[&str] = &["conntrack", "ipam", "agent", "dns", "cni", "steer"];
 
 /// Benchmarks with a binary of their own, and what each measures.
 const TEXT_BENCHES: &[(&str, &str)] = &[
-    ("dns", "DNS programs: cost per packet (bpf_stats) and iperf3 throughput with and without them"),
+    ("dns", "DNS programs: cost per packet (bpf_stats), iperf3 throughput with and without them, and podnet against a packet capture (latency sums and CPU)"),
     ("cni", "podnet-cni ADD/DEL latency through libcni over 200 pods: podnet's share and the whole chain"),
     ("steer", "ENI fast path versus kernel path versus a direct veth: sockperf latency and iperf3 throughput"),
 ];
@@ -74,7 +74,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     std::fs::create_dir_all(&out_dir)?;
     for name in names {
         if TEXT_BENCHES.iter().any(|(n, _)| *n == name) {
-            let bench = root.join(format!("target/release/podnet-bench-{name}"));
+            let bench = cmd::target_dir().join(format!("release/podnet-bench-{name}"));
             let output = cmd::stdout(
                 std::process::Command::new(&bench)
                     .env("PODNET_BENCH_JSON", out_dir.join(format!("{name}.json")))
@@ -85,7 +85,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             println!("wrote {}", path.display());
             continue;
         }
-        let bench = root.join("target/release/podnet-bench");
+        let bench = cmd::target_dir().join("release/podnet-bench");
         // Progress goes to stderr (shown); the JSON result comes on stdout.
         let output = cmd::stdout(
             std::process::Command::new(&bench)

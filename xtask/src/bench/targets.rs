@@ -13,7 +13,7 @@ pub struct Figure {
     pub name: &'static str,
     /// The measured value.
     pub value: f64,
-    /// Its unit (`ratio`, `ns`, `KiB`, `ms`, `events`).
+    /// Its unit (`ratio`, `ns`, `KiB`, `ms`, `events`, `%`).
     pub unit: &'static str,
     /// What the value is compared with in the same run, if anything.
     pub baseline: Option<(&'static str, f64)>,
@@ -60,6 +60,7 @@ pub fn figures(results: &dyn Fn(&str) -> Option<Value>) -> Vec<Figure> {
                 met: ns < 100.0,
             });
         }
+        dns_figures(&dns, &mut out);
         if let (Some(r), Some(w)) = (
             num(&dns["throughput_ratio"]),
             num(&dns["without_gbit_per_s"]),
@@ -139,6 +140,47 @@ pub fn figures(results: &dyn Fn(&str) -> Option<Value>) -> Vec<Figure> {
         }
     }
     out
+}
+
+/// The DNS programs' cost per DNS packet and the comparison with a packet
+/// capture (`capture` in the DNS benchmark's JSON).
+fn dns_figures(dns: &Value, out: &mut Vec<Figure>) {
+    if let (Some(query), Some(answer), Some(empty)) = (
+        num(&dns["query_ns"]),
+        num(&dns["answer_ns"]),
+        num(&dns["empty_program_ns"]),
+    ) {
+        let worst = query.max(answer);
+        out.push(Figure {
+            name: "DNS programs: cost per DNS packet (query or answer, the dearer, gross)",
+            value: worst,
+            unit: "ns",
+            baseline: Some(("an empty program on the same hooks", empty)),
+            target: "< 300 ns",
+            met: worst < 300.0,
+        });
+    }
+    let c = &dns["capture"];
+    if let (Some(err), Some(tshark)) = (num(&c["podnet_error_pct"]), num(&c["tshark_error_pct"])) {
+        out.push(Figure {
+            name: "DNS latency sum: podnet against the clients' own (relative error)",
+            value: err,
+            unit: "%",
+            baseline: Some(("tshark dns.time against the clients, %", tshark)),
+            target: "within 1 %",
+            met: err.abs() <= 1.0,
+        });
+    }
+    if let (Some(ratio), Some(capture)) = (num(&c["cpu_ratio"]), num(&c["capture_cpu_s"])) {
+        out.push(Figure {
+            name: "DNS latency: podnet's CPU / a packet capture's (dumpcap + tshark)",
+            value: ratio,
+            unit: "ratio",
+            baseline: Some(("dumpcap + tshark CPU, s", capture)),
+            target: "<= 0.05 (1/20)",
+            met: ratio <= 0.05,
+        });
+    }
 }
 
 fn agent_figures(a: &Value, out: &mut Vec<Figure>) {
@@ -329,6 +371,39 @@ mod tests {
         assert_eq!(
             got[2].baseline,
             Some(("RSS idle, no endpoint (KiB)", 16000.0))
+        );
+    }
+
+    #[test]
+    fn dns_targets_are_judged_from_the_figures() {
+        let dns = json!({
+            "non_dns_ns": 70.0, "empty_program_ns": 58.0,
+            "query_ns": 280.0, "answer_ns": 310.0,
+            "capture": {"podnet_error_pct": -0.4, "tshark_error_pct": 0.02,
+                        "cpu_ratio": 0.01, "capture_cpu_s": 3.2},
+        });
+        let got = figures(&|name| (name == "dns").then(|| dns.clone()));
+        let met: Vec<(&str, f64, bool)> = got.iter().map(|f| (f.name, f.value, f.met)).collect();
+        assert_eq!(
+            met,
+            [
+                ("DNS programs: cost per non-DNS packet", 70.0, true),
+                (
+                    "DNS programs: cost per DNS packet (query or answer, the dearer, gross)",
+                    310.0,
+                    false
+                ),
+                (
+                    "DNS latency sum: podnet against the clients' own (relative error)",
+                    -0.4,
+                    true
+                ),
+                (
+                    "DNS latency: podnet's CPU / a packet capture's (dumpcap + tshark)",
+                    0.01,
+                    true
+                ),
+            ]
         );
     }
 

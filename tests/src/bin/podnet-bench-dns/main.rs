@@ -5,8 +5,16 @@
 //!    restored), separately for non-DNS UDP packets, DNS queries and DNS answers.
 //! 2. iperf3 TCP throughput pod → server with and without the programs
 //!    attached, alternating in the same run, as a ratio.
+//! 3. podnet against a packet capture, in one run on the same queries: pods
+//!    send queries at a steady rate to a server whose answers take 0 to 1 s,
+//!    while `dumpcap` captures on the pods' host-side interfaces and the agent
+//!    runs; then `tshark` sums `dns.time`. The clients' own latency sum,
+//!    podnet's (`podnet_dns_request_duration_seconds_sum`) and tshark's are
+//!    compared, and the CPU each side spent: the agent's user + system time
+//!    plus its DNS programs' `run_time_ns`, against dumpcap's and tshark's.
 //!
-//! Usage (root): `podnet-bench-dns [--packets N] [--queries N] [--seconds S] [--rounds R]`
+//! Usage (root): `podnet-bench-dns [--packets N] [--queries N] [--seconds S] [--rounds R]
+//! [--capture-rate Q] [--capture-seconds S]`
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
@@ -26,6 +34,8 @@ use podnet_tests::{
 
 use serde_json::Value;
 
+mod capture;
+
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 struct Options {
@@ -33,6 +43,8 @@ struct Options {
     queries: usize,
     seconds: u32,
     rounds: usize,
+    capture_rate: u64,
+    capture_seconds: u64,
 }
 
 fn parse_options() -> Result<Options> {
@@ -41,6 +53,8 @@ fn parse_options() -> Result<Options> {
         queries: 20_000,
         seconds: 5,
         rounds: 2,
+        capture_rate: 4_000,
+        capture_seconds: 3,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -50,6 +64,8 @@ fn parse_options() -> Result<Options> {
             "--queries" => o.queries = value()?.parse()?,
             "--seconds" => o.seconds = value()?.parse()?,
             "--rounds" => o.rounds = value()?.parse()?,
+            "--capture-rate" => o.capture_rate = value()?.parse()?,
+            "--capture-seconds" => o.capture_seconds = value()?.parse()?,
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -348,6 +364,11 @@ fn main() -> Result<()> {
             .collect::<Vec<_>>()
     );
     println!("  ratio with/without: {:.3}", w / wo);
+    drop(iperf_server);
+    drop(responder);
+    drop(agent);
+    drop(topo);
+    let capture = capture::compare(o.capture_rate, o.capture_seconds)?;
     podnet_tests::bench::write_json_figures(&serde_json::json!({
         "empty_program_ns": floor_non_dns.ns_per_run,
         "non_dns_ns": non_dns.ns_per_run,
@@ -359,9 +380,7 @@ fn main() -> Result<()> {
         "with_gbit_per_s": w / 1e9,
         "without_gbit_per_s": wo / 1e9,
         "throughput_ratio": w / wo,
+        "capture": capture,
     }))?;
-    drop(iperf_server);
-    drop(responder);
-    drop(agent);
     Ok(())
 }
