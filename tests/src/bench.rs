@@ -79,6 +79,18 @@ impl ProgStats {
     }
 }
 
+/// The median of `values`: the mean of the two middle ones for an even
+/// count, NaN for none. Benchmarks take the median of per-round ratios, which
+/// a burst of other work on the machine during one round does not move.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => f64::midpoint(values[n / 2 - 1], values[n / 2]),
+    }
+}
+
 /// Sends UDP datagrams from `src` to `dst` inside `netns` at about `rate`
 /// per second (0: as fast as possible) for `duration`. Returns how many were
 /// sent and how long it took.
@@ -209,4 +221,16 @@ pub fn write_json_figures(figures: &serde_json::Value) -> Result<()> {
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert!((median(vec![3.0, 1.0, 2.0]) - 2.0).abs() < 1e-12);
+        assert!((median(vec![4.0, 1.0]) - 2.5).abs() < 1e-12);
+        assert!(median(Vec::new()).is_nan());
+    }
 }

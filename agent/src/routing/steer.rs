@@ -50,8 +50,8 @@ pub const PIN_SUBDIR: &str = "steer";
 /// Prefix of link pins: `ingress_<ifname>`.
 const LINK_PREFIX: &str = "ingress_";
 
-/// The pin file name of the link on `ifname`.
-fn link_pin_name(ifname: &str) -> String {
+/// The pin file name of the link on `ifname`, in [`PIN_SUBDIR`].
+pub fn link_pin_name(ifname: &str) -> String {
     format!("{LINK_PREFIX}{}", ifname.replace('.', ":"))
 }
 

@@ -323,13 +323,7 @@ fn all_programs_versus_none(topo: &Topology, server_ip: &str) -> Result<Value> {
 
 /// The median over rounds of `f(all) / f(none)`.
 fn median_ratio(all: &[Figures], none: &[Figures], f: fn(&Figures) -> f64) -> f64 {
-    let mut ratios: Vec<f64> = all.iter().zip(none).map(|(a, n)| f(a) / f(n)).collect();
-    ratios.sort_by(f64::total_cmp);
-    match ratios.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => ratios[n / 2],
-        n => f64::midpoint(ratios[n / 2 - 1], ratios[n / 2]),
-    }
+    podnet_tests::bench::median(all.iter().zip(none).map(|(a, n)| f(a) / f(n)).collect())
 }
 
 #[derive(Clone, Copy, Debug)]
