@@ -84,6 +84,14 @@ impl AgentObjects {
             .collect()
     }
 
+    /// Hooks of the conntrack tracer: its pinned links.
+    fn tracer_hooks(&self) -> usize {
+        self.hooks
+            .keys()
+            .filter(|hook| hook.contains("/conntrack/"))
+            .count()
+    }
+
     fn summary(&self) -> String {
         format!(
             "{} programs {:?}, {} maps, {} bytes of BPF memory, {} hooks",
@@ -224,16 +232,20 @@ fn agent_objects(agent: &Agent, node: &Netns) -> Result<AgentObjects> {
     Ok(objects)
 }
 
-/// Waits until `hooks` hooks run the agent's programs, each one the
-/// agent holds (links and filters stay across a restart: they are in place
-/// at once, and are switched to the new agent's programs while it starts),
-/// and returns its objects then.
-fn settled(agent: &Agent, node: &Netns, hooks: usize) -> Result<AgentObjects> {
+/// Waits until `tc_hooks` TC hooks and the conntrack tracer's hooks (its
+/// pinned links: the drop tracepoint, and the confirm probe where kprobes
+/// exist) run the agent's programs, each one the agent holds (links and
+/// filters stay across a restart: they are in place at once, and are
+/// switched to the new agent's programs while it starts), and returns its
+/// objects then.
+fn settled(agent: &Agent, node: &Netns, tc_hooks: usize) -> Result<AgentObjects> {
     let mut last = AgentObjects::default();
     let ok = wait_for(
         || {
             agent_objects(agent, node).is_ok_and(|o| {
-                let done = o.hooks.len() == hooks && o.stale_hooks().is_empty();
+                let tracer = o.tracer_hooks();
+                let done =
+                    tracer > 0 && o.hooks.len() == tc_hooks + tracer && o.stale_hooks().is_empty();
                 last = o;
                 done
             })
@@ -242,7 +254,7 @@ fn settled(agent: &Agent, node: &Netns, hooks: usize) -> Result<AgentObjects> {
     );
     if !ok {
         bail!(
-            "not {hooks} hooks on programs the agent holds after 20 s: {}; hooks on programs it does not hold: {:#?}\nagent log:\n{}",
+            "not {tc_hooks} TC hooks and the tracer's on programs the agent holds after 20 s: {}; hooks on programs it does not hold: {:#?}\nagent log:\n{}",
             last.summary(),
             last.stale_hooks(),
             agent.log()
@@ -285,8 +297,8 @@ fn restarts_leave_the_same_programs_maps_and_bpf_memory() -> Result<()> {
     )?;
     let pods = vpc.pods().len();
     // DNS: both hooks of every pod and of the uplink; fast path: ingress
-    // of every pod and ENI; conntrack: the drop tracepoint.
-    let hooks = 2 * (pods + 1) + pods + vpc.enis().len() + 1;
+    // of every pod and ENI.
+    let hooks = 2 * (pods + 1) + pods + vpc.enis().len();
     let first = settled(&agent, vpc.node(), hooks)?;
     eprintln!("first start: {}", first.summary());
     let mut after = Vec::new();
@@ -297,11 +309,11 @@ fn restarts_leave_the_same_programs_maps_and_bpf_memory() -> Result<()> {
         after.push(objects);
     }
     let (one, twenty) = (&after[0], &after[RESTARTS - 1]);
-    let totals = |o: &AgentObjects| (o.programs.len(), o.maps.len(), o.memlock());
+    let totals = |o: &AgentObjects| (o.hooks.len(), o.programs.len(), o.maps.len(), o.memlock());
     assert_eq!(
         totals(twenty),
         totals(one),
-        "programs, maps and BPF memory after restart {RESTARTS} ({}) and after restart 1 ({})",
+        "hooks, programs, maps and BPF memory after restart {RESTARTS} ({}) and after restart 1 ({})",
         twenty.summary(),
         one.summary()
     );
