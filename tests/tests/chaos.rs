@@ -741,9 +741,8 @@ fn cni_churn_survives_agent_kills() {
 
     // 4. DNS tcx attachments exactly on the live pods' host veths: one
     //    program per direction, each behind one of the agent's pinned links.
-    //    (Pods attached by different agent lifetimes run different loads of
-    //    the same programs: a restart adopts the links it finds and attaches
-    //    new ones with its own load; all share the pinned maps.)
+    //    (A restart adopts the links it finds and switches them to its own
+    //    load, so every link runs the running agent's programs.)
     let want_ifs: BTreeSet<String> = host_ifs.values().cloned().collect();
     let tcx_matches = || -> Result<(), String> {
         let status = agent

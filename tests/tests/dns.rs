@@ -888,9 +888,10 @@ fn restart_adopts_links_and_removed_endpoints_are_detached() {
     adopted_on_restart_and_detached_with_the_endpoint(&mut bed);
 }
 
-/// One program per hook counts a query; after a restart the same programs
-/// are on the hooks (adopted, not attached twice) and count the next query;
-/// when the endpoint goes, its hooks are empty.
+/// One program per hook counts a query; after a restart each hook still
+/// has one program (adopted, not attached twice), now the restarted agent's
+/// instance while the previous one is gone from the kernel, and it counts
+/// the next query; when the endpoint goes, its hooks are empty.
 fn adopted_on_restart_and_detached_with_the_endpoint(bed: &mut Bed) {
     let before = bed.attached();
     assert_eq!(before.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1]);
@@ -902,7 +903,16 @@ fn adopted_on_restart_and_detached_with_the_endpoint(bed: &mut Bed) {
     );
     bed.agent.restart(bed.topo.node()).unwrap();
     bed.wait_links(2);
-    assert_eq!(bed.attached(), before);
+    let after = bed.attached();
+    assert_eq!(after.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1]);
+    let loaded: Vec<u32> = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .map(|p| p.id())
+        .collect();
+    for (old, new) in before.iter().flatten().zip(after.iter().flatten()) {
+        assert_ne!(old, new, "the hook kept the previous agent's instance");
+        assert!(!loaded.contains(old), "program {old} outlived its agent");
+    }
     assert_eq!(
         bed.status()["dns"]["last_reconcile"]["adopted"]
             .as_array()

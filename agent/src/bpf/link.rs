@@ -3,8 +3,11 @@
 //! A pinned link is named `<base>-<fingerprint>`, where the fingerprint
 //! covers the program's object and every global it was loaded with (kernel
 //! offsets, namespace filter, budgets, hook mode). A link with our exact
-//! fingerprint runs exactly what we would load: it is adopted, with no gap and
-//! no overlap. Any other link of the same base is an older version or another
+//! fingerprint runs exactly what we would load: it is adopted with the
+//! instance it runs, with no gap and no overlap, and no second instance is
+//! loaded. (These are tracing and probe links, which cannot switch program:
+//! the kernel's `BPF_LINK_UPDATE` serves tcx, XDP, cgroup and netns links.)
+//! Any other link of the same base is an older version or another
 //! configuration: it is detached before ours attaches.
 
 use std::path::Path;
@@ -89,7 +92,14 @@ pub fn remove_pinned(dir: &Path, base: &str) -> Result<usize, BpfError> {
 }
 
 /// Adopts the link pinned as `<base>-<fingerprint>` in `dir`, or detaches
-/// other versions and attaches through `attach`, pinning the new link.
+/// other versions and calls `attach` (which loads and attaches the program),
+/// pinning the new link. `attach` is not called on adoption: the adopted
+/// link's instance is the one that runs, and none other is loaded.
+///
+/// Returns an open handle on the link, which the caller holds: while it
+/// lives the link stays attached even if its pin goes (bpffs unmounted or
+/// the pin deleted under the agent); dropping it only closes the descriptor,
+/// the pin keeps the link across restarts.
 ///
 /// On a version change the old link is detached before the new one attaches:
 /// an event in that instant is missed rather than counted twice.
@@ -98,28 +108,14 @@ pub fn attach_pinned(
     base: &str,
     fingerprint: u64,
     attach: impl FnOnce() -> Result<FdLink, BpfError>,
-) -> Result<Attachment, BpfError> {
-    attach_pinned_held(dir, base, fingerprint, attach).map(|(attachment, _)| attachment)
-}
-
-/// Like [`attach_pinned`], also returning an open handle on the link.
-///
-/// While the handle lives the link stays attached even if its pin goes (bpffs
-/// unmounted or the pin deleted under the agent); dropping it only closes the
-/// descriptor, the pin keeps the link across restarts.
-pub fn attach_pinned_held(
-    dir: &Path,
-    base: &str,
-    fingerprint: u64,
-    attach: impl FnOnce() -> Result<FdLink, BpfError>,
-) -> Result<(Attachment, PinnedLink), BpfError> {
+) -> Result<(Attachment, FdLink), BpfError> {
     let ours = pin_name(base, fingerprint);
     let path = dir.join(&ours);
     let names = existing(dir, base)?;
     if names.contains(&ours) && names.len() == 1 {
         let link = PinnedLink::from_pin(&path)
             .map_err(|e| fs_error(&path, format!("open pinned link: {e}")))?;
-        return Ok((Attachment::Adopted, link));
+        return Ok((Attachment::Adopted, link.into()));
     }
     let outcome = if remove_pinned(dir, base)? > 0 {
         Attachment::Replaced
@@ -129,7 +125,7 @@ pub fn attach_pinned_held(
     let link = attach()?
         .pin(&path)
         .map_err(|e| fs_error(&path, format!("pin link: {e}")))?;
-    Ok((outcome, link))
+    Ok((outcome, link.into()))
 }
 
 #[cfg(test)]
@@ -173,7 +169,7 @@ mod tests {
     fn a_pin_that_is_not_a_link_is_an_error_not_an_adoption() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(pin_name("link_a", 7)), b"").unwrap();
-        let e = attach_pinned_held(dir.path(), "link_a", 7, || {
+        let e = attach_pinned(dir.path(), "link_a", 7, || {
             panic!("must not attach over an existing pin")
         })
         .unwrap_err();

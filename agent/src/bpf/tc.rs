@@ -14,9 +14,11 @@
 //! recognises its filters by that priority, handle and the program name the
 //! filter carries; filters and qdiscs of anyone else are never touched (the
 //! `clsact` qdisc is added when missing and never removed: other tools may
-//! share it). On restart a filter of ours is kept when it runs the same
-//! program and replaced in place otherwise (`RTM_NEWTFILTER` with
-//! `NLM_F_REPLACE`: no gap, no overlap).
+//! share it). On restart a filter of ours is replaced in place with the
+//! program instance this process loaded (`RTM_NEWTFILTER` with
+//! `NLM_F_REPLACE`: no gap, no overlap), also when its instructions are the
+//! same: the previous agent's instance then loses its last reference and
+//! the kernel frees it, with the maps only it used.
 
 use aya::programs::{
     tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
@@ -200,17 +202,6 @@ pub fn our_filters(
         .collect())
 }
 
-/// How [`attach`] treats a filter of ours that runs another program.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Keep {
-    /// Keep it when the program's instructions (tag) are ours: its state
-    /// lives in pinned maps (DNS).
-    SameTag,
-    /// Keep it only when it runs our loaded program itself: settings live in
-    /// the program's read-only data (fast path).
-    SameProgram,
-}
-
 /// Classic filters attached or detached by this process so far: whoever
 /// caches what [`owned`] finds looks again when it changed.
 static GENERATION: AtomicU64 = AtomicU64::new(0);
@@ -232,16 +223,18 @@ impl Drop for BumpGeneration {
 }
 
 /// Puts `program` (named `name`) on the hook of `ifname` as podnet's
-/// classic filter at `priority`: adds the `clsact` qdisc if missing,
-/// attaches, keeps or replaces in place. The filter stays after this process
-/// (it is not tied to the program object's lifetime).
+/// classic filter at `priority`: adds the `clsact` qdisc if missing, and
+/// attaches, or replaces in place a filter of ours that runs any other
+/// instance. The outcome is [`Attachment::Adopted`] when that instance had
+/// the same name and instructions (tag), [`Attachment::Replaced`] when it
+/// was another version. The filter stays after this process (it is not tied
+/// to the program object's lifetime).
 pub fn attach(
     program: &mut SchedClassifier,
     name: &str,
     ifname: &str,
     direction: TcAttachType,
     priority: u16,
-    keep: Keep,
 ) -> Result<Attachment, BpfError> {
     let _bump = BumpGeneration;
     let ifindex =
@@ -271,14 +264,11 @@ pub fn attach(
             ));
         }
         Some(f) if f.program_id == our_id => return Ok(Attachment::Adopted),
-        Some(f)
-            if keep == Keep::SameTag
-                && f.name == name
-                && program_tag(f.program_id) == Some(our_tag) =>
-        {
-            return Ok(Attachment::Adopted)
-        }
-        Some(_) => {
+        Some(f) => {
+            // The same instructions are replaced too: settings may live in
+            // the program's read-only data, and the filter must not keep a
+            // previous agent's instance (and its maps) alive.
+            let same_code = f.name == name && program_tag(f.program_id) == Some(our_tag);
             let link = SchedClassifierLink::attached(
                 ifname,
                 direction,
@@ -291,7 +281,11 @@ pub fn attach(
                 .attach_to_link(link)
                 .map_err(|e| BpfError::program(name, format!("replace on {ifname}: {e}")))?;
             forget_link(program, id, name)?;
-            Attachment::Replaced
+            if same_code {
+                Attachment::Adopted
+            } else {
+                Attachment::Replaced
+            }
         }
         None => {
             let id = program

@@ -13,10 +13,7 @@ use std::{
 
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{
-        links::{FdLink, PinnedLink},
-        BtfTracePoint, KProbe,
-    },
+    programs::{links::FdLink, BtfTracePoint, KProbe},
     Btf, Ebpf, EbpfLoader,
 };
 use podnet_common::conntrack::{
@@ -116,12 +113,16 @@ pub struct TracerConfig {
     pub flow_ports: Vec<u16>,
 }
 
-/// The loaded tracer and its maps.
+/// The attached tracer and its maps.
+///
+/// It holds no program object: the links hold the programs. A link adopted
+/// from a previous agent keeps the instance that agent loaded (the same
+/// object and globals, by its fingerprint) and none is loaded beside it, so
+/// a restart leaves one instance of each program in the kernel.
 pub struct Tracer {
-    _ebpf: Ebpf,
     /// Open handles on the attached links (race hook, confirm probe): they
     /// keep counting if the pins vanish under the agent (bpffs unmounted).
-    _links: [Option<PinnedLink>; 2],
+    _links: [Option<FdLink>; 2],
     drops: PerCpuHashMap<MapData, DropKey, u64>,
     destinations: PerCpuHashMap<MapData, DestKey, u64>,
     counters: PerCpuArray<MapData, u64>,
@@ -146,8 +147,9 @@ pub struct Tracer {
 }
 
 impl Tracer {
-    /// Resolves kernel offsets, loads the programs with their pinned maps,
-    /// and attaches them (or adopts the pinned links of the same programs).
+    /// Resolves kernel offsets, opens the pinned maps, and loads and
+    /// attaches the programs (or adopts the pinned links of the same
+    /// programs, loading nothing).
     pub fn start(config: &TracerConfig) -> Result<Self, BpfError> {
         let pin_dir = bpf::fs::prepare_pin_dir(&config.bpffs.join(PIN_SUBDIR))?;
         let btf = KernelBtf::load()?;
@@ -223,23 +225,23 @@ impl Tracer {
             // A probe of an earlier configuration would reclassify drops.
             bpf::link::remove_pinned(pin_dir, CONFIRM_EXIT_PIN)?;
         }
-        let btf = Btf::from_sys_fs()
-            .map_err(|e| BpfError::program(PROGRAM_NAME, format!("kernel BTF: {e}")))?;
         let program: &mut BtfTracePoint = bpf::program_mut(&mut ebpf, PROGRAM_NAME)?;
-        program
-            .load(TRACEPOINT, &btf)
-            .map_err(|e| BpfError::program(PROGRAM_NAME, format!("load (verifier): {e}")))?;
-        let (attachment, link) =
-            bpf::link::attach_pinned_held(pin_dir, LINK_PIN, fingerprint, || {
-                let id = program
-                    .attach()
-                    .map_err(|e| BpfError::program(PROGRAM_NAME, e))?;
-                let link = program
-                    .take_link(id)
-                    .map_err(|e| BpfError::program(PROGRAM_NAME, e))?;
-                Ok(FdLink::from(link))
-            })?;
-        let program_id = program.info().map_or(0, |i| i.id());
+        let (attachment, link) = bpf::link::attach_pinned(pin_dir, LINK_PIN, fingerprint, || {
+            let btf = Btf::from_sys_fs()
+                .map_err(|e| BpfError::program(PROGRAM_NAME, format!("kernel BTF: {e}")))?;
+            program
+                .load(TRACEPOINT, &btf)
+                .map_err(|e| BpfError::program(PROGRAM_NAME, format!("load (verifier): {e}")))?;
+            let id = program
+                .attach()
+                .map_err(|e| BpfError::program(PROGRAM_NAME, e))?;
+            let link = program
+                .take_link(id)
+                .map_err(|e| BpfError::program(PROGRAM_NAME, e))?;
+            Ok(FdLink::from(link))
+        })?;
+        // The program that runs: this load's, or the adopted link's.
+        let program_id = link.info().map_or(0, |i| i.program_id());
         let drops = bpf::take_map(&mut ebpf, m::DROPS)?;
         let destinations = bpf::take_map(&mut ebpf, m::RACE_DESTS)?;
         let counters = bpf::take_map(&mut ebpf, m::COUNTERS)?;
@@ -251,8 +253,11 @@ impl Tracer {
         let reasons_departed = bpf::take_map(&mut ebpf, m::REASONS_DEPARTED)?;
         let drop_counters = bpf::take_map(&mut ebpf, m::DROP_COUNTERS)?;
         tracing::info!(%attachment, hook = hook_name(hook), pins = %pin_dir.display(), netns = config.netns_inode, "conntrack tracer in place");
+        // What is left of the load (program objects, its read-only data map)
+        // goes: the links hold what runs, and an unused copy would stay in
+        // the kernel as long as the agent.
+        drop(ebpf);
         Ok(Self {
-            _ebpf: ebpf,
             _links: [Some(link), probe_link],
             drops,
             destinations,
@@ -282,7 +287,8 @@ impl Tracer {
         self.attachment
     }
 
-    /// Kernel id of the program loaded by this agent.
+    /// Kernel id of the drop tracepoint's program: loaded by this agent, or
+    /// adopted with its link.
     pub fn program_id(&self) -> u32 {
         self.program_id
     }
@@ -562,19 +568,20 @@ pub struct EventThreadHandle {
     pub stats: Arc<EventStats>,
 }
 
-/// Loads and attaches the confirm kretprobe, or adopts its pinned link.
+/// Loads and attaches the confirm kretprobe, or adopts its pinned link
+/// (loading nothing).
 fn attach_probe(
     ebpf: &mut Ebpf,
     name: &str,
     pin_base: &str,
     pin_dir: &Path,
     fingerprint: u64,
-) -> Result<(Attachment, PinnedLink), BpfError> {
+) -> Result<(Attachment, FdLink), BpfError> {
     let probe: &mut KProbe = bpf::program_mut(ebpf, name)?;
-    probe
-        .load()
-        .map_err(|e| BpfError::program(name, format!("load (verifier): {e}")))?;
-    bpf::link::attach_pinned_held(pin_dir, pin_base, fingerprint, || {
+    bpf::link::attach_pinned(pin_dir, pin_base, fingerprint, || {
+        probe
+            .load()
+            .map_err(|e| BpfError::program(name, format!("load (verifier): {e}")))?;
         let id = probe
             .attach(CONFIRM_FUNCTION, 0)
             .map_err(|e| BpfError::program(name, format!("attach to {CONFIRM_FUNCTION}: {e}")))?;

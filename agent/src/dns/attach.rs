@@ -4,17 +4,21 @@
 //!
 //! Each link is pinned as `<bpffs>/dns/links/<ifname>@<ifindex>@<role>@<direction>`.
 //! On start the agent adopts the pins that still match an interface with the
-//! same index (replacing the program atomically with `bpf_link_update` when
-//! its instructions changed), removes the others (which detaches them), and
-//! attaches what is missing: never two links of podnet on one hook.
+//! same index, removes the others (which detaches them), and attaches what is
+//! missing: never two links of podnet on one hook. An adopted link is always
+//! switched to the program instance this agent loaded, atomically with
+//! `bpf_link_update`, also when its instructions are unchanged: the previous
+//! agent's instance loses its last reference and the kernel frees it with its
+//! own maps, so restarts leave nothing behind. The agent holds every link it
+//! owns open, so a link outlives its pin while the agent runs.
 //!
 //! In classic mode ([`crate::bpf::tc`]) the filters at
 //! [`tc::DNS_PRIORITY`] that carry a DNS program's name are the record: the
 //! same names describe them, they are found by listing the namespace's
-//! interfaces, adopted when their instructions are ours, replaced in place
-//! otherwise, and deleted when their endpoint goes. Listing costs a netlink
-//! dump per interface and hook, so a reconcile works from what the last
-//! listing found plus this process's own changes, and lists again only every
+//! interfaces, replaced in place with this agent's instance on start, and
+//! deleted when their endpoint goes. Listing costs a netlink dump per
+//! interface and hook, so a reconcile works from what the last listing found
+//! plus this process's own changes, and lists again only every
 //! [`FILTER_LISTING_EVERY`] (a filter removed by hand comes back then).
 //!
 //! Interface indexes are looked up through one socket the attacher keeps
@@ -207,6 +211,8 @@ pub struct Attacher {
     /// Pins (or filters, by the same names) already checked (adopted or
     /// attached) by this process.
     known: BTreeSet<String>,
+    /// tcx: an open handle on every link of `known`, by pin name.
+    held: BTreeMap<String, FdLink>,
     mode: TcMode,
     /// Classic mode: podnet's DNS filters as last listed, with this
     /// process's attaches and detaches since.
@@ -280,6 +286,7 @@ impl Attacher {
         let attacher = Self {
             dir,
             known: BTreeSet::new(),
+            held: BTreeMap::new(),
             mode,
             filters: None,
             indexes: IfIndexes::open()
@@ -415,7 +422,13 @@ impl Attacher {
         let mut covered: BTreeSet<(String, Direction)> = BTreeSet::new();
         // Tags of loaded programs, read once and only when a pin needs checking.
         let mut tags: Option<HashMap<u32, u64>> = None;
-        for pin in self.pinned()? {
+        let pins = self.pinned()?;
+        let names: BTreeSet<String> = pins.iter().map(PinName::file_name).collect();
+        // A link whose pin was removed under the agent is let go (which
+        // detaches it) and attached afresh below, pinned again.
+        self.known.retain(|f| names.contains(f));
+        self.held.retain(|f, _| names.contains(f));
+        for pin in pins {
             let file = pin.file_name();
             let path = self.dir.join(&file);
             let wanted = desired.get(&pin.ifname) == Some(&pin.role)
@@ -425,6 +438,7 @@ impl Attacher {
                 // if its interface is gone).
                 std::fs::remove_file(&path).map_err(|e| fs_error(&path, format!("unpin: {e}")))?;
                 self.known.remove(&file);
+                self.held.remove(&file);
                 report.removed.push(file);
                 continue;
             }
@@ -439,8 +453,14 @@ impl Attacher {
                     .collect()
             });
             match Self::adopt(tracer, &pin, &path, tags) {
-                Ok(true) => report.adopted.push(file.clone()),
-                Ok(false) => report.replaced.push(file.clone()),
+                Ok((same_code, link)) => {
+                    self.held.insert(file.clone(), link);
+                    if same_code {
+                        report.adopted.push(file.clone());
+                    } else {
+                        report.replaced.push(file.clone());
+                    }
+                }
                 Err(e) => {
                     // Unusable pin: remove it; the hook is attached afresh below.
                     tracing::warn!(pin = %file, error = %e, "cannot adopt pinned DNS link; replacing it");
@@ -456,8 +476,9 @@ impl Attacher {
         for pin in uncovered(desired, &covered, &self.indexes) {
             let file = pin.file_name();
             match self.attach(tracer, &pin) {
-                Ok(()) => {
+                Ok(link) => {
                     self.known.insert(file.clone());
+                    self.held.insert(file.clone(), link);
                     report.attached.push(file);
                 }
                 Err(e) => {
@@ -569,45 +590,42 @@ impl Attacher {
             &pin.ifname,
             pin.direction.attach_type(),
             tc::DNS_PRIORITY,
-            tc::Keep::SameTag,
         )
     }
 
-    /// Keeps a pinned link; replaces its program in place when the
-    /// instructions differ from ours. Returns true when adopted unchanged.
+    /// Adopts a pinned link: switches it to our program instance with
+    /// `bpf_link_update` unless it runs that instance already, and returns
+    /// whether its instructions were ours already (adopted rather than
+    /// replaced) with an open handle on the link.
     fn adopt(
         tracer: &mut DnsTracer,
         pin: &PinName,
         path: &Path,
         tags: &HashMap<u32, u64>,
-    ) -> Result<bool, BpfError> {
+    ) -> Result<(bool, FdLink), BpfError> {
         let name = pin.role.program(pin.direction);
         let program = tracer.program_mut(name)?;
-        let our_tag = program
-            .info()
-            .map_err(|e| BpfError::program(name, e))?
-            .tag();
+        let ours = program.info().map_err(|e| BpfError::program(name, e))?;
         let link: FdLink = PinnedLink::from_pin(path)
             .map_err(|e| BpfError::program(name, format!("open {}: {e}", path.display())))?
             .into();
         let their_program = link.info().ok().map(|i| i.program_id());
-        let their_tag = their_program.and_then(|id| tags.get(&id).copied());
-        if their_tag == Some(our_tag) {
-            return Ok(true);
+        if their_program == Some(ours.id()) {
+            return Ok((true, link));
         }
+        let same_code = their_program.and_then(|id| tags.get(&id).copied()) == Some(ours.tag());
         let link = SchedClassifierLink::try_from(link).map_err(|e| BpfError::program(name, e))?;
         let id = program
             .attach_to_link(link)
-            .map_err(|e| BpfError::program(name, format!("replace: {e}")))?;
-        // The link stays pinned; dropping our handle must not detach it.
+            .map_err(|e| BpfError::program(name, format!("update link: {e}")))?;
         let link = program
             .take_link(id)
             .map_err(|e| BpfError::program(name, e))?;
-        drop(FdLink::try_from(link).map_err(|e| BpfError::program(name, e))?);
-        Ok(false)
+        let link = FdLink::try_from(link).map_err(|e| BpfError::program(name, e))?;
+        Ok((same_code, link))
     }
 
-    fn attach(&self, tracer: &mut DnsTracer, pin: &PinName) -> Result<(), BpfError> {
+    fn attach(&self, tracer: &mut DnsTracer, pin: &PinName) -> Result<FdLink, BpfError> {
         let name = pin.role.program(pin.direction);
         let program = tracer.program_mut(name)?;
         let id = program
@@ -622,9 +640,10 @@ impl Attacher {
             .map_err(|e| BpfError::program(name, e))?;
         let link = FdLink::try_from(link).map_err(|e| BpfError::program(name, e))?;
         let path = self.dir.join(pin.file_name());
-        link.pin(&path)
+        let pinned = link
+            .pin(&path)
             .map_err(|e| BpfError::program(name, format!("pin at {}: {e}", path.display())))?;
-        Ok(())
+        Ok(pinned.into())
     }
 }
 

@@ -1,8 +1,9 @@
 //! The ENI fast path in the kernel (`podnet-steer`, IPv4 and IPv6): load the
-//! programs with their pinned maps, attach them through pinned tcx links (adopting links of
-//! the same program on restart, replacing them atomically when the program
-//! changed), and keep the maps in line with the routing subsystem's desired
-//! state.
+//! programs with their pinned maps, attach them through pinned tcx links
+//! (adopting the pinned links on restart and switching each atomically to
+//! the programs this agent loaded, so the previous agent's instances are
+//! freed; the agent holds every link open), and keep the maps in line with
+//! the routing subsystem's desired state.
 //!
 //! Pins live under `--bpffs/steer/`: the maps, and one link per interface
 //! (`ingress_<ifname>`, with `.` written `:` since bpffs reserves dots and
@@ -144,6 +145,8 @@ pub struct Steer {
     pin_dir: PathBuf,
     /// Interfaces known to have our link: name → ifindex.
     in_place: HashMap<String, u32>,
+    /// tcx: an open handle on our link of each interface of `in_place`.
+    links: HashMap<String, FdLink>,
     /// tcx links or classic filters.
     mode: TcMode,
     /// Classic mode: every interface is scanned for stale filters on the
@@ -191,6 +194,7 @@ impl Steer {
             counters,
             pin_dir,
             in_place: HashMap::new(),
+            links: HashMap::new(),
             mode,
             scan: true,
         })
@@ -256,15 +260,20 @@ impl Steer {
             }
             let pin = self.pin_dir.join(link_pin_name(ifname));
             let mode = self.mode;
+            let links = &mut self.links;
             match classifier(&mut self.ebpf, program).and_then(|p| match mode {
-                TcMode::Tcx => attach_tcx_pinned(p, program, ifname, *ifindex, &pin),
+                TcMode::Tcx => {
+                    attach_tcx_pinned(p, program, ifname, *ifindex, &pin).map(|(how, link)| {
+                        links.insert((*ifname).to_owned(), link);
+                        how
+                    })
+                }
                 TcMode::Tc => tc::attach(
                     p,
                     program,
                     ifname,
                     TcAttachType::Ingress,
                     tc::STEER_PRIORITY,
-                    tc::Keep::SameProgram,
                 ),
             }) {
                 Ok(how) => {
@@ -281,8 +290,13 @@ impl Steer {
             self.detach_stale_filters(&wanted, &mut report);
             return report;
         }
+        // Links whose interface needs no steering any more, their pins
+        // removed under the agent, go with their handle.
+        self.links
+            .retain(|ifname, _| wanted.contains_key(ifname.as_str()));
         for stale in self.stale_pins(&wanted) {
             self.in_place.remove(&stale);
+            self.links.remove(&stale);
             let pin = self.pin_dir.join(link_pin_name(&stale));
             match std::fs::remove_file(&pin) {
                 Ok(()) => {
@@ -549,18 +563,20 @@ fn unpin_resized_counters(pin_dir: &Path) -> Result<(), BpfError> {
 
 /// Attaches `program` at the tcx ingress of `ifname` through a link pinned
 /// at `pin`, or adopts the pinned link when it is still attached to this
-/// interface. An adopted link that runs another program (a previous agent's
-/// load: maybe another version, maybe other settings in its read-only data)
-/// is switched to ours in place with `bpf_link_update`: no gap, no overlap,
-/// and the pinned maps carry the state over. A pinned link whose interface
-/// went away is replaced by a fresh one.
+/// interface. An adopted link that runs another instance (a previous
+/// agent's load: maybe another version or other settings in its read-only
+/// data, maybe the same) is switched to ours in place with
+/// `bpf_link_update`: no gap, no overlap, the pinned maps carry the state
+/// over, and the previous instance loses its last reference. A pinned link
+/// whose interface went away is replaced by a fresh one. Returns an open
+/// handle on the link, which the caller holds.
 fn attach_tcx_pinned(
     program: &mut SchedClassifier,
     name: &str,
     ifname: &str,
     ifindex: u32,
     pin: &Path,
-) -> Result<Attachment, BpfError> {
+) -> Result<(Attachment, FdLink), BpfError> {
     let ours = program.info().map_err(|e| BpfError::program(name, e))?;
     let (our_id, our_tag) = (ours.id(), ours.tag());
     if pin.exists() {
@@ -573,7 +589,7 @@ fn attach_tcx_pinned(
                     .unwrap_or_default();
                 let live = attached.iter().find(|p| Some(p.id()) == program_id);
                 match live {
-                    Some(p) if p.id() == our_id => return Ok(Attachment::Adopted),
+                    Some(p) if p.id() == our_id => return Ok((Attachment::Adopted, link)),
                     Some(p) => {
                         let same_code = p.tag() == our_tag;
                         let link = SchedClassifierLink::try_from(link)
@@ -581,14 +597,17 @@ fn attach_tcx_pinned(
                         let id = program
                             .attach_to_link(link)
                             .map_err(|e| BpfError::program(name, format!("update link: {e}")))?;
-                        // The pin still names the (updated) kernel link; our
-                        // handle can go.
-                        let _ = program.take_link(id);
-                        return Ok(if same_code {
+                        let link = program
+                            .take_link(id)
+                            .map_err(|e| BpfError::program(name, e))?;
+                        let link =
+                            FdLink::try_from(link).map_err(|e| BpfError::program(name, e))?;
+                        let how = if same_code {
                             Attachment::Adopted
                         } else {
                             Attachment::Replaced
-                        });
+                        };
+                        return Ok((how, link));
                     }
                     None => {}
                 }
@@ -612,11 +631,11 @@ fn attach_tcx_pinned(
     let link = program
         .take_link(id)
         .map_err(|e| BpfError::program(name, e))?;
-    FdLink::try_from(link)
+    let pinned = FdLink::try_from(link)
         .map_err(|e| BpfError::program(name, e))?
         .pin(pin)
         .map_err(|e| BpfError::program(name, format!("pin link at {}: {e}", pin.display())))?;
-    Ok(Attachment::Attached)
+    Ok((Attachment::Attached, pinned.into()))
 }
 
 #[cfg(test)]
