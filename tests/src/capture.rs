@@ -35,28 +35,13 @@ pub fn missing_tools() -> Vec<&'static str> {
 
 /// User + system CPU time of process `pid` so far, from `/proc/<pid>/stat`.
 pub fn process_cpu(pid: u32) -> Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the command (which may hold spaces) start at state (3);
-    // utime and stime are fields 14 and 15, in clock ticks.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .with_context(|| format!("/proc/{pid}/stat has no command field"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<u64> {
-        fields
-            .get(i - 3)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("no field {i} in /proc/{pid}/stat"))
-    };
-    let total = ticks(14)? + ticks(15)?;
+    let ticks = crate::load::ProcSample::read(pid)?.cpu_ticks;
     // SAFETY: sysconf takes no pointers.
     let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
         .unwrap_or(100)
         .max(1);
     Ok(Duration::from_nanos(
-        total.saturating_mul(1_000_000_000) / hz,
+        ticks.saturating_mul(1_000_000_000) / hz,
     ))
 }
 

@@ -191,17 +191,7 @@ fn up_with_mtu_message(index: u32, mtu: u32) -> LinkMessage {
 
 impl Netlink for RtNetlink {
     fn links(&mut self) -> Result<Vec<Link>, NetlinkError> {
-        let mut out = Vec::new();
-        self.dump(
-            "dump links",
-            RouteNetlinkMessage::GetLink(LinkMessage::default()),
-            &mut out,
-            |m| match m {
-                RouteNetlinkMessage::NewLink(l) => Some(parse_link(l)),
-                _ => None,
-            },
-        )?;
-        Ok(out)
+        Ok(self.link_states()?.into_iter().map(|s| s.link).collect())
     }
 
     fn routes(&mut self) -> Result<Vec<ObservedRoute>, NetlinkError> {

@@ -16,11 +16,12 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use podnet_tests::{
-    agent::endpoints_yaml,
     capture::{self, Capture},
-    dns_paced, spawn_in, wait_for, Agent, EndpointSpec, Topology,
+    dns_paced,
+    load::wait_dns_links,
+    start_dns_responder, Agent, EndpointSpec, Topology,
 };
 use serde_json::{json, Value};
 
@@ -51,15 +52,7 @@ pub fn compare(rate: u64, seconds: u64) -> Result<Value> {
         .context("too many queries per pod for distinct DNS ids (at most 65,535)")?;
     let topo = Topology::builder().name("dnscap").pods(PODS).build()?;
     let server_ip = IpAddr::V4(topo.server_ipv4());
-    let responder_bin = podnet_tests::agent::binary("podnet-dns-responder")?;
-    let responder = spawn_in(
-        topo.server(),
-        &[
-            responder_bin.to_str().context("path")?,
-            "--listen",
-            &server_ip.to_string(),
-        ],
-    )?;
+    let responder = start_dns_responder(topo.server(), &[server_ip])?;
     let specs: Vec<EndpointSpec> = topo
         .pods()
         .iter()
@@ -70,21 +63,7 @@ pub fn compare(rate: u64, seconds: u64) -> Result<Value> {
         })
         .collect();
     let agent = Agent::start_with(topo.node(), &specs, &["--dns-timeout", "5s"])?;
-    std::fs::write(agent.endpoints_file(), endpoints_yaml(&specs))?;
-    let linked = wait_for(
-        || {
-            agent
-                .api("status", Value::Null)
-                .is_ok_and(|s| s["dns"]["links"].as_array().map(Vec::len) == Some(2 * PODS))
-        },
-        Duration::from_secs(10),
-    );
-    if !linked {
-        bail!("the agent did not attach its DNS programs to the {PODS} pods");
-    }
-    if !wait_for(|| responder.log().contains("ready"), Duration::from_secs(5)) {
-        bail!("the DNS responder did not start: {}", responder.log());
-    }
+    wait_dns_links(&agent, 2 * PODS, Duration::from_secs(10))?;
     let mut programs = BTreeSet::new();
     for pod in topo.pods() {
         let (ingress, egress) = hook_programs(topo.node(), pod.host_if())?;
