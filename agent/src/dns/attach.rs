@@ -190,6 +190,10 @@ pub struct ReconcileReport {
     pub removed: Vec<String>,
     /// Hooks that could not be attached (retried on the next round).
     pub failed: Vec<String>,
+    /// How long the reconcile took, in microseconds: from reading the
+    /// registry to the last hook (each tcx attach waits for the kernel's
+    /// grace period).
+    pub took_us: u64,
 }
 
 impl ReconcileReport {
@@ -243,11 +247,11 @@ const FILTER_PROGRAMS: [&str; 4] = [
 fn uncovered(
     desired: &BTreeMap<String, Role>,
     covered: &BTreeSet<(String, Direction)>,
-    indexes: &IfIndexes,
+    indexes: &HashMap<&str, u32>,
 ) -> Vec<PinName> {
     let mut missing = Vec::new();
     for (ifname, role) in desired {
-        let Some(index) = indexes.get(ifname) else {
+        let Some(&index) = indexes.get(ifname.as_str()) else {
             continue;
         };
         for direction in Direction::BOTH {
@@ -408,6 +412,15 @@ impl Attacher {
         ids
     }
 
+    /// The index of every desired interface that exists, each looked up
+    /// once per reconcile (a node's pins name each interface twice).
+    fn desired_indexes<'a>(&self, desired: &'a BTreeMap<String, Role>) -> HashMap<&'a str, u32> {
+        desired
+            .keys()
+            .filter_map(|ifname| Some((ifname.as_str(), self.indexes.get(ifname)?)))
+            .collect()
+    }
+
     /// Makes the links equal to `desired` (interface name → role): both hooks
     /// of every desired interface that exists, nothing else.
     pub fn reconcile(
@@ -415,8 +428,9 @@ impl Attacher {
         tracer: &mut DnsTracer,
         desired: &BTreeMap<String, Role>,
     ) -> Result<ReconcileReport, BpfError> {
+        let indexes = self.desired_indexes(desired);
         if self.mode == TcMode::Tc {
-            return self.reconcile_filters(tracer, desired);
+            return self.reconcile_filters(tracer, desired, &indexes);
         }
         let mut report = ReconcileReport::default();
         let mut covered: BTreeSet<(String, Direction)> = BTreeSet::new();
@@ -432,7 +446,7 @@ impl Attacher {
             let file = pin.file_name();
             let path = self.dir.join(&file);
             let wanted = desired.get(&pin.ifname) == Some(&pin.role)
-                && self.indexes.get(&pin.ifname) == Some(pin.ifindex);
+                && indexes.get(pin.ifname.as_str()) == Some(&pin.ifindex);
             if !wanted {
                 // Removing the last reference detaches the link (or frees it
                 // if its interface is gone).
@@ -473,7 +487,7 @@ impl Attacher {
             covered.insert((pin.ifname.clone(), pin.direction));
             self.known.insert(file);
         }
-        for pin in uncovered(desired, &covered, &self.indexes) {
+        for pin in uncovered(desired, &covered, &indexes) {
             let file = pin.file_name();
             match self.attach(tracer, &pin) {
                 Ok(link) => {
@@ -493,13 +507,23 @@ impl Attacher {
     /// Classic mode's filters: listed when the last listing is older than
     /// [`FILTER_LISTING_EVERY`], else the cached ones whose interface still
     /// has the same index (a deleted interface took its filters with it).
-    fn observed_filters(&self) -> Result<(Vec<PinName>, Instant), BpfError> {
+    /// `indexes` holds the desired interfaces' indexes; others are looked up.
+    fn observed_filters(
+        &self,
+        indexes: &HashMap<&str, u32>,
+    ) -> Result<(Vec<PinName>, Instant), BpfError> {
         match &self.filters {
             Some(cache) if cache.listed_at.elapsed() < FILTER_LISTING_EVERY => Ok((
                 cache
                     .filters
                     .iter()
-                    .filter(|p| self.indexes.get(&p.ifname) == Some(p.ifindex))
+                    .filter(|p| {
+                        let index = match indexes.get(p.ifname.as_str()) {
+                            Some(&index) => Some(index),
+                            None => self.indexes.get(&p.ifname),
+                        };
+                        index == Some(p.ifindex)
+                    })
                     .cloned()
                     .collect(),
                 cache.listed_at,
@@ -517,10 +541,11 @@ impl Attacher {
         &mut self,
         tracer: &mut DnsTracer,
         desired: &BTreeMap<String, Role>,
+        indexes: &HashMap<&str, u32>,
     ) -> Result<ReconcileReport, BpfError> {
         let mut report = ReconcileReport::default();
         let mut covered: BTreeSet<(String, Direction)> = BTreeSet::new();
-        let (observed, listed_at) = self.observed_filters()?;
+        let (observed, listed_at) = self.observed_filters(indexes)?;
         // Drop the cache until this reconcile's outcome replaces it: an error
         // below must leave the next reconcile listing again.
         self.filters = None;
@@ -561,7 +586,7 @@ impl Attacher {
             self.known.insert(file);
             in_place.push(pin);
         }
-        for pin in uncovered(desired, &covered, &self.indexes) {
+        for pin in uncovered(desired, &covered, indexes) {
             let file = pin.file_name();
             match Self::attach_filter(tracer, &pin) {
                 Ok(_) => {

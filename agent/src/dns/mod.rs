@@ -334,11 +334,14 @@ impl Dns {
             registry.watch_addresses(move |ips| lock(&map).sync_or_warn(ips));
         }
         let mut attacher = Attacher::new(tracer.pin_dir(), tc_mode)?;
-        let report = attacher.reconcile(
+        let started = Instant::now();
+        let mut report = attacher.reconcile(
             &mut tracer,
             &desired_interfaces(&registry, &settings.uplinks),
         )?;
+        report.took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         tracing::info!(
+            took_us = report.took_us,
             attached = report.attached.len(),
             adopted = report.adopted.len(),
             replaced = report.replaced.len(),

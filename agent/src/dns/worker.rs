@@ -37,9 +37,11 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 /// timeouts of a departed pod's last queries arrive after it left.
 const FOLD_EVERY: Duration = Duration::from_secs(30);
 
-/// When the maps are next walked for clients that left: at once when the
-/// endpoint addresses changed, else every [`FOLD_EVERY`] (each walk lists
-/// six maps, too much for every reconcile).
+/// When the maps are next walked for clients that left: at once when an
+/// endpoint address went away, else every [`FOLD_EVERY`] (each walk lists
+/// six maps, too much for every reconcile). A new address alone is no
+/// reason: nothing of it can be in the maps as a departed client, and a new
+/// pod's reconcile is what stands between its ADD and its programs.
 #[derive(Default)]
 struct Departures {
     live: std::collections::BTreeSet<podnet_common::AddrKey>,
@@ -48,11 +50,12 @@ struct Departures {
 
 impl Departures {
     fn due(&mut self, live: std::collections::BTreeSet<podnet_common::AddrKey>) -> bool {
-        let due = live != self.live || self.last.is_none_or(|t| t.elapsed() >= FOLD_EVERY);
+        let left = !self.live.is_subset(&live);
+        let due = left || self.last.is_none_or(|t| t.elapsed() >= FOLD_EVERY);
         if due {
-            self.live = live;
             self.last = Some(Instant::now());
         }
+        self.live = live;
         due
     }
 }
@@ -251,6 +254,7 @@ impl Worker {
     }
 
     fn reconcile(&self, departures: &mut Departures) {
+        let started = Instant::now();
         let desired = desired_interfaces(&self.registry, &self.settings.uplinks);
         let live = self
             .registry
@@ -281,7 +285,8 @@ impl Worker {
             lock(&self.attacher).reconcile(&mut tracer, &desired)
         };
         match result {
-            Ok(report) => {
+            Ok(mut report) => {
+                report.took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
                 if !report.attached.is_empty()
                     || !report.removed.is_empty()
                     || !report.replaced.is_empty()
@@ -290,6 +295,7 @@ impl Worker {
                         attached = ?report.attached,
                         removed = ?report.removed,
                         replaced = ?report.replaced,
+                        took_us = report.took_us,
                         "DNS attachments changed"
                     );
                 }
@@ -301,5 +307,41 @@ impl Worker {
             }
             Err(e) => tracing::warn!(error = %e, "reconciling DNS attachments failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bpf::endpoints::addr_key;
+
+    fn live(ips: &[&str]) -> std::collections::BTreeSet<podnet_common::AddrKey> {
+        ips.iter().map(|ip| addr_key(ip.parse().unwrap())).collect()
+    }
+
+    #[test]
+    fn maps_are_walked_when_an_address_leaves_not_when_one_arrives() {
+        let mut departures = Departures::default();
+        assert!(
+            departures.due(live(&["10.0.0.2"])),
+            "the first reconcile walks"
+        );
+        assert!(
+            !departures.due(live(&["10.0.0.2", "10.0.0.3"])),
+            "a new pod"
+        );
+        assert!(
+            !departures.due(live(&["10.0.0.2", "10.0.0.3"])),
+            "nothing changed"
+        );
+        assert!(departures.due(live(&["10.0.0.3"])), "10.0.0.2 left");
+        assert!(
+            !departures.due(live(&["10.0.0.3", "fd00::2"])),
+            "a new address"
+        );
+        assert!(
+            departures.due(live(&["10.0.0.2"])),
+            "both 10.0.0.3 and fd00::2 left"
+        );
     }
 }

@@ -330,6 +330,11 @@ fn add_figures(adds: &Value, out: &mut Vec<Figure>) {
             "burst of 100 ADDs: programs attached after each ADD, p99 (tcx, 1,000 endpoints)",
         ),
         (
+            "tcx_expedited",
+            "new pod's DNS programs attached after its ADD, p99 (tcx, rcu_expedited=1, 1,000 endpoints)",
+            "burst of 100 ADDs: programs attached after each ADD, p99 (tcx, rcu_expedited=1, 1,000 endpoints)",
+        ),
+        (
             "tc",
             "new pod's DNS programs attached after its ADD, p99 (classic tc, 1,000 endpoints)",
             "burst of 100 ADDs: programs attached after each ADD, p99 (classic tc, 1,000 endpoints)",

@@ -218,3 +218,35 @@ pub fn wait_detached(topo: &Topology, pods: &[&Pod]) -> Result<Duration> {
 fn container_id(pod: &Pod) -> String {
     format!("burst{}", pod.index())
 }
+
+/// The kernel's switch between normal and expedited RCU grace periods.
+const RCU_EXPEDITED: &str = "/sys/kernel/rcu_expedited";
+
+/// `rcu_expedited` set to 1 for as long as it lives, the value found put
+/// back on drop: a tcx attach then waits for an expedited grace period
+/// (IPIs to every CPU) instead of a normal one. A node-wide kernel setting,
+/// for the benchmark's own machine only.
+pub struct ExpeditedGracePeriods {
+    previous: String,
+}
+
+impl ExpeditedGracePeriods {
+    /// Sets it; `None` when this kernel has no such switch.
+    pub fn enable() -> Result<Option<Self>> {
+        let Ok(previous) = std::fs::read_to_string(RCU_EXPEDITED) else {
+            return Ok(None);
+        };
+        std::fs::write(RCU_EXPEDITED, "1").with_context(|| format!("writing {RCU_EXPEDITED}"))?;
+        Ok(Some(Self {
+            previous: previous.trim().to_owned(),
+        }))
+    }
+}
+
+impl Drop for ExpeditedGracePeriods {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::write(RCU_EXPEDITED, &self.previous) {
+            eprintln!("restoring {RCU_EXPEDITED} to {}: {e}", self.previous);
+        }
+    }
+}
