@@ -264,6 +264,12 @@ impl Agent {
         self.launch(node)
     }
 
+    /// [`Agent::restart`] with `args` added to its flags (kept for later starts).
+    pub fn restart_with_args(&mut self, node: &Netns, args: &[&str]) -> Result<()> {
+        self.extra_args.extend(args.iter().map(|a| (*a).to_owned()));
+        self.restart(node)
+    }
+
     /// Stops the agent with SIGTERM; its pinned programs keep running.
     pub fn stop(&mut self) -> Result<()> {
         if let Some(child) = self.child.take() {

@@ -514,3 +514,77 @@ fn bad_inputs_allocate_nothing() {
     assert!(ok, "STATUS succeeds while addresses are free");
     let _ = std::fs::remove_file(&log);
 }
+
+/// With `--cni-add-wait`, a CNI ADD through libcni answers only once the
+/// pod's DNS programs hold both hooks of its host interface: the kernel shows
+/// exactly the agent's programs there the moment the ADD returns, for every
+/// pod, and the agent counts each wait as in place.
+#[test]
+fn add_waits_until_the_pods_programs_are_attached() {
+    use podnet::dns::attach::{hook_program_ids, Direction};
+    const PODS: usize = 10;
+    if !cni::ready() {
+        return;
+    }
+    let topo = Topology::builder().name("cniwait").pods(0).build().unwrap();
+    let node = topo.node();
+    let agent = Agent::start_with(
+        node,
+        &[],
+        &["--node-cidr", NODE_CIDR, "--cni-add-wait", "5s"],
+    )
+    .unwrap();
+    let env = CniEnv::new().unwrap();
+    let list = env.conflist("ptp", &ptp_conflist(&env, &agent)).unwrap();
+    let pods: Vec<Netns> = (0..PODS)
+        .map(|_| Netns::new("cniwaitpod").unwrap())
+        .collect();
+    for (i, ns) in pods.iter().enumerate() {
+        let id = format!("wait{i:02}");
+        let att = Attachment::pod(&id, ns, "shop", &format!("cart-{i}"));
+        env.run(node, "ADD", &list, &att, None).unwrap();
+        // The host interface, from the registry the ADD filled.
+        let eps = agent.api("endpoint.list", Value::Null).unwrap();
+        let host_if = eps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["containerId"] == json!(id))
+            .and_then(|e| e["interface"].as_str())
+            .unwrap()
+            .to_owned();
+        let hooks = podnet_tests::in_netns(node, || {
+            Direction::BOTH.map(|d| hook_program_ids(&host_if, d).unwrap())
+        })
+        .unwrap();
+        // The programs behind the agent's own links.
+        let status = agent.api("status", Value::Null).unwrap();
+        let ours: Vec<u64> = status["dns"]["program_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        for (direction, ids) in Direction::BOTH.iter().zip(&hooks) {
+            assert_eq!(ids.len(), 1, "pod {i} {direction:?}: {ids:?}");
+            assert!(
+                ours.contains(&u64::from(ids[0])),
+                "pod {i} {direction:?}: program {} is not one of the agent's {ours:?}",
+                ids[0]
+            );
+        }
+    }
+    let m = agent.metrics(node).unwrap();
+    assert_eq!(
+        m.count("podnet_cni_add_waits_total", &[("outcome", "in_place")]),
+        PODS as u64
+    );
+    assert_eq!(
+        m.count("podnet_cni_add_waits_total", &[("outcome", "timed_out")]),
+        0
+    );
+    for (i, ns) in pods.iter().enumerate() {
+        let att = Attachment::pod(&format!("wait{i:02}"), ns, "shop", &format!("cart-{i}"));
+        env.run(node, "DEL", &list, &att, None).unwrap();
+    }
+}

@@ -464,6 +464,29 @@ mod tests {
     }
 
     #[test]
+    fn cni_add_wait_is_unset_unless_given() {
+        let c = merged(args(&[]), ConfigFile::default());
+        assert_eq!(c.ipam.add_wait, None);
+        let file = parse_config_file(Path::new("c.yaml"), "cni-add-wait: 2s\n").unwrap();
+        assert_eq!(
+            merged(args(&[]), file.clone()).ipam.add_wait,
+            Some(std::time::Duration::from_secs(2))
+        );
+        assert_eq!(
+            merged(args(&["--cni-add-wait", "500ms"]), file)
+                .ipam
+                .add_wait,
+            Some(std::time::Duration::from_millis(500)),
+            "the flag wins over the file"
+        );
+        assert!(AgentArgs::try_parse_from(["podnet-agent", "--cni-add-wait", "0s"]).is_err());
+        let err = parse_config_file(Path::new("c.yaml"), "cni-add-wait: forever\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cni-add-wait"), "{err}");
+    }
+
+    #[test]
     fn a_value_its_own_parser_rejects_names_the_key() {
         // Found by fuzzing: serde_norway adds the key to type errors only, not
         // to errors raised by a value's own parser.

@@ -290,6 +290,9 @@ pub enum DnsError {
     Subscribe(std::io::Error),
 }
 
+/// The DNS subsystem's name among the registry's followers.
+pub const FOLLOWER: &str = "dns";
+
 /// The interfaces the programs should watch: every endpoint's `interface`
 /// (role pod) and every uplink.
 pub fn desired_interfaces(registry: &Registry, uplinks: &[String]) -> BTreeMap<String, Role> {
@@ -334,11 +337,18 @@ impl Dns {
             registry.watch_addresses(move |ips| lock(&map).sync_or_warn(ips));
         }
         let mut attacher = Attacher::new(tracer.pin_dir(), tc_mode)?;
+        // Subscribed and following before the first reconcile: a change
+        // made while it runs wakes the upkeep thread, and a CNI ADD waiting
+        // for its pod's programs waits for a reconcile that saw the pod.
+        let changes = registry.subscribe().map_err(DnsError::Subscribe)?;
+        let follower = Arc::new(registry.follow(FOLLOWER));
         let started = Instant::now();
+        let generation = registry.generation();
         let mut report = attacher.reconcile(
             &mut tracer,
             &desired_interfaces(&registry, &settings.uplinks),
         )?;
+        follower.caught_up(generation);
         report.took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         tracing::info!(
             took_us = report.took_us,
@@ -379,6 +389,7 @@ impl Dns {
             drops: flow_drops,
             failures: dns.failures.clone(),
             deferred: Arc::default(),
+            follower,
         };
         if let Some(ring) = ring {
             let events = worker.clone();
@@ -388,7 +399,6 @@ impl Dns {
                 .map_err(DnsError::Thread)?;
             lock(&dns.threads).push(handle);
         }
-        let changes = dns.registry.subscribe().map_err(DnsError::Subscribe)?;
         let handle = std::thread::Builder::new()
             .name(worker::UPKEEP_THREAD.into())
             .spawn(move || worker.run_upkeep(&changes))

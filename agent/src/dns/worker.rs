@@ -19,7 +19,7 @@ use super::{
 };
 use crate::{
     bpf::ring::RingReader,
-    endpoint::{Changes, Registry},
+    endpoint::{Changes, Follower, Registry},
     flowdrops::FlowDrops,
     heartbeat::{self, Heartbeat},
 };
@@ -96,6 +96,8 @@ pub(super) struct Worker {
     pub(super) failures: Arc<FailureCounts>,
     /// Failed queries waiting until every drop before them has been read.
     pub(super) deferred: Arc<Mutex<VecDeque<(Instant, DnsEvent)>>>,
+    /// Tells the registry which change each reconcile acted on.
+    pub(super) follower: Arc<Follower>,
 }
 
 impl Worker {
@@ -255,6 +257,7 @@ impl Worker {
 
     fn reconcile(&self, departures: &mut Departures) {
         let started = Instant::now();
+        let generation = self.registry.generation();
         let desired = desired_interfaces(&self.registry, &self.settings.uplinks);
         let live = self
             .registry
@@ -284,6 +287,9 @@ impl Worker {
             }
             lock(&self.attacher).reconcile(&mut tracer, &desired)
         };
+        // Acted on, whatever the outcome: a hook that failed is retried by
+        // later reconciles, and an ADD waiting for it would only wait longer.
+        self.follower.caught_up(generation);
         match result {
             Ok(mut report) => {
                 report.took_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);

@@ -14,9 +14,11 @@
 mod changes;
 pub mod file;
 pub mod history;
+pub mod settle;
 pub mod workload;
 
 pub use changes::Changes;
+pub use settle::Follower;
 pub use workload::Workload;
 
 use std::{
@@ -158,6 +160,8 @@ struct Inner {
     history: history::History,
     subscribers: Vec<std::sync::Weak<std::os::fd::OwnedFd>>,
     address_watchers: Vec<AddressWatcher>,
+    /// Changes so far (see [`settle`]).
+    generation: u64,
 }
 
 impl std::fmt::Debug for Inner {
@@ -183,6 +187,7 @@ impl Inner {
         for watcher in &self.address_watchers {
             watcher(&mut self.by_ip.keys().copied());
         }
+        self.generation += 1;
         changes::notify(&mut self.subscribers);
     }
 
@@ -244,6 +249,7 @@ pub fn unix_ms_now() -> u64 {
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     inner: Arc<RwLock<Inner>>,
+    followers: Arc<settle::Followers>,
 }
 
 impl Registry {
@@ -370,6 +376,29 @@ impl Registry {
         });
     }
 
+    /// The number of changes so far; a follower reads it before it reads
+    /// the endpoints it acts on.
+    pub fn generation(&self) -> u64 {
+        self.read(|inner| inner.generation)
+    }
+
+    /// A follower named `name`: a subsystem that acts on every change in the
+    /// kernel and reports, with [`Follower::caught_up`], which generation it
+    /// acted on last.
+    pub fn follow(&self, name: &'static str) -> Follower {
+        self.followers.follow(name)
+    }
+
+    /// Waits until every follower has acted on the changes up to
+    /// `generation`, at most `timeout`; on timeout, those still behind.
+    pub fn wait_followers(
+        &self,
+        generation: u64,
+        timeout: std::time::Duration,
+    ) -> Result<(), Vec<&'static str>> {
+        self.followers.wait(generation, timeout)
+    }
+
     /// A subscription that becomes readable on every later change.
     pub fn subscribe(&self) -> std::io::Result<Changes> {
         let (changes, weak) = Changes::new()?;
@@ -409,6 +438,22 @@ mod tests {
             container_id: None,
             if_name: None,
         }
+    }
+
+    #[test]
+    fn every_change_is_a_new_generation_that_followers_catch_up_with() {
+        let r = Registry::new();
+        assert_eq!(r.generation(), 0);
+        let dns = r.follow("dns");
+        r.replace_source(Source::File, vec![ep("shop", "cart-1", &["10.0.0.2"])]);
+        r.replace_source(Source::Cni, vec![ep("shop", "cart-2", &["10.0.0.3"])]);
+        assert_eq!(r.generation(), 2);
+        r.set_metadata("sandbox", None);
+        assert_eq!(r.generation(), 2, "metadata is not an endpoint change");
+        let zero = std::time::Duration::ZERO;
+        assert_eq!(r.wait_followers(2, zero), Err(vec!["dns"]));
+        dns.caught_up(r.generation());
+        assert_eq!(r.wait_followers(2, zero), Ok(()));
     }
 
     #[test]

@@ -114,8 +114,21 @@ options! {
         #[arg(long, env = "PODNET_IPAM_RECOVERY_GRACE", value_parser = duration_arg)]
         #[serde(default, deserialize_with = "duration_key")]
         pub ipam_recovery_grace: Option<Duration>,
+        /// How long a CNI ADD may wait, once its pod is registered, for the
+        /// agent to put the pod's programs, rules and routes in the kernel
+        /// before it answers, so the pod is traced and routed from its first
+        /// packet (e.g. `2s`, 1ms to 60s); when it elapses the ADD answers
+        /// anyway and they follow [default: unset: the ADD answers at once].
+        #[arg(long, env = "PODNET_CNI_ADD_WAIT", value_parser = duration_arg)]
+        #[serde(default, deserialize_with = "duration_key")]
+        pub cni_add_wait: Option<Duration>,
     }
 }
+
+/// What a `--cni-add-wait` leaves of the caller's time for the answer to
+/// reach it: an ADD that waited until its caller gave up would be reported
+/// failed although the pod is registered.
+const ANSWER_MARGIN: Duration = Duration::from_millis(250);
 
 /// `--warm-eni-target` (as the AWS VPC CNI).
 pub const DEFAULT_WARM_ENI_TARGET: u32 = 1;
@@ -168,6 +181,7 @@ impl IpamOptions {
             node_name: self.node_name,
             cooldown: DEFAULT_COOLDOWN,
             recovery_grace: self.ipam_recovery_grace.unwrap_or(recovery::DEFAULT_GRACE),
+            add_wait: self.cni_add_wait,
             eni: crate::ipam::eni::EniSettings {
                 targets: crate::ipam::eni::warm::Targets {
                     warm_ip: self.warm_ip_target,
@@ -207,6 +221,8 @@ pub struct IpamSettings {
     pub cooldown: Duration,
     /// `--ipam-recovery-grace`.
     pub recovery_grace: Duration,
+    /// `--cni-add-wait`.
+    pub add_wait: Option<Duration>,
     /// ENI mode settings.
     pub eni: crate::ipam::eni::EniSettings,
 }
@@ -233,6 +249,14 @@ struct Counters {
     requests: BTreeMap<(String, String), u64>,
     durations: BTreeMap<String, Histogram>,
     allocations: BTreeMap<&'static str, u64>,
+    /// `--cni-add-wait` outcomes: in place before the answer, or not yet.
+    add_waits: AddWaits,
+}
+
+#[derive(Debug, Default)]
+struct AddWaits {
+    in_place: u64,
+    timed_out: u64,
 }
 
 /// The endpoint and IPAM service.
@@ -243,6 +267,11 @@ pub struct IpamService {
     eni: Option<crate::ipam::eni::EniIpam>,
     counters: Mutex<Counters>,
     grace: Option<GraceRelease>,
+    /// The registry the endpoints are published to, whose followers an ADD
+    /// waits for.
+    registry: Registry,
+    /// `--cni-add-wait`.
+    add_wait: Option<Duration>,
     _lock: StateLock,
 }
 
@@ -306,6 +335,7 @@ impl IpamService {
             pools = ?usage.iter().map(PoolUsage::describe).collect::<Vec<_>>(),
             "IPAM state restored"
         );
+        let followed = registry.clone();
         let on_durable = {
             Box::new(
                 move |state: &NodeState, outcome: crate::ipam::commit::BatchOutcome| {
@@ -331,6 +361,8 @@ impl IpamService {
             eni,
             counters: Mutex::new(Counters::default()),
             grace,
+            registry: followed,
+            add_wait: config.add_wait,
             _lock: lock,
         };
         if let Some(eni) = &service.eni {
@@ -479,6 +511,7 @@ impl IpamService {
                     .run(deadline, Some(key.clone()), change::add_endpoint(ep))
                     .map_err(ipam_error)?;
                 tracing::info!(attachment = %key, %pod, ?ips, ?interface, "endpoint added");
+                self.wait_for_followers(deadline, &key);
                 Ok(json!({ "routes": routes }))
             }
             Call::EndpointDel(k) => {
@@ -522,6 +555,32 @@ impl IpamService {
                 })
             }
             other => Err(ApiError::unknown_method(other.method())),
+        }
+    }
+
+    /// With `--cni-add-wait`: waits until the subsystems that follow the
+    /// registry have acted on the endpoint just added (its programs, rules
+    /// and routes in the kernel), at most the wait and never past the
+    /// caller's deadline. When the wait elapses the ADD still succeeds: the
+    /// pod is registered and they follow.
+    fn wait_for_followers(&self, deadline: Option<u64>, key: &impl std::fmt::Display) {
+        let Some(wait) = self.add_wait else {
+            return;
+        };
+        let wait = deadline.map_or(wait, |d| {
+            let left = Duration::from_millis(d.saturating_sub(crate::endpoint::unix_ms_now()));
+            wait.min(left.saturating_sub(ANSWER_MARGIN))
+        });
+        // Read after the commit published the endpoint: it covers this change.
+        let generation = self.registry.generation();
+        let outcome = self.registry.wait_followers(generation, wait);
+        let mut c = self.counters();
+        match outcome {
+            Ok(()) => c.add_waits.in_place += 1,
+            Err(behind) => {
+                c.add_waits.timed_out += 1;
+                tracing::warn!(attachment = %key, ?behind, ?wait, "CNI ADD answered before the pod's programs, rules and routes were all in place");
+            }
         }
     }
 
@@ -672,6 +731,15 @@ impl Subsystem for IpamService {
         );
         for (command, h) in &c.durations {
             h.write(&mut fam, &[("command", command)]);
+        }
+        if self.add_wait.is_some() {
+            enc.family(
+                "podnet_cni_add_waits_total",
+                MetricType::Counter,
+                "CNI ADDs that waited (--cni-add-wait) for the pod's programs, rules and routes, by outcome: in_place before the ADD answered, or timed_out (the ADD answered first; they followed).",
+            )
+            .sample(&[("outcome", "in_place")], c.add_waits.in_place)
+            .sample(&[("outcome", "timed_out")], c.add_waits.timed_out);
         }
     }
 

@@ -55,7 +55,7 @@ use crate::{
         protocol::{method, ApiError},
     },
     bpf::BpfError,
-    endpoint::{Changes, Endpoint, Registry},
+    endpoint::{Changes, Endpoint, Follower, Registry},
     heartbeat::{self, Heartbeat},
     metrics::{
         selfstats::RECONCILE_BUCKETS,
@@ -74,6 +74,8 @@ pub const RESYNC_PERIOD: Duration = Duration::from_secs(30);
 const CHANGE_COALESCE: Duration = Duration::from_millis(20);
 /// The routing thread's name (and its heartbeat's).
 pub const THREAD_NAME: &str = "podnet-routing";
+/// The routing subsystem's name among the registry's followers.
+pub const FOLLOWER: &str = "routing";
 /// Longest wait for a kernel notification before inputs are looked at again.
 const POLL: Duration = Duration::from_millis(200);
 /// How soon a reconcile that found a conflict is repeated (the foreign
@@ -426,6 +428,8 @@ struct Loop {
     watcher: Watcher,
     eni_stamp: Option<(SystemTime, u64)>,
     snat_active: Option<bool>,
+    /// Tells the registry which change each reconcile acted on.
+    follower: Follower,
 }
 
 impl Loop {
@@ -438,7 +442,9 @@ impl Loop {
         watcher: Watcher,
     ) -> Self {
         let eni_stamp = config.enis_file.as_deref().and_then(eni::stamp);
+        let follower = registry.follow(FOLLOWER);
         Self {
+            follower,
             config,
             registry,
             changes,
@@ -485,6 +491,7 @@ impl Loop {
                 next_resync = Instant::now() + RESYNC_PERIOD;
             }
             last_enis = Some(enis_generation);
+            let generation = self.registry.generation();
             let endpoints: Vec<Endpoint> = self
                 .registry
                 .endpoints()
@@ -518,6 +525,7 @@ impl Loop {
                 next_resync = next_resync.min(Instant::now() + CONFLICT_RECHECK);
             }
             self.publish(&outcome, errors);
+            self.follower.caught_up(generation);
             trim.request();
         }
         if self.shared.stop.load(Ordering::Relaxed) {

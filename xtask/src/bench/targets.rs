@@ -335,6 +335,11 @@ fn add_figures(adds: &Value, out: &mut Vec<Figure>) {
             "burst of 100 ADDs: programs attached after each ADD, p99 (tcx, rcu_expedited=1, 1,000 endpoints)",
         ),
         (
+            "tcx_add_wait",
+            "new pod's DNS programs attached after its ADD, p99 (tcx, --cni-add-wait, 1,000 endpoints)",
+            "burst of 100 ADDs: programs attached after each ADD, p99 (tcx, --cni-add-wait, 1,000 endpoints)",
+        ),
+        (
             "tc",
             "new pod's DNS programs attached after its ADD, p99 (classic tc, 1,000 endpoints)",
             "burst of 100 ADDs: programs attached after each ADD, p99 (classic tc, 1,000 endpoints)",

@@ -55,7 +55,7 @@ pub fn run() -> Result<Value> {
     let server_ip = topo.server_ipv4().to_string();
     let servers = Servers::start(&topo, &server_ip)?;
 
-    let agent = Agent::start_with(topo.node(), &[], &["--dns-timeout", "1s"])?;
+    let mut agent = Agent::start_with(topo.node(), &[], &["--dns-timeout", "1s"])?;
     let pid = agent.pid().context("agent has no pid")?;
     std::thread::sleep(Duration::from_secs(2));
     let idle = summarise(&sample_process(
@@ -77,6 +77,9 @@ pub fn run() -> Result<Value> {
         Some(_expedited) => add_series(&topo, &agent)?,
         None => Value::Null,
     };
+    // And with each ADD answering only once its pod's programs are in place.
+    agent.restart_with_args(topo.node(), &["--cni-add-wait", "5s"])?;
+    let adds_waiting = add_series(&topo, &agent)?;
     drop(agent);
     // The links go with the agent's pins; each detach waits for the kernel
     // as each attach did, so the next agent starts only once they are gone.
@@ -95,7 +98,12 @@ pub fn run() -> Result<Value> {
         "idle": proc_json(&idle),
         "endpoints": steps,
         "load": load,
-        "adds": { "tcx": adds_tcx, "tcx_expedited": adds_expedited, "tc": adds_tc },
+        "adds": {
+            "tcx": adds_tcx,
+            "tcx_expedited": adds_expedited,
+            "tcx_add_wait": adds_waiting,
+            "tc": adds_tc,
+        },
         "overhead": overhead,
     }))
 }
