@@ -125,11 +125,6 @@ options! {
     }
 }
 
-/// What a `--cni-add-wait` leaves of the caller's time for the answer to
-/// reach it: an ADD that waited until its caller gave up would be reported
-/// failed although the pod is registered.
-const ANSWER_MARGIN: Duration = Duration::from_millis(250);
-
 /// `--warm-eni-target` (as the AWS VPC CNI).
 pub const DEFAULT_WARM_ENI_TARGET: u32 = 1;
 
@@ -567,9 +562,13 @@ impl IpamService {
         let Some(wait) = self.add_wait else {
             return;
         };
+        // The answer must still reach the caller: an ADD that waited until
+        // podnet-cni gave up would be reported failed with its pod registered.
         let wait = deadline.map_or(wait, |d| {
-            let left = Duration::from_millis(d.saturating_sub(crate::endpoint::unix_ms_now()));
-            wait.min(left.saturating_sub(ANSWER_MARGIN))
+            let left = d
+                .saturating_sub(crate::endpoint::unix_ms_now())
+                .saturating_sub(crate::ipam::commit::ANSWER_MARGIN_MS);
+            wait.min(Duration::from_millis(left))
         });
         // Read after the commit published the endpoint: it covers this change.
         let generation = self.registry.generation();
