@@ -155,9 +155,12 @@ fn explain_adds(doc: &mut String, adds: &Value, largest: u64, tcx_all: f64) -> R
         doc,
         "\nPer hook, attaching all {largest} endpoints cost {:.1} ms as a tcx link and {:.1} ms as \
          a classic filter; when the tcx agent stopped, its {links:.0} links took {tcx_detach:.1} s \
-         to leave the kernel ({:.1} ms each). The agent's own share is small and flat (one \
-         reconcile per change, interface indexes through one socket, classic filters from a cache \
-         listed again every 30 s); the rest is the kernel's: attaching or detaching a tcx link \
+         to leave the kernel ({:.1} ms each). The agent's own share is the DNS thread's reconcile \
+         after each change, which at {largest} endpoints is not small: the one that attached the \
+         last single pod took {:.1} ms with tcx and {:.1} ms with classic filters (`podnetctl \
+         status`, last reconcile), most of it a pass over every hook of the node (2,000 \
+         name-keyed entries, the pin directory, one interface-index lookup per interface). The \
+         rest is the kernel's: attaching or detaching a tcx link \
          swaps the hook's program array under RTNL and waits for an RCU grace period \
          (`tcx_entry_sync`, `synchronize_rcu`) before returning, so a pod's two hooks cost two \
          grace periods and a burst's attachments queue one after another behind the RTNL lock. A \
@@ -167,6 +170,8 @@ fn explain_adds(doc: &mut String, adds: &Value, largest: u64, tcx_all: f64) -> R
         1e3 * tcx_all / links,
         1e3 * num(&adds["tc"]["attach_all_seconds"]) / links,
         1e3 * tcx_detach / links,
+        num(&adds["tcx"]["dns_reconcile_us"]) / 1e3,
+        num(&adds["tc"]["dns_reconcile_us"]) / 1e3,
     )?;
     let expedited = &adds["tcx_expedited"];
     if !expedited.is_null() {
@@ -194,13 +199,18 @@ fn explain_adds(doc: &mut String, adds: &Value, largest: u64, tcx_all: f64) -> R
              burst's back-to-back ADDs, each now waiting for its own pod, p99 {:.1} ms (programs \
              p99 {:.1} ms after each ADD; the burst took {:.0} ms in all). ADDs a runtime runs \
              concurrently still get their programs at the kernel's pace, each ADD answering when \
-             its pod's turn came.",
+             its pod's turn came. What the wait adds beyond the programs is the routing \
+             subsystem, which the ADD waits for too (its rules and routes): its reconcile is a \
+             full pass over every endpoint, {:.1} ms on average over the {:.0} it ran during the \
+             single ADDs, and an ADD that arrives while one runs waits for the next.",
             num(&waiting["single"]["call_ms"]["p50"]),
             num(&waiting["single"]["call_ms"]["p99"]),
             num(&waiting["single"]["attach_ms"]["p99"]),
             num(&waiting["burst"]["call_ms"]["p99"]),
             num(&waiting["burst"]["attach_ms"]["p99"]),
             num(&waiting["burst"]["total_ms"]),
+            num(&waiting["route_reconcile_ms_mean"]),
+            num(&waiting["route_reconciles"]),
         )?;
     }
     Ok(())

@@ -187,7 +187,13 @@ fn endpoint_step(topo: &Topology, agent: &Agent, pid: u32, n: usize) -> Result<V
 fn add_series(topo: &Topology, agent: &Agent) -> Result<Value> {
     let base = ENDPOINT_STEPS[ENDPOINT_STEPS.len() - 1];
     let pods: Vec<_> = topo.pods()[base..base + BURST].iter().collect();
+    let routing_before = route_reconciles(topo, agent)?;
     let singles = burst::run(topo, agent, &pods[..SINGLES], SINGLE_SPACING)?;
+    // The DNS thread's own share: its last reconcile that changed a hook
+    // attached the last single pod.
+    let status = agent.api("status", Value::Null)?;
+    let reconcile_us = status["dns"]["last_reconcile"]["took_us"].clone();
+    let routing = route_reconciles(topo, agent)?;
     eprintln!(
         "agent: {SINGLES} single ADDs at {base} endpoints: {}",
         singles.to_json()
@@ -199,7 +205,27 @@ fn add_series(topo: &Topology, agent: &Agent) -> Result<Value> {
         burst.to_json()
     );
     burst::remove(topo, agent, &pods)?;
-    Ok(json!({ "single": singles.to_json(), "burst": burst.to_json() }))
+    let reconciles = routing.1 - routing_before.1;
+    Ok(json!({
+        "single": singles.to_json(),
+        "burst": burst.to_json(),
+        "dns_reconcile_us": reconcile_us,
+        "route_reconciles": reconciles,
+        "route_reconcile_ms_mean": if reconciles > 0.0 {
+            1e3 * (routing.0 - routing_before.0) / reconciles
+        } else {
+            f64::NAN
+        },
+    }))
+}
+
+/// The routing subsystem's reconcile time so far (seconds) and count.
+fn route_reconciles(topo: &Topology, agent: &Agent) -> Result<(f64, f64)> {
+    let m = agent.metrics(topo.node())?;
+    Ok((
+        m.value_or_zero("podnet_route_reconcile_duration_seconds_sum", &[]),
+        m.value_or_zero("podnet_route_reconcile_duration_seconds_count", &[]),
+    ))
 }
 
 /// The largest step again with the programs as classic tc filters (kernels
