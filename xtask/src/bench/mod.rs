@@ -7,6 +7,7 @@
 //! configurations measured in the same run.
 
 mod agent;
+mod gaps;
 mod targets;
 
 use std::{fmt::Write as _, path::Path};
@@ -226,6 +227,17 @@ fn render_targets(doc: &mut String, figures: &[targets::Figure]) -> Result<()> {
             f.target,
             if f.met { "yes" } else { "**no**" }
         )?;
+    }
+    let missed: Vec<_> = figures.iter().filter(|f| !f.met).collect();
+    if !missed.is_empty() {
+        writeln!(
+            doc,
+            "\n### Targets this run missed: measured cause and plan\n"
+        )?;
+    }
+    for f in missed {
+        let text = gaps::cause_and_plan(f.name).unwrap_or("no cause recorded yet.");
+        writeln!(doc, "- *{}*: {text}", f.name)?;
     }
     Ok(())
 }
