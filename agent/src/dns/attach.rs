@@ -504,6 +504,57 @@ impl Attacher {
         Ok(report)
     }
 
+    /// Attaches both hooks of interfaces just added to the desired set,
+    /// without the pass over every hook of the node that
+    /// [`Attacher::reconcile`] makes: what a new pod needs. Hooks this
+    /// process already holds are left alone; an interface that does not
+    /// exist yet is left to the next full reconcile. `None` when a tcx pin of
+    /// an added interface is already on disk (left by an earlier run): only a
+    /// full reconcile can adopt it.
+    pub fn attach_added(
+        &mut self,
+        tracer: &mut DnsTracer,
+        added: &BTreeMap<String, Role>,
+    ) -> Option<ReconcileReport> {
+        let indexes = self.desired_indexes(added);
+        let missing: Vec<PinName> = uncovered(added, &BTreeSet::new(), &indexes)
+            .into_iter()
+            .filter(|pin| !self.known.contains(&pin.file_name()))
+            .collect();
+        if self.mode == TcMode::Tcx
+            && missing
+                .iter()
+                .any(|pin| self.dir.join(pin.file_name()).exists())
+        {
+            return None;
+        }
+        let mut report = ReconcileReport::default();
+        for pin in missing {
+            let file = pin.file_name();
+            let attached = match self.mode {
+                TcMode::Tcx => self.attach(tracer, &pin).map(|link| {
+                    self.held.insert(file.clone(), link);
+                }),
+                TcMode::Tc => Self::attach_filter(tracer, &pin).map(|_| {
+                    if let Some(cache) = &mut self.filters {
+                        cache.filters.push(pin.clone());
+                    }
+                }),
+            };
+            match attached {
+                Ok(()) => {
+                    self.known.insert(file.clone());
+                    report.attached.push(file);
+                }
+                Err(e) => {
+                    tracing::warn!(hook = %file, error = %e, "attaching DNS program failed; retrying later");
+                    report.failed.push(file);
+                }
+            }
+        }
+        Some(report)
+    }
+
     /// Classic mode's filters: listed when the last listing is older than
     /// [`FILTER_LISTING_EVERY`], else the cached ones whose interface still
     /// has the same index (a deleted interface took its filters with it).

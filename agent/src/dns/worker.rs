@@ -60,6 +60,27 @@ impl Departures {
     }
 }
 
+/// The entries of `desired` that `previous` lacks, when that is all that
+/// changed (no interface left or changed role); `None` otherwise.
+fn only_added(
+    previous: &std::collections::BTreeMap<String, super::attach::Role>,
+    desired: &std::collections::BTreeMap<String, super::attach::Role>,
+) -> Option<std::collections::BTreeMap<String, super::attach::Role>> {
+    if previous
+        .iter()
+        .any(|(i, role)| desired.get(i) != Some(role))
+    {
+        return None;
+    }
+    Some(
+        desired
+            .iter()
+            .filter(|(i, _)| !previous.contains_key(*i))
+            .map(|(i, role)| (i.clone(), *role))
+            .collect(),
+    )
+}
+
 /// The DNS event thread's name (and its heartbeat's).
 pub const EVENTS_THREAD: &str = "podnet-dns-ev";
 /// The DNS upkeep thread's name (and its heartbeat's).
@@ -133,6 +154,7 @@ impl Worker {
             (Instant::now(), Instant::now(), Instant::now());
         let mut pending = false;
         let mut departures = Departures::default();
+        let mut previous = None;
         let heartbeat = heartbeat::registry().register(UPKEEP_THREAD, heartbeat::SILENCE_LIMIT);
         while !self.shared.stop.load(Ordering::Relaxed) && heartbeat.beat() {
             let wait = if pending {
@@ -146,10 +168,11 @@ impl Worker {
                 self.sweep();
             }
             let since = last_reconcile.elapsed();
-            if (pending && since >= CHANGE_COALESCE) || since >= RECONCILE_EVERY {
+            let full = since >= RECONCILE_EVERY;
+            if (pending && since >= CHANGE_COALESCE) || full {
                 pending = false;
                 last_reconcile = Instant::now();
-                self.reconcile(&mut departures);
+                self.reconcile(&mut departures, &mut previous, full);
             }
             if last_sample.elapsed() >= SAMPLE_EVERY {
                 last_sample = Instant::now();
@@ -255,7 +278,16 @@ impl Worker {
         }
     }
 
-    fn reconcile(&self, departures: &mut Departures) {
+    /// Brings the attachments in line with the registry: only the new
+    /// interfaces' hooks when the change just added interfaces to
+    /// `previous` (the desired set the last reconcile acted on), else (and
+    /// when `full`) a pass over every hook of the node.
+    fn reconcile(
+        &self,
+        departures: &mut Departures,
+        previous: &mut Option<std::collections::BTreeMap<String, super::attach::Role>>,
+        full: bool,
+    ) {
         let started = Instant::now();
         let generation = self.registry.generation();
         let desired = desired_interfaces(&self.registry, &self.settings.uplinks);
@@ -266,9 +298,14 @@ impl Worker {
             .flat_map(|(_, e)| e.ips)
             .map(crate::bpf::endpoints::addr_key)
             .collect();
+        let fold = departures.due(live);
+        let added = match previous.as_ref() {
+            Some(previous) if !full && !fold => only_added(previous, &desired),
+            _ => None,
+        };
         let result = {
             let mut tracer = lock(&self.tracer);
-            let moved = if departures.due(live) {
+            let moved = if fold {
                 let live_ips = departures
                     .live
                     .iter()
@@ -285,8 +322,13 @@ impl Worker {
                     "DNS counts of departed pods moved to the host's"
                 );
             }
-            lock(&self.attacher).reconcile(&mut tracer, &desired)
+            let mut attacher = lock(&self.attacher);
+            match added.and_then(|added| attacher.attach_added(&mut tracer, &added)) {
+                Some(report) => Ok(report),
+                None => attacher.reconcile(&mut tracer, &desired),
+            }
         };
+        *previous = Some(desired);
         // Acted on, whatever the outcome: a hook that failed is retried by
         // later reconciles, and an ADD waiting for it would only wait longer.
         self.follower.caught_up(generation);
@@ -323,6 +365,40 @@ mod tests {
 
     fn live(ips: &[&str]) -> std::collections::BTreeSet<podnet_common::AddrKey> {
         ips.iter().map(|ip| addr_key(ip.parse().unwrap())).collect()
+    }
+
+    #[test]
+    fn only_a_change_that_adds_interfaces_is_attached_without_a_full_pass() {
+        use super::super::attach::Role;
+        let set = |entries: &[(&str, Role)]| -> std::collections::BTreeMap<String, Role> {
+            entries.iter().map(|(i, r)| ((*i).to_owned(), *r)).collect()
+        };
+        let before = set(&[("eth0", Role::Uplink), ("vpod1", Role::Pod)]);
+        assert_eq!(
+            only_added(
+                &before,
+                &set(&[
+                    ("eth0", Role::Uplink),
+                    ("vpod1", Role::Pod),
+                    ("vpod2", Role::Pod)
+                ])
+            ),
+            Some(set(&[("vpod2", Role::Pod)]))
+        );
+        assert_eq!(only_added(&before, &before), Some(set(&[])), "nothing new");
+        assert_eq!(
+            only_added(&before, &set(&[("eth0", Role::Uplink)])),
+            None,
+            "vpod1 left"
+        );
+        assert_eq!(
+            only_added(
+                &before,
+                &set(&[("eth0", Role::Uplink), ("vpod1", Role::Uplink)])
+            ),
+            None,
+            "vpod1 changed role"
+        );
     }
 
     #[test]

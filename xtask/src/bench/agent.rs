@@ -156,11 +156,11 @@ fn explain_adds(doc: &mut String, adds: &Value, largest: u64, tcx_all: f64) -> R
         "\nPer hook, attaching all {largest} endpoints cost {:.1} ms as a tcx link and {:.1} ms as \
          a classic filter; when the tcx agent stopped, its {links:.0} links took {tcx_detach:.1} s \
          to leave the kernel ({:.1} ms each). The agent's own share is the DNS thread's reconcile \
-         after each change, which at {largest} endpoints is not small: the one that attached the \
-         last single pod took {:.1} ms with tcx and {:.1} ms with classic filters (`podnetctl \
-         status`, last reconcile), most of it a pass over every hook of the node (2,000 \
-         name-keyed entries, the pin directory, one interface-index lookup per interface). The \
-         rest is the kernel's: attaching or detaching a tcx link \
+         after each change, which attaches a new pod's hooks on their own (the pass over every \
+         hook of the node runs every 2 s and when a pod left): the one that attached the last \
+         single pod took {:.1} ms with tcx, its two grace periods included, and {:.1} ms with \
+         classic filters (`podnetctl status`, last reconcile). The rest is the kernel's: \
+         attaching or detaching a tcx link \
          swaps the hook's program array under RTNL and waits for an RCU grace period \
          (`tcx_entry_sync`, `synchronize_rcu`) before returning, so a pod's two hooks cost two \
          grace periods and a burst's attachments queue one after another behind the RTNL lock. A \
