@@ -578,6 +578,90 @@ fn check_foreign_state(node: &Netns) -> Result<()> {
     Ok(())
 }
 
+/// Routing passes of each scope so far: (full, changes).
+fn passes(agent: &Agent, node: &Netns) -> Result<(u64, u64)> {
+    let m = agent.metrics(node)?;
+    let count = |scope| {
+        m.count(
+            "podnet_route_reconcile_duration_seconds_count",
+            &[("scope", scope)],
+        )
+    };
+    Ok((count("full"), count("changes")))
+}
+
+/// A pod's objects as `ip` prints them: host route, both rules, proxy entry.
+fn pod_objects(node: &Netns, pod: &VpcPod, table: u32) -> Result<[bool; 4]> {
+    let ip = pod.ip().to_string();
+    let rules = rule_lines(node)?;
+    Ok([
+        route_lines(node, "main")?
+            .contains(&format!("{ip} dev {} proto 176 scope link", pod.host_if())),
+        rules.contains(&format!("512: from all to {ip} lookup main proto 176")),
+        rules.contains(&format!("1536: from {ip} lookup {table} proto 176")),
+        proxy_lines(node)?
+            .iter()
+            .any(|l| l.starts_with(&format!("{ip} dev eni1 proxy"))),
+    ])
+}
+
+/// Rules, main and ENI table routes and proxy entries of both families, as
+/// `ip` prints them, sorted.
+fn kernel_state(node: &Netns, table: u32) -> Result<Vec<String>> {
+    let table = table.to_string();
+    let mut lines = Vec::new();
+    for family in [Family::V4, Family::V6] {
+        for args in [
+            &["rule", "show"][..],
+            &["route", "show", "table", "main"],
+            &["route", "show", "table", &table],
+            &["neigh", "show", "proxy"],
+        ] {
+            lines.extend(ip_lines(node, family, args)?);
+        }
+    }
+    lines.sort();
+    Ok(lines)
+}
+
+#[test]
+fn a_pod_coming_and_going_is_one_pass_over_its_own_objects() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let vpc = Vpc::builder().name("rt-changes").ipv6(true).build()?;
+    let node = vpc.node();
+    let enis = EnisFile::write(&vpc)?;
+    let agent = start(&vpc, &enis, &[])?;
+    let all = vpc.endpoints();
+    let (pod, table) = (&vpc.pods()[0], vpc.enis()[0].table());
+    let installed = kernel_state(node, table)?;
+    let without_pod: Vec<_> = all.iter().skip(1).cloned().collect();
+    let per_family = |pods: usize| (PER_ENI * vpc.enis().len() + PER_POD * pods) * families(&vpc);
+
+    // The pod goes: its objects leave the kernel in one pass over changes.
+    let (full, changes) = passes(&agent, node)?;
+    std::fs::write(agent.endpoints_file(), endpoints_yaml(&without_pod))?;
+    agent.wait_routes_converged(per_family(vpc.pods().len() - 1))?;
+    assert_eq!(pod_objects(node, pod, table)?, [false; 4]);
+    // Its own deletions come back as notifications; they start no pass.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(passes(&agent, node)?, (full, changes + 1));
+
+    // It comes back: the same, the other way.
+    std::fs::write(agent.endpoints_file(), endpoints_yaml(&all))?;
+    agent.wait_routes_converged(per_family(vpc.pods().len()))?;
+    assert_eq!(pod_objects(node, pod, table)?, [true; 4]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(passes(&agent, node)?, (full, changes + 2));
+
+    // The kernel holds exactly what the first full pass installed.
+    assert_eq!(kernel_state(node, table)?, installed);
+    let table_text = agent.podnetctl(&["routes"])?;
+    assert!(!table_text.contains("missing"), "{table_text}");
+    Ok(())
+}
+
 #[test]
 fn hand_deleted_state_is_repaired_within_a_second_and_foreign_state_survives() -> Result<()> {
     if !require_root() {

@@ -16,7 +16,7 @@
 //! ENI has an IPv6 subnet, the same two routes in IPv6.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
     ops::RangeInclusive,
 };
@@ -200,11 +200,13 @@ pub fn build(endpoints: &[Endpoint], enis: &[Eni], links: &[Link]) -> Desired {
         d.eni_links.insert(link.name.clone(), link.index);
         d.routes.extend(eni_routes(eni, link.index));
     }
+    // A node's links are thousands: each endpoint's is looked up by name.
+    let by_name: HashMap<&str, &Link> = links.iter().map(|l| (l.name.as_str(), l)).collect();
     for ep in endpoints {
         let Some(ifname) = &ep.interface else {
             continue;
         };
-        let Some(host) = links.iter().find(|l| &l.name == ifname) else {
+        let Some(&host) = by_name.get(ifname.as_str()) else {
             d.problems.push(format!(
                 "pod {}/{}: host interface {ifname} not found",
                 ep.namespace, ep.pod

@@ -6,9 +6,12 @@
 //! object that holds the place of a desired one is reported as a conflict and
 //! left alone; a foreign object anywhere else is invisible to the plan.
 
+use std::collections::{HashMap, HashSet};
+
 use serde::Serialize;
 
 use super::desired::{Desired, ProxyNeigh, Route, Rule, OWNED_PRIORITIES, RTPROT_PODNET};
+use crate::net::Cidr;
 
 /// A route in the kernel and the protocol that installed it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,6 +166,18 @@ fn owned_rule(r: &ObservedRule) -> bool {
     r.protocol == RTPROT_PODNET && OWNED_PRIORITIES.contains(&r.rule.priority)
 }
 
+/// The first of `items` for each key.
+fn first_by<'a, T, K: Eq + std::hash::Hash>(
+    items: &'a [T],
+    key: impl Fn(&'a T) -> &'a K,
+) -> HashMap<&'a K, &'a T> {
+    let mut map = HashMap::with_capacity(items.len());
+    for item in items {
+        map.entry(key(item)).or_insert(item);
+    }
+    map
+}
+
 /// Compares desired and observed state.
 pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     let mut p = Plan::default();
@@ -175,12 +190,14 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         });
     };
 
+    // Indexed by key: a node with a thousand pods has thousands of routes,
+    // and each desired one is looked up.
+    let mut by_key: HashMap<(u32, Cidr), Vec<&ObservedRoute>> = HashMap::new();
+    for o in &observed.routes {
+        by_key.entry(o.route.key()).or_default().push(o);
+    }
     for want in &desired.routes {
-        let same_key: Vec<&ObservedRoute> = observed
-            .routes
-            .iter()
-            .filter(|o| o.route.key() == want.key())
-            .collect();
+        let same_key = by_key.get(&want.key()).map_or(&[][..], Vec::as_slice);
         let owned = same_key.iter().find(|o| o.protocol == RTPROT_PODNET);
         let object = Object::Route(*want);
         match (owned, same_key.first()) {
@@ -205,21 +222,23 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
             }
         }
     }
+    let desired_keys: HashSet<(u32, Cidr)> = desired.routes.iter().map(Route::key).collect();
     for o in observed
         .routes
         .iter()
         .filter(|o| o.protocol == RTPROT_PODNET)
     {
-        if !desired.routes.iter().any(|w| w.key() == o.route.key()) {
+        if !desired_keys.contains(&o.route.key()) {
             let object = Object::Route(o.route);
             status(&mut p, object, None, State::Stale);
             deletes.push(Change::Delete(object));
         }
     }
 
+    let rules = first_by(&observed.rules, |o| &o.rule);
     for want in &desired.rules {
         let object = Object::Rule(*want);
-        let found = observed.rules.iter().find(|o| o.rule == *want);
+        let found = rules.get(want);
         match found {
             Some(o) if owned_rule(o) => status(&mut p, object, None, State::Ok),
             Some(_) => status(&mut p, object, Some(object), State::Conflict),
@@ -237,9 +256,10 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         }
     }
 
+    let proxies = first_by(&observed.proxies, |o| &o.proxy);
     for want in &desired.proxies {
         let object = Object::Neigh(*want);
-        match observed.proxies.iter().find(|o| o.proxy == *want) {
+        match proxies.get(want) {
             Some(o) if o.protocol == RTPROT_PODNET => status(&mut p, object, None, State::Ok),
             Some(_) => status(&mut p, object, Some(object), State::Conflict),
             None => {

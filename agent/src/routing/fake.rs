@@ -20,6 +20,17 @@ pub struct FakeKernel {
     pub fail_rules: bool,
     /// Deletes find the object gone already (its link went first).
     pub deletes_race_link_removal: bool,
+    /// Dumps of every route asked for.
+    pub route_dumps: usize,
+    /// Dumps of one interface's routes asked for.
+    pub filtered_route_dumps: usize,
+}
+
+fn exists(what: &str) -> NetlinkError {
+    NetlinkError::Kernel {
+        what: what.into(),
+        source: std::io::Error::from_raw_os_error(libc::EEXIST),
+    }
 }
 
 impl Netlink for FakeKernel {
@@ -27,7 +38,18 @@ impl Netlink for FakeKernel {
         Ok(self.links.clone())
     }
     fn routes(&mut self) -> Result<Vec<ObservedRoute>, NetlinkError> {
+        self.route_dumps += 1;
         Ok(self.observed.routes.clone())
+    }
+    fn routes_via(&mut self, table: u32, oif: u32) -> Result<Vec<ObservedRoute>, NetlinkError> {
+        self.filtered_route_dumps += 1;
+        Ok(self
+            .observed
+            .routes
+            .iter()
+            .filter(|r| r.route.table == table && r.route.oif == oif)
+            .copied()
+            .collect())
     }
     fn rules(&mut self) -> Result<Vec<ObservedRule>, NetlinkError> {
         Ok(self.observed.rules.clone())
@@ -53,6 +75,15 @@ impl Netlink for FakeKernel {
                     what: "add rule".into(),
                     source: std::io::Error::from_raw_os_error(libc::EPERM),
                 })
+            }
+            // NLM_F_EXCL: the kernel refuses an add whose place is held.
+            Change::Add(Object::Route(route))
+                if o.routes.iter().any(|r| r.route.key() == route.key()) =>
+            {
+                return Err(exists("add route"));
+            }
+            Change::Add(Object::Rule(rule)) if o.rules.iter().any(|r| r.rule == rule) => {
+                return Err(exists("add rule"));
             }
             Change::Add(Object::Route(route)) | Change::Replace(Object::Route(route)) => {
                 o.routes.retain(|r| r.route.key() != route.key());

@@ -47,7 +47,7 @@ use self::{
     show::{Names, RoutesView},
     snat::SnatSpec,
     steer::Steer,
-    watch::Watcher,
+    watch::{Echoes, Watcher},
 };
 use crate::{
     api::{
@@ -188,12 +188,52 @@ pub enum RoutingError {
     Subscribe(std::io::Error),
 }
 
+/// What a reconcile looked at: the whole namespace, or only what changed
+/// since the last one (see [`Reconciler::reconcile_changes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scope {
+    Full,
+    Changes,
+}
+
+impl Scope {
+    /// The `scope` label value.
+    fn label(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Changes => "changes",
+        }
+    }
+}
+
+/// Reconcile durations, by scope, and the last one.
+struct Durations {
+    full: Histogram,
+    changes: Histogram,
+    last: Option<Duration>,
+}
+
 struct Shared {
     stats: Stats,
     view: Mutex<RoutesView>,
     steer: Mutex<Option<Steer>>,
     stop: AtomicBool,
-    durations: Mutex<Histogram>,
+    durations: Mutex<Durations>,
+}
+
+impl Shared {
+    /// Records how long a reconcile of `scope` took.
+    fn observe(&self, scope: Scope, took: Duration) {
+        let mut d = self
+            .durations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match scope {
+            Scope::Full => d.full.observe(took),
+            Scope::Changes => d.changes.observe(took),
+        }
+        d.last = Some(took);
+    }
 }
 
 /// The running routing subsystem.
@@ -234,7 +274,11 @@ impl Routing {
             }),
             steer: Mutex::new(steer),
             stop: AtomicBool::new(false),
-            durations: Mutex::new(Histogram::new(&RECONCILE_BUCKETS)),
+            durations: Mutex::new(Durations {
+                full: Histogram::new(&RECONCILE_BUCKETS),
+                changes: Histogram::new(&RECONCILE_BUCKETS),
+                last: None,
+            }),
         });
         let changes = registry.subscribe().map_err(RoutingError::Subscribe)?;
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -305,7 +349,7 @@ impl Routing {
                 .durations
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .last()
+                .last
                 .map_or(0.0, |d| d.as_secs_f64()),
             repairs: Kind::ALL.iter().map(|k| s.repairs(*k)).sum(),
             errors: view.errors.len(),
@@ -350,18 +394,24 @@ impl Subsystem for Routing {
         for kind in Kind::ALL {
             family.sample(&[("kind", kind.as_str())], s.repairs(kind));
         }
-        self.shared
-            .durations
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .write(
-                &mut enc.family(
-                    "podnet_route_reconcile_duration_seconds",
-                    MetricType::Histogram,
-                    "Time one routing reconcile takes: observe rules, routes and proxy entries, diff, apply.",
-                ),
-                &[],
+        {
+            let durations = self
+                .shared
+                .durations
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut family = enc.family(
+                "podnet_route_reconcile_duration_seconds",
+                MetricType::Histogram,
+                "Time one routing reconcile takes: observe rules, routes and proxy entries, diff, apply; by scope (full: every link, route, rule and proxy entry of the namespace, on start, drift, ENI changes and every 30 s; changes: only what endpoint and link changes concern).",
             );
+            durations
+                .full
+                .write(&mut family, &[("scope", Scope::Full.label())]);
+            durations
+                .changes
+                .write(&mut family, &[("scope", Scope::Changes.label())]);
+        }
         let steer = self
             .shared
             .steer
@@ -458,6 +508,7 @@ impl Loop {
 
     fn run(mut self, netlink: RtNetlink, heartbeat: Heartbeat) {
         let mut reconciler = Reconciler::new(netlink);
+        let mut echoes = Echoes::default();
         let mut last_enis = None;
         let mut next_resync = Instant::now();
         let mut proxies = std::collections::BTreeSet::new();
@@ -472,23 +523,30 @@ impl Loop {
             } else {
                 POLL
             };
-            let mut event = self.watcher.wait(wait, self.changes.fd());
-            if !event && !proxies.is_empty() {
-                event = proxies_drifted(reconciler.netlink(), &proxies);
+            let notices = self.watcher.wait(wait, self.changes.fd(), &mut echoes);
+            let links_changed = !notices.links.is_empty();
+            for link in notices.links {
+                reconciler.note_link(link);
+            }
+            let mut drift = notices.drift;
+            if !drift && !proxies.is_empty() {
+                drift = proxies_drifted(reconciler.netlink(), &proxies);
             }
             endpoints_changed |= self.changes.take();
             self.reload_enis();
             let enis_generation = self.enis.generation();
             let periodic = Instant::now() >= next_resync;
-            let changed = (endpoints_changed && last_reconcile.elapsed() >= CHANGE_COALESCE)
-                || last_enis != Some(enis_generation);
-            if !(event || periodic || changed) {
+            let enis_changed = last_enis != Some(enis_generation);
+            let changed =
+                (endpoints_changed && last_reconcile.elapsed() >= CHANGE_COALESCE) || enis_changed;
+            if !(drift || links_changed || periodic || changed) {
                 continue;
             }
             endpoints_changed = false;
             last_reconcile = Instant::now();
             if periodic {
                 next_resync = Instant::now() + RESYNC_PERIOD;
+                echoes.clear();
             }
             last_enis = Some(enis_generation);
             let generation = self.registry.generation();
@@ -500,21 +558,17 @@ impl Loop {
                 .collect();
             let enis = self.enis.enis();
             let mut errors = Vec::new();
-            let began = Instant::now();
-            let result = reconciler.reconcile(&endpoints, &enis, &self.shared.stats);
-            self.shared
-                .durations
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .observe(began.elapsed());
+            let only_changes = !(periodic || drift || enis_changed);
+            let (scope, result) = self.pass(&mut reconciler, only_changes, &endpoints, &enis);
             let outcome = match result {
                 Ok(o) => o,
                 Err(e) => {
-                    tracing::warn!(error = %e, "routing reconcile failed");
+                    tracing::warn!(error = %e, scope = scope.label(), "routing reconcile failed");
                     errors.push(e.to_string());
                     Outcome::default()
                 }
             };
+            echoes.expect(&outcome.changed);
             if changed || periodic {
                 errors.extend(self.sync_snat(&endpoints, &enis));
             }
@@ -526,11 +580,43 @@ impl Loop {
             }
             self.publish(&outcome, errors);
             self.follower.caught_up(generation);
-            trim.request();
+            if scope == Scope::Full {
+                trim.request();
+            }
         }
         if self.shared.stop.load(Ordering::Relaxed) {
             heartbeat.retire();
         }
+    }
+
+    /// One reconcile, over the changes alone when `only_changes` and the
+    /// reconciler can decide that way, else a full pass; timed by scope.
+    fn pass(
+        &self,
+        reconciler: &mut Reconciler<RtNetlink>,
+        only_changes: bool,
+        endpoints: &[Endpoint],
+        enis: &[Eni],
+    ) -> (Scope, Result<Outcome, netlink::NetlinkError>) {
+        let stats = &self.shared.stats;
+        if only_changes {
+            let began = Instant::now();
+            match reconciler.reconcile_changes(endpoints, enis, stats) {
+                Ok(Some(outcome)) => {
+                    self.shared.observe(Scope::Changes, began.elapsed());
+                    return (Scope::Changes, Ok(outcome));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // A failed filtered dump: the full pass finds out more.
+                    tracing::debug!(error = %e, "routing pass over changes failed; full pass");
+                }
+            }
+        }
+        let began = Instant::now();
+        let result = reconciler.reconcile(endpoints, enis, stats);
+        self.shared.observe(Scope::Full, began.elapsed());
+        (Scope::Full, result)
     }
 
     fn reload_enis(&mut self) {

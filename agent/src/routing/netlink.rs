@@ -64,21 +64,34 @@ pub trait Netlink {
     fn rules(&mut self) -> Result<Vec<ObservedRule>, NetlinkError>;
     /// Proxy-ARP and proxy-NDP entries.
     fn proxies(&mut self) -> Result<Vec<ObservedProxy>, NetlinkError>;
+    /// IPv4 and IPv6 unicast routes of `table` that leave through link
+    /// `oif`: what a change for one pod's interface needs to see.
+    fn routes_via(&mut self, table: u32, oif: u32) -> Result<Vec<ObservedRoute>, NetlinkError>;
     /// Applies one change.
     fn apply(&mut self, change: &Change) -> Result<(), NetlinkError>;
 }
 
-/// [`Netlink`] over a blocking `NETLINK_ROUTE` socket.
+/// [`Netlink`] over blocking `NETLINK_ROUTE` sockets.
 pub struct RtNetlink {
     socket: NetlinkSocket,
+    /// A second socket with strict checking (`NETLINK_GET_STRICT_CHK`), on
+    /// which the kernel filters route dumps by table and output interface
+    /// (`ip_valid_fib_dump_req`, 6.x); the main socket keeps the lenient
+    /// checking every other request was written for.
+    filtered: NetlinkSocket,
 }
 
 impl RtNetlink {
-    /// Opens a `NETLINK_ROUTE` socket in the calling thread's network namespace.
+    /// Opens the sockets in the calling thread's network namespace.
     pub fn open() -> Result<Self, NetlinkError> {
-        let socket = NetlinkSocket::open(NETLINK_ROUTE, DEFAULT_RECV_TIMEOUT)
+        let open = || {
+            NetlinkSocket::open(NETLINK_ROUTE, DEFAULT_RECV_TIMEOUT).map_err(NetlinkError::Setup)
+        };
+        let (socket, filtered) = (open()?, open()?);
+        filtered
+            .set_strict_checking()
             .map_err(NetlinkError::Setup)?;
-        Ok(Self { socket })
+        Ok(Self { socket, filtered })
     }
 
     /// Sends one request and hands each answer to `on_answer`; an error
@@ -90,40 +103,59 @@ impl RtNetlink {
         flags: u16,
         on_answer: impl FnMut(RouteNetlinkMessage),
     ) -> Result<(), NetlinkError> {
-        let mut req = NetlinkMessage::from(message);
-        req.header.flags = flags;
-        self.socket
-            .request(req, on_answer, |_| false)
-            .map_err(|e| match e {
-                RequestError::Kernel(source) => NetlinkError::Kernel {
-                    what: what(),
-                    source,
-                },
-                RequestError::Transport(message) => NetlinkError::Transport {
-                    what: what(),
-                    message,
-                },
-            })
+        request_on(&mut self.socket, what, message, flags, on_answer)
     }
 
     /// Dumps `message`'s objects into `out`, keeping what `parse` makes of
     /// each answer. Answers are parsed as they arrive rather than collected
     /// first: a namespace with a thousand pod interfaces answers a link or
-    /// route dump with megabytes of attributes podnet never reads.
+    /// route dump with megabytes of attributes podnet never reads. A
+    /// `filtered` dump goes to the strict-checking socket.
     fn dump<T>(
         &mut self,
         what: &'static str,
         message: RouteNetlinkMessage,
+        filtered: bool,
         out: &mut Vec<T>,
         parse: impl Fn(&RouteNetlinkMessage) -> Option<T>,
     ) -> Result<(), NetlinkError> {
-        self.request(
+        let socket = if filtered {
+            &mut self.filtered
+        } else {
+            &mut self.socket
+        };
+        request_on(
+            socket,
             || what.to_owned(),
             message,
             NLM_F_REQUEST | NLM_F_DUMP,
             |answer| out.extend(parse(&answer)),
         )
     }
+}
+
+/// One request on `socket`; an error answer fails, named by `what`.
+fn request_on(
+    socket: &mut NetlinkSocket,
+    what: impl Fn() -> String,
+    message: RouteNetlinkMessage,
+    flags: u16,
+    on_answer: impl FnMut(RouteNetlinkMessage),
+) -> Result<(), NetlinkError> {
+    let mut req = NetlinkMessage::from(message);
+    req.header.flags = flags;
+    socket
+        .request(req, on_answer, |_| false)
+        .map_err(|e| match e {
+            RequestError::Kernel(source) => NetlinkError::Kernel {
+                what: what(),
+                source,
+            },
+            RequestError::Transport(message) => NetlinkError::Transport {
+                what: what(),
+                message,
+            },
+        })
 }
 
 /// A link with its MTU and administrative state (what ENI mode needs beside [`Link`]).
@@ -144,6 +176,7 @@ impl RtNetlink {
         self.dump(
             "dump links",
             RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            false,
             &mut out,
             |m| match m {
                 RouteNetlinkMessage::NewLink(l) => Some(parse_link_state(l)),
@@ -202,6 +235,7 @@ impl Netlink for RtNetlink {
             self.dump(
                 "dump routes",
                 RouteNetlinkMessage::GetRoute(msg),
+                false,
                 &mut out,
                 |m| match m {
                     RouteNetlinkMessage::NewRoute(r) => parse_route(r),
@@ -220,9 +254,27 @@ impl Netlink for RtNetlink {
             self.dump(
                 "dump rules",
                 RouteNetlinkMessage::GetRule(msg),
+                false,
                 &mut out,
                 |m| match m {
                     RouteNetlinkMessage::NewRule(r) => parse_rule(r),
+                    _ => None,
+                },
+            )?;
+        }
+        Ok(out)
+    }
+
+    fn routes_via(&mut self, table: u32, oif: u32) -> Result<Vec<ObservedRoute>, NetlinkError> {
+        let mut out = Vec::new();
+        for family in FAMILIES {
+            self.dump(
+                "dump routes of one interface",
+                RouteNetlinkMessage::GetRoute(filtered_route_dump(family, table, oif)),
+                true,
+                &mut out,
+                |m| match m {
+                    RouteNetlinkMessage::NewRoute(r) => parse_route(r),
                     _ => None,
                 },
             )?;
@@ -239,6 +291,7 @@ impl Netlink for RtNetlink {
             self.dump(
                 "dump proxy neighbours",
                 RouteNetlinkMessage::GetNeighbour(msg),
+                false,
                 &mut out,
                 |m| match m {
                     RouteNetlinkMessage::NewNeighbour(n) => parse_proxy(n),
@@ -280,7 +333,7 @@ impl Netlink for RtNetlink {
     }
 }
 
-fn parse_link(l: &LinkMessage) -> Link {
+pub(crate) fn parse_link(l: &LinkMessage) -> Link {
     let mut link = Link {
         index: l.header.index,
         name: String::new(),
@@ -321,9 +374,20 @@ fn route_ip(addr: &RouteAddress, family: AddressFamily) -> Option<IpAddr> {
     }
 }
 
+/// A route dump request the kernel filters: `table`'s routes through `oif`
+/// (a strict-checked dump accepts only `RTA_TABLE` and `RTA_OIF`, with a
+/// zeroed header but for the family).
+fn filtered_route_dump(family: AddressFamily, table: u32, oif: u32) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header.address_family = family;
+    m.attributes.push(RouteAttribute::Table(table));
+    m.attributes.push(RouteAttribute::Oif(oif));
+    m
+}
+
 /// A route the reconciler can compare, or `None` for what it never manages
 /// (other families, non-unicast, multipath).
-fn parse_route(r: &RouteMessage) -> Option<ObservedRoute> {
+pub(crate) fn parse_route(r: &RouteMessage) -> Option<ObservedRoute> {
     let family = r.header.address_family;
     let unspecified = match family {
         AddressFamily::Inet => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
@@ -384,7 +448,7 @@ fn route_message(r: &Route) -> RouteMessage {
 
 /// A `lookup` rule with only the selectors podnet uses, or `None` for any
 /// other rule (those never equal a desired rule, so never count as ours).
-fn parse_rule(r: &RuleMessage) -> Option<ObservedRule> {
+pub(crate) fn parse_rule(r: &RuleMessage) -> Option<ObservedRule> {
     let family = r.header.family;
     if !FAMILIES.contains(&family) || r.header.action != RuleAction::ToTable {
         return None;
@@ -444,7 +508,7 @@ fn rule_message(r: &Rule) -> RuleMessage {
     m
 }
 
-fn parse_proxy(n: &NeighbourMessage) -> Option<ObservedProxy> {
+pub(crate) fn parse_proxy(n: &NeighbourMessage) -> Option<ObservedProxy> {
     if !FAMILIES.contains(&n.header.family) || !n.header.flags.contains(NeighbourFlags::Proxy) {
         return None;
     }
@@ -487,9 +551,14 @@ fn proxy_message(n: ProxyNeigh) -> NeighbourMessage {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::desired::MAIN_TABLE;
     use super::*;
+
+    /// The request podnet sends to add `route`.
+    pub(crate) fn route_message_of(route: &Route) -> RouteMessage {
+        route_message(route)
+    }
 
     #[test]
     fn link_state_and_the_up_request() {

@@ -42,6 +42,12 @@ impl NetlinkSocket {
         Ok(Self { socket, seq: 0 })
     }
 
+    /// Turns on strict checking of dump requests (`NETLINK_GET_STRICT_CHK`,
+    /// Linux 4.20): the kernel then honours the filters a dump carries.
+    pub fn set_strict_checking(&self) -> io::Result<()> {
+        self.socket.set_netlink_get_strict_chk(true)
+    }
+
     /// Sends `message` (its sequence number set here) and hands every answer
     /// to it to `on_answer`, until the kernel acks it, ends the dump, or
     /// refuses it (an errno is [`RequestError::Kernel`]; `on_error` may turn

@@ -200,16 +200,17 @@ fn explain_adds(doc: &mut String, adds: &Value, largest: u64, tcx_all: f64) -> R
              p99 {:.1} ms after each ADD; the burst took {:.0} ms in all). ADDs a runtime runs \
              concurrently still get their programs at the kernel's pace, each ADD answering when \
              its pod's turn came. What the wait adds beyond the programs is the routing \
-             subsystem, which the ADD waits for too (its rules and routes): its reconcile is a \
-             full pass over every endpoint, {:.1} ms on average over the {:.0} it ran during the \
-             single ADDs, and an ADD that arrives while one runs waits for the next.",
+             subsystem, which the ADD waits for too (its rules and routes): during the single \
+             ADDs it ran {:.0} passes over the pods' own objects, {:.2} ms each on average, and \
+             {:.0} full passes over every link, route and rule of the node.",
             num(&waiting["single"]["call_ms"]["p50"]),
             num(&waiting["single"]["call_ms"]["p99"]),
             num(&waiting["single"]["attach_ms"]["p99"]),
             num(&waiting["burst"]["call_ms"]["p99"]),
             num(&waiting["burst"]["attach_ms"]["p99"]),
             num(&waiting["burst"]["total_ms"]),
-            num(&waiting["route_reconcile_ms_mean"]),
+            num(&waiting["route_change_passes"]),
+            num(&waiting["route_change_pass_ms_mean"]),
             num(&waiting["route_reconciles"]),
         )?;
     }

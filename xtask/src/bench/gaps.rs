@@ -31,9 +31,11 @@ const GAPS: &[(&str, &str)] = &[
          against two grace periods per pod (about 20 ms, serialised behind RTNL by the kernel); \
          with expedited grace periods, classic filters or `--cni-add-wait` (each ADD then \
          includes its own attach, so the runtime queues the burst instead of the kernel) the \
-         burst met the target in the last run. `--cni-add-wait` also waits for the routing \
-         subsystem, whose reconcile is a full pass over every endpoint (about 94 ms at 1,000 \
-         endpoints, two per new pod). Plan: the same only-what-changed reconcile for routing.",
+         burst met the target in the last run. With tcx and normal grace periods the kernel's \
+         pace is the floor: the agent's own share per pod (the DNS attach of its hooks alone, \
+         and a routing pass over its own objects, both in the ADD section) is a few \
+         milliseconds. Plan: none in the agent; on bursty nodes one of the three settings \
+         above.",
     ),
     (
         "DNS programs: cost per DNS packet",

@@ -205,27 +205,50 @@ fn add_series(topo: &Topology, agent: &Agent) -> Result<Value> {
         burst.to_json()
     );
     burst::remove(topo, agent, &pods)?;
-    let reconciles = routing.1 - routing_before.1;
+    let mean_ms = |(sum, count): (f64, f64), (sum0, count0): (f64, f64)| {
+        if count > count0 {
+            1e3 * (sum - sum0) / (count - count0)
+        } else {
+            f64::NAN
+        }
+    };
     Ok(json!({
         "single": singles.to_json(),
         "burst": burst.to_json(),
         "dns_reconcile_us": reconcile_us,
-        "route_reconciles": reconciles,
-        "route_reconcile_ms_mean": if reconciles > 0.0 {
-            1e3 * (routing.0 - routing_before.0) / reconciles
-        } else {
-            f64::NAN
-        },
+        "route_reconciles": routing.full.1 - routing_before.full.1,
+        "route_reconcile_ms_mean": mean_ms(routing.full, routing_before.full),
+        "route_change_passes": routing.changes.1 - routing_before.changes.1,
+        "route_change_pass_ms_mean": mean_ms(routing.changes, routing_before.changes),
     }))
 }
 
-/// The routing subsystem's reconcile time so far (seconds) and count.
-fn route_reconciles(topo: &Topology, agent: &Agent) -> Result<(f64, f64)> {
+/// The routing subsystem's reconcile time so far (seconds) and count, by
+/// scope.
+struct RoutePasses {
+    full: (f64, f64),
+    changes: (f64, f64),
+}
+
+/// The routing subsystem's passes so far.
+fn route_reconciles(topo: &Topology, agent: &Agent) -> Result<RoutePasses> {
     let m = agent.metrics(topo.node())?;
-    Ok((
-        m.value_or_zero("podnet_route_reconcile_duration_seconds_sum", &[]),
-        m.value_or_zero("podnet_route_reconcile_duration_seconds_count", &[]),
-    ))
+    let scope = |s| {
+        (
+            m.value_or_zero(
+                "podnet_route_reconcile_duration_seconds_sum",
+                &[("scope", s)],
+            ),
+            m.value_or_zero(
+                "podnet_route_reconcile_duration_seconds_count",
+                &[("scope", s)],
+            ),
+        )
+    };
+    Ok(RoutePasses {
+        full: scope("full"),
+        changes: scope("changes"),
+    })
 }
 
 /// The largest step again with the programs as classic tc filters (kernels
