@@ -158,6 +158,32 @@ fn request_on(
         })
 }
 
+impl RtNetlink {
+    /// The routes of a dump of each family, `request` giving the family's
+    /// request (a `filtered` one goes to the strict-checking socket).
+    fn route_dumps(
+        &mut self,
+        what: &'static str,
+        filtered: bool,
+        request: impl Fn(AddressFamily) -> RouteMessage,
+    ) -> Result<Vec<ObservedRoute>, NetlinkError> {
+        let mut out = Vec::new();
+        for family in FAMILIES {
+            self.dump(
+                what,
+                RouteNetlinkMessage::GetRoute(request(family)),
+                filtered,
+                &mut out,
+                |m| match m {
+                    RouteNetlinkMessage::NewRoute(r) => parse_route(r),
+                    _ => None,
+                },
+            )?;
+        }
+        Ok(out)
+    }
+}
+
 /// A link with its MTU and administrative state (what ENI mode needs beside [`Link`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkState {
@@ -228,22 +254,11 @@ impl Netlink for RtNetlink {
     }
 
     fn routes(&mut self) -> Result<Vec<ObservedRoute>, NetlinkError> {
-        let mut out = Vec::new();
-        for family in FAMILIES {
+        self.route_dumps("dump routes", false, |family| {
             let mut msg = RouteMessage::default();
             msg.header.address_family = family;
-            self.dump(
-                "dump routes",
-                RouteNetlinkMessage::GetRoute(msg),
-                false,
-                &mut out,
-                |m| match m {
-                    RouteNetlinkMessage::NewRoute(r) => parse_route(r),
-                    _ => None,
-                },
-            )?;
-        }
-        Ok(out)
+            msg
+        })
     }
 
     fn rules(&mut self) -> Result<Vec<ObservedRule>, NetlinkError> {
@@ -266,20 +281,9 @@ impl Netlink for RtNetlink {
     }
 
     fn routes_via(&mut self, table: u32, oif: u32) -> Result<Vec<ObservedRoute>, NetlinkError> {
-        let mut out = Vec::new();
-        for family in FAMILIES {
-            self.dump(
-                "dump routes of one interface",
-                RouteNetlinkMessage::GetRoute(filtered_route_dump(family, table, oif)),
-                true,
-                &mut out,
-                |m| match m {
-                    RouteNetlinkMessage::NewRoute(r) => parse_route(r),
-                    _ => None,
-                },
-            )?;
-        }
-        Ok(out)
+        self.route_dumps("dump routes of one interface", true, |family| {
+            filtered_route_dump(family, table, oif)
+        })
     }
 
     fn proxies(&mut self) -> Result<Vec<ObservedProxy>, NetlinkError> {
