@@ -405,7 +405,7 @@ mod tests {
         r.replace_source_at(Source::File, vec![ep("first")], at_ms - 10_000);
         r.replace_source_at(Source::File, vec![], at_ms + 1_000);
         r.replace_source_at(Source::File, vec![ep("successor")], at_ms + 2_000);
-        assert_eq!(r.pod_for("10.0.2.2".parse().unwrap()).pod, "successor");
+        assert_eq!(&*r.pod_for("10.0.2.2".parse().unwrap()).pod, "successor");
         let rec = e.enrich(&race()).unwrap();
         assert_eq!(rec.time_unix_ms, at_ms);
         assert_eq!(rec.loser.to_string(), "shop/first");

@@ -172,7 +172,7 @@ pub(crate) mod tests {
             id: 4242,
             name: "cart.shop.svc.cluster.local.".into(),
             qtype: "A".into(),
-            rcode: rcode.into(),
+            rcode: rcode.to_owned().into(),
             latency_us: 5_000_000,
             sends: 1,
             cause: None,

@@ -195,16 +195,16 @@ pub fn slow_wide(records: &[QueryRecord]) -> String {
                 r.pod.to_string(),
                 r.client.to_string(),
                 r.server.to_string(),
-                r.proto.clone(),
+                r.proto.to_string(),
                 r.id.to_string(),
                 outcome(r.outcome).to_owned(),
                 if r.rcode.is_empty() {
                     "-".to_owned()
                 } else {
-                    r.rcode.clone()
+                    r.rcode.to_string()
                 },
                 latency_ms(r),
-                r.qtype.clone(),
+                r.qtype.to_string(),
                 r.name.clone(),
             ]
         })

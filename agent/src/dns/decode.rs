@@ -4,7 +4,7 @@
 //! Everything here handles untrusted bytes (the names come from pods' packets)
 //! and never panics: a bad record is an error, a strange name is escaped.
 
-use std::{fmt::Write as _, net::SocketAddr};
+use std::{borrow::Cow, fmt::Write as _, net::SocketAddr};
 
 use podnet_common::dns::{event_kind, proto, DnsEvent, PendingKey, NAME_BUF_LEN};
 use serde::{Deserialize, Serialize};
@@ -93,15 +93,15 @@ pub struct QueryRecord {
     /// Server address and port.
     pub server: SocketAddr,
     /// `udp` or `tcp`.
-    pub proto: String,
+    pub proto: Cow<'static, str>,
     /// DNS message id.
     pub id: u16,
     /// Query name, dotted, with a trailing dot.
     pub name: String,
     /// Query type mnemonic.
-    pub qtype: String,
+    pub qtype: Cow<'static, str>,
     /// Response code mnemonic; empty for timeouts.
-    pub rcode: String,
+    pub rcode: Cow<'static, str>,
     /// Latency in microseconds (time waited, for timeouts).
     pub latency_us: u64,
     /// Copies of the query the client sent (1 when it was not sent again).
@@ -154,7 +154,7 @@ impl QueryRecord {
 
 impl crate::api::follow::Followed for QueryRecord {
     fn matches(&self, filter: &crate::api::protocol::EventFilter) -> bool {
-        let pod = Some((self.pod.namespace.as_str(), self.pod.pod.as_str()));
+        let pod = Some((&*self.pod.namespace, &*self.pod.pod));
         let matches =
             |cause: &str| crate::api::follow::matches_parts(filter, pod, Some(self.server), cause);
         matches(&self.cause_label()) || matches(&self.outcome_label())
@@ -176,11 +176,11 @@ pub fn endpoints_of(key: &PendingKey) -> Result<(SocketAddr, SocketAddr), Decode
 }
 
 /// Transport label of a key.
-pub fn proto_label(p: u8) -> String {
+pub fn proto_label(p: u8) -> Cow<'static, str> {
     match p {
-        proto::UDP => "udp".into(),
-        proto::TCP => "tcp".into(),
-        n => n.to_string(),
+        proto::UDP => Cow::Borrowed("udp"),
+        proto::TCP => Cow::Borrowed("tcp"),
+        n => Cow::Owned(n.to_string()),
     }
 }
 
@@ -210,7 +210,7 @@ pub fn record_of(
         name: name_from_wire(&event.name, usize::from(event.name_len)),
         qtype: qtype_name(event.qtype),
         rcode: if outcome == Outcome::Timeout {
-            String::new()
+            Cow::Borrowed("")
         } else {
             rcode_name(event.rcode)
         },
@@ -357,8 +357,8 @@ mod tests {
         ev.key.proto = proto::UDP;
         ev.key.client[..4].copy_from_slice(&[10, 99, 0, 2]);
         ev.key.server[..4].copy_from_slice(&[10, 98, 0, 2]);
-        assert_eq!(record_of(&ev, &r, 4_999).unwrap().pod.pod, "first");
-        assert_eq!(record_of(&ev, &r, 5_000).unwrap().pod.pod, "successor");
+        assert_eq!(&*record_of(&ev, &r, 4_999).unwrap().pod.pod, "first");
+        assert_eq!(&*record_of(&ev, &r, 5_000).unwrap().pod.pod, "successor");
     }
 
     #[test]

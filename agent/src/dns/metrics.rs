@@ -140,7 +140,7 @@ fn histograms(snapshot: &DnsSnapshot, registry: &Registry) -> BTreeMap<Series, H
     let mut hist: BTreeMap<Series, Histogram> = BTreeMap::new();
     for l in &snapshot.latency {
         let rcode = u8::try_from(l.key.code).unwrap_or(u8::MAX);
-        if let Some(k) = series_of(registry, &l.key, rcode_name(rcode)) {
+        if let Some(k) = series_of(registry, &l.key, rcode_name(rcode).into_owned()) {
             hist.entry(k)
                 .or_insert_with(|| Histogram::new(&BUCKET_BOUNDS_SECONDS))
                 .add_counts(&l.buckets, l.sum_ns);
@@ -172,7 +172,7 @@ fn render_histograms(enc: &mut Encoder, hist: &BTreeMap<Series, Histogram>) {
 fn render_requests(enc: &mut Encoder, snapshot: &DnsSnapshot, registry: &Registry) {
     let mut requests: BTreeMap<Series, u64> = BTreeMap::new();
     for r in &snapshot.requests {
-        if let Some(k) = series_of(registry, &r.key, qtype_name(r.key.code)) {
+        if let Some(k) = series_of(registry, &r.key, qtype_name(r.key.code).into_owned()) {
             *requests.entry(k).or_default() += r.count;
         }
     }

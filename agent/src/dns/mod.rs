@@ -19,6 +19,7 @@ pub mod view;
 mod worker;
 
 use std::{
+    borrow::Cow,
     collections::BTreeMap,
     path::PathBuf,
     sync::{
@@ -119,26 +120,28 @@ pub struct DnsSnapshot {
     pub counters: DnsCounters,
 }
 
-/// The rcode label value: the RFC mnemonic in upper case, else the number.
-pub fn rcode_name(rcode: u8) -> String {
+/// The rcode label value: the RFC mnemonic in upper case, else the number
+/// (borrowed for the mnemonics: a record per DNS event allocates none).
+pub fn rcode_name(rcode: u8) -> Cow<'static, str> {
     match rcode {
-        0 => "NOERROR".into(),
-        1 => "FORMERR".into(),
-        2 => "SERVFAIL".into(),
-        3 => "NXDOMAIN".into(),
-        4 => "NOTIMP".into(),
-        5 => "REFUSED".into(),
-        6 => "YXDOMAIN".into(),
-        7 => "YXRRSET".into(),
-        8 => "NXRRSET".into(),
-        9 => "NOTAUTH".into(),
-        10 => "NOTZONE".into(),
-        n => n.to_string(),
+        0 => Cow::Borrowed("NOERROR"),
+        1 => Cow::Borrowed("FORMERR"),
+        2 => Cow::Borrowed("SERVFAIL"),
+        3 => Cow::Borrowed("NXDOMAIN"),
+        4 => Cow::Borrowed("NOTIMP"),
+        5 => Cow::Borrowed("REFUSED"),
+        6 => Cow::Borrowed("YXDOMAIN"),
+        7 => Cow::Borrowed("YXRRSET"),
+        8 => Cow::Borrowed("NXRRSET"),
+        9 => Cow::Borrowed("NOTAUTH"),
+        10 => Cow::Borrowed("NOTZONE"),
+        n => Cow::Owned(n.to_string()),
     }
 }
 
-/// The qtype label value: the mnemonic in upper case, else the number.
-pub fn qtype_name(qtype: u16) -> String {
+/// The qtype label value: the mnemonic in upper case, else the number
+/// (borrowed for the mnemonics).
+pub fn qtype_name(qtype: u16) -> Cow<'static, str> {
     let name = match qtype {
         1 => "A",
         2 => "NS",
@@ -163,9 +166,9 @@ pub fn qtype_name(qtype: u16) -> String {
         257 => "CAA",
         // Types outside podnet_common::dns::COUNTED_QTYPES count as 0.
         0 => "other",
-        n => return n.to_string(),
+        n => return Cow::Owned(n.to_string()),
     };
-    name.into()
+    Cow::Borrowed(name)
 }
 
 options! {

@@ -79,16 +79,16 @@ pub fn slow_table(records: &[QueryRecord]) -> String {
                 time_of_day_utc(r.time_unix_ms),
                 r.pod.to_string(),
                 r.server.to_string(),
-                r.proto.clone(),
+                r.proto.to_string(),
                 r.outcome.label().to_owned(),
                 r.cause.map_or("-", Cause::label).to_owned(),
                 if r.rcode.is_empty() {
                     "-".to_owned()
                 } else {
-                    r.rcode.clone()
+                    r.rcode.to_string()
                 },
                 format!("{latency:.1}"),
-                r.qtype.clone(),
+                r.qtype.to_string(),
                 r.name.clone(),
             ]
         })
@@ -202,7 +202,7 @@ mod tests {
             id: 1,
             name: "drop.test.".into(),
             qtype: "A".into(),
-            rcode: String::new(),
+            rcode: "".into(),
             latency_us: 1_250_000,
             sends: 1,
             cause: None,

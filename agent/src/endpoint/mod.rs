@@ -56,16 +56,31 @@ impl PodMetadata {
 
 use serde::{Deserialize, Serialize};
 
-/// A pod's identity as metric labels show it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A pod's identity as metric labels show it. The names are shared: every
+/// DNS and race record carries its pod's, and a copy costs no allocation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PodRef {
     /// Kubernetes namespace; empty for host traffic.
-    pub namespace: String,
+    pub namespace: Arc<str>,
     /// Pod name; empty for host traffic.
-    pub pod: String,
+    pub pod: Arc<str>,
+}
+
+impl Default for PodRef {
+    fn default() -> Self {
+        Self::new("", "")
+    }
 }
 
 impl PodRef {
+    /// The identity of pod `pod` in `namespace`.
+    pub fn new(namespace: &str, pod: &str) -> Self {
+        Self {
+            namespace: namespace.into(),
+            pod: pod.into(),
+        }
+    }
+
     /// The identity used for addresses no endpoint owns.
     pub fn host() -> Self {
         Self::default()
@@ -127,10 +142,7 @@ impl Endpoint {
 
     /// The pod identity of this endpoint.
     pub fn pod_ref(&self) -> PodRef {
-        PodRef {
-            namespace: self.namespace.clone(),
-            pod: self.pod.clone(),
-        }
+        PodRef::new(&self.namespace, &self.pod)
     }
 }
 
@@ -467,7 +479,7 @@ mod tests {
             r.pod_for("10.0.0.2".parse().unwrap()).to_string(),
             "shop/cart-1"
         );
-        assert_eq!(r.pod_for("fd00::2".parse().unwrap()).pod, "cart-1");
+        assert_eq!(&*r.pod_for("fd00::2".parse().unwrap()).pod, "cart-1");
         assert!(r.pod_for("10.0.0.3".parse().unwrap()).is_host());
     }
 
@@ -478,7 +490,7 @@ mod tests {
         r.replace_source(Source::File, vec![ep("b", "file-pod", &["10.0.0.6"])]);
         r.replace_source(Source::File, vec![]);
         assert_eq!(r.endpoints().len(), 1);
-        assert_eq!(r.pod_for("10.0.0.5".parse().unwrap()).pod, "cni-pod");
+        assert_eq!(&*r.pod_for("10.0.0.5".parse().unwrap()).pod, "cni-pod");
         assert!(r.pod_for("10.0.0.6".parse().unwrap()).is_host());
     }
 
@@ -573,10 +585,10 @@ mod tests {
         r.replace_source_at(Source::Cni, vec![ep("shop", "old", &["10.0.0.9"])], 1_000);
         r.replace_source_at(Source::Cni, vec![], 2_000);
         r.replace_source_at(Source::Cni, vec![ep("shop", "new", &["10.0.0.9"])], 2_000);
-        assert_eq!(r.pod_at(ip, 1_500).pod, "old");
-        assert_eq!(r.pod_at(ip, 2_000).pod, "new");
+        assert_eq!(&*r.pod_at(ip, 1_500).pod, "old");
+        assert_eq!(&*r.pod_at(ip, 2_000).pod, "new");
         assert_eq!(
-            r.pod_at(ip, 500).pod,
+            &*r.pod_at(ip, 500).pod,
             "new",
             "older than the history: the owner now"
         );

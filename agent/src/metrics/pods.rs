@@ -71,10 +71,7 @@ impl PodLabels for RegistryPodLabels {
         if self.level.keeps_pod(namespace) {
             return None;
         }
-        let workload = self.registry.workload_of(&PodRef {
-            namespace: namespace.to_owned(),
-            pod: pod.to_owned(),
-        });
+        let workload = self.registry.workload_of(&PodRef::new(namespace, pod));
         Some((workload.kind, workload.name))
     }
 }

@@ -6,24 +6,33 @@
 const GAPS: &[(&str, &str)] = &[
     (
         "agent CPU with 1,000 endpoints under DNS and race load",
-        "Within a few tenths of a percent of the target from run to run (2.95 % and 3.24 % in \
-         the last two full runs, 0.8 % at rest). Under the load the agent's CPU is its two event \
-         streams, 10,000 race and 20,000 DNS records a second, each decoded, attributed to its \
-         pod and counted; which step of that grows with 1,000 endpoints is not profiled yet. \
-         Plan: profile the event threads under this load with perf, as the scrape path was, and \
-         remove what grows.",
+        "Within a few tenths of a percent of the target from run to run (2.95 %, 3.24 % and \
+         3.09 % in earlier runs, 0.6 to 0.8 % at rest). `perf` on the agent under this load at \
+         1,000 endpoints (18 s at 499 Hz): 61 % of its samples in the DNS event thread and most \
+         of the rest in the race thread, the cost of each of the 30,000 records a second; about \
+         30 % in the allocator (free 18 %, memmove 7 %, malloc 4 %), each record's owned \
+         strings made and then freed when the recent-records ring drops the oldest; clock \
+         reads 6 %; the registry lookup that names the pod, the only step that depends on the \
+         number of endpoints, 1.3 %. So the cost grows with events, not with pods. Records now \
+         share their pod's names and carry the mnemonics without allocating. Plan: the \
+         wall-clock conversion once per batch of records, and the query name kept in a \
+         fixed-size buffer.",
     ),
     (
         "new pod's DNS programs attached after its ADD",
         "Two shares, both measured in the ADD section: the kernel's, each tcx hook waiting \
          for an RCU grace period under RTNL (about 10 ms, two per pod; 0.2 ms expedited), and \
-         the agent's, now the DNS thread attaching the new pod's hooks alone (the reconcile that \
-         attached the last single pod is in the same section) plus waking for the change. The \
-         p99 of 20 ADDs is their slowest, about twice their median; what made the slowest ones \
-         slow is not measured yet (a change that lands behind the pass over every hook, every \
-         2 s, or behind a timeout sweep would wait for it). Plan: time each reconcile's wait and \
-         work in the benchmark, run the periodic pass and the sweep apart from change handling; \
-         with tcx the kernel's pace stays the floor unless grace periods are expedited.",
+         the agent's, the DNS thread attaching the new pod's hooks alone (the reconcile that \
+         attached the last single pod is in the same section). With `--cni-add-wait` the ADD \
+         also waits for the routing pass over the pod's own objects, which takes its turn at \
+         RTNL behind the tcx attaches (13 ms per pass with tcx against 2.7 ms with classic \
+         filters, ad hoc at 1,000 endpoints). The p99 of 20 ADDs is their slowest; what made \
+         it slow is not measured per ADD. One candidate, measured: the DNS thread's pass over \
+         every hook, every 2 s, took 11 to 19 ms with classic filters and 18 to 28 ms with tcx \
+         at 1,000 endpoints when it still ran for every change, and a change that lands during \
+         it waits. Plan: record each ADD's wait and work in the benchmark, and run the \
+         periodic pass apart from change handling; with tcx the kernel's pace stays the floor \
+         unless grace periods are expedited.",
     ),
     (
         "burst of 100 ADDs: programs attached after each ADD",
@@ -31,11 +40,11 @@ const GAPS: &[(&str, &str)] = &[
          against two grace periods per pod (about 20 ms, serialised behind RTNL by the kernel); \
          with expedited grace periods, classic filters or `--cni-add-wait` (each ADD then \
          includes its own attach, so the runtime queues the burst instead of the kernel) the \
-         burst met the target in the last run. With tcx and normal grace periods the kernel's \
-         pace is the floor: the agent's own share per pod (the DNS attach of its hooks alone, \
-         and a routing pass over its own objects, both in the ADD section) is a few \
-         milliseconds. Plan: none in the agent; on bursty nodes one of the three settings \
-         above.",
+         burst met the target in a run. With tcx and normal grace periods the kernel's pace is \
+         the floor: the agent's own share per pod (the DNS attach of its hooks alone, and a \
+         routing pass over its own objects, both in the ADD section) is a few milliseconds, \
+         plus its turns at RTNL behind the attaches. Plan: none in the agent; on bursty nodes \
+         one of the three settings above.",
     ),
     (
         "DNS programs: cost per DNS packet",
