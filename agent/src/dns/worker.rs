@@ -128,10 +128,16 @@ impl Worker {
         let heartbeat = heartbeat::registry().register(EVENTS_THREAD, heartbeat::SILENCE_LIMIT);
         let mut reader = RingReader::new(ring, EVENT_POLL);
         while !self.shared.stop.load(Ordering::Relaxed) && heartbeat.beat() {
-            reader.read(|item| self.on_event(item));
+            // One clock reading per batch of records, not per record.
+            let mut clock = None;
+            reader.read(|item| {
+                let clock = *clock.get_or_insert_with(WallClock::now);
+                self.on_event(item, clock);
+            });
             self.flush_deferred(false);
         }
-        reader.drain(|item| self.on_event(item));
+        let clock = WallClock::now();
+        reader.drain(|item| self.on_event(item, clock));
         self.flush_deferred(true);
         self.retire_on_stop(heartbeat);
     }
@@ -185,10 +191,10 @@ impl Worker {
         self.retire_on_stop(heartbeat);
     }
 
-    fn on_event(&self, item: &[u8]) {
+    fn on_event(&self, item: &[u8], clock: WallClock) {
         self.shared.received.fetch_add(1, Ordering::Relaxed);
         match decode::decode(item) {
-            Ok(event) => self.log_event(&event),
+            Ok(event) => self.log_event(&event, clock),
             Err(e) => {
                 self.shared.decode_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, "skipping DNS event");
@@ -198,7 +204,7 @@ impl Worker {
 
     /// Logs `event`, or, when its cause depends on drops not read yet,
     /// keeps it until they are ([`Self::flush_deferred`]).
-    fn log_event(&self, event: &DnsEvent) {
+    fn log_event(&self, event: &DnsEvent, clock: WallClock) {
         if cause::is_failure(event) && !self.drops.settled(event.timestamp_ns) {
             let oldest = {
                 let mut deferred = lock(&self.deferred);
@@ -208,11 +214,11 @@ impl Worker {
                     .flatten()
             };
             if let Some((_, oldest)) = oldest {
-                self.finish(&oldest);
+                self.finish(&oldest, clock);
             }
             return;
         }
-        self.finish(event);
+        self.finish(event, clock);
     }
 
     /// Logs the deferred events whose drops have all been read, or that
@@ -236,18 +242,14 @@ impl Worker {
             let Some((_, event)) = next else {
                 return;
             };
-            self.finish(&event);
+            self.finish(&event, WallClock::now());
         }
     }
 
     /// Gives `event` its cause, counts it when it is a failure, and logs and
     /// publishes its record.
-    fn finish(&self, event: &DnsEvent) {
-        let age_ns = sweep::monotonic_ns().saturating_sub(event.timestamp_ns);
-        let at = SystemTime::now() - Duration::from_nanos(age_ns);
-        let ms = at
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    fn finish(&self, event: &DnsEvent, clock: WallClock) {
+        let ms = clock.unix_ms(event.timestamp_ns);
         match decode::record_of(event, &self.registry, ms) {
             Ok(record) => {
                 let record = record.with_diagnosis(cause::diagnose(event, &self.drops));
@@ -273,8 +275,9 @@ impl Worker {
                 self.settings.timeout,
             )
         };
+        let clock = WallClock::now();
         for event in &events {
-            self.log_event(event);
+            self.log_event(event, clock);
         }
     }
 
@@ -358,6 +361,33 @@ impl Worker {
     }
 }
 
+/// The wall clock against the kernel's monotonic clock (event timestamps),
+/// read once and applied to a batch of records.
+#[derive(Clone, Copy, Debug)]
+struct WallClock {
+    /// Unix time minus monotonic time, in nanoseconds.
+    offset_ns: i128,
+}
+
+impl WallClock {
+    /// Reads both clocks.
+    fn now() -> Self {
+        let monotonic = i128::from(sweep::monotonic_ns());
+        let unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX));
+        Self {
+            offset_ns: unix - monotonic,
+        }
+    }
+
+    /// Unix milliseconds of a monotonic timestamp.
+    fn unix_ms(self, monotonic_ns: u64) -> u64 {
+        let unix_ns = i128::from(monotonic_ns) + self.offset_ns;
+        u64::try_from(unix_ns / 1_000_000).unwrap_or(0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -425,5 +455,21 @@ mod tests {
             departures.due(live(&["10.0.0.2"])),
             "both 10.0.0.3 and fd00::2 left"
         );
+    }
+
+    #[test]
+    fn a_batch_clock_turns_monotonic_timestamps_into_unix_milliseconds() {
+        let clock = WallClock {
+            offset_ns: 1_700_000_000_000_000_000,
+        };
+        assert_eq!(clock.unix_ms(2_500_000_000), 1_700_000_002_500);
+        // Read now, a timestamp of now is now, to the millisecond.
+        let clock = WallClock::now();
+        let unix_ms = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        let got = u128::from(clock.unix_ms(sweep::monotonic_ns()));
+        assert!(got.abs_diff(unix_ms) <= 1, "{got} against {unix_ms}");
     }
 }

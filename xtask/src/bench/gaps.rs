@@ -14,9 +14,9 @@ const GAPS: &[(&str, &str)] = &[
          strings made and then freed when the recent-records ring drops the oldest; clock \
          reads 6 %; the registry lookup that names the pod, the only step that depends on the \
          number of endpoints, 1.3 %. So the cost grows with events, not with pods. Records now \
-         share their pod's names and carry the mnemonics without allocating. Plan: the \
-         wall-clock conversion once per batch of records, and the query name kept in a \
-         fixed-size buffer.",
+         share their pod's names, carry the mnemonics without allocating and read the clocks \
+         once per batch. Plan: the query name kept in a fixed-size buffer, and records kept \
+         in the recent-records ring without a copy per follower.",
     ),
     (
         "new pod's DNS programs attached after its ADD",
