@@ -24,6 +24,10 @@ pub struct Burst {
     pub attach_ms: Vec<f64>,
     /// How long each `endpoint.add` call took to answer.
     pub call_ms: Vec<f64>,
+    /// For ADDs spaced apart: how long the DNS thread's reconcile that
+    /// attached each pod's hooks took (its attach calls, the kernel's waits
+    /// included), from `podnetctl status`; empty for a burst.
+    pub reconcile_ms: Vec<f64>,
     /// From the first ADD's start until the last pod had its programs.
     pub total_ms: f64,
     /// How far apart the ADDs started (zero: back to back).
@@ -37,8 +41,28 @@ impl Burst {
             "adds": self.attach_ms.len(),
             "attach_ms": summary(&self.attach_ms),
             "call_ms": summary(&self.call_ms),
+            "reconcile_ms": summary(&self.reconcile_ms),
+            "slowest": self.slowest(),
             "total_ms": self.total_ms,
             "spacing_ms": ms(self.spacing),
+        })
+    }
+
+    /// The ADD whose programs came last after it: its attach time and the
+    /// reconcile that attached them.
+    fn slowest(&self) -> Value {
+        let Some((i, attach)) = self
+            .attach_ms
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+        else {
+            return Value::Null;
+        };
+        json!({
+            "attach_ms": attach,
+            "reconcile_ms": self.reconcile_ms.get(i),
+            "call_ms": self.call_ms.get(i),
         })
     }
 }
@@ -72,6 +96,7 @@ pub fn run(topo: &Topology, agent: &Agent, pods: &[&Pod], spacing: Duration) -> 
     let watcher_interfaces = interfaces.clone();
     let node = topo.node();
     let first = Instant::now();
+    let mut reconcile_ms = Vec::new();
     let (seen, call_ms) = std::thread::scope(|scope| -> Result<_> {
         let watcher = scope.spawn(move || {
             in_netns(node, move || watch(&watcher_interfaces, &started_rx))
@@ -83,6 +108,11 @@ pub fn run(topo: &Topology, agent: &Agent, pods: &[&Pod], spacing: Duration) -> 
             let due = first + spacing * u32::try_from(i)?;
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
+            }
+            if i > 0 && !spacing.is_zero() {
+                // The previous pod's hooks were attached by now (its reconcile
+                // is the last that changed one).
+                reconcile_ms.push(last_dns_reconcile_ms(agent)?);
             }
             let start = Instant::now();
             // The watcher is told first, so no attachment can be seen before its start is known.
@@ -99,12 +129,25 @@ pub fn run(topo: &Topology, agent: &Agent, pods: &[&Pod], spacing: Duration) -> 
         Ok((seen, call_ms))
     })?;
     let total_ms = ms(first.elapsed());
+    if !spacing.is_zero() {
+        reconcile_ms.push(last_dns_reconcile_ms(agent)?);
+    }
     Ok(Burst {
         attach_ms: seen,
         call_ms,
+        reconcile_ms,
         total_ms,
         spacing,
     })
+}
+
+/// How long the DNS thread's last reconcile that changed a hook took (ms).
+fn last_dns_reconcile_ms(agent: &Agent) -> Result<f64> {
+    let status = agent.api("status", Value::Null)?;
+    status["dns"]["last_reconcile"]["took_us"]
+        .as_f64()
+        .map(|us| us / 1e3)
+        .context("status has no dns.last_reconcile.took_us")
 }
 
 /// The `endpoint.add` parameters podnet-cni would send for `pod`.
