@@ -580,9 +580,7 @@ impl Loop {
             }
             self.publish(&outcome, errors);
             self.follower.caught_up(generation);
-            if scope == Scope::Full {
-                trim.request();
-            }
+            trim.request();
         }
         if self.shared.stop.load(Ordering::Relaxed) {
             heartbeat.retire();
