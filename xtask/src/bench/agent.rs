@@ -230,9 +230,9 @@ fn render_reconciles(doc: &mut String, adds: &Value) -> Result<()> {
         "\nEach single ADD's reconcile (read from `podnetctl status` before the next ADD; its \
          attach calls and the kernel's waits included) took p50 {:.1} / max {:.1} ms with tcx and \
          p50 {:.1} / max {:.1} ms with classic filters. The slowest tcx ADD had its programs \
-         {:.1} ms after its start, of which its reconcile took {:.1} ms; the other {:.1} ms came \
-         before the reconcile began (its `endpoint.add` call took {:.1} ms, then the DNS thread \
-         woke for the change) and from the watcher's 1 ms polls.",
+         {:.1} ms after its start, of which its reconcile took {:.1} ms; the other {:.1} ms were \
+         its `endpoint.add` call ({:.1} ms, the reconcile may begin before the call answers), \
+         the DNS thread waking for the change and the watcher's 1 ms polls.",
         num(&tcx["reconcile_ms"]["p50"]),
         num(&tcx["reconcile_ms"]["max"]),
         num(&tc["reconcile_ms"]["p50"]),
