@@ -2,7 +2,7 @@
 //! keeps attachments equal to the registry, and samples totals for `top`.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, VecDeque},
     sync::{atomic::Ordering, Arc, Mutex},
     time::{Duration, Instant, SystemTime},
 };
@@ -11,7 +11,7 @@ use aya::maps::{MapData, RingBuf};
 use podnet_common::dns::DnsEvent;
 
 use super::{
-    attach::{Attacher, ReconcileReport},
+    attach::{Attacher, ReconcileReport, Role},
     cause::{self, FailureCounts},
     decode, desired_interfaces, lock, sweep, top,
     tracer::DnsTracer,
@@ -63,9 +63,9 @@ impl Departures {
 /// The entries of `desired` that `previous` lacks, when that is all that
 /// changed (no interface left or changed role); `None` otherwise.
 fn only_added(
-    previous: &std::collections::BTreeMap<String, super::attach::Role>,
-    desired: &std::collections::BTreeMap<String, super::attach::Role>,
-) -> Option<std::collections::BTreeMap<String, super::attach::Role>> {
+    previous: &BTreeMap<String, Role>,
+    desired: &BTreeMap<String, Role>,
+) -> Option<BTreeMap<String, Role>> {
     if previous
         .iter()
         .any(|(i, role)| desired.get(i) != Some(role))
@@ -288,7 +288,7 @@ impl Worker {
     fn reconcile(
         &self,
         departures: &mut Departures,
-        previous: &mut Option<std::collections::BTreeMap<String, super::attach::Role>>,
+        previous: &mut Option<BTreeMap<String, Role>>,
         full: bool,
     ) {
         let started = Instant::now();

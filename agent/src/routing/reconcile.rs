@@ -2,7 +2,10 @@
 
 use std::{
     collections::{BTreeSet, HashSet},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use super::{
@@ -45,8 +48,9 @@ fn kind_index(kind: Kind) -> usize {
 pub struct Outcome {
     /// The desired state it worked towards.
     pub desired: Desired,
-    /// The kernel's links at the time.
-    pub links: Vec<Link>,
+    /// The kernel's links at the time (shared with what the reconciler keeps
+    /// between passes: a pass over changes copies none of the node's links).
+    pub links: Arc<Vec<Link>>,
     /// Desired versus actual after the changes.
     pub statuses: Vec<Status>,
     /// Changes applied.
@@ -85,7 +89,7 @@ pub enum LinkChange {
 /// one, so this is never relied on past one.
 #[derive(Debug)]
 struct Known {
-    links: Vec<Link>,
+    links: Arc<Vec<Link>>,
     rules: Vec<ObservedRule>,
     proxies: Vec<ObservedProxy>,
     statuses: Vec<Status>,
@@ -236,18 +240,15 @@ impl<N: Netlink> Reconciler<N> {
         let Some(known) = self.known.as_mut() else {
             return;
         };
+        // Copied only while a published outcome still holds the list.
+        let links = Arc::make_mut(&mut known.links);
         match change {
-            LinkChange::Up(link) => match known.links.iter_mut().find(|l| l.index == link.index) {
+            LinkChange::Up(link) => match links.iter_mut().find(|l| l.index == link.index) {
                 Some(old) => *old = link,
-                None => known.links.push(link),
+                None => links.push(link),
             },
-            LinkChange::Gone(index) => known.links.retain(|l| l.index != index),
+            LinkChange::Gone(index) => links.retain(|l| l.index != index),
         }
-    }
-
-    /// Forgets what the last full pass saw, so the next pass is a full one.
-    pub fn forget(&mut self) {
-        self.known = None;
     }
 
     /// Brings the kernel to the state wanted for `endpoints` and `enis` by
@@ -311,12 +312,16 @@ impl<N: Netlink> Reconciler<N> {
             return Ok(None);
         }
         // What stopped being desired goes, unless it was never podnet's.
-        let foreign: HashSet<Object> = known
-            .statuses
-            .iter()
-            .filter(|s| matches!(s.state, State::Provided | State::Conflict))
-            .map(|s| s.object)
-            .collect();
+        let foreign: HashSet<Object> = if removed.is_empty() {
+            HashSet::new()
+        } else {
+            known
+                .statuses
+                .iter()
+                .filter(|s| matches!(s.state, State::Provided | State::Conflict))
+                .map(|s| s.object)
+                .collect()
+        };
         let mut changes = plan.changes.clone();
         changes.extend(
             removed
@@ -335,7 +340,7 @@ impl<N: Netlink> Reconciler<N> {
         self.previous = wanted;
         Ok(Some(Outcome {
             desired,
-            links: known.links.clone(),
+            links: Arc::clone(&known.links),
             statuses: known.statuses.clone(),
             applied: applied.count,
             repairs: applied.repairs,
@@ -351,7 +356,7 @@ impl<N: Netlink> Reconciler<N> {
         stats: &Stats,
     ) -> Result<Outcome, NetlinkError> {
         self.known = None;
-        let links = self.netlink.links()?;
+        let links = Arc::new(self.netlink.links()?);
         let desired = desired::build(endpoints, enis, &links);
         let mut observed = self.observe()?;
         let plan = diff::plan(&desired, &observed);
@@ -374,7 +379,7 @@ impl<N: Netlink> Reconciler<N> {
         };
         if outcome.errors.is_empty() && !outcome.has_conflicts() {
             self.known = Some(Known {
-                links: outcome.links.clone(),
+                links: Arc::clone(&outcome.links),
                 rules: observed.rules,
                 proxies: observed.proxies,
                 statuses: outcome.statuses.clone(),

@@ -182,6 +182,7 @@ impl Echoes {
     }
 
     /// How many notifications are still expected.
+    #[cfg(test)]
     pub fn pending(&self) -> u32 {
         self.0.values().sum()
     }
